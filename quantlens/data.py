@@ -1,0 +1,180 @@
+"""Evaluation datasets: Lambada (OpenAI), WikiText-2 raw test, C4 validation subset.
+
+Each loader goes through ``datasets.load_dataset`` — from the hub by default, or from local files
+given as ``path`` (text, jsonl or json.gz), so every test runs offline on ``shared/data``.
+Tokenized perplexity windows are cached on disk, keyed by tokenizer + dataset + seqlen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from quantlens.settings import ConfigError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    kind: str  # "perplexity" or "lambada"
+    loader: Callable[..., Any]
+    doc: str
+
+
+def _load_json_records(path: str | list[str]) -> list[dict[str, Any]]:
+    from datasets import load_dataset
+
+    files = [str(p) for p in (path if isinstance(path, list) else _expand(path))]
+    return list(load_dataset("json", data_files=files, split="train"))
+
+
+def _expand(path: str) -> list[Path]:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in (".jsonl", ".json", ".gz", ".txt", ".raw"))
+    else:
+        files = sorted(p.parent.glob(p.name)) if any(c in p.name for c in "*?[") else [p]
+    if not files or not all(f.is_file() for f in files):
+        raise ConfigError(f"dataset path {path!r}: no such file")
+    for f in files:
+        if f.stat().st_size == 0:
+            raise ConfigError(f"dataset path {path!r}: file {f.name} is empty")
+    return files
+
+
+def load_wikitext2_text(path: str | None = None) -> str:
+    """WikiText-2 raw test as one string. Hub: rows joined by "\\n\\n" (GPTQ's protocol);
+    local: the raw file as is (``wiki.test.raw``)."""
+    if path is None:
+        from datasets import load_dataset
+
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+        return "\n\n".join(rows)
+    return "".join(f.read_text(encoding="utf-8") for f in _expand(path))
+
+
+def load_c4_text(path: str | None = None, n_docs: int = 1100) -> str:
+    """The first ``n_docs`` documents of C4 en validation shard 0 joined by spaces (GPTQ's "c4-new")."""
+    if path is None:
+        from datasets import load_dataset
+
+        ds = load_dataset(
+            "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation"
+        )
+        docs = ds[:n_docs]["text"]
+    else:
+        docs = [r["text"] for r in _load_json_records(path)][:n_docs]
+    return " ".join(docs)
+
+
+def load_lambada(path: str | None = None, limit: int | None = None) -> list[tuple[str, str]]:
+    """(context, target word) pairs of the OpenAI Lambada test set (5,153 passages)."""
+    if path is None:
+        from datasets import load_dataset
+
+        records = list(load_dataset("EleutherAI/lambada_openai", "default", split="test"))
+    else:
+        records = _load_json_records(path)
+    out = []
+    for r in records[:limit] if limit else records:
+        if "context" in r and "continuation" in r:
+            out.append((r["context"], r["continuation"].strip()))
+        else:
+            ctx, _, word = r["text"].rpartition(" ")
+            out.append((ctx, word))
+    if not out:
+        raise ConfigError(f"lambada dataset {path!r}: no examples")
+    return out
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "wikitext2": DatasetInfo("wikitext2", "perplexity", load_wikitext2_text, "WikiText-2 raw test, perplexity"),
+    "c4": DatasetInfo("c4", "perplexity", load_c4_text, "C4 en validation subset, perplexity"),
+    "lambada": DatasetInfo("lambada", "lambada", load_lambada, "Lambada (OpenAI) last-word accuracy"),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise ConfigError(f"dataset {name!r}: unknown (known: {', '.join(DATASETS)})")
+    return DATASETS[name]
+
+
+# --- Tokenization and windows --------------------------------------------------------------
+def cache_dir() -> Path:
+    d = Path(os.environ.get("QUANTLENS_CACHE", Path.home() / ".cache" / "quantlens"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _source_fingerprint(name: str, path: str | None) -> str:
+    if path is None:
+        return f"hub:{name}"
+    parts = [f"{f.resolve()}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in _expand(path)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def perplexity_windows(
+    tokenizer: Any,
+    name: str,
+    seqlen: int,
+    *,
+    path: str | None = None,
+    max_windows: int | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Non-overlapping ``[n, seqlen]`` windows of the whole test text tokenized once (remainder dropped)."""
+    if seqlen < 2:
+        raise ConfigError(f"seqlen: must be at least 2, got {seqlen}")
+    key = hashlib.sha256(
+        f"{tokenizer_fingerprint(tokenizer)}|{name}|{_source_fingerprint(name, path)}|{seqlen}|{max_windows}".encode()
+    ).hexdigest()[:24]
+    f = cache_dir() / "windows" / f"{name}-{seqlen}-{key}.pt"
+    if use_cache and f.is_file():
+        return torch.load(f)
+    text = dataset_info(name).loader(path)
+    if not text.strip():
+        raise ConfigError(f"dataset {name!r} ({path or 'hub'}): the text is empty")
+    ids = torch.tensor(tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ConfigError(
+            f"seqlen: {seqlen} is larger than the whole {name} text ({ids.numel()} tokens): use a smaller seqlen"
+        )
+    if max_windows is not None:
+        n = min(n, max_windows)
+    windows = ids[: n * seqlen].view(n, seqlen).contiguous()
+    if use_cache:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(f".tmp{os.getpid()}")
+        torch.save(windows, tmp)
+        tmp.replace(f)  # atomic: concurrent sweeps never read a half-written file
+    return windows
+
+
+def lambada_requests(tokenizer: Any, examples: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, target ids) per example, split as lm-evaluation-harness does: tokenize the
+    whole passage and the context; the target is what the whole adds after the context."""
+    contexts = [c for c, _ in examples]
+    wholes = [f"{c} {w}" for c, w in examples]
+    ctx_ids = tokenizer(contexts)["input_ids"]
+    whole_ids = tokenizer(wholes)["input_ids"]
+    out = []
+    for (c, w), ci, wi in zip(examples, ctx_ids, whole_ids):
+        if wi[: len(ci)] == ci and len(wi) > len(ci):
+            out.append((ci, wi[len(ci) :]))
+        else:  # tokenizer merged across the boundary: fall back to encoding the word on its own
+            out.append((ci, tokenizer(" " + w, add_special_tokens=False)["input_ids"]))
+    return out

@@ -1,0 +1,205 @@
+"""Model registry (the study's families 350M–66B), download, and loading onto the hardware."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantlens.settings import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # registry name, e.g. "opt-1.3b"
+    family: str  # opt | bloom | llama | other
+    size_b: float  # parameters, billions
+    hf_id: str  # Hugging Face id or local path
+
+
+def _entries() -> dict[str, ModelInfo]:
+    out: dict[str, ModelInfo] = {}
+    for size, b in [("350m", 0.35), ("1.3b", 1.3), ("2.7b", 2.7), ("6.7b", 6.7), ("13b", 13), ("30b", 30), ("66b", 66)]:
+        out[f"opt-{size}"] = ModelInfo(f"opt-{size}", "opt", b, f"facebook/opt-{size}")
+    for size, b in [("560m", 0.56), ("1b1", 1.1), ("1b7", 1.7), ("3b", 3.0), ("7b1", 7.1)]:
+        out[f"bloom-{size}"] = ModelInfo(f"bloom-{size}", "bloom", b, f"bigscience/bloom-{size}")
+    # LLaMA v1 checkpoints are gated / re-hosted under many names: the id is configurable with
+    # QUANTLENS_LLAMA_ID_TEMPLATE (default "huggyllama/llama-{size}") or per model in a sweep config.
+    template = os.environ.get("QUANTLENS_LLAMA_ID_TEMPLATE", "huggyllama/llama-{size}")
+    for size, b in [("7b", 6.7), ("13b", 13.0), ("30b", 32.5), ("65b", 65.2)]:
+        out[f"llama-{size}"] = ModelInfo(f"llama-{size}", "llama", b, template.format(size=size))
+    return out
+
+
+def registry() -> dict[str, ModelInfo]:
+    return _entries()
+
+
+_FAMILY_OF_TYPE = {"opt": "opt", "bloom": "bloom", "llama": "llama"}
+
+
+def family_from_config(config: dict[str, Any]) -> str:
+    return _FAMILY_OF_TYPE.get(str(config.get("model_type", "")), "other")
+
+
+def resolve_model(ref: str, hf_id: str | None = None) -> ModelInfo:
+    """Registry name (``opt-1.3b``), Hugging Face id (``facebook/opt-125m``) or local directory.
+
+    ``hf_id`` overrides the id of a registry entry (e.g. a re-hosted LLaMA checkpoint).
+    """
+    reg = registry()
+    if ref in reg:
+        info = reg[ref]
+        return ModelInfo(info.name, info.family, info.size_b, hf_id or info.hf_id)
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model {ref!r}: directory has no config.json (not a Hugging Face model folder)")
+        cfg = json.loads((path / "config.json").read_text())
+        return ModelInfo(path.name, family_from_config(cfg), _size_from_files(path), str(path.resolve()))
+    family, _, size = ref.partition("-")
+    if family in ("opt", "bloom", "llama") and "/" not in ref:
+        known = ", ".join(sorted(n for n in reg if n.startswith(family + "-")))
+        raise ConfigError(f"model {ref!r}: unknown size {size!r} for family {family!r} (known: {known})")
+    if "/" not in ref:
+        raise ConfigError(
+            f"model {ref!r}: not a registry name ({', '.join(sorted(reg))}), an existing directory, "
+            "or a Hugging Face id of the form owner/name"
+        )
+    low = ref.lower()
+    fam = next((f for f in ("opt", "bloom", "llama") if f in low), "other")
+    return ModelInfo(ref.split("/")[-1], fam, float("nan"), ref)
+
+
+def _size_from_files(path: Path) -> float:
+    """Parameter count (billions) from the safetensors headers, without loading any tensor."""
+    total = 0
+    for f in path.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for k, v in header.items():
+            if k != "__metadata__":
+                count = 1
+                for d in v["shape"]:
+                    count *= d
+                total += count
+    return total / 1e9 if total else float("nan")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: str  # local directory with config + weights
+    revision: str  # commit hash on the hub, or "local-<fingerprint>" for a directory
+
+
+class ModelUnavailable(RuntimeError):
+    """The model cannot be obtained (missing, gated, no network): raised before any work runs."""
+
+
+def download(info: ModelInfo, revision: str | None = None) -> Snapshot:
+    """Fetch (or find in the HF cache) the model files; honours HF_HOME, HF_HUB_OFFLINE, HF_TOKEN."""
+    path = Path(info.hf_id)
+    if path.is_dir():
+        return Snapshot(str(path), "local-" + _fingerprint(path))
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        local = snapshot_download(
+            info.hf_id,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"],
+        )
+    except GatedRepoError as err:
+        raise ModelUnavailable(
+            f"model {info.hf_id!r} is gated: accept its licence on the hub and set HF_TOKEN ({err.__class__.__name__})"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelUnavailable(f"model {info.hf_id!r} not found on the hub (or private without HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        raise ModelUnavailable(
+            f"model {info.hf_id!r} is not in the local Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}) "
+            "and the hub cannot be reached (offline or HF_HUB_OFFLINE=1): download it first or pass a local directory"
+        ) from None
+    except Exception as err:  # connection errors come in many classes
+        raise ModelUnavailable(f"model {info.hf_id!r} could not be downloaded: {err}") from None
+    return Snapshot(local, Path(local).name)  # snapshot folders are named by commit hash
+
+
+def _fingerprint(path: Path) -> str:
+    """Cheap identity of a local model folder: names, sizes and mtimes of its files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:12]
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
+    """bf16 on GPU (fp16 where bf16 is unsupported), fp32 on CPU."""
+    if dtype != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model(
+    snapshot: Snapshot | str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    placement: str = "auto",
+) -> tuple[torch.nn.Module, Any]:
+    """Load model + tokenizer once. ``placement``: ``single`` (one device), ``device_map`` (spread
+    over all GPUs with accelerate), ``stream`` (weights on CPU, one decoder block on the GPU at a
+    time), or ``auto`` (single if it fits, else device_map over several GPUs, else stream)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = snapshot.path if isinstance(snapshot, Snapshot) else snapshot
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if placement == "auto":
+        placement = choose_placement(path, dev, dt)
+    if placement == "device_map":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, device_map="auto")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+        if placement == "stream":
+            from quantlens.streaming import enable_streaming
+
+            enable_streaming(model, dev)
+        elif placement == "single":
+            model.to(dev)
+        else:
+            raise ConfigError(f"placement: unknown {placement!r} (auto, single, device_map, stream)")
+    model.eval()
+    return model, tokenizer
+
+
+def choose_placement(path: str, device: torch.device, dtype: torch.dtype) -> str:
+    if device.type != "cuda":
+        return "single"
+    size_b = _size_from_files(Path(path))
+    need = size_b * 1e9 * torch.finfo(dtype).bits / 8 * 1.2  # weights + activations headroom
+    free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+    if need <= free[0]:
+        return "single"
+    if need <= sum(free):
+        return "device_map"
+    return "stream"

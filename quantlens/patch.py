@@ -1,0 +1,318 @@
+"""Apply a :class:`~quantlens.settings.Setting` to a Hugging Face causal LM, and undo it.
+
+``quantize_(model, setting)`` (in the spirit of torchao's entry point) rewrites the weights of every
+``nn.Linear`` inside the decoder blocks **once** (fake-quantized or perturbed), and registers a
+forward pre-hook that quantizes/perturbs their *inputs* at every forward when the setting has an
+activation spec. The original weight tensors are kept (on CPU when the model is on an accelerator),
+so ``restore_(model)`` puts them back bit-exactly and one loaded model serves a whole sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantlens.perturb import make_generator, perturb, shaped_noise
+from quantlens.quant import fake_quantize, quantize
+from quantlens.settings import ConfigError, Setting, resolve_setting
+
+_STATE_ATTR = "_quantlens_patch"
+
+
+@dataclass
+class LayerStats:
+    """What quantizing one tensor did: the paper's perturbation intensity and scale."""
+
+    layer: str
+    kind: str  # "weight" or "activation"
+    numel: int
+    delta_l2: float  # ‖Δ‖₂ (activations: root of the summed squares over all forwards)
+    rel_error: float  # ‖Δ‖₂ / ‖x‖₂
+    alpha_mean: float  # mean clipping range α over groups (nan for perturbations)
+    alpha_max: float
+    clipped_fraction: float
+
+
+@dataclass
+class PatchReport:
+    setting: str
+    layers: list[LayerStats] = field(default_factory=list)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [asdict(s) for s in self.layers]
+
+    def summary(self) -> dict[str, float]:
+        """Aggregates per kind: mean ‖Δ‖₂, mean relative error, clipped fraction (element-weighted)."""
+        out: dict[str, float] = {}
+        for kind in ("weight", "activation"):
+            rows = [s for s in self.layers if s.kind == kind]
+            if not rows:
+                continue
+            n = sum(s.numel for s in rows)
+            out[f"{kind}_delta_l2_mean"] = sum(s.delta_l2 for s in rows) / len(rows)
+            out[f"{kind}_rel_error_mean"] = sum(s.rel_error for s in rows) / len(rows)
+            out[f"{kind}_clipped_fraction"] = sum(s.clipped_fraction * s.numel for s in rows) / max(n, 1)
+        return out
+
+
+# --- Which modules --------------------------------------------------------------------------------
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder-block list: the ModuleList of same-typed blocks holding the most parameters.
+
+    OPT: ``model.decoder.layers``; BLOOM: ``transformer.h``; LLaMA: ``model.layers``.
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and all(type(b) is type(mod[0]) for b in mod):
+            n = sum(p.numel() for p in mod.parameters())
+            if best is None or n > best[0]:
+                best = (n, name, mod)
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: no decoder block list (nn.ModuleList of blocks) found")
+    return best[1], best[2]
+
+
+def target_linears(model: nn.Module, setting: Setting) -> list[tuple[str, nn.Module]]:
+    """Every nn.Linear inside the decoder blocks, plus the LM head if the setting includes it."""
+    prefix, _ = find_decoder_blocks(model)
+    out = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix + ".")]
+    if setting.include_lm_head:
+        head = model.get_output_embeddings()
+        if head is not None:
+            out.append((_qualified_name(model, head), head))
+    if not out:
+        raise ValueError(f"{type(model).__name__}: no nn.Linear layers inside the decoder blocks {prefix!r}")
+    return out
+
+
+def _qualified_name(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def _check_compatible(layers: list[tuple[str, nn.Module]], setting: Setting) -> None:
+    """Fail before any weight changes when a group size does not divide a layer's input dim."""
+    for kind, spec in (("weights", setting.weights), ("activations", setting.activations)):
+        if spec is None or spec.granularity != "group":
+            continue
+        for name, mod in layers:
+            if mod.in_features % spec.group_size:
+                raise ConfigError(
+                    f"invalid setting {setting.name!r}: {kind}.group_size: {spec.group_size} does not divide "
+                    f"in_features={mod.in_features} of layer {name!r}"
+                )
+
+
+# --- Activation hook --------------------------------------------------------------------------
+class _ActivationState:
+    """Per-patch state shared by the input hooks of all layers.
+
+    q/k/v projections receive the *same* input tensor object: the memo quantizes it once.
+    """
+
+    def __init__(self, setting: Setting, collect_stats: bool):
+        self.setting = setting
+        self.collect_stats = collect_stats
+        self.last_in: torch.Tensor | None = None
+        self.last_version = -1
+        self.last_out: torch.Tensor | None = None
+        self.acc: dict[str, list[torch.Tensor]] = {}  # layer -> [Σ Δ², Σ x², n_clipped, Σ α, n_rows, numel]
+
+    def transform(self, name: str, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        version = _version(x)
+        if x is self.last_in and version == self.last_version:
+            return self.last_out
+        spec = self.setting.activations
+        xq = fake_quantize(x, spec)
+        if self.setting.perturbs_activations():
+            delta_std = (xq.to(torch.float32) - x.to(torch.float32)).std(unbiased=False)
+            xq = (x.to(torch.float32) + shaped_noise(x, delta_std, self.setting.perturbation, gen)).to(x.dtype)
+        if self.collect_stats:
+            self._accumulate(name, x, xq)
+        self.last_in, self.last_version, self.last_out = x, version, xq
+        return xq
+
+    def _accumulate(self, name: str, x: torch.Tensor, xq: torch.Tensor) -> None:
+        xf = x.detach().to(torch.float32)
+        d2 = (xq.to(torch.float32) - xf).square().sum()
+        x2 = xf.square().sum()
+        spec = self.setting.activations
+        alpha = xf.abs().amax(dim=-1)  # per token; clipping rows are rare, stats ignore clip_k here
+        clipped = torch.zeros((), device=x.device)
+        if spec.clip_k is not None:
+            thr = spec.clip_k * xf.std(dim=-1, keepdim=True, unbiased=False)
+            clipped = (xf.abs() > thr).sum().to(torch.float32)
+            alpha = torch.minimum(alpha, thr.squeeze(-1))
+        vals = [d2, x2, clipped, alpha.sum(), torch.tensor(float(alpha.numel()), device=x.device), torch.tensor(float(x.numel()), device=x.device), alpha.max()]
+        prev = self.acc.get(name)
+        if prev is None:
+            self.acc[name] = vals
+        else:
+            self.acc[name] = [p + v for p, v in zip(prev[:-1], vals[:-1])] + [torch.maximum(prev[-1], vals[-1])]
+
+    def stats(self) -> list[LayerStats]:
+        out = []
+        for name, v in self.acc.items():
+            d2, x2, clipped, asum, nrows, numel, amax = (float(t) for t in v)
+            out.append(
+                LayerStats(
+                    layer=name,
+                    kind="activation",
+                    numel=int(numel),
+                    delta_l2=d2**0.5,
+                    rel_error=(d2 / x2) ** 0.5 if x2 > 0 else 0.0,
+                    alpha_mean=asum / max(nrows, 1),
+                    alpha_max=amax,
+                    clipped_fraction=clipped / max(numel, 1),
+                )
+            )
+        return out
+
+
+def _version(x: torch.Tensor) -> int:
+    """In-place edits bump the version counter; inference tensors have none (and are never edited)."""
+    return -1 if x.is_inference() else x._version
+
+
+def _make_hook(state: _ActivationState, name: str, gen: torch.Generator | None):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return (state.transform(name, args[0], gen), *args[1:])
+
+    return hook
+
+
+@dataclass
+class _PatchState:
+    setting: Setting
+    originals: dict[str, tuple[nn.Parameter, torch.Tensor]]
+    handles: list[Any]
+    activations: _ActivationState | None
+    report: PatchReport
+
+
+# --- Entry points -----------------------------------------------------------------------------
+def _weight_stats(name: str, w: torch.Tensor, wq: torch.Tensor, alpha: torch.Tensor | None, clipped: float) -> LayerStats:
+    d = wq.to(torch.float32) - w.to(torch.float32)
+    dn = float(d.norm())
+    wn = float(w.to(torch.float32).norm())
+    return LayerStats(
+        layer=name,
+        kind="weight",
+        numel=w.numel(),
+        delta_l2=dn,
+        rel_error=dn / wn if wn > 0 else 0.0,
+        alpha_mean=float(alpha.mean()) if alpha is not None else float("nan"),
+        alpha_max=float(alpha.max()) if alpha is not None else float("nan"),
+        clipped_fraction=clipped,
+    )
+
+
+def _new_weight(name: str, w: torch.Tensor, setting: Setting) -> tuple[torch.Tensor, LayerStats]:
+    spec = setting.weights
+    if setting.perturbs_weights():
+        p = setting.perturbation
+        wq = perturb(w, spec, p, make_generator(p.seed, name))
+        return wq, _weight_stats(name, w, wq, None, 0.0)
+    res = quantize(w, spec)
+    return res.xq, _weight_stats(name, w, res.xq, res.alpha, res.clipped_fraction)
+
+
+def quantize_(
+    model: nn.Module,
+    setting: Setting | str | dict,
+    *,
+    keep_originals_on: str = "auto",
+    collect_activation_stats: bool = True,
+) -> PatchReport:
+    """Apply ``setting`` to ``model`` in place and return per-layer statistics.
+
+    Weights are rewritten once here; activation quantization/perturbation runs in forward
+    pre-hooks. A model that is already patched is restored first, so calling this repeatedly with
+    different settings is how a sweep reuses one loaded model. ``keep_originals_on``: ``"auto"``
+    keeps the 16-bit originals on CPU when the model lives elsewhere, ``"cpu"`` always,
+    ``"same"`` next to the weights.
+    """
+    setting = resolve_setting(setting)
+    restore_(model)
+    layers = target_linears(model, setting)
+    _check_compatible(layers, setting)
+    report = PatchReport(setting=setting.name)
+    originals: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
+
+    weight_targets: list[tuple[str, nn.Module]] = list(layers) if setting.weights else []
+    if setting.include_embeddings and setting.weights:
+        emb = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        if not (setting.include_lm_head and head is not None and head.weight is emb.weight):
+            weight_targets.append((_qualified_name(model, emb), emb))
+
+    with torch.no_grad():
+        for name, mod in weight_targets:
+            param = mod.weight
+            if any(param is p for p, _ in originals.values()):
+                continue  # tied weight already done
+            w = param.data
+            wq, stats = _new_weight(name, w, setting)
+            keep = "cpu" if keep_originals_on == "cpu" or (keep_originals_on == "auto" and w.device.type != "cpu") else "same"
+            originals[name] = (param, w.to("cpu") if keep == "cpu" else w)
+            param.data = wq
+            report.layers.append(stats)
+
+    handles: list[Any] = []
+    act_state = None
+    if setting.activations is not None:
+        act_state = _ActivationState(setting, collect_activation_stats)
+        p = setting.perturbation
+        for name, mod in layers:
+            gen = None
+            if setting.perturbs_activations():
+                dev = next(mod.parameters()).device if p.rng == "device" else "cpu"
+                gen = make_generator(p.seed, name + ":act", dev)
+            handles.append(mod.register_forward_pre_hook(_make_hook(act_state, name, gen)))
+
+    setattr(model, _STATE_ATTR, _PatchState(setting, originals, handles, act_state, report))
+    return report
+
+
+def activation_report(model: nn.Module) -> list[LayerStats]:
+    """Activation statistics accumulated over the forwards since the model was patched."""
+    state: _PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is None or state.activations is None:
+        return []
+    return state.activations.stats()
+
+
+def full_report(model: nn.Module) -> PatchReport:
+    """Weight statistics from patch time plus activation statistics accumulated so far."""
+    state: _PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return PatchReport(setting="W16A16")
+    return PatchReport(setting=state.report.setting, layers=state.report.layers + activation_report(model))
+
+
+def reset_activation_stats(model: nn.Module) -> None:
+    state: _PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is not None and state.activations is not None:
+        state.activations.acc.clear()
+
+
+def restore_(model: nn.Module) -> None:
+    """Undo :func:`quantize_`: original weights back (bit-exact), hooks removed. No-op if unpatched."""
+    state: _PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return
+    for h in state.handles:
+        h.remove()
+    with torch.no_grad():
+        for param, orig in state.originals.values():
+            param.data = orig.to(param.device)
+    if state.activations is not None:
+        state.activations.last_in = state.activations.last_out = None
+    delattr(model, _STATE_ATTR)
+
+
+def current_setting(model: nn.Module) -> Setting | None:
+    state: _PatchState | None = getattr(model, _STATE_ATTR, None)
+    return state.setting if state else None

@@ -1,0 +1,140 @@
+"""Calibration-free fake quantization: pure functions over tensors.
+
+Q(X) = X + Δ. Everything here returns the *dequantized* tensor (same shape and dtype as the
+input), because the study measures what the perturbation Δ does, not how fast integer kernels run.
+
+Granularity is expressed on the last dimension, which is the input dimension of an ``nn.Linear``
+weight ``[out, in]`` and the hidden dimension of an activation ``[..., tokens, hidden]``:
+
+- ``tensor``:  one scale for the whole tensor;
+- ``channel``: one scale per row (weights: per output channel);
+- ``token``:   one scale per row (activations: per token, computed at run time) — the same
+  reduction as ``channel``, named for what the row is;
+- ``group``:   one scale per ``group_size`` consecutive elements of the last dimension.
+
+Math is done in float32 and cast back, so bf16/fp16 models get the same levels as fp32 ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantlens.settings import QuantSpec
+
+# A scale of zero (an all-zero group) would divide by zero; any positive value gives Q(0) = 0.
+_MIN_SCALE = 1e-12
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    """Dequantized tensor plus what the study logs about it."""
+
+    xq: torch.Tensor
+    scale: torch.Tensor  # one per group, shape [..., n_groups] (symmetric: α / qmax)
+    alpha: torch.Tensor  # clipping range actually used per group (max|x| unless clipped)
+    clipped_fraction: float  # fraction of elements outside the range (0 without clipping)
+
+
+def qmax_symmetric(bits: int) -> int:
+    """Largest integer level of symmetric b-bit quantization: 2^(b-1) − 1 (127 for 8 bits)."""
+    return 2 ** (bits - 1) - 1
+
+
+def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View ``x`` as ``[rows, n_groups, group_len]`` so every scale reduces over the last dim."""
+    if spec.granularity == "tensor":
+        return x.reshape(1, 1, -1)
+    last = x.shape[-1]
+    if spec.granularity == "group":
+        g = spec.group_size
+        if last % g:
+            raise ValueError(
+                f"group_size: {g} does not divide the last dimension {last} of a tensor of shape "
+                f"{tuple(x.shape)}"
+            )
+        return x.reshape(-1, last // g, g)
+    return x.reshape(-1, 1, last)  # channel / token
+
+
+def power_transform(x: torch.Tensor, p: float) -> torch.Tensor:
+    """f(x) = sign(x)·|x|^p (p = 1/3 is the paper's cube root)."""
+    return torch.sign(x) * x.abs().pow(p)
+
+
+def inverse_power_transform(y: torch.Tensor, p: float) -> torch.Tensor:
+    """f⁻¹(y) = sign(y)·|y|^(1/p)."""
+    return torch.sign(y) * y.abs().pow(1.0 / p)
+
+
+def _uniform(xg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uniform quantization of grouped float32 ``xg``; returns (xq, scale, alpha, n_clipped)."""
+    if spec.symmetric:
+        alpha = xg.abs().amax(dim=-1, keepdim=True)
+        if spec.clip_k is not None:
+            sigma = xg.std(dim=-1, keepdim=True, unbiased=False)
+            alpha = torch.minimum(alpha, spec.clip_k * sigma)
+            n_clipped = (xg.abs() > alpha).sum()
+        else:
+            n_clipped = torch.zeros((), dtype=torch.long, device=xg.device)
+        q = qmax_symmetric(spec.bits)
+        scale = (alpha / q).clamp_min(_MIN_SCALE)
+        xq = torch.round(xg / scale).clamp_(-q, q).mul_(scale)
+        return xq, scale, alpha, n_clipped
+
+    lo = xg.amin(dim=-1, keepdim=True)
+    hi = xg.amax(dim=-1, keepdim=True)
+    if spec.clip_k is not None:
+        mu = xg.mean(dim=-1, keepdim=True)
+        sigma = xg.std(dim=-1, keepdim=True, unbiased=False)
+        lo = torch.maximum(lo, mu - spec.clip_k * sigma)
+        hi = torch.minimum(hi, mu + spec.clip_k * sigma)
+        n_clipped = ((xg < lo) | (xg > hi)).sum()
+    else:
+        n_clipped = torch.zeros((), dtype=torch.long, device=xg.device)
+    levels = 2**spec.bits - 1
+    scale = ((hi - lo) / levels).clamp_min(_MIN_SCALE)
+    zero = torch.round(-lo / scale)
+    xq = (torch.round(xg / scale) + zero).clamp_(0, levels).sub_(zero).mul_(scale)
+    alpha = (hi - lo) / 2
+    return xq, scale, alpha, n_clipped
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantResult:
+    """Fake-quantize ``x`` under ``spec``: uniform, or non-uniform through f(x)=sign(x)|x|^p.
+
+    With ``spec.transform_p == 1`` the transform is the identity and is skipped, so the result is
+    bit-identical to plain uniform quantization.
+    """
+    shape, dtype = x.shape, x.dtype
+    xf = x.detach().to(torch.float32)
+    nonuniform = spec.transform_p != 1.0
+    if nonuniform:
+        xf = power_transform(xf, spec.transform_p)
+    xg = _grouped(xf, spec)
+    xq, scale, alpha, n_clipped = _uniform(xg, spec)
+    xq = xq.reshape(shape)
+    if nonuniform:
+        xq = inverse_power_transform(xq, spec.transform_p)
+    clipped = float(n_clipped) / max(x.numel(), 1) if spec.clip_k is not None else 0.0
+    return QuantResult(
+        xq=xq.to(dtype),
+        scale=scale.reshape(*scale.shape[:-1]),
+        alpha=alpha.reshape(*alpha.shape[:-1]),
+        clipped_fraction=clipped,
+    )
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Q(x) only: the hot path used on activations at every forward (no statistics, no sync)."""
+    shape, dtype = x.shape, x.dtype
+    xf = x.to(torch.float32)
+    nonuniform = spec.transform_p != 1.0
+    if nonuniform:
+        xf = power_transform(xf, spec.transform_p)
+    xq, _, _, _ = _uniform(_grouped(xf, spec), spec)
+    xq = xq.reshape(shape)
+    if nonuniform:
+        xq = inverse_power_transform(xq, spec.transform_p)
+    return xq.to(dtype)

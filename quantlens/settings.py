@@ -1,0 +1,212 @@
+"""Typed settings: the one source of truth for what a quantization / perturbation setting is.
+
+A :class:`Setting` says how weights and activations of the decoder-block linear layers are
+perturbed. Names such as ``W8A8`` or ``W4A16-nu`` are parsed by :func:`resolve_setting`; the
+paper's presets are listed in :data:`PRESETS`. Every invalid value raises :class:`ConfigError`
+naming the offending field, before any model is touched.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Granularity = Literal["tensor", "channel", "group", "token"]
+Distribution = Literal["gaussian", "uniform", "binary"]
+MagnitudeRule = Literal["additive", "proportional", "inverse"]
+Target = Literal["weights", "activations", "both"]
+
+NONUNIFORM_P = 1.0 / 3.0  # the paper's cube-root transform
+
+
+class ConfigError(ValueError):
+    """An invalid setting or config; the message names the field."""
+
+
+def format_validation_error(err: ValidationError, what: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+        parts.append(f"{loc}: {e['msg']}{got_s}")
+    return f"invalid {what}: " + "; ".join(parts)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantSpec(_Strict):
+    """How one kind of tensor (weights or activations) is quantized."""
+
+    bits: int = Field(8, ge=2, le=16, description="bit width, 2..16")
+    granularity: Granularity = "channel"
+    group_size: int | None = Field(None, gt=0, description="only with granularity='group'")
+    symmetric: bool = True
+    transform_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="power transform exponent p; 1 = uniform, 1/3 = paper's non-uniform"
+    )
+    clip_k: float | None = Field(None, gt=0.0, description="clip at k·σ of the group; None = max|x|")
+
+    @model_validator(mode="after")
+    def _group_size_matches_granularity(self) -> "QuantSpec":
+        if self.granularity == "group" and self.group_size is None:
+            raise ValueError("group_size is required when granularity is 'group'")
+        if self.granularity != "group" and self.group_size is not None:
+            raise ValueError(f"group_size is only valid with granularity 'group' (granularity is {self.granularity!r})")
+        return self
+
+    @property
+    def nonuniform(self) -> bool:
+        return self.transform_p != 1.0
+
+
+class PerturbSpec(_Strict):
+    """Artificial noise replacing the native quantization error Δ, with Var(noise) = Var(Δ).
+
+    The setting's own ``weights`` / ``activations`` specs are the reference quantizers whose error
+    variance the noise matches; ``target`` picks which of them are perturbed.
+    """
+
+    distribution: Distribution = "gaussian"
+    rule: MagnitudeRule = "additive"
+    target: Target = "both"
+    seed: int = Field(0, ge=0)
+    inverse_eps: float = Field(
+        0.1, gt=0.0, description="'inverse' rule: noise ∝ 1/(|x| + eps·rms(x)) (assumed regulariser)"
+    )
+    rng: Literal["cpu", "device"] = Field(
+        "cpu", description="'cpu': bit-identical noise on CPU and GPU; 'device': faster activation noise"
+    )
+
+
+class Setting(_Strict):
+    """One point of a sweep: what happens to the decoder-block linear layers."""
+
+    name: str = Field(min_length=1)
+    weights: QuantSpec | None = None
+    activations: QuantSpec | None = None
+    perturbation: PerturbSpec | None = None
+    include_lm_head: bool = False
+    include_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _perturbation_has_reference(self) -> "Setting":
+        p = self.perturbation
+        if p is None:
+            return self
+        if p.target in ("weights", "both") and self.weights is None:
+            raise ValueError(f"perturbation.target {p.target!r} needs a weights spec as the reference quantizer")
+        if p.target in ("activations", "both") and self.activations is None:
+            raise ValueError(
+                f"perturbation.target {p.target!r} needs an activations spec as the reference quantizer"
+            )
+        return self
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.weights is None and self.activations is None and not self.include_embeddings
+
+    @property
+    def w_bits(self) -> int:
+        return self.weights.bits if self.weights else 16
+
+    @property
+    def a_bits(self) -> int:
+        return self.activations.bits if self.activations else 16
+
+    def perturbs_weights(self) -> bool:
+        return self.perturbation is not None and self.perturbation.target in ("weights", "both")
+
+    def perturbs_activations(self) -> bool:
+        return self.perturbation is not None and self.perturbation.target in ("activations", "both")
+
+    def flat_params(self) -> dict[str, Any]:
+        """Flat, stable key/values (the MLflow params schema uses these names)."""
+        w, a, p = self.weights, self.activations, self.perturbation
+        spec = w or a
+        return {
+            "setting": self.name,
+            "w_bits": self.w_bits,
+            "a_bits": self.a_bits,
+            "w_granularity": w.granularity if w else "none",
+            "a_granularity": a.granularity if a else "none",
+            "w_group_size": w.group_size if w and w.group_size else 0,
+            "symmetric": spec.symmetric if spec else True,
+            "transform": f"power{spec.transform_p:.4g}" if spec and spec.nonuniform else "uniform",
+            "transform_p": spec.transform_p if spec else 1.0,
+            "clip_k": spec.clip_k if spec and spec.clip_k is not None else 0.0,
+            "perturbation": f"{p.distribution}-{p.rule}-{p.target}" if p else "none",
+            "seed": p.seed if p else 0,
+        }
+
+
+def _validated(cls: type[BaseModel], data: dict[str, Any], what: str) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, what)) from None
+
+
+# --- Names --------------------------------------------------------------------------------------
+# W{wbits}A{abits}[-g{group}][-nu][-p{exp}][-clip{k}], e.g. W8A8, W4A16-g128, W4A16-nu, W3A16-clip3.
+_NAME = re.compile(
+    r"^W(?P<w>\d+)A(?P<a>\d+)(?:-g(?P<g>\d+))?(?P<nu>-nu)?(?:-p(?P<p>[0-9.]+))?(?:-clip(?P<k>[0-9.]+))?$"
+)
+PRESET_NAMES = ("W16A16", "W8A8", "W4A16", "W4A8", "W8A8-nu", "W4A16-nu", "W4A8-nu")
+
+
+def setting_from_name(name: str) -> Setting:
+    """Parse a setting name; 16 bits means 'not quantized' (W16A16 is the baseline)."""
+    m = _NAME.match(name)
+    if m is None:
+        raise ConfigError(
+            f"unknown setting {name!r}: expected a preset ({', '.join(PRESET_NAMES)}) or a name of the "
+            "form W<bits>A<bits>[-g<group>][-nu][-p<exp>][-clip<k>], e.g. W3A16-g64-nu"
+        )
+    wb, ab = int(m["w"]), int(m["a"])
+    for field, bits in (("weights.bits", wb), ("activations.bits", ab)):
+        if not 2 <= bits <= 16:
+            raise ConfigError(f"invalid setting {name!r}: {field}: must be between 2 and 16 (16 = not quantized), got {bits}")
+    if m["nu"] and m["p"]:
+        raise ConfigError(f"unknown setting {name!r}: use either -nu (p=1/3) or -p<exp>, not both")
+    p = NONUNIFORM_P if m["nu"] else float(m["p"]) if m["p"] else 1.0
+    k = float(m["k"]) if m["k"] else None
+    w_gran: dict[str, Any] = {"granularity": "group", "group_size": int(m["g"])} if m["g"] else {"granularity": "channel"}
+    data: dict[str, Any] = {"name": name}
+    if wb < 16:
+        data["weights"] = {"bits": wb, **w_gran, "transform_p": p, "clip_k": k}
+    elif m["g"]:
+        raise ConfigError(f"invalid setting {name!r}: weights.group_size given but weights are not quantized (16 bits)")
+    if ab < 16:
+        data["activations"] = {"bits": ab, "granularity": "token", "transform_p": p, "clip_k": k}
+    return _validated(Setting, data, f"setting {name!r}")
+
+
+PRESETS: dict[str, Setting] = {n: setting_from_name(n) for n in PRESET_NAMES}
+
+
+def resolve_setting(spec: str | dict[str, Any] | Setting) -> Setting:
+    """A preset/name string, a full dict definition, or a Setting → a validated Setting.
+
+    A dict may start from a name with ``base: W8A8`` and override or add fields, e.g.
+    ``{"name": "gauss-W8A8", "base": "W8A8", "perturbation": {"distribution": "gaussian"}}``.
+    """
+    if isinstance(spec, Setting):
+        return spec
+    if isinstance(spec, str):
+        return setting_from_name(spec)
+    if not isinstance(spec, dict):
+        raise ConfigError(f"invalid setting: expected a name or a mapping, got {type(spec).__name__}")
+    data = dict(spec)
+    base = data.pop("base", None)
+    if base is not None:
+        merged = setting_from_name(str(base)).model_dump(exclude_none=True)
+        merged.update(data)
+        data = merged
+        data.setdefault("name", base)
+    what = f"setting {data.get('name')!r}" if data.get("name") else "setting"
+    return _validated(Setting, data, what)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs quantlens and everything its tests need into ./.venv (or $QUANTLENS_VENV).
+# torch goes in first, pinned, so that no dependency pulls a multi-GB CUDA build:
+# on the dev/CI machines `pip install torch==2.13.0` resolves to the CPU wheel on disk.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${QUANTLENS_VENV:-.venv}
+PY=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q "torch==${QUANTLENS_TORCH_VERSION:-2.13.0}"
+"$VENV/bin/python" -m pip install -q -e ".[dev]"
+"$VENV/bin/python" -c "import torch, transformers, prefect, mlflow; print('quantlens env ok: torch', torch.__version__, '| transformers', transformers.__version__, '| prefect', prefect.__version__, '| mlflow', mlflow.__version__)"
