@@ -83,7 +83,7 @@ def load_lambada(path: str | None = None, limit: int | None = None) -> list[tupl
         records = _load_json_records(path)
     out = []
     for r in records[:limit] if limit else records:
-        if "context" in r and "continuation" in r:
+        if r.get("context") is not None and r.get("continuation") is not None:
             out.append((r["context"], r["continuation"].strip()))
         else:
             ctx, _, word = r["text"].rpartition(" ")

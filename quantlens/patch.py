@@ -112,9 +112,10 @@ class _ActivationState:
     q/k/v projections receive the *same* input tensor object: the memo quantizes it once.
     """
 
-    def __init__(self, setting: Setting, collect_stats: bool):
+    def __init__(self, setting: Setting, stats_forwards: int):
         self.setting = setting
-        self.collect_stats = collect_stats
+        self.stats_forwards = stats_forwards  # statistics are sampled over this many forwards a layer
+        self.stats_seen: dict[str, int] = {}
         self.last_in: torch.Tensor | None = None
         self.last_version = -1
         self.last_out: torch.Tensor | None = None
@@ -129,7 +130,9 @@ class _ActivationState:
         if self.setting.perturbs_activations():
             delta_std = (xq.to(torch.float32) - x.to(torch.float32)).std(unbiased=False)
             xq = (x.to(torch.float32) + shaped_noise(x, delta_std, self.setting.perturbation, gen)).to(x.dtype)
-        if self.collect_stats:
+        seen = self.stats_seen.get(name, 0)
+        if seen < self.stats_forwards:
+            self.stats_seen[name] = seen + 1
             self._accumulate(name, x, xq)
         self.last_in, self.last_version, self.last_out = x, version, xq
         return xq
@@ -224,7 +227,7 @@ def quantize_(
     setting: Setting | str | dict,
     *,
     keep_originals_on: str = "auto",
-    collect_activation_stats: bool = True,
+    activation_stats_forwards: int = 4,
 ) -> PatchReport:
     """Apply ``setting`` to ``model`` in place and return per-layer statistics.
 
@@ -232,7 +235,8 @@ def quantize_(
     pre-hooks. A model that is already patched is restored first, so calling this repeatedly with
     different settings is how a sweep reuses one loaded model. ``keep_originals_on``: ``"auto"``
     keeps the 16-bit originals on CPU when the model lives elsewhere, ``"cpu"`` always,
-    ``"same"`` next to the weights.
+    ``"same"`` next to the weights. Activation statistics are measured on the first
+    ``activation_stats_forwards`` forwards of each layer (0 = none), so the hot path stays cheap.
     """
     setting = resolve_setting(setting)
     restore_(model)
@@ -263,7 +267,7 @@ def quantize_(
     handles: list[Any] = []
     act_state = None
     if setting.activations is not None:
-        act_state = _ActivationState(setting, collect_activation_stats)
+        act_state = _ActivationState(setting, activation_stats_forwards)
         p = setting.perturbation
         for name, mod in layers:
             gen = None
@@ -296,6 +300,7 @@ def reset_activation_stats(model: nn.Module) -> None:
     state: _PatchState | None = getattr(model, _STATE_ATTR, None)
     if state is not None and state.activations is not None:
         state.activations.acc.clear()
+        state.activations.stats_seen.clear()
 
 
 def restore_(model: nn.Module) -> None:
