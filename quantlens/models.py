@@ -126,8 +126,8 @@ def download(info: ModelInfo, revision: str | None = None) -> Snapshot:
             f"model {info.hf_id!r} is not in the local Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}) "
             "and the hub cannot be reached (offline or HF_HUB_OFFLINE=1): download it first or pass a local directory"
         ) from None
-    except Exception as err:  # connection errors come in many classes
-        raise ModelUnavailable(f"model {info.hf_id!r} could not be downloaded: {err}") from None
+    except Exception as err:  # connection errors come in many classes: transient, worth a retry
+        raise RuntimeError(f"model {info.hf_id!r} could not be downloaded: {err}") from err
     return Snapshot(local, Path(local).name)  # snapshot folders are named by commit hash
 
 

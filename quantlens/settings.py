@@ -87,6 +87,7 @@ class Setting(_Strict):
     """One point of a sweep: what happens to the decoder-block linear layers."""
 
     name: str = Field(min_length=1)
+    base: str | None = Field(None, description="the setting this one was derived from (groups seeds/k in figures)")
     weights: QuantSpec | None = None
     activations: QuantSpec | None = None
     perturbation: PerturbSpec | None = None
@@ -140,6 +141,7 @@ class Setting(_Strict):
             "transform_p": spec.transform_p if spec else 1.0,
             "clip_k": spec.clip_k if spec and spec.clip_k is not None else 0.0,
             "perturbation": f"{p.distribution}-{p.rule}-{p.target}" if p else "none",
+            "base": self.base or self.name,
             "seed": p.seed if p else 0,
         }
 
@@ -208,5 +210,6 @@ def resolve_setting(spec: str | dict[str, Any] | Setting) -> Setting:
         merged.update(data)
         data = merged
         data.setdefault("name", base)
+        data["base"] = str(base)
     what = f"setting {data.get('name')!r}" if data.get("name") else "setting"
     return _validated(Setting, data, what)

@@ -1,0 +1,1 @@
+"""Prefect flows: sweep → one model subflow per model → aggregate."""

@@ -1,0 +1,197 @@
+"""The sweep: ``sweep`` → one ``model`` subflow per model → ``aggregate``.
+
+Each model is downloaded and loaded once; every setting is applied to it in turn (patch, evaluate
+each dataset, log, restore). Every (model revision, setting, datasets, eval options, code version)
+has a run key; a key with a FINISHED MLflow run is skipped, so rerunning a sweep after a crash or a
+failed step redoes only what did not finish. Runs left RUNNING by a dead attempt are marked FAILED.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from quantlens.models import resolve_model
+from quantlens.patch import restore_
+from quantlens.settings import Setting
+from quantlens.sweep import SweepConfig, load_config, run_key, sweep_id
+from tasks import steps
+from tasks.tracking import Tracker
+
+
+class SweepIncomplete(RuntimeError):
+    """Some (model, setting) runs failed; the others finished and are logged. Rerun to redo them."""
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5)
+        if sha.returncode:
+            return "unknown"
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_tag(model: Any) -> str:
+    import torch
+
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(dev)}"
+    return f"{dev.type}:{socket.gethostname()}"
+
+
+@dataclass
+class Progress:
+    """Runs done/left and an ETA from the mean time of the runs evaluated so far."""
+
+    total: int
+    done: int = 0
+    evaluated: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def tick(self, evaluated: bool) -> str:
+        self.done += 1
+        self.evaluated += int(evaluated)
+        left = self.total - self.done
+        if self.evaluated:
+            eta = (time.perf_counter() - self.started) / self.evaluated * left
+            eta_s = time.strftime("%H:%M:%S", time.gmtime(eta))
+        else:
+            eta_s = "?"
+        return f"[{self.done}/{self.total}, {left} left, ETA {eta_s}]"
+
+
+_PROGRESS: dict[str, Progress] = {}
+
+
+def _attempt_id() -> str:
+    return flow_run.get_id() or f"local-{uuid.uuid4().hex[:12]}"
+
+
+def eval_params(cfg: SweepConfig, info: Any, revision: str, setting: Setting) -> dict[str, Any]:
+    return {
+        "model": info.name,
+        "model_id": info.hf_id,
+        "family": info.family,
+        "size_b": info.size_b,
+        "revision": revision,
+        "seqlen": cfg.eval.seqlen,
+        "datasets": ",".join(d.name for d in cfg.datasets),
+        **setting.flat_params(),
+    }
+
+
+@flow(name="quantlens-model", log_prints=True, validate_parameters=False)
+def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, attempt: str, force: bool = False) -> dict[str, Any]:
+    """Download → load once → for each setting not yet FINISHED: patch, evaluate, log, restore."""
+    log = get_run_logger()
+    cfg = SweepConfig.model_validate(config)
+    entry = cfg.models[model_index]
+    settings = cfg.expanded_settings()
+    sid = sweep_id(cfg)
+    progress = _PROGRESS.setdefault(attempt, Progress(total=len(cfg.models) * len(settings)))
+    tracker = Tracker(cfg.experiment)
+
+    info, snap = steps.download_model(entry)
+    keys = {s.name: run_key(snap.revision, entry.ref, s, cfg) for s in settings}
+    narrow = f"params.revision = '{snap.revision}'"
+    done = {} if force else tracker.finished_keys(list(keys.values()), narrow)
+    stale = tracker.fail_stale(list(keys.values()), attempt, narrow)
+    if stale:
+        log.warning("%s: marked %d run(s) of an earlier, unfinished attempt FAILED", info.name, stale)
+    todo = [s for s in settings if keys[s.name] not in done]
+    for s in settings:
+        if keys[s.name] in done:
+            log.info("%s %s/%s: already FINISHED (run %s), skipped", progress.tick(False), info.name, s.name, done[keys[s.name]])
+    result: dict[str, Any] = {"model": info.name, "evaluated": [], "failed": [], "skipped": len(settings) - len(todo)}
+    if not todo:
+        return result
+
+    model, tokenizer = steps.load_model(snap, cfg.hardware)
+    device = device_tag(model)
+    commit = git_commit()
+    for s in todo:
+        t0 = time.perf_counter()
+        run_id = tracker.start_eval(
+            parent_run_id,
+            f"{info.name}/{s.name}",
+            eval_params(cfg, info, snap.revision, s),
+            {"sweep_id": sid, "run_key": keys[s.name], "git_commit": commit, "device": device, "attempt": attempt},
+        )
+        try:
+            steps.patch(model, s)
+            metrics: dict[str, float] = {}
+            tokens = 0.0
+            for d in cfg.datasets:
+                m = steps.evaluate(model, tokenizer, d, cfg.eval, info.name, s)
+                tokens += m.get(f"{d.name}_tokens", 0.0)
+                tracker.log(run_id, metrics=m)  # per dataset: nothing finished is lost
+                metrics.update(m)
+            pert, rows = steps.perturbation_metrics(model)
+            eval_s = sum(v for k, v in metrics.items() if k.endswith("_seconds"))
+            tracker.log(run_id, metrics={**pert, "eval_seconds": eval_s, "tokens_per_s": tokens / eval_s if eval_s else 0.0})
+            tracker.log_rows(run_id, rows, "layer_stats.csv")
+            tracker.finish(run_id, "FINISHED")
+            result["evaluated"].append(s.name)
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith(("_ppl", "_acc")))
+            log.info("%s %s/%s: %s (%.1fs)", progress.tick(True), info.name, s.name, shown, time.perf_counter() - t0)
+        except Exception as err:
+            tracker.log(run_id, tags={"quantlens.failure": f"{type(err).__name__}: {err}"[:4000]})
+            tracker.finish(run_id, "FAILED")
+            result["failed"].append(f"{s.name}: {type(err).__name__}: {err}")
+            log.error("%s %s/%s FAILED: %s", progress.tick(True), info.name, s.name, err)
+        finally:
+            restore_(model)
+    return result
+
+
+@flow(name="quantlens-sweep", log_prints=True, validate_parameters=False)
+def sweep_flow(config: str | dict[str, Any], force: bool = False, aggregate: bool = True, results_dir: str = "results") -> dict[str, Any]:
+    """Run every (model, setting) of the config, skipping what already FINISHED, then aggregate."""
+    log = get_run_logger()
+    cfg = load_config(config)  # validated up front: a bad config costs no model load
+    for m in cfg.models:
+        resolve_model(m.ref, m.hf_id)  # unknown names / bad directories fail before any work
+    tracker = Tracker(cfg.experiment)  # an unreachable store fails here, before any evaluation
+    sid = sweep_id(cfg)
+    parent = tracker.parent_run(sid, cfg.name, {"config_name": cfg.name, "n_models": len(cfg.models), "n_settings": len(cfg.expanded_settings())})
+    tracker.log(parent, tags={"git_commit": git_commit()})
+    attempt = _attempt_id()
+    _PROGRESS[attempt] = Progress(total=len(cfg.models) * len(cfg.expanded_settings()))
+    results = []
+    for i in range(len(cfg.models)):
+        state = model_flow(cfg.model_dump(), i, parent, attempt, force, return_state=True)
+        if state.is_completed():
+            results.append(state.result())
+        else:
+            results.append({"model": cfg.models[i].ref, "evaluated": [], "failed": [f"(model) {state.message}"], "skipped": 0})
+    failed = [f"{r['model']}/{f}" for r in results for f in r["failed"]]
+    summary = {
+        "sweep_id": sid,
+        "parent_run_id": parent,
+        "evaluated": sum(len(r["evaluated"]) for r in results),
+        "skipped": sum(r["skipped"] for r in results),
+        "failed": failed,
+    }
+    if aggregate:
+        from flows.aggregate import aggregate_flow
+
+        summary["artifacts"] = aggregate_flow(experiment=cfg.experiment, sweep_id=sid, out_dir=str(Path(results_dir) / sid), parent_run_id=parent)
+    tracker.finish(parent, "FAILED" if failed else "FINISHED")
+    _PROGRESS.pop(attempt, None)
+    log.info("sweep %s: %d evaluated, %d already done, %d failed", sid, summary["evaluated"], summary["skipped"], len(failed))
+    if failed:
+        raise SweepIncomplete(f"{len(failed)} run(s) failed (rerun the same command to redo only these): " + "; ".join(failed))
+    return summary

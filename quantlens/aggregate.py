@@ -1,0 +1,274 @@
+"""The paper's tables and figures from a table of finished runs (framework-free: pandas + matplotlib).
+
+Input: the DataFrame ``mlflow.search_runs`` returns (columns ``params.*``, ``metrics.*``,
+``tags.*``) or an already tidy one. Works on any subset of runs, across sweeps too; a figure whose
+runs are absent is skipped, not faked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+NUMERIC = ("size_b", "w_bits", "a_bits", "w_group_size", "transform_p", "clip_k", "seed", "seqlen")
+QUALITY = ("lambada_acc", "wikitext2_ppl", "c4_ppl", "lambada_nll")
+
+
+def tidy(df: pd.DataFrame) -> pd.DataFrame:
+    """Strip the ``params.``/``metrics.``/``tags.`` prefixes, type the numbers, sort by model size."""
+    if df.empty:
+        return df
+    out = df.rename(columns=lambda c: c.split(".", 1)[1] if c.startswith(("params.", "metrics.")) else c)
+    out = out.rename(columns=lambda c: "tag_" + c[5:] if c.startswith("tags.") else c)
+    for c in NUMERIC:
+        if c in out:
+            out[c] = pd.to_numeric(out[c], errors="coerce")
+    if "base" not in out and "setting" in out:
+        out["base"] = out["setting"]
+    if "end_time" in out:  # several sweeps may hold the same (model, setting): keep the newest
+        out = out.sort_values("end_time").drop_duplicates(["model", "setting"], keep="last")
+    return out.sort_values(["family", "size_b", "model", "setting"]).reset_index(drop=True)
+
+
+def metrics_present(df: pd.DataFrame) -> list[str]:
+    return [m for m in QUALITY if m in df and df[m].notna().any()]
+
+
+def _plain(df: pd.DataFrame) -> pd.DataFrame:
+    """Native quantization runs: no artificial perturbation, no clipping."""
+    return df[(df.get("perturbation", "none") == "none") & (df.get("clip_k", 0).fillna(0) == 0)]
+
+
+def to_markdown(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        cells = [floatfmt.format(v) if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- Tables ---------------------------------------------------------------------------------------
+def results_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Every run: model × setting with its quality metrics and perturbation statistics."""
+    cols = ["model", "family", "size_b", "setting"] + metrics_present(df)
+    cols += [c for c in ("weight_rel_error_mean", "activation_rel_error_mean", "weight_clipped_fraction") if c in df]
+    return df[cols].copy()
+
+
+def uniform_vs_nonuniform(df: pd.DataFrame) -> pd.DataFrame:
+    """The paper's table: each uniform setting beside its power-transform twin(s), per model."""
+    plain = _plain(df)
+    if plain.empty or "transform_p" not in plain:
+        return pd.DataFrame()
+    keys = ["model", "family", "size_b", "w_bits", "a_bits", "w_granularity", "a_granularity", "w_group_size"]
+    keys = [k for k in keys if k in plain]
+    rows = []
+    metrics = metrics_present(plain)
+    for _, uni in plain[plain["transform_p"] == 1.0].iterrows():
+        if uni["w_bits"] == 16 and uni["a_bits"] == 16:
+            continue
+        twins = plain[(plain["transform_p"] != 1.0)]
+        for k in keys:
+            twins = twins[twins[k] == uni[k]]
+        for _, nu in twins.iterrows():
+            row = {"model": uni["model"], "config": f"W{int(uni['w_bits'])}A{int(uni['a_bits'])}", "p": nu["transform_p"]}
+            for m in metrics:
+                row[f"{m} uniform"] = uni[m]
+                row[f"{m} non-uniform"] = nu[m]
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --- Figures --------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fig_metric_vs_size(df: pd.DataFrame, metric: str, path: Path) -> Path | None:
+    """Figure 1: metric vs model size per family, one line per (native) setting."""
+    plain = _plain(df).dropna(subset=[metric])
+    if plain.empty:
+        return None
+    plt = _plt()
+    fams = sorted(plain["family"].unique())
+    fig, axes = plt.subplots(1, len(fams), figsize=(4.5 * len(fams), 3.6), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        sub = plain[plain["family"] == fam]
+        for setting, g in sub.groupby("setting"):
+            g = g.sort_values("size_b")
+            ax.plot(g["size_b"], g[metric], marker="o", label=setting, linestyle="--" if "nu" in setting or (g["transform_p"] != 1).any() else "-")
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters (B)")
+        ax.set_title(fam)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{metric} vs model size (Figure 1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fig_alpha_vs_delta(df: pd.DataFrame, path: Path) -> Path | None:
+    """Figure 3: scale α against perturbation intensity ‖Δ‖₂ (mean over layers), per run."""
+    need = {"weight_alpha_mean", "weight_delta_l2_mean"}
+    if not need <= set(df.columns):
+        return None
+    sub = df.dropna(subset=list(need))
+    sub = sub[sub.get("perturbation", "none") == "none"]
+    if sub.empty:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for setting, g in sub.groupby("setting"):
+        ax.scatter(g["weight_alpha_mean"], g["weight_delta_l2_mean"], label=setting, s=22)
+    ax.set_xlabel("scale α (mean over layers)")
+    ax.set_ylabel("‖Δ‖₂ (mean over layers)")
+    ax.set_yscale("log")
+    ax.set_title("α vs perturbation intensity (Figure 3)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def perturbation_summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Figure 4's numbers: per (model, base, perturbation): mean, std, min, max over seeds."""
+    if "perturbation" not in df:
+        return pd.DataFrame()
+    pert = df[df["perturbation"] != "none"].dropna(subset=[metric])
+    if pert.empty:
+        return pd.DataFrame()
+    g = pert.groupby(["model", "base", "perturbation"])[metric]
+    out = g.agg(["mean", "std", "min", "max", "count"]).reset_index()
+    return out.rename(columns={"count": "seeds"})
+
+
+def fig_perturbations(df: pd.DataFrame, metric: str, path: Path) -> Path | None:
+    """Figure 4: metric under each artificial perturbation (mean ± spread over seeds), beside the
+    unperturbed model and the native quantization it imitates."""
+    summ = perturbation_summary(df, metric)
+    if summ.empty:
+        return None
+    plt = _plt()
+    models = list(summ["model"].unique())
+    fig, axes = plt.subplots(1, len(models), figsize=(max(5, 1.2 * summ.shape[0] / len(models) + 3) * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        s = summ[summ["model"] == model]
+        labels, vals, errs, colors = [], [], [], []
+        base_run = df[(df["model"] == model) & (df["w_bits"] == 16) & (df["a_bits"] == 16) & (df["perturbation"] == "none")]
+        if not base_run.empty:
+            labels.append("W16A16")
+            vals.append(float(base_run[metric].iloc[0]))
+            errs.append(0.0)
+            colors.append("grey")
+        for base in s["base"].unique():
+            native = df[(df["model"] == model) & (df["setting"] == base)]
+            if not native.empty:
+                labels.append(f"{base} (native)")
+                vals.append(float(native[metric].iloc[0]))
+                errs.append(0.0)
+                colors.append("black")
+            for _, r in s[s["base"] == base].iterrows():
+                labels.append(f"{base}+{r['perturbation']}")
+                vals.append(r["mean"])
+                errs.append(0.0 if pd.isna(r["std"]) else r["std"])
+                colors.append("tab:blue")
+        ax.bar(range(len(vals)), vals, yerr=errs, color=colors, capsize=3)
+        ax.set_xticks(range(len(vals)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel(metric)
+        ax.set_title(model)
+        if metric.endswith("_ppl"):
+            lo = min(vals)
+            ax.set_ylim(lo * 0.98, max(v + e for v, e in zip(vals, errs)) * 1.01)
+    fig.suptitle(f"{metric} under artificial perturbations, mean ± std over seeds (Figure 4)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def clipping_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Figure 5's numbers: per model and base setting, metrics vs k (k = 0: no clipping)."""
+    if "clip_k" not in df:
+        return pd.DataFrame()
+    clipped = df[(df["clip_k"] > 0) & (df.get("perturbation", "none") == "none")]
+    if clipped.empty:
+        return pd.DataFrame()
+    bases = clipped["base"].unique()
+    rows = df[(df["perturbation"] == "none") & ((df["clip_k"] > 0) & df["base"].isin(bases) | df["setting"].isin(bases))].copy()
+    ppl_cols = [c for c in ("wikitext2_ppl", "c4_ppl") if c in rows and rows[c].notna().any()]
+    if ppl_cols:
+        rows["mean_ppl"] = rows[ppl_cols].mean(axis=1)
+    cols = ["model", "base", "clip_k"] + [c for c in ("lambada_acc", "mean_ppl", "weight_clipped_fraction", "activation_clipped_fraction") if c in rows]
+    return rows[cols].sort_values(["model", "base", "clip_k"]).reset_index(drop=True)
+
+
+def fig_clipping(df: pd.DataFrame, path: Path) -> Path | None:
+    """Figure 5: clipping at k·σ, k ∈ {3, 5, 10}: Lambada and mean WikiText-2/C4 perplexity."""
+    summ = clipping_summary(df)
+    if summ.empty:
+        return None
+    metrics = [m for m in ("lambada_acc", "mean_ppl") if m in summ and summ[m].notna().any()]
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        for (model, base), g in summ.groupby(["model", "base"]):
+            g = g.sort_values("clip_k")
+            x = ["none" if k == 0 else f"{k:g}σ" for k in g["clip_k"]]
+            ax.plot(x, g[m], marker="o", label=f"{model} {base}")
+        ax.set_xlabel("clipping threshold")
+        ax.set_ylabel(m)
+        if m == "mean_ppl":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Clipping outliers (Figure 5)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """All tables (CSV + Markdown) and figures (PNG) the runs allow; returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = tidy(df)
+    files: list[Path] = []
+    if df.empty:
+        return files
+
+    def table(frame: pd.DataFrame, stem: str) -> None:
+        if frame.empty:
+            return
+        frame.to_csv(out / f"{stem}.csv", index=False)
+        (out / f"{stem}.md").write_text(to_markdown(frame))
+        files.extend([out / f"{stem}.csv", out / f"{stem}.md"])
+
+    table(results_table(df), "results")
+    table(uniform_vs_nonuniform(df), "uniform_vs_nonuniform")
+    table(clipping_summary(df), "clipping")
+    metrics = metrics_present(df)
+    for m in metrics:
+        table(perturbation_summary(df, m), f"perturbations_{m}")
+    figs = []
+    for m in metrics:
+        if m != "lambada_nll":
+            figs.append(fig_metric_vs_size(df, m, out / f"fig1_{m}_vs_size.png"))
+    figs.append(fig_alpha_vs_delta(df, out / "fig3_alpha_vs_delta.png"))
+    for m in metrics:
+        if m != "lambada_nll":
+            figs.append(fig_perturbations(df, m, out / f"fig4_perturbations_{m}.png"))
+    figs.append(fig_clipping(df, out / "fig5_clipping.png"))
+    files.extend(f for f in figs if f is not None)
+    return files

@@ -1,0 +1,271 @@
+"""Sweep description (YAML → pydantic), grid expansion and deterministic run identity.
+
+Framework-free: the Prefect flows in ``flows/`` execute the plan made here, and the MLflow layer
+in ``tasks/tracking.py`` stores it. Every problem with a config is raised as one
+:class:`~quantlens.settings.ConfigError` naming the field, before any model loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantlens import __version__
+from quantlens.data import DATASETS
+from quantlens.settings import ConfigError, Setting, format_validation_error, resolve_setting
+
+# Bump when a change alters the numbers an evaluation produces: it is part of every run key,
+# so finished runs of an older protocol are not taken as done.
+EVAL_PROTOCOL = "1"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelEntry(_Strict):
+    ref: str = Field(min_length=1, description="registry name, HF id or local directory")
+    hf_id: str | None = Field(None, description="override the registry's HF id (e.g. re-hosted LLaMA)")
+    revision: str | None = Field(None, description="hub revision to pin (branch, tag or commit)")
+    gpus: int = Field(1, ge=1, description="GPUs this model asks for on a cluster")
+
+
+class DatasetEntry(_Strict):
+    name: str
+    path: str | None = Field(None, description="local file(s); default: the Hugging Face hub")
+    seqlen: int | None = Field(None, ge=2)
+    max_windows: int | None = Field(None, ge=1, description="perplexity: evaluate at most this many windows")
+    limit: int | None = Field(None, ge=1, description="lambada: evaluate the first N examples")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r} (known: {', '.join(DATASETS)})")
+        return v
+
+
+class EvalOptions(_Strict):
+    seqlen: int = Field(2048, ge=2, description="perplexity window (capped at the model's max positions)")
+    batch_size: int | None = Field(None, ge=1, description="None: sized from free memory")
+
+
+class Hardware(_Strict):
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    placement: Literal["auto", "single", "device_map", "stream"] = "auto"
+
+
+class SweepConfig(_Strict):
+    name: str = Field(min_length=1)
+    experiment: str = Field("quantlens", min_length=1, description="MLflow experiment")
+    models: list[ModelEntry] = Field(min_length=1)
+    settings: list[str | dict[str, Any]] = Field(min_length=1)
+    datasets: list[DatasetEntry] = Field(min_length=1)
+    eval: EvalOptions = EvalOptions()
+    hardware: Hardware = Hardware()
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_strings(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"ref": m} if isinstance(m, str) else m for m in v]
+        return v
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _dataset_strings(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"name": d} if isinstance(d, str) else d for d in v]
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> "SweepConfig":
+        for field, names in (
+            ("models", [m.ref for m in self.models]),
+            ("datasets", [d.name for d in self.datasets]),
+        ):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"{field}: duplicated {', '.join(map(repr, dup))}")
+        return self
+
+    def expanded_settings(self) -> list[Setting]:
+        out: list[Setting] = []
+        for i, entry in enumerate(self.settings):
+            try:
+                out.extend(expand_setting(entry))
+            except ConfigError as err:
+                raise ConfigError(f"settings[{i}]: {err}") from None
+        names = [s.name for s in out]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"settings: duplicated setting names {', '.join(map(repr, dup))}")
+        return out
+
+
+# --- Grid expansion -------------------------------------------------------------------------------
+_GRID_KEYS = ("clip_k", "transform_p", "seeds")
+_PERTURB_GRID_KEYS = ("distribution", "rule", "target")
+
+
+def _as_list(v: Any) -> list[Any]:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def expand_setting(entry: str | dict[str, Any]) -> list[Setting]:
+    """One settings entry → one or more Settings.
+
+    Lists expand as a cartesian product: ``clip_k: [3, 5, 10]`` and ``transform_p: [0.25, 0.5]``
+    apply to every quantizer of the base setting; ``seeds: [0, 1, 2, 3]`` and lists under
+    ``perturbation`` (distribution, rule, target) make one setting per combination. Names are
+    derived (``W8A8-clip3``, ``W8A8+gaussian-additive-both-s0``) unless ``name`` is a template
+    with ``{clip_k}``, ``{transform_p}``, ``{seed}``, ``{distribution}``, ``{rule}``, ``{target}``.
+    """
+    if isinstance(entry, str):
+        return [resolve_setting(entry)]
+    if not isinstance(entry, dict):
+        raise ConfigError(f"expected a setting name or mapping, got {type(entry).__name__}")
+    data = dict(entry)
+    grids = {k: _as_list(data.pop(k)) for k in _GRID_KEYS if k in data}
+    pert = data.pop("perturbation", None)
+    pgrids = {k: _as_list(pert[k]) for k in _PERTURB_GRID_KEYS if isinstance(pert, dict) and k in pert}
+    if "seeds" in grids and pert is None:
+        raise ConfigError("seeds: only valid with a perturbation")
+    for k, vals in {**grids, **pgrids}.items():
+        if not vals:
+            raise ConfigError(f"{k}: empty list")
+    template = data.pop("name", None)
+    keys = list(grids) + [f"p.{k}" for k in pgrids]
+    values = list(grids.values()) + list(pgrids.values())
+    out = []
+    for combo in itertools.product(*values) if values else [()]:
+        choice = dict(zip(keys, combo))
+        d = dict(data)
+        base_name = d.get("base") or template or "setting"
+        if "base" in d:
+            d = resolve_setting({**d, "name": str(d["base"])}).model_dump(exclude_none=True)
+        for k in ("clip_k", "transform_p"):
+            if k in choice:
+                for part in ("weights", "activations"):
+                    if d.get(part):
+                        d[part] = {**d[part], k: choice[k]}
+                if not d.get("weights") and not d.get("activations"):
+                    raise ConfigError(f"{k}: the setting {base_name!r} quantizes nothing to apply it to")
+        if pert is not None:
+            p = {k: v for k, v in pert.items() if k not in pgrids}
+            p.update({k[2:]: v for k, v in choice.items() if k.startswith("p.")})
+            if "seeds" in choice:
+                p["seed"] = choice["seeds"]
+            d["perturbation"] = p
+        fields = {
+            "clip_k": choice.get("clip_k"),
+            "transform_p": choice.get("transform_p"),
+            "seed": (d.get("perturbation") or {}).get("seed", 0),
+            **{k: (d.get("perturbation") or {}).get(k) for k in _PERTURB_GRID_KEYS},
+        }
+        d["name"] = template.format(**fields) if template else _derived_name(str(base_name), choice, d)
+        if "base" not in entry:
+            d.pop("base", None)
+        out.append(resolve_setting(d))
+    return out
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}" if x != 1 / 3 else "1/3"
+
+
+def _derived_name(base: str, choice: dict[str, Any], d: dict[str, Any]) -> str:
+    name = base
+    if "clip_k" in choice:
+        name += f"-clip{_fmt(choice['clip_k'])}"
+    if "transform_p" in choice:
+        name += f"-p{_fmt(choice['transform_p'])}"
+    p = d.get("perturbation")
+    if p is not None:
+        name += f"+{p.get('distribution', 'gaussian')}-{p.get('rule', 'additive')}-{p.get('target', 'both')}-s{p.get('seed', 0)}"
+    return name
+
+
+# --- Loading --------------------------------------------------------------------------------------
+_ENV = re.compile(r"\$\{(?P<var>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+
+
+def _expand_env(text: str) -> str:
+    return _ENV.sub(lambda m: os.environ.get(m["var"], m["default"] if m["default"] is not None else ""), text)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative local paths in a config file are relative to the file's folder."""
+
+    def fix(p: str) -> str:
+        q = Path(p).expanduser()
+        if q.is_absolute() or not (p.startswith(".") or (base / q).exists()):
+            return p
+        return os.path.normpath(str(base / q))
+
+    for m in data.get("models") or []:
+        if isinstance(m, dict) and isinstance(m.get("ref"), str):
+            m["ref"] = fix(m["ref"])
+    if isinstance(data.get("models"), list):
+        data["models"] = [fix(m) if isinstance(m, str) else m for m in data["models"]]
+    for d in data.get("datasets") or []:
+        if isinstance(d, dict) and isinstance(d.get("path"), str):
+            d["path"] = fix(d["path"])
+
+
+def load_config(source: str | Path | dict[str, Any]) -> SweepConfig:
+    """A YAML file path or a dict → validated SweepConfig; settings are expanded to check them too."""
+    if isinstance(source, dict):
+        data, where = source, "config"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config {str(path)!r}: no such file")
+        try:
+            data = yaml.safe_load(_expand_env(path.read_text()))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config {str(path)!r}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {str(path)!r}: expected a mapping at the top level")
+        _resolve_paths(data, path.resolve().parent)
+        where = f"config {path.name!r}"
+    try:
+        cfg = SweepConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, where)) from None
+    cfg.expanded_settings()
+    return cfg
+
+
+# --- Identity -------------------------------------------------------------------------------------
+def config_digest(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_key(revision: str, model_ref: str, setting: Setting, cfg: SweepConfig) -> str:
+    """Deterministic identity of one (model revision, setting, datasets, eval options, code) run."""
+    ident = {
+        "model": model_ref,
+        "revision": revision,
+        "setting": setting.model_dump(),
+        "datasets": [d.model_dump() for d in cfg.datasets],
+        "eval": cfg.eval.model_dump(),
+        "dtype": cfg.hardware.dtype,
+        "code": f"{__version__}/{EVAL_PROTOCOL}",
+    }
+    return config_digest(ident)[:20]
+
+
+def sweep_id(cfg: SweepConfig) -> str:
+    """Stable id of a sweep definition: reruns of the same config share their parent MLflow run."""
+    return f"{cfg.name}-{config_digest(cfg.model_dump())[:10]}"

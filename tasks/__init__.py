@@ -1,0 +1,1 @@
+"""Prefect tasks wrapping the framework-free core, and the MLflow tracking layer."""

@@ -1,0 +1,205 @@
+"""MLflow: the one place quantlens talks to the tracking store.
+
+Schema (stable; the README documents it): one parent run per sweep (tag ``quantlens.kind=sweep``),
+one child run per (model, setting) (tag ``quantlens.kind=eval``) with
+
+- params: model, family, size_b, setting, base, w_bits, a_bits, w_granularity, a_granularity,
+  w_group_size, symmetric, transform, transform_p, clip_k, perturbation, seed, revision, seqlen, datasets
+- metrics: ``<dataset>_ppl`` / ``lambada_acc`` / ``lambada_nll``, perturbation statistics
+  (weight_/activation_ delta_l2_mean, rel_error_mean, clipped_fraction, weight_alpha_mean),
+  eval_seconds, tokens_per_s
+- tags: sweep_id, run_key, git_commit, device, attempt
+- artifact: ``layer_stats.csv`` (per-layer ‖Δ‖₂, relative error, α, clipped fraction)
+
+With nothing configured the store is SQLite at ``mlruns/mlflow.db`` with artifacts under
+``mlruns/artifacts``; ``MLFLOW_TRACKING_URI`` points it at a server instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import pandas as pd
+
+T = TypeVar("T")
+
+KIND_TAG = "quantlens.kind"
+RETRYABLE_ATTEMPTS = int(os.environ.get("QUANTLENS_MLFLOW_RETRIES", "6"))
+
+
+def default_tracking_uri(root: str | Path = ".") -> str:
+    return f"sqlite:///{(Path(root) / 'mlruns' / 'mlflow.db').resolve()}"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached: raised before any evaluation starts."""
+
+
+def _retry(fn: Callable[[], T], what: str) -> T:
+    """Retry a tracking call with backoff (a server briefly down must not lose a finished result)."""
+    delay = 0.5
+    for attempt in range(RETRYABLE_ATTEMPTS):
+        try:
+            return fn()
+        except Exception as err:  # mlflow raises MlflowException / requests errors
+            if attempt == RETRYABLE_ATTEMPTS - 1 or "RESOURCE_DOES_NOT_EXIST" in str(err) or "INVALID_PARAMETER_VALUE" in str(err):
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+    raise AssertionError("unreachable")
+
+
+class Tracker:
+    def __init__(self, experiment: str, uri: str | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri or tracking_uri()
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        self.experiment = experiment
+        try:
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                artifacts = None
+                if self.uri.startswith("sqlite:///"):
+                    artifacts = (Path(self.uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+                try:
+                    self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+                except Exception:  # created concurrently by another sweep
+                    self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+            else:
+                self.experiment_id = exp.experiment_id
+        except Exception as err:
+            raise TrackingUnavailable(f"MLflow tracking store {self.uri!r} is not reachable: {err}") from None
+
+    # --- sweeps --------------------------------------------------------------------------------
+    def parent_run(self, sweep_id: str, name: str, params: dict[str, Any]) -> str:
+        """The sweep's parent run: reused by reruns of the same sweep so children accumulate."""
+        found = self._search(f"tags.sweep_id = '{sweep_id}' and tags.`{KIND_TAG}` = 'sweep'")
+        if found:
+            run_id = found[0].info.run_id
+            _retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen parent")
+            return run_id
+        run = _retry(
+            lambda: self.client.create_run(
+                self.experiment_id, run_name=name, tags={"sweep_id": sweep_id, KIND_TAG: "sweep"}
+            ),
+            "create parent",
+        )
+        self.log(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def _runs_with_keys(self, keys: list[str], status: str, narrow: str | None) -> list[Any]:
+        """Eval runs of a status whose run_key is in ``keys`` (MLflow filters have no IN for tags:
+        narrow server-side, e.g. by revision, and match the keys here)."""
+        wanted = set(keys)
+        flt = f"tags.`{KIND_TAG}` = 'eval' and attributes.status = '{status}'"
+        if narrow:
+            flt += f" and {narrow}"
+        return [r for r in self._search(flt) if r.data.tags.get("run_key") in wanted]
+
+    def finished_keys(self, keys: list[str], narrow: str | None = None) -> dict[str, str]:
+        """run_key → run_id of FINISHED eval runs among ``keys``."""
+        out: dict[str, str] = {}
+        for r in self._runs_with_keys(keys, "FINISHED", narrow):
+            out.setdefault(r.data.tags["run_key"], r.info.run_id)
+        return out
+
+    def fail_stale(self, keys: list[str], attempt: str, narrow: str | None = None) -> int:
+        """Runs of these keys left RUNNING by a crashed or killed attempt → FAILED."""
+        n = 0
+        for r in self._runs_with_keys(keys, "RUNNING", narrow):
+            if r.data.tags.get("attempt") == attempt:
+                continue
+            rid = r.info.run_id
+            _retry(lambda: self.client.set_tag(rid, "quantlens.failure", "stale: attempt did not finish"), "tag")
+            _retry(lambda: self.client.set_terminated(rid, status="FAILED"), "fail stale")
+            n += 1
+        return n
+
+    # --- eval runs ------------------------------------------------------------------------------
+    def start_eval(self, parent_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        run = _retry(
+            lambda: self.client.create_run(
+                self.experiment_id,
+                run_name=run_name,
+                tags={"mlflow.parentRunId": parent_id, KIND_TAG: "eval", **tags},
+            ),
+            "create eval run",
+        )
+        self.log(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def log(self, run_id: str, *, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        ps = [Param(k, str(v)) for k, v in (params or {}).items()]
+        ms = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+        ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(ps), len(ms), len(ts), 1), 100):
+            _retry(
+                lambda: self.client.log_batch(run_id, metrics=ms[i : i + 100], params=ps[i : i + 100], tags=ts[i : i + 100]),
+                "log",
+            )
+
+    def log_rows(self, run_id: str, rows: list[dict[str, Any]], name: str) -> None:
+        if not rows:
+            return
+        with tempfile.TemporaryDirectory() as d:
+            f = Path(d) / name
+            with open(f, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+            _retry(lambda: self.client.log_artifact(run_id, str(f)), "artifact")
+
+    def log_files(self, run_id: str, files: list[Path], artifact_path: str | None = None) -> None:
+        for f in files:
+            _retry(lambda: self.client.log_artifact(run_id, str(f), artifact_path), "artifact")
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        _retry(lambda: self.client.set_terminated(run_id, status=status), "terminate")
+
+    # --- reading --------------------------------------------------------------------------------
+    def _search(self, filter_string: str) -> list[Any]:
+        out, token = [], None
+        while True:
+            page = _retry(
+                lambda: self.client.search_runs([self.experiment_id], filter_string, max_results=1000, page_token=token),
+                "search",
+            )
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    def runs_frame(self, sweep_id: str | None = None, finished_only: bool = True) -> pd.DataFrame:
+        """Eval runs as a DataFrame (columns params.*, metrics.*, tags.*), optionally one sweep's."""
+        import mlflow
+
+        flt = f"tags.`{KIND_TAG}` = 'eval'"
+        if finished_only:
+            flt += " and attributes.status = 'FINISHED'"
+        if sweep_id:
+            flt += f" and tags.sweep_id = '{sweep_id}'"
+        return _retry(lambda: mlflow.search_runs([self.experiment_id], filter_string=flt, max_results=100000), "search")
+
+    def status_counts(self, sweep_id: str) -> dict[str, int]:
+        runs = self._search(f"tags.sweep_id = '{sweep_id}' and tags.`{KIND_TAG}` = 'eval'")
+        counts: dict[str, int] = {}
+        for r in runs:
+            counts[r.info.status] = counts.get(r.info.status, 0) + 1
+        return counts
