@@ -115,7 +115,7 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
     for s in settings:
         if keys[s.name] in done:
             log.info("%s %s/%s: already FINISHED (run %s), skipped", progress.tick(False), info.name, s.name, done[keys[s.name]])
-    result: dict[str, Any] = {"model": info.name, "evaluated": [], "failed": [], "skipped": len(settings) - len(todo)}
+    result: dict[str, Any] = {"model": info.name, "evaluated": [], "failed": [], "skipped": len(settings) - len(todo), "keys": list(keys.values())}
     if not todo:
         return result
 
@@ -123,7 +123,7 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
     device = device_tag(model)
     commit = git_commit()
     for s in todo:
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # before start_eval: its cost counts as overhead
         run_id = tracker.start_eval(
             parent_run_id,
             f"{info.name}/{s.name}",
@@ -143,6 +143,8 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
             eval_s = sum(v for k, v in metrics.items() if k.endswith("_seconds"))
             tracker.log(run_id, metrics={**pert, "eval_seconds": eval_s, "tokens_per_s": tokens / eval_s if eval_s else 0.0})
             tracker.log_rows(run_id, rows, "layer_stats.csv")
+            # wall time of the whole run (patch, evaluation, logging): minus eval_seconds = overhead
+            tracker.log(run_id, metrics={"wall_seconds": time.perf_counter() - t0})
             tracker.finish(run_id, "FINISHED")
             result["evaluated"].append(s.name)
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith(("_ppl", "_acc")))
@@ -176,7 +178,7 @@ def sweep_flow(config: str | dict[str, Any], force: bool = False, aggregate: boo
         if state.is_completed():
             results.append(state.result())
         else:
-            results.append({"model": cfg.models[i].ref, "evaluated": [], "failed": [f"(model) {state.message}"], "skipped": 0})
+            results.append({"model": cfg.models[i].ref, "evaluated": [], "failed": [f"(model) {state.message}"], "skipped": 0, "keys": []})
     failed = [f"{r['model']}/{f}" for r in results for f in r["failed"]]
     summary = {
         "sweep_id": sid,
@@ -188,7 +190,8 @@ def sweep_flow(config: str | dict[str, Any], force: bool = False, aggregate: boo
     if aggregate:
         from flows.aggregate import aggregate_flow
 
-        summary["artifacts"] = aggregate_flow(experiment=cfg.experiment, sweep_id=sid, out_dir=str(Path(results_dir) / sid), parent_run_id=parent)
+        keys = [k for r in results for k in r["keys"]]
+        summary["artifacts"] = aggregate_flow(experiment=cfg.experiment, out_dir=str(Path(results_dir) / sid), parent_run_id=parent, keys=keys)
     tracker.finish(parent, "FAILED" if failed else "FINISHED")
     _PROGRESS.pop(attempt, None)
     log.info("sweep %s: %d evaluated, %d already done, %d failed", sid, summary["evaluated"], summary["skipped"], len(failed))

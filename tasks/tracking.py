@@ -186,8 +186,10 @@ class Tracker:
             if not token:
                 return out
 
-    def runs_frame(self, sweep_id: str | None = None, finished_only: bool = True) -> pd.DataFrame:
-        """Eval runs as a DataFrame (columns params.*, metrics.*, tags.*), optionally one sweep's."""
+    def runs_frame(self, sweep_id: str | None = None, finished_only: bool = True, keys: list[str] | None = None) -> pd.DataFrame:
+        """Eval runs as a DataFrame (columns params.*, metrics.*, tags.*): all of the experiment,
+        those a sweep created (``sweep_id``), or those with the given run keys (a sweep's grid,
+        including runs it reused from earlier sweeps)."""
         import mlflow
 
         flt = f"tags.`{KIND_TAG}` = 'eval'"
@@ -195,7 +197,11 @@ class Tracker:
             flt += " and attributes.status = 'FINISHED'"
         if sweep_id:
             flt += f" and tags.sweep_id = '{sweep_id}'"
-        return _retry(lambda: mlflow.search_runs([self.experiment_id], filter_string=flt, max_results=100000), "search")
+        df = _retry(lambda: mlflow.search_runs([self.experiment_id], filter_string=flt, max_results=100000), "search")
+        if keys is not None and not df.empty:
+            df = df[df["tags.run_key"].isin(set(keys))]
+            df = df.sort_values("end_time").drop_duplicates("tags.run_key", keep="last")
+        return df
 
     def status_counts(self, sweep_id: str) -> dict[str, int]:
         runs = self._search(f"tags.sweep_id = '{sweep_id}' and tags.`{KIND_TAG}` = 'eval'")

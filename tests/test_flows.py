@@ -1,0 +1,180 @@
+"""End to end: Prefect flows on the shared trained models with a real (SQLite) MLflow store."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import LAMBADA, MODELS, REPO, WIKI_TEST
+
+pytestmark = pytest.mark.slow
+SETTINGS = ["W16A16", "W4A16", "W8A8", {"base": "W4A8", "perturbation": {"distribution": "binary", "target": "weights"}, "seeds": [0, 1]}]
+GRID = 2 * 5
+
+
+def config(name="e2e", **over):
+    cfg = {
+        "name": name,
+        "experiment": "test",
+        "models": [str(MODELS / "tiny-opt"), str(MODELS / "tiny-llama")],
+        "settings": SETTINGS,
+        "datasets": [{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 8},
+                     {"name": "lambada", "path": str(LAMBADA), "limit": 16}],
+        "eval": {"seqlen": 128, "batch_size": 8},
+        "hardware": {"device": "cpu"},
+    }
+    cfg.update(over)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    d = tmp_path_factory.mktemp("store")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d}/mlflow.db"
+    with prefect_test_harness(server_startup_timeout=120):
+        yield d
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI")
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def runs(status=None, sweep=None):
+    from tasks.tracking import Tracker
+
+    df = Tracker("test").runs_frame(sweep, finished_only=False)
+    return df if status is None else df[df["status"] == status]
+
+
+def test_failure_then_rerun_redoes_only_it(env, monkeypatch):
+    from flows.sweep import SweepIncomplete, sweep_flow
+    from quantlens.sweep import load_config, sweep_id
+
+    sid = sweep_id(load_config(config()))
+    monkeypatch.setenv("QUANTLENS_INJECT_FAULT", "tiny-llama:W8A8")
+    with pytest.raises(SweepIncomplete, match="1 run\\(s\\) failed.*tiny-llama/W8A8: RuntimeError: injected fault"):
+        sweep_flow(config(), results_dir=str(env / "results"))
+    assert len(runs("FINISHED", sid)) == GRID - 1
+    failed = runs("FAILED", sid)
+    assert list(failed["params.setting"]) == ["W8A8"] and list(failed["params.model"]) == ["tiny-llama"]
+    assert "injected fault" in failed["tags.quantlens.failure"].iloc[0]
+
+    monkeypatch.delenv("QUANTLENS_INJECT_FAULT")
+    summary = sweep_flow(config(), results_dir=str(env / "results"))
+    assert summary["evaluated"] == 1 and summary["skipped"] == GRID - 1 and summary["failed"] == []
+    fin = runs("FINISHED", sid)
+    assert len(fin) == GRID  # exactly the grid: nothing duplicated
+    assert fin["tags.run_key"].nunique() == GRID
+    # one parent run, reused by the rerun
+    from tasks.tracking import KIND_TAG, Tracker
+
+    t = Tracker("test")
+    parents = t._search(f"tags.sweep_id = '{sid}' and tags.`{KIND_TAG}` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert (env / "results" / sid / "results.csv").is_file()
+    assert (env / "results" / sid / "fig4_perturbations_wikitext2_ppl.png").is_file()
+
+    # a third run evaluates nothing
+    summary = sweep_flow(config(), results_dir=str(env / "results"))
+    assert summary["evaluated"] == 0 and summary["skipped"] == GRID
+
+
+def test_numbers_in_mlflow_equal_direct_evaluation(env):
+    from quantlens.evaluate import evaluate_dataset
+    from quantlens.models import load_model
+    from quantlens.patch import quantize_, restore_
+    from quantlens.sweep import load_config, sweep_id
+
+    df = runs("FINISHED", sweep_id(load_config(config())))
+    row = df[(df["params.model"] == "tiny-opt") & (df["params.setting"] == "W4A16")].iloc[0]
+    m, tok = load_model(str(MODELS / "tiny-opt"), device="cpu")
+    quantize_(m, "W4A16")
+    ppl = evaluate_dataset(m, tok, "wikitext2", seqlen=128, path=str(WIKI_TEST), max_windows=8, batch_size=8)["ppl"]
+    lam = evaluate_dataset(m, tok, "lambada", path=str(LAMBADA), limit=16, batch_size=8)
+    restore_(m)
+    assert row["metrics.wikitext2_ppl"] == pytest.approx(ppl, rel=1e-9)
+    assert row["metrics.lambada_nll"] == pytest.approx(lam["nll"], rel=1e-9)
+    assert row["metrics.lambada_acc"] == lam["acc"]
+    for p in ("model", "family", "size_b", "setting", "w_bits", "a_bits", "w_granularity", "a_granularity",
+              "transform", "clip_k", "perturbation", "seed", "revision", "seqlen"):
+        assert f"params.{p}" in df
+    assert row["params.family"] == "opt" and row["params.w_bits"] == "4" and row["params.a_bits"] == "16"
+    for t in ("sweep_id", "run_key", "git_commit", "device"):
+        assert row[f"tags.{t}"]
+    assert row["metrics.weight_rel_error_mean"] > 0 and row["metrics.eval_seconds"] > 0 and row["metrics.tokens_per_s"] > 0
+    from tasks.tracking import Tracker
+
+    arts = [a.path for a in Tracker("test").client.list_artifacts(row["run_id"])]
+    assert "layer_stats.csv" in arts
+
+
+def test_stale_running_run_marked_failed_and_redone(env):
+    from flows.sweep import sweep_flow
+    from quantlens.sweep import load_config, sweep_id
+    from tasks.tracking import Tracker
+
+    cfg = config(name="stale", models=[str(MODELS / "tiny-opt")], settings=["W4A16"],
+                 datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 4}])
+    sid = sweep_id(load_config(cfg))
+    # a crashed attempt: a run left RUNNING for the same key
+    from quantlens.models import download, resolve_model
+    from quantlens.sweep import run_key
+
+    c = load_config(cfg)
+    key = run_key(download(resolve_model(cfg["models"][0])).revision, cfg["models"][0], c.expanded_settings()[0], c)
+    t = Tracker("test")
+    parent = t.parent_run(sid, "stale", {})
+    crashed = t.start_eval(parent, "crashed", {"revision": download(resolve_model(cfg["models"][0])).revision}, {"sweep_id": sid, "run_key": key, "attempt": "dead"})
+    sweep_flow(cfg, results_dir=str(env / "results"), aggregate=False)
+    assert t.client.get_run(crashed).info.status == "FAILED"
+    assert len(runs("FINISHED", sid)) == 1
+
+
+def test_identical_work_in_another_sweep_is_reused(env):
+    from flows.sweep import sweep_flow
+
+    # same models/settings/datasets as test_failure_then_rerun..., another sweep name
+    summary = sweep_flow(config(name="other", settings=["W16A16", "W4A16"]), results_dir=str(env / "results"))
+    assert summary["evaluated"] == 0 and summary["skipped"] == 4
+    report = (env / "results" / summary["sweep_id"] / "results.csv").read_text().splitlines()
+    assert len(report) == 1 + 4  # its report holds the 4 reused runs
+
+
+def test_force_redoes_everything(env):
+    from flows.sweep import sweep_flow
+
+    cfg = config(name="force", models=[str(MODELS / "tiny-opt")], settings=["W16A16", "W4A16"],
+                 datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 2}])
+    assert sweep_flow(cfg, aggregate=False)["evaluated"] == 2
+    assert sweep_flow(cfg, aggregate=False)["evaluated"] == 0
+    assert sweep_flow(cfg, force=True, aggregate=False)["evaluated"] == 2
+
+
+def _cli(*args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_bad_config_fails_before_loading(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("name: x\nmodels: []\nsettings: [W8A8]\ndatasets: [wikitext2]\n")
+    r = _cli("run", str(f))
+    assert r.returncode == 2
+    assert "models: List should have at least 1 item" in r.stderr
+
+
+def test_cli_dry_run_and_list(env, tmp_path):
+    import yaml
+
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(config()))
+    r = _cli("run", str(f), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert f"= {GRID} run(s)" in r.stdout and f"{GRID} done, 0 to run" in r.stdout
+    r = _cli("list-settings")
+    assert "W4A16-nu" in r.stdout and "p=0.333" in r.stdout
