@@ -24,7 +24,7 @@ from quantlens.patch import restore_
 from quantlens.settings import Setting
 from quantlens.sweep import SweepConfig, load_config, run_key, sweep_id
 from tasks import steps
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, heartbeat_interval
 
 
 class SweepIncomplete(RuntimeError):
@@ -93,6 +93,71 @@ def eval_params(cfg: SweepConfig, info: Any, revision: str, setting: Setting) ->
     }
 
 
+@dataclass
+class _RunContext:
+    cfg: SweepConfig
+    info: Any
+    revision: str
+    sweep_id: str
+    parent_run_id: str
+    attempt: str
+    device: str
+    commit: str
+    tracker: Tracker
+    progress: Progress
+    force: bool = False
+
+
+def _evaluate_one(ctx: _RunContext, model: Any, tokenizer: Any, s: Setting, key: str, result: dict[str, Any]) -> str | None:
+    """Claim the key, then patch → evaluate each dataset → log → restore. Returns the owning run
+    id when another live attempt holds the key (nothing was evaluated), else None."""
+    log = get_run_logger()
+    name = ctx.info.name
+    t0 = time.perf_counter()  # before start_eval: its cost counts as overhead
+    run_id = ctx.tracker.start_eval(
+        ctx.parent_run_id,
+        f"{name}/{s.name}",
+        eval_params(ctx.cfg, ctx.info, ctx.revision, s),
+        {"sweep_id": ctx.sweep_id, "run_key": key, "git_commit": ctx.commit, "device": ctx.device, "attempt": ctx.attempt},
+    )
+    owner = ctx.tracker.claim(key, run_id, ctx.force)
+    if owner is not None:
+        ctx.tracker.discard(run_id)
+        if owner[0] == "FINISHED":
+            log.info("%s %s/%s: FINISHED meanwhile by another attempt (run %s)", ctx.progress.tick(False), name, s.name, owner[1])
+            result["skipped"] += 1
+            return None
+        return owner[1]
+    try:
+        with ctx.tracker.heartbeat(run_id):
+            steps.patch(model, s)
+            metrics: dict[str, float] = {}
+            tokens = 0.0
+            for d in ctx.cfg.datasets:
+                m = steps.evaluate(model, tokenizer, d, ctx.cfg.eval, name, s)
+                tokens += m.get(f"{d.name}_tokens", 0.0)
+                ctx.tracker.log(run_id, metrics=m)  # per dataset: nothing finished is lost
+                metrics.update(m)
+            pert, rows = steps.perturbation_metrics(model)
+            eval_s = sum(v for k, v in metrics.items() if k.endswith("_seconds"))
+            ctx.tracker.log(run_id, metrics={**pert, "eval_seconds": eval_s, "tokens_per_s": tokens / eval_s if eval_s else 0.0})
+            ctx.tracker.log_rows(run_id, rows, "layer_stats.csv")
+            # wall time of the whole run (patch, evaluation, logging): minus eval_seconds = overhead
+            ctx.tracker.log(run_id, metrics={"wall_seconds": time.perf_counter() - t0})
+        ctx.tracker.finish(run_id, "FINISHED")
+        result["evaluated"].append(s.name)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith(("_ppl", "_acc")))
+        log.info("%s %s/%s: %s (%.1fs)", ctx.progress.tick(True), name, s.name, shown, time.perf_counter() - t0)
+    except Exception as err:
+        ctx.tracker.log(run_id, tags={"quantlens.failure": f"{type(err).__name__}: {err}"[:4000]})
+        ctx.tracker.finish(run_id, "FAILED")
+        result["failed"].append(f"{s.name}: {type(err).__name__}: {err}")
+        log.error("%s %s/%s FAILED: %s", ctx.progress.tick(True), name, s.name, err)
+    finally:
+        restore_(model)
+    return None
+
+
 @flow(name="quantlens-model", log_prints=True, validate_parameters=False)
 def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, attempt: str, force: bool = False) -> dict[str, Any]:
     """Download → load once → for each setting not yet FINISHED: patch, evaluate, log, restore."""
@@ -120,42 +185,32 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
         return result
 
     model, tokenizer = steps.load_model(snap, cfg.hardware)
-    device = device_tag(model)
-    commit = git_commit()
+    ctx = _RunContext(cfg, info, snap.revision, sid, parent_run_id, attempt, device_tag(model), git_commit(), tracker, progress, force)
+    deferred: list[tuple[Setting, str]] = []
     for s in todo:
-        t0 = time.perf_counter()  # before start_eval: its cost counts as overhead
-        run_id = tracker.start_eval(
-            parent_run_id,
-            f"{info.name}/{s.name}",
-            eval_params(cfg, info, snap.revision, s),
-            {"sweep_id": sid, "run_key": keys[s.name], "git_commit": commit, "device": device, "attempt": attempt},
-        )
-        try:
-            steps.patch(model, s)
-            metrics: dict[str, float] = {}
-            tokens = 0.0
-            for d in cfg.datasets:
-                m = steps.evaluate(model, tokenizer, d, cfg.eval, info.name, s)
-                tokens += m.get(f"{d.name}_tokens", 0.0)
-                tracker.log(run_id, metrics=m)  # per dataset: nothing finished is lost
-                metrics.update(m)
-            pert, rows = steps.perturbation_metrics(model)
-            eval_s = sum(v for k, v in metrics.items() if k.endswith("_seconds"))
-            tracker.log(run_id, metrics={**pert, "eval_seconds": eval_s, "tokens_per_s": tokens / eval_s if eval_s else 0.0})
-            tracker.log_rows(run_id, rows, "layer_stats.csv")
-            # wall time of the whole run (patch, evaluation, logging): minus eval_seconds = overhead
-            tracker.log(run_id, metrics={"wall_seconds": time.perf_counter() - t0})
-            tracker.finish(run_id, "FINISHED")
-            result["evaluated"].append(s.name)
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith(("_ppl", "_acc")))
-            log.info("%s %s/%s: %s (%.1fs)", progress.tick(True), info.name, s.name, shown, time.perf_counter() - t0)
-        except Exception as err:
-            tracker.log(run_id, tags={"quantlens.failure": f"{type(err).__name__}: {err}"[:4000]})
-            tracker.finish(run_id, "FAILED")
-            result["failed"].append(f"{s.name}: {type(err).__name__}: {err}")
-            log.error("%s %s/%s FAILED: %s", progress.tick(True), info.name, s.name, err)
-        finally:
-            restore_(model)
+        owner = _evaluate_one(ctx, model, tokenizer, s, keys[s.name], result)
+        if owner is not None:
+            deferred.append((s, owner))
+            log.info("%s/%s: being evaluated by another attempt (run %s): waiting for it at the end", info.name, s.name, owner)
+    # Keys another live attempt was evaluating: wait for it; take over if it dies or fails.
+    while deferred:
+        time.sleep(min(5.0, heartbeat_interval()))
+        still = []
+        for s, owner in deferred:
+            status, stale = tracker.run_status(owner)
+            if status == "FINISHED":
+                log.info("%s %s/%s: FINISHED by the other attempt (run %s)", progress.tick(False), info.name, s.name, owner)
+                result["skipped"] += 1
+                continue
+            if status == "RUNNING" and not stale:
+                still.append((s, owner))
+                continue
+            if status == "RUNNING":
+                tracker.mark_failed(owner, "stale: its attempt stopped (no heartbeat)")
+            new_owner = _evaluate_one(ctx, model, tokenizer, s, keys[s.name], result)
+            if new_owner is not None:
+                still.append((s, new_owner))
+        deferred = still
     return result
 
 

@@ -29,6 +29,12 @@ import pandas as pd
 T = TypeVar("T")
 
 KIND_TAG = "quantlens.kind"
+HEARTBEAT_TAG = "quantlens.heartbeat"
+
+
+def heartbeat_interval() -> float:
+    """Seconds between heartbeats of a RUNNING eval run; 4 missed beats make it stale (dead)."""
+    return float(os.environ.get("QUANTLENS_HEARTBEAT_S", "30"))
 RETRYABLE_ATTEMPTS = int(os.environ.get("QUANTLENS_MLFLOW_RETRIES", "6"))
 
 
@@ -58,12 +64,27 @@ def _retry(fn: Callable[[], T], what: str) -> T:
     raise AssertionError("unreachable")
 
 
+def _check_server(uri: str) -> None:
+    """Fail fast (seconds, not MLflow's minutes of HTTP retries) when the server is down."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=float(os.environ.get("QUANTLENS_MLFLOW_HEALTH_TIMEOUT", "10"))) as r:
+            if r.status != 200:
+                raise TrackingUnavailable(f"MLflow server {uri!r} is unhealthy (HTTP {r.status})")
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingUnavailable(f"MLflow server {uri!r} is not reachable ({err}): start it or fix MLFLOW_TRACKING_URI; nothing was evaluated") from None
+
+
 class Tracker:
     def __init__(self, experiment: str, uri: str | None = None):
         import mlflow
         from mlflow.tracking import MlflowClient
 
         self.uri = uri or tracking_uri()
+        if self.uri.startswith(("http://", "https://")):
+            _check_server(self.uri)
         if self.uri.startswith("sqlite:///"):
             Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)
@@ -117,17 +138,58 @@ class Tracker:
             out.setdefault(r.data.tags["run_key"], r.info.run_id)
         return out
 
+    def is_stale(self, run: Any) -> bool:
+        """A RUNNING run whose attempt stopped beating: killed, crashed or cut off."""
+        beat = float(run.data.tags.get(HEARTBEAT_TAG, run.info.start_time / 1000))
+        return time.time() - beat > 4 * heartbeat_interval()
+
     def fail_stale(self, keys: list[str], attempt: str, narrow: str | None = None) -> int:
-        """Runs of these keys left RUNNING by a crashed or killed attempt → FAILED."""
+        """Runs of these keys left RUNNING by a dead attempt (stale heartbeat) → FAILED."""
         n = 0
         for r in self._runs_with_keys(keys, "RUNNING", narrow):
-            if r.data.tags.get("attempt") == attempt:
+            if r.data.tags.get("attempt") == attempt or not self.is_stale(r):
                 continue
-            rid = r.info.run_id
-            _retry(lambda: self.client.set_tag(rid, "quantlens.failure", "stale: attempt did not finish"), "tag")
-            _retry(lambda: self.client.set_terminated(rid, status="FAILED"), "fail stale")
+            self.mark_failed(r.info.run_id, "stale: its attempt stopped (no heartbeat)")
             n += 1
         return n
+
+    def mark_failed(self, run_id: str, why: str) -> None:
+        _retry(lambda: self.client.set_tag(run_id, "quantlens.failure", why), "tag")
+        _retry(lambda: self.client.set_terminated(run_id, status="FAILED"), "fail")
+
+    def claim(self, key: str, run_id: str, force: bool = False) -> tuple[str, str] | None:
+        """Optimistic lock on a run key, for sweeps running at once against one store.
+
+        Call after creating ``run_id`` (RUNNING). Among live runs of the key, a FINISHED one wins,
+        else the earliest (start time, run id). Returns None when ``run_id`` owns the key, else
+        (status, run id) of the owner. Two claimants that race both see both and agree.
+        ``force``: FINISHED runs do not count (the user asked to redo them).
+        """
+        others = self._search(f"tags.run_key = '{key}' and tags.`{KIND_TAG}` = 'eval'")
+        live = []
+        for r in others:
+            st = r.info.status
+            if (st == "FINISHED" and not force) or (st == "RUNNING" and (r.info.run_id == run_id or not self.is_stale(r))):
+                live.append(r)
+        finished = [r for r in live if r.info.status == "FINISHED"]
+        if finished:
+            return ("FINISHED", finished[0].info.run_id)
+        owner = min(live, key=lambda r: (r.info.start_time, r.info.run_id))
+        return None if owner.info.run_id == run_id else ("RUNNING", owner.info.run_id)
+
+    def run_status(self, run_id: str) -> tuple[str, bool]:
+        """(status, stale) of a run; a deleted run reads as ("DELETED", False)."""
+        r = _retry(lambda: self.client.get_run(run_id), "get run")
+        if r.info.lifecycle_stage == "deleted":
+            return "DELETED", False
+        return r.info.status, r.info.status == "RUNNING" and self.is_stale(r)
+
+    def discard(self, run_id: str) -> None:
+        """Delete a run that lost a claim: it never evaluated anything."""
+        _retry(lambda: self.client.delete_run(run_id), "delete")
+
+    def heartbeat(self, run_id: str) -> "Heartbeat":
+        return Heartbeat(self, run_id)
 
     # --- eval runs ------------------------------------------------------------------------------
     def start_eval(self, parent_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
@@ -135,7 +197,7 @@ class Tracker:
             lambda: self.client.create_run(
                 self.experiment_id,
                 run_name=run_name,
-                tags={"mlflow.parentRunId": parent_id, KIND_TAG: "eval", **tags},
+                tags={"mlflow.parentRunId": parent_id, KIND_TAG: "eval", HEARTBEAT_TAG: f"{time.time():.3f}", **tags},
             ),
             "create eval run",
         )
@@ -209,3 +271,30 @@ class Tracker:
         for r in runs:
             counts[r.info.status] = counts.get(r.info.status, 0) + 1
         return counts
+
+
+class Heartbeat:
+    """Context manager: a daemon thread re-tags the run every interval while it evaluates, so
+    other attempts can tell a live run from one whose process died."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        import threading
+
+        self.tracker, self.run_id = tracker, run_id
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(heartbeat_interval()):
+            try:
+                self.tracker.client.set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
+            except Exception:  # a missed beat is retried at the next interval
+                pass
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)

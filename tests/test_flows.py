@@ -36,6 +36,7 @@ def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("store")
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d}/mlflow.db"
+    os.environ["QUANTLENS_HEARTBEAT_S"] = "0.5"  # a dead run is stale after 2 s
     with prefect_test_harness(server_startup_timeout=120):
         yield d
     if old is None:
@@ -129,9 +130,40 @@ def test_stale_running_run_marked_failed_and_redone(env):
     key = run_key(download(resolve_model(cfg["models"][0])).revision, cfg["models"][0], c.expanded_settings()[0], c)
     t = Tracker("test")
     parent = t.parent_run(sid, "stale", {})
-    crashed = t.start_eval(parent, "crashed", {"revision": download(resolve_model(cfg["models"][0])).revision}, {"sweep_id": sid, "run_key": key, "attempt": "dead"})
+    rev = download(resolve_model(cfg["models"][0])).revision
+    crashed = t.start_eval(parent, "crashed", {"revision": rev}, {"sweep_id": sid, "run_key": key, "attempt": "dead"})
+    t.client.set_tag(crashed, "quantlens.heartbeat", "0")  # died long ago
     sweep_flow(cfg, results_dir=str(env / "results"), aggregate=False)
     assert t.client.get_run(crashed).info.status == "FAILED"
+    assert "stale" in t.client.get_run(crashed).data.tags["quantlens.failure"]
+    assert len(runs("FINISHED", sid)) == 1
+
+
+def test_fresh_run_of_another_attempt_is_waited_for_then_taken_over(env):
+    """A run RUNNING with a fresh heartbeat belongs to a live attempt: wait; when its beats stop
+    (the process was killed), mark it FAILED and evaluate the key here. No duplicate FINISHED run."""
+    import time
+
+    from flows.sweep import sweep_flow
+    from quantlens.models import download, resolve_model
+    from quantlens.sweep import load_config, run_key, sweep_id
+    from tasks.tracking import Tracker
+
+    cfg = config(name="takeover", models=[str(MODELS / "tiny-opt")], settings=["W6A16"],
+                 datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 4}])
+    c = load_config(cfg)
+    sid = sweep_id(c)
+    rev = download(resolve_model(cfg["models"][0])).revision
+    key = run_key(rev, cfg["models"][0], c.expanded_settings()[0], c)
+    t = Tracker("test")
+    parent = t.parent_run(sid, "takeover", {})
+    other = t.start_eval(parent, "other", {"revision": rev}, {"sweep_id": sid, "run_key": key, "attempt": "live"})
+    t0 = time.monotonic()
+    summary = sweep_flow(cfg, aggregate=False)
+    waited = time.monotonic() - t0
+    assert summary["evaluated"] == 1
+    assert t.client.get_run(other).info.status == "FAILED"
+    assert waited >= 2.0  # it waited for the heartbeat to go stale instead of duplicating
     assert len(runs("FINISHED", sid)) == 1
 
 
