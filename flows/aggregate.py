@@ -16,14 +16,13 @@ def aggregate_flow(
     sweep_id: str | None = None,
     out_dir: str = "results/all",
     parent_run_id: str | None = None,
-    keys: list[str] | None = None,
 ) -> list[str]:
-    """Tables (CSV + Markdown) and figures (PNG) of FINISHED runs: those with the given run
-    ``keys`` (a sweep's grid), else those a sweep created (``sweep_id``), else the whole experiment
-    (all sweeps); logged as artifacts of ``parent_run_id``."""
+    """Tables (CSV + Markdown) and figures (PNG) of FINISHED runs: one sweep's grid (the runs it
+    created or reused), or the whole experiment (all sweeps) when ``sweep_id`` is None; logged as
+    artifacts of ``parent_run_id``."""
     log = get_run_logger()
     tracker = Tracker(experiment)
-    df = tracker.runs_frame(None if keys is not None else sweep_id, keys=keys)
+    df = tracker.runs_frame(sweep_id)
     files = write_report(df, out_dir)
     if parent_run_id and files:
         tracker.log_files(parent_run_id, files, "report")

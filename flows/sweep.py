@@ -24,7 +24,7 @@ from quantlens.patch import restore_
 from quantlens.settings import Setting
 from quantlens.sweep import SweepConfig, load_config, run_key, sweep_id
 from tasks import steps
-from tasks.tracking import Tracker, heartbeat_interval
+from tasks.tracking import Tracker, heartbeat_interval, sweep_tag
 
 
 class SweepIncomplete(RuntimeError):
@@ -118,12 +118,13 @@ def _evaluate_one(ctx: _RunContext, model: Any, tokenizer: Any, s: Setting, key:
         ctx.parent_run_id,
         f"{name}/{s.name}",
         eval_params(ctx.cfg, ctx.info, ctx.revision, s),
-        {"sweep_id": ctx.sweep_id, "run_key": key, "git_commit": ctx.commit, "device": ctx.device, "attempt": ctx.attempt},
+        {"sweep_id": ctx.sweep_id, sweep_tag(ctx.sweep_id): "1", "run_key": key, "git_commit": ctx.commit, "device": ctx.device, "attempt": ctx.attempt},
     )
     owner = ctx.tracker.claim(key, run_id, ctx.force)
     if owner is not None:
         ctx.tracker.discard(run_id)
         if owner[0] == "FINISHED":
+            ctx.tracker.log(owner[1], tags={sweep_tag(ctx.sweep_id): "1"})
             log.info("%s %s/%s: FINISHED meanwhile by another attempt (run %s)", ctx.progress.tick(False), name, s.name, owner[1])
             result["skipped"] += 1
             return None
@@ -179,6 +180,7 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
     todo = [s for s in settings if keys[s.name] not in done]
     for s in settings:
         if keys[s.name] in done:
+            tracker.log(done[keys[s.name]], tags={sweep_tag(sid): "1"})  # reused: part of this sweep's grid
             log.info("%s %s/%s: already FINISHED (run %s), skipped", progress.tick(False), info.name, s.name, done[keys[s.name]])
     result: dict[str, Any] = {"model": info.name, "evaluated": [], "failed": [], "skipped": len(settings) - len(todo), "keys": list(keys.values())}
     if not todo:
@@ -199,6 +201,7 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
         for s, owner in deferred:
             status, stale = tracker.run_status(owner)
             if status == "FINISHED":
+                tracker.log(owner, tags={sweep_tag(sid): "1"})
                 log.info("%s %s/%s: FINISHED by the other attempt (run %s)", progress.tick(False), info.name, s.name, owner)
                 result["skipped"] += 1
                 continue
@@ -215,41 +218,91 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
 
 
 @flow(name="quantlens-sweep", log_prints=True, validate_parameters=False)
-def sweep_flow(config: str | dict[str, Any], force: bool = False, aggregate: bool = True, results_dir: str = "results") -> dict[str, Any]:
-    """Run every (model, setting) of the config, skipping what already FINISHED, then aggregate."""
+def sweep_flow(
+    config: str | dict[str, Any],
+    force: bool = False,
+    aggregate: bool = True,
+    results_dir: str = "results",
+    dispatch: str | None = None,
+) -> dict[str, Any]:
+    """Run every (model, setting) of the config, skipping what already FINISHED, then aggregate.
+
+    ``dispatch``: a deployment of :func:`model_flow` (``"quantlens-model/gpu"``) to fan the models
+    out to its work pool, one flow run per model (concurrency is the pool's/deployment's limit);
+    None runs them here, one after the other.
+    """
     log = get_run_logger()
     cfg = load_config(config)  # validated up front: a bad config costs no model load
     for m in cfg.models:
         resolve_model(m.ref, m.hf_id)  # unknown names / bad directories fail before any work
     tracker = Tracker(cfg.experiment)  # an unreachable store fails here, before any evaluation
     sid = sweep_id(cfg)
-    parent = tracker.parent_run(sid, cfg.name, {"config_name": cfg.name, "n_models": len(cfg.models), "n_settings": len(cfg.expanded_settings())})
+    settings = cfg.expanded_settings()
+    parent = tracker.parent_run(sid, cfg.name, {"config_name": cfg.name, "n_models": len(cfg.models), "n_settings": len(settings)})
     tracker.log(parent, tags={"git_commit": git_commit()})
     attempt = _attempt_id()
-    _PROGRESS[attempt] = Progress(total=len(cfg.models) * len(cfg.expanded_settings()))
-    results = []
-    for i in range(len(cfg.models)):
-        state = model_flow(cfg.model_dump(), i, parent, attempt, force, return_state=True)
-        if state.is_completed():
-            results.append(state.result())
-        else:
-            results.append({"model": cfg.models[i].ref, "evaluated": [], "failed": [f"(model) {state.message}"], "skipped": 0, "keys": []})
-    failed = [f"{r['model']}/{f}" for r in results for f in r["failed"]]
-    summary = {
-        "sweep_id": sid,
-        "parent_run_id": parent,
-        "evaluated": sum(len(r["evaluated"]) for r in results),
-        "skipped": sum(r["skipped"] for r in results),
-        "failed": failed,
-    }
+    _PROGRESS[attempt] = Progress(total=len(cfg.models) * len(settings))
+    model_failures: list[str] = []
+    if dispatch:
+        model_failures = _dispatch(cfg, dispatch, parent, attempt, force)
+    else:
+        for i in range(len(cfg.models)):
+            state = model_flow(cfg.model_dump(), i, parent, attempt, force, return_state=True)
+            if not state.is_completed():
+                model_failures.append(f"{cfg.models[i].ref}: (model flow) {state.message}")
+    summary = _summary(tracker, sid, parent, attempt, len(cfg.models) * len(settings), model_failures)
     if aggregate:
         from flows.aggregate import aggregate_flow
 
-        keys = [k for r in results for k in r["keys"]]
-        summary["artifacts"] = aggregate_flow(experiment=cfg.experiment, out_dir=str(Path(results_dir) / sid), parent_run_id=parent, keys=keys)
+        summary["artifacts"] = aggregate_flow(experiment=cfg.experiment, sweep_id=sid, out_dir=str(Path(results_dir) / sid), parent_run_id=parent)
+    failed = summary["failed"]
     tracker.finish(parent, "FAILED" if failed else "FINISHED")
     _PROGRESS.pop(attempt, None)
     log.info("sweep %s: %d evaluated, %d already done, %d failed", sid, summary["evaluated"], summary["skipped"], len(failed))
     if failed:
         raise SweepIncomplete(f"{len(failed)} run(s) failed (rerun the same command to redo only these): " + "; ".join(failed))
     return summary
+
+
+def _dispatch(cfg: SweepConfig, deployment: str, parent: str, attempt: str, force: bool) -> list[str]:
+    """One flow run of the model deployment per model, all at once; wait for all of them."""
+    from prefect.deployments import run_deployment
+    from prefect.flow_runs import wait_for_flow_run
+
+    log = get_run_logger()
+    runs = []
+    for i, m in enumerate(cfg.models):
+        fr = run_deployment(
+            name=deployment,
+            parameters={"config": cfg.model_dump(), "model_index": i, "parent_run_id": parent, "attempt": attempt, "force": force},
+            job_variables={"gpus": m.gpus} if m.gpus > 1 else None,  # big models ask for more GPUs
+            tags=["quantlens", f"gpus-{m.gpus}"],
+            timeout=0,  # submit all, then wait: the pool runs as many as it has GPUs for
+            as_subflow=True,
+        )
+        log.info("dispatched %s to %s (flow run %s)", m.ref, deployment, fr.id)
+        runs.append((m.ref, fr.id))
+    failures = []
+    for ref, fid in runs:
+        fr = wait_for_flow_run(fid, timeout=7 * 24 * 3600, poll_interval=5, log_states=False)
+        if not fr.state or not fr.state.is_completed():
+            failures.append(f"{ref}: (model flow {fid}) {fr.state.name if fr.state else 'unknown'}")
+    return failures
+
+
+def _summary(tracker: Tracker, sid: str, parent: str, attempt: str, grid: int, model_failures: list[str]) -> dict[str, Any]:
+    """What this attempt did, read back from MLflow (the same whether models ran here or on workers)."""
+    mine = tracker.attempt_runs(attempt)
+    evaluated = sum(1 for r in mine if r.info.status == "FINISHED")
+    failed = [
+        f"{r.data.params.get('model')}/{r.data.params.get('setting')}: {r.data.tags.get('quantlens.failure', r.info.status)}"
+        for r in mine
+        if r.info.status == "FAILED"
+    ]
+    return {
+        "sweep_id": sid,
+        "parent_run_id": parent,
+        "evaluated": evaluated,
+        "skipped": grid - evaluated - len(failed),
+        "failed": failed + model_failures,
+    }

@@ -32,6 +32,11 @@ KIND_TAG = "quantlens.kind"
 HEARTBEAT_TAG = "quantlens.heartbeat"
 
 
+def sweep_tag(sweep_id: str) -> str:
+    """Tag on every eval run a sweep created or reused: its grid, even across sweeps."""
+    return f"quantlens.sweep.{sweep_id}"
+
+
 def heartbeat_interval() -> float:
     """Seconds between heartbeats of a RUNNING eval run; 4 missed beats make it stale (dead)."""
     return float(os.environ.get("QUANTLENS_HEARTBEAT_S", "30"))
@@ -248,22 +253,24 @@ class Tracker:
             if not token:
                 return out
 
-    def runs_frame(self, sweep_id: str | None = None, finished_only: bool = True, keys: list[str] | None = None) -> pd.DataFrame:
+    def runs_frame(self, sweep_id: str | None = None, finished_only: bool = True) -> pd.DataFrame:
         """Eval runs as a DataFrame (columns params.*, metrics.*, tags.*): all of the experiment,
-        those a sweep created (``sweep_id``), or those with the given run keys (a sweep's grid,
-        including runs it reused from earlier sweeps)."""
+        or one sweep's grid (the runs it created or reused); the newest run of each key."""
         import mlflow
 
         flt = f"tags.`{KIND_TAG}` = 'eval'"
         if finished_only:
             flt += " and attributes.status = 'FINISHED'"
         if sweep_id:
-            flt += f" and tags.sweep_id = '{sweep_id}'"
+            flt += f" and tags.`{sweep_tag(sweep_id)}` = '1'"
         df = _retry(lambda: mlflow.search_runs([self.experiment_id], filter_string=flt, max_results=100000), "search")
-        if keys is not None and not df.empty:
-            df = df[df["tags.run_key"].isin(set(keys))]
+        if finished_only and not df.empty and "tags.run_key" in df:
             df = df.sort_values("end_time").drop_duplicates("tags.run_key", keep="last")
         return df
+
+    def attempt_runs(self, attempt: str) -> list[Any]:
+        """Eval runs an attempt created (not the reused ones), whatever their status."""
+        return self._search(f"tags.attempt = '{attempt}' and tags.`{KIND_TAG}` = 'eval'")
 
     def status_counts(self, sweep_id: str) -> dict[str, int]:
         runs = self._search(f"tags.sweep_id = '{sweep_id}' and tags.`{KIND_TAG}` = 'eval'")
