@@ -169,11 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from quantlens.models import ModelUnavailable
+
     try:
         return args.fn(args)
     except ConfigError as err:
         print(f"quantlens: {err}", file=sys.stderr)
         return 2
+    except ModelUnavailable as err:
+        print(f"quantlens: {err}", file=sys.stderr)
+        return 4
+    except Exception as err:
+        if type(err).__name__ == "TrackingUnavailable":
+            print(f"quantlens: {err}", file=sys.stderr)
+            return 5
+        raise
 
 
 if __name__ == "__main__":

@@ -124,6 +124,12 @@ class Tracker:
             ),
             "create parent",
         )
+        # Two attempts of one sweep started at once both create a parent: the earliest wins.
+        found = self._search(f"tags.sweep_id = '{sweep_id}' and tags.`{KIND_TAG}` = 'sweep'")
+        owner = min(found, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+        if owner != run.info.run_id:
+            self.discard(run.info.run_id)
+            return owner
         self.log(run.info.run_id, params=params)
         return run.info.run_id
 

@@ -1,0 +1,131 @@
+"""Start real servers on loopback for tests, and always clean them up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not come up in {timeout}s")
+
+
+def kill_tree(proc: subprocess.Popen | None, sig: int = signal.SIGKILL) -> None:
+    """Kill a process and every descendant (a worker's flow-run subprocesses too)."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        parent = psutil.Process(proc.pid)
+        procs = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=15)
+
+
+class Servers:
+    """A Prefect server and an MLflow server (SQLite backend) on free loopback ports."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+        self.prefect_port, self.mlflow_port = free_port(), free_port()
+        self.prefect_url = f"http://127.0.0.1:{self.prefect_port}/api"
+        self.mlflow_url = f"http://127.0.0.1:{self.mlflow_port}"
+        self.env = {
+            **os.environ,
+            "PREFECT_API_URL": self.prefect_url,
+            "PREFECT_HOME": str(root / "prefect-client"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "QUANTLENS_HEARTBEAT_S": "1",
+            "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        }
+
+    def start(self, cmd: list[str], log: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+        out = open(self.root / log, "ab")
+        p = subprocess.Popen(cmd, env=env or self.env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def start_prefect(self) -> None:
+        env = {**self.env, "PREFECT_HOME": str(self.root / "prefect-server")}
+        env.pop("PREFECT_API_URL")
+        p = self.start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.prefect_port)], "prefect-server.log", env)
+        wait_http(self.prefect_url + "/health", 180, p)
+
+    def start_mlflow(self, port: int | None = None, db: str = "mlflow.db") -> subprocess.Popen:
+        port = port or self.mlflow_port
+        p = self.start(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / db}", "--artifacts-destination", str(self.root / "artifacts")],
+            f"mlflow-{port}.log",
+        )
+        wait_http(f"http://127.0.0.1:{port}/health", 180, p)
+        return p
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            kill_tree(p, signal.SIGTERM)
+            kill_tree(p)
+        self.procs.clear()
+
+
+def mlflow_runs(url: str, experiment: str, flt: str = "") -> list[dict]:
+    """Runs of an experiment through MLflow's REST API."""
+    import json
+
+    with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}", timeout=30) as r:
+        exp = json.load(r)["experiment"]["experiment_id"]
+    runs, token = [], None
+    while True:
+        body = {"experiment_ids": [exp], "filter": flt, "max_results": 1000}
+        if token:
+            body["page_token"] = token
+        req = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            page = json.load(r)
+        runs += page.get("runs", [])
+        token = page.get("next_page_token")
+        if not token:
+            return runs
+
+
+def tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def params(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("params", [])}

@@ -1,0 +1,191 @@
+"""Real servers on loopback: a Prefect server with a process worker, MLflow tracking servers.
+
+Deploys infra/prefect.yaml (pointed at a local process pool), runs configs/demo.yaml through the
+worker with the models fanned out as separate flow runs, and checks the runs through MLflow's REST
+API. Then the faults: a worker killed mid-sweep, the MLflow server down at the start and briefly
+down mid-run, two sweeps at once against one store. Every process started here is killed at the end.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import yaml
+
+from conftest import MODELS, REPO, SHARED, WIKI_TEST
+from servers import BIN, Servers, free_port, kill_tree, mlflow_runs, params, tags
+
+pytestmark = pytest.mark.slow
+EVAL = "tags.`quantlens.kind` = 'eval'"
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    root = tmp_path_factory.mktemp("servers")
+    s = Servers(root)
+    s.env.update({"QUANTLENS_CACHE": str(root / "cache"), "QUANTLENS_SHARED_DATA": str(SHARED),
+                  "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    try:
+        s.start_prefect()
+        s.start_mlflow()
+        subprocess.run([str(BIN / "prefect"), "work-pool", "create", "test-pool", "--type", "process"],
+                       env=s.env, check=True, capture_output=True, timeout=120)
+        # infra/prefect.yaml as is, but pulled from this checkout and run by a local process pool
+        spec = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
+        spec["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+        for d in spec["deployments"]:
+            d["work_pool"] = {"name": "test-pool"}
+            for sch in d.get("schedules", []):
+                sch["active"] = False
+        f = root / "prefect.yaml"
+        f.write_text(yaml.safe_dump(spec))
+        r = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(f)],
+                           env=s.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        s.worker = start_worker(s)
+        yield s
+    finally:
+        s.stop()
+
+
+def start_worker(s, **extra_env):
+    return s.start([str(BIN / "prefect"), "worker", "start", "--pool", "test-pool", "--type", "process"],
+                   "worker.log", {**s.env, **extra_env}, cwd=REPO)
+
+
+RUNNER = textwrap.dedent("""
+    import json, sys
+    from prefect.deployments import run_deployment
+    fr = run_deployment(name=sys.argv[1], parameters=json.loads(sys.argv[2]), timeout=float(sys.argv[3]))
+    print(json.dumps({"id": str(fr.id), "state": fr.state.type.value if fr.state else None}))
+""")
+
+
+def run_deployment(s, name, parameters, timeout=900):
+    return subprocess.Popen([sys.executable, "-c", RUNNER, name, json.dumps(parameters), str(timeout)],
+                            env=s.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def small_config(root, name, experiment, settings=("W16A16", "W4A16", "W8A8", "W6A16"), max_windows=4):
+    cfg = {"name": name, "experiment": experiment, "models": [str(MODELS / "tiny-opt")], "settings": list(settings),
+           "datasets": [{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": max_windows}],
+           "eval": {"seqlen": 128, "batch_size": 8}, "hardware": {"device": "cpu"}}
+    f = root / f"{name}.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    return f
+
+
+def finished_unique(url, experiment, n):
+    fin = mlflow_runs(url, experiment, f"{EVAL} and attributes.status = 'FINISHED'")
+    assert len(fin) == n, [params(r).get("setting") for r in fin]
+    assert len({tags(r)["run_key"] for r in fin}) == n
+    return fin
+
+
+def test_deployments_registered_with_schedule(srv):
+    r = subprocess.run([str(BIN / "prefect"), "deployment", "ls"], env=srv.env, capture_output=True, text=True, timeout=120)
+    for name in ("quantlens-model/gpu", "quantlens-sweep/nightly", "quantlens-sweep/on-demand"):
+        assert name in r.stdout
+    r = subprocess.run([str(BIN / "prefect"), "deployment", "inspect", "quantlens-sweep/nightly"], env=srv.env,
+                       capture_output=True, text=True, timeout=120)
+    assert "0 2 * * *" in r.stdout
+
+
+def test_demo_through_worker_with_fan_out(srv):
+    p = run_deployment(srv, "quantlens-sweep/on-demand", {"config": str(REPO / "configs" / "demo.yaml"),
+                       "dispatch": "quantlens-model/gpu", "results_dir": str(srv.root / "results")})
+    out, err = p.communicate(timeout=1200)
+    assert json.loads(out.strip().splitlines()[-1])["state"] == "COMPLETED", err[-3000:]
+    fin = finished_unique(srv.mlflow_url, "quantlens-demo", 33)
+    assert {params(r)["model"] for r in fin} == {"tiny-opt", "tiny-bloom", "tiny-llama"}
+    opt = next(r for r in fin if params(r)["model"] == "tiny-opt" and params(r)["setting"] == "W16A16")
+    metrics = {m["key"]: m["value"] for m in opt["data"]["metrics"]}
+    assert 100 < metrics["wikitext2_ppl"] < 1000 and 0 <= metrics["lambada_acc"] <= 1
+    # the three models ran as three flow runs of the model deployment
+    r = subprocess.run([str(BIN / "prefect"), "flow-run", "ls", "--flow-name", "quantlens-model", "--state", "COMPLETED"],
+                       env=srv.env, capture_output=True, text=True, timeout=120)
+    assert r.stdout.count("quantlens-model") >= 3 or r.stdout.count("COMPLETED") >= 3
+    assert any(f.name == "fig1_wikitext2_ppl_vs_size.png" for f in (srv.root / "results").rglob("*.png"))
+
+
+def test_worker_killed_mid_sweep_then_rerun_completes(srv):
+    cfg = small_config(srv.root, "killed", "faults")
+    kill_tree(srv.worker)
+    faulty = start_worker(srv, QUANTLENS_INJECT_FAULT="tiny-opt:W8A8:sleep")
+    sweep = run_deployment(srv, "quantlens-sweep/on-demand", {"config": str(cfg), "aggregate": False})
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # wait until the worker is stuck inside W8A8
+        try:
+            running = mlflow_runs(srv.mlflow_url, "faults", f"{EVAL} and attributes.status = 'RUNNING'")
+        except OSError:
+            running = []
+        if any(params(r).get("setting") == "W8A8" for r in running):
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the sweep never reached W8A8")
+    kill_tree(faulty)  # the worker and its flow-run processes die mid-evaluation
+    kill_tree(sweep)
+    assert len(mlflow_runs(srv.mlflow_url, "faults", f"{EVAL} and attributes.status = 'FINISHED'")) == 2
+    srv.worker = start_worker(srv)
+    p = run_deployment(srv, "quantlens-sweep/on-demand", {"config": str(cfg), "aggregate": False})
+    out, err = p.communicate(timeout=900)
+    assert json.loads(out.strip().splitlines()[-1])["state"] == "COMPLETED", err[-3000:]
+    finished_unique(srv.mlflow_url, "faults", 4)  # nothing lost, nothing duplicated
+    failed = mlflow_runs(srv.mlflow_url, "faults", f"{EVAL} and attributes.status = 'FAILED'")
+    assert [params(r)["setting"] for r in failed] == ["W8A8"]
+    assert "stale" in tags(failed[0])["quantlens.failure"]
+
+
+def test_mlflow_down_at_start_fails_fast_without_evaluating(srv):
+    cfg = small_config(srv.root, "down", "down")
+    env = {**srv.env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "QUANTLENS_MLFLOW_HEALTH_TIMEOUT": "3"}
+    t = time.monotonic()
+    r = subprocess.run([str(BIN / "quantlens"), "run", str(cfg)], env=env, capture_output=True, text=True, timeout=300, cwd=srv.root)
+    assert r.returncode == 5, r.stderr[-2000:]
+    assert "is not reachable" in r.stderr and "nothing was evaluated" in r.stderr
+    assert "Loading weights" not in r.stderr and "evaluate" not in r.stderr
+    assert time.monotonic() - t < 60
+
+
+def test_mlflow_briefly_down_mid_run_logging_retried(srv):
+    port = free_port()
+    mlf = srv.start_mlflow(port, db="flaky.db")
+    cfg = small_config(srv.root, "flaky", "flaky", max_windows=96)
+    env = {**srv.env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    sweep = subprocess.Popen([str(BIN / "quantlens"), "run", str(cfg), "--results", str(srv.root / "r")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=srv.root)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if sweep.poll() is not None:
+            pytest.fail("sweep ended before the outage: " + sweep.stderr.read()[-2000:])
+        try:
+            if mlflow_runs(url, "flaky", f"{EVAL} and attributes.status = 'FINISHED'"):
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    kill_tree(mlf)  # the tracking server goes away mid-sweep ...
+    time.sleep(4)
+    srv.start_mlflow(port, db="flaky.db")  # ... and comes back on the same address and store
+    out, err = sweep.communicate(timeout=900)
+    assert sweep.returncode == 0, err[-3000:]
+    finished_unique(url, "flaky", 4)
+
+
+def test_two_sweeps_at_once_same_store(srv):
+    cfg = small_config(srv.root, "twice", "twice", max_windows=32)
+    procs = [subprocess.Popen([str(BIN / "quantlens"), "run", str(cfg), "--results", str(srv.root / f"r{i}")],
+                              env=srv.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=srv.root)
+             for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    finished_unique(srv.mlflow_url, "twice", 4)
+    evaluated = sum(int(o[0].split(" evaluated")[0].split()[-1]) for o in outs)
+    assert evaluated == 4  # each key evaluated by exactly one of the two sweeps
+    parents = mlflow_runs(srv.mlflow_url, "twice", "tags.`quantlens.kind` = 'sweep'")
+    assert len(parents) == 1
