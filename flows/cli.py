@@ -61,15 +61,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         n_done = sum(1 for _, _, k in plan if k in done)
         print(f"{n_done} done, {len(plan) - n_done} to run")
         return 0
-    if not args.force:
-        # Pre-flight: when every run key already has a FINISHED run and the report exists, there is
-        # nothing to orchestrate; answer without starting Prefect (seconds instead of ~15 s).
-        from tasks.tracking import Tracker
+    from tasks.tracking import Tracker
 
+    tracker = Tracker(cfg.experiment)  # pre-flight: an unreachable store fails here, before Prefect starts
+    if not args.force:
+        # When every run key already has a FINISHED run and the report exists, there is nothing
+        # to orchestrate: answer without starting Prefect (seconds instead of ~15 s).
         plan = _plan(cfg)
         report = os.path.join(args.results, sweep_id(cfg))
         if all(k for _, _, k in plan) and os.path.isdir(report) and os.listdir(report):
-            done = Tracker(cfg.experiment).finished_keys([k for _, _, k in plan])
+            done = tracker.finished_keys([k for _, _, k in plan])
             if len(done) == len(plan):
                 print(f"sweep {sweep_id(cfg)}: all {len(plan)} run(s) already FINISHED, nothing to evaluate "
                       f"(--force redoes them); report in {report}/")

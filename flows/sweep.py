@@ -266,11 +266,11 @@ def sweep_flow(
 
 def _dispatch(cfg: SweepConfig, deployment: str, parent: str, attempt: str, force: bool) -> list[str]:
     """One flow run of the model deployment per model, all at once; wait for all of them."""
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
-    from prefect.flow_runs import wait_for_flow_run
 
     log = get_run_logger()
-    runs = []
+    runs: list[tuple[str, Any]] = []
     for i, m in enumerate(cfg.models):
         fr = run_deployment(
             name=deployment,
@@ -283,10 +283,17 @@ def _dispatch(cfg: SweepConfig, deployment: str, parent: str, attempt: str, forc
         log.info("dispatched %s to %s (flow run %s)", m.ref, deployment, fr.id)
         runs.append((m.ref, fr.id))
     failures = []
-    for ref, fid in runs:
-        fr = wait_for_flow_run(fid, timeout=7 * 24 * 3600, poll_interval=5, log_states=False)
-        if not fr.state or not fr.state.is_completed():
-            failures.append(f"{ref}: (model flow {fid}) {fr.state.name if fr.state else 'unknown'}")
+    pending = dict(runs)
+    with get_client(sync_client=True) as client:
+        while pending:
+            for ref, fid in list(pending.items()):
+                state = client.read_flow_run(fid).state
+                if state is not None and state.is_final():
+                    if not state.is_completed():
+                        failures.append(f"{ref}: (model flow {fid}) {state.name}: {state.message}")
+                    del pending[ref]
+            if pending:
+                time.sleep(5)
     return failures
 
 

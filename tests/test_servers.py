@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 
 import pytest
 import yaml
@@ -52,6 +53,8 @@ def srv(tmp_path_factory):
 
 
 def start_worker(s, **extra_env):
+    # one torch thread per flow-run process: three models at once on a 2-core machine
+    extra_env.setdefault("OMP_NUM_THREADS", "1")
     return s.start([str(BIN / "prefect"), "worker", "start", "--pool", "test-pool", "--type", "process"],
                    "worker.log", {**s.env, **extra_env}, cwd=REPO)
 
@@ -105,9 +108,11 @@ def test_demo_through_worker_with_fan_out(srv):
     metrics = {m["key"]: m["value"] for m in opt["data"]["metrics"]}
     assert 100 < metrics["wikitext2_ppl"] < 1000 and 0 <= metrics["lambada_acc"] <= 1
     # the three models ran as three flow runs of the model deployment
-    r = subprocess.run([str(BIN / "prefect"), "flow-run", "ls", "--flow-name", "quantlens-model", "--state", "COMPLETED"],
-                       env=srv.env, capture_output=True, text=True, timeout=120)
-    assert r.stdout.count("quantlens-model") >= 3 or r.stdout.count("COMPLETED") >= 3
+    body = {"flows": {"name": {"any_": ["quantlens-model"]}}, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+    req = urllib.request.Request(srv.prefect_url + "/flow_runs/count", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert json.load(r) == 3
     assert any(f.name == "fig1_wikitext2_ppl_vs_size.png" for f in (srv.root / "results").rglob("*.png"))
 
 
@@ -147,7 +152,7 @@ def test_mlflow_down_at_start_fails_fast_without_evaluating(srv):
     r = subprocess.run([str(BIN / "quantlens"), "run", str(cfg)], env=env, capture_output=True, text=True, timeout=300, cwd=srv.root)
     assert r.returncode == 5, r.stderr[-2000:]
     assert "is not reachable" in r.stderr and "nothing was evaluated" in r.stderr
-    assert "Loading weights" not in r.stderr and "evaluate" not in r.stderr
+    assert "Loading weights" not in r.stderr and "Task run 'evaluate" not in r.stderr and "Traceback" not in r.stderr
     assert time.monotonic() - t < 60
 
 
