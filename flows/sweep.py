@@ -167,7 +167,8 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
     entry = cfg.models[model_index]
     settings = cfg.expanded_settings()
     sid = sweep_id(cfg)
-    progress = _PROGRESS.setdefault(attempt, Progress(total=len(cfg.models) * len(settings)))
+    # In-process the sweep registered the whole grid; on a worker this model's settings are the total.
+    progress = _PROGRESS.setdefault(attempt, Progress(total=len(settings)))
     tracker = Tracker(cfg.experiment)
 
     info, snap = steps.download_model(entry)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from quantlens import __version__
 from quantlens.data import DATASETS
@@ -73,18 +73,13 @@ class SweepConfig(_Strict):
     eval: EvalOptions = EvalOptions()
     hardware: Hardware = Hardware()
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "datasets", mode="before")
     @classmethod
-    def _model_strings(cls, v: Any) -> Any:
+    def _short_forms(cls, v: Any, info: ValidationInfo) -> Any:
+        """``models: [opt-1.3b]`` / ``datasets: [lambada]`` are short for ``{ref: …}`` / ``{name: …}``."""
+        key = "ref" if info.field_name == "models" else "name"
         if isinstance(v, list):
-            return [{"ref": m} if isinstance(m, str) else m for m in v]
-        return v
-
-    @field_validator("datasets", mode="before")
-    @classmethod
-    def _dataset_strings(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            return [{"name": d} if isinstance(d, str) else d for d in v]
+            return [{key: x} if isinstance(x, str) else x for x in v]
         return v
 
     @model_validator(mode="after")

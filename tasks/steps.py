@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from quantlens import evaluate as ev
@@ -54,10 +54,29 @@ def patch(model: Any, setting: Setting) -> None:
     quantize_(model, setting)
 
 
-@task(name="evaluate", cache_policy=NONE, persist_result=False, retries=0)
+def _progress_logger(what: str):
+    """Log evaluation progress at every 10 % (long evaluations of big models take minutes)."""
+    log = get_run_logger()
+    state = {"next": 0.1, "t0": time.perf_counter()}
+
+    def report(done: int, total: int) -> None:
+        frac = done / total
+        if frac >= state["next"] or done == total:
+            el = time.perf_counter() - state["t0"]
+            eta = el / frac * (1 - frac) if frac else float("nan")
+            log.info("%s: %d/%d (%.0f%%), %.0fs elapsed, ETA %.0fs", what, done, total, 100 * frac, el, eta)
+            state["next"] = (int(frac * 10) + 1) / 10
+
+    return report
+
+
+# Retrying an evaluation cannot help (deterministic code, same inputs): no retries. The tag lets a
+# Prefect tag concurrency limit cap evaluations (`prefect concurrency-limit create quantlens-eval 8`).
+@task(name="evaluate", cache_policy=NONE, persist_result=False, retries=0, tags=["quantlens-eval"])
 def evaluate(model: Any, tokenizer: Any, dataset: DatasetEntry, opts: EvalOptions, model_name: str, setting: Setting) -> dict[str, float]:
     inject_fault(model_name, setting.name, dataset.name)
-    kw: dict[str, Any] = {"path": dataset.path, "batch_size": opts.batch_size}
+    kw: dict[str, Any] = {"path": dataset.path, "batch_size": opts.batch_size,
+                          "progress": _progress_logger(f"{model_name}/{setting.name}/{dataset.name}")}
     if dataset.name == "lambada":
         kw.update(limit=dataset.limit, seqlen=dataset.seqlen)
     else:
