@@ -124,6 +124,8 @@ def fig_alpha_vs_delta(df: pd.DataFrame, path: Path) -> Path | None:
         return None
     sub = df.dropna(subset=list(need))
     sub = sub[sub.get("perturbation", "none") == "none"]
+    if "transform_p" in sub:  # α of a non-uniform quantizer lives in the transformed domain
+        sub = sub[sub["transform_p"] == 1.0]
     if sub.empty:
         return None
     plt = _plt()

@@ -31,7 +31,7 @@ class LayerStats:
     numel: int
     delta_l2: float  # ‖Δ‖₂ (activations: root of the summed squares over all forwards)
     rel_error: float  # ‖Δ‖₂ / ‖x‖₂
-    alpha_mean: float  # mean clipping range α over groups (nan for perturbations)
+    alpha_mean: float  # mean range α over groups, in the quantizer's domain (after f for non-uniform); nan for noise
     alpha_max: float
     clipped_fraction: float
 

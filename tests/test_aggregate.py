@@ -1,0 +1,45 @@
+import pandas as pd
+import pytest
+
+from quantlens.aggregate import clipping_summary, perturbation_summary, tidy, uniform_vs_nonuniform, write_report
+
+
+def frame():
+    rows = []
+    for model, fam, size in (("m1", "opt", 1.3), ("m2", "opt", 6.7)):
+        for setting, w, a, p, clip, pert, seed, base, ppl in (
+            ("W16A16", 16, 16, 1.0, 0, "none", 0, "W16A16", 10.0),
+            ("W4A16", 4, 16, 1.0, 0, "none", 0, "W4A16", 12.0),
+            ("W4A16-nu", 4, 16, 1 / 3, 0, "none", 0, "W4A16-nu", 11.0),
+            ("W4A16-clip3", 4, 16, 1.0, 3, "none", 0, "W4A16", 20.0),
+            ("W4A16+g-s0", 4, 16, 1.0, 0, "gaussian-additive-both", 0, "W4A16", 13.0),
+            ("W4A16+g-s1", 4, 16, 1.0, 0, "gaussian-additive-both", 1, "W4A16", 15.0),
+        ):
+            rows.append({"params.model": model, "params.family": fam, "params.size_b": str(size), "params.setting": setting,
+                         "params.w_bits": str(w), "params.a_bits": str(a), "params.transform_p": str(p),
+                         "params.clip_k": str(float(clip)), "params.perturbation": pert, "params.seed": str(seed),
+                         "params.base": base, "params.w_granularity": "channel", "params.a_granularity": "none",
+                         "params.w_group_size": "0", "metrics.wikitext2_ppl": ppl + size, "metrics.weight_alpha_mean": 0.1,
+                         "metrics.weight_delta_l2_mean": 0.5})
+    return pd.DataFrame(rows)
+
+
+def test_tables_from_runs():
+    df = tidy(frame())
+    uv = uniform_vs_nonuniform(df)
+    assert list(uv["config"]) == ["W4A16", "W4A16"]
+    assert uv.iloc[0]["wikitext2_ppl uniform"] == pytest.approx(13.3)
+    assert uv.iloc[0]["wikitext2_ppl non-uniform"] == pytest.approx(12.3)
+    ps = perturbation_summary(df, "wikitext2_ppl")
+    m1 = ps[ps["model"] == "m1"].iloc[0]
+    assert (m1["mean"], m1["seeds"]) == (pytest.approx(15.3), 2) and m1["std"] == pytest.approx(2 ** 0.5)
+    cs = clipping_summary(df)
+    assert list(cs[cs["model"] == "m1"]["clip_k"]) == [0.0, 3.0]
+    assert list(cs[cs["model"] == "m1"]["mean_ppl"]) == [pytest.approx(13.3), pytest.approx(21.3)]
+
+
+def test_report_files(tmp_path):
+    files = {f.name for f in write_report(frame(), tmp_path)}
+    assert {"results.csv", "results.md", "uniform_vs_nonuniform.md", "clipping.csv", "fig1_wikitext2_ppl_vs_size.png",
+            "fig3_alpha_vs_delta.png", "fig4_perturbations_wikitext2_ppl.png", "fig5_clipping.png"} <= files
+    assert write_report(pd.DataFrame(), tmp_path / "empty") == []
