@@ -68,11 +68,19 @@ def inverse_power_transform(y: torch.Tensor, p: float) -> torch.Tensor:
     return torch.sign(y) * y.abs().pow(1.0 / p)
 
 
-def _uniform(xg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Uniform quantization of grouped float32 ``xg``; returns (xq, scale, alpha, n_clipped)."""
+def _uniform(
+    xg: torch.Tensor, spec: QuantSpec, alpha_ratio: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uniform quantization of grouped float32 ``xg``; returns (xq, scale, alpha, n_clipped).
+
+    ``alpha_ratio`` < 1 shrinks the symmetric range to that fraction of max|x| (Figure 3's sweep).
+    """
     if spec.symmetric:
         alpha = xg.abs().amax(dim=-1, keepdim=True)
-        if spec.clip_k is not None:
+        if alpha_ratio != 1.0:
+            alpha = alpha * alpha_ratio
+            n_clipped = (xg.abs() > alpha).sum()
+        elif spec.clip_k is not None:
             sigma = xg.std(dim=-1, keepdim=True, unbiased=False)
             alpha = torch.minimum(alpha, spec.clip_k * sigma)
             n_clipped = (xg.abs() > alpha).sum()
@@ -101,11 +109,11 @@ def _uniform(xg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Ten
     return xq, scale, alpha, n_clipped
 
 
-def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantResult:
+def quantize(x: torch.Tensor, spec: QuantSpec, alpha_ratio: float = 1.0) -> QuantResult:
     """Fake-quantize ``x`` under ``spec``: uniform, or non-uniform through f(x)=sign(x)|x|^p.
 
     With ``spec.transform_p == 1`` the transform is the identity and is skipped, so the result is
-    bit-identical to plain uniform quantization.
+    bit-identical to plain uniform quantization. ``alpha_ratio``: see :func:`_uniform`.
     """
     shape, dtype = x.shape, x.dtype
     xf = x.detach().to(torch.float32)
@@ -113,11 +121,11 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantResult:
     if nonuniform:
         xf = power_transform(xf, spec.transform_p)
     xg = _grouped(xf, spec)
-    xq, scale, alpha, n_clipped = _uniform(xg, spec)
+    xq, scale, alpha, n_clipped = _uniform(xg, spec, alpha_ratio)
     xq = xq.reshape(shape)
     if nonuniform:
         xq = inverse_power_transform(xq, spec.transform_p)
-    clipped = float(n_clipped) / max(x.numel(), 1) if spec.clip_k is not None else 0.0
+    clipped = float(n_clipped) / max(x.numel(), 1) if spec.clip_k is not None or alpha_ratio != 1.0 else 0.0
     per_group = (lambda t: t.squeeze(-1)) if spec.granularity == "group" else (lambda t: t.reshape(-1))
     return QuantResult(
         xq=xq.to(dtype),

@@ -133,3 +133,23 @@ def test_input_not_modified():
     before = x.clone()
     quantize(x, QuantSpec(bits=2, granularity="tensor", clip_k=1.0))
     assert torch.equal(x, before)
+
+
+def test_alpha_ratio_clips_and_shrinks_step():
+    x = torch.tensor([[-8.0, -1.0, 0.5, 4.0]])
+    spec = QuantSpec(bits=3, granularity="channel")  # qmax 3
+    r = quantize(x, spec, alpha_ratio=0.75)  # α = 6 → s = 2
+    assert float(r.scale) == 2.0 and float(r.alpha) == 6.0
+    assert torch.equal(r.xq, torch.tensor([[-6.0, -0.0, 0.0, 4.0]]))
+    assert r.clipped_fraction == 0.25
+
+
+def test_alpha_sweep_on_trained_model_has_interior_minimum(trained):
+    from quantlens.alpha_sweep import alpha_sweep
+
+    m, _ = trained("opt")
+    rows = alpha_sweep(m, [3], [0.3, 0.5, 0.7, 1.0])
+    d = {r["alpha_ratio"]: r["delta_l2_mean"] for r in rows}
+    # at 3 bits a little clipping lowers ‖Δ‖₂; clipping too much raises it again
+    assert min(d, key=d.get) in (0.5, 0.7) and d[0.3] > min(d.values()) and d[1.0] > min(d.values())
+    assert [r["clipped_fraction"] for r in rows][-1] == 0.0
