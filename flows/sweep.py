@@ -183,7 +183,7 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
         if keys[s.name] in done:
             tracker.log(done[keys[s.name]], tags={sweep_tag(sid): "1"})  # reused: part of this sweep's grid
             log.info("%s %s/%s: already FINISHED (run %s), skipped", progress.tick(False), info.name, s.name, done[keys[s.name]])
-    result: dict[str, Any] = {"model": info.name, "evaluated": [], "failed": [], "skipped": len(settings) - len(todo), "keys": list(keys.values())}
+    result: dict[str, Any] = {"model": info.name, "evaluated": [], "failed": [], "skipped": len(settings) - len(todo)}
     if not todo:
         return result
 
