@@ -108,6 +108,13 @@ class _RunContext:
     force: bool = False
 
 
+def _finished_elsewhere(ctx: _RunContext, s: Setting, run_id: str, result: dict[str, Any]) -> None:
+    """Another attempt finished this key: count its run as part of this sweep's grid."""
+    ctx.tracker.log(run_id, tags={sweep_tag(ctx.sweep_id): "1"})
+    get_run_logger().info("%s %s/%s: FINISHED by another attempt (run %s)", ctx.progress.tick(False), ctx.info.name, s.name, run_id)
+    result["skipped"] += 1
+
+
 def _evaluate_one(ctx: _RunContext, model: Any, tokenizer: Any, s: Setting, key: str, result: dict[str, Any]) -> str | None:
     """Claim the key, then patch → evaluate each dataset → log → restore. Returns the owning run
     id when another live attempt holds the key (nothing was evaluated), else None."""
@@ -124,9 +131,7 @@ def _evaluate_one(ctx: _RunContext, model: Any, tokenizer: Any, s: Setting, key:
     if owner is not None:
         ctx.tracker.discard(run_id)
         if owner[0] == "FINISHED":
-            ctx.tracker.log(owner[1], tags={sweep_tag(ctx.sweep_id): "1"})
-            log.info("%s %s/%s: FINISHED meanwhile by another attempt (run %s)", ctx.progress.tick(False), name, s.name, owner[1])
-            result["skipped"] += 1
+            _finished_elsewhere(ctx, s, owner[1], result)
             return None
         return owner[1]
     try:
@@ -150,8 +155,7 @@ def _evaluate_one(ctx: _RunContext, model: Any, tokenizer: Any, s: Setting, key:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith(("_ppl", "_acc")))
         log.info("%s %s/%s: %s (%.1fs)", ctx.progress.tick(True), name, s.name, shown, time.perf_counter() - t0)
     except Exception as err:
-        ctx.tracker.log(run_id, tags={"quantlens.failure": f"{type(err).__name__}: {err}"[:4000]})
-        ctx.tracker.finish(run_id, "FAILED")
+        ctx.tracker.mark_failed(run_id, f"{type(err).__name__}: {err}"[:4000])
         result["failed"].append(f"{s.name}: {type(err).__name__}: {err}")
         log.error("%s %s/%s FAILED: %s", ctx.progress.tick(True), name, s.name, err)
     finally:
@@ -202,9 +206,7 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
         for s, owner in deferred:
             status, stale = tracker.run_status(owner)
             if status == "FINISHED":
-                tracker.log(owner, tags={sweep_tag(sid): "1"})
-                log.info("%s %s/%s: FINISHED by the other attempt (run %s)", progress.tick(False), info.name, s.name, owner)
-                result["skipped"] += 1
+                _finished_elsewhere(ctx, s, owner, result)
                 continue
             if status == "RUNNING" and not stale:
                 still.append((s, owner))

@@ -103,7 +103,7 @@ def fig_metric_vs_size(df: pd.DataFrame, metric: str, path: Path) -> Path | None
         sub = plain[plain["family"] == fam]
         for setting, g in sub.groupby("setting"):
             g = g.sort_values("size_b")
-            ax.plot(g["size_b"], g[metric], marker="o", label=setting, linestyle="--" if "nu" in setting or (g["transform_p"] != 1).any() else "-")
+            ax.plot(g["size_b"], g[metric], marker="o", label=setting, linestyle="--" if (g["transform_p"] != 1).any() else "-")
         ax.set_xscale("log")
         ax.set_xlabel("parameters (B)")
         ax.set_title(fam)
@@ -263,14 +263,10 @@ def write_report(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     metrics = metrics_present(df)
     for m in metrics:
         table(perturbation_summary(df, m), f"perturbations_{m}")
-    figs = []
-    for m in metrics:
-        if m != "lambada_nll":
-            figs.append(fig_metric_vs_size(df, m, out / f"fig1_{m}_vs_size.png"))
+    plotted = [m for m in metrics if m != "lambada_nll"]
+    figs = [fig_metric_vs_size(df, m, out / f"fig1_{m}_vs_size.png") for m in plotted]
     figs.append(fig_alpha_vs_delta(df, out / "fig3_alpha_vs_delta.png"))
-    for m in metrics:
-        if m != "lambada_nll":
-            figs.append(fig_perturbations(df, m, out / f"fig4_perturbations_{m}.png"))
+    figs += [fig_perturbations(df, m, out / f"fig4_perturbations_{m}.png") for m in plotted]
     figs.append(fig_clipping(df, out / "fig5_clipping.png"))
     files.extend(f for f in figs if f is not None)
     return files

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantlens.patch import target_linears
+from quantlens.patch import target_linears, weight_stats
 from quantlens.quant import quantize
 from quantlens.settings import QuantSpec, resolve_setting
 
@@ -25,16 +25,15 @@ def alpha_sweep(model: nn.Module, bits: list[int], ratios: list[float], granular
     for b in bits:
         spec = QuantSpec(bits=b, granularity=granularity)
         for r in ratios:
-            d, rel, clip = [], [], []
-            for _, mod in layers:
+            stats = []
+            for name, mod in layers:
                 w = mod.weight.detach()
                 res = quantize(w, spec, alpha_ratio=r)
-                delta = (res.xq.float() - w.float()).norm()
-                d.append(float(delta))
-                rel.append(float(delta / w.float().norm()))
-                clip.append(res.clipped_fraction)
-            rows.append({"bits": b, "alpha_ratio": r, "delta_l2_mean": sum(d) / len(d),
-                         "rel_error_mean": sum(rel) / len(rel), "clipped_fraction": sum(clip) / len(clip)})
+                stats.append(weight_stats(name, w, res.xq, res.alpha, res.clipped_fraction))
+            n = len(stats)
+            rows.append({"bits": b, "alpha_ratio": r, "delta_l2_mean": sum(x.delta_l2 for x in stats) / n,
+                         "rel_error_mean": sum(x.rel_error for x in stats) / n,
+                         "clipped_fraction": sum(x.clipped_fraction for x in stats) / n})
     return rows
 
 

@@ -196,7 +196,8 @@ class _PatchState:
 
 
 # --- Entry points -----------------------------------------------------------------------------
-def _weight_stats(name: str, w: torch.Tensor, wq: torch.Tensor, alpha: torch.Tensor | None, clipped: float) -> LayerStats:
+def weight_stats(name: str, w: torch.Tensor, wq: torch.Tensor, alpha: torch.Tensor | None, clipped: float) -> LayerStats:
+    """‖Δ‖₂, ‖Δ‖/‖w‖, α and clipped fraction of one weight tensor and its quantized/perturbed copy."""
     d = wq.to(torch.float32) - w.to(torch.float32)
     dn = float(d.norm())
     wn = float(w.to(torch.float32).norm())
@@ -217,9 +218,9 @@ def _new_weight(name: str, w: torch.Tensor, setting: Setting) -> tuple[torch.Ten
     if setting.perturbs_weights():
         p = setting.perturbation
         wq = perturb(w, spec, p, make_generator(p.seed, name))
-        return wq, _weight_stats(name, w, wq, None, 0.0)
+        return wq, weight_stats(name, w, wq, None, 0.0)
     res = quantize(w, spec)
-    return res.xq, _weight_stats(name, w, res.xq, res.alpha, res.clipped_fraction)
+    return res.xq, weight_stats(name, w, res.xq, res.alpha, res.clipped_fraction)
 
 
 def quantize_(
