@@ -71,7 +71,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         report = os.path.join(args.results, sweep_id(cfg))
         if all(k for _, _, k in plan) and os.path.isdir(report) and os.listdir(report):
             done = tracker.finished_keys([k for _, _, k in plan])
-            if len(done) == len(plan):
+            per_model: dict[str, dict[str, str]] = {}
+            for model, setting, key in plan:
+                per_model.setdefault(model, {})[setting] = key
+            analyses = any(tracker.analysis_plan(cfg, keys, None) for keys in per_model.values())
+            if len(done) == len(plan) and not analyses:
                 print(f"sweep {sweep_id(cfg)}: all {len(plan)} run(s) already FINISHED, nothing to evaluate "
                       f"(--force redoes them); report in {report}/")
                 return 0

@@ -27,6 +27,10 @@ from tasks import steps
 from tasks.tracking import Tracker, heartbeat_interval, sweep_tag
 
 
+class AnalysisFailed(RuntimeError):
+    """A mechanism analysis failed (its evaluation runs are unaffected). Rerun to redo only it."""
+
+
 class SweepIncomplete(RuntimeError):
     """Some (model, setting) runs failed; the others finished and are logged. Rerun to redo them."""
 
@@ -140,9 +144,10 @@ def _evaluate_one(ctx: _RunContext, model: Any, tokenizer: Any, s: Setting, key:
             metrics: dict[str, float] = {}
             tokens = 0.0
             for d in ctx.cfg.datasets:
-                m = steps.evaluate(model, tokenizer, d, ctx.cfg.eval, name, s)
+                m, frames = steps.evaluate(model, tokenizer, d, ctx.cfg.eval, name, s)
                 tokens += m.get(f"{d.name}_tokens", 0.0)
                 ctx.tracker.log(run_id, metrics=m)  # per dataset: nothing finished is lost
+                ctx.tracker.log_frames(run_id, frames)
                 metrics.update(m)
             pert, rows = steps.perturbation_metrics(model)
             eval_s = sum(v for k, v in metrics.items() if k.endswith("_seconds"))
@@ -187,8 +192,8 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
         if keys[s.name] in done:
             tracker.log(done[keys[s.name]], tags={sweep_tag(sid): "1"})  # reused: part of this sweep's grid
             log.info("%s %s/%s: already FINISHED (run %s), skipped", progress.tick(False), info.name, s.name, done[keys[s.name]])
-    result: dict[str, Any] = {"model": info.name, "evaluated": [], "failed": [], "skipped": len(settings) - len(todo)}
-    if not todo:
+    result: dict[str, Any] = {"model": info.name, "evaluated": [], "failed": [], "skipped": len(settings) - len(todo), "explained": []}
+    if not todo and not tracker.analysis_plan(cfg, keys, narrow, force):
         return result
 
     model, tokenizer = steps.load_model(snap, cfg.hardware)
@@ -217,7 +222,37 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
             if new_owner is not None:
                 still.append((s, new_owner))
         deferred = still
+    explain_model(tracker, cfg, info.name, model, keys, narrow, force, result)
     return result
+
+
+def explain_model(tracker: Tracker, cfg: SweepConfig, model_name: str, model: Any, keys: dict[str, str], narrow: str,
+                  force: bool, result: dict[str, Any]) -> None:
+    """The mechanism analyses of ``cfg.analysis`` for one loaded model, logged as artifacts of each
+    analysed setting's run (``mechanisms/<dataset>/{layer_error,early_exit,patching}.csv``)."""
+    log = get_run_logger()
+    failed: list[str] = []
+    for setting, run, ref_run, datasets in tracker.analysis_plan(cfg, keys, narrow, force):
+        ref_frames, q_frames = tracker.read_frames(ref_run, "per_example"), tracker.read_frames(run, "per_example")
+        for d in datasets:
+            if d not in ref_frames or d not in q_frames or "tokens" not in ref_frames[d]:
+                log.warning("%s/%s: no per-example data for %s (runs of an older version?): not explained", model_name, setting.name, d)
+                continue
+            t0 = time.perf_counter()
+            try:
+                frames = steps.explain(model, setting, ref_frames[d], q_frames[d], cfg.analysis, model_name, d)
+            except Exception as err:
+                failed.append(f"{model_name}/{setting.name} (explain {d}): {type(err).__name__}: {err}")
+                log.error("%s/%s: explaining %s FAILED: %s", model_name, setting.name, d, err)
+                continue
+            tracker.log_frames(run, {f"mechanisms/{d}/{k}.csv": v for k, v in frames.items()})
+            p = frames["patching"].set_index("patched")["ppl"]
+            result["explained"].append(f"{setting.name}/{d}")
+            log.info("%s/%s/%s explained (%.1fs): D_large ppl %.4g quantized, %.4g with every module at full precision, "
+                     "%.4g with the MLP outputs patched", model_name, setting.name, d, time.perf_counter() - t0,
+                     p.get("none", float("nan")), p.get("all", float("nan")), p.get("mlp", float("nan")))
+    if failed:  # the model flow fails; a rerun redoes only the analyses without artifacts
+        raise AnalysisFailed("; ".join(failed))
 
 
 @flow(name="quantlens-sweep", log_prints=True, validate_parameters=False)

@@ -1,18 +1,26 @@
-"""Evaluation datasets: Lambada (OpenAI), WikiText-2 raw test, C4 validation subset.
+"""Evaluation datasets: Lambada (OpenAI), WikiText-2 raw test, C4 validation subset, FineWeb.
 
 Each loader goes through ``datasets.load_dataset`` — from the hub by default, or from local files
-given as ``path`` (text, jsonl or json.gz), so every test runs offline on ``shared/data``.
+given as ``path`` (text, jsonl, json.gz or parquet), so every test runs offline on ``shared/data``.
 Tokenized perplexity windows are cached on disk, keyed by tokenizer + dataset + seqlen.
+
+Examples (the unit of the per-example analysis): a perplexity *window* by default, or a *document*
+(``examples: documents``): BOS + the first ``example_len`` tokens of each document that has at least
+that many, shorter documents dropped (the second paper's protocol). Every example has a stable id,
+a hash of its tokens (:func:`example_ids`), so the same example has the same id in every setting,
+run and sweep.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -25,19 +33,22 @@ class DatasetInfo:
     kind: str  # "perplexity" or "lambada"
     loader: Callable[..., Any]
     doc: str
+    documents: Callable[[str | None], Iterator[str]] | None = None  # for ``examples: documents``
 
 
 def _load_json_records(path: str | list[str]) -> list[dict[str, Any]]:
     from datasets import load_dataset
 
     files = [str(p) for p in (path if isinstance(path, list) else _expand(path))]
+    if all(f.endswith(".parquet") for f in files):
+        return list(load_dataset("parquet", data_files=files, split="train"))
     return list(load_dataset("json", data_files=files, split="train"))
 
 
 def _expand(path: str) -> list[Path]:
     p = Path(path).expanduser()
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix in (".jsonl", ".json", ".gz", ".txt", ".raw"))
+        files = sorted(f for f in p.iterdir() if f.suffix in (".jsonl", ".json", ".gz", ".txt", ".raw", ".parquet"))
     else:
         files = sorted(p.parent.glob(p.name)) if any(c in p.name for c in "*?[") else [p]
     if not files or not all(f.is_file() for f in files):
@@ -61,16 +72,55 @@ def load_wikitext2_text(path: str | None = None) -> str:
 
 def load_c4_text(path: str | None = None, n_docs: int = 1100) -> str:
     """The first ``n_docs`` documents of C4 en validation shard 0 joined by spaces (GPTQ's "c4-new")."""
+    return " ".join(itertools.islice(iter_c4_docs(path), n_docs))
+
+
+FINEWEB_HUB = ("HuggingFaceFW/fineweb", "sample-10BT")
+
+
+def iter_fineweb_docs(path: str | None = None) -> Iterator[str]:
+    """FineWeb documents in order: the hub sample (``sample-10BT``, streamed: nothing is downloaded
+    beyond what is read) or local jsonl / json.gz / parquet files with a ``text`` column."""
+    if path is None:
+        from datasets import load_dataset
+
+        name, config = FINEWEB_HUB
+        for r in load_dataset(name, name=config, split="train", streaming=True):
+            yield r["text"]
+        return
+    for r in _load_json_records(path):
+        yield r["text"]
+
+
+def load_fineweb_text(path: str | None = None, n_docs: int = 1000) -> str:
+    """The first ``n_docs`` FineWeb documents joined by blank lines (windows protocol)."""
+    return "\n\n".join(itertools.islice(iter_fineweb_docs(path), n_docs))
+
+
+def iter_c4_docs(path: str | None = None) -> Iterator[str]:
     if path is None:
         from datasets import load_dataset
 
         ds = load_dataset(
             "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation"
         )
-        docs = ds[:n_docs]["text"]
-    else:
-        docs = [r["text"] for r in _load_json_records(path)][:n_docs]
-    return " ".join(docs)
+        yield from ds["text"]
+        return
+    for r in _load_json_records(path):
+        yield r["text"]
+
+
+_WIKI_ARTICLE = re.compile(r"^ = [^=].* = $", re.M)
+
+
+def iter_wikitext2_docs(path: str | None = None) -> Iterator[str]:
+    """WikiText-2 articles: the text split at its top-level headings (`` = Title = ``)."""
+    text = load_wikitext2_text(path)
+    starts = [m.start() for m in _WIKI_ARTICLE.finditer(text)] or [0]
+    for a, b in zip(starts, starts[1:] + [len(text)]):
+        doc = text[a:b].strip()
+        if doc:
+            yield doc
 
 
 def load_lambada(path: str | None = None, limit: int | None = None) -> list[tuple[str, str]]:
@@ -94,8 +144,9 @@ def load_lambada(path: str | None = None, limit: int | None = None) -> list[tupl
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "wikitext2": DatasetInfo("wikitext2", "perplexity", load_wikitext2_text, "WikiText-2 raw test, perplexity"),
-    "c4": DatasetInfo("c4", "perplexity", load_c4_text, "C4 en validation subset, perplexity"),
+    "wikitext2": DatasetInfo("wikitext2", "perplexity", load_wikitext2_text, "WikiText-2 raw test, perplexity", iter_wikitext2_docs),
+    "c4": DatasetInfo("c4", "perplexity", load_c4_text, "C4 en validation subset, perplexity", iter_c4_docs),
+    "fineweb": DatasetInfo("fineweb", "perplexity", load_fineweb_text, "FineWeb (sample-10BT) documents, perplexity", iter_fineweb_docs),
     "lambada": DatasetInfo("lambada", "lambada", load_lambada, "Lambada (OpenAI) last-word accuracy"),
 }
 
@@ -157,10 +208,7 @@ def perplexity_windows(
         n = min(n, max_windows)
     windows = ids[: n * seqlen].view(n, seqlen).contiguous()
     if use_cache:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(f".tmp{os.getpid()}")
-        torch.save(windows, tmp)
-        tmp.replace(f)  # atomic: concurrent sweeps never read a half-written file
+        _atomic_save(windows, f)
     return windows
 
 
@@ -177,4 +225,68 @@ def lambada_requests(tokenizer: Any, examples: list[tuple[str, str]]) -> list[tu
             out.append((ci, wi[len(ci) :]))
         else:  # tokenizer merged across the boundary: fall back to encoding the word on its own
             out.append((ci, tokenizer(" " + w, add_special_tokens=False)["input_ids"]))
+    return out
+
+
+def document_examples(
+    tokenizer: Any,
+    name: str,
+    example_len: int,
+    *,
+    path: str | None = None,
+    max_examples: int | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """``[n, example_len + 1]``: BOS + the first ``example_len`` tokens of each document with at
+    least that many tokens, in source order; shorter documents are dropped. ``max_examples``
+    stops reading after that many (a streamed hub source is read no further)."""
+    info = dataset_info(name)
+    if info.documents is None:
+        raise ConfigError(f"dataset {name!r}: has no documents (examples: documents works for {', '.join(n for n, d in DATASETS.items() if d.documents)})")
+    if example_len < 2:
+        raise ConfigError(f"example_len: must be at least 2, got {example_len}")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise ConfigError(f"examples: documents prepends a BOS token, but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has none")
+    key = hashlib.sha256(
+        f"docs|{tokenizer_fingerprint(tokenizer)}|{name}|{_source_fingerprint(name, path)}|{example_len}|{max_examples}".encode()
+    ).hexdigest()[:24]
+    f = cache_dir() / "windows" / f"{name}-docs{example_len}-{key}.pt"
+    if use_cache and f.is_file():
+        return torch.load(f)
+    rows: list[list[int]] = []
+    for doc in info.documents(path):
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if len(ids) >= example_len:
+            rows.append([bos] + ids[:example_len])
+            if max_examples is not None and len(rows) >= max_examples:
+                break
+    if not rows:
+        raise ConfigError(f"dataset {name!r} ({path or 'hub'}): no document has {example_len} tokens: use a smaller example_len")
+    out = torch.tensor(rows, dtype=torch.long)
+    if use_cache:
+        _atomic_save(out, f)
+    return out
+
+
+def _atomic_save(t: torch.Tensor, f: Path) -> None:
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(f".tmp{os.getpid()}")
+    torch.save(t, tmp)
+    tmp.replace(f)  # atomic: concurrent sweeps never read a half-written file
+
+
+def example_ids(sequences: Sequence[Sequence[int]] | torch.Tensor) -> list[str]:
+    """Stable id of each example: the first 16 hex digits of BLAKE2b over its token ids (int64).
+
+    Equal tokens give equal ids in every setting, run and sweep; an exact repeat inside one dataset
+    gets ``~1``, ``~2``… appended (in order), so ids stay unique.
+    """
+    out, seen = [], {}
+    for seq in sequences:
+        t = seq if isinstance(seq, torch.Tensor) else torch.tensor(list(seq), dtype=torch.long)
+        h = hashlib.blake2b(t.to(torch.long).contiguous().numpy().tobytes(), digest_size=8).hexdigest()
+        k = seen.get(h, 0)
+        seen[h] = k + 1
+        out.append(h if k == 0 else f"{h}~{k}")
     return out

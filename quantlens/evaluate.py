@@ -2,18 +2,29 @@
 
 No per-token Python loops: one forward per batch, losses and greedy checks as tensor ops.
 CUDA out-of-memory halves the batch (down to 1) and retries; beyond that the error is raised.
+
+Every evaluation also returns its examples (``result["per_example"]``, a DataFrame): one row per
+window / document / passage with ``example_id``, ``n_tokens`` (predicted tokens) and ``nll`` (mean
+NLL per predicted token), Lambada also ``correct``; so the token-weighted mean of ``nll`` is
+log(ppl). With ``residual=True`` the same forwards also fill the full-precision residual-stream
+statistics of :mod:`quantlens.residual` (``result["residual"]``, long format, one row per example
+and layer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any, Callable
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantlens.data import example_ids
+from quantlens.residual import ResidualRecorder
 from quantlens.streaming import streaming_device
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -61,8 +72,13 @@ def perplexity(
     *,
     batch_size: int | None = None,
     progress: Progress | None = None,
-) -> dict[str, float]:
-    """ppl = exp(mean next-token NLL over all predicted tokens of all ``[n, seqlen]`` windows)."""
+    residual: bool = False,
+    keep_examples: bool = True,
+) -> dict[str, Any]:
+    """ppl = exp(mean next-token NLL over all predicted tokens of all ``[n, seqlen]`` windows).
+
+    Each window is one example (``per_example``); ``residual`` also records the residual-stream
+    statistics. ``keep_examples=False`` is the plain sum (benchmarks only)."""
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise ValueError(f"windows: expected a non-empty [n, seqlen] tensor, got shape {tuple(windows.shape)}")
     device = input_device(model)
@@ -71,23 +87,28 @@ def perplexity(
     if max_pos and seqlen > max_pos:
         raise ValueError(f"seqlen: {seqlen} exceeds the model's max_position_embeddings {max_pos}")
     bs = batch_size or _auto_batch(model, seqlen, device)
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    ex_nll = torch.zeros(n, dtype=torch.float64, device=device)  # summed NLL of each window
+    recorder = ResidualRecorder(model, n) if residual else None
     t0 = time.perf_counter()
 
     def step(s: int, e: int) -> None:
-        nonlocal total
         ids = windows[s:e].to(device, non_blocking=True)
+        if recorder is not None:
+            recorder.begin_batch(torch.arange(s, e))
         logits = model(input_ids=ids, use_cache=False).logits
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total = total + nll.double()
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+        if keep_examples:
+            tok = F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="none")
+            ex_nll[s:e] = tok.view(e - s, seqlen - 1).double().sum(-1)
+        else:
+            ex_nll[s] += F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="sum").double()
 
-    used = _run_batches(n, bs, step, progress)
+    with recorder if recorder is not None else contextlib.nullcontext():
+        used = _run_batches(n, bs, step, progress)
     n_pred = n * (seqlen - 1)
-    mean_nll = float(total) / n_pred
+    mean_nll = float(ex_nll.sum()) / n_pred
     secs = time.perf_counter() - t0
-    return {
+    out: dict[str, Any] = {
         "ppl": math.exp(mean_nll),
         "nll": mean_nll,
         "tokens": float(n * seqlen),
@@ -96,6 +117,15 @@ def perplexity(
         "tokens_per_s": n * seqlen / secs if secs > 0 else float("inf"),
         "batch_size": float(used),
     }
+    if keep_examples:
+        ids = example_ids(windows)
+        out["per_example"] = pd.DataFrame(
+            {"example_id": ids, "n_tokens": seqlen - 1, "nll": (ex_nll.cpu() / (seqlen - 1)).numpy()}
+        )
+        out["example_tokens"] = windows  # row i: the tokens of example i (for near-duplicate checks)
+    if recorder is not None:
+        out["residual"] = pd.DataFrame(recorder.rows(example_ids(windows)))
+    return out
 
 
 @torch.inference_mode()
@@ -107,11 +137,14 @@ def lambada(
     batch_size: int | None = None,
     max_length: int | None = None,
     progress: Progress | None = None,
-) -> dict[str, float]:
+    residual: bool = False,
+) -> dict[str, Any]:
     """Last-word accuracy (every target token is the greedy argmax) and mean last-word NLL.
 
     Requests are (context ids, target ids), sorted by length and right-padded per batch; a context
-    longer than ``max_length`` loses its oldest tokens.
+    longer than ``max_length`` loses its oldest tokens. Each passage is one example
+    (``per_example``: its NLL per target token and ``correct``); ``residual`` records the
+    residual-stream statistics over its real (unpadded) input tokens.
     """
     if not requests:
         raise ValueError("lambada: no examples")
@@ -125,6 +158,7 @@ def lambada(
     correct = torch.zeros(len(seqs), dtype=torch.bool)
     nll = torch.zeros(len(seqs), dtype=torch.float64)
     bs = batch_size or (_auto_batch(model, len(seqs[order[0]][0]), device) * 2)
+    recorder = ResidualRecorder(model, len(seqs)) if residual else None
     t0 = time.perf_counter()
 
     def step(s: int, e: int) -> None:
@@ -144,6 +178,8 @@ def lambada(
             # target token j is predicted at input position len(inp) - len(t) + j
             pos[r, : len(t)] = torch.arange(len(inp) - len(t), len(inp))
             valid[r, : len(t)] = True
+        if recorder is not None:
+            recorder.begin_batch(torch.tensor(idx), mask)
         ids, mask, tgt, pos, valid = (x.to(device) for x in (ids, mask, tgt, pos, valid))
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         picked = torch.gather(logits, 1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()
@@ -154,10 +190,14 @@ def lambada(
         correct[idx] = ok.cpu()
         nll[idx] = ex_nll.double().cpu()
 
-    used = _run_batches(len(seqs), bs, step, progress)
+    with recorder if recorder is not None else contextlib.nullcontext():
+        used = _run_batches(len(seqs), bs, step, progress)
     secs = time.perf_counter() - t0
     n_tokens = sum(len(s[0]) for s in seqs)
-    return {
+    passages = [ctx + tgt for ctx, tgt in requests]
+    ids = example_ids(passages)
+    n_tgt = torch.tensor([len(t) for _, t in requests], dtype=torch.float64)
+    out: dict[str, Any] = {
         "acc": float(correct.double().mean()),
         "nll": float(nll.mean()),
         "examples": float(len(seqs)),
@@ -165,23 +205,39 @@ def lambada(
         "seconds": secs,
         "tokens_per_s": n_tokens / secs if secs > 0 else float("inf"),
         "batch_size": float(used),
+        "per_example": pd.DataFrame(
+            {"example_id": ids, "n_tokens": n_tgt.long().numpy(), "nll": (nll / n_tgt).numpy(), "correct": correct.numpy()}
+        ),
+        "example_tokens": passages,
     }
+    if recorder is not None:
+        out["residual"] = pd.DataFrame(recorder.rows(ids))
+    return out
 
 
-def evaluate_dataset(model: nn.Module, tokenizer: Any, name: str, **kw: Any) -> dict[str, float]:
-    """Evaluate one registered dataset; keyword options: seqlen, path, max_windows/limit, batch_size."""
-    from quantlens.data import dataset_info, lambada_requests, load_lambada, perplexity_windows
+def evaluate_dataset(model: nn.Module, tokenizer: Any, name: str, **kw: Any) -> dict[str, Any]:
+    """Evaluate one registered dataset; keyword options: seqlen, path, max_windows/limit,
+    batch_size, progress, residual, and ``examples="documents"`` with ``example_len``."""
+    from quantlens.data import dataset_info, document_examples, lambada_requests, load_lambada, perplexity_windows
 
     info = dataset_info(name)
     progress = kw.get("progress")
+    residual = bool(kw.get("residual", False))
     if info.kind == "lambada":
         examples = load_lambada(kw.get("path"), kw.get("limit"))
         reqs = lambada_requests(tokenizer, examples)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return lambada(model, reqs, pad_id=pad, batch_size=kw.get("batch_size"), max_length=kw.get("seqlen"), progress=progress)
-    seqlen = kw.get("seqlen", 2048)
+        return lambada(model, reqs, pad_id=pad, batch_size=kw.get("batch_size"), max_length=kw.get("seqlen"),
+                       progress=progress, residual=residual)
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos:
-        seqlen = min(seqlen, max_pos)
-    windows = perplexity_windows(tokenizer, name, seqlen, path=kw.get("path"), max_windows=kw.get("max_windows"))
-    return perplexity(model, windows, batch_size=kw.get("batch_size"), progress=progress)
+    if kw.get("examples", "windows") == "documents":
+        example_len = kw.get("example_len") or 512
+        if max_pos and example_len + 1 > max_pos:
+            raise ValueError(f"example_len: {example_len} + BOS exceeds the model's max_position_embeddings {max_pos}")
+        windows = document_examples(tokenizer, name, example_len, path=kw.get("path"), max_examples=kw.get("max_windows"))
+    else:
+        seqlen = kw.get("seqlen", 2048)
+        if max_pos:
+            seqlen = min(seqlen, max_pos)
+        windows = perplexity_windows(tokenizer, name, seqlen, path=kw.get("path"), max_windows=kw.get("max_windows"))
+    return perplexity(model, windows, batch_size=kw.get("batch_size"), progress=progress, residual=residual)

@@ -16,7 +16,7 @@ from quantlens.settings import ConfigError
 @dataclass(frozen=True)
 class ModelInfo:
     name: str  # registry name, e.g. "opt-1.3b"
-    family: str  # opt | bloom | llama | other
+    family: str  # opt | bloom | llama | qwen | mistral | other
     size_b: float  # parameters, billions
     hf_id: str  # Hugging Face id or local path
 
@@ -32,6 +32,15 @@ def _entries() -> dict[str, ModelInfo]:
     template = os.environ.get("QUANTLENS_LLAMA_ID_TEMPLATE", "huggyllama/llama-{size}")
     for size, b in [("7b", 6.7), ("13b", 13.0), ("30b", 32.5), ("65b", 65.2)]:
         out[f"llama-{size}"] = ModelInfo(f"llama-{size}", "llama", b, template.format(size=size))
+    # The per-example paper's models (arXiv 2506.12044); gated ones need HF_TOKEN, and any id can be
+    # replaced per model in a sweep config (`{ref: llama-3-8b, hf_id: my-org/llama3-8b}`).
+    for name, family, b, hf_id in [
+        ("qwen2.5-7b", "qwen", 7.6, "Qwen/Qwen2.5-7B"),
+        ("llama-3-8b", "llama", 8.0, "meta-llama/Meta-Llama-3-8B"),
+        ("mistral-nemo-12b", "mistral", 12.2, "mistralai/Mistral-Nemo-Base-2407"),
+        ("llama-3-70b", "llama", 70.6, "meta-llama/Meta-Llama-3-70B"),
+    ]:
+        out[name] = ModelInfo(name, family, b, hf_id)
     return out
 
 
@@ -39,7 +48,7 @@ def registry() -> dict[str, ModelInfo]:
     return _entries()
 
 
-_FAMILY_OF_TYPE = {"opt": "opt", "bloom": "bloom", "llama": "llama"}
+_FAMILY_OF_TYPE = {"opt": "opt", "bloom": "bloom", "llama": "llama", "qwen2": "qwen", "mistral": "mistral"}
 
 
 def family_from_config(config: dict[str, Any]) -> str:

@@ -9,8 +9,9 @@ so ``restore_(model)`` puts them back bit-exactly and one loaded model serves a 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -120,6 +121,7 @@ class _ActivationState:
         self.last_version = -1
         self.last_out: torch.Tensor | None = None
         self.acc: dict[str, list[torch.Tensor]] = {}  # layer -> [Σ Δ², Σ x², n_clipped, Σ α, n_rows, numel]
+        self.bypass: set[str] = set()  # layers temporarily at full precision (see full_precision)
 
     def transform(self, name: str, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         version = _version(x)
@@ -180,7 +182,9 @@ def _version(x: torch.Tensor) -> int:
 
 
 def _make_hook(state: _ActivationState, name: str, gen: torch.Generator | None):
-    def hook(module: nn.Module, args: tuple) -> tuple:
+    def hook(module: nn.Module, args: tuple) -> tuple | None:
+        if name in state.bypass:
+            return None
         return (state.transform(name, args[0], gen), *args[1:])
 
     return hook
@@ -317,6 +321,55 @@ def restore_(model: nn.Module) -> None:
     if state.activations is not None:
         state.activations.last_in = state.activations.last_out = None
     delattr(model, _STATE_ATTR)
+
+
+def patched_layers(model: nn.Module) -> set[str]:
+    """Qualified names of the layers the current setting changes (weights, activations or both)."""
+    state: _PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return set()
+    return set(state.originals) | ({n for n, _ in target_linears(model, state.setting)} if state.activations else set())
+
+
+@contextmanager
+def full_precision(model: nn.Module, layers: Iterable[str] | None = None, *, activations: bool = True) -> Iterator[None]:
+    """Run a patched model with its 16-bit originals, then switch back: the two weight versions of
+    one model, swapped by pointer (no re-quantization, bit-exact both ways).
+
+    ``layers``: qualified names of the patched linears to switch (default: all of them);
+    ``activations``: also bypass their activation quantization (False: weights only). No-op on an
+    unpatched model. Originals kept on the CPU (a model on a GPU, ``keep_originals_on="auto"``)
+    are copied to the device at each switch: patch with ``keep_originals_on="same"`` to switch often.
+    """
+    state: _PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        yield
+        return
+    names = patched_layers(model)
+    chosen = names if layers is None else set(layers)
+    unknown = chosen - names
+    if unknown:
+        raise KeyError(f"full_precision: not patched layers: {', '.join(sorted(unknown))}")
+    swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
+    bypassed = set()
+    try:
+        with torch.no_grad():
+            for name in chosen & set(state.originals):
+                param, orig = state.originals[name]
+                swapped.append((param, param.data))
+                param.data = orig if orig.device == param.device else orig.to(param.device)
+        if activations and state.activations is not None:
+            bypassed = chosen - state.activations.bypass
+            state.activations.bypass |= bypassed
+            state.activations.last_in = state.activations.last_out = None
+        yield
+    finally:
+        with torch.no_grad():
+            for param, quantized in swapped:
+                param.data = quantized
+        if state.activations is not None:
+            state.activations.bypass -= bypassed
+            state.activations.last_in = state.activations.last_out = None
 
 
 def current_setting(model: nn.Module) -> Setting | None:

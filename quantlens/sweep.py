@@ -24,7 +24,7 @@ from quantlens.settings import ConfigError, Setting, format_validation_error, re
 
 # Bump when a change alters the numbers an evaluation produces: it is part of every run key,
 # so finished runs of an older protocol are not taken as done.
-EVAL_PROTOCOL = "1"
+EVAL_PROTOCOL = "2"  # 2: per-example NLL and residual statistics stored with every run
 
 
 class _Strict(BaseModel):
@@ -44,6 +44,10 @@ class DatasetEntry(_Strict):
     seqlen: int | None = Field(None, ge=2)
     max_windows: int | None = Field(None, ge=1, description="perplexity: evaluate at most this many windows")
     limit: int | None = Field(None, ge=1, description="lambada: evaluate the first N examples")
+    examples: Literal["windows", "documents"] = Field(
+        "windows", description="perplexity: the unit of the per-example analysis (documents: BOS + example_len tokens)"
+    )
+    example_len: int | None = Field(None, ge=2, description="examples: documents: tokens per example (default 512)")
 
     @field_validator("name")
     @classmethod
@@ -52,10 +56,35 @@ class DatasetEntry(_Strict):
             raise ValueError(f"unknown dataset {v!r} (known: {', '.join(DATASETS)})")
         return v
 
+    @model_validator(mode="after")
+    def _documents_need_documents(self) -> "DatasetEntry":
+        if self.examples == "documents" and DATASETS[self.name].documents is None:
+            with_docs = ", ".join(n for n, d in DATASETS.items() if d.documents)
+            raise ValueError(f"examples: {self.name!r} has no documents (documents work for {with_docs})")
+        if self.example_len is not None and self.examples != "documents":
+            raise ValueError("example_len: only with examples: documents")
+        return self
+
 
 class EvalOptions(_Strict):
     seqlen: int = Field(2048, ge=2, description="perplexity window (capped at the model's max positions)")
     batch_size: int | None = Field(None, ge=1, description="None: sized from free memory")
+
+
+class AnalysisOptions(_Strict):
+    """Mechanism analyses (layer error, early exit, activation patching) on D_large / D_ctrl."""
+
+    mechanisms: list[str] = Field(default_factory=list, description="settings of the grid to explain (e.g. [W3A16])")
+    layers: str = Field("upper_half", description="upper_half | all | upper_k | 'a:b' (patched and compared layers)")
+    datasets: list[str] | None = Field(None, description="default: every perplexity dataset of the sweep")
+    batch_size: int = Field(8, ge=1)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: str) -> str:
+        if v not in ("upper_half", "all", "upper_k") and not re.fullmatch(r"\d*:\d*", v):
+            raise ValueError(f"{v!r} is not upper_half, all, upper_k or 'a:b'")
+        return v
 
 
 class Hardware(_Strict):
@@ -72,6 +101,7 @@ class SweepConfig(_Strict):
     datasets: list[DatasetEntry] = Field(min_length=1)
     eval: EvalOptions = EvalOptions()
     hardware: Hardware = Hardware()
+    analysis: AnalysisOptions = AnalysisOptions()
 
     @field_validator("models", "datasets", mode="before")
     @classmethod
@@ -93,6 +123,19 @@ class SweepConfig(_Strict):
                 raise ValueError(f"{field}: duplicated {', '.join(map(repr, dup))}")
         return self
 
+    @model_validator(mode="after")
+    def _analysis_datasets(self) -> "SweepConfig":
+        names = [d.name for d in self.datasets]
+        for d in self.analysis.datasets or []:
+            if d not in names:
+                raise ValueError(f"analysis.datasets: {d!r} is not one of the sweep's datasets ({', '.join(names)})")
+        return self
+
+    def analysis_datasets(self) -> list[str]:
+        if self.analysis.datasets is not None:
+            return list(self.analysis.datasets)
+        return [d.name for d in self.datasets if d.name != "lambada"]
+
     def expanded_settings(self) -> list[Setting]:
         out: list[Setting] = []
         for i, entry in enumerate(self.settings):
@@ -104,6 +147,12 @@ class SweepConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ConfigError(f"settings: duplicated setting names {', '.join(map(repr, dup))}")
+        if self.analysis.mechanisms:
+            missing = [m for m in self.analysis.mechanisms if m not in names]
+            if missing:
+                raise ConfigError(f"analysis.mechanisms: {', '.join(map(repr, missing))} not among the sweep's settings")
+            if not any(s.is_baseline and s.perturbation is None for s in out):
+                raise ConfigError("analysis.mechanisms: needs W16A16 among the settings (the reference of the errors)")
         return out
 
 

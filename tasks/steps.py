@@ -10,14 +10,15 @@ import os
 import time
 from typing import Any
 
+import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from quantlens import evaluate as ev
 from quantlens import models as qm
-from quantlens.patch import full_report, quantize_
+from quantlens.patch import full_report, quantize_, restore_
 from quantlens.settings import ConfigError, Setting
-from quantlens.sweep import DatasetEntry, EvalOptions, Hardware, ModelEntry
+from quantlens.sweep import AnalysisOptions, DatasetEntry, EvalOptions, Hardware, ModelEntry
 
 
 def _retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
@@ -73,22 +74,64 @@ def _progress_logger(what: str):
 # Retrying an evaluation cannot help (deterministic code, same inputs): no retries. The tag lets a
 # Prefect tag concurrency limit cap evaluations (`prefect concurrency-limit create quantlens-eval 8`).
 @task(name="evaluate", cache_policy=NONE, persist_result=False, retries=0, tags=["quantlens-eval"])
-def evaluate(model: Any, tokenizer: Any, dataset: DatasetEntry, opts: EvalOptions, model_name: str, setting: Setting) -> dict[str, float]:
+def evaluate(
+    model: Any, tokenizer: Any, dataset: DatasetEntry, opts: EvalOptions, model_name: str, setting: Setting
+) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
+    """Metrics of one dataset, and its per-example tables: ``per_example/<dataset>.parquet`` always,
+    and in the full-precision (baseline) run also ``residual/<dataset>.parquet`` and the tokens of
+    each example (a ``tokens`` column, for the analysis' near-duplicate check)."""
     inject_fault(model_name, setting.name, dataset.name)
-    kw: dict[str, Any] = {"path": dataset.path, "batch_size": opts.batch_size,
+    reference = setting.is_baseline and setting.perturbation is None
+    kw: dict[str, Any] = {"path": dataset.path, "batch_size": opts.batch_size, "residual": reference,
                           "progress": _progress_logger(f"{model_name}/{setting.name}/{dataset.name}")}
     if dataset.name == "lambada":
         kw.update(limit=dataset.limit, seqlen=dataset.seqlen)
     else:
-        kw.update(seqlen=dataset.seqlen or opts.seqlen, max_windows=dataset.max_windows)
+        kw.update(seqlen=dataset.seqlen or opts.seqlen, max_windows=dataset.max_windows,
+                  examples=dataset.examples, example_len=dataset.example_len)
     r = ev.evaluate_dataset(model, tokenizer, dataset.name, **kw)
     prefix = dataset.name
     if dataset.name == "lambada":
         out = {"lambada_acc": r["acc"], "lambada_nll": r["nll"]}
     else:
         out = {f"{prefix}_ppl": r["ppl"], f"{prefix}_nll": r["nll"]}
-    out.update({f"{prefix}_seconds": r["seconds"], f"{prefix}_tokens": r["tokens"]})
-    return out
+    out.update({f"{prefix}_seconds": r["seconds"], f"{prefix}_tokens": r["tokens"], f"{prefix}_examples": float(len(r["per_example"]))})
+    examples = r["per_example"]
+    frames = {}
+    if reference:
+        toks = r["example_tokens"]
+        examples = examples.assign(tokens=[list(map(int, t)) for t in (toks.tolist() if hasattr(toks, "tolist") else toks)])
+        frames[f"residual/{prefix}.parquet"] = r["residual"]
+    frames[f"per_example/{prefix}.parquet"] = examples
+    return out, frames
+
+
+@task(name="explain", cache_policy=NONE, persist_result=False, retries=0, tags=["quantlens-eval"])
+def explain(
+    model: Any, setting: Setting, reference: pd.DataFrame, quantized: pd.DataFrame, opts: AnalysisOptions,
+    model_name: str, dataset: str,
+) -> dict[str, pd.DataFrame]:
+    """Layer error, early exit and activation patching of ``setting`` on D_large / D_ctrl of one
+    dataset, chosen from the two runs' per-example tables (``reference`` holds the tokens)."""
+    from quantlens import mechanisms, per_example
+
+    inject_fault(model_name, f"explain-{setting.name}", dataset)
+    examples = pd.concat([reference.assign(setting="reference"), quantized.assign(setting=setting.name)])
+    examples = examples.assign(model=model_name, dataset=dataset)
+    err = per_example.errors(examples[["model", "dataset", "setting", "example_id", "n_tokens", "nll"]], {model_name: "reference"})
+    tokens = reference[["example_id", "tokens"]].assign(model=model_name, dataset=dataset)
+    sets = per_example.d_sets(err, tokens)
+    by_id = dict(zip(reference["example_id"], reference["tokens"]))
+    chosen = {name: [list(by_id[e]) for e in g["example_id"]] for name, g in sets.groupby("set")}
+    quantize_(model, setting, keep_originals_on="same")  # both weight versions on the device
+    try:
+        ex = mechanisms.explain(model, chosen, layers=opts.layers, batch_size=opts.batch_size,
+                                progress=_progress_logger(f"{model_name}/{setting.name}/{dataset}: explain"))
+    finally:
+        restore_(model)
+    keys = {"model": model_name, "dataset": dataset, "setting": setting.name}
+    return {name: frame.assign(**keys)[[*keys, *frame.columns]] for name, frame in
+            (("layer_error", ex.layer_error), ("early_exit", ex.early_exit), ("patching", ex.patching))}
 
 
 def perturbation_metrics(model: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:

@@ -188,6 +188,27 @@ class Tracker:
         owner = min(live, key=lambda r: (r.info.start_time, r.info.run_id))
         return None if owner.info.run_id == run_id else ("RUNNING", owner.info.run_id)
 
+    def analysis_plan(self, cfg: Any, keys: dict[str, str], narrow: str | None, force: bool = False) -> list[tuple[Any, str, str, list[str]]]:
+        """Mechanism analyses still to do for one model: (setting, its run, the W16A16 run, datasets)
+        for every ``cfg.analysis.mechanisms`` setting whose evaluation FINISHED (``keys``: setting
+        name → run key). An analysis is done when its run holds ``mechanisms/<dataset>/patching.csv``."""
+        if not cfg.analysis.mechanisms:
+            return []
+        settings = {s.name: s for s in cfg.expanded_settings()}
+        ref = next(s for s in settings.values() if s.is_baseline and s.perturbation is None)
+        finished = self.finished_keys(list(keys.values()), narrow)
+        ref_run = finished.get(keys[ref.name])
+        plan = []
+        for name in cfg.analysis.mechanisms:
+            run = finished.get(keys[name])
+            if run is None or ref_run is None:
+                continue  # its evaluation failed: reported there
+            todo = [d for d in cfg.analysis_datasets()
+                    if force or not any(a.path.endswith("patching.csv") for a in self.list_artifacts(run, f"mechanisms/{d}"))]
+            if todo:
+                plan.append((settings[name], run, ref_run, todo))
+        return plan
+
     def run_status(self, run_id: str) -> tuple[str, bool]:
         """(status, stale) of a run; a deleted run reads as ("DELETED", False)."""
         r = _retry(lambda: self.client.get_run(run_id), "get run")
@@ -238,6 +259,35 @@ class Tracker:
                 w.writeheader()
                 w.writerows(rows)
             _retry(lambda: self.client.log_artifact(run_id, str(f)), "artifact")
+
+    def log_frames(self, run_id: str, frames: dict[str, pd.DataFrame]) -> None:
+        """DataFrames as artifacts, keyed by artifact path: ``.parquet`` (``per_example/wikitext2.parquet``)
+        or ``.csv`` (``mechanisms/wikitext2/patching.csv``)."""
+        with tempfile.TemporaryDirectory() as d:
+            for rel, frame in frames.items():
+                f = Path(d) / rel
+                f.parent.mkdir(parents=True, exist_ok=True)
+                if f.suffix == ".csv":
+                    frame.to_csv(f, index=False)
+                else:
+                    frame.to_parquet(f, index=False)
+                folder = str(Path(rel).parent) if Path(rel).parent != Path(".") else None
+                _retry(lambda: self.client.log_artifact(run_id, str(f), folder), "artifact")
+
+    def read_frames(self, run_id: str, folder: str) -> dict[str, pd.DataFrame]:
+        """Every parquet / csv artifact directly under ``folder`` of a run: {file stem: DataFrame}; {} when none."""
+        import mlflow.artifacts
+
+        names = [a.path for a in self.list_artifacts(run_id, folder) if a.path.endswith((".parquet", ".csv"))]
+        out = {}
+        with tempfile.TemporaryDirectory() as d:
+            for name in names:
+                local = _retry(lambda: mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=d, tracking_uri=self.uri), "download")
+                out[Path(name).stem] = pd.read_csv(local) if name.endswith(".csv") else pd.read_parquet(local)
+        return out
+
+    def list_artifacts(self, run_id: str, folder: str) -> list[Any]:
+        return _retry(lambda: self.client.list_artifacts(run_id, folder), "list")
 
     def log_files(self, run_id: str, files: list[Path], artifact_path: str | None = None) -> None:
         for f in files:

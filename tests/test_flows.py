@@ -210,3 +210,53 @@ def test_cli_dry_run_and_list(env, tmp_path):
     assert f"= {GRID} run(s)" in r.stdout and f"{GRID} done, 0 to run" in r.stdout
     r = _cli("list-settings")
     assert "W4A16-nu" in r.stdout and "p=0.333" in r.stdout
+
+
+def test_per_example_artifacts_and_analysis_end_to_end(env):
+    """Every run stores its examples; the baseline its residual statistics; the report's ρ are the
+    ones recomputed from those artifacts; example ids agree across settings and reruns."""
+    import numpy as np
+    import pandas as pd
+
+    from flows.sweep import sweep_flow
+    from quantlens.per_example import pearson
+    from tasks.tracking import Tracker
+
+    cfg = config(name="per-example", models=[str(MODELS / "tiny-bloom")], settings=["W16A16", "W3A16", "W3A16-nu", "W4A16"])
+    summary = sweep_flow(cfg, results_dir=str(env / "results"))
+    assert summary["evaluated"] == 4
+    t = Tracker("test")
+    df = runs("FINISHED", summary["sweep_id"])
+    frames = {row["params.setting"]: t.read_frames(row["run_id"], "per_example") for _, row in df.iterrows()}
+    assert all(set(f) == {"wikitext2", "lambada"} for f in frames.values())
+    ids = {s: list(f["wikitext2"]["example_id"]) for s, f in frames.items()}
+    assert len(set(map(tuple, ids.values()))) == 1 and len(ids["W16A16"]) == 8
+    assert "correct" in frames["W3A16"]["lambada"] and "tokens" in frames["W16A16"]["wikitext2"]
+    base_run = df[df["params.setting"] == "W16A16"]["run_id"].iloc[0]
+    res = t.read_frames(base_run, "residual")
+    assert set(res) == {"wikitext2", "lambada"} and len(res["wikitext2"]) == 8 * 3
+
+    out = env / "results" / summary["sweep_id"]
+    corr = pd.read_csv(out / "error_correlation.csv")
+    assert len(corr) == 2 * 3  # 3 quantized settings → 3 pairs, per dataset
+    row = corr[(corr["dataset"] == "wikitext2") & (corr["setting_a"] == "W3A16") & (corr["setting_b"] == "W3A16-nu")].iloc[0]
+    nll = {s: f["wikitext2"].set_index("example_id")["nll"] for s, f in frames.items()}
+    e_a = (nll["W3A16"] - nll["W16A16"]).to_numpy()
+    e_b = (nll["W3A16-nu"] - nll["W16A16"]).loc[nll["W3A16"].index].to_numpy()
+    assert row["pearson"] == pytest.approx(np.corrcoef(e_a, e_b)[0, 1], abs=1e-9)
+    pred = pd.read_csv(out / "residual_predictor.csv")
+    assert len(pred) == 2 * 3 * 3  # datasets × settings × layers
+    last = res["wikitext2"][res["wikitext2"]["layer"] == 2].set_index("example_id")["r_norm"]
+    p = pred[(pred["dataset"] == "wikitext2") & (pred["setting"] == "W3A16") & (pred["layer"] == 2)].iloc[0]
+    assert p["rho"] == pytest.approx(pearson(last.loc[nll["W3A16"].index].to_numpy(), e_a), abs=1e-9)
+    d = pd.read_csv(out / "d_large_tiny-bloom_wikitext2.csv")
+    assert set(d["set"]) == {"large", "ctrl"} and len(d[(d["setting"] == "W3A16") & (d["set"] == "large")]) == 1
+    for f in ("per_example.md", "fig_residual_predictor.png", "fig_error_corr_tiny-bloom.png", "fig_error_vs_norm_tiny-bloom.png"):
+        assert (out / f).is_file(), f
+    assert "calibration-free" in (out / "per_example.md").read_text()
+    arts = [a.path for a in t.client.list_artifacts(summary["parent_run_id"], "report")]
+    assert "report/error_correlation.csv" in arts
+    # a rerun evaluates nothing and the report is the same
+    again = sweep_flow(cfg, results_dir=str(env / "results"))
+    assert again["evaluated"] == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "error_correlation.csv"), corr)

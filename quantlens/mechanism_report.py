@@ -1,0 +1,159 @@
+"""Tables and figures of the mechanism analyses (:mod:`quantlens.mechanisms`), from their stored
+per-run tables (``mechanisms/<dataset>/{layer_error,early_exit,patching}.csv``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.ticker import MaxNLocator
+
+from quantlens.aggregate import to_markdown
+from quantlens.per_example import _plt, _safe
+
+TABLES = ("layer_error", "early_exit", "patching")
+
+
+def patching_table(patching: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table 4: D_large perplexity per patched module, beside W16A16 (= ``all``) and the
+    unpatched setting (``none``); ``recovered`` = the share of the gap closed by the patch."""
+    rows = []
+    for (model, dataset, setting), g in patching.groupby(["model", "dataset", "setting"], sort=True):
+        g = g.set_index("patched")
+        none, full = g.loc["none", "ppl"], g.loc["all", "ppl"]
+        for patched, r in g.iterrows():
+            gap = none - full
+            rows.append({"model": model, "dataset": dataset, "setting": setting, "patched": patched, "layers": r["layers"],
+                         "ppl": r["ppl"], "ppl_w16a16": full, "ppl_unpatched": none,
+                         "recovered": (none - r["ppl"]) / gap if gap else float("nan"), "n_examples": r["n_examples"]})
+    return pd.DataFrame(rows)
+
+
+def fig_layer_error(layer_error: pd.DataFrame, model: str, path: Path) -> Path | None:
+    """Per (dataset, setting): MSE of the MLP / attention outputs against layer (top) and the
+    full-precision ‖h(l)‖ (bottom), D_large against D_ctrl."""
+    sub = layer_error[layer_error["model"] == model]
+    if sub.empty:
+        return None
+    plt = _plt()
+    combos = sorted(set(zip(sub["dataset"], sub["setting"])))
+    fig, axes = plt.subplots(2, len(combos), figsize=(4.6 * len(combos), 6.4), squeeze=False, sharex="col")
+    colors = {"large": "tab:red", "ctrl": "tab:blue"}
+    for j, (ds, setting) in enumerate(combos):
+        g = sub[(sub["dataset"] == ds) & (sub["setting"] == setting)]
+        top, bottom = axes[0][j], axes[1][j]
+        for set_name, h in g.groupby("set"):
+            h = h.sort_values("layer")
+            r = h[h["in_range"].astype(bool)]
+            c = colors.get(set_name, "black")
+            top.plot(r["layer"], r["mse_mlp"], marker="o", color=c, label=f"MLP, D_{set_name}")
+            top.plot(r["layer"], r["mse_attention"], marker="s", ls="--", color=c, label=f"attention, D_{set_name}")
+            bottom.plot(h["layer"], h["h_norm"], marker="o", color=c, label=f"D_{set_name}")
+        top.set_yscale("log")
+        top.set_title(f"{ds} · {setting}", fontsize=9)
+        top.set_ylabel("MSE(full precision, quantized)")
+        bottom.set_ylabel("‖h(l)‖ (full precision, token mean)")
+        bottom.set_xlabel("layer")
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+        top.grid(alpha=0.3)
+        bottom.grid(alpha=0.3)
+        top.legend(fontsize=6)
+        bottom.legend(fontsize=6)
+    fig.suptitle(f"{model}: error per layer, and ‖h(l)‖", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fig_early_exit(early_exit: pd.DataFrame, model: str, path: Path) -> Path | None:
+    """Early-exit NLL of r(l) against layer: full precision (solid) and quantized (dashed), D_large
+    (red) and D_ctrl (blue) — the paper's logit-lens figure."""
+    sub = early_exit[(early_exit["model"] == model) & (early_exit["source"] == "r")]
+    if sub.empty:
+        return None
+    plt = _plt()
+    combos = sorted(set(zip(sub["dataset"], sub["setting"])))
+    fig, axes = plt.subplots(1, len(combos), figsize=(4.6 * len(combos), 3.8), squeeze=False)
+    colors = {"large": "tab:red", "ctrl": "tab:blue"}
+    for ax, (ds, setting) in zip(axes[0], combos):
+        g = sub[(sub["dataset"] == ds) & (sub["setting"] == setting)]
+        for (set_name, precision), h in g.groupby(["set", "precision"]):
+            h = h.sort_values("layer")
+            ax.plot(h["layer"], h["nll"], marker="o", color=colors.get(set_name, "black"),
+                    ls="-" if precision == "full" else "--", label=f"D_{set_name}, {precision}")
+        ax.set_xlabel("layer (r(l) decoded by the final norm and LM head)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("mean NLL")
+        ax.set_title(f"{ds} · {setting}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{model}: early exit", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fig_patching(table: pd.DataFrame, path: Path) -> Path | None:
+    """D_large perplexity per patched module, one panel per (model, dataset, setting), with W16A16
+    and the unpatched setting as lines."""
+    if table.empty:
+        return None
+    plt = _plt()
+    combos = sorted(set(zip(table["model"], table["dataset"], table["setting"])))
+    ncols = min(3, len(combos))
+    nrows = -(-len(combos) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 4.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(combos):]:
+        ax.set_visible(False)
+    for ax, (model, ds, setting) in zip(axes.flat, combos):
+        g = table[(table["model"] == model) & (table["dataset"] == ds) & (table["setting"] == setting)]
+        g = g[~g["patched"].isin(["none", "all"])]
+        ax.bar(range(len(g)), g["ppl"], color="tab:blue")
+        ax.set_xticks(range(len(g)), g["patched"], rotation=60, ha="right", fontsize=7)
+        full, none = g["ppl_w16a16"].iloc[0], g["ppl_unpatched"].iloc[0]
+        ax.axhline(full, color="grey", ls="-", label=f"W16A16 {full:.4g}")
+        ax.axhline(none, color="black", ls="--", label=f"{setting} unpatched {none:.4g}")
+        lo, hi = min(g["ppl"].min(), full), max(g["ppl"].max(), none)
+        pad = (hi - lo) * 0.3 or hi * 0.01
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_ylabel("D_large perplexity")
+        ax.set_title(f"{model} · {ds} · {setting}", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.suptitle("Activation patching: restore one module's full-precision output in the layer range", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_mechanism_report(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> list[Path]:
+    """``tables``: layer_error / early_exit / patching, concatenated over runs (with model, dataset,
+    setting columns). Writes ``layer_error.csv``, ``early_exit.csv``, ``patching.csv`` (+ .md) and
+    the figures; returns the files."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    if all(tables.get(t, pd.DataFrame()).empty for t in TABLES):
+        return files
+    frames = dict(tables)
+    if not frames.get("patching", pd.DataFrame()).empty:
+        frames["patching"] = patching_table(frames["patching"])
+    for name in TABLES:
+        frame = frames.get(name, pd.DataFrame())
+        if frame.empty:
+            continue
+        frame.to_csv(out / f"{name}.csv", index=False)
+        (out / f"{name}.md").write_text(to_markdown(frame))
+        files += [out / f"{name}.csv", out / f"{name}.md"]
+    models = sorted(set().union(*(set(f["model"]) for f in frames.values() if not f.empty)))
+    figs = []
+    for model in models:
+        if not frames.get("layer_error", pd.DataFrame()).empty:
+            figs.append(fig_layer_error(frames["layer_error"], model, out / f"fig_layer_error_{_safe(model)}.png"))
+        if not frames.get("early_exit", pd.DataFrame()).empty:
+            figs.append(fig_early_exit(frames["early_exit"], model, out / f"fig_early_exit_{_safe(model)}.png"))
+    if not frames.get("patching", pd.DataFrame()).empty:
+        figs.append(fig_patching(frames["patching"], out / "fig_patching.png"))
+    return files + [f for f in figs if f is not None]

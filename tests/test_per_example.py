@@ -1,0 +1,250 @@
+"""Per-example NLL, residual-stream statistics and the per-example analysis (second paper)."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import FAMILIES, LAMBADA, REPO, SHARED, WIKI_TEST, tiny_random_model
+from quantlens import per_example as pe
+from quantlens.data import document_examples, example_ids, lambada_requests, load_lambada, perplexity_windows
+from quantlens.evaluate import evaluate_dataset, lambada, perplexity
+from quantlens.patch import quantize_, restore_
+from quantlens.residual import BlockNotUnderstood, ResidualRecorder, block_norms
+from quantlens.settings import ConfigError
+
+WIKI_RAW = SHARED / "wikitext2" / "wiki.test.raw"
+
+
+# --- statistics: exact values ------------------------------------------------------------------------
+def test_pearson_spearman_exact():
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    assert pe.pearson(a, 2 * a + 1) == pytest.approx(1.0)
+    assert pe.pearson(a, -a) == pytest.approx(-1.0)
+    assert pe.pearson(a, np.array([1.0, 3.0, 2.0, 4.0])) == pytest.approx(0.8)
+    # monotone but not linear: Spearman 1, Pearson below 1
+    assert pe.spearman(a, a**3) == pytest.approx(1.0)
+    assert pe.pearson(a, a**3) < 0.99
+    # ties take their average rank: ranks of [1, 2, 2, 3] are [1, 2.5, 2.5, 4]
+    assert list(pe.rank(np.array([1.0, 2.0, 2.0, 3.0]))) == [1.0, 2.5, 2.5, 4.0]
+    assert math.isnan(pe.pearson(a, np.ones(4)))  # no variance: undefined, not 0
+
+
+def test_top_set_and_jaccard():
+    ids = np.array([f"e{i}" for i in range(20)])
+    err = np.arange(20, dtype=float)
+    assert pe.top_set(ids, err) == {"e19", "e18"}  # ceil(10 % of 20) = 2
+    assert pe.top_set(ids, err, 0.15) == {"e19", "e18", "e17"}
+    assert pe.jaccard({1, 2, 3}, {2, 3, 4}) == pytest.approx(0.5)
+
+
+def test_d_large_drops_near_duplicates_and_d_ctrl_is_seeded_bottom_half():
+    ids = np.array([f"e{i}" for i in range(20)])
+    err = np.arange(20, dtype=float)[::-1].copy()  # e0 largest
+    toks = {f"e{i}": list(range(100 * i, 100 * i + 30)) for i in range(20)}
+    toks["e1"] = toks["e0"][:25] + [9999] * 5  # near duplicate of e0: 20 of 26 5-grams shared
+    large = pe.select_large(ids, err, toks)
+    assert large == ["e0", "e2"]  # e1 skipped, the next one taken: still 10 %
+    ctrl = pe.select_control(ids, err, len(large), seed=3)
+    assert len(ctrl) == 2 and all(int(c[1:]) >= 10 for c in ctrl)  # bottom 50 % by error
+    assert ctrl == pe.select_control(ids, err, 2, seed=3)
+    assert pe.select_large(ids, err, None) == ["e0", "e1"]
+
+
+def _examples():
+    rng = np.random.default_rng(0)
+    n = 50
+    ids = [f"x{i}" for i in range(n)]
+    base = rng.uniform(3, 5, n)
+    e_a = rng.normal(0, 1, n)
+    e_b = 2 * e_a + rng.normal(0, 0.5, n)
+    rows = []
+    for setting, nll in (("W16A16", base), ("A", base + e_a), ("B", base + e_b)):
+        rows.append(pd.DataFrame({"model": "m", "dataset": "d", "setting": setting, "example_id": ids, "n_tokens": 10, "nll": nll}))
+    return pd.concat(rows), ids, e_a, e_b
+
+
+def test_errors_and_pairwise_correlation_equal_direct_computation():
+    ex, ids, e_a, e_b = _examples()
+    err = pe.errors(ex.sample(frac=1, random_state=1), {"m": "W16A16"})  # order must not matter
+    got = err[err["setting"] == "A"].set_index("example_id").loc[ids, "error"].to_numpy()
+    np.testing.assert_allclose(got, e_a, atol=1e-12)
+    corr = pe.error_correlation(err)
+    assert len(corr) == 1 and corr.iloc[0]["n_examples"] == 50
+    assert corr.iloc[0]["pearson"] == pytest.approx(np.corrcoef(e_a, e_b)[0, 1], abs=1e-12)
+    self_pair = pe.pair_stats("m", "d", "A", "A", np.array(ids), e_a, e_a)
+    assert self_pair["pearson"] == pytest.approx(1.0) and self_pair["spearman"] == pytest.approx(1.0)
+    assert self_pair["jaccard_top10"] == 1.0
+
+
+def test_residual_predictor_sign_and_depth():
+    ex, ids, e_a, _ = _examples()
+    err = pe.errors(ex, {"m": "W16A16"})
+    res = pd.concat([
+        pd.DataFrame({"model": "m", "dataset": "d", "example_id": ids, "layer": 0, "r_norm": -e_a, "z_norm": e_a}),
+        pd.DataFrame({"model": "m", "dataset": "d", "example_id": ids, "layer": 1, "r_norm": 5 - 3 * e_a, "z_norm": 1.0}),
+    ])
+    pred = pe.residual_predictor(err, res, {"m": "llama"})
+    a = pred[pred["setting"] == "A"].set_index("layer")
+    assert a.loc[0, "rho"] == pytest.approx(-1.0) and a.loc[0, "rho_z"] == pytest.approx(1.0)
+    assert a.loc[1, "rho"] == pytest.approx(-1.0) and math.isnan(a.loc[1, "rho_z"])
+    assert list(a["relative_depth"]) == [0.5, 1.0] and set(pred["family"]) == {"llama"}
+
+
+# --- per-example NLL from the evaluator ------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_weighted_per_example_nll_is_log_ppl(family, trained):
+    m, tok = trained(family)
+    w = perplexity_windows(tok, "wikitext2", 128, path=str(WIKI_TEST), max_windows=24)
+    r = perplexity(m, w, batch_size=5)
+    ex = r["per_example"]
+    assert list(ex.columns) == ["example_id", "n_tokens", "nll"] and len(ex) == 24
+    weighted = float((ex["nll"] * ex["n_tokens"]).sum() / ex["n_tokens"].sum())
+    assert weighted == pytest.approx(math.log(r["ppl"]), abs=1e-6)
+    # one example's NLL is Hugging Face's labels= loss on that example alone
+    with torch.no_grad():
+        hf = float(m(input_ids=w[7:8], labels=w[7:8]).loss)
+    assert ex["nll"].iloc[7] == pytest.approx(hf, rel=1e-5)
+
+
+def test_lambada_per_example_sums_to_metrics(trained):
+    m, tok = trained("llama")
+    reqs = lambada_requests(tok, load_lambada(str(LAMBADA), limit=24))
+    r = lambada(m, reqs, batch_size=7, pad_id=tok.pad_token_id or 0)
+    ex = r["per_example"]
+    assert len(ex) == 24 and set(ex.columns) == {"example_id", "n_tokens", "nll", "correct"}
+    assert list(ex["n_tokens"]) == [len(t) for _, t in reqs]
+    assert float((ex["nll"] * ex["n_tokens"]).mean()) == pytest.approx(r["nll"], abs=1e-9)
+    assert float(ex["correct"].mean()) == r["acc"]
+    # passage 0 alone, unpadded, by hand: NLL of its target tokens
+    ctx, tgt = reqs[0]
+    ids = torch.tensor([ctx + tgt])
+    with torch.no_grad():
+        logp = m(input_ids=ids).logits[0, len(ctx) - 1 : -1].log_softmax(-1)
+    want = -float(logp.gather(-1, torch.tensor(tgt)[:, None]).sum()) / len(tgt)
+    assert ex["nll"].iloc[0] == pytest.approx(want, rel=1e-5)
+
+
+def test_example_ids_are_stable_and_unique(trained):
+    m, tok = trained("opt")
+    w = perplexity_windows(tok, "wikitext2", 128, path=str(WIKI_TEST), max_windows=16)
+    a = perplexity(m, w, batch_size=8)["per_example"]
+    quantize_(m, "W4A8")
+    try:
+        b = perplexity(m, w, batch_size=3)["per_example"]
+    finally:
+        restore_(m)
+    assert list(a["example_id"]) == list(b["example_id"])  # same tokens → same ids, any setting/batching
+    assert list(a["nll"]) != list(b["nll"])
+    ids = example_ids([[1, 2, 3], [4, 5], [1, 2, 3]])
+    assert ids[0] != ids[1] and ids[2] == ids[0] + "~1"
+    assert example_ids([[4, 5]]) == [ids[1]]  # the id depends on the tokens only
+    assert len(ids[0]) == 16
+
+
+def test_documents_mode(trained):
+    m, tok = trained("opt")
+    d = document_examples(tok, "wikitext2", 64, path=str(WIKI_RAW), max_examples=30, use_cache=False)
+    assert d.shape == (30, 65) and bool((d[:, 0] == tok.bos_token_id).all())
+    # shorter documents are dropped: with a huge example_len nothing is left
+    with pytest.raises(ConfigError, match="no document has 100000 tokens"):
+        document_examples(tok, "wikitext2", 100000, path=str(WIKI_RAW), use_cache=False)
+    with pytest.raises(ConfigError, match="has no documents"):
+        document_examples(tok, "lambada", 64, path=str(LAMBADA))
+    r = evaluate_dataset(m, tok, "wikitext2", path=str(WIKI_RAW), examples="documents", example_len=64, max_windows=30, batch_size=8)
+    assert len(r["per_example"]) == 30 and set(r["per_example"]["n_tokens"]) == {64}
+    assert float((r["per_example"]["nll"]).mean()) == pytest.approx(math.log(r["ppl"]), abs=1e-6)
+
+
+def test_documents_config_validation():
+    from quantlens.sweep import DatasetEntry
+
+    with pytest.raises(ValueError, match="examples: 'lambada' has no documents"):
+        DatasetEntry(name="lambada", examples="documents")
+    with pytest.raises(ValueError, match="example_len: only with examples: documents"):
+        DatasetEntry(name="c4", example_len=128)
+    assert DatasetEntry(name="fineweb", examples="documents", example_len=512).example_len == 512
+
+
+# --- residual statistics ------------------------------------------------------------------------------
+def _by_hand(m, ids, family):
+    """r(l) and z(l) captured as whole tensors by independent hooks, reduced here."""
+    from quantlens.patch import find_decoder_blocks
+
+    _, blocks = find_decoder_blocks(m)
+    caught = {}
+    hs = []
+    for i, b in enumerate(blocks):
+        norm2 = getattr(b, block_norms(b)[1])
+        hs.append(norm2.register_forward_pre_hook(lambda mod, a, i=i: caught.__setitem__(("r", i), a[0].detach().clone())))
+        hs.append(b.register_forward_hook(lambda mod, a, o, i=i: caught.__setitem__(("z", i), (o[0] if isinstance(o, tuple) else o).detach().clone())))
+    with torch.no_grad():
+        m(input_ids=ids)
+    for h in hs:
+        h.remove()
+    out = {}
+    for (kind, i), x in caught.items():
+        x = x.reshape(ids.shape[0], ids.shape[1], -1).double()
+        out[(kind, i, "norm")] = x.norm(dim=-1).mean(-1)
+        if kind == "r":
+            xc = x - x.mean(-1, keepdim=True)
+            out[(kind, i, "kurt")] = ((xc**4).mean(-1) / (xc**2).mean(-1) ** 2).mean(-1)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_residual_statistics_equal_hand_computation(family, trained):
+    m, tok = trained(family)
+    w = perplexity_windows(tok, "wikitext2", 128, path=str(WIKI_TEST), max_windows=6)
+    r = perplexity(m, w, batch_size=4, residual=True)
+    res = r["residual"]
+    assert list(res.columns) == ["example_id", "layer", "r_norm", "z_norm", "r_kurtosis"]
+    assert len(res) == 6 * 3 and not res.isna().any().any()
+    want = _by_hand(m, w, family)
+    for layer in range(3):
+        got = res[res["layer"] == layer]
+        np.testing.assert_allclose(got["r_norm"], want[("r", layer, "norm")].numpy(), rtol=1e-5)
+        np.testing.assert_allclose(got["z_norm"], want[("z", layer, "norm")].numpy(), rtol=1e-5)
+        np.testing.assert_allclose(got["r_kurtosis"], want[("r", layer, "kurt")].numpy(), rtol=1e-4)
+    # residual recording changes nothing in the NLL
+    assert r["ppl"] == perplexity(m, w, batch_size=4)["ppl"]
+
+
+def test_residual_statistics_exclude_padding(trained):
+    m, tok = trained("bloom")
+    reqs = lambada_requests(tok, load_lambada(str(LAMBADA), limit=12))
+    batched = lambada(m, reqs, batch_size=12, pad_id=tok.pad_token_id or 0, residual=True)["residual"]
+    alone = lambada(m, reqs, batch_size=1, pad_id=tok.pad_token_id or 0, residual=True)["residual"]
+    np.testing.assert_allclose(batched[["r_norm", "z_norm", "r_kurtosis"]], alone[["r_norm", "z_norm", "r_kurtosis"]], rtol=1e-4)
+
+
+def test_block_not_understood_is_one_clear_error():
+    m = tiny_random_model("llama")
+    m.model.layers[0].extra_norm = type(m.model.layers[0].input_layernorm)(32)
+    with pytest.raises(BlockNotUnderstood, match="LlamaDecoderLayer: expected two norm modules.*input_layernorm, post_attention_layernorm, extra_norm"):
+        ResidualRecorder(m, 4)
+
+
+def test_fineweb_local_jsonl_and_parquet_documents(trained, tmp_path):
+    m, tok = trained("llama")
+    docs = [" ".join(["word"] * n) for n in (10, 80, 200, 5, 90)]
+    pd.DataFrame({"text": docs, "id": range(5)}).to_parquet(tmp_path / "fw.parquet")
+    (tmp_path / "fw.jsonl").write_text("\n".join(pd.Series(docs).map(lambda t: f'{{"text": "{t}"}}')))
+    for f in ("fw.parquet", "fw.jsonl"):
+        d = document_examples(tok, "fineweb", 60, path=str(tmp_path / f), use_cache=False)
+        assert d.shape[0] == 3 and d.shape[1] == 61  # the 10- and 5-word documents are dropped
+    assert document_examples(tok, "fineweb", 60, path=str(tmp_path / "fw.parquet"), max_examples=2, use_cache=False).shape[0] == 2
+
+
+def test_registry_has_the_second_papers_models():
+    from quantlens.models import resolve_model
+    from quantlens.sweep import load_config
+
+    assert resolve_model("llama-3-8b").hf_id == "meta-llama/Meta-Llama-3-8B"
+    assert resolve_model("qwen2.5-7b").family == "qwen" and resolve_model("mistral-nemo-12b").family == "mistral"
+    assert resolve_model("llama-3-70b", "my-org/l3-70b").hf_id == "my-org/l3-70b"
+    cfg = load_config(REPO / "configs" / "paper2-examples.yaml")
+    assert [m.ref for m in cfg.models] == ["qwen2.5-7b", "llama-3-8b", "mistral-nemo-12b", "llama-3-70b"]
+    assert cfg.datasets[0].examples == "documents" and cfg.datasets[0].example_len == 512
