@@ -1,6 +1,7 @@
 """``quantlens`` command line: run a sweep, aggregate, list what exists.
 
     quantlens run configs/demo.yaml [--dry-run] [--force]
+    quantlens explain configs/demo.yaml [--force]     # only the mechanism analyses (config: analysis)
     quantlens aggregate [--experiment NAME] [--sweep-id ID] [--out DIR]
     quantlens list-settings | list-models | list-datasets
     quantlens ui            # the MLflow UI on the default local store
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from quantlens.settings import ConfigError
@@ -90,6 +92,25 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{len(summary['failed'])} failed")
     for f in summary.get("artifacts", []):
         print(f"  wrote {f}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from flows.sweep import NotEvaluated, explain_flow
+    from quantlens.sweep import load_config
+    from tasks.tracking import Tracker
+
+    cfg = load_config(args.config)
+    Tracker(cfg.experiment)  # an unreachable store fails here, before Prefect starts
+    try:
+        out = explain_flow(args.config, force=args.force, results_dir=args.results)
+    except NotEvaluated as err:
+        print(f"quantlens: {err}", file=sys.stderr)
+        return 2
+    print(f"sweep {out['sweep_id']}: {len(out['explained'])} analysis(es) run: {', '.join(out['explained']) or 'none needed'}")
+    for f in out["artifacts"]:
+        if Path(f).stem.startswith(("layer_error", "early_exit", "patching", "fig_layer_error", "fig_early_exit", "fig_patching")):
+            print(f"  wrote {f}")
     return 0
 
 
@@ -183,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="redo every run, finished or not")
     r.add_argument("--results", default="results", help="folder for tables and figures (default: results/)")
     r.set_defaults(fn=cmd_run)
+    e = sub.add_parser("explain", help="layer error, early exit and activation patching of the config's analysis.mechanisms settings")
+    e.add_argument("config")
+    e.add_argument("--force", action="store_true", help="redo analyses already done")
+    e.add_argument("--results", default="results", help="folder for tables and figures (default: results/)")
+    e.set_defaults(fn=cmd_explain)
     a = sub.add_parser("aggregate", help="tables and figures from finished runs in MLflow")
     a.add_argument("--experiment", default="quantlens-demo")
     a.add_argument("--sweep-id", default=None, help="one sweep (default: all runs of the experiment)")

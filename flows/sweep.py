@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 
 from quantlens.models import resolve_model
 from quantlens.patch import restore_
-from quantlens.settings import Setting
+from quantlens.settings import ConfigError, Setting
 from quantlens.sweep import SweepConfig, load_config, run_key, sweep_id
 from tasks import steps
 from tasks.tracking import Tracker, heartbeat_interval, sweep_tag
@@ -351,3 +351,44 @@ def _summary(tracker: Tracker, sid: str, parent: str, attempt: str, grid: int, m
         "skipped": grid - evaluated - len(failed),
         "failed": failed + model_failures,
     }
+
+
+class NotEvaluated(RuntimeError):
+    """``quantlens explain`` needs the evaluations it explains: they are not FINISHED yet."""
+
+
+@flow(name="quantlens-explain", log_prints=True, validate_parameters=False)
+def explain_flow(config: str | dict[str, Any], force: bool = False, results_dir: str = "results") -> dict[str, Any]:
+    """Only the mechanism analyses of ``config.analysis`` (layer error, early exit, patching), on
+    evaluations already FINISHED; then the sweep's report. ``force`` redoes analyses already done."""
+    log = get_run_logger()
+    cfg = load_config(config)
+    if not cfg.analysis.mechanisms:
+        raise ConfigError("analysis.mechanisms: empty, nothing to explain (e.g. analysis: {mechanisms: [W3A16]})")
+    tracker = Tracker(cfg.experiment)
+    settings = cfg.expanded_settings()
+    ref = next(s.name for s in settings if s.is_baseline and s.perturbation is None)
+    sid = sweep_id(cfg)
+    explained: list[str] = []
+    for entry in cfg.models:
+        info, snap = steps.download_model(entry)
+        keys = {s.name: run_key(snap.revision, entry.ref, s, cfg) for s in settings}
+        narrow = f"params.revision = '{snap.revision}'"
+        finished = tracker.finished_keys([keys[n] for n in [ref, *cfg.analysis.mechanisms]], narrow)
+        missing = [n for n in [ref, *cfg.analysis.mechanisms] if keys[n] not in finished]
+        if missing:
+            raise NotEvaluated(f"{info.name}: {', '.join(missing)} not evaluated yet: run `quantlens run` on this config first")
+        if not tracker.analysis_plan(cfg, keys, narrow, force):
+            log.info("%s: every analysis already done (--force redoes them)", info.name)
+            continue
+        model, tokenizer = steps.load_model(snap, cfg.hardware)
+        result: dict[str, Any] = {"explained": []}
+        explain_model(tracker, cfg, info.name, model, keys, narrow, force, result)
+        explained += [f"{info.name}/{e}" for e in result["explained"]]
+        del model
+    from flows.aggregate import aggregate_flow
+
+    parent = tracker.parent_run(sid, cfg.name, {"config_name": cfg.name, "n_models": len(cfg.models), "n_settings": len(settings)})
+    files = aggregate_flow(experiment=cfg.experiment, sweep_id=sid, out_dir=str(Path(results_dir) / sid), parent_run_id=parent)
+    tracker.finish(parent, "FINISHED")
+    return {"sweep_id": sid, "explained": explained, "artifacts": files}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-NUMERIC = ("size_b", "w_bits", "a_bits", "w_group_size", "transform_p", "clip_k", "seed", "seqlen")
+NUMERIC = ("size_b", "w_bits", "a_bits", "kv_bits", "w_group_size", "transform_p", "clip_k", "seed", "seqlen")
 QUALITY = ("lambada_acc", "wikitext2_ppl", "c4_ppl", "lambada_nll")
 
 
@@ -62,21 +62,25 @@ def uniform_vs_nonuniform(df: pd.DataFrame) -> pd.DataFrame:
     plain = _plain(df)
     if plain.empty or "transform_p" not in plain:
         return pd.DataFrame()
-    keys = ["model", "family", "size_b", "w_bits", "a_bits", "w_granularity", "a_granularity", "w_group_size"]
+    keys = ["model", "family", "size_b", "w_bits", "a_bits", "kv_bits", "w_granularity", "a_granularity", "kv_granularity", "w_group_size"]
     keys = [k for k in keys if k in plain]
     rows = []
     metrics = metrics_present(plain)
     for _, uni in plain[plain["transform_p"] == 1.0].iterrows():
-        if uni["w_bits"] == 16 and uni["a_bits"] == 16:
+        kv_bits = uni.get("kv_bits", 16)
+        kv_bits = 16 if pd.isna(kv_bits) else int(kv_bits)
+        if uni["w_bits"] == 16 and uni["a_bits"] == 16 and kv_bits == 16:
             continue
         twins = plain[(plain["transform_p"] != 1.0)]
         for k in keys:
             twins = twins[twins[k] == uni[k]]
         for _, nu in twins.iterrows():
-            row = {"model": uni["model"], "config": f"W{int(uni['w_bits'])}A{int(uni['a_bits'])}", "p": nu["transform_p"]}
+            config = f"W{int(uni['w_bits'])}A{int(uni['a_bits'])}" + (f"KV{kv_bits}" if kv_bits < 16 else "")
+            row = {"model": uni["model"], "config": config, "p": nu["transform_p"]}
             for m in metrics:
                 row[f"{m} uniform"] = uni[m]
                 row[f"{m} non-uniform"] = nu[m]
+                row[f"{m} Δ"] = nu[m] - uni[m]  # non-uniform − uniform: < 0 is better for ppl/nll, > 0 for acc
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantlens.data import example_ids
+from quantlens.patch import set_valid_tokens
 from quantlens.residual import ResidualRecorder
 from quantlens.streaming import streaming_device
 
@@ -181,6 +182,7 @@ def lambada(
         if recorder is not None:
             recorder.begin_batch(torch.tensor(idx), mask)
         ids, mask, tgt, pos, valid = (x.to(device) for x in (ids, mask, tgt, pos, valid))
+        set_valid_tokens(model, mask)  # activation statistics and batch-matched noise skip padding
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         picked = torch.gather(logits, 1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()
         logp = picked.log_softmax(-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
@@ -190,8 +192,11 @@ def lambada(
         correct[idx] = ok.cpu()
         nll[idx] = ex_nll.double().cpu()
 
-    with recorder if recorder is not None else contextlib.nullcontext():
-        used = _run_batches(len(seqs), bs, step, progress)
+    try:
+        with recorder if recorder is not None else contextlib.nullcontext():
+            used = _run_batches(len(seqs), bs, step, progress)
+    finally:
+        set_valid_tokens(model, None)
     secs = time.perf_counter() - t0
     n_tokens = sum(len(s[0]) for s in seqs)
     passages = [ctx + tgt for ctx, tgt in requests]

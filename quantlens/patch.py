@@ -16,7 +16,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from quantlens.perturb import make_generator, perturb, shaped_noise
+from quantlens import kv
+from quantlens.perturb import make_generator, perturb, shaped_noise_rows
 from quantlens.quant import fake_quantize, quantize
 from quantlens.settings import ConfigError, Setting, resolve_setting
 
@@ -48,7 +49,7 @@ class PatchReport:
     def summary(self) -> dict[str, float]:
         """Aggregates per kind: mean ‖Δ‖₂, mean relative error, clipped fraction (element-weighted)."""
         out: dict[str, float] = {}
-        for kind in ("weight", "activation"):
+        for kind in ("weight", "activation", "key", "value"):
             rows = [s for s in self.layers if s.kind == kind]
             if not rows:
                 continue
@@ -122,6 +123,7 @@ class _ActivationState:
         self.last_out: torch.Tensor | None = None
         self.acc: dict[str, list[torch.Tensor]] = {}  # layer -> [Σ Δ², Σ x², n_clipped, Σ α, n_rows, numel]
         self.bypass: set[str] = set()  # layers temporarily at full precision (see full_precision)
+        self.valid: torch.Tensor | None = None  # [batch, tokens] mask of the current forward (padding = 0)
 
     def transform(self, name: str, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         version = _version(x)
@@ -129,17 +131,33 @@ class _ActivationState:
             return self.last_out
         spec = self.setting.activations
         xq = fake_quantize(x, spec)
+        valid = self.valid_rows(x)
         if self.setting.perturbs_activations():
-            delta_std = (xq.to(torch.float32) - x.to(torch.float32)).std(unbiased=False)
-            xq = (x.to(torch.float32) + shaped_noise(x, delta_std, self.setting.perturbation, gen)).to(x.dtype)
+            p = self.setting.perturbation
+            delta = xq.to(torch.float32) - x.to(torch.float32)
+            if p.match == "token":  # per row: the same for a token whatever the batch around it
+                xq = (x.to(torch.float32) + shaped_noise_rows(x, delta.std(-1, unbiased=False, keepdim=True), p, gen)).to(x.dtype)
+            else:  # over the real tokens of this batch
+                rows = valid if valid is not None else torch.ones(x.numel() // x.shape[-1], dtype=torch.bool, device=x.device)
+                target = delta.reshape(-1, x.shape[-1])[rows].std(unbiased=False)
+                xq = (x.to(torch.float32) + shaped_noise_rows(x, target, p, gen, valid=rows)).to(x.dtype)
         seen = self.stats_seen.get(name, 0)
         if seen < self.stats_forwards:
             self.stats_seen[name] = seen + 1
-            self._accumulate(name, x, xq)
+            self._accumulate(name, x, xq, valid)
         self.last_in, self.last_version, self.last_out = x, version, xq
         return xq
 
-    def _accumulate(self, name: str, x: torch.Tensor, xq: torch.Tensor) -> None:
+    def valid_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Which rows (tokens) of ``x`` are real, from the evaluator's attention mask; None = all."""
+        if self.valid is None:
+            return None
+        rows = self.valid.reshape(-1).to(x.device, torch.bool)
+        return rows if rows.numel() * x.shape[-1] == x.numel() else None
+
+    def _accumulate(self, name: str, x: torch.Tensor, xq: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        if valid is not None:  # statistics over the real tokens only
+            x, xq = x.reshape(-1, x.shape[-1])[valid], xq.reshape(-1, xq.shape[-1])[valid]
         xf = x.detach().to(torch.float32)
         d2 = (xq.to(torch.float32) - xf).square().sum()
         x2 = xf.square().sum()
@@ -197,6 +215,7 @@ class _PatchState:
     handles: list[Any]
     activations: _ActivationState | None
     report: PatchReport
+    kv: list[Any] = field(default_factory=list)  # quantlens.kv.KVState per attention module
 
 
 # --- Entry points -----------------------------------------------------------------------------
@@ -247,6 +266,8 @@ def quantize_(
     restore_(model)
     layers = target_linears(model, setting)
     _check_compatible(layers, setting)
+    if setting.kv is not None:
+        kv.check_supported(model)  # an attention that is not understood fails before any weight changes
     report = PatchReport(setting=setting.name)
     originals: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
 
@@ -281,8 +302,19 @@ def quantize_(
                 gen = make_generator(p.seed, name + ":act", dev)
             handles.append(mod.register_forward_pre_hook(_make_hook(act_state, name, gen)))
 
-    setattr(model, _STATE_ATTR, _PatchState(setting, originals, handles, act_state, report))
+    kv_states = []
+    if setting.kv is not None:
+        kv_states = kv.attach(model, setting.kv, setting.perturbation if setting.perturbs_kv() else None, activation_stats_forwards)
+    setattr(model, _STATE_ATTR, _PatchState(setting, originals, handles, act_state, report, kv_states))
     return report
+
+
+def set_valid_tokens(model: nn.Module, mask: torch.Tensor | None) -> None:
+    """Tell the activation hooks which tokens of the next forwards are real (``[batch, tokens]``,
+    0 = padding): activation statistics and ``match: batch`` perturbations then ignore padding."""
+    state: _PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is not None and state.activations is not None:
+        state.activations.valid = mask
 
 
 def activation_report(model: nn.Module) -> list[LayerStats]:
@@ -298,7 +330,18 @@ def full_report(model: nn.Module) -> PatchReport:
     state: _PatchState | None = getattr(model, _STATE_ATTR, None)
     if state is None:
         return PatchReport(setting="W16A16")
-    return PatchReport(setting=state.report.setting, layers=state.report.layers + activation_report(model))
+    return PatchReport(setting=state.report.setting, layers=state.report.layers + activation_report(model) + kv_report(state.kv))
+
+
+def kv_report(states: list[Any]) -> list[LayerStats]:
+    """‖Δ‖₂, relative error and mean α of K and V per attention module (first forwards)."""
+    out = []
+    for st in states:
+        for which, (d2, x2, numel, rows, asum) in st.acc.items():
+            out.append(LayerStats(layer=f"{st.name}.{which}", kind=which, numel=int(numel), delta_l2=d2**0.5,
+                                  rel_error=(d2 / x2) ** 0.5 if x2 > 0 else 0.0, alpha_mean=asum / max(rows, 1),
+                                  alpha_max=float("nan"), clipped_fraction=0.0))
+    return out
 
 
 def reset_activation_stats(model: nn.Module) -> None:
@@ -315,6 +358,8 @@ def restore_(model: nn.Module) -> None:
         return
     for h in state.handles:
         h.remove()
+    if state.kv:
+        kv.detach(model)
     with torch.no_grad():
         for param, orig in state.originals.values():
             param.data = orig.to(param.device)
@@ -352,6 +397,7 @@ def full_precision(model: nn.Module, layers: Iterable[str] | None = None, *, act
         raise KeyError(f"full_precision: not patched layers: {', '.join(sorted(unknown))}")
     swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
     bypassed = set()
+    kv_off: list[Any] = []
     try:
         with torch.no_grad():
             for name in chosen & set(state.originals):
@@ -362,8 +408,13 @@ def full_precision(model: nn.Module, layers: Iterable[str] | None = None, *, act
             bypassed = chosen - state.activations.bypass
             state.activations.bypass |= bypassed
             state.activations.last_in = state.activations.last_out = None
+        kv_off = [st for st in state.kv if st.enabled] if layers is None and activations else []
+        for st in kv_off:
+            st.enabled = False
         yield
     finally:
+        for st in kv_off:
+            st.enabled = True
         with torch.no_grad():
             for param, quantized in swapped:
                 param.data = quantized

@@ -63,6 +63,33 @@ def shaped_noise(
     return e.mul_(torch.as_tensor(target_std, dtype=torch.float32, device=x.device) / std.clamp_min(1e-30))
 
 
+def shaped_noise_rows(
+    x: torch.Tensor, target_std: torch.Tensor, spec: PerturbSpec, generator: torch.Generator,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Like :func:`shaped_noise`, with the std matched **per row** (the last dim: one token of an
+    activation, one token and head of K/V): ``target_std`` has shape ``[..., 1]``. With ``valid``
+    (a bool per row), the std is instead matched over the valid rows together (one scalar target),
+    and the ``inverse`` rule's rms is taken over them. Float32, on ``x``'s device."""
+    e = unit_noise(x.shape, spec.distribution, generator).to(x.device)
+    xf = x.to(torch.float32)
+    if spec.rule == "proportional":
+        e = e.mul_(xf.abs())
+    elif spec.rule == "inverse":
+        if valid is None:
+            rms = xf.square().mean(-1, keepdim=True).sqrt()
+        else:
+            rms = xf.reshape(-1, xf.shape[-1])[valid.reshape(-1)].square().mean().sqrt()
+        e = e.div_(xf.abs() + spec.inverse_eps * rms)
+    elif spec.rule != "additive":
+        raise ValueError(f"rule: unknown {spec.rule!r} (additive, proportional, inverse)")
+    if valid is None:
+        std = e.std(-1, unbiased=False, keepdim=True)
+    else:
+        std = e.reshape(-1, e.shape[-1])[valid.reshape(-1)].std(unbiased=False)
+    return e.mul_(target_std.to(torch.float32) / std.clamp_min(1e-30))
+
+
 def native_error(x: torch.Tensor, reference: QuantSpec) -> torch.Tensor:
     """Δ = Q(x) − x in float32."""
     return fake_quantize(x, reference).to(torch.float32) - x.to(torch.float32)

@@ -59,13 +59,18 @@ def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def power_transform(x: torch.Tensor, p: float) -> torch.Tensor:
-    """f(x) = sign(x)·|x|^p (p = 1/3 is the paper's cube root)."""
-    return torch.sign(x) * x.abs().pow(p)
+    """f(x) = sign(x)·|x|^p (p = 1/3 is the paper's cube root); one temporary, sign by copysign."""
+    return x.abs().pow_(p).copysign_(x)
 
 
 def inverse_power_transform(y: torch.Tensor, p: float) -> torch.Tensor:
-    """f⁻¹(y) = sign(y)·|y|^(1/p)."""
-    return torch.sign(y) * y.abs().pow(1.0 / p)
+    """f⁻¹(y) = sign(y)·|y|^(1/p). When 1/p is an odd integer (3 for the cube root) y^(1/p) keeps
+    the sign by itself: one integer power, no abs/sign passes."""
+    inv = 1.0 / p
+    k = round(inv)
+    if abs(inv - k) < 1e-9 and k % 2 == 1:
+        return y.pow(k)
+    return y.abs().pow_(inv).copysign_(y)
 
 
 def _uniform(
@@ -148,8 +153,13 @@ def _fast_symmetric(xg: torch.Tensor, bits: int) -> torch.Tensor:
 def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Q(x) only: the hot path used on activations at every forward (no statistics, no sync)."""
     shape, dtype = x.shape, x.dtype
-    if spec.symmetric and spec.clip_k is None and not spec.nonuniform:
-        return _fast_symmetric(_grouped(x.to(torch.float32), spec), spec.bits).reshape(shape).to(dtype)
+    if spec.symmetric and spec.clip_k is None:
+        xf = x.to(torch.float32)
+        if not spec.nonuniform:
+            return _fast_symmetric(_grouped(xf, spec), spec.bits).reshape(shape).to(dtype)
+        # non-uniform: the same fast symmetric rounding on f(x), then f⁻¹ (W8A8-nu's hot path)
+        xq = _fast_symmetric(_grouped(power_transform(xf, spec.transform_p), spec), spec.bits).reshape(shape)
+        return inverse_power_transform(xq, spec.transform_p).to(dtype)
     xf = x.to(torch.float32)
     nonuniform = spec.transform_p != 1.0
     if nonuniform:

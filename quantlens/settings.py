@@ -14,9 +14,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Granularity = Literal["tensor", "channel", "group", "token"]
+KVGranularity = Literal["token", "head", "channel"]
 Distribution = Literal["gaussian", "uniform", "binary"]
 MagnitudeRule = Literal["additive", "proportional", "inverse"]
-Target = Literal["weights", "activations", "both"]
+Target = Literal["weights", "activations", "both", "kv"]
 
 NONUNIFORM_P = 1.0 / 3.0  # the paper's cube-root transform
 
@@ -64,6 +65,38 @@ class QuantSpec(_Strict):
         return self.transform_p != 1.0
 
 
+class KVSpec(_Strict):
+    """How the KV cache is quantized: keys (after the rotary embedding where there is one) and
+    values, per head, as a cache would hold them ([batch, heads, tokens, head_dim]).
+
+    ``token``: one scale per token and head over head_dim (``group_size`` splits head_dim);
+    ``head``: one scale per head over all its tokens and dims; ``channel``: one scale per head_dim
+    channel of a head over the tokens (KIVI's choice for keys).
+    """
+
+    bits: int = Field(8, ge=2, le=16, description="bit width, 2..16")
+    granularity: KVGranularity = "token"
+    group_size: int | None = Field(None, gt=0, description="token granularity: groups of head_dim")
+    symmetric: bool = True
+    transform_p: float = Field(1.0, gt=0.0, le=1.0, description="power transform exponent p; 1/3 = cube root")
+    clip_k: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _group_only_per_token(self) -> "KVSpec":
+        if self.group_size is not None and self.granularity != "token":
+            raise ValueError(f"group_size is only valid with granularity 'token' (granularity is {self.granularity!r})")
+        return self
+
+    @property
+    def nonuniform(self) -> bool:
+        return self.transform_p != 1.0
+
+    def row_spec(self) -> QuantSpec:
+        """The quantizer applied along the last dim once K/V are laid out for this granularity."""
+        gran = {"granularity": "group", "group_size": self.group_size} if self.group_size else {"granularity": "token"}
+        return QuantSpec(bits=self.bits, symmetric=self.symmetric, transform_p=self.transform_p, clip_k=self.clip_k, **gran)
+
+
 class PerturbSpec(_Strict):
     """Artificial noise replacing the native quantization error Δ, with Var(noise) = Var(Δ).
 
@@ -81,6 +114,11 @@ class PerturbSpec(_Strict):
     rng: Literal["cpu", "device"] = Field(
         "cpu", description="'cpu': bit-identical noise on CPU and GPU; 'device': faster activation noise"
     )
+    match: Literal["token", "batch"] = Field(
+        "token",
+        description="activations / KV: match the noise's std (and the inverse rule's rms) per token — independent "
+        "of batching and padding — or over the real (unpadded) tokens of each batch",
+    )
 
 
 class Setting(_Strict):
@@ -90,6 +128,7 @@ class Setting(_Strict):
     base: str | None = Field(None, description="the setting this one was derived from (groups seeds/k in figures)")
     weights: QuantSpec | None = None
     activations: QuantSpec | None = None
+    kv: KVSpec | None = Field(None, description="KV-cache quantization (keys after RoPE, values), per head")
     perturbation: PerturbSpec | None = None
     include_lm_head: bool = False
     include_embeddings: bool = False
@@ -105,11 +144,13 @@ class Setting(_Strict):
             raise ValueError(
                 f"perturbation.target {p.target!r} needs an activations spec as the reference quantizer"
             )
+        if p.target == "kv" and self.kv is None:
+            raise ValueError("perturbation.target 'kv' needs a kv spec as the reference quantizer")
         return self
 
     @property
     def is_baseline(self) -> bool:
-        return self.weights is None and self.activations is None and not self.include_embeddings
+        return self.weights is None and self.activations is None and self.kv is None and not self.include_embeddings
 
     @property
     def w_bits(self) -> int:
@@ -119,6 +160,13 @@ class Setting(_Strict):
     def a_bits(self) -> int:
         return self.activations.bits if self.activations else 16
 
+    @property
+    def kv_bits(self) -> int:
+        return self.kv.bits if self.kv else 16
+
+    def perturbs_kv(self) -> bool:
+        return self.perturbation is not None and self.perturbation.target == "kv"
+
     def perturbs_weights(self) -> bool:
         return self.perturbation is not None and self.perturbation.target in ("weights", "both")
 
@@ -127,8 +175,8 @@ class Setting(_Strict):
 
     def flat_params(self) -> dict[str, Any]:
         """Flat, stable key/values (the MLflow params schema uses these names)."""
-        w, a, p = self.weights, self.activations, self.perturbation
-        spec = w or a
+        w, a, p, kv = self.weights, self.activations, self.perturbation, self.kv
+        spec = w or a or kv
         return {
             "setting": self.name,
             "w_bits": self.w_bits,
@@ -143,6 +191,11 @@ class Setting(_Strict):
             "perturbation": f"{p.distribution}-{p.rule}-{p.target}" if p else "none",
             "base": self.base or self.name,
             "seed": p.seed if p else 0,
+            "kv_bits": self.kv_bits,
+            "kv_granularity": kv.granularity if kv else "none",
+            "kv_group_size": kv.group_size or 0 if kv else 0,
+            "kv_transform_p": kv.transform_p if kv else 1.0,
+            "kv_clip_k": kv.clip_k or 0.0 if kv else 0.0,
         }
 
 
@@ -154,9 +207,11 @@ def _validated(cls: type[BaseModel], data: dict[str, Any], what: str) -> Any:
 
 
 # --- Names --------------------------------------------------------------------------------------
-# W{wbits}A{abits}[-g{group}][-nu][-p{exp}][-clip{k}], e.g. W8A8, W4A16-g128, W4A16-nu, W3A16-clip3.
+# W{wbits}A{abits}[KV{kvbits}][-g{group}][-nu][-p{exp}][-clip{k}], e.g. W8A8, W4A16-g128, W4A16-nu,
+# W3A16-clip3, W16A16KV4, W4A16KV4-nu. -g is the weights' group size; -nu / -p / -clip apply to every
+# quantized part (weights, activations, KV cache); 16 bits means "not quantized".
 _NAME = re.compile(
-    r"^W(?P<w>\d+)A(?P<a>\d+)(?:-g(?P<g>\d+))?(?P<nu>-nu)?(?:-p(?P<p>[0-9.]+))?(?:-clip(?P<k>[0-9.]+))?$"
+    r"^W(?P<w>\d+)A(?P<a>\d+)(?:KV(?P<kv>\d+))?(?:-g(?P<g>\d+))?(?P<nu>-nu)?(?:-p(?P<p>[0-9.]+))?(?:-clip(?P<k>[0-9.]+))?$"
 )
 PRESET_NAMES = ("W16A16", "W8A8", "W4A16", "W4A8", "W8A8-nu", "W4A16-nu", "W4A8-nu")
 
@@ -167,10 +222,11 @@ def setting_from_name(name: str) -> Setting:
     if m is None:
         raise ConfigError(
             f"unknown setting {name!r}: expected a preset ({', '.join(PRESET_NAMES)}) or a name of the "
-            "form W<bits>A<bits>[-g<group>][-nu][-p<exp>][-clip<k>], e.g. W3A16-g64-nu"
+            "form W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-clip<k>], e.g. W3A16-g64-nu, W16A16KV4"
         )
     wb, ab = int(m["w"]), int(m["a"])
-    for field, bits in (("weights.bits", wb), ("activations.bits", ab)):
+    kvb = int(m["kv"]) if m["kv"] else 16
+    for field, bits in (("weights.bits", wb), ("activations.bits", ab), ("kv.bits", kvb)):
         if not 2 <= bits <= 16:
             raise ConfigError(f"invalid setting {name!r}: {field}: must be between 2 and 16 (16 = not quantized), got {bits}")
     if m["nu"] and m["p"]:
@@ -185,6 +241,8 @@ def setting_from_name(name: str) -> Setting:
         raise ConfigError(f"invalid setting {name!r}: weights.group_size given but weights are not quantized (16 bits)")
     if ab < 16:
         data["activations"] = {"bits": ab, "granularity": "token", "transform_p": p, "clip_k": k}
+    if kvb < 16:
+        data["kv"] = {"bits": kvb, "granularity": "token", "transform_p": p, "clip_k": k}
     return _validated(Setting, data, f"setting {name!r}")
 
 

@@ -199,10 +199,10 @@ def expand_setting(entry: str | dict[str, Any]) -> list[Setting]:
             d = resolve_setting({**d, "name": str(d["base"])}).model_dump(exclude_none=True)
         for k in ("clip_k", "transform_p"):
             if k in choice:
-                for part in ("weights", "activations"):
+                for part in ("weights", "activations", "kv"):
                     if d.get(part):
                         d[part] = {**d[part], k: choice[k]}
-                if not d.get("weights") and not d.get("activations"):
+                if not d.get("weights") and not d.get("activations") and not d.get("kv"):
                     raise ConfigError(f"{k}: the setting {base_name!r} quantizes nothing to apply it to")
         if pert is not None:
             p = {k: v for k, v in pert.items() if k not in pgrids}

@@ -43,3 +43,19 @@ def test_report_files(tmp_path):
     assert {"results.csv", "results.md", "uniform_vs_nonuniform.md", "clipping.csv", "fig1_wikitext2_ppl_vs_size.png",
             "fig3_alpha_vs_delta.png", "fig4_perturbations_wikitext2_ppl.png", "fig5_clipping.png"} <= files
     assert write_report(pd.DataFrame(), tmp_path / "empty") == []
+
+
+def test_uniform_vs_nonuniform_has_kv_rows_and_a_difference_column():
+    df = frame()
+    extra = []
+    for setting, p, ppl in (("W16A16KV4", 1.0, 12.5), ("W16A16KV4-nu", 1 / 3, 12.0)):
+        row = df[(df["params.model"] == "m1") & (df["params.setting"] == "W16A16")].iloc[0].to_dict()
+        row.update({"params.setting": setting, "params.base": setting, "params.kv_bits": "4", "params.kv_granularity": "token",
+                    "params.transform_p": str(p), "metrics.wikitext2_ppl": ppl})
+        extra.append(row)
+    df = pd.concat([df.assign(**{"params.kv_bits": "16", "params.kv_granularity": "none"}), pd.DataFrame(extra)])
+    uv = uniform_vs_nonuniform(tidy(df))
+    kv = uv[uv["config"] == "W16A16KV4"].iloc[0]
+    assert kv["model"] == "m1" and kv["wikitext2_ppl Δ"] == pytest.approx(-0.5)
+    assert list(uv["config"]).count("W4A16") == 2  # the KV twins do not pair with the weight settings
+    assert uv[uv["config"] == "W4A16"]["wikitext2_ppl Δ"].tolist() == [pytest.approx(-1.0)] * 2

@@ -260,3 +260,41 @@ def test_per_example_artifacts_and_analysis_end_to_end(env):
     again = sweep_flow(cfg, results_dir=str(env / "results"))
     assert again["evaluated"] == 0
     pd.testing.assert_frame_equal(pd.read_csv(out / "error_correlation.csv"), corr)
+
+
+def test_mechanism_analysis_step_failure_rerun_and_explain(env, monkeypatch):
+    """The analysis runs after a model's evaluations; a failed analysis fails the sweep and a rerun
+    redoes only it; `all` patched equals W16A16 on D_large; `explain` reuses or redoes it."""
+    import math
+
+    import pandas as pd
+
+    from flows.sweep import SweepIncomplete, explain_flow, sweep_flow
+    from tasks.tracking import Tracker
+
+    cfg = config(name="mechanisms", models=[str(MODELS / "tiny-opt")], settings=["W16A16", "W3A16"],
+                 datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 30}],
+                 analysis={"mechanisms": ["W3A16"], "layers": "upper_half", "batch_size": 4})
+    monkeypatch.setenv("QUANTLENS_INJECT_FAULT", "tiny-opt:explain-W3A16")
+    with pytest.raises(SweepIncomplete, match="explain wikitext2.*injected fault"):
+        sweep_flow(cfg, results_dir=str(env / "results"))
+    monkeypatch.delenv("QUANTLENS_INJECT_FAULT")
+    summary = sweep_flow(cfg, results_dir=str(env / "results"))
+    assert summary["evaluated"] == 0 and summary["failed"] == []  # only the analysis was redone
+    out = env / "results" / summary["sweep_id"]
+    patching = pd.read_csv(out / "patching.csv").set_index("patched")
+    assert {"none", "all", "attention", "mlp", "mlp.fc1", "mlp.fc2", "fc1.input", "fc1.weights_16bit", "upper_k_16bit"} <= set(patching.index)
+    t = Tracker("test")
+    df = runs("FINISHED", summary["sweep_id"])
+    ref_run = df[df["params.setting"] == "W16A16"]["run_id"].iloc[0]
+    ref = t.read_frames(ref_run, "per_example")["wikitext2"].set_index("example_id")
+    d_large = pd.read_csv(out / "d_large_tiny-opt_wikitext2.csv")
+    ids = d_large[(d_large["setting"] == "W3A16") & (d_large["set"] == "large")]["example_id"]
+    r = ref.loc[ids]
+    w16 = math.exp(float((r["nll"] * r["n_tokens"]).sum() / r["n_tokens"].sum()))
+    assert patching.loc["all", "ppl"] == pytest.approx(w16, rel=1e-3)
+    assert patching.loc["all", "ppl"] < patching.loc["none", "ppl"]
+    for f in ("layer_error.csv", "early_exit.csv", "fig_patching.png", "fig_early_exit_tiny-opt.png", "fig_layer_error_tiny-opt.png"):
+        assert (out / f).is_file(), f
+    assert explain_flow(cfg, results_dir=str(env / "results"))["explained"] == []
+    assert explain_flow(cfg, force=True, results_dir=str(env / "results"))["explained"] == ["tiny-opt/W3A16/wikitext2"]

@@ -1,0 +1,202 @@
+"""KV-cache fake quantization: keys and values as a cache would hold them, per head.
+
+What is quantized is the attention's K and V in the ``[batch, heads, tokens, head_dim]`` layout in
+which the cache stores them: keys *after* the rotary embedding where the model applies one
+(LLaMA, Qwen2, Mistral), values as stored, before any grouped-query repetition. Two routes:
+
+- models whose attention calls transformers' pluggable attention interface
+  (``ALL_ATTENTION_FUNCTIONS``: OPT, LLaMA and most current models) — the registered functions
+  (sdpa, flash…, and eager) are wrapped once per process; the wrapper acts only on attention
+  modules that carry a KV state (so unpatched models, or other models in the process, are
+  untouched) and passes K/V through :func:`quantize_kv` before the original function;
+- BLOOM, which computes its own attention (fused ``query_key_value``, ALiBi): its ``_reshape``
+  (fused QKV → query, key, value per head) is wrapped on each attention module.
+
+Any other attention raises :class:`AttentionNotUnderstood` before a weight changes.
+Perturbations with ``target: kv`` replace the error by noise of the same std **per token and
+head** (each row of head_dim), so the magnitude never depends on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from quantlens.perturb import make_generator, shaped_noise_rows
+from quantlens.quant import fake_quantize
+from quantlens.settings import KVSpec, PerturbSpec
+
+_STATE = "_quantlens_kv"
+_WRAPPED = "_quantlens_kv_wrapped"
+
+
+class AttentionNotUnderstood(ValueError):
+    """The model's attention is neither on transformers' attention interface nor BLOOM's."""
+
+
+def quantize_kv(x: torch.Tensor, spec: KVSpec) -> torch.Tensor:
+    """Fake-quantize a K or V tensor ``[batch, heads, tokens, head_dim]`` under ``spec``."""
+    row = spec.row_spec()
+    if spec.granularity == "token":
+        return fake_quantize(x, row)
+    if spec.granularity == "head":
+        b, h, t, d = x.shape
+        return fake_quantize(x.reshape(b, h, 1, t * d), row).reshape(b, h, t, d)
+    return fake_quantize(x.transpose(-1, -2), row).transpose(-1, -2)  # channel: over the tokens
+
+
+@dataclass
+class KVState:
+    """Per attention module: the spec, optional perturbation, and Δ statistics of K and V."""
+
+    name: str
+    spec: KVSpec
+    perturbation: PerturbSpec | None
+    stats_forwards: int
+    enabled: bool = True
+    seen: int = 0
+    acc: dict[str, list[float]] = field(default_factory=dict)  # "key"/"value" → [Σ Δ², Σ x², numel, n_rows, Σ α]
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
+
+    def apply(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.enabled:
+            return key, value
+        record = self.seen < self.stats_forwards
+        self.seen += 1
+        return self._one("key", key, record), self._one("value", value, record)
+
+    def _one(self, which: str, x: torch.Tensor, record: bool) -> torch.Tensor:
+        xq = quantize_kv(x, self.spec)
+        if self.perturbation is not None:
+            gen = self.generators.get(which)
+            if gen is None:
+                gen = self.generators[which] = make_generator(self.perturbation.seed, f"{self.name}:{which}")
+            delta_std = (xq.float() - x.float()).std(-1, unbiased=False, keepdim=True)  # per token and head
+            xq = (x.float() + shaped_noise_rows(x, delta_std, self.perturbation, gen)).to(x.dtype)
+        if record:
+            xf = x.detach().float()
+            d2 = float((xq.float() - xf).square().sum())
+            acc = self.acc.setdefault(which, [0.0, 0.0, 0.0, 0.0, 0.0])
+            acc[0] += d2
+            acc[1] += float(xf.square().sum())
+            acc[2] += float(xf.numel())
+            rows = xf.reshape(-1, xf.shape[-1])
+            acc[3] += float(rows.shape[0])
+            acc[4] += float(rows.abs().amax(-1).sum())
+        return xq
+
+
+# --- route 1: transformers' attention interface ------------------------------------------------------
+def _wrap(fn: Callable) -> Callable:
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kw: Any) -> Any:
+        state: KVState | None = getattr(module, _STATE, None)
+        if state is not None:
+            key, value = state.apply(key, value)
+        return fn(module, query, key, value, *args, **kw)
+
+    setattr(attention, _WRAPPED, fn)
+    return attention
+
+
+def _eager_for(module: nn.Module) -> Callable | None:
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def _install_interface_wrappers() -> None:
+    """Wrap every registered attention function once (idempotent)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for name in list(ALL_ATTENTION_FUNCTIONS.keys()):
+        fn = ALL_ATTENTION_FUNCTIONS[name]
+        if not hasattr(fn, _WRAPPED):
+            ALL_ATTENTION_FUNCTIONS[name] = _wrap(fn)
+
+
+def _eager_dispatch(module: nn.Module, *args: Any, **kw: Any) -> Any:
+    return _wrap(_eager_for(module))(module, *args, **kw)
+
+
+def _uses_interface(module: nn.Module) -> bool:
+    mod = sys.modules.get(type(module).__module__)
+    return mod is not None and hasattr(mod, "ALL_ATTENTION_FUNCTIONS") and _eager_for(module) is not None
+
+
+# --- route 2: BLOOM ------------------------------------------------------------------------------------
+def _is_bloom(module: nn.Module) -> bool:
+    return type(module).__name__ == "BloomAttention" and hasattr(module, "_reshape")
+
+
+def _wrap_bloom(module: nn.Module) -> None:
+    original = module._reshape
+
+    def reshape(fused_qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = original(fused_qkv)
+        state: KVState | None = getattr(module, _STATE, None)
+        if state is not None:
+            k, v = state.apply(k, v)
+        return q, k, v
+
+    module._reshape = reshape  # instance attribute: shadows the method, removed by detach
+
+
+# --- attach / detach -------------------------------------------------------------------------------------
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The attention module of each decoder block (the child whose name says attention)."""
+    from quantlens.patch import find_decoder_blocks
+
+    prefix, blocks = find_decoder_blocks(model)
+    out = []
+    for i, block in enumerate(blocks):
+        found = [(n, m) for n, m in block.named_children()
+                 if ("attn" in n.lower() or "attention" in n.lower()) and any(isinstance(x, nn.Linear) for x in m.modules())]
+        if len(found) != 1:
+            raise AttentionNotUnderstood(f"{type(block).__name__}: no single attention module among {[n for n, _ in block.named_children()]}")
+        out.append((f"{prefix}.{i}.{found[0][0]}", found[0][1]))
+    return out
+
+
+def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The attention modules, or :class:`AttentionNotUnderstood` naming the first that is not."""
+    mods = attention_modules(model)
+    for name, m in mods:
+        if not (_uses_interface(m) or _is_bloom(m)):
+            raise AttentionNotUnderstood(
+                f"{type(m).__name__} ({name}): KV quantization needs transformers' attention interface "
+                "(ALL_ATTENTION_FUNCTIONS) or BLOOM's attention; this attention is not understood"
+            )
+    return mods
+
+
+def attach(model: nn.Module, spec: KVSpec, perturbation: PerturbSpec | None = None, stats_forwards: int = 4) -> list[KVState]:
+    """Quantize (or perturb) the KV cache of every decoder block from the next forward on."""
+    mods = check_supported(model)
+    _install_interface_wrappers()
+    _ensure_eager(model)
+    states = []
+    for name, m in mods:
+        st = KVState(name, spec, perturbation, stats_forwards)
+        setattr(m, _STATE, st)
+        if _is_bloom(m) and "_reshape" not in m.__dict__:
+            _wrap_bloom(m)
+        states.append(st)
+    return states
+
+
+def _ensure_eager(model: nn.Module) -> None:
+    """The eager path is the module's own function, not in the registry: register a dispatcher."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if getattr(model.config, "_attn_implementation", None) == "eager" and "eager" not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS["eager"] = _eager_dispatch
+
+
+def detach(model: nn.Module) -> None:
+    for _, m in attention_modules(model):
+        if hasattr(m, _STATE):
+            delattr(m, _STATE)
+        if "_reshape" in m.__dict__:
+            del m.__dict__["_reshape"]
