@@ -28,8 +28,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="quantlens-bench-")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
     os.environ.setdefault("PREFECT_HOME", f"{tmp}/prefect")
-    from flows.sweep import sweep_flow
-    from tasks.tracking import Tracker
+    from quantlens.flows.sweep import sweep_flow
+    from quantlens.tasks.tracking import Tracker
 
     settings = [f"W{b}A16" for b in range(2, 16)] + [f"W{b}A8" for b in range(2, 16)]
     cfg = {

@@ -11,7 +11,7 @@ from prefect.cache_policies import NONE
 from quantlens.aggregate import write_report
 from quantlens.mechanism_report import write_mechanism_report
 from quantlens.per_example import write_per_example_report
-from tasks.tracking import Tracker
+from quantlens.tasks.tracking import Tracker
 
 
 def is_reference(row: pd.Series) -> bool:

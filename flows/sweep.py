@@ -11,28 +11,24 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from quantlens.models import resolve_model
+from quantlens.errors import AnalysisFailed, NotEvaluated, SweepIncomplete
+from quantlens.preflight import preflight
 from quantlens.patch import restore_
 from quantlens.settings import ConfigError, Setting
 from quantlens.sweep import SweepConfig, load_config, run_key, sweep_id
-from tasks import steps
-from tasks.tracking import Tracker, heartbeat_interval, sweep_tag
-
-
-class AnalysisFailed(RuntimeError):
-    """A mechanism analysis failed (its evaluation runs are unaffected). Rerun to redo only it."""
-
-
-class SweepIncomplete(RuntimeError):
-    """Some (model, setting) runs failed; the others finished and are logged. Rerun to redo them."""
+from quantlens.console import Progress, end_attempt, progress_for, say, start_attempt, status
+from quantlens.tasks import steps
+from quantlens.tasks.ledger import RunLedger
+from quantlens.tasks.tracking import Tracker
 
 
 def git_commit() -> str:
@@ -56,30 +52,6 @@ def device_tag(model: Any) -> str:
     return f"{dev.type}:{socket.gethostname()}"
 
 
-@dataclass
-class Progress:
-    """Runs done/left and an ETA from the mean time of the runs evaluated so far."""
-
-    total: int
-    done: int = 0
-    evaluated: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def tick(self, evaluated: bool) -> str:
-        self.done += 1
-        self.evaluated += int(evaluated)
-        left = self.total - self.done
-        if self.evaluated:
-            eta = (time.perf_counter() - self.started) / self.evaluated * left
-            eta_s = time.strftime("%H:%M:%S", time.gmtime(eta))
-        else:
-            eta_s = "?"
-        return f"[{self.done}/{self.total}, {left} left, ETA {eta_s}]"
-
-
-_PROGRESS: dict[str, Progress] = {}
-
-
 def _attempt_id() -> str:
     return flow_run.get_id() or f"local-{uuid.uuid4().hex[:12]}"
 
@@ -98,71 +70,70 @@ def eval_params(cfg: SweepConfig, info: Any, revision: str, setting: Setting) ->
 
 
 @dataclass
-class _RunContext:
+class _ModelRun:
+    """What every evaluation of one loaded model shares."""
+
     cfg: SweepConfig
     info: Any
     revision: str
-    sweep_id: str
     parent_run_id: str
-    attempt: str
-    device: str
-    commit: str
-    tracker: Tracker
+    ledger: RunLedger
     progress: Progress
-    force: bool = False
+    tags: dict[str, str]
+    result: dict[str, Any]
 
 
-def _finished_elsewhere(ctx: _RunContext, s: Setting, run_id: str, result: dict[str, Any]) -> None:
-    """Another attempt finished this key: count its run as part of this sweep's grid."""
-    ctx.tracker.log(run_id, tags={sweep_tag(ctx.sweep_id): "1"})
-    get_run_logger().info("%s %s/%s: FINISHED by another attempt (run %s)", ctx.progress.tick(False), ctx.info.name, s.name, run_id)
-    result["skipped"] += 1
+def _note_done_elsewhere(mr: _ModelRun, s: Setting, run_id: str) -> None:
+    mr.result["skipped"] += 1
+    line = f"{mr.progress.tick(False)} {mr.info.name}/{s.name}: FINISHED by another attempt (run {run_id})"
+    get_run_logger().info(line)
+    say(line)
 
 
-def _evaluate_one(ctx: _RunContext, model: Any, tokenizer: Any, s: Setting, key: str, result: dict[str, Any]) -> str | None:
-    """Claim the key, then patch → evaluate each dataset → log → restore. Returns the owning run
-    id when another live attempt holds the key (nothing was evaluated), else None."""
+def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key: str) -> str | None:
+    """Acquire the key, then patch → evaluate each dataset → log → restore. Returns the run that
+    holds the key when another live attempt is evaluating it (nothing done here), else None."""
     log = get_run_logger()
-    name = ctx.info.name
-    t0 = time.perf_counter()  # before start_eval: its cost counts as overhead
-    run_id = ctx.tracker.start_eval(
-        ctx.parent_run_id,
-        f"{name}/{s.name}",
-        eval_params(ctx.cfg, ctx.info, ctx.revision, s),
-        {"sweep_id": ctx.sweep_id, sweep_tag(ctx.sweep_id): "1", "run_key": key, "git_commit": ctx.commit, "device": ctx.device, "attempt": ctx.attempt},
-    )
-    owner = ctx.tracker.claim(key, run_id, ctx.force)
-    if owner is not None:
-        ctx.tracker.discard(run_id)
-        if owner[0] == "FINISHED":
-            _finished_elsewhere(ctx, s, owner[1], result)
-            return None
-        return owner[1]
+    name = mr.info.name
+    t0 = time.perf_counter()  # before acquiring: its cost counts as overhead
+    got = mr.ledger.acquire(key, mr.parent_run_id, f"{s.name} · {name}", eval_params(mr.cfg, mr.info, mr.revision, s), mr.tags)
+    if got.state == "done":
+        _note_done_elsewhere(mr, s, got.run_id)
+        return None
+    if got.state == "busy":
+        return got.run_id
+    lease = got.lease
     try:
-        with ctx.tracker.heartbeat(run_id):
+        with lease:
             steps.patch(model, s)
             metrics: dict[str, float] = {}
             tokens = 0.0
-            for d in ctx.cfg.datasets:
-                m, frames = steps.evaluate(model, tokenizer, d, ctx.cfg.eval, name, s)
+            for d in mr.cfg.datasets:
+                status(f"{mr.progress.done}/{mr.progress.total} runs · {name} · {s.name} · {d.name} …")
+                m, frames = steps.evaluate(model, tokenizer, d, mr.cfg.eval, name, s)
                 tokens += m.get(f"{d.name}_tokens", 0.0)
-                ctx.tracker.log(run_id, metrics=m)  # per dataset: nothing finished is lost
-                ctx.tracker.log_frames(run_id, frames)
+                mr.ledger.tracker.log(lease.run_id, metrics=m)  # per dataset: nothing finished is lost
+                mr.ledger.tracker.log_frames(lease.run_id, frames)
+                mr.ledger.tracker.log_inputs(lease.run_id, [steps.dataset_input(d, mr.cfg.eval, m)])
                 metrics.update(m)
             pert, rows = steps.perturbation_metrics(model)
             eval_s = sum(v for k, v in metrics.items() if k.endswith("_seconds"))
-            ctx.tracker.log(run_id, metrics={**pert, "eval_seconds": eval_s, "tokens_per_s": tokens / eval_s if eval_s else 0.0})
-            ctx.tracker.log_rows(run_id, rows, "layer_stats.csv")
+            mr.ledger.tracker.log(lease.run_id, metrics={**pert, "eval_seconds": eval_s, "tokens_per_s": tokens / eval_s if eval_s else 0.0})
+            mr.ledger.tracker.log_rows(lease.run_id, rows, "layer_stats.csv")
             # wall time of the whole run (patch, evaluation, logging): minus eval_seconds = overhead
-            ctx.tracker.log(run_id, metrics={"wall_seconds": time.perf_counter() - t0})
-        ctx.tracker.finish(run_id, "FINISHED")
-        result["evaluated"].append(s.name)
+            mr.ledger.tracker.log(lease.run_id, metrics={"wall_seconds": time.perf_counter() - t0})
+        lease.finish()
+        mr.result["evaluated"].append(s.name)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith(("_ppl", "_acc")))
-        log.info("%s %s/%s: %s (%.1fs)", ctx.progress.tick(True), name, s.name, shown, time.perf_counter() - t0)
+        line = f"{mr.progress.tick(True)} {name}/{s.name}: {shown} ({time.perf_counter() - t0:.1f}s)"
+        log.info(line)
+        say(line)
     except Exception as err:
-        ctx.tracker.mark_failed(run_id, f"{type(err).__name__}: {err}"[:4000])
-        result["failed"].append(f"{s.name}: {type(err).__name__}: {err}")
-        log.error("%s %s/%s FAILED: %s", ctx.progress.tick(True), name, s.name, err)
+        why = f"{type(err).__name__}: {err}"
+        lease.fail(why, traceback.format_exc())
+        mr.result["failed"].append(f"{s.name}: {why}")
+        # ERROR records reach the console in quiet mode too: one line, the traceback is in MLflow
+        log.error(f"{mr.progress.tick(True)} {name}/{s.name} FAILED: {why} (traceback: artifact failure.log of MLflow run {lease.run_id})")
     finally:
         restore_(model)
     return None
@@ -170,59 +141,53 @@ def _evaluate_one(ctx: _RunContext, model: Any, tokenizer: Any, s: Setting, key:
 
 @flow(name="quantlens-model", log_prints=True, validate_parameters=False)
 def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, attempt: str, force: bool = False) -> dict[str, Any]:
-    """Download → load once → for each setting not yet FINISHED: patch, evaluate, log, restore."""
+    """Download → load once → for each setting: lease, patch, evaluate, log, restore → explain."""
     log = get_run_logger()
     cfg = SweepConfig.model_validate(config)
     entry = cfg.models[model_index]
     settings = cfg.expanded_settings()
-    sid = sweep_id(cfg)
-    # In-process the sweep registered the whole grid; on a worker this model's settings are the total.
-    progress = _PROGRESS.setdefault(attempt, Progress(total=len(settings)))
-    tracker = Tracker(cfg.experiment)
+    ledger = RunLedger(Tracker(cfg.experiment), sweep_id(cfg), attempt, force)
+    progress = progress_for(attempt, len(settings))
 
     info, snap = steps.download_model(entry)
-    keys = {s.name: run_key(snap.revision, entry.ref, s, cfg) for s in settings}
-    narrow = f"params.revision = '{snap.revision}'"
-    done = {} if force else tracker.finished_keys(list(keys.values()), narrow)
-    stale = tracker.fail_stale(list(keys.values()), attempt, narrow)
-    if stale:
-        log.warning("%s: marked %d run(s) of an earlier, unfinished attempt FAILED", info.name, stale)
-    todo = [s for s in settings if keys[s.name] not in done]
-    for s in settings:
-        if keys[s.name] in done:
-            tracker.log(done[keys[s.name]], tags={sweep_tag(sid): "1"})  # reused: part of this sweep's grid
-            log.info("%s %s/%s: already FINISHED (run %s), skipped", progress.tick(False), info.name, s.name, done[keys[s.name]])
-    result: dict[str, Any] = {"model": info.name, "evaluated": [], "failed": [], "skipped": len(settings) - len(todo), "explained": []}
-    if not todo and not tracker.analysis_plan(cfg, keys, narrow, force):
+    keys = ledger.keys(cfg, entry, snap.revision)
+    reused, reaped = ledger.open_keys(keys, snap.revision)
+    if reaped:
+        log.warning("%s: marked %d run(s) of an earlier, unfinished attempt FAILED", info.name, reaped)
+    for name, run_id in reused.items():
+        log.info("%s %s/%s: already FINISHED (run %s), skipped", progress.tick(False), info.name, name, run_id)
+    todo = [s for s in settings if s.name not in reused]
+    result: dict[str, Any] = {"model": info.name, "evaluated": [], "failed": [], "skipped": len(reused), "explained": []}
+    narrow = ledger.narrow(snap.revision)
+    if not todo and not ledger.tracker.analysis_plan(cfg, keys, narrow, force):
         return result
 
     model, tokenizer = steps.load_model(snap, cfg.hardware)
-    ctx = _RunContext(cfg, info, snap.revision, sid, parent_run_id, attempt, device_tag(model), git_commit(), tracker, progress, force)
-    deferred: list[tuple[Setting, str]] = []
+    tags = {"git_commit": git_commit(), "device": device_tag(model), "mlflow.source.git.commit": git_commit().removesuffix("-dirty"),
+            "mlflow.source.name": "quantlens", "mlflow.source.type": "JOB"}
+    mr = _ModelRun(cfg, info, snap.revision, parent_run_id, ledger, progress, tags, result)
+    waiting = []
     for s in todo:
-        owner = _evaluate_one(ctx, model, tokenizer, s, keys[s.name], result)
+        owner = evaluate_setting(mr, model, tokenizer, s, keys[s.name])
         if owner is not None:
-            deferred.append((s, owner))
+            waiting.append((s, owner))
             log.info("%s/%s: being evaluated by another attempt (run %s): waiting for it at the end", info.name, s.name, owner)
     # Keys another live attempt was evaluating: wait for it; take over if it dies or fails.
-    while deferred:
-        time.sleep(min(5.0, heartbeat_interval()))
+    while waiting:
+        time.sleep(ledger.poll_interval())
         still = []
-        for s, owner in deferred:
-            status, stale = tracker.run_status(owner)
-            if status == "FINISHED":
-                _finished_elsewhere(ctx, s, owner, result)
-                continue
-            if status == "RUNNING" and not stale:
+        for s, owner in waiting:
+            state = ledger.wait(owner)
+            if state == "done":
+                _note_done_elsewhere(mr, s, owner)
+            elif state == "busy":
                 still.append((s, owner))
-                continue
-            if status == "RUNNING":
-                tracker.mark_failed(owner, "stale: its attempt stopped (no heartbeat)")
-            new_owner = _evaluate_one(ctx, model, tokenizer, s, keys[s.name], result)
-            if new_owner is not None:
-                still.append((s, new_owner))
-        deferred = still
-    explain_model(tracker, cfg, info.name, model, keys, narrow, force, result)
+            else:
+                new_owner = evaluate_setting(mr, model, tokenizer, s, keys[s.name])
+                if new_owner is not None:
+                    still.append((s, new_owner))
+        waiting = still
+    explain_model(ledger.tracker, cfg, info.name, model, keys, narrow, force, result)
     return result
 
 
@@ -243,14 +208,16 @@ def explain_model(tracker: Tracker, cfg: SweepConfig, model_name: str, model: An
                 frames = steps.explain(model, setting, ref_frames[d], q_frames[d], cfg.analysis, model_name, d)
             except Exception as err:
                 failed.append(f"{model_name}/{setting.name} (explain {d}): {type(err).__name__}: {err}")
-                log.error("%s/%s: explaining %s FAILED: %s", model_name, setting.name, d, err)
+                log.error(f"{model_name}/{setting.name}: explaining {d} FAILED: {type(err).__name__}: {err}")  # shown on the console too
                 continue
             tracker.log_frames(run, {f"mechanisms/{d}/{k}.csv": v for k, v in frames.items()})
             p = frames["patching"].set_index("patched")["ppl"]
             result["explained"].append(f"{setting.name}/{d}")
-            log.info("%s/%s/%s explained (%.1fs): D_large ppl %.4g quantized, %.4g with every module at full precision, "
-                     "%.4g with the MLP outputs patched", model_name, setting.name, d, time.perf_counter() - t0,
-                     p.get("none", float("nan")), p.get("all", float("nan")), p.get("mlp", float("nan")))
+            line = (f"{model_name}/{setting.name}/{d} explained ({time.perf_counter() - t0:.1f}s): D_large ppl "
+                    f"{p.get('none', float('nan')):.4g} quantized, {p.get('all', float('nan')):.4g} with every module at full "
+                    f"precision, {p.get('mlp', float('nan')):.4g} with the MLP outputs patched")
+            log.info(line)
+            say(line)
     if failed:  # the model flow fails; a rerun redoes only the analyses without artifacts
         raise AnalysisFailed("; ".join(failed))
 
@@ -271,15 +238,14 @@ def sweep_flow(
     """
     log = get_run_logger()
     cfg = load_config(config)  # validated up front: a bad config costs no model load
-    for m in cfg.models:
-        resolve_model(m.ref, m.hf_id)  # unknown names / bad directories fail before any work
+    preflight(cfg)  # absent paths, unknown or uncached models, missing data: one line, before any work
     tracker = Tracker(cfg.experiment)  # an unreachable store fails here, before any evaluation
     sid = sweep_id(cfg)
     settings = cfg.expanded_settings()
     parent = tracker.parent_run(sid, cfg.name, {"config_name": cfg.name, "n_models": len(cfg.models), "n_settings": len(settings)})
-    tracker.log(parent, tags={"git_commit": git_commit()})
+    tracker.describe_sweep(parent, cfg.model_dump(mode="json"), _description(cfg, sid), git_commit())
     attempt = _attempt_id()
-    _PROGRESS[attempt] = Progress(total=len(cfg.models) * len(settings))
+    start_attempt(attempt, len(cfg.models) * len(settings))
     model_failures: list[str] = []
     if dispatch:
         model_failures = _dispatch(cfg, dispatch, parent, attempt, force)
@@ -290,15 +256,18 @@ def sweep_flow(
                 model_failures.append(f"{cfg.models[i].ref}: (model flow) {state.message}")
     summary = _summary(tracker, sid, parent, attempt, len(cfg.models) * len(settings), model_failures)
     if aggregate:
-        from flows.aggregate import aggregate_flow
+        from quantlens.flows.aggregate import aggregate_flow
 
         summary["artifacts"] = aggregate_flow(experiment=cfg.experiment, sweep_id=sid, out_dir=str(Path(results_dir) / sid), parent_run_id=parent)
     failed = summary["failed"]
     tracker.finish(parent, "FAILED" if failed else "FINISHED")
-    _PROGRESS.pop(attempt, None)
-    log.info("sweep %s: %d evaluated, %d already done, %d failed", sid, summary["evaluated"], summary["skipped"], len(failed))
+    end_attempt(attempt)
+    log.info("sweep %s: %d evaluated, %d already done, %d failed, %d not run", sid, summary["evaluated"], summary["skipped"],
+             len(failed), summary["not_run"])
     if failed:
-        raise SweepIncomplete(f"{len(failed)} run(s) failed (rerun the same command to redo only these): " + "; ".join(failed))
+        raise SweepIncomplete(
+            f"{summary['evaluated']} evaluated, {summary['skipped']} already finished, {len(failed)} run(s) failed, "
+            f"{summary['not_run']} not run (rerun the same command to redo only these): " + "; ".join(failed))
     return summary
 
 
@@ -335,8 +304,18 @@ def _dispatch(cfg: SweepConfig, deployment: str, parent: str, attempt: str, forc
     return failures
 
 
+def _description(cfg: SweepConfig, sid: str) -> str:
+    settings = [x.name for x in cfg.expanded_settings()]
+    return (f"**{cfg.name}** (sweep `{sid}`): {len(cfg.models)} model(s) × {len(settings)} setting(s) on "
+            f"{', '.join(d.name for d in cfg.datasets)}.\n\nModels: {', '.join(m.ref for m in cfg.models)}\n\n"
+            f"Settings: {', '.join(settings)}\n\nThe resolved config is the artifact `sweep_config.yaml`; tables and "
+            "figures are under `report/`.")
+
+
 def _summary(tracker: Tracker, sid: str, parent: str, attempt: str, grid: int, model_failures: list[str]) -> dict[str, Any]:
-    """What this attempt did, read back from MLflow (the same whether models ran here or on workers)."""
+    """What this attempt did, read back from MLflow (the same whether models ran here or on workers):
+    evaluated (FINISHED by this attempt), skipped (FINISHED before it and reused), failed, and
+    not run (settings of models that failed before evaluating them)."""
     mine = tracker.attempt_runs(attempt)
     evaluated = sum(1 for r in mine if r.info.status == "FINISHED")
     failed = [
@@ -344,17 +323,17 @@ def _summary(tracker: Tracker, sid: str, parent: str, attempt: str, grid: int, m
         for r in mine
         if r.info.status == "FAILED"
     ]
+    mine_ids = {r.info.run_id for r in mine}
+    reused = {r.data.tags.get("run_key") for r in tracker.sweep_runs(sid, "FINISHED") if r.info.run_id not in mine_ids}
+    skipped = len(reused)
     return {
         "sweep_id": sid,
         "parent_run_id": parent,
         "evaluated": evaluated,
-        "skipped": grid - evaluated - len(failed),
+        "skipped": skipped,
         "failed": failed + model_failures,
+        "not_run": max(0, grid - evaluated - skipped - len(failed)),
     }
-
-
-class NotEvaluated(RuntimeError):
-    """``quantlens explain`` needs the evaluations it explains: they are not FINISHED yet."""
 
 
 @flow(name="quantlens-explain", log_prints=True, validate_parameters=False)
@@ -386,7 +365,7 @@ def explain_flow(config: str | dict[str, Any], force: bool = False, results_dir:
         explain_model(tracker, cfg, info.name, model, keys, narrow, force, result)
         explained += [f"{info.name}/{e}" for e in result["explained"]]
         del model
-    from flows.aggregate import aggregate_flow
+    from quantlens.flows.aggregate import aggregate_flow
 
     parent = tracker.parent_run(sid, cfg.name, {"config_name": cfg.name, "n_models": len(cfg.models), "n_settings": len(settings)})
     files = aggregate_flow(experiment=cfg.experiment, sweep_id=sid, out_dir=str(Path(results_dir) / sid), parent_run_id=parent)

@@ -147,6 +147,39 @@ def fig_alpha_vs_delta(df: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
+def fig_uniform_vs_nonuniform(table: pd.DataFrame, path: Path) -> Path | None:
+    """Uniform against non-uniform, per model and configuration (one panel per metric): paired
+    bars with the difference written above each pair."""
+    if table.empty:
+        return None
+    metrics = [c[: -len(" uniform")] for c in table.columns if c.endswith(" uniform") and not c.endswith("non-uniform")]
+    # nothing to see in a metric that is the same everywhere (e.g. Lambada accuracy 0 on tiny models)
+    metrics = [m for m in metrics if m != "lambada_nll" and pd.concat([table[f"{m} uniform"], table[f"{m} non-uniform"]]).nunique() > 1]
+    if not metrics:
+        return None
+    plt = _plt()
+    labels = [f"{r['model']}\n{r['config']} p={r['p']:.3g}" for _, r in table.iterrows()]
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6, 0.9 * len(table) + 2), 3.4 * len(metrics)), squeeze=False)
+    x = range(len(table))
+    for ax, m in zip(axes[:, 0], metrics):
+        u, n = table[f"{m} uniform"].to_numpy(dtype=float), table[f"{m} non-uniform"].to_numpy(dtype=float)
+        ax.bar([i - 0.2 for i in x], u, width=0.4, label="uniform", color="tab:grey")
+        ax.bar([i + 0.2 for i in x], n, width=0.4, label="non-uniform (power transform)", color="tab:blue")
+        for i, (a, b) in enumerate(zip(u, n)):
+            ax.annotate(f"{b - a:+.3g}", (i, max(a, b)), ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(list(x), labels, fontsize=6)
+        ax.set_ylabel(m)
+        if m.endswith(("_ppl", "_nll")):
+            lo = min(u.min(), n.min())
+            ax.set_ylim(lo * 0.98, max(u.max(), n.max()) * 1.02)
+        ax.legend(fontsize=7)
+    fig.suptitle("Uniform vs non-uniform (Δ = non-uniform − uniform)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def perturbation_summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Figure 4's numbers: per (model, base, perturbation): mean, std, min, max over seeds."""
     if "perturbation" not in df:
@@ -262,7 +295,8 @@ def write_report(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         files.extend([out / f"{stem}.csv", out / f"{stem}.md"])
 
     table(results_table(df), "results")
-    table(uniform_vs_nonuniform(df), "uniform_vs_nonuniform")
+    uvn = uniform_vs_nonuniform(df)
+    table(uvn, "uniform_vs_nonuniform")
     table(clipping_summary(df), "clipping")
     metrics = metrics_present(df)
     for m in metrics:
@@ -272,5 +306,6 @@ def write_report(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     figs.append(fig_alpha_vs_delta(df, out / "fig3_alpha_vs_delta.png"))
     figs += [fig_perturbations(df, m, out / f"fig4_perturbations_{m}.png") for m in plotted]
     figs.append(fig_clipping(df, out / "fig5_clipping.png"))
+    figs.append(fig_uniform_vs_nonuniform(uvn, out / "fig_uniform_vs_nonuniform.png"))
     files.extend(f for f in figs if f is not None)
     return files

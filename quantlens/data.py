@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used: planning a sweep must not pay for it
+    import torch
 
 from quantlens.settings import ConfigError
 
@@ -170,7 +173,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _source_fingerprint(name: str, path: str | None) -> str:
+def source_fingerprint(name: str, path: str | None) -> str:
     if path is None:
         return f"hub:{name}"
     parts = [f"{f.resolve()}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in _expand(path)]
@@ -187,10 +190,12 @@ def perplexity_windows(
     use_cache: bool = True,
 ) -> torch.Tensor:
     """Non-overlapping ``[n, seqlen]`` windows of the whole test text tokenized once (remainder dropped)."""
+    import torch
+
     if seqlen < 2:
         raise ConfigError(f"seqlen: must be at least 2, got {seqlen}")
     key = hashlib.sha256(
-        f"{tokenizer_fingerprint(tokenizer)}|{name}|{_source_fingerprint(name, path)}|{seqlen}|{max_windows}".encode()
+        f"{tokenizer_fingerprint(tokenizer)}|{name}|{source_fingerprint(name, path)}|{seqlen}|{max_windows}".encode()
     ).hexdigest()[:24]
     f = cache_dir() / "windows" / f"{name}-{seqlen}-{key}.pt"
     if use_cache and f.is_file():
@@ -240,6 +245,8 @@ def document_examples(
     """``[n, example_len + 1]``: BOS + the first ``example_len`` tokens of each document with at
     least that many tokens, in source order; shorter documents are dropped. ``max_examples``
     stops reading after that many (a streamed hub source is read no further)."""
+    import torch
+
     info = dataset_info(name)
     if info.documents is None:
         raise ConfigError(f"dataset {name!r}: has no documents (examples: documents works for {', '.join(n for n, d in DATASETS.items() if d.documents)})")
@@ -249,7 +256,7 @@ def document_examples(
     if bos is None:
         raise ConfigError(f"examples: documents prepends a BOS token, but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has none")
     key = hashlib.sha256(
-        f"docs|{tokenizer_fingerprint(tokenizer)}|{name}|{_source_fingerprint(name, path)}|{example_len}|{max_examples}".encode()
+        f"docs|{tokenizer_fingerprint(tokenizer)}|{name}|{source_fingerprint(name, path)}|{example_len}|{max_examples}".encode()
     ).hexdigest()[:24]
     f = cache_dir() / "windows" / f"{name}-docs{example_len}-{key}.pt"
     if use_cache and f.is_file():
@@ -270,6 +277,7 @@ def document_examples(
 
 
 def _atomic_save(t: torch.Tensor, f: Path) -> None:
+    import torch
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(f".tmp{os.getpid()}")
     torch.save(t, tmp)
@@ -282,6 +290,8 @@ def example_ids(sequences: Sequence[Sequence[int]] | torch.Tensor) -> list[str]:
     Equal tokens give equal ids in every setting, run and sweep; an exact repeat inside one dataset
     gets ``~1``, ``~2``… appended (in order), so ids stay unique.
     """
+    import torch
+
     out, seen = [], {}
     for seq in sequences:
         t = seq if isinstance(seq, torch.Tensor) else torch.tensor(list(seq), dtype=torch.long)

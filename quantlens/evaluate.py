@@ -220,6 +220,9 @@ def lambada(
     return out
 
 
+_LAMBADA_CACHE: dict[tuple, tuple[Any, list]] = {}  # (id(tokenizer), path, limit) → (tokenizer kept alive, requests)
+
+
 def evaluate_dataset(model: nn.Module, tokenizer: Any, name: str, **kw: Any) -> dict[str, Any]:
     """Evaluate one registered dataset; keyword options: seqlen, path, max_windows/limit,
     batch_size, progress, residual, and ``examples="documents"`` with ``example_len``."""
@@ -229,8 +232,11 @@ def evaluate_dataset(model: nn.Module, tokenizer: Any, name: str, **kw: Any) -> 
     progress = kw.get("progress")
     residual = bool(kw.get("residual", False))
     if info.kind == "lambada":
-        examples = load_lambada(kw.get("path"), kw.get("limit"))
-        reqs = lambada_requests(tokenizer, examples)
+        key = (id(tokenizer), kw.get("path"), kw.get("limit"))
+        if key not in _LAMBADA_CACHE:  # a sweep evaluates the same passages under every setting
+            _LAMBADA_CACHE.clear()
+            _LAMBADA_CACHE[key] = (tokenizer, lambada_requests(tokenizer, load_lambada(kw.get("path"), kw.get("limit"))))
+        reqs = _LAMBADA_CACHE[key][1]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return lambada(model, reqs, pad_id=pad, batch_size=kw.get("batch_size"), max_length=kw.get("seqlen"),
                        progress=progress, residual=residual)

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used: planning a sweep must not pay for it
+    import torch
 
 from quantlens.settings import ConfigError
 
@@ -55,6 +58,11 @@ def family_from_config(config: dict[str, Any]) -> str:
     return _FAMILY_OF_TYPE.get(str(config.get("model_type", "")), "other")
 
 
+def looks_like_path(ref: str) -> bool:
+    """A local path, not a hub id (``owner/name``): absolute, relative with ./ or ../, ~, or deeper."""
+    return ref.startswith(("/", "./", "../", "~", ".\\")) or ref.count("/") > 1 or "\\" in ref
+
+
 def resolve_model(ref: str, hf_id: str | None = None) -> ModelInfo:
     """Registry name (``opt-1.3b``), Hugging Face id (``facebook/opt-125m``) or local directory.
 
@@ -70,6 +78,8 @@ def resolve_model(ref: str, hf_id: str | None = None) -> ModelInfo:
             raise ConfigError(f"model {ref!r}: directory has no config.json (not a Hugging Face model folder)")
         cfg = json.loads((path / "config.json").read_text())
         return ModelInfo(path.name, family_from_config(cfg), _size_from_files(path), str(path.resolve()))
+    if looks_like_path(ref):
+        raise ConfigError(f"model {ref!r}: no such directory")
     family, _, size = ref.partition("-")
     if family in ("opt", "bloom", "llama") and "/" not in ref:
         known = ", ".join(sorted(n for n in reg if n.startswith(family + "-")))
@@ -114,7 +124,7 @@ def download(info: ModelInfo, revision: str | None = None) -> Snapshot:
     """Fetch (or find in the HF cache) the model files; honours HF_HOME, HF_HUB_OFFLINE, HF_TOKEN."""
     path = Path(info.hf_id)
     if path.is_dir():
-        return Snapshot(str(path), "local-" + _fingerprint(path))
+        return Snapshot(str(path), local_revision(info))
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -135,9 +145,25 @@ def download(info: ModelInfo, revision: str | None = None) -> Snapshot:
             f"model {info.hf_id!r} is not in the local Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}) "
             "and the hub cannot be reached (offline or HF_HUB_OFFLINE=1): download it first or pass a local directory"
         ) from None
+    except ValueError as err:  # huggingface_hub's HFValidationError: not a valid repo id
+        raise ModelUnavailable(f"model {info.hf_id!r}: not a valid Hugging Face id ({err})") from None
     except Exception as err:  # connection errors come in many classes: transient, worth a retry
         raise RuntimeError(f"model {info.hf_id!r} could not be downloaded: {err}") from err
     return Snapshot(local, Path(local).name)  # snapshot folders are named by commit hash
+
+
+def local_revision(info: ModelInfo, revision: str | None = None) -> str | None:
+    """The revision :func:`download` would record, known without any network access: a local
+    folder's fingerprint, or the commit of a cached hub snapshot; None when it is not cached."""
+    path = Path(info.hf_id)
+    if path.is_dir():
+        return "local-" + _fingerprint(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(info.hf_id, revision=revision, local_files_only=True)).name
+    except Exception:  # not cached (or not a valid id): known only after download
+        return None
 
 
 def _fingerprint(path: Path) -> str:
@@ -153,6 +179,8 @@ def _fingerprint(path: Path) -> str:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -160,6 +188,8 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def pick_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
     """bf16 on GPU (fp16 where bf16 is unsupported), fp32 on CPU."""
+    import torch
+
     if dtype != "auto":
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if device.type == "cuda":
@@ -177,6 +207,8 @@ def load_model(
     """Load model + tokenizer once. ``placement``: ``single`` (one device), ``device_map`` (spread
     over all GPUs with accelerate), ``stream`` (weights on CPU, one decoder block on the GPU at a
     time), or ``auto`` (single if it fits, else device_map over several GPUs, else stream)."""
+    import torch
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = snapshot.path if isinstance(snapshot, Snapshot) else snapshot
@@ -202,6 +234,7 @@ def load_model(
 
 
 def choose_placement(path: str, device: torch.device, dtype: torch.dtype) -> str:
+    import torch
     if device.type != "cuda":
         return "single"
     size_b = _size_from_files(Path(path))

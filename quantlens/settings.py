@@ -174,29 +174,36 @@ class Setting(_Strict):
         return self.perturbation is not None and self.perturbation.target in ("activations", "both")
 
     def flat_params(self) -> dict[str, Any]:
-        """Flat, stable key/values (the MLflow params schema uses these names)."""
+        """Flat, stable key/values (the MLflow params schema uses these names): each part's own
+        spec (``w_*`` weights, ``a_*`` activations, ``kv_*`` KV cache; 16 bits / "none" when the
+        part is untouched), an explicit ``quantizer`` (none | uniform | non-uniform | mixed |
+        noise) and ``nonuniform`` flag, and the summary keys the reports group by
+        (``transform_p``, ``clip_k``, ``symmetric``, ``transform``: those of the first quantized
+        part, weights → activations → KV)."""
         w, a, p, kv = self.weights, self.activations, self.perturbation, self.kv
-        spec = w or a or kv
-        return {
-            "setting": self.name,
-            "w_bits": self.w_bits,
-            "a_bits": self.a_bits,
-            "w_granularity": w.granularity if w else "none",
-            "a_granularity": a.granularity if a else "none",
-            "w_group_size": w.group_size if w and w.group_size else 0,
+        parts = [x for x in (w, a, kv) if x is not None]
+        spec = parts[0] if parts else None
+        kinds = {x.nonuniform for x in parts}
+        quantizer = "none" if not parts else "mixed" if len(kinds) > 1 else "non-uniform" if kinds == {True} else "uniform"
+        out: dict[str, Any] = {"setting": self.name, "base": self.base or self.name,
+                               "quantizer": "noise" if p else quantizer, "nonuniform": any(kinds)}
+        for prefix, q in (("w", w), ("a", a), ("kv", kv)):
+            out[f"{prefix}_bits"] = q.bits if q else 16
+            out[f"{prefix}_granularity"] = q.granularity if q else "none"
+            out[f"{prefix}_group_size"] = q.group_size or 0 if q else 0
+            out[f"{prefix}_symmetric"] = q.symmetric if q else True
+            out[f"{prefix}_transform_p"] = q.transform_p if q else 1.0
+            out[f"{prefix}_clip_k"] = q.clip_k or 0.0 if q else 0.0
+        out.update({
             "symmetric": spec.symmetric if spec else True,
             "transform": f"power{spec.transform_p:.4g}" if spec and spec.nonuniform else "uniform",
             "transform_p": spec.transform_p if spec else 1.0,
             "clip_k": spec.clip_k if spec and spec.clip_k is not None else 0.0,
             "perturbation": f"{p.distribution}-{p.rule}-{p.target}" if p else "none",
-            "base": self.base or self.name,
+            "perturbation_match": p.match if p else "none",
             "seed": p.seed if p else 0,
-            "kv_bits": self.kv_bits,
-            "kv_granularity": kv.granularity if kv else "none",
-            "kv_group_size": kv.group_size or 0 if kv else 0,
-            "kv_transform_p": kv.transform_p if kv else 1.0,
-            "kv_clip_k": kv.clip_k or 0.0 if kv else 0.0,
-        }
+        })
+        return out
 
 
 def _validated(cls: type[BaseModel], data: dict[str, Any], what: str) -> Any:

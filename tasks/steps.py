@@ -6,6 +6,7 @@ persistence off: identity and skip-if-done come from run keys in MLflow (see flo
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from typing import Any
@@ -18,17 +19,22 @@ from quantlens import evaluate as ev
 from quantlens import models as qm
 from quantlens.patch import full_report, quantize_, restore_
 from quantlens.settings import ConfigError, Setting
+from quantlens.console import console_enabled, status, verbose
+from quantlens.tasks.tracking import is_transient
 from quantlens.sweep import AnalysisOptions, DatasetEntry, EvalOptions, Hardware, ModelEntry
 
 
 def _retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient download errors; a missing, gated or uncached-offline model is final."""
+    """Retry only what a retry can fix (network, 5xx, lock contention); a missing, gated, invalid
+    or uncached-offline model, or any programming error, fails at once."""
     try:
         state.result(raise_on_failure=True)
     except (qm.ModelUnavailable, ConfigError):
         return False
-    except Exception:
-        return True
+    except Exception as err:
+        cause = err.__cause__ or err
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        return is_transient(cause) or (status is not None and status >= 500)
     return False
 
 
@@ -56,19 +62,40 @@ def patch(model: Any, setting: Setting) -> None:
 
 
 def _progress_logger(what: str):
-    """Log evaluation progress at every 10 % (long evaluations of big models take minutes)."""
+    """Batch progress of one evaluation: a log line at every 10 % with ``--verbose`` (and on
+    workers, where the logs are the display), else the console's live status line only."""
     log = get_run_logger()
     state = {"next": 0.1, "t0": time.perf_counter()}
+    lines = verbose() or not console_enabled()
 
     def report(done: int, total: int) -> None:
         frac = done / total
-        if frac >= state["next"] or done == total:
-            el = time.perf_counter() - state["t0"]
-            eta = el / frac * (1 - frac) if frac else float("nan")
+        el = time.perf_counter() - state["t0"]
+        eta = el / frac * (1 - frac) if frac else float("nan")
+        status(f"{what}: {done}/{total} examples ({100 * frac:.0f}%), {done / el if el else 0:.1f} ex/s, ETA {eta:.0f}s")
+        if lines and (frac >= state["next"] or done == total):
             log.info("%s: %d/%d (%.0f%%), %.0fs elapsed, ETA %.0fs", what, done, total, 100 * frac, el, eta)
             state["next"] = (int(frac * 10) + 1) / 10
 
     return report
+
+
+def dataset_input(d: DatasetEntry, opts: EvalOptions, metrics: dict[str, float]) -> dict[str, Any]:
+    """One dataset as an MLflow dataset input: the protocol that makes two runs comparable."""
+    import json
+
+    from quantlens.data import DATASETS, source_fingerprint
+
+    examples = int(metrics.get(f"{d.name}_examples", 0))
+    profile = {"examples": examples, "unit": "passage" if d.name == "lambada" else d.examples,
+               "seqlen": d.seqlen or opts.seqlen, "limit": d.limit, "max_windows": d.max_windows,
+               "example_len": d.example_len if d.examples == "documents" else None}
+    fingerprint = source_fingerprint(d.name, d.path)
+    digest = hashlib.sha256(json.dumps([fingerprint, profile], sort_keys=True).encode()).hexdigest()[:8]
+    return {"name": d.name, "digest": digest, "source_type": "local" if d.path else "hub",
+            "source": json.dumps({"uri": d.path or DATASETS[d.name].doc, "fingerprint": fingerprint}),
+            "profile": json.dumps({k: v for k, v in profile.items() if v is not None}),
+            "schema": json.dumps({"columns": ["example_id", "n_tokens", "nll"] + (["correct"] if d.name == "lambada" else [])})}
 
 
 # Retrying an evaluation cannot help (deterministic code, same inputs): no retries. The tag lets a

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -26,9 +27,13 @@ from typing import Any, Callable, TypeVar
 
 import pandas as pd
 
+from quantlens.errors import TrackingUnavailable
+
 T = TypeVar("T")
 
 KIND_TAG = "quantlens.kind"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI to choose the experiment's view
+MODEL_TRAINING = "custom_model_development"
 HEARTBEAT_TAG = "quantlens.heartbeat"
 
 
@@ -51,18 +56,32 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-class TrackingUnavailable(RuntimeError):
-    """The tracking store cannot be reached: raised before any evaluation starts."""
+_TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED", "SERVICE_UNDER_MAINTENANCE"}
+_TRANSIENT_TEXT = ("database is locked", "Max retries exceeded", "Connection refused", "Connection reset",
+                   "Read timed out", "Bad Gateway", "Service Unavailable", "Gateway Timeout")
+_HTTP_5XX = re.compile(r"(status|HTTP|code)\D{0,12}5\d\d", re.I)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Errors a retry can fix: network, 5xx, lock contention. Anything else (a bad argument, a
+    missing run, a TypeError) is permanent and raised at once."""
+    if isinstance(err, (ConnectionError, TimeoutError)) or (isinstance(err, OSError) and not isinstance(err, FileNotFoundError)):
+        return True  # requests' exceptions are OSErrors too
+    if getattr(err, "error_code", None) in _TRANSIENT_CODES:
+        return True
+    text = str(err)
+    return any(t in text for t in _TRANSIENT_TEXT) or bool(_HTTP_5XX.search(text))
 
 
 def _retry(fn: Callable[[], T], what: str) -> T:
-    """Retry a tracking call with backoff (a server briefly down must not lose a finished result)."""
+    """Retry a tracking call with backoff when the error is transient (a server briefly down must
+    not lose a finished result); permanent errors are raised at once."""
     delay = 0.5
     for attempt in range(RETRYABLE_ATTEMPTS):
         try:
             return fn()
         except Exception as err:  # mlflow raises MlflowException / requests errors
-            if attempt == RETRYABLE_ATTEMPTS - 1 or "RESOURCE_DOES_NOT_EXIST" in str(err) or "INVALID_PARAMETER_VALUE" in str(err):
+            if attempt == RETRYABLE_ATTEMPTS - 1 or not is_transient(err):
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 8.0)
@@ -107,6 +126,9 @@ class Tracker:
                     self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
             else:
                 self.experiment_id = exp.experiment_id
+            if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+                # the UI then opens the experiment on its runs ("Model training"), not on GenAI traces
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         except Exception as err:
             raise TrackingUnavailable(f"MLflow tracking store {self.uri!r} is not reachable: {err}") from None
 
@@ -289,6 +311,9 @@ class Tracker:
     def list_artifacts(self, run_id: str, folder: str) -> list[Any]:
         return _retry(lambda: self.client.list_artifacts(run_id, folder), "list")
 
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        _retry(lambda: self.client.log_text(run_id, text, name), "artifact")
+
     def log_files(self, run_id: str, files: list[Path], artifact_path: str | None = None) -> None:
         for f in files:
             _retry(lambda: self.client.log_artifact(run_id, str(f), artifact_path), "artifact")
@@ -323,6 +348,30 @@ class Tracker:
         if finished_only and not df.empty and "tags.run_key" in df:
             df = df.sort_values("end_time").drop_duplicates("tags.run_key", keep="last")
         return df
+
+    def sweep_runs(self, sweep_id: str, status: str) -> list[Any]:
+        """Eval runs in a sweep's grid (created or reused by it) with that status."""
+        return self._search(f"tags.`{sweep_tag(sweep_id)}` = '1' and tags.`{KIND_TAG}` = 'eval' and attributes.status = '{status}'")
+
+    def describe_sweep(self, parent: str, config: dict[str, Any], description: str, commit: str) -> None:
+        """The parent run holds the resolved sweep config (artifact ``sweep_config.yaml``), a
+        description (the UI's Description box) and MLflow's standard source tags."""
+        import yaml
+
+        self.log(parent, tags={"git_commit": commit, "mlflow.note.content": description,
+                               "mlflow.source.git.commit": commit.removesuffix("-dirty"), "mlflow.source.name": "quantlens",
+                               "mlflow.source.type": "JOB"})
+        self.log_text(parent, yaml.safe_dump(config, sort_keys=False), "sweep_config.yaml")
+
+    def log_inputs(self, run_id: str, datasets: list[dict[str, Any]]) -> None:
+        """Datasets as MLflow dataset inputs (the UI's Dataset column and filter): each a dict with
+        name, digest, source_type, source, profile (JSON text) and schema."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"],
+                                       schema=d.get("schema"), profile=d.get("profile")),
+                               tags=[InputTag("mlflow.data.context", "evaluation")]) for d in datasets]
+        _retry(lambda: self.client.log_inputs(run_id, datasets=inputs), "inputs")
 
     def attempt_runs(self, attempt: str) -> list[Any]:
         """Eval runs an attempt created (not the reused ones), whatever their status."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 
 BIN = Path(sys.executable).parent
+REAPER = Path(__file__).with_name("reaper.py")
 
 
 def free_port() -> int:
@@ -74,8 +75,10 @@ class Servers:
         }
 
     def start(self, cmd: list[str], log: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+        """Start ``cmd`` under the reaper: its tree dies with this test process, however that ends."""
         out = open(self.root / log, "ab")
-        p = subprocess.Popen(cmd, env=env or self.env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        guarded = [sys.executable, str(REAPER), str(os.getpid()), "--", *cmd]
+        p = subprocess.Popen(guarded, env=env or self.env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
         self.procs.append(p)
         return p
 

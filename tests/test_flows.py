@@ -45,34 +45,55 @@ def env(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = old
 
 
+@pytest.fixture(scope="module")
+def filled(env):
+    """The e2e sweep, complete: tests that read its runs do not depend on running after another."""
+    from quantlens.flows.sweep import sweep_flow
+
+    sweep_flow(config(), results_dir=str(env / "results"))
+    return env
+
+
 def runs(status=None, sweep=None):
-    from tasks.tracking import Tracker
+    from quantlens.tasks.tracking import Tracker
 
     df = Tracker("test").runs_frame(sweep, finished_only=False)
     return df if status is None else df[df["status"] == status]
 
 
 def test_failure_then_rerun_redoes_only_it(env, monkeypatch):
-    from flows.sweep import SweepIncomplete, sweep_flow
+    from quantlens.flows.sweep import SweepIncomplete, sweep_flow
     from quantlens.sweep import load_config, sweep_id
 
-    sid = sweep_id(load_config(config()))
+    datasets = [{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 7}, {"name": "lambada", "path": str(LAMBADA), "limit": 16}]
+
+    def failing():  # its own run keys: no other test's runs can be reused here
+        return config(name="failure", datasets=datasets)
+
+    sid = sweep_id(load_config(failing()))
     monkeypatch.setenv("QUANTLENS_INJECT_FAULT", "tiny-llama:W8A8")
     with pytest.raises(SweepIncomplete, match="1 run\\(s\\) failed.*tiny-llama/W8A8: RuntimeError: injected fault"):
-        sweep_flow(config(), results_dir=str(env / "results"))
+        sweep_flow(failing(), results_dir=str(env / "results"))
     assert len(runs("FINISHED", sid)) == GRID - 1
     failed = runs("FAILED", sid)
     assert list(failed["params.setting"]) == ["W8A8"] and list(failed["params.model"]) == ["tiny-llama"]
     assert "injected fault" in failed["tags.quantlens.failure"].iloc[0]
+    from quantlens.tasks.tracking import Tracker
+
+    failed_id = failed["run_id"].iloc[0]
+    log = Tracker("test").client.download_artifacts(failed_id, "failure.log", str(env))
+    assert "Traceback" in open(log).read() and "injected fault" in open(log).read()
 
     monkeypatch.delenv("QUANTLENS_INJECT_FAULT")
-    summary = sweep_flow(config(), results_dir=str(env / "results"))
-    assert summary["evaluated"] == 1 and summary["skipped"] == GRID - 1 and summary["failed"] == []
+    summary = sweep_flow(failing(), results_dir=str(env / "results"))
+    assert summary["evaluated"] == 1 and summary["skipped"] == GRID - 1 and summary["failed"] == [] and summary["not_run"] == 0
+    assert runs("FAILED", sid).empty  # the superseded failure left the default view (soft-deleted, restorable)
+    assert Tracker("test").client.get_run(failed_id).info.lifecycle_stage == "deleted"
     fin = runs("FINISHED", sid)
     assert len(fin) == GRID  # exactly the grid: nothing duplicated
     assert fin["tags.run_key"].nunique() == GRID
     # one parent run, reused by the rerun
-    from tasks.tracking import KIND_TAG, Tracker
+    from quantlens.tasks.tracking import KIND_TAG
 
     t = Tracker("test")
     parents = t._search(f"tags.sweep_id = '{sid}' and tags.`{KIND_TAG}` = 'sweep'")
@@ -81,11 +102,11 @@ def test_failure_then_rerun_redoes_only_it(env, monkeypatch):
     assert (env / "results" / sid / "fig4_perturbations_wikitext2_ppl.png").is_file()
 
     # a third run evaluates nothing
-    summary = sweep_flow(config(), results_dir=str(env / "results"))
+    summary = sweep_flow(failing(), results_dir=str(env / "results"))
     assert summary["evaluated"] == 0 and summary["skipped"] == GRID
 
 
-def test_numbers_in_mlflow_equal_direct_evaluation(env):
+def test_numbers_in_mlflow_equal_direct_evaluation(filled):
     from quantlens.evaluate import evaluate_dataset
     from quantlens.models import load_model
     from quantlens.patch import quantize_, restore_
@@ -108,16 +129,16 @@ def test_numbers_in_mlflow_equal_direct_evaluation(env):
     for t in ("sweep_id", "run_key", "git_commit", "device"):
         assert row[f"tags.{t}"]
     assert row["metrics.weight_rel_error_mean"] > 0 and row["metrics.eval_seconds"] > 0 and row["metrics.tokens_per_s"] > 0
-    from tasks.tracking import Tracker
+    from quantlens.tasks.tracking import Tracker
 
     arts = [a.path for a in Tracker("test").client.list_artifacts(row["run_id"])]
     assert "layer_stats.csv" in arts
 
 
 def test_stale_running_run_marked_failed_and_redone(env):
-    from flows.sweep import sweep_flow
+    from quantlens.flows.sweep import sweep_flow
     from quantlens.sweep import load_config, sweep_id
-    from tasks.tracking import Tracker
+    from quantlens.tasks.tracking import Tracker
 
     cfg = config(name="stale", models=[str(MODELS / "tiny-opt")], settings=["W4A16"],
                  datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 4}])
@@ -144,10 +165,10 @@ def test_fresh_run_of_another_attempt_is_waited_for_then_taken_over(env):
     (the process was killed), mark it FAILED and evaluate the key here. No duplicate FINISHED run."""
     import time
 
-    from flows.sweep import sweep_flow
+    from quantlens.flows.sweep import sweep_flow
     from quantlens.models import download, resolve_model
     from quantlens.sweep import load_config, run_key, sweep_id
-    from tasks.tracking import Tracker
+    from quantlens.tasks.tracking import Tracker
 
     cfg = config(name="takeover", models=[str(MODELS / "tiny-opt")], settings=["W6A16"],
                  datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 4}])
@@ -167,8 +188,9 @@ def test_fresh_run_of_another_attempt_is_waited_for_then_taken_over(env):
     assert len(runs("FINISHED", sid)) == 1
 
 
-def test_identical_work_in_another_sweep_is_reused(env):
-    from flows.sweep import sweep_flow
+def test_identical_work_in_another_sweep_is_reused(filled):
+    env = filled
+    from quantlens.flows.sweep import sweep_flow
 
     # same models/settings/datasets as test_failure_then_rerun..., another sweep name
     summary = sweep_flow(config(name="other", settings=["W16A16", "W4A16"]), results_dir=str(env / "results"))
@@ -178,7 +200,7 @@ def test_identical_work_in_another_sweep_is_reused(env):
 
 
 def test_force_redoes_everything(env):
-    from flows.sweep import sweep_flow
+    from quantlens.flows.sweep import sweep_flow
 
     cfg = config(name="force", models=[str(MODELS / "tiny-opt")], settings=["W16A16", "W4A16"],
                  datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 2}])
@@ -189,7 +211,7 @@ def test_force_redoes_everything(env):
 
 def _cli(*args, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "quantlens.cli", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_cli_bad_config_fails_before_loading(tmp_path):
@@ -200,7 +222,7 @@ def test_cli_bad_config_fails_before_loading(tmp_path):
     assert "models: List should have at least 1 item" in r.stderr
 
 
-def test_cli_dry_run_and_list(env, tmp_path):
+def test_cli_dry_run_and_list(filled, tmp_path):
     import yaml
 
     f = tmp_path / "c.yaml"
@@ -218,9 +240,9 @@ def test_per_example_artifacts_and_analysis_end_to_end(env):
     import numpy as np
     import pandas as pd
 
-    from flows.sweep import sweep_flow
+    from quantlens.flows.sweep import sweep_flow
     from quantlens.per_example import pearson
-    from tasks.tracking import Tracker
+    from quantlens.tasks.tracking import Tracker
 
     cfg = config(name="per-example", models=[str(MODELS / "tiny-bloom")], settings=["W16A16", "W3A16", "W3A16-nu", "W4A16"])
     summary = sweep_flow(cfg, results_dir=str(env / "results"))
@@ -269,8 +291,8 @@ def test_mechanism_analysis_step_failure_rerun_and_explain(env, monkeypatch):
 
     import pandas as pd
 
-    from flows.sweep import SweepIncomplete, explain_flow, sweep_flow
-    from tasks.tracking import Tracker
+    from quantlens.flows.sweep import SweepIncomplete, explain_flow, sweep_flow
+    from quantlens.tasks.tracking import Tracker
 
     cfg = config(name="mechanisms", models=[str(MODELS / "tiny-opt")], settings=["W16A16", "W3A16"],
                  datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 30}],

@@ -55,6 +55,8 @@ def test_invalid_settings_name_the_field(spec, message):
 
 
 def test_quantspec_is_frozen():
+    from pydantic import ValidationError
+
     q = QuantSpec(bits=4)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="Instance is frozen"):
         q.bits = 3

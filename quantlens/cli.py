@@ -18,87 +18,70 @@ from typing import Any
 from quantlens.settings import ConfigError
 
 
-def _plan(cfg: Any) -> list[tuple[str, str, str | None]]:
-    """(model, setting, run key or None when the revision is unknown before download)."""
-    from quantlens.models import download, resolve_model
-    from quantlens.sweep import run_key
-
-    out = []
-    for m in cfg.models:
-        info = resolve_model(m.ref, m.hf_id)
-        rev: str | None
-        try:
-            rev = download(info, m.revision).revision if os.path.isdir(info.hf_id) else _cached_revision(info.hf_id, m.revision)
-        except Exception:
-            rev = None
-        for s in cfg.expanded_settings():
-            out.append((info.name, s.name, run_key(rev, m.ref, s, cfg) if rev else None))
-    return out
-
-
-def _cached_revision(repo_id: str, revision: str | None) -> str | None:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return os.path.basename(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except Exception:
-        return None
+def _print_plan(plan: list[Any], header: str) -> None:
+    print(header)
+    for r in plan:
+        state = {"todo": "todo" if r.key else "todo (revision known after download)", "done": "done",
+                 "running": f"running elsewhere (run {r.run_id})", "failed": "todo (failed last time)"}[r.state]
+        print(f"  {r.model:<24} {r.setting:<40} {state}")
+    n_done = sum(1 for r in plan if r.state == "done")
+    print(f"{n_done} done, {len(plan) - n_done} to run")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from quantlens.preflight import preflight
     from quantlens.sweep import load_config, sweep_id
+    from quantlens.tasks.ledger import RunLedger
+    from quantlens.tasks.tracking import Tracker
 
     cfg = load_config(args.config)
     settings = cfg.expanded_settings()
+    preflight(cfg)  # absent folders, unknown or uncached models, missing data files: one line, seconds
+    tracker = Tracker(cfg.experiment)  # an unreachable store fails here, before Prefect starts
+    sid = sweep_id(cfg)
+    ledger = RunLedger(tracker, sid, attempt="plan", force=args.force)
+    plan = ledger.plan(cfg)
     if args.dry_run:
-        from tasks.tracking import Tracker
-
-        plan = _plan(cfg)
-        done = {} if args.force else Tracker(cfg.experiment).finished_keys([k for _, _, k in plan if k])
-        print(f"sweep {sweep_id(cfg)}: {len(cfg.models)} model(s) × {len(settings)} setting(s) = {len(plan)} run(s); "
-              f"datasets: {', '.join(d.name for d in cfg.datasets)}")
-        for model, setting, key in plan:
-            state = "done" if key in done else ("todo (revision known after download)" if key is None else "todo")
-            print(f"  {model:<24} {setting:<40} {state}")
-        n_done = sum(1 for _, _, k in plan if k in done)
-        print(f"{n_done} done, {len(plan) - n_done} to run")
+        _print_plan(plan, f"sweep {sid}: {len(cfg.models)} model(s) × {len(settings)} setting(s) = {len(plan)} run(s); "
+                          f"datasets: {', '.join(d.name for d in cfg.datasets)}")
         return 0
-    from tasks.tracking import Tracker
+    report = os.path.join(args.results, sid)
+    if not args.force and all(r.state == "done" for r in plan) and os.path.isdir(report) and os.listdir(report):
+        # Nothing to orchestrate: answer without starting Prefect (seconds instead of ~15 s),
+        # unless mechanism analyses are still missing.
+        per_model: dict[str, dict[str, str]] = {}
+        for r in plan:
+            per_model.setdefault(r.model, {})[r.setting] = r.key
+        if not any(tracker.analysis_plan(cfg, keys, None) for keys in per_model.values()):
+            print(f"sweep {sid}: all {len(plan)} run(s) already FINISHED, nothing to evaluate "
+                  f"(--force redoes them); report in {report}/")
+            return 0
+    from quantlens.errors import SweepIncomplete
+    from quantlens.flows.sweep import sweep_flow
 
-    tracker = Tracker(cfg.experiment)  # pre-flight: an unreachable store fails here, before Prefect starts
-    if not args.force:
-        # When every run key already has a FINISHED run and the report exists, there is nothing
-        # to orchestrate: answer without starting Prefect (seconds instead of ~15 s).
-        plan = _plan(cfg)
-        report = os.path.join(args.results, sweep_id(cfg))
-        if all(k for _, _, k in plan) and os.path.isdir(report) and os.listdir(report):
-            done = tracker.finished_keys([k for _, _, k in plan])
-            per_model: dict[str, dict[str, str]] = {}
-            for model, setting, key in plan:
-                per_model.setdefault(model, {})[setting] = key
-            analyses = any(tracker.analysis_plan(cfg, keys, None) for keys in per_model.values())
-            if len(done) == len(plan) and not analyses:
-                print(f"sweep {sweep_id(cfg)}: all {len(plan)} run(s) already FINISHED, nothing to evaluate "
-                      f"(--force redoes them); report in {report}/")
-                return 0
-    from flows.sweep import SweepIncomplete, sweep_flow
-
+    todo = sum(1 for r in plan if r.state != "done")
+    print(f"sweep {sid}: {len(plan)} run(s), {len(plan) - todo} already done, {todo} to evaluate", file=sys.stderr)
     try:
         summary = sweep_flow(args.config, force=args.force, results_dir=args.results)
     except SweepIncomplete as err:
         print(f"quantlens: {err}", file=sys.stderr)
         return 3
     print(f"sweep {summary['sweep_id']}: {summary['evaluated']} evaluated, {summary['skipped']} already finished, "
-          f"{len(summary['failed'])} failed")
-    for f in summary.get("artifacts", []):
-        print(f"  wrote {f}")
+          f"{len(summary['failed'])} failed, {summary['not_run']} not run")
+    files = summary.get("artifacts", [])
+    if files:
+        print(f"report: {len(files)} file(s) in {os.path.dirname(files[0])}/ (tables .csv/.md, figures .png)")
+        if args.verbose:
+            for f in files:
+                print(f"  wrote {f}")
     return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from flows.sweep import NotEvaluated, explain_flow
+    from quantlens.errors import NotEvaluated
+    from quantlens.flows.sweep import explain_flow
     from quantlens.sweep import load_config
-    from tasks.tracking import Tracker
+    from quantlens.tasks.tracking import Tracker
 
     cfg = load_config(args.config)
     Tracker(cfg.experiment)  # an unreachable store fails here, before Prefect starts
@@ -115,7 +98,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
-    from flows.aggregate import aggregate_flow
+    from quantlens.flows.aggregate import aggregate_flow
 
     out = args.out or os.path.join("results", args.sweep_id or args.experiment)
     files = aggregate_flow(experiment=args.experiment, sweep_id=args.sweep_id, out_dir=out)
@@ -186,12 +169,15 @@ def cmd_alpha_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from tasks.tracking import tracking_uri
+    """The MLflow UI on the tracking store, started with this interpreter (no activated venv needed)."""
+    from quantlens.tasks.tracking import Tracker, tracking_uri
 
     uri = tracking_uri()
-    cmd = ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
-    print("running:", " ".join(cmd))
-    os.execvp(cmd[0], cmd)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
+    exp = Tracker(args.experiment, uri)  # creates it as a model-training experiment if new
+    print(f"MLflow UI on {uri}: open http://127.0.0.1:{args.port}/#/experiments/{exp.experiment_id}?workflowType=machine_learning "
+          "(the runs view; MLflow 3 opens experiments on GenAI traces otherwise)")
+    os.execv(cmd[0], cmd)
     return 0
 
 
@@ -203,11 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the planned grid and what is already done")
     r.add_argument("--force", action="store_true", help="redo every run, finished or not")
     r.add_argument("--results", default="results", help="folder for tables and figures (default: results/)")
+    r.add_argument("-v", "--verbose", action="store_true", help="Prefect's logs, per-batch progress, every file written")
     r.set_defaults(fn=cmd_run)
     e = sub.add_parser("explain", help="layer error, early exit and activation patching of the config's analysis.mechanisms settings")
     e.add_argument("config")
     e.add_argument("--force", action="store_true", help="redo analyses already done")
     e.add_argument("--results", default="results", help="folder for tables and figures (default: results/)")
+    e.add_argument("-v", "--verbose", action="store_true", help="Prefect's logs and per-batch progress")
     e.set_defaults(fn=cmd_explain)
     a = sub.add_parser("aggregate", help="tables and figures from finished runs in MLflow")
     a.add_argument("--experiment", default="quantlens-demo")
@@ -225,27 +213,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_alpha_sweep)
     u = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
     u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--experiment", default="quantlens-demo", help="the experiment whose link is printed")
     u.set_defaults(fn=cmd_ui)
     return ap
 
 
+def quiet_environment(verbose: bool) -> None:
+    """Before Prefect or MLflow is imported: no telemetry (opt in with QUANTLENS_TELEMETRY=1), and
+    unless ``--verbose`` Prefect's console logs down to warnings, MLflow's and the Hugging Face
+    progress bars off; the sweep's own console display shows progress instead."""
+    if os.environ.get("QUANTLENS_TELEMETRY") != "1":
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ["QUANTLENS_CONSOLE"] = "1"
+    if verbose:
+        os.environ["QUANTLENS_VERBOSE"] = "1"
+        return
+    os.environ.setdefault("PREFECT_LOGGING_SETTINGS_PATH", str(Path(__file__).with_name("prefect_logging.yml")))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import logging
+
+    for name in ("mlflow", "alembic", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_environment(getattr(args, "verbose", False))
+    from quantlens.errors import TrackingUnavailable
     from quantlens.models import ModelUnavailable
 
     try:
         return args.fn(args)
-    except ConfigError as err:
+    except ConfigError as err:  # PreflightError too
         print(f"quantlens: {err}", file=sys.stderr)
         return 2
     except ModelUnavailable as err:
         print(f"quantlens: {err}", file=sys.stderr)
         return 4
-    except Exception as err:
-        if type(err).__name__ == "TrackingUnavailable":
-            print(f"quantlens: {err}", file=sys.stderr)
-            return 5
-        raise
+    except TrackingUnavailable as err:
+        print(f"quantlens: {err}", file=sys.stderr)
+        return 5
 
 
 if __name__ == "__main__":
