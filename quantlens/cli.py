@@ -1,6 +1,9 @@
 """``quantlens`` command line: run a sweep, aggregate, list what exists.
 
-    quantlens run configs/demo.yaml [--dry-run] [--force]
+The user layer: it imports Prefect and MLflow (through ``quantlens.flows`` / ``quantlens.tasks``)
+only inside the commands that need them, after setting the quiet-console environment.
+
+    quantlens run configs/demo.yaml [--dry-run] [--force] [-v]
     quantlens explain configs/demo.yaml [--force]     # only the mechanism analyses (config: analysis)
     quantlens aggregate [--experiment NAME] [--sweep-id ID] [--out DIR]
     quantlens list-settings | list-models | list-datasets
@@ -121,7 +124,7 @@ def cmd_list_settings(args: argparse.Namespace) -> int:
             t = "" if not q.nonuniform else f", p={q.transform_p:.3g}"
             return f"{q.bits}-bit per-{q.granularity}{t}"
         print(f"{name:<12}{desc(s.weights):<28}{desc(s.activations):<28}")
-    print("\nAny name W<bits>A<bits>[-g<group>][-nu][-p<exp>][-clip<k>] works too, e.g. W3A16-g64-nu, W8A8-clip3.")
+    print("\nAny name W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-clip<k>] works too, e.g. W3A16-g64-nu, W8A8-clip3, W16A16KV4.")
     print("Perturbations and grids (seeds, clip_k, transform_p lists) are defined in the sweep YAML.")
     return 0
 
