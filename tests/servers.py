@@ -105,15 +105,15 @@ class Servers:
         self.procs.clear()
 
 
-def mlflow_runs(url: str, experiment: str, flt: str = "") -> list[dict]:
-    """Runs of an experiment through MLflow's REST API."""
+def mlflow_runs(url: str, experiment: str, flt: str = "", view: str = "ACTIVE_ONLY") -> list[dict]:
+    """Runs of an experiment through MLflow's REST API (``view``: ACTIVE_ONLY, DELETED_ONLY or ALL)."""
     import json
 
     with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}", timeout=30) as r:
         exp = json.load(r)["experiment"]["experiment_id"]
     runs, token = [], None
     while True:
-        body = {"experiment_ids": [exp], "filter": flt, "max_results": 1000}
+        body = {"experiment_ids": [exp], "filter": flt, "max_results": 1000, "run_view_type": view}
         if token:
             body["page_token"] = token
         req = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", data=json.dumps(body).encode(),

@@ -140,9 +140,11 @@ def test_worker_killed_mid_sweep_then_rerun_completes(srv):
     out, err = p.communicate(timeout=900)
     assert json.loads(out.strip().splitlines()[-1])["state"] == "COMPLETED", err[-3000:]
     finished_unique(srv.mlflow_url, "faults", 4)  # nothing lost, nothing duplicated
-    failed = mlflow_runs(srv.mlflow_url, "faults", f"{EVAL} and attributes.status = 'FAILED'")
+    # the dead attempt's run: FAILED as stale, then out of the default view once its key finished
+    assert mlflow_runs(srv.mlflow_url, "faults", f"{EVAL} and attributes.status = 'FAILED'") == []
+    failed = mlflow_runs(srv.mlflow_url, "faults", f"{EVAL} and attributes.status = 'FAILED'", view="DELETED_ONLY")
     assert [params(r)["setting"] for r in failed] == ["W8A8"]
-    assert "stale" in tags(failed[0])["quantlens.failure"]
+    assert "stale" in tags(failed[0])["quantlens.failure"] and tags(failed[0])["quantlens.superseded_by"]
 
 
 def test_mlflow_down_at_start_fails_fast_without_evaluating(srv):
