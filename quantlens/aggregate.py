@@ -95,6 +95,16 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path, title: str | None = None, fontsize: float | None = None) -> Path:
+    """How every report figure ends: a title, a tight layout, a 120-dpi PNG, the figure closed."""
+    if title is not None:
+        fig.suptitle(title, **({"fontsize": fontsize} if fontsize else {}))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def fig_metric_vs_size(df: pd.DataFrame, metric: str, path: Path) -> Path | None:
     """Figure 1: metric vs model size per family, one line per (native) setting."""
     plain = _plain(df).dropna(subset=[metric])
@@ -114,11 +124,7 @@ def fig_metric_vs_size(df: pd.DataFrame, metric: str, path: Path) -> Path | None
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{metric} vs model size (Figure 1)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"{metric} vs model size (Figure 1)")
 
 
 def fig_alpha_vs_delta(df: pd.DataFrame, path: Path) -> Path | None:
@@ -173,11 +179,7 @@ def fig_uniform_vs_nonuniform(table: pd.DataFrame, path: Path) -> Path | None:
             lo = min(u.min(), n.min())
             ax.set_ylim(lo * 0.98, max(u.max(), n.max()) * 1.02)
         ax.legend(fontsize=7)
-    fig.suptitle("Uniform vs non-uniform (Δ = non-uniform − uniform)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, "Uniform vs non-uniform (Δ = non-uniform − uniform)", fontsize=10)
 
 
 def perturbation_summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -229,11 +231,7 @@ def fig_perturbations(df: pd.DataFrame, metric: str, path: Path) -> Path | None:
         if metric.endswith("_ppl"):
             lo = min(vals)
             ax.set_ylim(lo * 0.98, max(v + e for v, e in zip(vals, errs)) * 1.01)
-    fig.suptitle(f"{metric} under artificial perturbations, mean ± std over seeds (Figure 4)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"{metric} under artificial perturbations, mean ± std over seeds (Figure 4)")
 
 
 def clipping_summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -271,11 +269,7 @@ def fig_clipping(df: pd.DataFrame, path: Path) -> Path | None:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Clipping outliers (Figure 5)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, "Clipping outliers (Figure 5)")
 
 
 def write_report(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from quantlens.aggregate import to_markdown
-from quantlens.per_example import _plt, _safe
+from quantlens.aggregate import _plt, save_figure, to_markdown
+from quantlens.per_example import _safe
 
 TABLES = ("layer_error", "early_exit", "patching")
 
@@ -59,11 +59,7 @@ def fig_layer_error(layer_error: pd.DataFrame, model: str, path: Path) -> Path |
         bottom.grid(alpha=0.3)
         top.legend(fontsize=6)
         bottom.legend(fontsize=6)
-    fig.suptitle(f"{model}: error per layer, and ‖h(l)‖", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"{model}: error per layer, and ‖h(l)‖", fontsize=10)
 
 
 def fig_early_exit(early_exit: pd.DataFrame, model: str, path: Path) -> Path | None:
@@ -88,11 +84,7 @@ def fig_early_exit(early_exit: pd.DataFrame, model: str, path: Path) -> Path | N
         ax.set_title(f"{ds} · {setting}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    fig.suptitle(f"{model}: early exit", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"{model}: early exit", fontsize=10)
 
 
 def fig_patching(table: pd.DataFrame, path: Path) -> Path | None:
@@ -121,11 +113,7 @@ def fig_patching(table: pd.DataFrame, path: Path) -> Path | None:
         ax.set_ylabel("D_large perplexity")
         ax.set_title(f"{model} · {ds} · {setting}", fontsize=9)
         ax.legend(fontsize=6)
-    fig.suptitle("Activation patching: restore one module's full-precision output in the layer range", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, "Activation patching: restore one module's full-precision output in the layer range", fontsize=10)
 
 
 def write_mechanism_report(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> list[Path]:

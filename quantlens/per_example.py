@@ -30,6 +30,8 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from quantlens.aggregate import _plt, save_figure, to_markdown
+
 TOP_FRACTION = 0.1
 DUP_JACCARD = 0.1
 NGRAM = 5
@@ -225,15 +227,6 @@ def headline(corr: pd.DataFrame, pred: pd.DataFrame) -> pd.DataFrame:
 
 
 # --- Figures ----------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -341,11 +334,7 @@ def fig_error_vs_norm(err: pd.DataFrame, residual: pd.DataFrame, model: str, pat
         ax.set_ylabel(f"error e = ΔNLL ({setting})")
         ax.set_title(f"{ds}: ρ = {pearson(last.loc[common].to_numpy(), e.loc[common].to_numpy()):.2f}", fontsize=9)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{model}: error against last-layer residual norm", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"{model}: error against last-layer residual norm", fontsize=10)
 
 
 # --- Report -------------------------------------------------------------------------------------------
@@ -359,8 +348,6 @@ def write_per_example_report(
     seed: int = 0,
 ) -> list[Path]:
     """Tables (CSV + Markdown), D_large/D_ctrl id lists and figures; returns the files written."""
-    from quantlens.aggregate import to_markdown
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     err = errors(examples, reference)
