@@ -33,8 +33,8 @@ def _retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
         return False
     except Exception as err:
         cause = err.__cause__ or err
-        status = getattr(getattr(cause, "response", None), "status_code", None)
-        return is_transient(cause) or (status is not None and status >= 500)
+        http = getattr(getattr(cause, "response", None), "status_code", None)
+        return is_transient(cause) or (http is not None and http >= 500)
     return False
 
 
