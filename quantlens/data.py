@@ -190,16 +190,29 @@ def perplexity_windows(
     use_cache: bool = True,
 ) -> torch.Tensor:
     """Non-overlapping ``[n, seqlen]`` windows of the whole test text tokenized once (remainder dropped)."""
-    import torch
-
     if seqlen < 2:
         raise ConfigError(f"seqlen: must be at least 2, got {seqlen}")
-    key = hashlib.sha256(
-        f"{tokenizer_fingerprint(tokenizer)}|{name}|{source_fingerprint(name, path)}|{seqlen}|{max_windows}".encode()
-    ).hexdigest()[:24]
-    f = cache_dir() / "windows" / f"{name}-{seqlen}-{key}.pt"
+    return _cached(f"{name}-{seqlen}", [tokenizer_fingerprint(tokenizer), name, source_fingerprint(name, path), seqlen, max_windows],
+                   lambda: _windows(tokenizer, name, seqlen, path, max_windows), use_cache)
+
+
+def _cached(stem: str, key_parts: list[Any], build: Callable[[], "torch.Tensor"], use_cache: bool) -> "torch.Tensor":
+    """Token tensors cached on disk under ``<cache>/windows/<stem>-<hash of key_parts>.pt`` (atomic writes)."""
+    import torch
+
+    key = hashlib.sha256("|".join(map(str, key_parts)).encode()).hexdigest()[:24]
+    f = cache_dir() / "windows" / f"{stem}-{key}.pt"
     if use_cache and f.is_file():
         return torch.load(f)
+    out = build()
+    if use_cache:
+        _atomic_save(out, f)
+    return out
+
+
+def _windows(tokenizer: Any, name: str, seqlen: int, path: str | None, max_windows: int | None) -> "torch.Tensor":
+    import torch
+
     text = dataset_info(name).loader(path)
     if not text.strip():
         raise ConfigError(f"dataset {name!r} ({path or 'hub'}): the text is empty")
@@ -211,10 +224,7 @@ def perplexity_windows(
         )
     if max_windows is not None:
         n = min(n, max_windows)
-    windows = ids[: n * seqlen].view(n, seqlen).contiguous()
-    if use_cache:
-        _atomic_save(windows, f)
-    return windows
+    return ids[: n * seqlen].view(n, seqlen).contiguous()
 
 
 def lambada_requests(tokenizer: Any, examples: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
@@ -245,8 +255,6 @@ def document_examples(
     """``[n, example_len + 1]``: BOS + the first ``example_len`` tokens of each document with at
     least that many tokens, in source order; shorter documents are dropped. ``max_examples``
     stops reading after that many (a streamed hub source is read no further)."""
-    import torch
-
     info = dataset_info(name)
     if info.documents is None:
         raise ConfigError(f"dataset {name!r}: has no documents (examples: documents works for {', '.join(n for n, d in DATASETS.items() if d.documents)})")
@@ -255,12 +263,15 @@ def document_examples(
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         raise ConfigError(f"examples: documents prepends a BOS token, but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has none")
-    key = hashlib.sha256(
-        f"docs|{tokenizer_fingerprint(tokenizer)}|{name}|{source_fingerprint(name, path)}|{example_len}|{max_examples}".encode()
-    ).hexdigest()[:24]
-    f = cache_dir() / "windows" / f"{name}-docs{example_len}-{key}.pt"
-    if use_cache and f.is_file():
-        return torch.load(f)
+    return _cached(f"{name}-docs{example_len}",
+                   ["docs", tokenizer_fingerprint(tokenizer), name, source_fingerprint(name, path), example_len, max_examples],
+                   lambda: _documents(tokenizer, info, name, example_len, bos, path, max_examples), use_cache)
+
+
+def _documents(tokenizer: Any, info: DatasetInfo, name: str, example_len: int, bos: int, path: str | None,
+               max_examples: int | None) -> "torch.Tensor":
+    import torch
+
     rows: list[list[int]] = []
     for doc in info.documents(path):
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
@@ -270,10 +281,7 @@ def document_examples(
                 break
     if not rows:
         raise ConfigError(f"dataset {name!r} ({path or 'hub'}): no document has {example_len} tokens: use a smaller example_len")
-    out = torch.tensor(rows, dtype=torch.long)
-    if use_cache:
-        _atomic_save(out, f)
-    return out
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _atomic_save(t: torch.Tensor, f: Path) -> None:
