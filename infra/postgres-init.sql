@@ -1,2 +1,3 @@
--- The MLflow database is created by POSTGRES_DB; Prefect gets its own database on the same server.
+-- The MLflow database is created by POSTGRES_DB; Prefect and the MLflow auth app get their own on the same server.
 CREATE DATABASE prefect OWNER quantlens;
+CREATE DATABASE mlflow_auth OWNER quantlens;

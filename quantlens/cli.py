@@ -31,6 +31,15 @@ def _print_plan(plan: list[Any], header: str) -> None:
     print(f"{n_done} done, {len(plan) - n_done} to run")
 
 
+def _check_prefect() -> None:
+    """A Prefect API named by PREFECT_API_URL must answer and accept our credentials before the
+    flow starts (unset: Prefect's local ephemeral server, nothing to check)."""
+    if os.environ.get("PREFECT_API_URL"):
+        from quantlens.credentials import check_prefect
+
+        check_prefect(os.environ["PREFECT_API_URL"])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from quantlens.preflight import preflight
     from quantlens.sweep import load_config, sweep_id
@@ -48,6 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_plan(plan, f"sweep {sid}: {len(cfg.models)} model(s) × {len(settings)} setting(s) = {len(plan)} run(s); "
                           f"datasets: {', '.join(d.name for d in cfg.datasets)}")
         return 0
+    _check_prefect()  # the dry run needs no Prefect
     report = os.path.join(args.results, sid)
     if not args.force and all(r.state == "done" for r in plan) and os.path.isdir(report) and os.listdir(report):
         # Nothing to orchestrate: answer without starting Prefect (seconds instead of ~15 s),
@@ -88,6 +98,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     Tracker(cfg.experiment)  # an unreachable store fails here, before Prefect starts
+    _check_prefect()
     try:
         out = explain_flow(args.config, force=args.force, results_dir=args.results)
     except NotEvaluated as err:
@@ -234,6 +245,7 @@ def quiet_environment(verbose: bool) -> None:
         return
     os.environ.setdefault("PREFECT_LOGGING_SETTINGS_PATH", str(Path(__file__).with_name("prefect_logging.yml")))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "🏃 View run …" per run on a server
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -248,7 +260,7 @@ def quiet_environment(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_environment(getattr(args, "verbose", False))
-    from quantlens.errors import TrackingUnavailable
+    from quantlens.errors import CredentialsRefused, TrackingUnavailable
     from quantlens.models import ModelUnavailable
 
     try:
@@ -262,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrackingUnavailable as err:
         print(f"quantlens: {err}", file=sys.stderr)
         return 5
+    except CredentialsRefused as err:
+        print(f"quantlens: {err}", file=sys.stderr)
+        return 6
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached: raised before any evaluation starts."""
 
 
+class CredentialsRefused(RuntimeError):
+    """A control-plane server (MLflow, Prefect) refuses our credentials, or they cannot write: no retry helps."""
+
+
 class PreflightError(ConfigError):
     """Something the sweep needs is missing (a model folder, a cached model, a data file)."""
 
@@ -30,4 +34,4 @@ class NotEvaluated(RuntimeError):
 
 EXPECTED = (SweepIncomplete, AnalysisFailed, NotEvaluated)  # reported by the CLI in one line
 
-__all__ = ["AnalysisFailed", "ConfigError", "EXPECTED", "NotEvaluated", "PreflightError", "SweepIncomplete", "TrackingUnavailable"]
+__all__ = ["AnalysisFailed", "ConfigError", "CredentialsRefused", "EXPECTED", "NotEvaluated", "PreflightError", "SweepIncomplete", "TrackingUnavailable"]

@@ -10,9 +10,13 @@ PY=${PYTHON:-python3}
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==${QUANTLENS_TORCH_VERSION:-2.13.0}"
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
-# docker-compose validates infra/docker-compose.yml in the tests (no engine needed).
-if ! command -v docker-compose >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  apt-get install -y -q docker-compose >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q docker-compose >/dev/null; } \
-    || echo "warning: could not install docker-compose; the compose validation test will fail in CI" >&2
+# System tools the tests use (no engine or daemon needed): docker-compose validates
+# infra/docker-compose.yml; caddy (the TLS proxy of infra/Caddyfile) fronts the authenticated test servers.
+missing=()
+command -v docker-compose >/dev/null || missing+=(docker-compose)
+command -v caddy >/dev/null || missing+=(caddy)
+if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; } \
+    || echo "warning: could not install ${missing[*]}; the tests that need them will fail in CI" >&2
 fi
 "$VENV/bin/python" -c "import torch, transformers, prefect, mlflow; print('quantlens env ok: torch', torch.__version__, '| transformers', transformers.__version__, '| prefect', prefect.__version__, '| mlflow', mlflow.__version__)"

@@ -88,17 +88,32 @@ def _retry(fn: Callable[[], T], what: str) -> T:
     raise AssertionError("unreachable")
 
 
-def _check_server(uri: str) -> None:
-    """Fail fast (seconds, not MLflow's minutes of HTTP retries) when the server is down."""
-    import urllib.error
-    import urllib.request
+def _check_server(uri: str, experiment: str) -> None:
+    """Fail fast (seconds, not MLflow's minutes of HTTP retries) when the server is down, refuses
+    our credentials, or would not let us write to the experiment."""
+    from quantlens.credentials import check_mlflow, mlflow_endpoint
 
+    timeout = float(os.environ.get("QUANTLENS_MLFLOW_HEALTH_TIMEOUT", "10"))
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=float(os.environ.get("QUANTLENS_MLFLOW_HEALTH_TIMEOUT", "10"))) as r:
-            if r.status != 200:
-                raise TrackingUnavailable(f"MLflow server {uri!r} is unhealthy (HTTP {r.status})")
-    except (urllib.error.URLError, OSError) as err:
-        raise TrackingUnavailable(f"MLflow server {uri!r} is not reachable ({err}): start it or fix MLFLOW_TRACKING_URI; nothing was evaluated") from None
+        code, _ = mlflow_endpoint(uri).get("/health", timeout)
+    except OSError:
+        code = None  # check_mlflow says why (refused, TLS, DNS) in one line
+    if code is not None and code != 200:
+        raise TrackingUnavailable(f"MLflow server {uri!r} is unhealthy (HTTP {code})")
+    check_mlflow(uri, experiment, timeout=timeout)
+
+
+def _user_tag() -> dict[str, str]:
+    """The UI's User column: the account a server authenticated us as, else the local user."""
+    import getpass
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if not user:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = "unknown"
+    return {"mlflow.user": user}
 
 
 class Tracker:
@@ -108,7 +123,7 @@ class Tracker:
 
         self.uri = uri or tracking_uri()
         if self.uri.startswith(("http://", "https://")):
-            _check_server(self.uri)
+            _check_server(self.uri, experiment)
         if self.uri.startswith("sqlite:///"):
             Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)
@@ -142,7 +157,7 @@ class Tracker:
             return run_id
         run = _retry(
             lambda: self.client.create_run(
-                self.experiment_id, run_name=name, tags={"sweep_id": sweep_id, KIND_TAG: "sweep"}
+                self.experiment_id, run_name=name, tags={"sweep_id": sweep_id, KIND_TAG: "sweep", **_user_tag()}
             ),
             "create parent",
         )
@@ -251,7 +266,7 @@ class Tracker:
             lambda: self.client.create_run(
                 self.experiment_id,
                 run_name=run_name,
-                tags={"mlflow.parentRunId": parent_id, KIND_TAG: "eval", HEARTBEAT_TAG: f"{time.time():.3f}", **tags},
+                tags={"mlflow.parentRunId": parent_id, KIND_TAG: "eval", HEARTBEAT_TAG: f"{time.time():.3f}", **_user_tag(), **tags},
             ),
             "create eval run",
         )

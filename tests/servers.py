@@ -15,6 +15,7 @@ import psutil
 
 BIN = Path(sys.executable).parent
 REAPER = Path(__file__).with_name("reaper.py")
+INFRA = Path(__file__).resolve().parents[1] / "infra"
 
 
 def free_port() -> int:
@@ -97,6 +98,34 @@ class Servers:
         )
         wait_http(f"http://127.0.0.1:{port}/health", 180, p)
         return p
+
+    def start_prefect_auth(self, auth: str) -> subprocess.Popen:
+        """A Prefect server whose API wants ``auth`` (user:password); not waited for (see wait_http)."""
+        env = {**self.env, "PREFECT_HOME": str(self.root / "prefect-server"), "PREFECT_SERVER_API_AUTH_STRING": auth}
+        env.pop("PREFECT_API_URL", None)
+        return self.start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.prefect_port)],
+                          "prefect-server.log", env)
+
+    def start_mlflow_auth(self, admin_password: str) -> subprocess.Popen:
+        """MLflow with its authentication app, through infra/mlflow-server.sh as the compose stack
+        runs it (SQLite stores and local artifacts instead of PostgreSQL and S3); not waited for."""
+        env = {**self.env, "BACKEND_URI": f"sqlite:///{self.root / 'mlflow.db'}", "AUTH_DB_URI": f"sqlite:///{self.root / 'auth.db'}",
+               "ARTIFACTS_DESTINATION": str(self.root / "artifacts"), "MLFLOW_ADMIN_PASSWORD": admin_password,
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key", "MLFLOW_BIND": "127.0.0.1", "MLFLOW_PORT": str(self.mlflow_port),
+               "TMPDIR": str(self.root)}
+        return self.start(["sh", str(INFRA / "mlflow-server.sh"), "--workers", "1"], "mlflow-auth.log", env)
+
+    def start_proxy(self) -> tuple[subprocess.Popen, dict[str, int], Path]:
+        """infra/Caddyfile in front of both servers on localhost; returns the process, its ports and
+        the root certificate of its internal CA (what a lab gives its clients)."""
+        ports = {"mlflow": free_port(), "prefect": free_port()}
+        data = self.root / "caddy"
+        env = {**self.env, "QUANTLENS_HOST": "localhost", "QUANTLENS_TLS": "internal", "QUANTLENS_PROXY_BIND": "127.0.0.1",
+               "MLFLOW_TLS_PORT": str(ports["mlflow"]), "PREFECT_TLS_PORT": str(ports["prefect"]),
+               "MLFLOW_UPSTREAM": f"127.0.0.1:{self.mlflow_port}", "PREFECT_UPSTREAM": f"127.0.0.1:{self.prefect_port}",
+               "XDG_DATA_HOME": str(data), "XDG_CONFIG_HOME": str(data), "HOME": str(data)}
+        p = self.start(["caddy", "run", "--config", str(INFRA / "Caddyfile"), "--adapter", "caddyfile"], "caddy.log", env)
+        return p, ports, data / "caddy" / "pki" / "authorities" / "local" / "root.crt"
 
     def stop(self) -> None:
         for p in reversed(self.procs):
