@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantlens.data import example_ids
+from quantlens.layerwise import Batch
 from quantlens.patch import set_valid_tokens
 from quantlens.residual import ResidualRecorder
 from quantlens.streaming import streaming_device
@@ -66,6 +67,27 @@ def _run_batches(n: int, batch_size: int, fn: Callable[[int, int], None], progre
     return batch_size
 
 
+def _drive(model: nn.Module, n: int, batch_size: int, prepare: Callable[[int, int], Batch],
+           score: Callable[[Batch, torch.Tensor], None], progress: Progress | None) -> int:
+    """Every batch through the model and into ``score``: one forward per batch, or with
+    ``placement: stream`` layer by layer (each block copied to the device once, not per batch).
+    Returns the batch size used in the end."""
+    dev = streaming_device(model)
+    if dev is not None:
+        from quantlens import layerwise
+
+        spans = [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+        layerwise.run(model, [prepare(s, e) for s, e in spans], score, dev, progress)
+        return batch_size
+
+    def step(s: int, e: int) -> None:
+        b = prepare(s, e)
+        b.enter()
+        score(b, model(**b.inputs, use_cache=False).logits)
+
+    return _run_batches(n, batch_size, step, progress)
+
+
 @torch.inference_mode()
 def perplexity(
     model: nn.Module,
@@ -92,11 +114,12 @@ def perplexity(
     recorder = ResidualRecorder(model, n) if residual else None
     t0 = time.perf_counter()
 
-    def step(s: int, e: int) -> None:
-        ids = windows[s:e].to(device, non_blocking=True)
-        if recorder is not None:
-            recorder.begin_batch(torch.arange(s, e))
-        logits = model(input_ids=ids, use_cache=False).logits
+    def prepare(s: int, e: int) -> Batch:
+        enter = (lambda: recorder.begin_batch(torch.arange(s, e))) if recorder is not None else (lambda: None)
+        return Batch(s, e, {"input_ids": windows[s:e].to(device, non_blocking=True)}, enter)
+
+    def score(b: Batch, logits: torch.Tensor) -> None:
+        ids, s, e = b.inputs["input_ids"], b.start, b.end
         flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
         if keep_examples:
             tok = F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="none")
@@ -105,7 +128,7 @@ def perplexity(
             ex_nll[s] += F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="sum").double()
 
     with recorder if recorder is not None else contextlib.nullcontext():
-        used = _run_batches(n, bs, step, progress)
+        used = _drive(model, n, bs, prepare, score, progress)
     n_pred = n * (seqlen - 1)
     mean_nll = float(ex_nll.sum()) / n_pred
     secs = time.perf_counter() - t0
@@ -162,7 +185,7 @@ def lambada(
     recorder = ResidualRecorder(model, len(seqs)) if residual else None
     t0 = time.perf_counter()
 
-    def step(s: int, e: int) -> None:
+    def prepare(s: int, e: int) -> Batch:
         idx = order[s:e]
         L = max(len(seqs[i][0]) for i in idx)
         T = max(len(seqs[i][1]) for i in idx)
@@ -179,11 +202,18 @@ def lambada(
             # target token j is predicted at input position len(inp) - len(t) + j
             pos[r, : len(t)] = torch.arange(len(inp) - len(t), len(inp))
             valid[r, : len(t)] = True
-        if recorder is not None:
-            recorder.begin_batch(torch.tensor(idx), mask)
+        cpu_mask = mask
         ids, mask, tgt, pos, valid = (x.to(device) for x in (ids, mask, tgt, pos, valid))
-        set_valid_tokens(model, mask)  # activation statistics and batch-matched noise skip padding
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+        def enter() -> None:
+            if recorder is not None:
+                recorder.begin_batch(torch.tensor(idx), cpu_mask)
+            set_valid_tokens(model, mask)  # activation statistics and batch-matched noise skip padding
+
+        return Batch(s, e, {"input_ids": ids, "attention_mask": mask}, enter, {"idx": idx, "tgt": tgt, "pos": pos, "valid": valid})
+
+    def score(b: Batch, logits: torch.Tensor) -> None:
+        idx, tgt, pos, valid = (b.state[k] for k in ("idx", "tgt", "pos", "valid"))
         picked = torch.gather(logits, 1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()
         logp = picked.log_softmax(-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
         greedy = picked.argmax(-1) == tgt
@@ -194,7 +224,7 @@ def lambada(
 
     try:
         with recorder if recorder is not None else contextlib.nullcontext():
-            used = _run_batches(len(seqs), bs, step, progress)
+            used = _drive(model, len(seqs), bs, prepare, score, progress)
     finally:
         set_valid_tokens(model, None)
     secs = time.perf_counter() - t0

@@ -1,0 +1,130 @@
+"""Layer-wise evaluation for ``placement: stream``: each decoder block crosses to the device once.
+
+Per-batch streaming (:mod:`quantlens.streaming`'s hooks) copies every block to the device for every
+batch: a 66B model moves its 130 GB once per batch. Here, as in GPTQ's evaluation loops, the
+order is turned around:
+
+1. run each batch up to the first decoder block and keep what the block receives — its hidden
+   states and every other argument the model passes it (attention mask, position ids, rotary
+   embeddings, ALiBi: whatever the family needs), captured, not rebuilt;
+2. for each block: copy its tensors to the device once, run every batch through it, drop it;
+3. decode each batch's last hidden states through the final norm and the LM head, and score them.
+
+Each module still sees the batches in the same order as a normal forward, so seeded activation
+noise, activation statistics and residual-stream hooks give the same numbers as ``single``.
+The per-batch ``enter`` callback restores the batch's context (valid-token mask, the residual
+recorder's example index) before every block call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from quantlens.patch import find_decoder_blocks
+from quantlens.streaming import block_tensors, count_transfer, set_resident
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class Batch:
+    """One batch of a layer-wise pass: the model's inputs, and how to make it current."""
+
+    start: int
+    end: int
+    inputs: dict[str, torch.Tensor]
+    enter: Callable[[], None] = lambda: None
+    state: dict[str, Any] = field(default_factory=dict)  # whatever ``score`` needs later
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
+    """(args, kwargs) the model passes ``block`` for these inputs; nothing after it runs."""
+    seen: dict[str, Any] = {}
+
+    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen["args"], seen["kwargs"] = args, kwargs
+        raise _Captured
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
+    try:
+        model(**inputs, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if "args" not in seen:
+        raise RuntimeError(f"{type(model).__name__}: the forward never reached its first decoder block")
+    return seen["args"], seen["kwargs"]
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+def _check_uniform(blocks: nn.ModuleList) -> None:
+    """Blocks must all take the inputs block 0 took (no per-layer attention types)."""
+    kinds = {getattr(b, "attention_type", None) or getattr(getattr(b, "self_attn", None), "layer_type", None) for b in blocks}
+    kinds.discard(None)
+    if len(kinds) > 1:
+        raise NotImplementedError(
+            f"layer-wise evaluation: blocks of different attention types ({sorted(kinds)}) need different masks; "
+            "use placement: single or device_map for this model"
+        )
+
+
+@torch.inference_mode()
+def run(
+    model: nn.Module,
+    batches: list[Batch],
+    score: Callable[[Batch, torch.Tensor], None],
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Forward every batch layer by layer, then ``score(batch, logits)`` each in order."""
+    from quantlens.mechanisms import final_decoder
+
+    _, blocks = find_decoder_blocks(model)
+    _check_uniform(blocks)
+    decode = final_decoder(model)
+    states = []
+    for b in batches:
+        b.enter()
+        states.append(capture_block_inputs(model, blocks[0], b.inputs))
+    n = batches[-1].end if batches else 0
+    for i, block in enumerate(blocks):
+        tensors = block_tensors(block)
+        stash = [t.data for t in tensors]
+        try:
+            for t in tensors:
+                count_transfer(model, t)
+                t.data = t.data.to(device, non_blocking=True)
+            set_resident(model, block, True)
+            for j, b in enumerate(batches):
+                b.enter()
+                args, kwargs = states[j]
+                out = block(*args, **kwargs)
+                states[j] = _with_hidden(args, kwargs, out[0] if isinstance(out, tuple) else out)
+        finally:
+            set_resident(model, block, False)
+            for t, d in zip(tensors, stash):
+                t.data = d
+        if progress:
+            progress(int(n * (i + 1) / (len(blocks) + 1)), n)
+    for j, b in enumerate(batches):
+        b.enter()
+        score(b, decode(_hidden(*states[j])))
+        states[j] = None  # free as we go
+    if progress:
+        progress(n, n)
