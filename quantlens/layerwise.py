@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from quantlens.patch import find_decoder_blocks
-from quantlens.streaming import block_tensors, count_transfer, set_resident
+from quantlens.streaming import resident
 
 
 class _Captured(Exception):
@@ -103,23 +103,13 @@ def run(
         b.enter()
         states.append(capture_block_inputs(model, blocks[0], b.inputs))
     n = batches[-1].end if batches else 0
-    for i, block in enumerate(blocks):
-        tensors = block_tensors(block)
-        stash = [t.data for t in tensors]
-        try:
-            for t in tensors:
-                count_transfer(model, t)
-                t.data = t.data.to(device, non_blocking=True)
-            set_resident(model, block, True)
+    for i in range(len(blocks)):
+        with resident(model, i) as block:  # read (or copied) to the device once, for every batch
             for j, b in enumerate(batches):
                 b.enter()
                 args, kwargs = states[j]
                 out = block(*args, **kwargs)
                 states[j] = _with_hidden(args, kwargs, out[0] if isinstance(out, tuple) else out)
-        finally:
-            set_resident(model, block, False)
-            for t, d in zip(tensors, stash):
-                t.data = d
         if progress:
             progress(int(n * (i + 1) / (len(blocks) + 1)), n)
     for j, b in enumerate(batches):

@@ -205,8 +205,8 @@ def load_model(
     placement: str = "auto",
 ) -> tuple[torch.nn.Module, Any]:
     """Load model + tokenizer once. ``placement``: ``single`` (one device), ``device_map`` (spread
-    over all GPUs with accelerate), ``stream`` (weights on CPU, one decoder block on the GPU at a
-    time), or ``auto`` (single if it fits, else device_map over several GPUs, else stream)."""
+    over all GPUs with accelerate), ``stream`` (a skeleton on the device, each decoder block read from the
+    checkpoint's safetensors when it runs), or ``auto`` (single if it fits, else device_map over several GPUs, else stream)."""
     import torch
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -219,13 +219,13 @@ def load_model(
         placement = choose_placement(path, dev, dt)
     if placement == "device_map":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, device_map="auto")
+    elif placement == "stream":
+        from quantlens.streaming import load_streaming
+
+        model = load_streaming(path, dev, dt)  # blocks read from the checkpoint when they run
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
-        if placement == "stream":
-            from quantlens.streaming import enable_streaming
-
-            enable_streaming(model, dev)
-        elif placement == "single":
+        if placement == "single":
             model.to(dev)
         else:
             raise ConfigError(f"placement: unknown {placement!r} (auto, single, device_map, stream)")

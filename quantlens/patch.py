@@ -66,6 +66,9 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
     OPT: ``model.decoder.layers``; BLOOM: ``transformer.h``; LLaMA: ``model.layers``.
     """
+    known = getattr(model, "_quantlens_blocks", None)  # a streamed skeleton: its blocks hold no weights
+    if known is not None:
+        return known, model.get_submodule(known)
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) and all(type(b) is type(mod[0]) for b in mod):
@@ -216,6 +219,10 @@ class _PatchState:
     activations: _ActivationState | None
     report: PatchReport
     kv: list[Any] = field(default_factory=list)  # quantlens.kv.KVState per attention module
+    # placement: stream reads block weights when they run: their setting is applied then (apply_deferred)
+    deferred: dict[int, str] = field(default_factory=dict)  # id(parameter) → qualified name
+    full_precision: set[str] = field(default_factory=set)  # deferred names read as they are (full_precision())
+    seen: set[str] = field(default_factory=set)  # deferred names whose statistics are in the report
 
 
 # --- Entry points -----------------------------------------------------------------------------
@@ -278,11 +285,16 @@ def quantize_(
         if not (setting.include_lm_head and head is not None and head.weight is emb.weight):
             weight_targets.append((_qualified_name(model, emb), emb))
 
+    streamed = _streaming_device(model)
+    deferred: dict[int, str] = {}
     with torch.no_grad():
         for name, mod in weight_targets:
             param = mod.weight
             if any(param is p for p, _ in originals.values()):
                 continue  # tied weight already done
+            if streamed is not None and param.numel() == 0:
+                deferred[id(param)] = name  # read from the checkpoint when its block runs: patched then
+                continue
             w = param.data
             wq, stats = _new_weight(name, w, setting)
             keep = "cpu" if keep_originals_on == "cpu" or (keep_originals_on == "auto" and w.device.type != "cpu") else "same"
@@ -298,15 +310,39 @@ def quantize_(
         for name, mod in layers:
             gen = None
             if setting.perturbs_activations():
-                dev = next(mod.parameters()).device if p.rng == "device" else "cpu"
+                dev = (streamed or next(mod.parameters()).device) if p.rng == "device" else "cpu"
                 gen = make_generator(p.seed, name + ":act", dev)
             handles.append(mod.register_forward_pre_hook(_make_hook(act_state, name, gen)))
 
     kv_states = []
     if setting.kv is not None:
         kv_states = kv.attach(model, setting.kv, setting.perturbation if setting.perturbs_kv() else None, activation_stats_forwards)
-    setattr(model, _STATE_ATTR, _PatchState(setting, originals, handles, act_state, report, kv_states))
+    setattr(model, _STATE_ATTR, _PatchState(setting, originals, handles, act_state, report, kv_states, deferred))
     return report
+
+
+def _streaming_device(model: nn.Module) -> torch.device | None:
+    state = getattr(model, "_quantlens_streaming", None)  # (quantlens.streaming imports this module)
+    return state.device if state is not None and state.checkpoint is not None else None
+
+
+def apply_deferred(model: nn.Module, block: nn.Module) -> None:
+    """Patch a streamed block's weights as they arrive on the device (called by quantlens.streaming):
+    the setting's quantizer or perturbation, exactly as :func:`quantize_` applies it to a loaded
+    model; statistics go to the report the first time each weight is seen."""
+    state: _PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is None or not state.deferred:
+        return
+    with torch.no_grad():
+        for param in block.parameters():
+            name = state.deferred.get(id(param))
+            if name is None or name in state.full_precision:
+                continue
+            wq, stats = _new_weight(name, param.data, state.setting)
+            param.data = wq
+            if name not in state.seen:
+                state.seen.add(name)
+                state.report.layers.append(stats)
 
 
 def set_valid_tokens(model: nn.Module, mask: torch.Tensor | None) -> None:
@@ -373,7 +409,7 @@ def patched_layers(model: nn.Module) -> set[str]:
     state: _PatchState | None = getattr(model, _STATE_ATTR, None)
     if state is None:
         return set()
-    return set(state.originals) | ({n for n, _ in target_linears(model, state.setting)} if state.activations else set())
+    return set(state.originals) | set(state.deferred.values()) | ({n for n, _ in target_linears(model, state.setting)} if state.activations else set())
 
 
 @contextmanager
@@ -396,6 +432,7 @@ def full_precision(model: nn.Module, layers: Iterable[str] | None = None, *, act
     if unknown:
         raise KeyError(f"full_precision: not patched layers: {', '.join(sorted(unknown))}")
     swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
+    streamed_fp = chosen & set(state.deferred.values()) - state.full_precision  # read as they are while inside
     bypassed = set()
     kv_off: list[Any] = []
     try:
@@ -404,6 +441,7 @@ def full_precision(model: nn.Module, layers: Iterable[str] | None = None, *, act
                 param, orig = state.originals[name]
                 swapped.append((param, param.data))
                 param.data = orig if orig.device == param.device else orig.to(param.device)
+        state.full_precision |= streamed_fp
         if activations and state.activations is not None:
             bypassed = chosen - state.activations.bypass
             state.activations.bypass |= bypassed
@@ -413,6 +451,7 @@ def full_precision(model: nn.Module, layers: Iterable[str] | None = None, *, act
             st.enabled = False
         yield
     finally:
+        state.full_precision -= streamed_fp
         for st in kv_off:
             st.enabled = True
         with torch.no_grad():

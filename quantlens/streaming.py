@@ -1,15 +1,28 @@
 """Layer-by-layer streaming: run a model larger than the GPU, one decoder block on it at a time.
 
 Everything but the decoder blocks (embeddings, final norm, LM head) lives on the compute device.
-Each block's parameters stay on the CPU (the storage copy is never modified) and are copied to the
-device right before the block runs and dropped right after, so GPU memory holds one block plus the
-activations. Works with :func:`quantlens.patch.quantize_`: the patched weights are what is stored.
-These hooks move every block once per *batch*; the evaluation itself (perplexity, Lambada) runs
-layer by layer instead (:mod:`quantlens.layerwise`), moving every block once per dataset. Both
-count the bytes they copy (:func:`transfer_bytes`).
+A block's tensors come from one of two sources:
+
+- **host memory** (:func:`enable_streaming`, a model already loaded): the storage copy stays on the
+  CPU, never modified, and is copied to the device when the block runs;
+- **the checkpoint** (:func:`load_streaming`, what ``placement: stream`` uses): the model is a
+  skeleton whose blocks hold empty placeholders; a block's tensors are read from the safetensors
+  shards (memory-mapped, straight to the device) when it runs and dropped after. No originals are
+  kept anywhere — the checkpoint is the original, so restoring is reading again, and host RAM holds
+  one block at a time, whatever the number of layers. A patched setting is applied to the block's
+  weights *on the device* as they are read (:func:`quantlens.patch.quantize_` defers them).
+
+Two ways to run: a plain forward moves every block for every batch (hooks; what the mechanism
+analysis does), while perplexity and Lambada run layer by layer (:mod:`quantlens.layerwise`):
+each block is made resident once (:func:`resident`) and runs every batch. Both count the bytes
+they bring to the device (:func:`transfer_bytes`).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -23,38 +36,74 @@ def block_tensors(block: nn.Module) -> list[torch.Tensor]:
     return [*block.parameters(), *block.buffers()]
 
 
-def count_transfer(model: nn.Module, t: torch.Tensor) -> None:
-    """Add a tensor's bytes to the model's host→device transfer count (streaming models only)."""
-    state = getattr(model, _ATTR, None)
-    if state is not None:
-        state[2]["bytes"] += t.numel() * t.element_size()
+@dataclass
+class _Stream:
+    device: torch.device
+    blocks: nn.ModuleList
+    handles: list[Any] = field(default_factory=list)
+    moved: int = 0  # bytes brought to the device
+    resident: set[int] = field(default_factory=set)  # ids of blocks made resident by layer-wise runs
+    checkpoint: Any = None  # quantlens.checkpoint.Checkpoint when blocks are read lazily
+    keys: list[list[tuple[nn.Module, str, str, bool]]] = field(default_factory=list)  # per block: (module, attr, key, is_param)
+    empty: dict[int, torch.Tensor] = field(default_factory=dict)  # id(tensor holder) → placeholder
+    dtype: torch.dtype | None = None
+    stash: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    # --- one block on the device and off it again -------------------------------------------
+    def bring(self, model: nn.Module, i: int) -> None:
+        block = self.blocks[i]
+        if self.checkpoint is None:
+            tensors = block_tensors(block)
+            self.stash[i] = [t.data for t in tensors]
+            for t in tensors:  # counted on a CPU "device" too (a no-op copy), so tests see the traffic
+                self.moved += t.numel() * t.element_size()
+                t.data = t.data.to(self.device, non_blocking=True)
+            return
+        keys = self.keys[i]
+        loaded = self.checkpoint.load([k for _, _, k, _ in keys], self.device, self.dtype)
+        for mod, attr, key, is_param in keys:
+            t = loaded[key]
+            self.moved += t.numel() * t.element_size()
+            holder = mod._parameters[attr] if is_param else mod._buffers[attr]
+            holder.data = t
+        from quantlens.patch import apply_deferred
+
+        apply_deferred(model, block)  # the patched setting, on the device, as the weights arrive
+
+    def drop(self, i: int) -> None:
+        block = self.blocks[i]
+        if self.checkpoint is None:
+            for t, d in zip(block_tensors(block), self.stash.pop(i)):
+                t.data = d
+            return
+        for mod, attr, _, is_param in self.keys[i]:
+            holder = mod._parameters[attr] if is_param else mod._buffers[attr]
+            holder.data = self.empty[id(holder)]
 
 
-def set_resident(model: nn.Module, block: nn.Module, resident: bool) -> None:
-    """Mark a block as already on the device (layer-wise evaluation moved it): the per-batch
-    hooks then leave it alone instead of copying (and counting) it again for every call."""
-    state = getattr(model, _ATTR, None)
-    if state is not None:
-        (state[2]["resident"].add if resident else state[2]["resident"].discard)(id(block))
+def _state(model: nn.Module) -> _Stream | None:
+    return getattr(model, _ATTR, None)
 
 
-def transfer_bytes(model: nn.Module, reset: bool = False) -> int:
-    """Bytes of block weights copied to the device since streaming began (or the last reset); with
-    a CPU compute device the copies are no-ops but are counted the same, so tests see the traffic."""
-    state = getattr(model, _ATTR, None)
-    if state is None:
-        return 0
-    n = state[2]["bytes"]
-    if reset:
-        state[2]["bytes"] = 0
-    return n
+def _hook(model: nn.Module, state: _Stream) -> None:
+    for i, block in enumerate(state.blocks):
+        def pre(module, args, kwargs, i=i):
+            if id(module) not in state.resident:
+                state.bring(model, i)
+
+        def post(module, args, kwargs, output, i=i):
+            if id(module) not in state.resident and (state.checkpoint is not None or i in state.stash):
+                state.drop(i)  # (a pre-hook that raised before ours left nothing to drop)
+
+        state.handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        state.handles.append(block.register_forward_hook(post, with_kwargs=True, always_call=True))
 
 
 def enable_streaming(model: nn.Module, device: torch.device | str) -> None:
+    """Stream a model already in host memory: non-block tensors to ``device``, blocks stay put."""
     device = torch.device(device)
     _, blocks = find_decoder_blocks(model)
     block_ids = {id(t) for b in blocks for t in block_tensors(b)}
-    # Non-block tensors go to the compute device; block tensors stay where they are (CPU).
     for mod in model.modules():
         for pname, p in list(mod.named_parameters(recurse=False)):
             if id(p) not in block_ids:
@@ -62,43 +111,125 @@ def enable_streaming(model: nn.Module, device: torch.device | str) -> None:
         for bname, b in list(mod.named_buffers(recurse=False)):
             if id(b) not in block_ids and b is not None:
                 mod._buffers[bname] = b.to(device)
+    state = _Stream(device, blocks)
+    _hook(model, state)
+    setattr(model, _ATTR, state)
 
-    handles = []
-    moved: dict = {"bytes": 0, "resident": set()}
-    for block in blocks:
-        tensors = block_tensors(block)
-        stash: dict[int, torch.Tensor] = {}
 
-        def pre(module, args, kwargs, tensors=tensors, stash=stash):
-            if id(module) in moved["resident"]:
-                return None
-            for t in tensors:
-                stash[id(t)] = t.data
-                moved["bytes"] += t.numel() * t.element_size()  # counted on a CPU "device" too (a no-op copy)
-                t.data = t.data.to(device, non_blocking=True)
-            return None
+def load_streaming(path: str, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """A model whose blocks are read from ``path``'s safetensors when they run (see module doc).
 
-        def post(module, args, kwargs, output, tensors=tensors, stash=stash):
-            if id(module) in moved["resident"]:
-                return None
-            for t in tensors:  # (a pre-hook that raised before ours leaves nothing stashed)
-                t.data = stash.pop(id(t), t.data)
-            return None
+    The skeleton is built on the meta device (no weights anywhere), the embeddings, final norm and
+    LM head are read to ``device``, modules with computed buffers outside the blocks (rotary
+    embeddings) are rebuilt there, and every block tensor becomes an empty placeholder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(block.register_forward_hook(post, with_kwargs=True, always_call=True))
-    setattr(model, _ATTR, (device, handles, moved))
+    from quantlens.checkpoint import Checkpoint
+
+    device = torch.device(device)
+    ckpt = Checkpoint(path)  # no safetensors → ConfigError, before anything is built
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    prefix, blocks = find_decoder_blocks(model)
+    model._quantlens_blocks = prefix  # its blocks will hold no weights: remember which list they are
+    state = _Stream(device, blocks, checkpoint=ckpt, dtype=dtype)
+    in_block = {id(t) for b in blocks for t in block_tensors(b)}
+
+    for name, p in model.named_parameters():
+        if id(p) in in_block:
+            continue
+        key = ckpt.resolve(name)
+        if key is None:
+            if name == "lm_head.weight" or getattr(config, "tie_word_embeddings", False):
+                continue  # tied to the input embeddings: tie_weights() below
+            raise ValueError(f"{path}: tensor {name!r} is not in the checkpoint")
+        _set(model, name, nn.Parameter(ckpt.load([key], device, dtype)[key], requires_grad=False))
+    model.tie_weights()
+    for mname, mod in list(model.named_modules()):
+        if mname.startswith(prefix + ".") or mname == prefix:
+            continue
+        if any(b is not None and b.is_meta for b in mod._buffers.values()):
+            with torch.device(device):
+                try:
+                    fresh = type(mod)(config)  # rotary embeddings: inv_freq computed from the config
+                except TypeError:
+                    raise NotImplementedError(f"placement: stream: cannot rebuild {mname} ({type(mod).__name__}) off the meta device") from None
+            _set(model, mname, fresh)
+    for i, block in enumerate(blocks):
+        keys = []
+        for mname, mod in block.named_modules():
+            for attr, p in list(mod._parameters.items()):
+                if p is None:
+                    continue
+                qual = f"{prefix}.{i}.{mname + '.' if mname else ''}{attr}"
+                key = ckpt.resolve(qual)
+                if key is None:
+                    raise ValueError(f"{path}: block tensor {qual!r} is not in the checkpoint")
+                holder = nn.Parameter(torch.empty(0, dtype=p.dtype), requires_grad=False)
+                mod._parameters[attr] = holder
+                state.empty[id(holder)] = holder.data
+                keys.append((mod, attr, key, True))
+            for attr, b in list(mod._buffers.items()):
+                if b is not None:
+                    raise NotImplementedError(f"placement: stream: block buffer {prefix}.{i}.{mname}.{attr} is not supported")
+        state.keys.append(keys)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise NotImplementedError(f"placement: stream: tensors left on the meta device: {leftover[:5]}")
+    model.eval()
+    _hook(model, state)
+    setattr(model, _ATTR, state)
+    return model
+
+
+def _set(model: nn.Module, qualified: str, value: Any) -> None:
+    parent_name, _, attr = qualified.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, value)
+
+
+@contextmanager
+def resident(model: nn.Module, i: int) -> Iterator[nn.Module]:
+    """Block ``i`` on the device for the duration (brought once, counted once), hooks idle."""
+    state = _state(model)
+    block = state.blocks[i]
+    state.bring(model, i)
+    state.resident.add(id(block))
+    try:
+        yield block
+    finally:
+        state.resident.discard(id(block))
+        state.drop(i)
+
+
+def is_lazy(model: nn.Module) -> bool:
+    state = _state(model)
+    return state is not None and state.checkpoint is not None
+
+
+def transfer_bytes(model: nn.Module, reset: bool = False) -> int:
+    """Bytes of block weights brought to the device since streaming began (or the last reset)."""
+    state = _state(model)
+    if state is None:
+        return 0
+    n = state.moved
+    if reset:
+        state.moved = 0
+    return n
 
 
 def streaming_device(model: nn.Module) -> torch.device | None:
-    state = getattr(model, _ATTR, None)
-    return state[0] if state else None
+    state = _state(model)
+    return state.device if state else None
 
 
 def disable_streaming(model: nn.Module) -> None:
-    state = getattr(model, _ATTR, None)
+    state = _state(model)
     if state is None:
         return
-    for h in state[1]:
+    if state.checkpoint is not None:
+        raise ValueError("a model loaded with placement: stream has no weights in its blocks: it cannot stop streaming")
+    for h in state.handles:
         h.remove()
     delattr(model, _ATTR)

@@ -82,47 +82,54 @@ def test_lambada_batched_equals_one_by_one_reference(trained):
     assert got["nll"] == pytest.approx(nll / len(reqs), rel=1e-4)
 
 
-SETTINGS_STREAM = ["W16A16", "W4A16", "W8A8",
+SETTINGS_STREAM = ["W16A16", "W4A16", "W8A8", "W3A16-nu",
                    {"base": "W8A8", "perturbation": {"distribution": "uniform", "rule": "proportional", "target": "both", "seed": 3}}]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layerwise_stream_equals_single_and_moves_each_block_once(family):
-    """placement: stream evaluates layer by layer: perplexity, Lambada, per-example errors and
-    residual statistics equal one whole-model forward per batch (bit for bit here, on CPU), for
-    16-bit, weight-only, weight+activation and a seeded perturbation; each block's weights cross
-    once per (setting, dataset), where per-batch streaming moves them once per batch."""
+    """placement: stream reads each block from the checkpoint when it runs and evaluates layer by
+    layer: perplexity, Lambada, per-example errors, residual statistics and the weight statistics
+    equal the whole model in memory (bit for bit here, on CPU) for 16-bit, weight-only,
+    weight+activation, non-uniform and a seeded perturbation; each block's weights cross once per
+    (setting, dataset), where a plain forward brings them once per batch; and what is read back
+    after every setting is the checkpoint, bit for bit. The same for streaming from host memory."""
     from conftest import LAMBADA, MODELS
     from quantlens.data import lambada_requests, load_lambada
     from quantlens.evaluate import lambada
     from quantlens.models import load_model
-    from quantlens.patch import find_decoder_blocks
-    from quantlens.streaming import block_tensors, transfer_bytes
+    from quantlens.patch import find_decoder_blocks, full_report
+    from quantlens.streaming import block_tensors, resident, transfer_bytes
 
-    m, tok = load_model(str(MODELS / f"tiny-{family}"), device="cpu", placement="single")
+    path = str(MODELS / f"tiny-{family}")
+    single, tok = load_model(path, device="cpu", placement="single")
     w = perplexity_windows(tok, "wikitext2", 128, path=str(WIKI_TEST), max_windows=20)
     reqs = lambada_requests(tok, load_lambada(str(LAMBADA), 24))
     pad = tok.pad_token_id or 0
 
-    def evaluate():
+    def evaluate(m):
         p = perplexity(m, w, batch_size=8, residual=True)
         l = lambada(m, reqs, pad_id=pad, batch_size=8, residual=True)
-        return p, l
+        return p, l, sorted((x.layer, x.delta_l2, x.alpha_mean) for x in full_report(m).layers if x.kind == "weight")
 
     ref = []
     for st in SETTINGS_STREAM:
-        quantize_(m, st)
-        ref.append(evaluate())
-        restore_(m)
-    _, blocks = find_decoder_blocks(m)
-    stored = [t.data_ptr() for t in block_tensors(blocks[0])]
+        quantize_(single, st)
+        ref.append(evaluate(single))
+        restore_(single)
+    _, blocks = find_decoder_blocks(single)
     block_bytes = sum(t.numel() * t.element_size() for b in blocks for t in block_tensors(b))
-    enable_streaming(m, "cpu")
-    try:
-        for st, (p0, l0) in zip(SETTINGS_STREAM, ref):
+    expected_block0 = [t.clone() for t in block_tensors(blocks[0])]
+
+    lazy, _ = load_model(path, device="cpu", placement="stream")
+    in_memory, _ = load_model(path, device="cpu", placement="single")
+    enable_streaming(in_memory, "cpu")
+    assert sum(t.numel() for b in find_decoder_blocks(lazy)[1] for t in block_tensors(b)) == 0  # no block weights held
+    for m in (lazy, in_memory):
+        for st, (p0, l0, w0) in zip(SETTINGS_STREAM, ref):
             quantize_(m, st)
             transfer_bytes(m, reset=True)
-            p, l = evaluate()
+            p, l, wst = evaluate(m)
             assert transfer_bytes(m) == 2 * block_bytes  # two datasets, each block once per dataset
             assert p["ppl"] == pytest.approx(p0["ppl"], rel=1e-6), st
             assert (l["acc"], l["nll"]) == pytest.approx((l0["acc"], l0["nll"]), rel=1e-6), st
@@ -130,16 +137,28 @@ def test_layerwise_stream_equals_single_and_moves_each_block_once(family):
             np.testing.assert_allclose(l["per_example"]["nll"], l0["per_example"]["nll"], rtol=1e-6)
             for got, want in ((p["residual"], p0["residual"]), (l["residual"], l0["residual"])):
                 np.testing.assert_allclose(got[["r_norm", "z_norm", "r_kurtosis"]], want[["r_norm", "z_norm", "r_kurtosis"]], rtol=1e-5)
+            assert [x[0] for x in wst] == [x[0] for x in w0]  # every weight patched, once
+            np.testing.assert_allclose([x[1:] for x in wst], [x[1:] for x in w0], rtol=1e-6)
             restore_(m)
-        assert [t.data_ptr() for t in block_tensors(blocks[0])] == stored  # storage copies put back
-        # per-batch streaming (a plain forward, as the mechanism analysis does): once per batch
+        with resident(m, 0) as block:  # restoring = reading the checkpoint (or the stored copy) again
+            assert all(torch.equal(a, b) for a, b in zip(block_tensors(block), expected_block0))
+        # a plain forward (what the mechanism analysis runs) brings each block for every batch
         transfer_bytes(m, reset=True)
         with torch.inference_mode():
             for s in range(0, 16, 8):
                 m(input_ids=w[s:s + 8], use_cache=False)
         assert transfer_bytes(m) == 2 * block_bytes
-    finally:
-        disable_streaming(m)
+    disable_streaming(in_memory)
+
+
+def test_stream_needs_safetensors(tmp_path):
+    from quantlens.settings import ConfigError
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="placement: stream reads decoder blocks from safetensors shards"):
+        from quantlens.streaming import load_streaming
+
+        load_streaming(str(tmp_path), "cpu", torch.float32)
 
 
 def test_oom_halves_batch(monkeypatch):

@@ -2,6 +2,7 @@
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -94,3 +95,25 @@ def test_layer_range():
         layer_range("30:40", 32)
     with pytest.raises(ValueError, match="not upper_half, all, upper_k or 'a:b'"):
         layer_range("top", 32)
+
+
+def test_analysis_on_a_streamed_model_equals_the_loaded_one(trained):
+    """placement: stream (blocks read from the checkpoint per batch, full precision = read as
+    stored) gives the same layer error, early exit and patching tables as the model in memory."""
+    from conftest import MODELS
+    from quantlens.models import load_model
+
+    m, tok = trained("llama")
+    w = _windows(tok)
+    sets = {"large": w[:6].tolist(), "ctrl": w[6:].tolist()}
+    streamed, _ = load_model(str(MODELS / "tiny-llama"), device="cpu", placement="stream")
+    out = []
+    for model in (m, streamed):
+        quantize_(model, "W3A16", keep_originals_on="same")
+        try:
+            out.append(explain(model, sets, layers="upper_half", batch_size=4))
+        finally:
+            restore_(model)
+    for table in ("patching", "early_exit", "layer_error"):
+        a, b = getattr(out[0], table), getattr(out[1], table)
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6)
