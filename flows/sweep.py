@@ -105,7 +105,7 @@ def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key:
     lease = got.lease
     try:
         with lease:
-            steps.patch(model, s)
+            steps.patch(model, s, mr.cfg.hardware.originals)
             metrics: dict[str, float] = {}
             tokens = 0.0
             for d in mr.cfg.datasets:

@@ -230,7 +230,34 @@ def load_model(
         else:
             raise ConfigError(f"placement: unknown {placement!r} (auto, single, device_map, stream)")
     model.eval()
+    model._quantlens_source = path  # originals: checkpoint reads weights back from here
     return model, tokenizer
+
+
+def choose_originals(model: Any, choice: str = "auto") -> str:
+    """Where :func:`quantlens.patch.quantize_` keeps the 16-bit originals: ``memory`` (host RAM,
+    restoring is a copy) or ``checkpoint`` (nowhere: restoring reads the safetensors again).
+    ``auto``: ``checkpoint`` when the model's weights exceed ``QUANTLENS_ORIGINALS_MAX_GB`` (default:
+    a quarter of this machine's RAM) and it was loaded from safetensors, else ``memory``. Returns
+    the ``keep_originals_on`` value to pass (``auto`` for memory)."""
+    import os
+
+    from quantlens.patch import model_checkpoint
+
+    if choice == "memory":
+        return "auto"
+    if choice == "checkpoint":
+        return "checkpoint"
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    limit_gb = os.environ.get("QUANTLENS_ORIGINALS_MAX_GB")
+    if limit_gb is not None:
+        limit = float(limit_gb) * 2**30
+    else:
+        try:
+            limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4
+        except (ValueError, OSError, AttributeError):
+            limit = float("inf")
+    return "checkpoint" if size > limit and model_checkpoint(model) is not None else "auto"
 
 
 def choose_placement(path: str, device: torch.device, dtype: torch.dtype) -> str:

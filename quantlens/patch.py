@@ -4,7 +4,9 @@
 ``nn.Linear`` inside the decoder blocks **once** (fake-quantized or perturbed), and registers a
 forward pre-hook that quantizes/perturbs their *inputs* at every forward when the setting has an
 activation spec. The original weight tensors are kept (on CPU when the model is on an accelerator),
-so ``restore_(model)`` puts them back bit-exactly and one loaded model serves a whole sweep.
+or, with ``keep_originals_on="checkpoint"``, not kept at all and read back from the model's
+safetensors; either way ``restore_(model)`` puts them back bit-exactly and one loaded model serves
+a whole sweep.
 """
 
 from __future__ import annotations
@@ -211,10 +213,39 @@ def _make_hook(state: _ActivationState, name: str, gen: torch.Generator | None):
     return hook
 
 
+class _Stored:
+    """An original weight not kept in memory: the tensor ``key`` of the model's checkpoint."""
+
+    def __init__(self, checkpoint: Any, key: str):
+        self.checkpoint, self.key = checkpoint, key
+
+    def read(self, like: torch.Tensor) -> torch.Tensor:
+        return self.checkpoint.load([self.key], like.device, like.dtype)[self.key]
+
+
+def _original(orig: "torch.Tensor | _Stored", like: torch.Tensor) -> torch.Tensor:
+    if isinstance(orig, _Stored):
+        return orig.read(like)
+    return orig if orig.device == like.device else orig.to(like.device)
+
+
+def model_checkpoint(model: nn.Module) -> Any:
+    """The safetensors checkpoint a model was loaded from (``quantlens.models.load_model``), or None."""
+    source = getattr(model, "_quantlens_source", None)
+    if source is None:
+        return None
+    from quantlens.checkpoint import Checkpoint
+
+    try:
+        return Checkpoint(source)
+    except ConfigError:
+        return None
+
+
 @dataclass
 class _PatchState:
     setting: Setting
-    originals: dict[str, tuple[nn.Parameter, torch.Tensor]]
+    originals: dict[str, tuple[nn.Parameter, "torch.Tensor | _Stored"]]
     handles: list[Any]
     activations: _ActivationState | None
     report: PatchReport
@@ -266,7 +297,9 @@ def quantize_(
     pre-hooks. A model that is already patched is restored first, so calling this repeatedly with
     different settings is how a sweep reuses one loaded model. ``keep_originals_on``: ``"auto"``
     keeps the 16-bit originals on CPU when the model lives elsewhere, ``"cpu"`` always,
-    ``"same"`` next to the weights. Activation statistics are measured on the first
+    ``"same"`` next to the weights, ``"checkpoint"`` nowhere: :func:`restore_` reads them again
+    from the safetensors the model was loaded from (no host memory for originals; see
+    :func:`quantlens.models.choose_originals`). Activation statistics are measured on the first
     ``activation_stats_forwards`` forwards of each layer (0 = none), so the hot path stays cheap.
     """
     setting = resolve_setting(setting)
@@ -276,7 +309,13 @@ def quantize_(
     if setting.kv is not None:
         kv.check_supported(model)  # an attention that is not understood fails before any weight changes
     report = PatchReport(setting=setting.name)
-    originals: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
+    originals: dict[str, tuple[nn.Parameter, torch.Tensor | _Stored]] = {}
+    ckpt = None
+    if keep_originals_on == "checkpoint":
+        ckpt = model_checkpoint(model)
+        if ckpt is None:
+            raise ConfigError("originals: checkpoint needs a model loaded from a folder with safetensors (load_model); "
+                              "use originals: memory")
 
     weight_targets: list[tuple[str, nn.Module]] = list(layers) if setting.weights else []
     if setting.include_embeddings and setting.weights:
@@ -297,8 +336,14 @@ def quantize_(
                 continue
             w = param.data
             wq, stats = _new_weight(name, w, setting)
-            keep = "cpu" if keep_originals_on == "cpu" or (keep_originals_on == "auto" and w.device.type != "cpu") else "same"
-            originals[name] = (param, w.to("cpu") if keep == "cpu" else w)
+            if ckpt is not None:
+                key = ckpt.resolve(f"{name}.weight") or ckpt.resolve(_param_name(model, param))  # (a tied head: its embedding)
+                if key is None:
+                    raise ConfigError(f"originals: checkpoint: {name}.weight is not in {ckpt.folder}")
+                originals[name] = (param, _Stored(ckpt, key))
+            else:
+                keep = "cpu" if keep_originals_on == "cpu" or (keep_originals_on == "auto" and w.device.type != "cpu") else "same"
+                originals[name] = (param, w.to("cpu") if keep == "cpu" else w)
             param.data = wq
             report.layers.append(stats)
 
@@ -319,6 +364,10 @@ def quantize_(
         kv_states = kv.attach(model, setting.kv, setting.perturbation if setting.perturbs_kv() else None, activation_stats_forwards)
     setattr(model, _STATE_ATTR, _PatchState(setting, originals, handles, act_state, report, kv_states, deferred))
     return report
+
+
+def _param_name(model: nn.Module, param: nn.Parameter) -> str:
+    return next(n for n, p in model.named_parameters(remove_duplicate=False) if p is param)
 
 
 def _streaming_device(model: nn.Module) -> torch.device | None:
@@ -398,7 +447,7 @@ def restore_(model: nn.Module) -> None:
         kv.detach(model)
     with torch.no_grad():
         for param, orig in state.originals.values():
-            param.data = orig.to(param.device)
+            param.data = _original(orig, param.data)
     if state.activations is not None:
         state.activations.last_in = state.activations.last_out = None
     delattr(model, _STATE_ATTR)
@@ -440,7 +489,7 @@ def full_precision(model: nn.Module, layers: Iterable[str] | None = None, *, act
             for name in chosen & set(state.originals):
                 param, orig = state.originals[name]
                 swapped.append((param, param.data))
-                param.data = orig if orig.device == param.device else orig.to(param.device)
+                param.data = _original(orig, param.data)
         state.full_precision |= streamed_fp
         if activations and state.activations is not None:
             bypassed = chosen - state.activations.bypass

@@ -91,6 +91,9 @@ class Hardware(_Strict):
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     placement: Literal["auto", "single", "device_map", "stream"] = "auto"
+    # where the 16-bit originals live while a setting is applied (single / device_map; stream keeps
+    # none): memory (host RAM), checkpoint (read back from the safetensors), auto (by size)
+    originals: Literal["auto", "memory", "checkpoint"] = "auto"
 
 
 class SweepConfig(_Strict):

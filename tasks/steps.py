@@ -57,8 +57,8 @@ def load_model(snapshot: qm.Snapshot, hw: Hardware) -> tuple[Any, Any]:
 
 
 @task(name="patch", cache_policy=NONE, persist_result=False)
-def patch(model: Any, setting: Setting) -> None:
-    quantize_(model, setting)
+def patch(model: Any, setting: Setting, originals: str = "auto") -> None:
+    quantize_(model, setting, keep_originals_on=qm.choose_originals(model, originals))
 
 
 def _progress_logger(what: str):

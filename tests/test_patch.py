@@ -136,3 +136,34 @@ def test_lm_head_and_embeddings_optional():
     assert not torch.equal(m.lm_head.weight.data, head) and not torch.equal(m.model.embed_tokens.weight.data, emb)
     restore_(m)
     assert torch.equal(m.lm_head.weight.data, head) and torch.equal(m.model.embed_tokens.weight.data, emb)
+
+
+@pytest.mark.parametrize("family", ["opt", "bloom", "llama"])
+def test_originals_from_the_checkpoint_restore_bit_exact(family, monkeypatch):
+    """originals: checkpoint keeps no copy of the patched weights; restoring reads them back from
+    the safetensors, bit for bit, and full_precision() reads them too. auto picks it by size."""
+    from conftest import MODELS
+    from quantlens.models import choose_originals, load_model
+    from quantlens.patch import _STATE_ATTR, _Stored, full_precision
+
+    m, _ = load_model(str(MODELS / f"tiny-{family}"), device="cpu", placement="single")
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    ids = torch.randint(0, m.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = m(input_ids=ids).logits
+    monkeypatch.setenv("QUANTLENS_ORIGINALS_MAX_GB", "0")
+    assert choose_originals(m, "auto") == "checkpoint"
+    monkeypatch.setenv("QUANTLENS_ORIGINALS_MAX_GB", "1000")
+    assert choose_originals(m, "auto") == "auto" and choose_originals(m, "memory") == "auto"
+    for setting in ("W3A16", {"name": "all", "base": "W4A16", "include_lm_head": True, "include_embeddings": True}):
+        quantize_(m, setting, keep_originals_on="checkpoint")
+        held = getattr(m, _STATE_ATTR).originals
+        assert held and all(isinstance(orig, _Stored) for _, orig in held.values())  # nothing kept in memory
+        with torch.inference_mode():
+            assert not torch.equal(m(input_ids=ids).logits, ref)
+            with full_precision(m):
+                assert torch.equal(m(input_ids=ids).logits, ref)
+        restore_(m)
+        assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+    with pytest.raises(ConfigError, match="originals: checkpoint needs a model loaded from a folder with safetensors"):
+        quantize_(tiny_random_model("opt"), "W4A16", keep_originals_on="checkpoint")
