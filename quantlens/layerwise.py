@@ -7,7 +7,9 @@ order is turned around:
 1. run each batch up to the first decoder block and keep what the block receives — its hidden
    states and every other argument the model passes it (attention mask, position ids, rotary
    embeddings, ALiBi: whatever the family needs), captured, not rebuilt;
-2. for each block: copy its tensors to the device once, run every batch through it, drop it;
+2. for each block: copy its tensors to the device once, run every batch through it, drop it
+   (the next block is read from the checkpoint meanwhile; hidden states beyond a quarter of the
+   free GPU memory wait in pinned host memory between blocks);
 3. decode each batch's last hidden states through the final norm and the LM head, and score them.
 
 Each module still sees the batches in the same order as a normal forward, so seeded activation
@@ -18,6 +20,7 @@ recorder's example index) before every block call.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -84,6 +87,22 @@ def _check_uniform(blocks: nn.ModuleList) -> None:
         )
 
 
+def _budget(device: torch.device) -> float:
+    """Bytes of hidden states the device keeps across blocks before the rest spills to host memory:
+    a quarter of the free GPU memory (``QUANTLENS_LAYERWISE_DEVICE_GB`` overrides; 0 = always spill)."""
+    forced = os.environ.get("QUANTLENS_LAYERWISE_DEVICE_GB")
+    if forced is not None:
+        return float(forced) * 2**30
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 4
+    return float("inf")
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    host = t.to("cpu", non_blocking=False)
+    return host.pin_memory() if t.device.type == "cuda" else host.clone() if host is t else host
+
+
 @torch.inference_mode()
 def run(
     model: nn.Module,
@@ -99,22 +118,32 @@ def run(
     _check_uniform(blocks)
     decode = final_decoder(model)
     states = []
+    budget, held, spill = _budget(device), 0, False
     for b in batches:
         b.enter()
-        states.append(capture_block_inputs(model, blocks[0], b.inputs))
+        args, kwargs = capture_block_inputs(model, blocks[0], b.inputs)
+        h = _hidden(args, kwargs)
+        held += h.numel() * h.element_size()
+        spill = spill or held > budget  # from here on, hidden states wait in (pinned) host memory
+        states.append(_with_hidden(args, kwargs, _to_host(h)) if spill else (args, kwargs))
     n = batches[-1].end if batches else 0
     for i in range(len(blocks)):
         with resident(model, i) as block:  # read (or copied) to the device once, for every batch
             for j, b in enumerate(batches):
                 b.enter()
                 args, kwargs = states[j]
+                h = _hidden(args, kwargs)
+                on_host = h.device != device
+                if on_host:
+                    args, kwargs = _with_hidden(args, kwargs, h.to(device, non_blocking=True))
                 out = block(*args, **kwargs)
-                states[j] = _with_hidden(args, kwargs, out[0] if isinstance(out, tuple) else out)
+                out = out[0] if isinstance(out, tuple) else out
+                states[j] = _with_hidden(args, kwargs, _to_host(out) if on_host else out)
         if progress:
             progress(int(n * (i + 1) / (len(blocks) + 1)), n)
     for j, b in enumerate(batches):
         b.enter()
-        score(b, decode(_hidden(*states[j])))
+        score(b, decode(_hidden(*states[j]).to(device)))
         states[j] = None  # free as we go
     if progress:
         progress(n, n)

@@ -20,6 +20,7 @@ they bring to the device (:func:`transfer_bytes`).
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -48,6 +49,24 @@ class _Stream:
     empty: dict[int, torch.Tensor] = field(default_factory=dict)  # id(tensor holder) → placeholder
     dtype: torch.dtype | None = None
     stash: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    ahead: dict[int, Future] = field(default_factory=dict)  # block → its tensors being read in the background
+    prefetched: int = 0  # blocks that arrived through a prefetch (tests, benchmarks)
+
+    def prefetch(self, i: int) -> None:
+        """Start reading block ``i`` from the checkpoint in a background thread (into host memory,
+        pinned when the device is a GPU), so the disk read overlaps the current block's compute;
+        :meth:`bring` then only copies it to the device. A no-op for blocks held in memory."""
+        if self.checkpoint is None or i >= len(self.blocks) or i in self.ahead:
+            return
+        if not hasattr(self, "_pool"):
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantlens-prefetch")
+        pin = self.device.type == "cuda"
+
+        def read() -> dict[str, torch.Tensor]:
+            out = self.checkpoint.load([k for _, _, k, _ in self.keys[i]], "cpu", self.dtype)
+            return {k: t.pin_memory() for k, t in out.items()} if pin else out
+
+        self.ahead[i] = self._pool.submit(read)
 
     # --- one block on the device and off it again -------------------------------------------
     def bring(self, model: nn.Module, i: int) -> None:
@@ -60,7 +79,11 @@ class _Stream:
                 t.data = t.data.to(self.device, non_blocking=True)
             return
         keys = self.keys[i]
-        loaded = self.checkpoint.load([k for _, _, k, _ in keys], self.device, self.dtype)
+        if i in self.ahead:
+            loaded = {k: t.to(self.device, non_blocking=True) for k, t in self.ahead.pop(i).result().items()}
+            self.prefetched += 1
+        else:
+            loaded = self.checkpoint.load([k for _, _, k, _ in keys], self.device, self.dtype)
         for mod, attr, key, is_param in keys:
             t = loaded[key]
             self.moved += t.numel() * t.element_size()
@@ -190,11 +213,14 @@ def _set(model: nn.Module, qualified: str, value: Any) -> None:
 
 
 @contextmanager
-def resident(model: nn.Module, i: int) -> Iterator[nn.Module]:
-    """Block ``i`` on the device for the duration (brought once, counted once), hooks idle."""
+def resident(model: nn.Module, i: int, prefetch_next: bool = True) -> Iterator[nn.Module]:
+    """Block ``i`` on the device for the duration (brought once, counted once), hooks idle; the
+    next block is read from the checkpoint meanwhile (``prefetch_next``)."""
     state = _state(model)
     block = state.blocks[i]
     state.bring(model, i)
+    if prefetch_next:
+        state.prefetch(i + 1)
     state.resident.add(id(block))
     try:
         yield block

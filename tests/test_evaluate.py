@@ -175,3 +175,25 @@ def test_oom_halves_batch(monkeypatch):
     m.forward = flaky
     r = perplexity(m, torch.randint(0, 20, (9, 8)), batch_size=8)
     assert r["batch_size"] == 2 and calls[:3] == [8, 4, 2]
+
+
+def test_layerwise_prefetches_the_next_block_and_spills_hidden_states(monkeypatch):
+    """While a block runs, the next one is read from the checkpoint in the background; hidden
+    states beyond the device budget wait in host memory. Numbers unchanged."""
+    from conftest import MODELS
+    from quantlens.models import load_model
+    from quantlens.streaming import _state
+
+    path = str(MODELS / "tiny-llama")
+    single, tok = load_model(path, device="cpu", placement="single")
+    w = perplexity_windows(tok, "wikitext2", 128, path=str(WIKI_TEST), max_windows=12)
+    quantize_(single, "W4A8")
+    ref = perplexity(single, w, batch_size=4)
+    lazy, _ = load_model(path, device="cpu", placement="stream")
+    quantize_(lazy, "W4A8")
+    monkeypatch.setenv("QUANTLENS_LAYERWISE_DEVICE_GB", "0")  # every hidden state spills
+    got = perplexity(lazy, w, batch_size=4)
+    assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-6)
+    np.testing.assert_allclose(got["per_example"]["nll"], ref["per_example"]["nll"], rtol=1e-6)
+    n_blocks = len(_state(lazy).blocks)
+    assert _state(lazy).prefetched == n_blocks - 1 and not _state(lazy).ahead  # all but the first came ahead
