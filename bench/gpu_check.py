@@ -6,9 +6,10 @@
 No downloads: each model is built from its config with random weights, directly on the device in
 bf16 (fp32 on CPU). For every shape it evaluates the same random token windows under W16A16,
 W4A16, W8A8 and W8A8-nu (weights quantized once, activations per forward), and — on the first
-shape — W16A16 with ``placement: stream`` (one block on the device at a time). Prints a table:
-tokens/s, MFU (2·N·T / time / peak dense bf16), the ratio of each setting to W16A16 in the same
-run, stream ÷ single, peak device memory; writes the same as JSON. Sized to finish in a few minutes
+shape — W16A16 streamed from host memory, and W16A16 / W4A16 as ``placement: stream`` runs them
+(saved to safetensors, each block read from the checkpoint and patched on the device, layer by
+layer). Prints a table: tokens/s, MFU (2·N·T / time / peak dense bf16), the ratio of each setting
+to W16A16 in the same run, stream ÷ single (host memory; checkpoint), peak device memory; writes the same as JSON. Sized to finish in a few minutes
 on one H100 (the 6.7B/7B shapes dominate).
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quantlens.evaluate import perplexity  # noqa: E402
 from quantlens.patch import quantize_, restore_  # noqa: E402
-from quantlens.streaming import disable_streaming, enable_streaming  # noqa: E402
+from quantlens.streaming import disable_streaming, enable_streaming, load_streaming, transfer_bytes  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 SHAPES = {  # name: (family, hidden, ffn, layers, heads)
@@ -102,23 +104,36 @@ def main() -> None:
             row[s] = {"seconds": secs, "tokens_per_s": tps, "mfu": 2 * n_params * tps / peak if peak else None}
             base = base or secs
             row[s]["x_w16a16"] = secs / base
-        if i == 0:  # placement stream: blocks on the host, one at a time on the device
+        if i == 0:  # placement stream: blocks on the host, one at a time on the device, layer-wise
             model.to("cpu")
             enable_streaming(model, device)
             secs = timed_eval(model, windows, bs)
             disable_streaming(model)
             row["stream_x_single"] = secs / base
+            # ... and as placement: stream loads it: blocks read from safetensors, patched on the device
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                del model
+                streamed = load_streaming(tmp, device, dtype)
+                for s in ("W16A16", "W4A16"):
+                    quantize_(streamed, s)
+                    transfer_bytes(streamed, reset=True)
+                    secs = timed_eval(streamed, windows, bs)
+                    row[f"stream_ckpt_{s}_x_single"] = secs / row[s]["seconds"]
+                    row["stream_ckpt_bytes_moved"] = transfer_bytes(streamed)
+                    restore_(streamed)
+                model = streamed
         row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         results.append(row)
         del model
     head = f"{'shape':<12}{'params':>8}{'tok/s W16A16':>14}{'MFU':>7}" + "".join(f"{s + ' ×':>11}" for s in SETTINGS[1:])
-    head += f"{'stream ×':>10}{'peak GB':>9}"
+    head += f"{'stream ×':>10}{'ckpt ×':>8}{'peak GB':>9}"
     print(head)
     for r in results:
         mfu = r["W16A16"]["mfu"]
         line = f"{r['shape']:<12}{r['params_b']:>7.2f}B{r['W16A16']['tokens_per_s']:>14.0f}{(f'{mfu:.1%}' if mfu else '-'):>7}"
         line += "".join(f"{r[s]['x_w16a16']:>11.3f}" for s in SETTINGS[1:])
-        line += f"{r.get('stream_x_single', float('nan')):>10.2f}"
+        line += f"{r.get('stream_x_single', float('nan')):>10.2f}{r.get('stream_ckpt_W16A16_x_single', float('nan')):>8.2f}"
         line += f"{r['peak_memory_gb']:>9.1f}" if r["peak_memory_gb"] is not None else f"{'-':>9}"
         print(line)
     Path(args.out).write_text(json.dumps({"device": name, "dtype": str(dtype), "windows": n_win, "seqlen": seqlen,
