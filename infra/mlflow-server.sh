@@ -28,6 +28,9 @@ admin_password = $MLFLOW_ADMIN_PASSWORD
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 auth_cache_ttl_seconds = ${MLFLOW_AUTH_CACHE_TTL_S:-60}
 INI
+# MLflow's job runner (GenAI prompt optimisation, trace roll-ups: four huey worker processes) is
+# unused by quantlens: off unless asked for.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 if [ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]; then set -- --allowed-hosts "$MLFLOW_ALLOWED_HOSTS" "$@"; fi
 exec mlflow server --app-name basic-auth \
   --host "${MLFLOW_BIND:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" \

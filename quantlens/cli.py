@@ -191,6 +191,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     exp = Tracker(args.experiment, uri)  # creates it as a model-training experiment if new
     print(f"MLflow UI on {uri}: open http://127.0.0.1:{args.port}/#/experiments/{exp.experiment_id}?workflowType=machine_learning "
           "(the runs view; MLflow 3 opens experiments on GenAI traces otherwise)")
+    # MLflow's job runner (GenAI prompt optimisation, trace roll-ups) is four extra processes that
+    # quantlens never uses; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true brings them back.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(cmd[0], cmd)
     return 0
 

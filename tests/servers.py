@@ -72,6 +72,7 @@ class Servers:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "QUANTLENS_HEARTBEAT_S": "1",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # as infra/mlflow-server.sh: no GenAI job workers
             "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
         }
 
