@@ -93,26 +93,37 @@ def _rss() -> int:
 
 
 def measure(folder: Path, mode: str, windows: int, batch: int) -> dict:
+    return _collect(_start(folder, mode, windows, batch))
+
+
+def _start(folder: Path, mode: str, windows: int, batch: int) -> subprocess.Popen:
     # glibc serves a freed-then-reallocated tensor of a few MB from its heap (its mmap threshold
     # grows up to 32 MB) and keeps the heap's pages: RSS then wanders by ~100 MB between identical
     # runs. Real blocks (hundreds of MB to GB) are always mmap-ed and returned; a fixed threshold
     # makes these small ones behave the same, so the figures measure what is held, not the allocator.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error",
            "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-    r = subprocess.run([sys.executable, __file__, "--child", str(folder), mode, str(windows), str(batch)],
-                       capture_output=True, text=True, env=env, check=False)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-3000:])
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, __file__, "--child", str(folder), mode, str(windows), str(batch)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _collect(p: subprocess.Popen) -> dict:
+    out, err = p.communicate()
+    if p.returncode != 0:
+        raise RuntimeError(err[-3000:])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def run(hidden: int, vocab: int, windows: int, batch: int, root: Path) -> dict:
     out: dict = {"hidden": hidden, "layers": {}, "settings": SETTINGS, "windows": windows, "batch": batch}
     for layers in (4, 16):
-        folder = root / f"opt-h{hidden}-l{layers}"
-        block = make_model(folder, hidden, layers, vocab)
-        out["block_bytes"] = block
-        out["layers"][layers] = {mode: measure(folder, mode, windows, batch) for mode in ("stream", "in-memory")}
+        out["block_bytes"] = make_model(root / f"opt-h{hidden}-l{layers}", hidden, layers, vocab)
+    procs = {}  # one process per measurement, all at once: each reports only its own memory
+    for layers in (4, 16):
+        for mode in ("stream", "in-memory"):
+            procs[layers, mode] = _start(root / f"opt-h{hidden}-l{layers}", mode, windows, batch)
+    for (layers, mode), p in procs.items():
+        out["layers"].setdefault(layers, {})[mode] = _collect(p)
     for mode in ("stream", "in-memory"):
         out[f"growth_{mode}"] = out["layers"][16][mode]["peak_rss"] - out["layers"][4][mode]["peak_rss"]
     return out
