@@ -92,10 +92,6 @@ def _rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(folder: Path, mode: str, windows: int, batch: int) -> dict:
-    return _collect(_start(folder, mode, windows, batch))
-
-
 def _start(folder: Path, mode: str, windows: int, batch: int) -> subprocess.Popen:
     # glibc serves a freed-then-reallocated tensor of a few MB from its heap (its mmap threshold
     # grows up to 32 MB) and keeps the heap's pages: RSS then wanders by ~100 MB between identical

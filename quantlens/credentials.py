@@ -104,13 +104,15 @@ def _unreachable(server: str, url: str, err: OSError, ca_var: str) -> TrackingUn
 def check_mlflow(uri: str, experiment: str, env: dict[str, str] | None = None, timeout: float = 10.0) -> None:
     """Raise :class:`CredentialsRefused` when the MLflow server at ``uri`` refuses who we are, or
     when an existing ``experiment`` is one we may read but not write; :class:`TrackingUnavailable`
-    when it cannot be reached. A server without authentication passes (nothing is asked)."""
+    when it cannot be reached or answers with a server error. A server without authentication passes (nothing is asked)."""
     ep = mlflow_endpoint(uri, env)
     q = urllib.parse.urlencode({"experiment_name": experiment})
     try:
         code, body = ep.get(f"/api/2.0/mlflow/experiments/get-by-name?{q}", timeout)
     except OSError as err:
         raise _unreachable("MLflow server", uri, err, "MLFLOW_TRACKING_SERVER_CERT_PATH") from None
+    if code >= 500:
+        raise TrackingUnavailable(f"MLflow server {uri!r} is unhealthy (HTTP {code})")
     if code == 401:
         raise CredentialsRefused(f"MLflow server {uri} refused the credentials ({ep.who}): set {MLFLOW_VARS}; nothing was evaluated")
     if code == 403:

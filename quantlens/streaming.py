@@ -51,6 +51,7 @@ class _Stream:
     stash: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     ahead: dict[int, Future] = field(default_factory=dict)  # block → its tensors being read in the background
     prefetched: int = 0  # blocks that arrived through a prefetch (tests, benchmarks)
+    pool: ThreadPoolExecutor | None = None  # the prefetching thread, started by the first prefetch
 
     def prefetch(self, i: int) -> None:
         """Start reading block ``i`` from the checkpoint in a background thread (into host memory,
@@ -58,15 +59,15 @@ class _Stream:
         :meth:`bring` then only copies it to the device. A no-op for blocks held in memory."""
         if self.checkpoint is None or i >= len(self.blocks) or i in self.ahead:
             return
-        if not hasattr(self, "_pool"):
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantlens-prefetch")
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantlens-prefetch")
         pin = self.device.type == "cuda"
 
         def read() -> dict[str, torch.Tensor]:
             out = self.checkpoint.load([k for _, _, k, _ in self.keys[i]], "cpu", self.dtype)
             return {k: t.pin_memory() for k, t in out.items()} if pin else out
 
-        self.ahead[i] = self._pool.submit(read)
+        self.ahead[i] = self.pool.submit(read)
 
     # --- one block on the device and off it again -------------------------------------------
     def bring(self, model: nn.Module, i: int) -> None:

@@ -89,18 +89,11 @@ def _retry(fn: Callable[[], T], what: str) -> T:
 
 
 def _check_server(uri: str, experiment: str) -> None:
-    """Fail fast (seconds, not MLflow's minutes of HTTP retries) when the server is down, refuses
-    our credentials, or would not let us write to the experiment."""
-    from quantlens.credentials import check_mlflow, mlflow_endpoint
+    """Fail fast (seconds, not MLflow's minutes of HTTP retries) when the server is down, unhealthy,
+    refuses our credentials, or would not let us write to the experiment: one request."""
+    from quantlens.credentials import check_mlflow
 
-    timeout = float(os.environ.get("QUANTLENS_MLFLOW_HEALTH_TIMEOUT", "10"))
-    try:
-        code, _ = mlflow_endpoint(uri).get("/health", timeout)
-    except OSError:
-        code = None  # check_mlflow says why (refused, TLS, DNS) in one line
-    if code is not None and code != 200:
-        raise TrackingUnavailable(f"MLflow server {uri!r} is unhealthy (HTTP {code})")
-    check_mlflow(uri, experiment, timeout=timeout)
+    check_mlflow(uri, experiment, timeout=float(os.environ.get("QUANTLENS_MLFLOW_HEALTH_TIMEOUT", "10")))
 
 
 def _user_tag() -> dict[str, str]:

@@ -20,6 +20,17 @@ LAMBADA = SHARED / "lambada" / "lambada_openai.jsonl"
 FAMILIES = ("opt", "bloom", "llama")
 
 
+def require_tool(binary: str) -> None:
+    """A system tool scripts/install.sh installs (Debian package of the same name): missing in CI
+    fails the test, missing on a developer's machine skips it."""
+    import shutil
+
+    if shutil.which(binary) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{binary} is missing: scripts/install.sh installs it (Debian package {binary})")
+        pytest.skip(f"no {binary} here; scripts/install.sh installs it")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     """Token-window cache in a temp dir so tests never read a stale cache of the developer's."""

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
 import ssl
 import subprocess
 import sys
@@ -24,7 +22,7 @@ import urllib.request
 import pytest
 import yaml
 
-from conftest import MODELS, REPO, SHARED, WIKI_TEST
+from conftest import MODELS, SHARED, WIKI_TEST, require_tool
 from servers import INFRA, Servers, wait_http
 
 pytestmark = pytest.mark.slow
@@ -32,13 +30,6 @@ pytestmark = pytest.mark.slow
 ADMIN_PW, WORKER_PW, ANALYST_PW = "admin-pw-0123456789", "worker-pw-0123456789", "analyst-pw-0123456789"
 PREFECT_AUTH = "quantlens:prefect-pw-0123456789"
 EXPERIMENT = "cp-sweep"
-
-
-def need(binary: str) -> None:
-    if shutil.which(binary) is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{binary} is missing: scripts/install.sh installs it (Debian package {binary})")
-        pytest.skip(f"no {binary} here; scripts/install.sh installs it")
 
 
 def request(url: str, *, auth: str | None = None, body: dict | None = None, ca=None) -> tuple[int, str]:
@@ -56,7 +47,7 @@ def request(url: str, *, auth: str | None = None, body: dict | None = None, ca=N
 
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory):
-    need("caddy")
+    require_tool("caddy")
     root = tmp_path_factory.mktemp("control-plane")
     s = Servers(root)
     for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
