@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from quantlens.data import perplexity_windows  # noqa: E402
-from quantlens.evaluate import perplexity  # noqa: E402
-from quantlens.mechanisms import block_parts, explain, layer_range, patch_variants  # noqa: E402
-from quantlens.models import load_model  # noqa: E402
-from quantlens.patch import quantize_, restore_  # noqa: E402
+from quantlens.evaluation.data import perplexity_windows  # noqa: E402
+from quantlens.evaluation.evaluate import perplexity  # noqa: E402
+from quantlens.analysis.mechanisms import block_parts, explain, layer_range, patch_variants  # noqa: E402
+from quantlens.model.loading import load_model  # noqa: E402
+from quantlens.quantize.patch import quantize_, restore_  # noqa: E402
 
 SHARED = Path(os.environ.get("QUANTLENS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from quantlens.data import perplexity_windows  # noqa: E402
-from quantlens.evaluate import perplexity  # noqa: E402
-from quantlens.models import load_model  # noqa: E402
+from quantlens.evaluation.data import perplexity_windows  # noqa: E402
+from quantlens.evaluation.evaluate import perplexity  # noqa: E402
+from quantlens.model.loading import load_model  # noqa: E402
 
 SHARED = Path(os.environ.get("QUANTLENS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from quantlens.data import perplexity_windows  # noqa: E402
-from quantlens.evaluate import perplexity  # noqa: E402
-from quantlens.models import load_model  # noqa: E402
-from quantlens.patch import quantize_, restore_  # noqa: E402
+from quantlens.evaluation.data import perplexity_windows  # noqa: E402
+from quantlens.evaluation.evaluate import perplexity  # noqa: E402
+from quantlens.model.loading import load_model  # noqa: E402
+from quantlens.quantize.patch import quantize_, restore_  # noqa: E402
 
 SHARED = Path(os.environ.get("QUANTLENS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16

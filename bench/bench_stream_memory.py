@@ -48,10 +48,10 @@ def child(folder: str, mode: str, windows: int, batch: int) -> None:
     """One sweep in this process; prints JSON with peak RSS and bytes moved per setting."""
     import torch
 
-    from quantlens.evaluate import perplexity
-    from quantlens.models import load_model
-    from quantlens.patch import quantize_, restore_
-    from quantlens.streaming import enable_streaming, transfer_bytes
+    from quantlens.evaluation.evaluate import perplexity
+    from quantlens.model.loading import load_model
+    from quantlens.quantize.patch import quantize_, restore_
+    from quantlens.model.streaming import enable_streaming, transfer_bytes
 
     torch.set_num_threads(1)
     from transformers.models.opt import modeling_opt  # noqa: F401  (imported before the baseline, not counted)

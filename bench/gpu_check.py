@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from quantlens.evaluate import perplexity  # noqa: E402
-from quantlens.patch import quantize_, restore_  # noqa: E402
-from quantlens.streaming import disable_streaming, enable_streaming, load_streaming, transfer_bytes  # noqa: E402
+from quantlens.evaluation.evaluate import perplexity  # noqa: E402
+from quantlens.quantize.patch import quantize_, restore_  # noqa: E402
+from quantlens.model.streaming import disable_streaming, enable_streaming, load_streaming, transfer_bytes  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 SHAPES = {  # name: (family, hidden, ffn, layers, heads)

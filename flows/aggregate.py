@@ -8,9 +8,9 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from quantlens.aggregate import write_report
-from quantlens.mechanism_report import write_mechanism_report
-from quantlens.per_example import write_per_example_report
+from quantlens.analysis.aggregate import write_report
+from quantlens.analysis.mechanism_report import write_mechanism_report
+from quantlens.analysis.per_example import write_per_example_report
 from quantlens.tasks.tracking import Tracker
 
 

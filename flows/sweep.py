@@ -20,12 +20,12 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from quantlens.errors import AnalysisFailed, NotEvaluated, SweepIncomplete
-from quantlens.preflight import preflight
-from quantlens.patch import restore_
-from quantlens.settings import ConfigError, Setting
-from quantlens.sweep import SweepConfig, load_config, run_key, sweep_id
-from quantlens.console import Progress, end_attempt, progress_for, say, start_attempt, status
+from quantlens.pipeline.errors import AnalysisFailed, NotEvaluated, SweepIncomplete
+from quantlens.pipeline.preflight import preflight
+from quantlens.quantize.patch import restore_
+from quantlens.quantize.settings import ConfigError, Setting
+from quantlens.pipeline.sweep import SweepConfig, load_config, run_key, sweep_id
+from quantlens.pipeline.console import Progress, end_attempt, progress_for, say, start_attempt, status
 from quantlens.tasks import steps
 from quantlens.tasks.ledger import RunLedger
 from quantlens.tasks.tracking import Tracker

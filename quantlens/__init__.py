@@ -1,8 +1,8 @@
 """quantlens: why quantization hurts an LLM, seen as a perturbation of weights and activations.
 
-Core entry points (no Prefect, no MLflow): :func:`quantlens.patch.quantize_` /
-:func:`quantlens.patch.restore_`, :func:`quantlens.quant.quantize`, :func:`quantlens.perturb.perturb`,
-:func:`quantlens.settings.resolve_setting`, :func:`quantlens.evaluate.evaluate_dataset`.
+Core entry points (no Prefect, no MLflow): :func:`quantlens.quantize.patch.quantize_` /
+:func:`quantlens.quantize.patch.restore_`, :func:`quantlens.quantize.quant.quantize`, :func:`quantlens.quantize.perturb.perturb`,
+:func:`quantlens.quantize.settings.resolve_setting`, :func:`quantlens.evaluation.evaluate.evaluate_dataset`.
 """
 
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 """The run ledger: one object owns the identity and the lifecycle of every (model, setting) run.
 
-Identity: a run key (:func:`quantlens.sweep.run_key`: model revision, setting, datasets, eval
+Identity: a run key (:func:`quantlens.pipeline.sweep.run_key`: model revision, setting, datasets, eval
 options, code version). Lifecycle, on the MLflow store (so it works across processes, workers and
 machines):
 
@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from quantlens.models import local_revision, resolve_model
-from quantlens.sweep import ModelEntry, SweepConfig, run_key
+from quantlens.model.loading import local_revision, resolve_model
+from quantlens.pipeline.sweep import ModelEntry, SweepConfig, run_key
 from quantlens.tasks.tracking import KIND_TAG, Heartbeat, Tracker, heartbeat_interval, sweep_tag
 
 State = Literal["done", "todo", "running", "failed"]

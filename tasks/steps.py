@@ -15,13 +15,13 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from quantlens import evaluate as ev
-from quantlens import models as qm
-from quantlens.patch import full_report, quantize_, restore_
-from quantlens.settings import ConfigError, Setting
-from quantlens.console import console_enabled, status, verbose
+from quantlens.evaluation import evaluate as ev
+from quantlens.model import loading as qm
+from quantlens.quantize.patch import full_report, quantize_, restore_
+from quantlens.quantize.settings import ConfigError, Setting
+from quantlens.pipeline.console import console_enabled, status, verbose
 from quantlens.tasks.tracking import is_transient
-from quantlens.sweep import AnalysisOptions, DatasetEntry, EvalOptions, Hardware, ModelEntry
+from quantlens.pipeline.sweep import AnalysisOptions, DatasetEntry, EvalOptions, Hardware, ModelEntry
 
 
 def _retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
@@ -84,7 +84,7 @@ def dataset_input(d: DatasetEntry, opts: EvalOptions, metrics: dict[str, float])
     """One dataset as an MLflow dataset input: the protocol that makes two runs comparable."""
     import json
 
-    from quantlens.data import DATASETS, source_fingerprint
+    from quantlens.evaluation.data import DATASETS, source_fingerprint
 
     examples = int(metrics.get(f"{d.name}_examples", 0))
     profile = {"examples": examples, "unit": "passage" if d.name == "lambada" else d.examples,
@@ -140,7 +140,7 @@ def explain(
 ) -> dict[str, pd.DataFrame]:
     """Layer error, early exit and activation patching of ``setting`` on D_large / D_ctrl of one
     dataset, chosen from the two runs' per-example tables (``reference`` holds the tokens)."""
-    from quantlens import mechanisms, per_example
+    from quantlens.analysis import mechanisms, per_example
 
     inject_fault(model_name, f"explain-{setting.name}", dataset)
     examples = pd.concat([reference.assign(setting="reference"), quantized.assign(setting=setting.name)])

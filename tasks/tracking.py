@@ -27,7 +27,7 @@ from typing import Any, Callable, TypeVar
 
 import pandas as pd
 
-from quantlens.errors import TrackingUnavailable
+from quantlens.pipeline.errors import TrackingUnavailable
 
 T = TypeVar("T")
 
@@ -39,7 +39,7 @@ HEARTBEAT_TAG = "quantlens.heartbeat"
 
 def sweep_tag(sweep_id: str) -> str:
     """Tag on every eval run a sweep created or reused: its grid, even across sweeps."""
-    return f"quantlens.sweep.{sweep_id}"
+    return f"quantlens.pipeline.sweep.{sweep_id}"
 
 
 def heartbeat_interval() -> float:
@@ -91,7 +91,7 @@ def _retry(fn: Callable[[], T], what: str) -> T:
 def _check_server(uri: str, experiment: str) -> None:
     """Fail fast (seconds, not MLflow's minutes of HTTP retries) when the server is down, unhealthy,
     refuses our credentials, or would not let us write to the experiment: one request."""
-    from quantlens.credentials import check_mlflow
+    from quantlens.pipeline.credentials import check_mlflow
 
     check_mlflow(uri, experiment, timeout=float(os.environ.get("QUANTLENS_MLFLOW_HEALTH_TIMEOUT", "10")))
 

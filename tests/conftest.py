@@ -58,7 +58,7 @@ def tiny_random_model(family: str, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def trained():
     """family -> (model, tokenizer) for the shared trained tiny models, loaded once."""
-    from quantlens.models import load_model
+    from quantlens.model.loading import load_model
 
     cache = {}
 

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from quantlens.aggregate import clipping_summary, perturbation_summary, tidy, uniform_vs_nonuniform, write_report
+from quantlens.analysis.aggregate import clipping_summary, perturbation_summary, tidy, uniform_vs_nonuniform, write_report
 
 
 def frame():

@@ -15,7 +15,7 @@ from conftest import MODELS, REPO, WIKI_TEST
 def cli(*args, env=None, cwd=REPO, timeout=300):
     full = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     t = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "quantlens.cli", *args], cwd=cwd, capture_output=True, text=True, env=full, timeout=timeout)
+    r = subprocess.run([sys.executable, "-m", "quantlens.pipeline.cli", *args], cwd=cwd, capture_output=True, text=True, env=full, timeout=timeout)
     return r, time.monotonic() - t
 
 
@@ -91,7 +91,7 @@ def test_flows_and_tasks_are_not_top_level_packages(tmp_path):
     assert r.returncode != 0 and "No module named 'flows'" in r.stderr
     r = subprocess.run([sys.executable, "-c", "import tasks"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode != 0 and "No module named 'tasks'" in r.stderr
-    r = subprocess.run([sys.executable, "-c", "import quantlens.flows.sweep, quantlens.tasks.ledger, quantlens.cli"],
+    r = subprocess.run([sys.executable, "-c", "import quantlens.flows.sweep, quantlens.tasks.ledger, quantlens.pipeline.cli"],
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 

@@ -102,7 +102,7 @@ def quantlens(plane, tmp_path, cfg, **env) -> tuple[subprocess.CompletedProcess,
                  "QUANTLENS_SHARED_DATA": str(SHARED), "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(tmp_path / "prefect")})
     full.update({k: v for k, v in env.items() if v is not None})
     t = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "quantlens.cli", "run", cfg, "--results", str(tmp_path / "results")],
+    r = subprocess.run([sys.executable, "-m", "quantlens.pipeline.cli", "run", cfg, "--results", str(tmp_path / "results")],
                        cwd=tmp_path, env=full, capture_output=True, text=True, timeout=600)
     return r, time.monotonic() - t
 
@@ -161,7 +161,7 @@ def test_read_only_user_and_untrusted_certificate_fail_in_preflight(plane, tmp_p
     assert g.returncode == 0, g.stderr
     full = {**plane.env, "MLFLOW_TRACKING_URI": plane.mlflow, "MLFLOW_TRACKING_USERNAME": "analyst", "MLFLOW_TRACKING_PASSWORD": ANALYST_PW,
             "MLFLOW_TRACKING_SERVER_CERT_PATH": str(plane.ca), "QUANTLENS_SHARED_DATA": str(SHARED)}
-    ok = subprocess.run([sys.executable, "-m", "quantlens.cli", "run", config(tmp_path, experiment="admin-made"), "--dry-run"],
+    ok = subprocess.run([sys.executable, "-m", "quantlens.pipeline.cli", "run", config(tmp_path, experiment="admin-made"), "--dry-run"],
                         cwd=tmp_path, env=full, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "2 to run" in ok.stdout, ok.stdout + ok.stderr
     r, _ = quantlens(plane, tmp_path, config(tmp_path), **{**worker(plane), "MLFLOW_TRACKING_SERVER_CERT_PATH": None})

@@ -5,8 +5,8 @@ import ssl
 
 import pytest
 
-from quantlens.credentials import check_mlflow, check_prefect, mlflow_endpoint, prefect_endpoint
-from quantlens.errors import TrackingUnavailable
+from quantlens.pipeline.credentials import check_mlflow, check_prefect, mlflow_endpoint, prefect_endpoint
+from quantlens.pipeline.errors import TrackingUnavailable
 
 
 def basic(value: str) -> str:

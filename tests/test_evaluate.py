@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import FAMILIES, LAMBADA, WIKI_TEST
-from quantlens.data import lambada_requests, load_lambada, perplexity_windows
-from quantlens.evaluate import evaluate_dataset, lambada, perplexity
-from quantlens.patch import quantize_, restore_
-from quantlens.streaming import disable_streaming, enable_streaming
+from quantlens.evaluation.data import lambada_requests, load_lambada, perplexity_windows
+from quantlens.evaluation.evaluate import evaluate_dataset, lambada, perplexity
+from quantlens.quantize.patch import quantize_, restore_
+from quantlens.model.streaming import disable_streaming, enable_streaming
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -95,11 +95,11 @@ def test_layerwise_stream_equals_single_and_moves_each_block_once(family):
     (setting, dataset), where a plain forward brings them once per batch; and what is read back
     after every setting is the checkpoint, bit for bit. The same for streaming from host memory."""
     from conftest import LAMBADA, MODELS
-    from quantlens.data import lambada_requests, load_lambada
-    from quantlens.evaluate import lambada
-    from quantlens.models import load_model
-    from quantlens.patch import find_decoder_blocks, full_report
-    from quantlens.streaming import block_tensors, resident, transfer_bytes
+    from quantlens.evaluation.data import lambada_requests, load_lambada
+    from quantlens.evaluation.evaluate import lambada
+    from quantlens.model.loading import load_model
+    from quantlens.quantize.patch import find_decoder_blocks, full_report
+    from quantlens.model.streaming import block_tensors, resident, transfer_bytes
 
     path = str(MODELS / f"tiny-{family}")
     single, tok = load_model(path, device="cpu", placement="single")
@@ -152,11 +152,11 @@ def test_layerwise_stream_equals_single_and_moves_each_block_once(family):
 
 
 def test_stream_needs_safetensors(tmp_path):
-    from quantlens.settings import ConfigError
+    from quantlens.quantize.settings import ConfigError
 
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="placement: stream reads decoder blocks from safetensors shards"):
-        from quantlens.streaming import load_streaming
+        from quantlens.model.streaming import load_streaming
 
         load_streaming(str(tmp_path), "cpu", torch.float32)
 
@@ -181,8 +181,8 @@ def test_layerwise_prefetches_the_next_block_and_spills_hidden_states(monkeypatc
     """While a block runs, the next one is read from the checkpoint in the background; hidden
     states beyond the device budget wait in host memory. Numbers unchanged."""
     from conftest import MODELS
-    from quantlens.models import load_model
-    from quantlens.streaming import _state
+    from quantlens.model.loading import load_model
+    from quantlens.model.streaming import _state
 
     path = str(MODELS / "tiny-llama")
     single, tok = load_model(path, device="cpu", placement="single")

@@ -63,7 +63,7 @@ def runs(status=None, sweep=None):
 
 def test_failure_then_rerun_redoes_only_it(env, monkeypatch):
     from quantlens.flows.sweep import SweepIncomplete, sweep_flow
-    from quantlens.sweep import load_config, sweep_id
+    from quantlens.pipeline.sweep import load_config, sweep_id
 
     datasets = [{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 7}, {"name": "lambada", "path": str(LAMBADA), "limit": 16}]
 
@@ -107,10 +107,10 @@ def test_failure_then_rerun_redoes_only_it(env, monkeypatch):
 
 
 def test_numbers_in_mlflow_equal_direct_evaluation(filled):
-    from quantlens.evaluate import evaluate_dataset
-    from quantlens.models import load_model
-    from quantlens.patch import quantize_, restore_
-    from quantlens.sweep import load_config, sweep_id
+    from quantlens.evaluation.evaluate import evaluate_dataset
+    from quantlens.model.loading import load_model
+    from quantlens.quantize.patch import quantize_, restore_
+    from quantlens.pipeline.sweep import load_config, sweep_id
 
     df = runs("FINISHED", sweep_id(load_config(config())))
     row = df[(df["params.model"] == "tiny-opt") & (df["params.setting"] == "W4A16")].iloc[0]
@@ -137,15 +137,15 @@ def test_numbers_in_mlflow_equal_direct_evaluation(filled):
 
 def test_stale_running_run_marked_failed_and_redone(env):
     from quantlens.flows.sweep import sweep_flow
-    from quantlens.sweep import load_config, sweep_id
+    from quantlens.pipeline.sweep import load_config, sweep_id
     from quantlens.tasks.tracking import Tracker
 
     cfg = config(name="stale", models=[str(MODELS / "tiny-opt")], settings=["W4A16"],
                  datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 4}])
     sid = sweep_id(load_config(cfg))
     # a crashed attempt: a run left RUNNING for the same key
-    from quantlens.models import download, resolve_model
-    from quantlens.sweep import run_key
+    from quantlens.model.loading import download, resolve_model
+    from quantlens.pipeline.sweep import run_key
 
     c = load_config(cfg)
     key = run_key(download(resolve_model(cfg["models"][0])).revision, cfg["models"][0], c.expanded_settings()[0], c)
@@ -166,8 +166,8 @@ def test_fresh_run_of_another_attempt_is_waited_for_then_taken_over(env):
     import time
 
     from quantlens.flows.sweep import sweep_flow
-    from quantlens.models import download, resolve_model
-    from quantlens.sweep import load_config, run_key, sweep_id
+    from quantlens.model.loading import download, resolve_model
+    from quantlens.pipeline.sweep import load_config, run_key, sweep_id
     from quantlens.tasks.tracking import Tracker
 
     cfg = config(name="takeover", models=[str(MODELS / "tiny-opt")], settings=["W6A16"],
@@ -211,7 +211,7 @@ def test_force_redoes_everything(env):
 
 def _cli(*args, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "quantlens.cli", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "quantlens.pipeline.cli", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_cli_bad_config_fails_before_loading(tmp_path):
@@ -241,7 +241,7 @@ def test_per_example_artifacts_and_analysis_end_to_end(env):
     import pandas as pd
 
     from quantlens.flows.sweep import sweep_flow
-    from quantlens.per_example import pearson
+    from quantlens.analysis.per_example import pearson
     from quantlens.tasks.tracking import Tracker
 
     cfg = config(name="per-example", models=[str(MODELS / "tiny-bloom")], settings=["W16A16", "W3A16", "W3A16-nu", "W4A16"])

@@ -5,13 +5,13 @@ import torch
 from torch import nn
 
 from conftest import FAMILIES, LAMBADA, WIKI_TEST
-from quantlens import kv
-from quantlens.data import lambada_requests, load_lambada, perplexity_windows
-from quantlens.evaluate import lambada, perplexity
-from quantlens.patch import _ActivationState, full_report, quantize_, restore_
-from quantlens.perturb import make_generator, shaped_noise_rows
-from quantlens.quant import fake_quantize
-from quantlens.settings import ConfigError, KVSpec, PerturbSpec, QuantSpec, resolve_setting
+from quantlens.quantize import kv
+from quantlens.evaluation.data import lambada_requests, load_lambada, perplexity_windows
+from quantlens.evaluation.evaluate import lambada, perplexity
+from quantlens.quantize.patch import _ActivationState, full_report, quantize_, restore_
+from quantlens.quantize.perturb import make_generator, shaped_noise_rows
+from quantlens.quantize.quant import fake_quantize
+from quantlens.quantize.settings import ConfigError, KVSpec, PerturbSpec, QuantSpec, resolve_setting
 
 
 # --- settings --------------------------------------------------------------------------------------

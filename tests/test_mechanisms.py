@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import FAMILIES, WIKI_TEST
-from quantlens.data import perplexity_windows
-from quantlens.evaluate import perplexity
-from quantlens.mechanisms import block_parts, explain, layer_range, patch_variants
-from quantlens.patch import full_precision, quantize_, restore_
+from quantlens.evaluation.data import perplexity_windows
+from quantlens.evaluation.evaluate import perplexity
+from quantlens.analysis.mechanisms import block_parts, explain, layer_range, patch_variants
+from quantlens.quantize.patch import full_precision, quantize_, restore_
 
 
 def _windows(tok, n=12):
@@ -101,7 +101,7 @@ def test_analysis_on_a_streamed_model_equals_the_loaded_one(trained):
     """placement: stream (blocks read from the checkpoint per batch, full precision = read as
     stored) gives the same layer error, early exit and patching tables as the model in memory."""
     from conftest import MODELS
-    from quantlens.models import load_model
+    from quantlens.model.loading import load_model
 
     m, tok = trained("llama")
     w = _windows(tok)

@@ -4,9 +4,9 @@ import json
 import pytest
 
 from conftest import MODELS, WIKI_TEST
-from quantlens.data import load_lambada, perplexity_windows
-from quantlens.models import ModelUnavailable, download, registry, resolve_model
-from quantlens.settings import ConfigError
+from quantlens.evaluation.data import load_lambada, perplexity_windows
+from quantlens.model.loading import ModelUnavailable, download, registry, resolve_model
+from quantlens.quantize.settings import ConfigError
 
 
 def test_registry_covers_the_study():

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from conftest import FAMILIES, tiny_random_model
-from quantlens.patch import find_decoder_blocks, full_report, quantize_, restore_, target_linears
-from quantlens.settings import ConfigError, resolve_setting
+from quantlens.quantize.patch import find_decoder_blocks, full_report, quantize_, restore_, target_linears
+from quantlens.quantize.settings import ConfigError, resolve_setting
 
 IDS = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
 BLOCKS = {"opt": "model.decoder.layers", "bloom": "transformer.h", "llama": "model.layers"}
@@ -111,8 +111,8 @@ def test_perturbation_seeded_and_matched():
     assert not torch.equal(logits(m), a)
     restore_(m)
     w = m.model.decoder.layers[0].fc1.weight.data
-    from quantlens.quant import quantize
-    from quantlens.settings import QuantSpec
+    from quantlens.quantize.quant import quantize
+    from quantlens.quantize.settings import QuantSpec
     native = quantize(w, QuantSpec(bits=4)).xq - w
     assert float((w_pert - w).std()) == pytest.approx(float(native.std()), rel=1e-4)
     assert torch.equal(logits(m), ref)
@@ -143,8 +143,8 @@ def test_originals_from_the_checkpoint_restore_bit_exact(family, monkeypatch):
     """originals: checkpoint keeps no copy of the patched weights; restoring reads them back from
     the safetensors, bit for bit, and full_precision() reads them too. auto picks it by size."""
     from conftest import MODELS
-    from quantlens.models import choose_originals, load_model
-    from quantlens.patch import _STATE_ATTR, _Stored, full_precision
+    from quantlens.model.loading import choose_originals, load_model
+    from quantlens.quantize.patch import _STATE_ATTR, _Stored, full_precision
 
     m, _ = load_model(str(MODELS / f"tiny-{family}"), device="cpu", placement="single")
     before = {n: p.detach().clone() for n, p in m.named_parameters()}

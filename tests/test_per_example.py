@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import FAMILIES, LAMBADA, REPO, SHARED, WIKI_TEST, tiny_random_model
-from quantlens import per_example as pe
-from quantlens.data import document_examples, example_ids, lambada_requests, load_lambada, perplexity_windows
-from quantlens.evaluate import evaluate_dataset, lambada, perplexity
-from quantlens.patch import quantize_, restore_
-from quantlens.residual import BlockNotUnderstood, ResidualRecorder, block_norms
-from quantlens.settings import ConfigError
+from quantlens.analysis import per_example as pe
+from quantlens.evaluation.data import document_examples, example_ids, lambada_requests, load_lambada, perplexity_windows
+from quantlens.evaluation.evaluate import evaluate_dataset, lambada, perplexity
+from quantlens.quantize.patch import quantize_, restore_
+from quantlens.evaluation.residual import BlockNotUnderstood, ResidualRecorder, block_norms
+from quantlens.quantize.settings import ConfigError
 
 WIKI_RAW = SHARED / "wikitext2" / "wiki.test.raw"
 
@@ -159,7 +159,7 @@ def test_documents_mode(trained):
 
 
 def test_documents_config_validation():
-    from quantlens.sweep import DatasetEntry
+    from quantlens.pipeline.sweep import DatasetEntry
 
     with pytest.raises(ValueError, match="examples: 'lambada' has no documents"):
         DatasetEntry(name="lambada", examples="documents")
@@ -171,7 +171,7 @@ def test_documents_config_validation():
 # --- residual statistics ------------------------------------------------------------------------------
 def _by_hand(m, ids, family):
     """r(l) and z(l) captured as whole tensors by independent hooks, reduced here."""
-    from quantlens.patch import find_decoder_blocks
+    from quantlens.quantize.patch import find_decoder_blocks
 
     _, blocks = find_decoder_blocks(m)
     caught = {}
@@ -239,8 +239,8 @@ def test_fineweb_local_jsonl_and_parquet_documents(trained, tmp_path):
 
 
 def test_registry_has_the_second_papers_models():
-    from quantlens.models import resolve_model
-    from quantlens.sweep import load_config
+    from quantlens.model.loading import resolve_model
+    from quantlens.pipeline.sweep import load_config
 
     assert resolve_model("llama-3-8b").hf_id == "meta-llama/Meta-Llama-3-8B"
     assert resolve_model("qwen2.5-7b").family == "qwen" and resolve_model("mistral-nemo-12b").family == "mistral"

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from quantlens.perturb import derive_seed, make_generator, native_error, perturb, shaped_noise, unit_noise
-from quantlens.settings import PerturbSpec, QuantSpec
+from quantlens.quantize.perturb import derive_seed, make_generator, native_error, perturb, shaped_noise, unit_noise
+from quantlens.quantize.settings import PerturbSpec, QuantSpec
 
 REF = QuantSpec(bits=8, granularity="channel")
 

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from conftest import MODELS, WIKI_TEST
-from quantlens.data import perplexity_windows
-from quantlens.evaluate import perplexity
-from quantlens.models import choose_placement, load_model, pick_dtype
-from quantlens.settings import ConfigError
+from quantlens.evaluation.data import perplexity_windows
+from quantlens.evaluation.evaluate import perplexity
+from quantlens.model.loading import choose_placement, load_model, pick_dtype
+from quantlens.quantize.settings import ConfigError
 
 
 def test_device_map_placement_matches_single(trained):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from quantlens.quant import fake_quantize, inverse_power_transform, power_transform, qmax_symmetric, quantize
-from quantlens.settings import QuantSpec
+from quantlens.quantize.quant import fake_quantize, inverse_power_transform, power_transform, qmax_symmetric, quantize
+from quantlens.quantize.settings import QuantSpec
 
 
 def test_known_values_per_tensor_4bit():
@@ -145,7 +145,7 @@ def test_alpha_ratio_clips_and_shrinks_step():
 
 
 def test_alpha_sweep_on_trained_model_has_interior_minimum(trained):
-    from quantlens.alpha_sweep import alpha_sweep
+    from quantlens.analysis.alpha_sweep import alpha_sweep
 
     m, _ = trained("opt")
     rows = alpha_sweep(m, [3], [0.3, 0.5, 0.7, 1.0])

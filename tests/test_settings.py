@@ -1,6 +1,6 @@
 import pytest
 
-from quantlens.settings import PRESETS, ConfigError, QuantSpec, resolve_setting
+from quantlens.quantize.settings import PRESETS, ConfigError, QuantSpec, resolve_setting
 
 
 def test_presets():

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantlens.settings import ConfigError
-from quantlens.sweep import expand_setting, load_config, run_key, sweep_id
+from quantlens.quantize.settings import ConfigError
+from quantlens.pipeline.sweep import expand_setting, load_config, run_key, sweep_id
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ Every evaluation also returns its examples (``result["per_example"]``, a DataFra
 window / document / passage with ``example_id``, ``n_tokens`` (predicted tokens) and ``nll`` (mean
 NLL per predicted token), Lambada also ``correct``; so the token-weighted mean of ``nll`` is
 log(ppl). With ``residual=True`` the same forwards also fill the full-precision residual-stream
-statistics of :mod:`quantlens.residual` (``result["residual"]``, long format, one row per example
+statistics of :mod:`quantlens.evaluation.residual` (``result["residual"]``, long format, one row per example
 and layer).
 """
 
@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlens.data import example_ids
-from quantlens.layerwise import Batch
-from quantlens.patch import set_valid_tokens
-from quantlens.residual import ResidualRecorder
-from quantlens.streaming import streaming_device
+from quantlens.evaluation.data import example_ids
+from quantlens.model.layerwise import Batch
+from quantlens.quantize.patch import set_valid_tokens
+from quantlens.evaluation.residual import ResidualRecorder
+from quantlens.model.streaming import streaming_device
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -74,7 +74,7 @@ def _drive(model: nn.Module, n: int, batch_size: int, prepare: Callable[[int, in
     Returns the batch size used in the end."""
     dev = streaming_device(model)
     if dev is not None:
-        from quantlens import layerwise
+        from quantlens.model import layerwise
 
         spans = [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
         layerwise.run(model, [prepare(s, e) for s, e in spans], score, dev, progress)
@@ -256,7 +256,7 @@ _LAMBADA_CACHE: dict[tuple, tuple[Any, list]] = {}  # (id(tokenizer), path, limi
 def evaluate_dataset(model: nn.Module, tokenizer: Any, name: str, **kw: Any) -> dict[str, Any]:
     """Evaluate one registered dataset; keyword options: seqlen, path, max_windows/limit,
     batch_size, progress, residual, and ``examples="documents"`` with ``example_len``."""
-    from quantlens.data import dataset_info, document_examples, lambada_requests, load_lambada, perplexity_windows
+    from quantlens.evaluation.data import dataset_info, document_examples, lambada_requests, load_lambada, perplexity_windows
 
     info = dataset_info(name)
     progress = kw.get("progress")

@@ -27,7 +27,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-from quantlens.errors import CredentialsRefused, TrackingUnavailable
+from quantlens.pipeline.errors import CredentialsRefused, TrackingUnavailable
 
 MLFLOW_VARS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
 PREFECT_VARS = "PREFECT_API_AUTH_STRING (user:password of the server's PREFECT_SERVER_API_AUTH_STRING; PREFECT_API_KEY on Prefect Cloud)"

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlens.patch import find_decoder_blocks
+from quantlens.quantize.patch import find_decoder_blocks
 
 
 class BlockNotUnderstood(ValueError):

@@ -2,7 +2,7 @@
 
 Framework-free: the Prefect flows in ``flows/`` execute the plan made here, and the MLflow layer
 in ``tasks/tracking.py`` stores it. Every problem with a config is raised as one
-:class:`~quantlens.settings.ConfigError` naming the field, before any model loads.
+:class:`~quantlens.quantize.settings.ConfigError` naming the field, before any model loads.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from quantlens import __version__
-from quantlens.data import DATASETS
-from quantlens.settings import ConfigError, Setting, format_validation_error, resolve_setting
+from quantlens.evaluation.data import DATASETS
+from quantlens.quantize.settings import ConfigError, Setting, format_validation_error, resolve_setting
 
 # Bump when a change alters the numbers an evaluation produces: it is part of every run key,
 # so finished runs of an older protocol are not taken as done.

@@ -5,7 +5,7 @@
   model folder, else "no such directory"; a hub id must be in the local cache when the hub is
   offline (``HF_HUB_OFFLINE=1``);
 - every local dataset file exists and is not empty;
-- the grid (settings, analysis) is valid — :func:`quantlens.sweep.load_config` already did that.
+- the grid (settings, analysis) is valid — :func:`quantlens.pipeline.sweep.load_config` already did that.
 
 The tracking store's reachability is checked by the caller (``Tracker``), also before any work.
 """
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 
-from quantlens.data import _expand
-from quantlens.errors import PreflightError
-from quantlens.models import ModelUnavailable, local_revision, resolve_model
-from quantlens.sweep import SweepConfig
+from quantlens.evaluation.data import _expand
+from quantlens.pipeline.errors import PreflightError
+from quantlens.model.loading import ModelUnavailable, local_revision, resolve_model
+from quantlens.pipeline.sweep import SweepConfig
 
 
 def hub_offline() -> bool:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from quantlens.settings import ConfigError
+from quantlens.quantize.settings import ConfigError
 
 
 def _print_plan(plan: list[Any], header: str) -> None:
@@ -35,14 +35,14 @@ def _check_prefect() -> None:
     """A Prefect API named by PREFECT_API_URL must answer and accept our credentials before the
     flow starts (unset: Prefect's local ephemeral server, nothing to check)."""
     if os.environ.get("PREFECT_API_URL"):
-        from quantlens.credentials import check_prefect
+        from quantlens.pipeline.credentials import check_prefect
 
         check_prefect(os.environ["PREFECT_API_URL"])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from quantlens.preflight import preflight
-    from quantlens.sweep import load_config, sweep_id
+    from quantlens.pipeline.preflight import preflight
+    from quantlens.pipeline.sweep import load_config, sweep_id
     from quantlens.tasks.ledger import RunLedger
     from quantlens.tasks.tracking import Tracker
 
@@ -69,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"sweep {sid}: all {len(plan)} run(s) already FINISHED, nothing to evaluate "
                   f"(--force redoes them); report in {report}/")
             return 0
-    from quantlens.errors import SweepIncomplete
+    from quantlens.pipeline.errors import SweepIncomplete
     from quantlens.flows.sweep import sweep_flow
 
     todo = sum(1 for r in plan if r.state != "done")
@@ -91,9 +91,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from quantlens.errors import NotEvaluated
+    from quantlens.pipeline.errors import NotEvaluated
     from quantlens.flows.sweep import explain_flow
-    from quantlens.sweep import load_config
+    from quantlens.pipeline.sweep import load_config
     from quantlens.tasks.tracking import Tracker
 
     cfg = load_config(args.config)
@@ -125,7 +125,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 def cmd_list_settings(args: argparse.Namespace) -> int:
-    from quantlens.settings import PRESETS
+    from quantlens.quantize.settings import PRESETS
 
     print(f"{'name':<12}{'weights':<28}{'activations':<28}")
     for name, s in PRESETS.items():
@@ -141,7 +141,7 @@ def cmd_list_settings(args: argparse.Namespace) -> int:
 
 
 def cmd_list_models(args: argparse.Namespace) -> int:
-    from quantlens.models import registry
+    from quantlens.model.loading import registry
 
     for info in registry().values():
         print(f"{info.name:<14}{info.family:<8}{info.size_b:>7g}B  {info.hf_id}")
@@ -150,7 +150,7 @@ def cmd_list_models(args: argparse.Namespace) -> int:
 
 
 def cmd_list_datasets(args: argparse.Namespace) -> int:
-    from quantlens.data import DATASETS
+    from quantlens.evaluation.data import DATASETS
 
     for d in DATASETS.values():
         print(f"{d.name:<12}{d.doc}")
@@ -160,8 +160,8 @@ def cmd_list_datasets(args: argparse.Namespace) -> int:
 def cmd_alpha_sweep(args: argparse.Namespace) -> int:
     import csv
 
-    from quantlens.alpha_sweep import alpha_sweep, plot_alpha_sweep
-    from quantlens.models import download, load_model, resolve_model
+    from quantlens.analysis.alpha_sweep import alpha_sweep, plot_alpha_sweep
+    from quantlens.model.loading import download, load_model, resolve_model
 
     info = resolve_model(args.model)
     model, _ = load_model(download(info), device="cpu", dtype="float32")
@@ -263,8 +263,8 @@ def quiet_environment(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_environment(getattr(args, "verbose", False))
-    from quantlens.errors import CredentialsRefused, TrackingUnavailable
-    from quantlens.models import ModelUnavailable
+    from quantlens.pipeline.errors import CredentialsRefused, TrackingUnavailable
+    from quantlens.model.loading import ModelUnavailable
 
     try:
         return args.fn(args)

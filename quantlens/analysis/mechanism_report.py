@@ -1,4 +1,4 @@
-"""Tables and figures of the mechanism analyses (:mod:`quantlens.mechanisms`), from their stored
+"""Tables and figures of the mechanism analyses (:mod:`quantlens.analysis.mechanisms`), from their stored
 per-run tables (``mechanisms/<dataset>/{layer_error,early_exit,patching}.csv``)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from quantlens.aggregate import _plt, save_figure, to_markdown
-from quantlens.per_example import _safe
+from quantlens.analysis.aggregate import _plt, save_figure, to_markdown
+from quantlens.analysis.per_example import _safe
 
 TABLES = ("layer_error", "early_exit", "patching")
 

@@ -30,7 +30,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from quantlens.aggregate import _plt, save_figure, to_markdown
+from quantlens.analysis.aggregate import _plt, save_figure, to_markdown
 
 TOP_FRACTION = 0.1
 DUP_JACCARD = 0.1

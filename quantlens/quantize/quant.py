@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantlens.settings import QuantSpec
+from quantlens.quantize.settings import QuantSpec
 
 # A scale of zero (an all-zero group) would divide by zero; any positive value gives Q(0) = 0.
 _MIN_SCALE = 1e-12

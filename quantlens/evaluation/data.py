@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where it is used: planning a sweep must not pay for it
     import torch
 
-from quantlens.settings import ConfigError
+from quantlens.quantize.settings import ConfigError
 
 
 @dataclass(frozen=True)

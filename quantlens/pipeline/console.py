@@ -107,7 +107,7 @@ class QuietConsoleFilter(logging.Filter):
     "Encountered exception" record of an expected error (the CLI prints it once)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from quantlens.errors import EXPECTED
+        from quantlens.pipeline.errors import EXPECTED
 
         if record.levelno >= logging.ERROR and record.name.startswith("prefect.task_runs"):
             return False

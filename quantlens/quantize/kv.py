@@ -26,9 +26,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from quantlens.perturb import make_generator, shaped_noise_rows
-from quantlens.quant import fake_quantize
-from quantlens.settings import KVSpec, PerturbSpec
+from quantlens.quantize.perturb import make_generator, shaped_noise_rows
+from quantlens.quantize.quant import fake_quantize
+from quantlens.quantize.settings import KVSpec, PerturbSpec
 
 _STATE = "_quantlens_kv"
 _WRAPPED = "_quantlens_kv_wrapped"
@@ -146,7 +146,7 @@ def _wrap_bloom(module: nn.Module) -> None:
 # --- attach / detach -------------------------------------------------------------------------------------
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The attention module of each decoder block (the child whose name says attention)."""
-    from quantlens.patch import find_decoder_blocks
+    from quantlens.quantize.patch import find_decoder_blocks
 
     prefix, blocks = find_decoder_blocks(model)
     out = []

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where it is used: planning a sweep must not pay for it
     import torch
 
-from quantlens.settings import ConfigError
+from quantlens.quantize.settings import ConfigError
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def load_model(
     if placement == "device_map":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, device_map="auto")
     elif placement == "stream":
-        from quantlens.streaming import load_streaming
+        from quantlens.model.streaming import load_streaming
 
         model = load_streaming(path, dev, dt)  # blocks read from the checkpoint when they run
     else:
@@ -235,14 +235,14 @@ def load_model(
 
 
 def choose_originals(model: Any, choice: str = "auto") -> str:
-    """Where :func:`quantlens.patch.quantize_` keeps the 16-bit originals: ``memory`` (host RAM,
+    """Where :func:`quantlens.quantize.patch.quantize_` keeps the 16-bit originals: ``memory`` (host RAM,
     restoring is a copy) or ``checkpoint`` (nowhere: restoring reads the safetensors again).
     ``auto``: ``checkpoint`` when the model's weights exceed ``QUANTLENS_ORIGINALS_MAX_GB`` (default:
     a quarter of this machine's RAM) and it was loaded from safetensors, else ``memory``. Returns
     the ``keep_originals_on`` value to pass (``auto`` for memory)."""
     import os
 
-    from quantlens.patch import model_checkpoint
+    from quantlens.quantize.patch import model_checkpoint
 
     if choice == "memory":
         return "auto"

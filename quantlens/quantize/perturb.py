@@ -20,8 +20,8 @@ import zlib
 
 import torch
 
-from quantlens.quant import fake_quantize
-from quantlens.settings import PerturbSpec, QuantSpec
+from quantlens.quantize.quant import fake_quantize
+from quantlens.quantize.settings import PerturbSpec, QuantSpec
 
 _SQRT3 = 3.0**0.5
 

@@ -1,4 +1,4 @@
-"""Apply a :class:`~quantlens.settings.Setting` to a Hugging Face causal LM, and undo it.
+"""Apply a :class:`~quantlens.quantize.settings.Setting` to a Hugging Face causal LM, and undo it.
 
 ``quantize_(model, setting)`` (in the spirit of torchao's entry point) rewrites the weights of every
 ``nn.Linear`` inside the decoder blocks **once** (fake-quantized or perturbed), and registers a
@@ -18,10 +18,10 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from quantlens import kv
-from quantlens.perturb import make_generator, perturb, shaped_noise_rows
-from quantlens.quant import fake_quantize, quantize
-from quantlens.settings import ConfigError, Setting, resolve_setting
+from quantlens.quantize import kv
+from quantlens.quantize.perturb import make_generator, perturb, shaped_noise_rows
+from quantlens.quantize.quant import fake_quantize, quantize
+from quantlens.quantize.settings import ConfigError, Setting, resolve_setting
 
 _STATE_ATTR = "_quantlens_patch"
 
@@ -230,11 +230,11 @@ def _original(orig: "torch.Tensor | _Stored", like: torch.Tensor) -> torch.Tenso
 
 
 def model_checkpoint(model: nn.Module) -> Any:
-    """The safetensors checkpoint a model was loaded from (``quantlens.models.load_model``), or None."""
+    """The safetensors checkpoint a model was loaded from (``quantlens.model.loading.load_model``), or None."""
     source = getattr(model, "_quantlens_source", None)
     if source is None:
         return None
-    from quantlens.checkpoint import Checkpoint
+    from quantlens.model.checkpoint import Checkpoint
 
     try:
         return Checkpoint(source)
@@ -249,7 +249,7 @@ class _PatchState:
     handles: list[Any]
     activations: _ActivationState | None
     report: PatchReport
-    kv: list[Any] = field(default_factory=list)  # quantlens.kv.KVState per attention module
+    kv: list[Any] = field(default_factory=list)  # quantlens.quantize.kv.KVState per attention module
     # placement: stream reads block weights when they run: their setting is applied then (apply_deferred)
     deferred: dict[int, str] = field(default_factory=dict)  # id(parameter) → qualified name
     full_precision: set[str] = field(default_factory=set)  # deferred names read as they are (full_precision())
@@ -299,7 +299,7 @@ def quantize_(
     keeps the 16-bit originals on CPU when the model lives elsewhere, ``"cpu"`` always,
     ``"same"`` next to the weights, ``"checkpoint"`` nowhere: :func:`restore_` reads them again
     from the safetensors the model was loaded from (no host memory for originals; see
-    :func:`quantlens.models.choose_originals`). Activation statistics are measured on the first
+    :func:`quantlens.model.loading.choose_originals`). Activation statistics are measured on the first
     ``activation_stats_forwards`` forwards of each layer (0 = none), so the hot path stays cheap.
     """
     setting = resolve_setting(setting)
@@ -371,12 +371,12 @@ def _param_name(model: nn.Module, param: nn.Parameter) -> str:
 
 
 def _streaming_device(model: nn.Module) -> torch.device | None:
-    state = getattr(model, "_quantlens_streaming", None)  # (quantlens.streaming imports this module)
+    state = getattr(model, "_quantlens_streaming", None)  # (quantlens.model.streaming imports this module)
     return state.device if state is not None and state.checkpoint is not None else None
 
 
 def apply_deferred(model: nn.Module, block: nn.Module) -> None:
-    """Patch a streamed block's weights as they arrive on the device (called by quantlens.streaming):
+    """Patch a streamed block's weights as they arrive on the device (called by quantlens.model.streaming):
     the setting's quantizer or perturbation, exactly as :func:`quantize_` applies it to a loaded
     model; statistics go to the report the first time each weight is seen."""
     state: _PatchState | None = getattr(model, _STATE_ATTR, None)

@@ -1,7 +1,7 @@
 """Where the error comes from (arXiv 2506.12044, §5): layer-wise error growth, early exit and
 activation patching, on the examples that break (D_large) and on controls (D_ctrl).
 
-One patched model holds both weight versions (:func:`quantlens.patch.full_precision` swaps them by
+One patched model holds both weight versions (:func:`quantlens.quantize.patch.full_precision` swaps them by
 pointer), so every batch runs once at full precision — its activations cached *for that batch
 only*, in the chosen layer range — and then quantized, with hooks on both:
 
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlens.patch import find_decoder_blocks, full_precision, patched_layers
-from quantlens.residual import block_norms
+from quantlens.quantize.patch import find_decoder_blocks, full_precision, patched_layers
+from quantlens.evaluation.residual import block_norms
 
 UPPER_K_FRACTION = 0.18  # the paper keeps the top 18 % of layers in 16 bits
 
@@ -355,7 +355,7 @@ def _patched_names(model: nn.Module, names: list[str]) -> list[str]:
 
 # --- reductions -----------------------------------------------------------------------------------------
 def _pearson(a: pd.Series, b: pd.Series) -> float:
-    from quantlens.per_example import pearson
+    from quantlens.analysis.per_example import pearson
 
     return pearson(a.to_numpy(), b.to_numpy())
 

@@ -1,6 +1,6 @@
 """Layer-wise evaluation for ``placement: stream``: each decoder block crosses to the device once.
 
-Per-batch streaming (:mod:`quantlens.streaming`'s hooks) copies every block to the device for every
+Per-batch streaming (:mod:`quantlens.model.streaming`'s hooks) copies every block to the device for every
 batch: a 66B model moves its 130 GB once per batch. Here, as in GPTQ's evaluation loops, the
 order is turned around:
 
@@ -27,8 +27,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from quantlens.patch import find_decoder_blocks
-from quantlens.streaming import resident
+from quantlens.quantize.patch import find_decoder_blocks
+from quantlens.model.streaming import resident
 
 
 class _Captured(Exception):
@@ -112,7 +112,7 @@ def run(
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Forward every batch layer by layer, then ``score(batch, logits)`` each in order."""
-    from quantlens.mechanisms import final_decoder
+    from quantlens.analysis.mechanisms import final_decoder
 
     _, blocks = find_decoder_blocks(model)
     _check_uniform(blocks)

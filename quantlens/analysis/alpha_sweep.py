@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantlens.patch import target_linears, weight_stats
-from quantlens.quant import quantize
-from quantlens.settings import QuantSpec, resolve_setting
+from quantlens.quantize.patch import target_linears, weight_stats
+from quantlens.quantize.quant import quantize
+from quantlens.quantize.settings import QuantSpec, resolve_setting
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def alpha_sweep(model: nn.Module, bits: list[int], ratios: list[float], granular
 
 
 def plot_alpha_sweep(rows: list[dict], path: str | Path, title: str = "") -> Path:
-    from quantlens.aggregate import _plt
+    from quantlens.analysis.aggregate import _plt
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))

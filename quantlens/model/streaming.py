@@ -10,10 +10,10 @@ A block's tensors come from one of two sources:
   shards (memory-mapped, straight to the device) when it runs and dropped after. No originals are
   kept anywhere — the checkpoint is the original, so restoring is reading again, and host RAM holds
   one block at a time, whatever the number of layers. A patched setting is applied to the block's
-  weights *on the device* as they are read (:func:`quantlens.patch.quantize_` defers them).
+  weights *on the device* as they are read (:func:`quantlens.quantize.patch.quantize_` defers them).
 
 Two ways to run: a plain forward moves every block for every batch (hooks; what the mechanism
-analysis does), while perplexity and Lambada run layer by layer (:mod:`quantlens.layerwise`):
+analysis does), while perplexity and Lambada run layer by layer (:mod:`quantlens.model.layerwise`):
 each block is made resident once (:func:`resident`) and runs every batch. Both count the bytes
 they bring to the device (:func:`transfer_bytes`).
 """
@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from quantlens.patch import find_decoder_blocks
+from quantlens.quantize.patch import find_decoder_blocks
 
 _ATTR = "_quantlens_streaming"
 
@@ -44,7 +44,7 @@ class _Stream:
     handles: list[Any] = field(default_factory=list)
     moved: int = 0  # bytes brought to the device
     resident: set[int] = field(default_factory=set)  # ids of blocks made resident by layer-wise runs
-    checkpoint: Any = None  # quantlens.checkpoint.Checkpoint when blocks are read lazily
+    checkpoint: Any = None  # quantlens.model.checkpoint.Checkpoint when blocks are read lazily
     keys: list[list[tuple[nn.Module, str, str, bool]]] = field(default_factory=list)  # per block: (module, attr, key, is_param)
     empty: dict[int, torch.Tensor] = field(default_factory=dict)  # id(tensor holder) → placeholder
     dtype: torch.dtype | None = None
@@ -90,7 +90,7 @@ class _Stream:
             self.moved += t.numel() * t.element_size()
             holder = mod._parameters[attr] if is_param else mod._buffers[attr]
             holder.data = t
-        from quantlens.patch import apply_deferred
+        from quantlens.quantize.patch import apply_deferred
 
         apply_deferred(model, block)  # the patched setting, on the device, as the weights arrive
 
@@ -148,7 +148,7 @@ def load_streaming(path: str, device: torch.device | str, dtype: torch.dtype) ->
     embeddings) are rebuilt there, and every block tensor becomes an empty placeholder."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from quantlens.checkpoint import Checkpoint
+    from quantlens.model.checkpoint import Checkpoint
 
     device = torch.device(device)
     ckpt = Checkpoint(path)  # no safetensors → ConfigError, before anything is built

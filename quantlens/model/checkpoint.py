@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from quantlens.settings import ConfigError
+from quantlens.quantize.settings import ConfigError
 
 _PREFIXES = ("model.", "transformer.", "model.decoder.")
 
