@@ -1,46 +1,58 @@
-"""Aggregation flow: finished runs in MLflow → the paper's tables and figures (files + artifacts)."""
+"""Aggregation flow: finished runs in MLflow → the paper's tables and figures (files + artifacts).
+
+The report is a step that can fail part by part (:class:`quantlens.analysis.report.Report`): a
+table or figure that raises is one line in the result, the others are written, and ``report.json``
+records whether the report is complete and which runs it was built from — a rerun with nothing to
+evaluate completes it.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from quantlens.analysis.aggregate import write_report
+from quantlens.analysis.aggregate import reference_settings, tidy, write_report
 from quantlens.analysis.mechanism_report import write_mechanism_report
 from quantlens.analysis.per_example import write_per_example_report
+from quantlens.analysis.report import Report
 from quantlens.tasks.tracking import Tracker
 
 
-def is_reference(row: pd.Series) -> bool:
-    """The full-precision run of a model: nothing quantized, nothing perturbed."""
-    return (str(row.get("params.w_bits")) == "16" and str(row.get("params.a_bits")) == "16"
-            and row.get("params.perturbation", "none") in ("none", None))
+def report_fault(part: str) -> None:
+    """Drill: ``QUANTLENS_INJECT_FAULT=report`` fails the report's first table (``results``),
+    ``report:<part>`` the named part; read at every call, so a rerun without it completes the report."""
+    spec = os.environ.get("QUANTLENS_INJECT_FAULT", "")
+    if spec == "report" and part == "results" or spec == f"report:{part}":
+        raise RuntimeError(f"injected fault in report part {part} (QUANTLENS_INJECT_FAULT)")
 
 
 @task(name="read-per-example", cache_policy=NONE, persist_result=False)
 def read_per_example(tracker: Tracker, runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, str], dict[str, str]]:
-    """The per-example artifacts of ``runs``: (examples, residual, tokens, reference setting per
-    model, family per model). Runs logged before per-example storage simply contribute nothing."""
+    """The per-example artifacts of ``runs`` (a tidy frame, one run per model and setting): (examples,
+    residual, tokens, reference setting per model, family per model). The reference is the run whose
+    setting is the full-precision model (:func:`reference_settings`); other runs of the same
+    computation under older names are left out of the comparison. Runs logged before per-example
+    storage simply contribute nothing."""
     examples, residual, tokens = [], [], []
-    reference: dict[str, str] = {}
+    reference = reference_settings(runs)
     families: dict[str, str] = {}
-    if "end_time" in runs:  # across sweeps one (model, setting) may have several runs: the newest counts
-        runs = runs.sort_values("end_time").drop_duplicates(["params.model", "params.setting"], keep="last")
     for _, row in runs.iterrows():
-        model, setting = row["params.model"], row["params.setting"]
-        families[model] = row.get("params.family", "")
-        ref = is_reference(row)
-        if ref:
-            reference[model] = setting
+        model, setting = row["model"], row["setting"]
+        families[model] = row.get("family", "")
+        is_ref = reference.get(model) == setting
+        if row["reference"] and not is_ref:
+            continue  # the same computation as the reference, under another name
         for dataset, frame in tracker.read_frames(row["run_id"], "per_example").items():
             keys = {"model": model, "dataset": dataset}
             if "tokens" in frame:
                 tokens.append(frame[["example_id", "tokens"]].assign(**keys))
             examples.append(frame[["example_id", "n_tokens", "nll"]].assign(setting=setting, **keys))
-        if ref:
+        if is_ref:
             for dataset, frame in tracker.read_frames(row["run_id"], "residual").items():
                 residual.append(frame.assign(model=model, dataset=dataset))
 
@@ -68,20 +80,31 @@ def aggregate_flow(
     sweep_id: str | None = None,
     out_dir: str = "results/all",
     parent_run_id: str | None = None,
-) -> list[str]:
+) -> dict[str, Any]:
     """Tables (CSV + Markdown) and figures (PNG) of FINISHED runs: one sweep's grid (the runs it
     created or reused), or the whole experiment (all sweeps) when ``sweep_id`` is None; logged as
-    artifacts of ``parent_run_id``. Includes the per-example analysis of the second paper."""
+    artifacts of ``parent_run_id``. Includes the per-example analysis of the second paper.
+
+    Returns ``{"files": [...], "failed": ["<part>: <error>", ...], "complete": bool, "out_dir": ...}``."""
     log = get_run_logger()
     tracker = Tracker(experiment)
     df = tracker.runs_frame(sweep_id)
-    files = write_report(df, out_dir)
+    report = Report(Path(out_dir), fault=report_fault)
+    write_report(df, out_dir, report)
     if not df.empty:
-        examples, residual, tokens, reference, families = read_per_example(tracker, df)
-        if not examples.empty:
-            files += write_per_example_report(examples, residual, tokens, reference, out_dir, families)
-        files += write_mechanism_report(read_mechanisms(tracker, df), out_dir)
+        runs = report.compute("tidy", lambda: tidy(df), pd.DataFrame())
+        if not runs.empty:
+            examples, residual, tokens, reference, families = read_per_example(tracker, runs)
+            if not examples.empty:
+                write_per_example_report(examples, residual, tokens, reference, out_dir, families, report=report)
+            write_mechanism_report(read_mechanisms(tracker, runs), out_dir, report=report)
+    run_ids = list(df["run_id"]) if not df.empty else []
+    manifest = report.write_manifest(run_ids)
+    files = [*report.files, manifest] if report.files else []
     if parent_run_id and files:
         tracker.log_files(parent_run_id, files, "report")
-    log.info("aggregate: %d finished run(s) → %d file(s) in %s", len(df), len(files), Path(out_dir).resolve())
-    return [str(f) for f in files]
+    for line in report.failed:
+        log.info("report part failed: %s", line)  # the CLI prints these lines; workers log them
+    log.info("aggregate: %d finished run(s) → %d file(s) in %s%s", len(df), len(files), Path(out_dir).resolve(),
+             "" if report.complete else f", {len(report.failed)} part(s) failed")
+    return {"files": [str(f) for f in files], "failed": list(report.failed), "complete": report.complete, "out_dir": str(Path(out_dir))}

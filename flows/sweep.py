@@ -255,19 +255,25 @@ def sweep_flow(
             if not state.is_completed():
                 model_failures.append(f"{cfg.models[i].ref}: (model flow) {state.message}")
     summary = _summary(tracker, sid, parent, attempt, len(cfg.models) * len(settings), model_failures)
+    summary["report_failed"] = []
     if aggregate:
         from quantlens.flows.aggregate import aggregate_flow
 
-        summary["artifacts"] = aggregate_flow(experiment=cfg.experiment, sweep_id=sid, out_dir=str(Path(results_dir) / sid), parent_run_id=parent)
-    failed = summary["failed"]
-    tracker.finish(parent, "FAILED" if failed else "FINISHED")
+        agg = aggregate_flow(experiment=cfg.experiment, sweep_id=sid, out_dir=str(Path(results_dir) / sid), parent_run_id=parent)
+        summary["artifacts"], summary["report_failed"], summary["report_dir"] = agg["files"], agg["failed"], agg["out_dir"]
+    failed, report_failed = summary["failed"], summary["report_failed"]
+    tracker.finish(parent, "FAILED" if failed or report_failed else "FINISHED")
     end_attempt(attempt)
     log.info("sweep %s: %d evaluated, %d already done, %d failed, %d not run", sid, summary["evaluated"], summary["skipped"],
              len(failed), summary["not_run"])
-    if failed:
-        raise SweepIncomplete(
-            f"{summary['evaluated']} evaluated, {summary['skipped']} already finished, {len(failed)} run(s) failed, "
-            f"{summary['not_run']} not run (rerun the same command to redo only these): " + "; ".join(failed))
+    if failed or report_failed:
+        lines = [f"{summary['evaluated']} evaluated, {summary['skipped']} already finished, {len(failed)} run(s) failed, "
+                 f"{summary['not_run']} not run" + (" (rerun the same command to redo only these): " + "; ".join(failed) if failed else "")]
+        if report_failed:
+            lines.append(f"report incomplete in {summary['report_dir']}/ ({len(report_failed)} part(s) failed; the evaluations are kept, "
+                         "rerun the same command to complete it):")
+            lines += [f"  {line}" for line in report_failed]
+        raise SweepIncomplete("\n".join(lines))
     return summary
 
 
@@ -346,7 +352,7 @@ def explain_flow(config: str | dict[str, Any], force: bool = False, results_dir:
         raise ConfigError("analysis.mechanisms: empty, nothing to explain (e.g. analysis: {mechanisms: [W3A16]})")
     tracker = Tracker(cfg.experiment)
     settings = cfg.expanded_settings()
-    ref = next(s.name for s in settings if s.is_baseline and s.perturbation is None)
+    ref = next(s.name for s in settings if s.is_reference)
     sid = sweep_id(cfg)
     explained: list[str] = []
     for entry in cfg.models:
@@ -368,6 +374,6 @@ def explain_flow(config: str | dict[str, Any], force: bool = False, results_dir:
     from quantlens.flows.aggregate import aggregate_flow
 
     parent = tracker.parent_run(sid, cfg.name, {"config_name": cfg.name, "n_models": len(cfg.models), "n_settings": len(settings)})
-    files = aggregate_flow(experiment=cfg.experiment, sweep_id=sid, out_dir=str(Path(results_dir) / sid), parent_run_id=parent)
-    tracker.finish(parent, "FINISHED")
-    return {"sweep_id": sid, "explained": explained, "artifacts": files}
+    agg = aggregate_flow(experiment=cfg.experiment, sweep_id=sid, out_dir=str(Path(results_dir) / sid), parent_run_id=parent)
+    tracker.finish(parent, "FINISHED" if agg["complete"] else "FAILED")
+    return {"sweep_id": sid, "explained": explained, "artifacts": agg["files"], "report_failed": agg["failed"]}

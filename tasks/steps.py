@@ -108,7 +108,7 @@ def evaluate(
     and in the full-precision (baseline) run also ``residual/<dataset>.parquet`` and the tokens of
     each example (a ``tokens`` column, for the analysis' near-duplicate check)."""
     inject_fault(model_name, setting.name, dataset.name)
-    reference = setting.is_baseline and setting.perturbation is None
+    reference = setting.is_reference
     kw: dict[str, Any] = {"path": dataset.path, "batch_size": opts.batch_size, "residual": reference,
                           "progress": _progress_logger(f"{model_name}/{setting.name}/{dataset.name}")}
     if dataset.name == "lambada":

@@ -225,7 +225,7 @@ class Tracker:
         if not cfg.analysis.mechanisms:
             return []
         settings = {s.name: s for s in cfg.expanded_settings()}
-        ref = next(s for s in settings.values() if s.is_baseline and s.perturbation is None)
+        ref = next(s for s in settings.values() if s.is_reference)
         finished = self.finished_keys(list(keys.values()), narrow)
         ref_run = finished.get(keys[ref.name])
         plan = []

@@ -59,3 +59,15 @@ def test_uniform_vs_nonuniform_has_kv_rows_and_a_difference_column():
     assert kv["model"] == "m1" and kv["wikitext2_ppl Δ"] == pytest.approx(-0.5)
     assert list(uv["config"]).count("W4A16") == 2  # the KV twins do not pair with the weight settings
     assert uv[uv["config"] == "W4A16"]["wikitext2_ppl Δ"].tolist() == [pytest.approx(-1.0)] * 2
+
+
+def test_the_reference_is_what_the_runs_logged_else_nothing_quantized_kv_included():
+    from quantlens.analysis.aggregate import reference_mask, reference_settings
+
+    logged = pd.DataFrame({"model": ["m"] * 3, "setting": ["W16A16KV4", "W16A16", "W16A16KV16"], "w_bits": [16] * 3, "a_bits": [16] * 3,
+                           "kv_bits": [4, 16, 16], "perturbation": ["none"] * 3, "reference": ["False", "True", "True"]})
+    assert list(reference_mask(logged)) == [False, True, True]
+    assert reference_settings(logged.assign(reference=reference_mask(logged))) == {"m": "W16A16"}
+    old = logged.drop(columns=["reference"])  # runs of versions that did not log it: KV bits count too
+    assert list(reference_mask(old)) == [False, True, True]
+    assert list(reference_mask(old.drop(columns=["kv_bits"]))) == [True, True, True]  # (older still: no KV at all)

@@ -121,3 +121,52 @@ def test_only_transient_tracking_errors_are_retried(monkeypatch):
     assert tracking.is_transient(RuntimeError("(sqlite3.OperationalError) database is locked"))
     assert tracking.is_transient(RuntimeError("API request failed with status code 503"))
     assert not tracking.is_transient(RuntimeError("RESOURCE_DOES_NOT_EXIST: Run 'ab503cd' not found"))
+
+
+def test_kv_sweep_keeps_w16a16_as_reference_and_the_report_is_a_step_that_can_fail(tmp_path, store):
+    """The KV grid of issue #17: KV16 is the W16A16 run, the per-example errors are against W16A16
+    (never against a KV run), and a report that fails is one line per part, exit 3, evaluations
+    kept; the rerun completes the report without evaluating anything."""
+    import numpy as np
+    import pandas as pd
+
+    cfg = write(tmp_path, settings=["W16A16", "W16A16KV16", "W16A16KV8", "W16A16KV4", "W16A16KV2"],
+                datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 6}])
+    results = tmp_path / "results"
+    r, _ = cli("run", str(cfg), "--results", str(results), env={**store, "QUANTLENS_INJECT_FAULT": "report"})
+    out = r.stdout + r.stderr
+    assert r.returncode == 3, out
+    assert "Traceback" not in out
+    assert "W16A16KV16: the same computation as W16A16, evaluated once as W16A16" in out
+    assert "4 evaluated, 0 already finished, 0 run(s) failed, 0 not run" in out
+    failed = [line.strip() for line in out.splitlines() if "injected fault in report part" in line]
+    assert failed == ["results: RuntimeError: injected fault in report part results (QUANTLENS_INJECT_FAULT)"], out
+    (report,) = list(results.iterdir())
+    assert json.loads((report / "report.json").read_text())["complete"] is False
+    assert (report / "error_correlation.csv").is_file() and not (report / "results.csv").exists()  # the other parts were written
+
+    r, _ = cli("run", str(cfg), "--results", str(results), env=store)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 evaluated, 4 already finished, 0 failed, 0 not run" in r.stdout and f"report in {report}/" in r.stdout
+    assert json.loads((report / "report.json").read_text())["complete"] is True and (report / "results.csv").is_file()
+    r, secs = cli("run", str(cfg), "--results", str(results), env=store)
+    assert r.returncode == 0 and "nothing to evaluate" in r.stdout and f"report in {report}/" in r.stdout and secs < 10
+
+    # every ρ is the one recomputed from the per-example artifacts against W16A16
+    from quantlens.tasks.tracking import Tracker
+
+    os.environ["MLFLOW_TRACKING_URI"] = store["MLFLOW_TRACKING_URI"]
+    try:
+        runs = Tracker("cli").runs_frame(None)
+        frames = {row["params.setting"]: Tracker("cli").read_frames(row["run_id"], "per_example")["wikitext2"].set_index("example_id")["nll"]
+                  for _, row in runs.iterrows()}
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    assert sorted(frames) == ["W16A16", "W16A16KV2", "W16A16KV4", "W16A16KV8"]
+    assert runs[runs["params.setting"] == "W16A16"]["params.reference"].iloc[0] == "True"
+    corr = pd.read_csv(report / "error_correlation.csv")
+    assert len(corr) == 3 and "W16A16" not in set(corr["setting_a"]) | set(corr["setting_b"])
+    for _, row in corr.iterrows():
+        e_a, e_b = frames[row["setting_a"]] - frames["W16A16"], frames[row["setting_b"]] - frames["W16A16"]
+        assert row["pearson"] == pytest.approx(np.corrcoef(e_a, e_b.loc[e_a.index])[0, 1], abs=1e-9)
+    assert (report / "fig_error_vs_norm_tiny-opt.png").is_file()

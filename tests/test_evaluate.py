@@ -98,7 +98,8 @@ def test_layerwise_stream_equals_single_and_moves_each_block_once(family):
     from quantlens.evaluation.data import lambada_requests, load_lambada
     from quantlens.evaluation.evaluate import lambada
     from quantlens.model.loading import load_model
-    from quantlens.quantize.patch import find_decoder_blocks, full_report
+    from quantlens.model.anatomy import find_decoder_blocks
+    from quantlens.quantize.patch import full_report
     from quantlens.model.streaming import block_tensors, resident, transfer_bytes
 
     path = str(MODELS / f"tiny-{family}")

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from torch import nn
 
-from conftest import FAMILIES, LAMBADA, WIKI_TEST
+from conftest import FAMILIES, LAMBADA, WIKI_TEST, tiny_random_model
 from quantlens.quantize import kv
 from quantlens.evaluation.data import lambada_requests, load_lambada, perplexity_windows
 from quantlens.evaluation.evaluate import lambada, perplexity
@@ -18,7 +17,7 @@ from quantlens.quantize.settings import ConfigError, KVSpec, PerturbSpec, QuantS
 def test_kv_names_and_params():
     s = resolve_setting("W4A16KV4-nu")
     assert s.kv == KVSpec(bits=4, granularity="token", transform_p=1 / 3) and s.weights.transform_p == pytest.approx(1 / 3)
-    assert resolve_setting("W16A16KV16").kv is None and resolve_setting("W16A16KV16").is_baseline
+    assert resolve_setting("W16A16KV16").kv is None and resolve_setting("W16A16KV16").is_reference
     p = resolve_setting("W16A16KV3").flat_params()
     assert (p["kv_bits"], p["kv_granularity"], p["w_bits"], p["a_bits"]) == (3, "token", 16, 16)
     assert resolve_setting("W8A8").flat_params()["kv_bits"] == 16
@@ -123,31 +122,23 @@ def test_kv16_is_bit_identical_kv8_harmless_kv2_hurts(trained, family):
     assert ppl["W16A16KV2"] > base * 1.003 and ppl["W16A16KV2"] > ppl["W16A16KV8"]
 
 
-class _OwnAttention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(4, 4)
-
-
-class _Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = _OwnAttention()
-        self.mlp = nn.Linear(4, 4)
-
-
-class _Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList([_Block(), _Block()])
-
-
 def test_unknown_attention_is_one_clear_error_before_any_change():
-    m = _Toy()
-    before = m.layers[0].mlp.weight.detach().clone()
-    with pytest.raises(kv.AttentionNotUnderstood, match=r"_OwnAttention \(layers.0.attn\): KV quantization needs transformers' attention interface"):
+    """An attention computed by code of its own (here: LLaMA's class, defined again outside
+    transformers' modeling module, so it is not on the attention interface): weights still work, a KV
+    setting is refused before any weight changes."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    own = type("OwnAttention", (LlamaAttention,), {"__module__": __name__})
+    m = tiny_random_model("llama")
+    for layer in m.model.layers:
+        layer.self_attn.__class__ = own
+    before = m.model.layers[0].mlp.down_proj.weight.detach().clone()
+    with pytest.raises(kv.AttentionNotUnderstood, match=r"OwnAttention \(model.layers.0.self_attn\): KV quantization needs transformers' attention interface"):
         quantize_(m, "W4A16KV4")
-    assert torch.equal(m.layers[0].mlp.weight, before)
+    assert torch.equal(m.model.layers[0].mlp.down_proj.weight, before)
+    quantize_(m, "W4A16")  # what the anatomy does understand still works
+    assert not torch.equal(m.model.layers[0].mlp.down_proj.weight, before)
+    restore_(m)
 
 
 # --- perturbations independent of batching and padding ------------------------------------------------

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import FAMILIES, tiny_random_model
-from quantlens.quantize.patch import find_decoder_blocks, full_report, quantize_, restore_, target_linears
+from quantlens.model.anatomy import find_decoder_blocks
+from quantlens.quantize.patch import full_report, quantize_, restore_, target_linears
 from quantlens.quantize.settings import ConfigError, resolve_setting
 
 IDS = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ from quantlens.analysis import per_example as pe
 from quantlens.evaluation.data import document_examples, example_ids, lambada_requests, load_lambada, perplexity_windows
 from quantlens.evaluation.evaluate import evaluate_dataset, lambada, perplexity
 from quantlens.quantize.patch import quantize_, restore_
-from quantlens.evaluation.residual import BlockNotUnderstood, ResidualRecorder, block_norms
+from quantlens.evaluation.residual import BlockNotUnderstood, ResidualRecorder
 from quantlens.quantize.settings import ConfigError
 
 WIKI_RAW = SHARED / "wikitext2" / "wiki.test.raw"
@@ -171,13 +171,11 @@ def test_documents_config_validation():
 # --- residual statistics ------------------------------------------------------------------------------
 def _by_hand(m, ids, family):
     """r(l) and z(l) captured as whole tensors by independent hooks, reduced here."""
-    from quantlens.quantize.patch import find_decoder_blocks
-
-    _, blocks = find_decoder_blocks(m)
+    blocks = {"opt": lambda: m.model.decoder.layers, "bloom": lambda: m.transformer.h, "llama": lambda: m.model.layers}[family]()
     caught = {}
     hs = []
-    for i, b in enumerate(blocks):
-        norm2 = getattr(b, block_norms(b)[1])
+    for i, b in enumerate(blocks):  # the trained models are pre-LN: r(l) is the input of the norm before the MLP
+        norm2 = b.final_layer_norm if family == "opt" else b.post_attention_layernorm
         hs.append(norm2.register_forward_pre_hook(lambda mod, a, i=i: caught.__setitem__(("r", i), a[0].detach().clone())))
         hs.append(b.register_forward_hook(lambda mod, a, o, i=i: caught.__setitem__(("z", i), (o[0] if isinstance(o, tuple) else o).detach().clone())))
     with torch.no_grad():
@@ -223,7 +221,7 @@ def test_residual_statistics_exclude_padding(trained):
 def test_block_not_understood_is_one_clear_error():
     m = tiny_random_model("llama")
     m.model.layers[0].extra_norm = type(m.model.layers[0].input_layernorm)(32)
-    with pytest.raises(BlockNotUnderstood, match="LlamaDecoderLayer: expected two norm modules.*input_layernorm, post_attention_layernorm, extra_norm"):
+    with pytest.raises(BlockNotUnderstood, match=r"block LlamaDecoderLayer has 3 norm modules as direct children \(input_layernorm, post_attention_layernorm, extra_norm\); expected two"):
         ResidualRecorder(m, 4)
 
 

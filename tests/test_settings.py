@@ -60,3 +60,32 @@ def test_quantspec_is_frozen():
     q = QuantSpec(bits=4)
     with pytest.raises(ValidationError, match="Instance is frozen"):
         q.bits = 3
+
+
+def test_the_settings_algebra_one_computation_one_identity():
+    from quantlens.pipeline.sweep import SweepConfig, run_key
+
+    w16 = resolve_setting("W16A16")
+    for name in ("W16A16KV16", "W16A16-nu", "W16A16-clip3", "W16A16KV16-p0.5"):
+        s = resolve_setting(name)
+        assert s.same_computation(w16) and s.is_reference, name
+    assert not resolve_setting("W16A16KV4").is_reference and not resolve_setting("W16A16KV4").same_computation(w16)
+    # fields that cannot change the computation take their defaults
+    a = resolve_setting({"name": "a", "base": "W4A16", "perturbation": {"target": "weights", "rng": "device", "match": "batch", "inverse_eps": 0.5}})
+    b = resolve_setting({"name": "b", "base": "W4A16", "perturbation": {"target": "weights"}})
+    assert a.same_computation(b) and not a.is_reference
+    c = resolve_setting({"name": "c", "base": "W4A8", "perturbation": {"target": "activations", "match": "batch"}})
+    d = resolve_setting({"name": "d", "base": "W4A8", "perturbation": {"target": "activations"}})
+    assert not c.same_computation(d)  # match matters where activations are perturbed
+    assert resolve_setting({"name": "e", "include_lm_head": True}).same_computation(w16)
+    assert not resolve_setting({"name": "f", "base": "W4A16", "include_lm_head": True}).same_computation(resolve_setting("W4A16"))
+    assert w16.flat_params()["reference"] is True and resolve_setting("W16A16KV4").flat_params()["reference"] is False
+
+    cfg = SweepConfig.model_validate({"name": "kv", "models": ["m"], "settings": ["W16A16", "W16A16KV16", "W16A16KV4", "W16A16KV4-nu"],
+                                      "datasets": ["wikitext2"]})
+    assert [s.name for s in cfg.expanded_settings()] == ["W16A16", "W16A16KV4", "W16A16KV4-nu"]
+    assert cfg.aliases() == {"W16A16KV16": "W16A16"}
+    assert run_key("r", "m", resolve_setting("W16A16KV16"), cfg) == run_key("r", "m", w16, cfg)
+    assert run_key("r", "m", resolve_setting("W16A16KV4"), cfg) != run_key("r", "m", w16, cfg)
+    with pytest.raises(ConfigError, match="'W16A16KV16' is the same computation as 'W16A16': name that one"):
+        SweepConfig.model_validate({**cfg.model_dump(), "analysis": {"mechanisms": ["W16A16KV16"]}}).expanded_settings()

@@ -8,8 +8,12 @@ runs are absent is skipped, not faked.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from quantlens.analysis.report import Report
 
 NUMERIC = ("size_b", "w_bits", "a_bits", "kv_bits", "w_group_size", "transform_p", "clip_k", "seed", "seqlen")
 QUALITY = ("lambada_acc", "wikitext2_ppl", "c4_ppl", "lambada_nll")
@@ -26,9 +30,31 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
             out[c] = pd.to_numeric(out[c], errors="coerce")
     if "base" not in out and "setting" in out:
         out["base"] = out["setting"]
+    out["reference"] = reference_mask(out)
     if "end_time" in out:  # several sweeps may hold the same (model, setting): keep the newest
         out = out.sort_values("end_time").drop_duplicates(["model", "setting"], keep="last")
     return out.sort_values(["family", "size_b", "model", "setting"]).reset_index(drop=True)
+
+
+def reference_mask(df: pd.DataFrame) -> pd.Series:
+    """Which runs are the full-precision model: the ``reference`` param each run logs
+    (:attr:`quantlens.quantize.settings.Setting.is_reference`). Runs logged before it existed: nothing
+    quantized — weights, activations *and KV cache* at 16 bits — and nothing perturbed."""
+    logged = df["reference"].astype(str).str.lower().map({"true": True, "false": False}) if "reference" in df else pd.Series(None, index=df.index, dtype=object)
+    bits = lambda c: pd.to_numeric(df[c], errors="coerce").fillna(16) if c in df else pd.Series(16, index=df.index)  # noqa: E731
+    pert = df["perturbation"].fillna("none") if "perturbation" in df else pd.Series("none", index=df.index)
+    derived = (bits("w_bits") == 16) & (bits("a_bits") == 16) & (bits("kv_bits") == 16) & (pert == "none")
+    return logged.where(logged.notna(), derived).astype(bool)
+
+
+def reference_settings(df: pd.DataFrame) -> dict[str, str]:
+    """model → the setting of its reference run (tidy frame): ``W16A16`` where several names of the
+    full-precision model ran (runs of older versions), else the first by name."""
+    out = {}
+    for model, g in df[df["reference"]].groupby("model"):
+        names = sorted(g["setting"])
+        out[model] = "W16A16" if "W16A16" in names else names[0]
+    return out
 
 
 def metrics_present(df: pd.DataFrame) -> list[str]:
@@ -69,7 +95,7 @@ def uniform_vs_nonuniform(df: pd.DataFrame) -> pd.DataFrame:
     for _, uni in plain[plain["transform_p"] == 1.0].iterrows():
         kv_bits = uni.get("kv_bits", 16)
         kv_bits = 16 if pd.isna(kv_bits) else int(kv_bits)
-        if uni["w_bits"] == 16 and uni["a_bits"] == 16 and kv_bits == 16:
+        if uni["reference"]:
             continue
         twins = plain[(plain["transform_p"] != 1.0)]
         for k in keys:
@@ -206,7 +232,7 @@ def fig_perturbations(df: pd.DataFrame, metric: str, path: Path) -> Path | None:
     for ax, model in zip(axes[0], models):
         s = summ[summ["model"] == model]
         labels, vals, errs, colors = [], [], [], []
-        base_run = df[(df["model"] == model) & (df["w_bits"] == 16) & (df["a_bits"] == 16) & (df["perturbation"] == "none")]
+        base_run = df[(df["model"] == model) & df["reference"]]
         if not base_run.empty:
             labels.append("W16A16")
             vals.append(float(base_run[metric].iloc[0]))
@@ -272,34 +298,28 @@ def fig_clipping(df: pd.DataFrame, path: Path) -> Path | None:
     return save_figure(fig, path, "Clipping outliers (Figure 5)")
 
 
-def write_report(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """All tables (CSV + Markdown) and figures (PNG) the runs allow; returns the files written."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    df = tidy(df)
-    files: list[Path] = []
+def write_report(df: pd.DataFrame, out_dir: str | Path, report: "Report | None" = None) -> list[Path]:
+    """All tables (CSV + Markdown) and figures (PNG) the runs allow; returns the files written. Each
+    table and figure is a part of ``report`` (:class:`~quantlens.analysis.report.Report`): one that
+    fails is recorded there and the others are still written."""
+    from quantlens.analysis.report import Report
+
+    report = report or Report(Path(out_dir))
+    df = report.compute("tidy", lambda: tidy(df), pd.DataFrame())
     if df.empty:
-        return files
-
-    def table(frame: pd.DataFrame, stem: str) -> None:
-        if frame.empty:
-            return
-        frame.to_csv(out / f"{stem}.csv", index=False)
-        (out / f"{stem}.md").write_text(to_markdown(frame))
-        files.extend([out / f"{stem}.csv", out / f"{stem}.md"])
-
-    table(results_table(df), "results")
-    uvn = uniform_vs_nonuniform(df)
-    table(uvn, "uniform_vs_nonuniform")
-    table(clipping_summary(df), "clipping")
+        return report.files
+    report.table("results", lambda: results_table(df))
+    uvn = report.table("uniform_vs_nonuniform", lambda: uniform_vs_nonuniform(df))
+    report.table("clipping", lambda: clipping_summary(df))
     metrics = metrics_present(df)
     for m in metrics:
-        table(perturbation_summary(df, m), f"perturbations_{m}")
+        report.table(f"perturbations_{m}", lambda m=m: perturbation_summary(df, m))
     plotted = [m for m in metrics if m != "lambada_nll"]
-    figs = [fig_metric_vs_size(df, m, out / f"fig1_{m}_vs_size.png") for m in plotted]
-    figs.append(fig_alpha_vs_delta(df, out / "fig3_alpha_vs_delta.png"))
-    figs += [fig_perturbations(df, m, out / f"fig4_perturbations_{m}.png") for m in plotted]
-    figs.append(fig_clipping(df, out / "fig5_clipping.png"))
-    figs.append(fig_uniform_vs_nonuniform(uvn, out / "fig_uniform_vs_nonuniform.png"))
-    files.extend(f for f in figs if f is not None)
-    return files
+    for m in plotted:
+        report.figure(f"fig1_{m}_vs_size", lambda path, m=m: fig_metric_vs_size(df, m, path))
+    report.figure("fig3_alpha_vs_delta", lambda path: fig_alpha_vs_delta(df, path))
+    for m in plotted:
+        report.figure(f"fig4_perturbations_{m}", lambda path, m=m: fig_perturbations(df, m, path))
+    report.figure("fig5_clipping", lambda path: fig_clipping(df, path))
+    report.figure("fig_uniform_vs_nonuniform", lambda path: fig_uniform_vs_nonuniform(uvn, path))
+    return report.files

@@ -4,12 +4,16 @@ per-run tables (``mechanisms/<dataset>/{layer_error,early_exit,patching}.csv``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from quantlens.analysis.aggregate import _plt, save_figure, to_markdown
 from quantlens.analysis.per_example import _safe
+
+if TYPE_CHECKING:
+    from quantlens.analysis.report import Report
 
 TABLES = ("layer_error", "early_exit", "patching")
 
@@ -116,32 +120,23 @@ def fig_patching(table: pd.DataFrame, path: Path) -> Path | None:
     return save_figure(fig, path, "Activation patching: restore one module's full-precision output in the layer range", fontsize=10)
 
 
-def write_mechanism_report(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> list[Path]:
+def write_mechanism_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, report: "Report | None" = None) -> list[Path]:
     """``tables``: layer_error / early_exit / patching, concatenated over runs (with model, dataset,
     setting columns). Writes ``layer_error.csv``, ``early_exit.csv``, ``patching.csv`` (+ .md) and
-    the figures; returns the files."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
+    the figures, each a part of ``report``; returns the files."""
+    from quantlens.analysis.report import Report
+
+    report = report or Report(Path(out_dir))
     if all(tables.get(t, pd.DataFrame()).empty for t in TABLES):
-        return files
-    frames = dict(tables)
-    if not frames.get("patching", pd.DataFrame()).empty:
-        frames["patching"] = patching_table(frames["patching"])
-    for name in TABLES:
-        frame = frames.get(name, pd.DataFrame())
-        if frame.empty:
-            continue
-        frame.to_csv(out / f"{name}.csv", index=False)
-        (out / f"{name}.md").write_text(to_markdown(frame))
-        files += [out / f"{name}.csv", out / f"{name}.md"]
+        return report.files
+    frames = {name: report.table(name, lambda name=name: patching_table(tables[name]) if name == "patching" else tables.get(name))
+              for name in TABLES if not tables.get(name, pd.DataFrame()).empty}
     models = sorted(set().union(*(set(f["model"]) for f in frames.values() if not f.empty)))
-    figs = []
     for model in models:
         if not frames.get("layer_error", pd.DataFrame()).empty:
-            figs.append(fig_layer_error(frames["layer_error"], model, out / f"fig_layer_error_{_safe(model)}.png"))
+            report.figure(f"fig_layer_error_{_safe(model)}", lambda path, model=model: fig_layer_error(frames["layer_error"], model, path))
         if not frames.get("early_exit", pd.DataFrame()).empty:
-            figs.append(fig_early_exit(frames["early_exit"], model, out / f"fig_early_exit_{_safe(model)}.png"))
+            report.figure(f"fig_early_exit_{_safe(model)}", lambda path, model=model: fig_early_exit(frames["early_exit"], model, path))
     if not frames.get("patching", pd.DataFrame()).empty:
-        figs.append(fig_patching(frames["patching"], out / "fig_patching.png"))
-    return files + [f for f in figs if f is not None]
+        report.figure("fig_patching", lambda path: fig_patching(frames["patching"], path))
+    return report.files

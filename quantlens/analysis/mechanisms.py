@@ -6,10 +6,10 @@ pointer), so every batch runs once at full precision — its activations cached 
 only*, in the chosen layer range — and then quantized, with hooks on both:
 
 - **layer error**: per layer, MSE between the full-precision and the quantized outputs of the MLP
-  and of the attention (each model fed its own input), ‖h(l)‖ (h = the second norm's output, full
-  precision), Pearson ρ(‖h(l)‖, MSE_mlp(l)) across the examples of a set, and the kurtosis of r(l);
-- **early exit** (logit lens): the mean NLL when r(l) or z(l) is decoded through the final norm and
-  the LM head, full precision and quantized; logits are reduced to NLL per batch and dropped;
+  and of the attention (each model fed its own input), ‖h(l)‖ (h = the MLP's input: the output of the block's residual norm, full
+  precision — see :mod:`quantlens.model.anatomy` for pre- and post-LN), Pearson ρ(‖h(l)‖, MSE_mlp(l)) across the examples of a set, and the kurtosis of r(l);
+- **early exit** (logit lens): the mean NLL when r(l) or z(l) is decoded as the model decodes its last
+  hidden state (final norm if any, ``project_out`` if any, LM head), full precision and quantized; logits are reduced to NLL per batch and dropped;
 - **activation patching** (D_large): the quantized model run while the output of one module type
   is replaced by its full-precision value in the layer range: ``attention``, ``mlp``, each MLP
   linear (``mlp.gate_proj`` … / ``mlp.fc1`` … / ``mlp.dense_h_to_4h`` …), the inputs of the first
@@ -33,72 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlens.quantize.patch import find_decoder_blocks, full_precision, patched_layers
-from quantlens.evaluation.residual import block_norms
+from quantlens.model.anatomy import Block, anatomy
+from quantlens.quantize.patch import full_precision, patched_layers
 
 UPPER_K_FRACTION = 0.18  # the paper keeps the top 18 % of layers in 16 bits
 
 
-@dataclass(frozen=True)
-class BlockParts:
-    """The modules of one decoder block that the analyses hook."""
-
-    attention_out: nn.Linear
-    mlp: dict[str, nn.Linear]  # leaf name → linear, in registration order; the last is the MLP output
-    norm2: nn.Module
-    names: dict[int, str]  # id(linear) → qualified name in the model (for full_precision)
-
-    @property
-    def mlp_out(self) -> nn.Linear:
-        return list(self.mlp.values())[-1]
-
-    @property
-    def first_mlp(self) -> tuple[str, nn.Linear]:
-        """The gate projection of a gated MLP, else the first MLP linear (fc1, dense_h_to_4h)."""
-        gate = [k for k in self.mlp if "gate" in k]
-        k = gate[0] if gate else next(iter(self.mlp))
-        return k, self.mlp[k]
-
-
-def block_parts(model: nn.Module) -> list[BlockParts]:
-    """Attention output projection, MLP linears and second norm of every decoder block, found
-    generically: the attention is the child with linears whose name contains ``attn``/``attention``
-    (its last linear is the output projection); the MLP linears are the block's other linears."""
-    qual = {id(m): n for n, m in model.named_modules()}
-    _, blocks = find_decoder_blocks(model)
-    out = []
-    for block in blocks:
-        attn = [m for n, m in block.named_children()
-                if ("attn" in n.lower() or "attention" in n.lower()) and any(isinstance(x, nn.Linear) for x in m.modules())]
-        if len(attn) != 1:
-            raise ValueError(f"{type(block).__name__}: no single attention module among its children ({[n for n, _ in block.named_children()]})")
-        attn_linears = [m for m in attn[0].modules() if isinstance(m, nn.Linear)]
-        attn_ids = {id(m) for m in attn_linears}
-        mlp = {n.rsplit(".", 1)[-1]: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and id(m) not in attn_ids}
-        if not attn_linears or not mlp:
-            raise ValueError(f"{type(block).__name__}: attention or MLP linears not found")
-        norm2 = getattr(block, block_norms(block)[1])
-        out.append(BlockParts(attn_linears[-1], mlp, norm2, {id(m): qual[id(m)] for m in [*attn_linears, *mlp.values()]}))
-    return out
-
-
-def final_decoder(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """hidden state → logits through the model's final norm (and OPT's project_out) and LM head."""
-    prefix, _ = find_decoder_blocks(model)
-    norms = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("Norm") and not n.startswith(prefix + ".")]
-    if not norms:
-        raise ValueError(f"{type(model).__name__}: no final norm outside the decoder blocks")
-    final_norm = norms[-1][1]
-    project_out = next((m for n, m in model.named_modules() if n.endswith("project_out") and m is not None), None)
-    head = model.get_output_embeddings()
-
-    def decode(h: torch.Tensor) -> torch.Tensor:
-        h = final_norm(h)
-        if project_out is not None:
-            h = project_out(h)
-        return head(h)
-
-    return decode
+def block_parts(model: nn.Module) -> tuple[Block, ...]:
+    """Each decoder block's attention output projection, MLP linears and residual norm: the
+    model's anatomy (:mod:`quantlens.model.anatomy`)."""
+    return anatomy(model).parts
 
 
 def layer_range(spec: str | tuple[int, int], n_layers: int) -> range:
@@ -195,7 +139,7 @@ class Explanation:
     per_example: pd.DataFrame  # set, example index, precision, nll (final) — for exactness checks
 
 
-def patch_variants(parts: list[BlockParts], rng: range) -> list[str]:
+def patch_variants(parts: tuple[Block, ...], rng: range) -> list[str]:
     first, _ = parts[0].first_mlp
     names = ["none", "all", "attention", "mlp"] + [f"mlp.{k}" for k in parts[0].mlp]
     return names + [f"{first}.input", f"{first}.weights_16bit", "upper_k_16bit"]
@@ -217,16 +161,17 @@ def explain(
     ``sets``: set name → token sequences (``{"large": [...], "ctrl": [...]}``); activation patching
     runs on ``patch_set``. Nothing of a batch outlives it but per-example numbers.
     """
-    parts = block_parts(model)
+    body = anatomy(model)
+    parts = body.parts
     n_layers = len(parts)
     rng = layer_range(layers, n_layers)
-    decode = final_decoder(model)
+    decode = body.decode
     device = model.get_input_embeddings().weight.device
     variants = patch_variants(parts, rng)
     rows_err, rows_exit, rows_patch, rows_ex = [], [], [], []
     total = sum(len(v) for v in sets.values())
     done = 0
-    _, blocks = find_decoder_blocks(model)
+    blocks = body.blocks
 
     for set_name, seqs in sets.items():
         if not seqs:
@@ -251,10 +196,10 @@ def explain(
                     hk.input(p.first_mlp[1], lambda x, l=layer: cache.__setitem__((l, "first_input"), shape(x)))
                 for layer in range(n_layers):
                     p = parts[layer]
-                    hk.output(p.norm2, lambda x, l=layer: record("h_norm", l, shape(x).float().norm(dim=-1).mean(-1)))
-                    hk.input(p.norm2, lambda x, l=layer: (record("r_kurtosis", l, _kurtosis(shape(x))), None)[1])
+                    hk.output(p.residual_norm, lambda x, l=layer: record("h_norm", l, shape(x).float().norm(dim=-1).mean(-1)))
+                    hk.input(p.residual_norm, lambda x, l=layer: (record("r_kurtosis", l, _kurtosis(shape(x))), None)[1])
                     if layer in rng:
-                        hk.input(p.norm2, lambda x, l=layer: (record("exit_full_r", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
+                        hk.input(p.residual_norm, lambda x, l=layer: (record("exit_full_r", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
                         hk.output(blocks[layer], lambda x, l=layer: (record("exit_full_z", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
                 nll_full = _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
 
@@ -265,7 +210,7 @@ def explain(
                     mse = lambda x, key, l: (record(key, l, (shape(x).float() - cache[(l, key[4:])].float()).square().mean((1, 2))), None)[1]  # noqa: E731
                     hk.output(p.attention_out, lambda x, l=layer: mse(x, "mse_attention", l))
                     hk.output(p.mlp_out, lambda x, l=layer, k=list(p.mlp)[-1]: (record("mse_mlp", l, (shape(x).float() - cache[(l, f"mlp.{k}")].float()).square().mean((1, 2))), None)[1])
-                    hk.input(p.norm2, lambda x, l=layer: (record("exit_quant_r", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
+                    hk.input(p.residual_norm, lambda x, l=layer: (record("exit_quant_r", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
                     hk.output(blocks[layer], lambda x, l=layer: (record("exit_quant_z", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
                 nll_quant = _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
 
@@ -297,7 +242,7 @@ def explain(
     )
 
 
-def _patched_nll(model: nn.Module, ids: torch.Tensor, parts: list[BlockParts], rng: range, variant: str,
+def _patched_nll(model: nn.Module, ids: torch.Tensor, parts: tuple[Block, ...], rng: range, variant: str,
                  cache: dict, shape: Callable, nll_quant: torch.Tensor, nll_full: torch.Tensor) -> torch.Tensor:
     if variant == "none":
         return nll_quant
@@ -332,7 +277,7 @@ def _patched_nll(model: nn.Module, ids: torch.Tensor, parts: list[BlockParts], r
         return _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
 
 
-def _all_layers_patched(model: nn.Module, ids: torch.Tensor, parts: list[BlockParts], shape: Callable) -> torch.Tensor:
+def _all_layers_patched(model: nn.Module, ids: torch.Tensor, parts: tuple[Block, ...], shape: Callable) -> torch.Tensor:
     """``all`` when the analysed range is not every layer: cache attention and MLP outputs of every
     layer at full precision, then replace them all in the quantized model."""
     cache: dict[tuple[int, str], torch.Tensor] = {}

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import pandas as pd
 
 from quantlens.analysis.aggregate import _plt, save_figure, to_markdown
+
+if TYPE_CHECKING:
+    from quantlens.analysis.report import Report
 
 TOP_FRACTION = 0.1
 DUP_JACCARD = 0.1
@@ -326,7 +329,7 @@ def fig_error_vs_norm(err: pd.DataFrame, residual: pd.DataFrame, model: str, pat
     for ax, ds in zip(axes[0], datasets):
         setting = worst_setting(err, model, ds)
         r = res[res["dataset"] == ds]
-        last = r[r["layer"] == r["layer"].max()].set_index("example_id")["r_norm"]
+        last = r[r["layer"] == r["layer"].max()].drop_duplicates("example_id").set_index("example_id")["r_norm"]
         e = err[(err["model"] == model) & (err["dataset"] == ds) & (err["setting"] == setting)].set_index("example_id")["error"]
         common = e.index.intersection(last.index)
         ax.scatter(last.loc[common], e.loc[common], s=6, alpha=0.5)
@@ -346,39 +349,27 @@ def write_per_example_report(
     out_dir: str | Path,
     families: dict[str, str] | None = None,
     seed: int = 0,
+    report: "Report | None" = None,
 ) -> list[Path]:
-    """Tables (CSV + Markdown), D_large/D_ctrl id lists and figures; returns the files written."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    err = errors(examples, reference)
+    """Tables (CSV + Markdown), D_large/D_ctrl id lists and figures; returns the files written (each
+    a part of ``report``: one that fails is recorded there, the others are still written)."""
+    from quantlens.analysis.report import Report
+
+    report = report or Report(Path(out_dir))
+    err = report.compute("per_example_errors", lambda: errors(examples, reference), pd.DataFrame())
     if err.empty:
-        return []
-    files: list[Path] = []
-
-    def table(frame: pd.DataFrame, stem: str, md: bool = True) -> None:
-        if frame.empty:
-            return
-        frame.to_csv(out / f"{stem}.csv", index=False)
-        files.append(out / f"{stem}.csv")
-        if md:
-            (out / f"{stem}.md").write_text(to_markdown(frame))
-            files.append(out / f"{stem}.md")
-
-    corr = error_correlation(err)
-    pred = residual_predictor(err, residual, families)
-    table(corr, "error_correlation")
-    table(pred, "residual_predictor")
-    sets = d_sets(err, tokens, seed)
-    for (model, dataset), g in sets.groupby(["model", "dataset"], sort=True):
-        table(g.drop(columns=["model", "dataset"]), f"d_large_{_safe(model)}_{_safe(dataset)}", md=False)
-    head = headline(corr, pred)
-    summary = ["# Per-example analysis", "", PAPER_NOTE, "", "## Headline (per model and dataset)", "", to_markdown(head)]
-    (out / "per_example.md").write_text("\n".join(summary))
-    head.to_csv(out / "per_example_headline.csv", index=False)
-    files += [out / "per_example.md", out / "per_example_headline.csv"]
+        return report.files
+    corr = report.table("error_correlation", lambda: error_correlation(err))
+    pred = report.table("residual_predictor", lambda: residual_predictor(err, residual, families))
+    sets = report.compute("d_sets", lambda: d_sets(err, tokens, seed), pd.DataFrame())
+    for (model, dataset), g in (sets.groupby(["model", "dataset"], sort=True) if not sets.empty else []):
+        report.table(f"d_large_{_safe(model)}_{_safe(dataset)}", lambda g=g: g.drop(columns=["model", "dataset"]), md=False)
+    head = report.table("per_example_headline", lambda: headline(corr, pred), md=False)
+    report.file("per_example.md", lambda path: path.write_text("\n".join(
+        ["# Per-example analysis", "", PAPER_NOTE, "", "## Headline (per model and dataset)", "", to_markdown(head)])))
     for model in sorted(err["model"].unique()):
-        files.append(fig_correlation_heatmap(corr, model, out / f"fig_error_corr_{_safe(model)}.png"))
+        report.figure(f"fig_error_corr_{_safe(model)}", lambda path, model=model: fig_correlation_heatmap(corr, model, path))
         if not residual.empty:
-            files.append(fig_error_vs_norm(err, residual, model, out / f"fig_error_vs_norm_{_safe(model)}.png"))
-    files.append(fig_predictor_vs_depth(pred, out / "fig_residual_predictor.png"))
-    return [f for f in files if f is not None]
+            report.figure(f"fig_error_vs_norm_{_safe(model)}", lambda path, model=model: fig_error_vs_norm(err, residual, model, path))
+    report.figure("fig_residual_predictor", lambda path: fig_predictor_vs_depth(pred, path))
+    return report.files

@@ -3,8 +3,10 @@
 For every decoder block l (the second paper's notation, arXiv 2506.12044):
 
 - r(l) = z(l−1) + Attn(Norm1(z(l−1))): the residual state after attention = the input of the
-  block's *second* norm (LLaMA ``post_attention_layernorm``, OPT ``final_layer_norm``, BLOOM
-  ``post_attention_layernorm``);
+  norm that follows the attention's residual addition (:attr:`quantlens.model.anatomy.Block.residual_norm`:
+  the second norm of a pre-LN block — LLaMA ``post_attention_layernorm``, OPT ``final_layer_norm``,
+  BLOOM ``post_attention_layernorm`` — the first of a post-LN one, OPT-350m's ``self_attn_layer_norm``;
+  see the anatomy's module doc for what r(l) means there);
 - z(l): the block output.
 
 Per example and layer we keep the token-mean L2 norm S(l) = (1/T) Σ_t ‖r_t(l)‖₂, the same for
@@ -12,9 +14,8 @@ z(l), and the kurtosis of r(l) over the hidden dimension (Pearson's m4/m2², 3 f
 assumed: hidden dimension, averaged over tokens). Padding positions are excluded. Memory is
 O(examples × layers): activations are reduced inside the hook and never kept.
 
-Blocks are understood generically: a block whose direct children include exactly two norm modules
-(class name ending in ``Norm``, e.g. LayerNorm / LlamaRMSNorm) in registration order (first =
-before attention, second = before the MLP). Anything else raises :class:`BlockNotUnderstood`.
+Where r(l) is read comes from the model's anatomy (:mod:`quantlens.model.anatomy`); a block it does
+not understand raises :class:`~quantlens.model.anatomy.ModelNotUnderstood`.
 """
 
 from __future__ import annotations
@@ -24,29 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlens.quantize.patch import find_decoder_blocks
+from quantlens.model.anatomy import ModelNotUnderstood, anatomy
 
 
-class BlockNotUnderstood(ValueError):
-    """The decoder block's structure does not show where r(l) is (no two norms)."""
-
-
-def block_norms(block: nn.Module) -> tuple[str, str]:
-    """Names of the (pre-attention, pre-MLP) norms of a decoder block."""
-    norms = [n for n, m in block.named_children() if type(m).__name__.endswith("Norm")]
-    if len(norms) != 2:
-        raise BlockNotUnderstood(
-            f"{type(block).__name__}: expected two norm modules as direct children (before attention and "
-            f"before the MLP), found {', '.join(norms) or 'none'}: the residual stream r(l) cannot be located"
-        )
-    return norms[0], norms[1]
-
-
-def post_norm_warning(model: nn.Module) -> str | None:
-    """OPT-350m is post-LN: its second norm sees the block output, not r(l)."""
-    if getattr(model.config, "do_layer_norm_before", True) is False:
-        return "post-LN model (do_layer_norm_before=False): r(l) is the input of the second norm, which here follows the MLP"
-    return None
+BlockNotUnderstood = ModelNotUnderstood  # (the name earlier versions raised)
 
 
 class ResidualRecorder:
@@ -57,10 +39,10 @@ class ResidualRecorder:
     """
 
     def __init__(self, model: nn.Module, n_examples: int):
-        _, blocks = find_decoder_blocks(model)
-        self.n_layers = len(blocks)
-        self._norm2 = [getattr(b, block_norms(b)[1]) for b in blocks]
-        self._blocks = list(blocks)
+        parts = anatomy(model).parts
+        self.n_layers = len(parts)
+        self._residual_norm = [b.residual_norm for b in parts]  # r(l) is its input
+        self._blocks = [b.module for b in parts]
         self.n_examples = n_examples
         self._index: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
@@ -99,7 +81,7 @@ class ResidualRecorder:
         t[idx, layer] = values
 
     def __enter__(self) -> "ResidualRecorder":
-        for layer, (norm2, block) in enumerate(zip(self._norm2, self._blocks)):
+        for layer, (residual_norm, block) in enumerate(zip(self._residual_norm, self._blocks)):
 
             def pre(module: nn.Module, args: tuple, layer: int = layer) -> None:
                 x = self._batched(args[0])  # OPT flattens [b, T, H] to [b·T, H] before its second norm
@@ -114,7 +96,7 @@ class ResidualRecorder:
                 mask = None if self._mask is None else self._mask.to(z.device)
                 self._store("z_norm", layer, self.norm_only(z, mask))
 
-            self._handles.append(norm2.register_forward_pre_hook(pre))
+            self._handles.append(residual_norm.register_forward_pre_hook(pre))
             self._handles.append(block.register_forward_hook(post))
         return self
 

@@ -10,7 +10,8 @@ order is turned around:
 2. for each block: copy its tensors to the device once, run every batch through it, drop it
    (the next block is read from the checkpoint meanwhile; hidden states beyond a quarter of the
    free GPU memory wait in pinned host memory between blocks);
-3. decode each batch's last hidden states through the final norm and the LM head, and score them.
+3. decode each batch's last hidden states as the model does (its anatomy: final norm if any,
+   project_out if any, LM head), and score them.
 
 Each module still sees the batches in the same order as a normal forward, so seeded activation
 noise, activation statistics and residual-stream hooks give the same numbers as ``single``.
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from quantlens.quantize.patch import find_decoder_blocks
+from quantlens.model.anatomy import anatomy
 from quantlens.model.streaming import resident
 
 
@@ -112,11 +113,10 @@ def run(
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Forward every batch layer by layer, then ``score(batch, logits)`` each in order."""
-    from quantlens.analysis.mechanisms import final_decoder
-
-    _, blocks = find_decoder_blocks(model)
+    body = anatomy(model)
+    blocks = body.blocks
     _check_uniform(blocks)
-    decode = final_decoder(model)
+    decode = body.decode
     states = []
     budget, held, spill = _budget(device), 0, False
     for b in batches:

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from quantlens.quantize.patch import find_decoder_blocks
+from quantlens.model.anatomy import BLOCKS_ATTR, find_decoder_blocks
 
 _ATTR = "_quantlens_streaming"
 
@@ -52,6 +52,7 @@ class _Stream:
     ahead: dict[int, Future] = field(default_factory=dict)  # block → its tensors being read in the background
     prefetched: int = 0  # blocks that arrived through a prefetch (tests, benchmarks)
     pool: ThreadPoolExecutor | None = None  # the prefetching thread, started by the first prefetch
+    arrival: Any = None  # (model, block) → None, called when a block's weights are on the device (on_arrival)
 
     def prefetch(self, i: int) -> None:
         """Start reading block ``i`` from the checkpoint in a background thread (into host memory,
@@ -90,9 +91,8 @@ class _Stream:
             self.moved += t.numel() * t.element_size()
             holder = mod._parameters[attr] if is_param else mod._buffers[attr]
             holder.data = t
-        from quantlens.quantize.patch import apply_deferred
-
-        apply_deferred(model, block)  # the patched setting, on the device, as the weights arrive
+        if self.arrival is not None:
+            self.arrival(model, block)  # the patched setting, on the device, as the weights arrive
 
     def drop(self, i: int) -> None:
         block = self.blocks[i]
@@ -156,7 +156,7 @@ def load_streaming(path: str, device: torch.device | str, dtype: torch.dtype) ->
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     prefix, blocks = find_decoder_blocks(model)
-    model._quantlens_blocks = prefix  # its blocks will hold no weights: remember which list they are
+    setattr(model, BLOCKS_ATTR, prefix)  # its blocks will hold no weights: remember which list they are
     state = _Stream(device, blocks, checkpoint=ckpt, dtype=dtype)
     in_block = {id(t) for b in blocks for t in block_tensors(b)}
 
@@ -228,6 +228,14 @@ def resident(model: nn.Module, i: int, prefetch_next: bool = True) -> Iterator[n
     finally:
         state.resident.discard(id(block))
         state.drop(i)
+
+
+def on_arrival(model: nn.Module, fn: Any) -> None:
+    """Call ``fn(model, block)`` each time a block's weights arrive on the device (how
+    :func:`quantlens.quantize.patch.quantize_` applies a setting to weights it never saw)."""
+    state = _state(model)
+    if state is not None:
+        state.arrival = fn
 
 
 def is_lazy(model: nn.Module) -> bool:

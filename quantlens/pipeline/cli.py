@@ -53,15 +53,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     sid = sweep_id(cfg)
     ledger = RunLedger(tracker, sid, attempt="plan", force=args.force)
     plan = ledger.plan(cfg)
+    for alias, kept in cfg.aliases().items():
+        print(f"{alias}: the same computation as {kept}, evaluated once as {kept}", file=sys.stderr)
     if args.dry_run:
         _print_plan(plan, f"sweep {sid}: {len(cfg.models)} model(s) × {len(settings)} setting(s) = {len(plan)} run(s); "
                           f"datasets: {', '.join(d.name for d in cfg.datasets)}")
         return 0
     _check_prefect()  # the dry run needs no Prefect
     report = os.path.join(args.results, sid)
-    if not args.force and all(r.state == "done" for r in plan) and os.path.isdir(report) and os.listdir(report):
-        # Nothing to orchestrate: answer without starting Prefect (seconds instead of ~15 s),
-        # unless mechanism analyses are still missing.
+    from quantlens.analysis.report import report_is_complete
+
+    if (not args.force and all(r.state == "done" for r in plan)
+            and report_is_complete(report, [r.run_id for r in plan if r.run_id])):
+        # Nothing to orchestrate: answer without starting Prefect (seconds instead of ~15 s), unless
+        # mechanism analyses are still missing. A missing, failed or outdated report is made again.
         per_model: dict[str, dict[str, str]] = {}
         for r in plan:
             per_model.setdefault(r.model, {})[r.setting] = r.key
@@ -83,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{len(summary['failed'])} failed, {summary['not_run']} not run")
     files = summary.get("artifacts", [])
     if files:
-        print(f"report: {len(files)} file(s) in {os.path.dirname(files[0])}/ (tables .csv/.md, figures .png)")
+        print(f"report in {summary['report_dir']}/: {len(files)} file(s) (tables .csv/.md, figures .png)")
         if args.verbose:
             for f in files:
                 print(f"  wrote {f}")
@@ -104,24 +109,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except NotEvaluated as err:
         print(f"quantlens: {err}", file=sys.stderr)
         return 2
+    for line in out["report_failed"]:
+        print(f"quantlens: report part failed: {line}", file=sys.stderr)
     print(f"sweep {out['sweep_id']}: {len(out['explained'])} analysis(es) run: {', '.join(out['explained']) or 'none needed'}")
     for f in out["artifacts"]:
         if Path(f).stem.startswith(("layer_error", "early_exit", "patching", "fig_layer_error", "fig_early_exit", "fig_patching")):
             print(f"  wrote {f}")
-    return 0
+    return 3 if out["report_failed"] else 0
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from quantlens.flows.aggregate import aggregate_flow
 
     out = args.out or os.path.join("results", args.sweep_id or args.experiment)
-    files = aggregate_flow(experiment=args.experiment, sweep_id=args.sweep_id, out_dir=out)
-    if not files:
+    result = aggregate_flow(experiment=args.experiment, sweep_id=args.sweep_id, out_dir=out)
+    if not result["files"] and not result["failed"]:
         print("no finished runs found", file=sys.stderr)
         return 1
-    for f in files:
+    for f in result["files"]:
         print(f"wrote {f}")
-    return 0
+    for line in result["failed"]:
+        print(f"quantlens: report part failed: {line}", file=sys.stderr)
+    return 0 if result["complete"] else 3
 
 
 def cmd_list_settings(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from quantlens.quantize.settings import ConfigError, Setting, format_validation_
 
 # Bump when a change alters the numbers an evaluation produces: it is part of every run key,
 # so finished runs of an older protocol are not taken as done.
-EVAL_PROTOCOL = "2"  # 2: per-example NLL and residual statistics stored with every run
+EVAL_PROTOCOL = "3"  # 2: per-example NLL and residual statistics stored with every run; 3: keys of the canonical setting
 
 
 class _Strict(BaseModel):
@@ -140,6 +140,16 @@ class SweepConfig(_Strict):
         return [d.name for d in self.datasets if d.name != "lambada"]
 
     def expanded_settings(self) -> list[Setting]:
+        """The grid's settings, one per computation: a setting that computes the same as an earlier
+        one (``W16A16KV16`` after ``W16A16``, :meth:`Setting.same_computation`) is left out — it is
+        that run (:meth:`aliases` lists them)."""
+        return self._expand()[0]
+
+    def aliases(self) -> dict[str, str]:
+        """Setting names left out of the grid → the name of the setting they compute the same as."""
+        return self._expand()[1]
+
+    def _expand(self) -> tuple[list[Setting], dict[str, str]]:
         out: list[Setting] = []
         for i, entry in enumerate(self.settings):
             try:
@@ -150,13 +160,26 @@ class SweepConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ConfigError(f"settings: duplicated setting names {', '.join(map(repr, dup))}")
+        unique: list[Setting] = []
+        aliases: dict[str, str] = {}
+        seen: dict[str, str] = {}
+        for s in out:
+            ident = json.dumps(s.identity(), sort_keys=True, default=str)
+            if ident in seen:
+                aliases[s.name] = seen[ident]
+            else:
+                seen[ident] = s.name
+                unique.append(s)
         if self.analysis.mechanisms:
-            missing = [m for m in self.analysis.mechanisms if m not in names]
-            if missing:
-                raise ConfigError(f"analysis.mechanisms: {', '.join(map(repr, missing))} not among the sweep's settings")
-            if not any(s.is_baseline and s.perturbation is None for s in out):
+            kept = {s.name for s in unique}
+            for m in self.analysis.mechanisms:
+                if m in aliases:
+                    raise ConfigError(f"analysis.mechanisms: {m!r} is the same computation as {aliases[m]!r}: name that one")
+                if m not in kept:
+                    raise ConfigError(f"analysis.mechanisms: {m!r} not among the sweep's settings")
+            if not any(s.is_reference for s in unique):
                 raise ConfigError("analysis.mechanisms: needs W16A16 among the settings (the reference of the errors)")
-        return out
+        return unique, aliases
 
 
 # --- Grid expansion -------------------------------------------------------------------------------
@@ -304,7 +327,7 @@ def run_key(revision: str, model_ref: str, setting: Setting, cfg: SweepConfig) -
     ident = {
         "model": model_ref,
         "revision": revision,
-        "setting": setting.model_dump(),
+        "setting": setting.identity(),  # the computation, not its name: two names of one computation share a run
         "datasets": [d.model_dump() for d in cfg.datasets],
         "eval": cfg.eval.model_dump(),
         "dtype": cfg.hardware.dtype,

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from quantlens.model.anatomy import ModelNotUnderstood, anatomy
 from quantlens.quantize.perturb import make_generator, shaped_noise_rows
 from quantlens.quantize.quant import fake_quantize
 from quantlens.quantize.settings import KVSpec, PerturbSpec
@@ -34,7 +35,7 @@ _STATE = "_quantlens_kv"
 _WRAPPED = "_quantlens_kv_wrapped"
 
 
-class AttentionNotUnderstood(ValueError):
+class AttentionNotUnderstood(ModelNotUnderstood):
     """The model's attention is neither on transformers' attention interface nor BLOOM's."""
 
 
@@ -120,16 +121,7 @@ def _eager_dispatch(module: nn.Module, *args: Any, **kw: Any) -> Any:
     return _wrap(_eager_for(module))(module, *args, **kw)
 
 
-def _uses_interface(module: nn.Module) -> bool:
-    mod = sys.modules.get(type(module).__module__)
-    return mod is not None and hasattr(mod, "ALL_ATTENTION_FUNCTIONS") and _eager_for(module) is not None
-
-
 # --- route 2: BLOOM ------------------------------------------------------------------------------------
-def _is_bloom(module: nn.Module) -> bool:
-    return type(module).__name__ == "BloomAttention" and hasattr(module, "_reshape")
-
-
 def _wrap_bloom(module: nn.Module) -> None:
     original = module._reshape
 
@@ -145,42 +137,33 @@ def _wrap_bloom(module: nn.Module) -> None:
 
 # --- attach / detach -------------------------------------------------------------------------------------
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The attention module of each decoder block (the child whose name says attention)."""
-    from quantlens.quantize.patch import find_decoder_blocks
-
-    prefix, blocks = find_decoder_blocks(model)
-    out = []
-    for i, block in enumerate(blocks):
-        found = [(n, m) for n, m in block.named_children()
-                 if ("attn" in n.lower() or "attention" in n.lower()) and any(isinstance(x, nn.Linear) for x in m.modules())]
-        if len(found) != 1:
-            raise AttentionNotUnderstood(f"{type(block).__name__}: no single attention module among {[n for n, _ in block.named_children()]}")
-        out.append((f"{prefix}.{i}.{found[0][0]}", found[0][1]))
-    return out
+    """The attention module of each decoder block (qualified name, module), from the model's anatomy."""
+    return [(b.attention_name, b.attention) for b in anatomy(model).parts]
 
 
 def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The attention modules, or :class:`AttentionNotUnderstood` naming the first that is not."""
-    mods = attention_modules(model)
-    for name, m in mods:
-        if not (_uses_interface(m) or _is_bloom(m)):
-            raise AttentionNotUnderstood(
-                f"{type(m).__name__} ({name}): KV quantization needs transformers' attention interface "
-                "(ALL_ATTENTION_FUNCTIONS) or BLOOM's attention; this attention is not understood"
-            )
-    return mods
+    """The attention modules, or :class:`AttentionNotUnderstood` when the anatomy found no K/V route."""
+    body = anatomy(model)
+    if body.kv_route is None:
+        b = body.parts[0]
+        raise AttentionNotUnderstood(
+            f"{type(b.attention).__name__} ({b.attention_name}): KV quantization needs transformers' attention interface "
+            "(ALL_ATTENTION_FUNCTIONS) or BLOOM's attention; this attention is not understood"
+        )
+    return [(b.attention_name, b.attention) for b in body.parts]
 
 
 def attach(model: nn.Module, spec: KVSpec, perturbation: PerturbSpec | None = None, stats_forwards: int = 4) -> list[KVState]:
     """Quantize (or perturb) the KV cache of every decoder block from the next forward on."""
     mods = check_supported(model)
+    bloom = anatomy(model).kv_route == "bloom"
     _install_interface_wrappers()
     _ensure_eager(model)
     states = []
     for name, m in mods:
         st = KVState(name, spec, perturbation, stats_forwards)
         setattr(m, _STATE, st)
-        if _is_bloom(m) and "_reshape" not in m.__dict__:
+        if bloom and "_reshape" not in m.__dict__:
             _wrap_bloom(m)
         states.append(st)
     return states

@@ -18,6 +18,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from quantlens.model import streaming
+from quantlens.model.anatomy import ModelNotUnderstood, anatomy
 from quantlens.quantize import kv
 from quantlens.quantize.perturb import make_generator, perturb, shaped_noise_rows
 from quantlens.quantize.quant import fake_quantize, quantize
@@ -63,35 +65,15 @@ class PatchReport:
 
 
 # --- Which modules --------------------------------------------------------------------------------
-def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder-block list: the ModuleList of same-typed blocks holding the most parameters.
-
-    OPT: ``model.decoder.layers``; BLOOM: ``transformer.h``; LLaMA: ``model.layers``.
-    """
-    known = getattr(model, "_quantlens_blocks", None)  # a streamed skeleton: its blocks hold no weights
-    if known is not None:
-        return known, model.get_submodule(known)
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) and all(type(b) is type(mod[0]) for b in mod):
-            n = sum(p.numel() for p in mod.parameters())
-            if best is None or n > best[0]:
-                best = (n, name, mod)
-    if best is None:
-        raise ValueError(f"{type(model).__name__}: no decoder block list (nn.ModuleList of blocks) found")
-    return best[1], best[2]
-
-
 def target_linears(model: nn.Module, setting: Setting) -> list[tuple[str, nn.Module]]:
-    """Every nn.Linear inside the decoder blocks, plus the LM head if the setting includes it."""
-    prefix, _ = find_decoder_blocks(model)
-    out = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix + ".")]
+    """Every nn.Linear inside the decoder blocks (the model's anatomy), plus the LM head if the
+    setting includes it."""
+    body = anatomy(model)
+    out: list[tuple[str, nn.Module]] = body.block_linears()
     if setting.include_lm_head:
-        head = model.get_output_embeddings()
-        if head is not None:
-            out.append((_qualified_name(model, head), head))
+        out.append((_qualified_name(model, body.lm_head), body.lm_head))
     if not out:
-        raise ValueError(f"{type(model).__name__}: no nn.Linear layers inside the decoder blocks {prefix!r}")
+        raise ModelNotUnderstood(f"{type(model).__name__}: no nn.Linear layers inside the decoder blocks {body.blocks_name!r}")
     return out
 
 
@@ -359,6 +341,8 @@ def quantize_(
                 gen = make_generator(p.seed, name + ":act", dev)
             handles.append(mod.register_forward_pre_hook(_make_hook(act_state, name, gen)))
 
+    if deferred:  # the streamed blocks' weights get the setting as they arrive on the device
+        streaming.on_arrival(model, apply_deferred)
     kv_states = []
     if setting.kv is not None:
         kv_states = kv.attach(model, setting.kv, setting.perturbation if setting.perturbs_kv() else None, activation_stats_forwards)
@@ -371,8 +355,8 @@ def _param_name(model: nn.Module, param: nn.Parameter) -> str:
 
 
 def _streaming_device(model: nn.Module) -> torch.device | None:
-    state = getattr(model, "_quantlens_streaming", None)  # (quantlens.model.streaming imports this module)
-    return state.device if state is not None and state.checkpoint is not None else None
+    """The device of a model whose blocks are read from the checkpoint when they run, else None."""
+    return streaming.streaming_device(model) if streaming.is_lazy(model) else None
 
 
 def apply_deferred(model: nn.Module, block: nn.Module) -> None:

@@ -148,9 +148,44 @@ class Setting(_Strict):
             raise ValueError("perturbation.target 'kv' needs a kv spec as the reference quantizer")
         return self
 
+    # --- the settings algebra: what computation a setting is, whatever its name ------------------------
+    def canonical(self) -> "Setting":
+        """The same computation in one normal form, so that two names of one computation compare equal
+        (``W16A16KV16`` ≡ ``W16A16``, ``W16A16-nu`` ≡ ``W16A16``): name and ``base`` are presentation,
+        and a field that cannot change the computation takes its default — ``include_lm_head`` /
+        ``include_embeddings`` without a weights spec; a perturbation's ``inverse_eps`` unless its rule is
+        ``inverse``, ``rng`` unless activations are perturbed, ``match`` unless activations or the KV
+        cache are. (16 bits in a *name* already means "not quantized": the parser leaves that part out.)"""
+        p = self.perturbation
+        if p is not None:
+            default = PerturbSpec()
+            p = p.model_copy(update={
+                "inverse_eps": p.inverse_eps if p.rule == "inverse" else default.inverse_eps,
+                "rng": p.rng if self.perturbs_activations() else default.rng,
+                "match": p.match if self.perturbs_activations() or self.perturbs_kv() else default.match,
+            })
+        quantizes_weights = self.weights is not None
+        return self.model_copy(update={
+            "name": "canonical", "base": None, "perturbation": p,
+            "include_lm_head": self.include_lm_head and quantizes_weights,
+            "include_embeddings": self.include_embeddings and quantizes_weights,
+        })
+
+    def identity(self) -> dict[str, Any]:
+        """What the setting computes, as plain data: equal for two settings exactly when they are the same
+        computation. Run keys are built from it, so the same computation is one run."""
+        return self.canonical().model_dump(exclude={"name", "base"})
+
+    def same_computation(self, other: "Setting") -> bool:
+        return self.identity() == other.identity()
+
     @property
-    def is_baseline(self) -> bool:
-        return self.weights is None and self.activations is None and self.kv is None and not self.include_embeddings
+    def is_reference(self) -> bool:
+        """The full-precision model: nothing quantized or perturbed — weights, activations, KV cache.
+        The one predicate every table, figure, analysis and the ledger ask (the runs log it as the
+        ``reference`` param)."""
+        c = self.canonical()
+        return c.weights is None and c.activations is None and c.kv is None and c.perturbation is None
 
     @property
     def w_bits(self) -> int:
@@ -176,7 +211,7 @@ class Setting(_Strict):
     def flat_params(self) -> dict[str, Any]:
         """Flat, stable key/values (the MLflow params schema uses these names): each part's own
         spec (``w_*`` weights, ``a_*`` activations, ``kv_*`` KV cache; 16 bits / "none" when the
-        part is untouched), an explicit ``quantizer`` (none | uniform | non-uniform | mixed |
+        part is untouched), ``reference`` (:attr:`is_reference`), an explicit ``quantizer`` (none | uniform | non-uniform | mixed |
         noise) and ``nonuniform`` flag, and the summary keys the reports group by
         (``transform_p``, ``clip_k``, ``symmetric``, ``transform``: those of the first quantized
         part, weights → activations → KV)."""
@@ -185,7 +220,7 @@ class Setting(_Strict):
         spec = parts[0] if parts else None
         kinds = {x.nonuniform for x in parts}
         quantizer = "none" if not parts else "mixed" if len(kinds) > 1 else "non-uniform" if kinds == {True} else "uniform"
-        out: dict[str, Any] = {"setting": self.name, "base": self.base or self.name,
+        out: dict[str, Any] = {"setting": self.name, "base": self.base or self.name, "reference": self.is_reference,
                                "quantizer": "noise" if p else quantizer, "nonuniform": any(kinds)}
         for prefix, q in (("w", w), ("a", a), ("kv", kv)):
             out[f"{prefix}_bits"] = q.bits if q else 16
