@@ -49,8 +49,10 @@ class Report:
 
         def write() -> pd.DataFrame:
             frame = make()
-            if frame is None or frame.empty:
+            if frame is None:
                 return pd.DataFrame()
+            if frame.empty:
+                return frame  # nothing to write; its columns still serve the parts that read it
             frame.to_csv(self.out / f"{stem}.csv", index=False)
             written = [self.out / f"{stem}.csv"]
             if md:
