@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from quantlens.model.anatomy import ModelNotUnderstood, anatomy
+from quantlens.model.anatomy import Anatomy, ModelNotUnderstood, anatomy
 from quantlens.quantize.perturb import make_generator, shaped_noise_rows
 from quantlens.quantize.quant import fake_quantize
 from quantlens.quantize.settings import KVSpec, PerturbSpec
@@ -141,8 +141,8 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(b.attention_name, b.attention) for b in anatomy(model).parts]
 
 
-def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The attention modules, or :class:`AttentionNotUnderstood` when the anatomy found no K/V route."""
+def check_supported(model: nn.Module) -> Anatomy:
+    """The model's anatomy, or :class:`AttentionNotUnderstood` when it found no K/V route."""
     body = anatomy(model)
     if body.kv_route is None:
         b = body.parts[0]
@@ -150,17 +150,18 @@ def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
             f"{type(b.attention).__name__} ({b.attention_name}): KV quantization needs transformers' attention interface "
             "(ALL_ATTENTION_FUNCTIONS) or BLOOM's attention; this attention is not understood"
         )
-    return [(b.attention_name, b.attention) for b in body.parts]
+    return body
 
 
 def attach(model: nn.Module, spec: KVSpec, perturbation: PerturbSpec | None = None, stats_forwards: int = 4) -> list[KVState]:
     """Quantize (or perturb) the KV cache of every decoder block from the next forward on."""
-    mods = check_supported(model)
-    bloom = anatomy(model).kv_route == "bloom"
+    body = check_supported(model)
+    bloom = body.kv_route == "bloom"
     _install_interface_wrappers()
     _ensure_eager(model)
     states = []
-    for name, m in mods:
+    for b in body.parts:
+        name, m = b.attention_name, b.attention
         st = KVState(name, spec, perturbation, stats_forwards)
         setattr(m, _STATE, st)
         if bloom and "_reshape" not in m.__dict__:
