@@ -178,11 +178,11 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, post_ln: bo
     attn_name, attn_mod = attn[0]
     attn_linears = tuple((f"{name}.{attn_name}.{n}", m) for n, m in attn_mod.named_modules() if isinstance(m, nn.Linear))
     attn_ids = {id(m) for _, m in attn_linears}
-    mlp = tuple((n.rsplit(".", 1)[-1], m) for n, m in block.named_modules() if isinstance(m, nn.Linear) and id(m) not in attn_ids)
-    if not mlp:
+    mlp_linears = [(f"{name}.{n}", m) for n, m in block.named_modules() if isinstance(m, nn.Linear) and id(m) not in attn_ids]
+    if not mlp_linears:
         raise ModelNotUnderstood(f"{model_name}: block {kind} has no MLP linears outside its attention")
-    names = {id(m): q for q, m in attn_linears}
-    names.update({id(m): q for q, m in ((f"{name}.{n}", m) for n, m in block.named_modules() if isinstance(m, nn.Linear) and id(m) not in attn_ids)})
+    mlp = tuple((q.rsplit(".", 1)[-1], m) for q, m in mlp_linears)
+    names = {id(m): q for q, m in (*attn_linears, *mlp_linears)}
     return Block(index, name, block, norms[0], norms[1], f"{name}.{attn_name}", attn_mod, attn_linears, mlp, post_ln, names)
 
 
