@@ -90,14 +90,13 @@ def aggregate_flow(
     tracker = Tracker(experiment)
     df = tracker.runs_frame(sweep_id)
     report = Report(Path(out_dir), fault=report_fault)
-    write_report(df, out_dir, report)
-    if not df.empty:
-        runs = report.compute("tidy", lambda: tidy(df), pd.DataFrame())
-        if not runs.empty:
-            examples, residual, tokens, reference, families = read_per_example(tracker, runs)
-            if not examples.empty:
-                write_per_example_report(examples, residual, tokens, reference, out_dir, families, report=report)
-            write_mechanism_report(read_mechanisms(tracker, runs), out_dir, report=report)
+    runs = report.compute("tidy", lambda: tidy(df), pd.DataFrame())  # one run per (model, setting), typed
+    if not runs.empty:
+        write_report(runs, out_dir, report)
+        examples, residual, tokens, reference, families = read_per_example(tracker, runs)
+        if not examples.empty:
+            write_per_example_report(examples, residual, tokens, reference, out_dir, families, report=report)
+        write_mechanism_report(read_mechanisms(tracker, runs), out_dir, report=report)
     run_ids = list(df["run_id"]) if not df.empty else []
     manifest = report.write_manifest(run_ids)
     files = [*report.files, manifest] if report.files else []

@@ -305,7 +305,7 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, report: "Report | None" 
     from quantlens.analysis.report import Report
 
     report = report or Report(Path(out_dir))
-    df = report.compute("tidy", lambda: tidy(df), pd.DataFrame())
+    df = report.compute("tidy", lambda: tidy(df), pd.DataFrame())  # (idempotent: a tidy frame passes through)
     if df.empty:
         return report.files
     report.table("results", lambda: results_table(df))
