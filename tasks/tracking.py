@@ -39,7 +39,7 @@ HEARTBEAT_TAG = "quantlens.heartbeat"
 
 def sweep_tag(sweep_id: str) -> str:
     """Tag on every eval run a sweep created or reused: its grid, even across sweeps."""
-    return f"quantlens.pipeline.sweep.{sweep_id}"
+    return f"quantlens.sweep.{sweep_id}"  # (a stored name: it stays as runs in existing stores carry it)
 
 
 def heartbeat_interval() -> float:

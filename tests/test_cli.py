@@ -170,3 +170,10 @@ def test_kv_sweep_keeps_w16a16_as_reference_and_the_report_is_a_step_that_can_fa
         e_a, e_b = frames[row["setting_a"]] - frames["W16A16"], frames[row["setting_b"]] - frames["W16A16"]
         assert row["pearson"] == pytest.approx(np.corrcoef(e_a, e_b.loc[e_a.index])[0, 1], abs=1e-9)
     assert (report / "fig_error_vs_norm_tiny-opt.png").is_file()
+
+
+def test_stored_names_do_not_follow_module_paths():
+    """Tags already in users' stores keep their names whatever the package layout."""
+    from quantlens.tasks.tracking import KIND_TAG, sweep_tag
+
+    assert sweep_tag("demo-1") == "quantlens.sweep.demo-1" and KIND_TAG == "quantlens.kind"
