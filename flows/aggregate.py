@@ -8,9 +8,12 @@ evaluate completes it.
 
 from __future__ import annotations
 
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
@@ -20,7 +23,11 @@ from quantlens.analysis.aggregate import reference_settings, tidy, write_report
 from quantlens.analysis.mechanism_report import write_mechanism_report
 from quantlens.analysis.per_example import write_per_example_report
 from quantlens.analysis.report import Report
+from quantlens.pipeline.console import status
 from quantlens.tasks.tracking import Tracker
+
+
+READERS = 8  # concurrent artifact reads (MLflow server or store)
 
 
 def report_fault(part: str) -> None:
@@ -31,72 +38,82 @@ def report_fault(part: str) -> None:
         raise RuntimeError(f"injected fault in report part {part} (QUANTLENS_INJECT_FAULT)")
 
 
-@task(name="read-per-example", cache_policy=NONE, persist_result=False)
-def read_per_example(tracker: Tracker, runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, str], dict[str, str]]:
-    """The per-example artifacts of ``runs`` (a tidy frame, one run per model and setting): (examples,
-    residual, tokens, reference setting per model, family per model). The reference is the run whose
-    setting is the full-precision model (:func:`reference_settings`); other runs of the same
-    computation under older names are left out of the comparison. Runs logged before per-example
-    storage simply contribute nothing."""
-    examples, residual, tokens = [], [], []
+@dataclass
+class RunTables:
+    """What the report reads of the runs' artifacts (each run read once)."""
+
+    examples: pd.DataFrame
+    residual: pd.DataFrame
+    tokens: pd.DataFrame
+    reference: dict[str, str]  # model → the setting of its reference run
+    families: dict[str, str]  # model → family
+    mechanisms: dict[str, pd.DataFrame]  # layer_error / early_exit / patching, over runs
+
+
+def read_run_tables(tracker: Tracker, runs: pd.DataFrame) -> RunTables:
+    """The per-example, residual and mechanism tables of ``runs`` (a tidy frame, one run per model
+    and setting), :data:`READERS` runs at a time, each run's artifacts listed and read once. The
+    reference is the run whose setting is the full-precision model (:func:`reference_settings`);
+    other runs of that computation under older names are left out of the comparison. Runs logged
+    before per-example storage simply contribute nothing."""
+    examples, residual, tokens, mechanisms = [], [], [], {}
     reference = reference_settings(runs)
-    families: dict[str, str] = {}
-    for _, row in runs.iterrows():
-        model, setting = row["model"], row["setting"]
-        families[model] = row.get("family", "")
-        is_ref = reference.get(model) == setting
-        if row["reference"] and not is_ref:
-            continue  # the same computation as the reference, under another name
-        for dataset, frame in tracker.read_frames(row["run_id"], "per_example").items():
-            keys = {"model": model, "dataset": dataset}
-            if "tokens" in frame:
-                tokens.append(frame[["example_id", "tokens"]].assign(**keys))
-            examples.append(frame[["example_id", "n_tokens", "nll"]].assign(setting=setting, **keys))
-        if is_ref:
-            for dataset, frame in tracker.read_frames(row["run_id"], "residual").items():
-                residual.append(frame.assign(model=model, dataset=dataset))
+    families = dict(zip(runs["model"], runs["family"].fillna(""))) if "family" in runs else {}
+    wanted = [row for _, row in runs.iterrows() if not row["reference"] or reference.get(row["model"]) == row["setting"]]
+
+    def read(row: pd.Series) -> tuple[pd.Series, dict[str, dict[str, pd.DataFrame]]]:
+        folders = ["per_example", "mechanisms"] + (["residual"] if reference.get(row["model"]) == row["setting"] else [])
+        return row, tracker.read_tables(row["artifact_uri"], folders)
+
+    with ThreadPoolExecutor(max_workers=READERS) as pool:  # artifact reads are I/O: a bounded pool
+        for done, (row, tables) in enumerate(pool.map(read, wanted), 1):
+            model, setting = row["model"], row["setting"]
+            for folder, frames in tables.items():
+                for name, frame in frames.items():
+                    keys = {"model": model, "dataset": name}
+                    if folder == "per_example":
+                        if "tokens" in frame:
+                            tokens.append(frame[["example_id", "tokens"]].assign(**keys))
+                        examples.append(frame[["example_id", "n_tokens", "nll"]].assign(setting=setting, **keys))
+                    elif folder == "residual":
+                        residual.append(frame.assign(**keys))
+                    elif folder.startswith("mechanisms/"):
+                        mechanisms.setdefault(name, []).append(frame)
+            status(f"report: reading the runs' tables, {done}/{len(wanted)} runs")
 
     def cat(parts: list[pd.DataFrame]) -> pd.DataFrame:
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
-    return cat(examples), cat(residual), cat(tokens), reference, families
+    return RunTables(cat(examples), cat(residual), cat(tokens), reference, families, {k: cat(v) for k, v in mechanisms.items()})
 
 
-@task(name="read-mechanisms", cache_policy=NONE, persist_result=False)
-def read_mechanisms(tracker: Tracker, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The mechanism tables stored under ``mechanisms/<dataset>/`` of the runs, concatenated."""
-    parts: dict[str, list[pd.DataFrame]] = {}
-    for run_id in runs["run_id"]:
-        for folder in tracker.list_artifacts(run_id, "mechanisms"):
-            if folder.is_dir:
-                for name, frame in tracker.read_frames(run_id, folder.path).items():
-                    parts.setdefault(name, []).append(frame)
-    return {k: pd.concat(v, ignore_index=True) for k, v in parts.items()}
-
-
-@flow(name="quantlens-aggregate", log_prints=True)
-def aggregate_flow(
+def build_report(
     experiment: str = "quantlens",
     sweep_id: str | None = None,
     out_dir: str = "results/all",
     parent_run_id: str | None = None,
+    read: Callable[[Tracker, pd.DataFrame], RunTables] = read_run_tables,
+    log: Any = None,
 ) -> dict[str, Any]:
     """Tables (CSV + Markdown) and figures (PNG) of FINISHED runs: one sweep's grid (the runs it
     created or reused), or the whole experiment (all sweeps) when ``sweep_id`` is None; logged as
-    artifacts of ``parent_run_id``. Includes the per-example analysis of the second paper.
+    artifacts of ``parent_run_id``. Includes the per-example analysis of the second paper. Plain
+    code (``quantlens aggregate`` calls it without starting Prefect); :func:`aggregate_flow` is the
+    same as a flow of a sweep.
 
     Returns ``{"files": [...], "failed": ["<part>: <error>", ...], "complete": bool, "out_dir": ...}``."""
-    log = get_run_logger()
+    log = log or logging.getLogger("quantlens.aggregate")
     tracker = Tracker(experiment)
     df = tracker.runs_frame(sweep_id)
-    report = Report(Path(out_dir), fault=report_fault)
+    report = Report(Path(out_dir), fault=report_fault, progress=status)
     runs = report.compute("tidy", lambda: tidy(df), pd.DataFrame())  # one run per (model, setting), typed
     if not runs.empty:
         write_report(runs, out_dir, report)
-        examples, residual, tokens, reference, families = read_per_example(tracker, runs)
-        if not examples.empty:
-            write_per_example_report(examples, residual, tokens, reference, out_dir, families, report=report)
-        write_mechanism_report(read_mechanisms(tracker, runs), out_dir, report=report)
+        tables = read(tracker, runs)
+        if not tables.examples.empty:
+            write_per_example_report(tables.examples, tables.residual, tables.tokens, tables.reference, out_dir, tables.families,
+                                     report=report, bases=dict(zip(runs["setting"], runs["base"])))
+        write_mechanism_report(tables.mechanisms, out_dir, report=report)
     run_ids = list(df["run_id"]) if not df.empty else []
     manifest = report.write_manifest(run_ids)
     files = [*report.files, manifest] if report.files else []
@@ -107,3 +124,15 @@ def aggregate_flow(
     log.info("aggregate: %d finished run(s) → %d file(s) in %s%s", len(df), len(files), Path(out_dir).resolve(),
              "" if report.complete else f", {len(report.failed)} part(s) failed")
     return {"files": [str(f) for f in files], "failed": list(report.failed), "complete": report.complete, "out_dir": str(Path(out_dir))}
+
+
+@flow(name="quantlens-aggregate", log_prints=True)
+def aggregate_flow(
+    experiment: str = "quantlens",
+    sweep_id: str | None = None,
+    out_dir: str = "results/all",
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """:func:`build_report` as a flow (a sweep's last step): reading the runs is a task of it."""
+    read = task(name="read-run-tables", cache_policy=NONE, persist_result=False)(read_run_tables)
+    return build_report(experiment, sweep_id, out_dir, parent_run_id, read=read, log=get_run_logger())

@@ -316,6 +316,29 @@ class Tracker:
                 out[Path(name).stem] = pd.read_csv(local) if name.endswith(".csv") else pd.read_parquet(local)
         return out
 
+    def read_tables(self, artifact_uri: str, folders: list[str]) -> dict[str, dict[str, pd.DataFrame]]:
+        """The parquet / csv tables of one run under ``folders`` (and one level of sub-folders, e.g.
+        ``mechanisms/<dataset>``), read straight from its artifact store: {folder: {file stem: frame}}.
+        One listing of the run's root and one per folder present, no run lookups — what a report
+        reading hundreds of runs needs (:meth:`read_frames` reads one folder of one run by id)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        repo = get_artifact_repository(artifact_uri)
+        present = {a.path for a in _retry(lambda: repo.list_artifacts(), "list") if a.is_dir}
+        todo = [(f, True) for f in folders if f in present]
+        out: dict[str, dict[str, pd.DataFrame]] = {}
+        with tempfile.TemporaryDirectory() as d:
+            while todo:
+                folder, top = todo.pop()
+                for a in _retry(lambda: repo.list_artifacts(folder), "list"):
+                    if a.is_dir:
+                        if top:
+                            todo.append((a.path, False))
+                    elif a.path.endswith((".parquet", ".csv")):
+                        local = _retry(lambda: repo.download_artifacts(a.path, d), "download")
+                        out.setdefault(folder, {})[Path(a.path).stem] = pd.read_csv(local) if a.path.endswith(".csv") else pd.read_parquet(local)
+        return out
+
     def list_artifacts(self, run_id: str, folder: str) -> list[Any]:
         return _retry(lambda: self.client.list_artifacts(run_id, folder), "list")
 

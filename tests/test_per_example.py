@@ -246,3 +246,101 @@ def test_registry_has_the_second_papers_models():
     cfg = load_config(REPO / "configs" / "paper2-examples.yaml")
     assert [m.ref for m in cfg.models] == ["qwen2.5-7b", "llama-3-8b", "mistral-nemo-12b", "llama-3-70b"]
     assert cfg.datasets[0].examples == "documents" and cfg.datasets[0].example_len == 512
+
+
+def _pairwise_reference(err: pd.DataFrame) -> pd.DataFrame:
+    """The per-pair code the matrix version replaced: every pair, its own dropna, pair_stats."""
+    rows = []
+    for (model, dataset), g in err.groupby(["model", "dataset"], sort=True):
+        wide = g.pivot_table(index="example_id", columns="setting", values="error", aggfunc="first")
+        settings = list(wide.columns)
+        for i, a in enumerate(settings):
+            for b in settings[i + 1:]:
+                pair = wide[[a, b]].dropna()
+                rows.append(pe.pair_stats(model, dataset, a, b, pair.index.to_numpy(), pair[a].to_numpy(), pair[b].to_numpy()))
+    return pd.DataFrame(rows, columns=pe.PAIR_COLUMNS)
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_matrix_pair_statistics_equal_the_per_pair_code(missing):
+    rng = np.random.default_rng(0)
+    rows = []
+    for model, n_ex, n_set in (("m1", 50, 9), ("m2", 7, 4)):
+        base = rng.normal(size=n_ex)
+        for s in range(n_set):
+            e = base * rng.uniform(0, 2) + rng.normal(size=n_ex) * 0.5
+            if s % 3 == 0:
+                e = np.round(e, 1)  # ties: ranks and top sets must break them as before
+            if s == 4:
+                e[:] = 0.25  # a constant error: ρ is NaN
+            keep = np.ones(n_ex, bool)
+            if missing and s in (1, 2):
+                keep[rng.choice(n_ex, size=n_ex // 4, replace=False)] = False
+            for ds in ("wikitext2", "c4"):
+                rows += [{"model": model, "dataset": ds, "setting": f"S{s}", "example_id": f"x{i:03d}", "error": float(e[i])}
+                         for i in range(n_ex) if keep[i]]
+    err = pd.DataFrame(rows)
+    got, want = pe.error_correlation(err), _pairwise_reference(err)
+    assert len(got) == 2 * (36 + 6) and list(got.columns) == pe.PAIR_COLUMNS
+    pd.testing.assert_frame_equal(got[["model", "dataset", "setting_a", "setting_b", "n_examples"]],
+                                  want[["model", "dataset", "setting_a", "setting_b", "n_examples"]], check_dtype=False)
+    for c in ("pearson", "spearman", "jaccard_top10"):
+        np.testing.assert_allclose(got[c], want[c], rtol=0, atol=1e-12, equal_nan=True, err_msg=c)
+    assert got["pearson"].isna().sum() == 2 * 8 and (got["n_examples"] < got["model"].map({"m1": 50, "m2": 7})).any() == missing
+
+
+def test_vectorised_residual_predictor_equals_the_per_setting_code():
+    rng = np.random.default_rng(1)
+    ids = [f"x{i}" for i in range(30)]
+    res = pd.DataFrame([{"model": "m", "dataset": "d", "example_id": e, "layer": l, "r_norm": rng.uniform(1, 9), "z_norm": rng.uniform(1, 9)}
+                        for e in ids for l in range(3)])
+    err = pd.DataFrame([{"model": "m", "dataset": "d", "setting": s, "example_id": e, "error": float(np.round(rng.normal(), 1))}
+                        for s in ("A", "B", "C") for k, e in enumerate(ids) if not (s == "B" and k % 4 == 0)])
+    got = pe.residual_predictor(err, res, {"m": "opt"})
+    assert len(got) == 9 and list(got["setting"]) == ["A"] * 3 + ["B"] * 3 + ["C"] * 3
+    r_wide = res.pivot_table(index="example_id", columns="layer", values="r_norm")
+    z_wide = res.pivot_table(index="example_id", columns="layer", values="z_norm")
+    for _, row in got.iterrows():  # the per-(setting, layer) computation it replaced
+        e = err[err["setting"] == row["setting"]].set_index("example_id")["error"]
+        s, z = r_wide.loc[e.index, row["layer"]].to_numpy(), z_wide.loc[e.index, row["layer"]].to_numpy()
+        assert row["n_examples"] == len(e) and row["family"] == "opt"
+        assert row["rho"] == pytest.approx(pe.pearson(s, e.to_numpy()), abs=1e-12)
+        assert row["spearman"] == pytest.approx(pe.spearman(s, e.to_numpy()), abs=1e-12)
+        assert row["rho_z"] == pytest.approx(pe.pearson(z, e.to_numpy()), abs=1e-12)
+
+
+def test_correlation_summary_collapses_seeds_and_compares_each_family_with_its_own():
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=40)
+    rows = []
+    names = ["W4A16", "W4A16-nu"] + [f"W4A16+gaussian-additive-both-s{s}" for s in range(6)]
+    for s in names:
+        e = base + rng.normal(size=40) * (0.1 if "+" in s else 0.5)
+        rows += [{"model": "m", "dataset": "d", "setting": s, "example_id": f"x{i}", "error": float(e[i])} for i in range(40)]
+    corr = pe.error_correlation(pd.DataFrame(rows))
+    assert len(corr) == 28
+    bases = {n: ("W4A16" if "+" in n else n) for n in names}
+    md = pe.correlation_summary(corr, bases)
+    seeds = corr[corr["setting_a"].str.contains("-s") & corr["setting_b"].str.contains("-s")]["pearson"]
+    assert f"| W4A16+gaussian-additive-both | its other seeds | {seeds.mean():.3f} ± {seeds.std():.3f} | 15 |" in md
+    native = corr[(corr["setting_a"] == "W4A16") & corr["setting_b"].str.contains("-s")]["pearson"]
+    assert f"| W4A16+gaussian-additive-both | W4A16 (native) | {native.mean():.3f} ± {native.std():.3f} | 6 |" in md
+    assert "28 pairs of 8 settings, 40 examples" in md and "-s3" not in md  # seeds never listed one by one
+
+
+def test_report_of_300_settings_is_readable_and_keeps_every_pair(tmp_path):
+    """Issue #21's grid at the report level: W16A16 + 299 seeds of one perturbation on 2 examples."""
+    import time
+
+    rng = np.random.default_rng(3)
+    settings = ["W16A16"] + [f"W8A8+gaussian-additive-both-s{s}" for s in range(299)]
+    ex = pd.DataFrame({"model": "tiny-opt", "dataset": "wikitext2", "setting": np.repeat(settings, 2), "example_id": ["a", "b"] * 300,
+                       "n_tokens": 127, "nll": 5 + rng.normal(0, 0.1, 600)})
+    res = pd.DataFrame({"model": "tiny-opt", "dataset": "wikitext2", "example_id": ["a", "a", "b", "b"], "layer": [0, 1, 0, 1],
+                        "r_norm": [1.0, 2.0, 3.0, 5.0], "z_norm": 1.0, "r_kurtosis": 3.0})
+    t = time.perf_counter()
+    files = pe.write_per_example_report(ex, res, None, {"tiny-opt": "W16A16"}, tmp_path, {"tiny-opt": "opt"})
+    assert time.perf_counter() - t < 20
+    assert (tmp_path / "error_correlation.md").stat().st_size < 10_000 and not (tmp_path / "error_correlation.md").read_text().count("-s1")
+    assert len(pd.read_csv(tmp_path / "error_correlation.csv")) == 299 * 298 // 2
+    assert tmp_path / "fig_error_corr_tiny-opt.png" in files

@@ -23,7 +23,9 @@ Computed, per model and dataset:
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -87,23 +89,35 @@ def ngrams(tokens: Iterable[int], n: int = NGRAM) -> set[tuple[int, ...]]:
     return {tuple(t[i : i + n]) for i in range(len(t) - n + 1)} if len(t) >= n else {tuple(t)}
 
 
+def _near_duplicate(a: str, b: str, tokens: dict[str, list[int]], cache: dict, threshold: float) -> bool:
+    """Whether two examples' n-gram Jaccard exceeds ``threshold``; n-grams and answers are cached
+    (settings of one dataset share their top examples: each pair is compared once)."""
+    key = (a, b) if a < b else (b, a)
+    hit = cache.get(key)
+    if hit is None:
+        ga, gb = (cache.get(e) or cache.setdefault(e, ngrams(tokens[e])) for e in (a, b))
+        hit = cache[key] = jaccard(ga, gb) > threshold
+    return hit
+
+
 def select_large(
     ids: np.ndarray, err: np.ndarray, tokens: dict[str, list[int]] | None, fraction: float = TOP_FRACTION,
-    dup_jaccard: float = DUP_JACCARD,
+    dup_jaccard: float = DUP_JACCARD, grams: dict | None = None,
 ) -> list[str]:
     """D_large: walk the examples by decreasing error, keep one unless its 5-gram Jaccard with an
-    example already kept exceeds ``dup_jaccard``; stop at ceil(fraction·N) kept (or when exhausted)."""
+    example already kept exceeds ``dup_jaccard``; stop at ceil(fraction·N) kept (or when exhausted).
+    ``grams``: a cache of n-grams and near-duplicate answers, shared by the settings of one dataset."""
     k = max(1, math.ceil(fraction * len(err)))
     order = np.lexsort((ids, -err))
     kept: list[str] = []
-    kept_grams: list[set] = []
+    kept_with_tokens: list[str] = []
+    grams = {} if grams is None else grams
     for i in order:
         eid = str(ids[i])
         if tokens is not None and eid in tokens:
-            g = ngrams(tokens[eid])
-            if any(jaccard(g, h) > dup_jaccard for h in kept_grams):
+            if any(_near_duplicate(eid, other, tokens, grams, dup_jaccard) for other in kept_with_tokens):
                 continue
-            kept_grams.append(g)
+            kept_with_tokens.append(eid)
         kept.append(eid)
         if len(kept) == k:
             break
@@ -140,18 +154,74 @@ def errors(examples: pd.DataFrame, reference: dict[str, str]) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
 
 
+PAIR_COLUMNS = ["model", "dataset", "setting_a", "setting_b", "pearson", "spearman", "jaccard_top10", "n_examples"]
+
+
 def error_correlation(err: pd.DataFrame) -> pd.DataFrame:
-    """Every unordered pair of settings per (model, dataset): pearson, spearman, jaccard_top10."""
-    rows = []
+    """Every unordered pair of settings per (model, dataset): pearson, spearman, jaccard_top10, as
+    matrix operations over the (examples × settings) error matrix (:func:`pair_matrix`)."""
+    parts = []
     for (model, dataset), g in err.groupby(["model", "dataset"], sort=True):
         wide = g.pivot_table(index="example_id", columns="setting", values="error", aggfunc="first")
-        settings = list(wide.columns)
-        for i, a in enumerate(settings):
-            for b in settings[i + 1 :]:
-                pair = wide[[a, b]].dropna()
-                rows.append(pair_stats(model, dataset, a, b, pair.index.to_numpy(), pair[a].to_numpy(), pair[b].to_numpy()))
-    cols = ["model", "dataset", "setting_a", "setting_b", "pearson", "spearman", "jaccard_top10", "n_examples"]
-    return pd.DataFrame(rows, columns=cols)
+        parts.append(pair_matrix(wide).assign(model=model, dataset=dataset))
+    return pd.concat(parts, ignore_index=True)[PAIR_COLUMNS] if parts else pd.DataFrame(columns=PAIR_COLUMNS)
+
+
+def pair_matrix(wide: pd.DataFrame) -> pd.DataFrame:
+    """All pairs of the columns of ``wide`` (index: example ids, one column of errors per setting).
+
+    Settings with an error for every example (the usual case) are done at once: Pearson ρ = ZᵀZ of
+    the centred, unit-norm columns; Spearman the same on average ranks; the top-10 % sets as a
+    boolean matrix T, |A ∩ B| = TᵀT and Jaccard = |A ∩ B| / (2k − |A ∩ B|). A pair with a setting
+    that misses examples is computed on the examples both have (:func:`pair_stats`), as before —
+    ranks and top sets depend on which examples are shared. Rows: setting_a, setting_b (column
+    order, a before b), pearson, spearman, jaccard_top10, n_examples."""
+    names = [str(c) for c in wide.columns]
+    ids = wide.index.to_numpy().astype(str)
+    x = wide.to_numpy(dtype=np.float64)
+    complete = ~np.isnan(x).any(axis=0)
+    full = np.flatnonzero(complete)
+    out = []
+    if len(full) > 1:
+        xf = x[:, full]
+        pear = _corr_columns(xf)
+        spear = _corr_columns(wide.iloc[:, full].rank(method="average").to_numpy(dtype=np.float64))
+        k = max(1, math.ceil(TOP_FRACTION * len(ids)))
+        top = np.zeros(xf.shape, dtype=np.float64)
+        for j in range(xf.shape[1]):
+            top[np.lexsort((ids, -xf[:, j]))[:k], j] = 1.0
+        inter = top.T @ top
+        jac = inter / (2 * k - inter)
+        ia, ib = np.triu_indices(len(full), 1)
+        out.append(pd.DataFrame({"a": full[ia], "b": full[ib], "pearson": pear[ia, ib], "spearman": spear[ia, ib],
+                                 "jaccard_top10": jac[ia, ib], "n_examples": len(ids)}))
+    rest = []
+    for i, j in itertools.combinations(range(len(names)), 2):
+        if complete[i] and complete[j]:
+            continue
+        both = ~np.isnan(x[:, i]) & ~np.isnan(x[:, j])
+        s = pair_stats("", "", names[i], names[j], ids[both], x[both, i], x[both, j])
+        rest.append({"a": i, "b": j, **{c: s[c] for c in ("pearson", "spearman", "jaccard_top10", "n_examples")}})
+    if rest:
+        out.append(pd.DataFrame(rest))
+    if not out:
+        return pd.DataFrame(columns=["setting_a", "setting_b", "pearson", "spearman", "jaccard_top10", "n_examples"])
+    pairs = pd.concat(out, ignore_index=True).sort_values(["a", "b"], ignore_index=True)
+    label = np.array(names, dtype=object)
+    return pd.DataFrame({"setting_a": label[pairs["a"].to_numpy()], "setting_b": label[pairs["b"].to_numpy()],
+                         "pearson": pairs["pearson"].to_numpy(dtype=np.float64), "spearman": pairs["spearman"].to_numpy(dtype=np.float64),
+                         "jaccard_top10": pairs["jaccard_top10"].to_numpy(dtype=np.float64), "n_examples": pairs["n_examples"].to_numpy(dtype=np.int64)})
+
+
+def _corr_columns(x: np.ndarray) -> np.ndarray:
+    """Pearson ρ between every pair of columns of a complete matrix (NaN for a constant column or
+    fewer than two rows, as :func:`pearson`)."""
+    if x.shape[0] < 2:
+        return np.full((x.shape[1], x.shape[1]), np.nan)
+    xc = x - x.mean(axis=0)
+    norm = np.sqrt((xc * xc).sum(axis=0))
+    z = np.divide(xc, norm, out=np.full_like(xc, np.nan), where=norm > 0)
+    return z.T @ z
 
 
 def pair_stats(model: str, dataset: str, a: str, b: str, ids: np.ndarray, ea: np.ndarray, eb: np.ndarray) -> dict:
@@ -165,8 +235,9 @@ def pair_stats(model: str, dataset: str, a: str, b: str, ids: np.ndarray, ea: np
 
 def residual_predictor(err: pd.DataFrame, residual: pd.DataFrame, families: dict[str, str] | None = None) -> pd.DataFrame:
     """ρ(S(l), e) per (model, dataset, setting, layer): Pearson (``rho``) and Spearman on r(l), and
-    Pearson on z(l) (``rho_z``); ``relative_depth`` = (layer + 1) / n_layers."""
-    rows = []
+    Pearson on z(l) (``rho_z``); ``relative_depth`` = (layer + 1) / n_layers. Each setting on the
+    examples it shares with the residual table; all settings of a layer at once (:func:`_corr_with`)."""
+    parts = []
     for (model, dataset), res in (residual.groupby(["model", "dataset"], sort=True) if not residual.empty else []):
         e_all = err[(err["model"] == model) & (err["dataset"] == dataset)]
         if e_all.empty:
@@ -174,34 +245,60 @@ def residual_predictor(err: pd.DataFrame, residual: pd.DataFrame, families: dict
         n_layers = int(res["layer"].max()) + 1
         r_wide = res.pivot_table(index="example_id", columns="layer", values="r_norm", aggfunc="first")
         z_wide = res.pivot_table(index="example_id", columns="layer", values="z_norm", aggfunc="first")
-        for setting, e in e_all.groupby("setting", sort=True):
-            e = e.set_index("example_id")["error"]
-            common = e.index.intersection(r_wide.index)
-            ev = e.loc[common].to_numpy()
-            for layer in range(n_layers):
-                s = r_wide.loc[common, layer].to_numpy()
-                rows.append({
-                    "model": model, "family": (families or {}).get(model, ""), "dataset": dataset, "setting": setting,
-                    "layer": layer, "relative_depth": (layer + 1) / n_layers,
-                    "rho": pearson(s, ev), "spearman": spearman(s, ev), "rho_z": pearson(z_wide.loc[common, layer].to_numpy(), ev),
-                    "n_examples": len(common),
-                })
+        e_wide = e_all.pivot_table(index="example_id", columns="setting", values="error", aggfunc="first")
+        e_wide = e_wide.loc[e_wide.index.intersection(r_wide.index)]
+        settings = [str(c) for c in e_wide.columns]
+        ev = e_wide.to_numpy(dtype=np.float64)
+        present = ~np.isnan(ev)
+        e_ranks = e_wide.rank(method="average").to_numpy(dtype=np.float64)  # complete columns; others below
+        for layer in range(n_layers):
+            s = r_wide.loc[e_wide.index, layer].to_numpy(dtype=np.float64)
+            z = z_wide.loc[e_wide.index, layer].to_numpy(dtype=np.float64)
+            rho, rho_z = _corr_with(s, ev, present), _corr_with(z, ev, present)
+            spear = _corr_with(pd.Series(s).rank(method="average").to_numpy(), e_ranks, present)
+            for j in np.flatnonzero(~present.all(axis=0)):  # a setting missing examples: ranks over what it has
+                m = present[:, j]
+                spear[j] = spearman(s[m], ev[m, j])
+            parts.append(pd.DataFrame({
+                "model": model, "family": (families or {}).get(model, ""), "dataset": dataset, "setting": settings,
+                "layer": layer, "relative_depth": (layer + 1) / n_layers, "rho": rho, "spearman": spear, "rho_z": rho_z,
+                "n_examples": present.sum(axis=0),
+            }))
     cols = ["model", "family", "dataset", "setting", "layer", "relative_depth", "rho", "spearman", "rho_z", "n_examples"]
-    return pd.DataFrame(rows, columns=cols)
+    if not parts:
+        return pd.DataFrame(columns=cols)
+    return pd.concat(parts, ignore_index=True).sort_values(["model", "dataset", "setting", "layer"], ignore_index=True)[cols]
+
+
+def _corr_with(v: np.ndarray, x: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Pearson ρ of the vector ``v`` with every column of ``x``, each over the rows where that
+    column is present (:func:`pearson` on those rows: NaN for fewer than two or no variance)."""
+    out = np.full(x.shape[1], np.nan)
+    full = present.all(axis=0)
+    if full.any() and len(v) >= 2:
+        out[full] = _corr_columns(np.column_stack([v, x[:, full]]))[0, 1:]
+    for j in np.flatnonzero(~full):
+        m = present[:, j]
+        out[j] = pearson(v[m], x[m, j])
+    return out
 
 
 def d_sets(err: pd.DataFrame, tokens: pd.DataFrame | None, seed: int = 0) -> pd.DataFrame:
     """D_large and D_ctrl of every (model, dataset, setting): rows model, dataset, setting, set,
     example_id, error."""
     rows = []
+    toks: dict[tuple[str, str], tuple[dict | None, dict]] = {}  # (model, dataset) → (tokens, n-gram cache)
     for (model, dataset, setting), g in err.groupby(["model", "dataset", "setting"], sort=True):
-        tok = None
-        if tokens is not None and not tokens.empty:
-            t = tokens[(tokens["model"] == model) & (tokens["dataset"] == dataset)]
-            tok = dict(zip(t["example_id"], t["tokens"]))
+        if (model, dataset) not in toks:
+            tok = None
+            if tokens is not None and not tokens.empty:
+                t = tokens[(tokens["model"] == model) & (tokens["dataset"] == dataset)]
+                tok = dict(zip(t["example_id"], t["tokens"]))
+            toks[(model, dataset)] = (tok, {})
+        tok, grams = toks[(model, dataset)]
         ids, ev = g["example_id"].to_numpy().astype(str), g["error"].to_numpy()
         by_id = dict(zip(ids, ev))
-        large = select_large(ids, ev, tok)
+        large = select_large(ids, ev, tok, grams=grams)
         ctrl = select_control(ids, ev, len(large), seed)
         for name, members in (("large", large), ("ctrl", ctrl)):
             for eid in members:
@@ -229,28 +326,96 @@ def headline(corr: pd.DataFrame, pred: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# --- Readable summaries -------------------------------------------------------------------------------
+SEED = re.compile(r"-s\d+$")
+HEATMAP_MAX = 40  # settings (after collapsing seeds) drawn in a heatmap; the CSV has every pair
+
+
+def seed_family(setting: str) -> str:
+    """The setting a seeded perturbation is one draw of: its name without the ``-s<seed>`` suffix
+    (``W8A8+gaussian-additive-both-s3`` → ``W8A8+gaussian-additive-both``); others are their own."""
+    return SEED.sub("", setting)
+
+
+def _collapsed(corr: pd.DataFrame) -> pd.DataFrame:
+    """Pairs of seed families (mean, std and count of ρ over their member pairs; a family against
+    itself = its seeds against each other) per (model, dataset)."""
+    fam = {s: seed_family(s) for s in set(corr["setting_a"]) | set(corr["setting_b"])}  # once per name, not per pair
+    c = corr.assign(a=corr["setting_a"].map(fam), b=corr["setting_b"].map(fam))
+    swap = c["a"] > c["b"]
+    c.loc[swap, ["a", "b"]] = c.loc[swap, ["b", "a"]].to_numpy()
+    g = c.groupby(["model", "dataset", "a", "b"], sort=True)
+    return g.agg(pearson=("pearson", "mean"), pearson_std=("pearson", "std"), jaccard_top10=("jaccard_top10", "mean"),
+                 pairs=("pearson", "size")).reset_index()
+
+
+def correlation_summary(corr: pd.DataFrame, bases: dict[str, str] | None = None, top: int = 5) -> str:
+    """``error_correlation.md``: what a reader wants of the pair table, at any grid size — per model
+    and dataset the headline, the most and least correlated pairs (seeds of one perturbation
+    collapsed to mean ± std), and each setting against its own family: seeds against each other,
+    a perturbation against the native quantization it imitates (``bases``: setting → base)."""
+    lines = ["# Error correlation between settings", "",
+             "Pearson ρ of per-example errors (NLL − NLL of W16A16). Seeds of one perturbation are collapsed "
+             "(`-s<seed>`: mean ± std over their pairs). Every pair: `error_correlation.csv`.", ""]
+    fams = _collapsed(corr)
+    for (model, dataset), g in corr.groupby(["model", "dataset"], sort=True):
+        f = fams[(fams["model"] == model) & (fams["dataset"] == dataset)]
+        lines += [f"## {model} · {dataset}", "",
+                  f"{len(g)} pairs of {len(set(g['setting_a']) | set(g['setting_b']))} settings, {int(g['n_examples'].max())} examples; "
+                  f"ρ mean {g['pearson'].mean():.3f}, median {g['pearson'].median():.3f}, min {g['pearson'].min():.3f}; "
+                  f"top-10 % Jaccard mean {g['jaccard_top10'].mean():.3f}.", ""]
+        between = f[f["a"] != f["b"]].dropna(subset=["pearson"])
+        show = lambda x: x.assign(**{"ρ": [f"{m:.3f}" + ("" if n == 1 else f" ± {s:.3f} ({n} pairs)") for m, s, n in  # noqa: E731
+                                              zip(x["pearson"], x["pearson_std"].fillna(0), x["pairs"])]})[["a", "b", "ρ", "jaccard_top10"]]
+        if len(between):
+            lines += ["Most correlated:", "", to_markdown(show(between.nlargest(top, "pearson"))),
+                      "Least correlated:", "", to_markdown(show(between.nsmallest(top, "pearson")))]
+        own = f[(f["a"] == f["b"]) & (f["pairs"] > 0)]
+        rows = [{"setting": r["a"], "against": "its other seeds", "ρ": f"{r['pearson']:.3f} ± {0 if pd.isna(r['pearson_std']) else r['pearson_std']:.3f}",
+                 "pairs": int(r["pairs"])} for _, r in own.iterrows()]
+        if bases:
+            pairs = g.assign(fa=g["setting_a"].map(seed_family), fb=g["setting_b"].map(seed_family))
+            for fam in sorted({seed_family(s) for s in set(g["setting_a"]) | set(g["setting_b"])}):
+                members = [s for s in bases if seed_family(s) == fam and bases[s] != s]
+                base = bases.get(members[0]) if members else None
+                if base is None:
+                    continue
+                m = pairs[((pairs["fa"] == fam) & (pairs["setting_b"] == base)) | ((pairs["fb"] == fam) & (pairs["setting_a"] == base))]
+                if len(m):
+                    rows.append({"setting": fam, "against": f"{base} (native)",
+                                 "ρ": f"{m['pearson'].mean():.3f} ± {0 if len(m) < 2 else m['pearson'].std():.3f}", "pairs": len(m)})
+        if rows:
+            lines += ["Each setting against its own family:", "", to_markdown(pd.DataFrame(rows))]
+    return "\n".join(lines)
+
+
 # --- Figures ----------------------------------------------------------------------------------------
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def fig_correlation_heatmap(corr: pd.DataFrame, model: str, path: Path) -> Path | None:
-    """Pearson ρ between the error vectors of every pair of settings, one panel per dataset."""
+    """Pearson ρ between the error vectors of every pair of settings, one panel per dataset. Seeds
+    of one perturbation are collapsed into their family (mean ρ; the diagonal is then the mean ρ
+    between its seeds); past :data:`HEATMAP_MAX` families the first ones by name are drawn and the
+    title says how many (every pair is in the CSV)."""
     sub = corr[corr["model"] == model]
     if sub.empty:
         return None
     plt = _plt()
+    fams = _collapsed(sub)
     datasets = sorted(sub["dataset"].unique())
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.6), squeeze=False)
     first: list[str] | None = None
     for ax, ds in zip(axes[0], datasets):
-        g = sub[sub["dataset"] == ds]
-        names = sorted(set(g["setting_a"]) | set(g["setting_b"]))
-        m = np.eye(len(names))
+        g = fams[fams["dataset"] == ds]
+        every = sorted(set(g["a"]) | set(g["b"]))
+        names = every[:HEATMAP_MAX]
         pos = {n: i for i, n in enumerate(names)}
-        for _, r in g.iterrows():
-            i, j = pos[r["setting_a"]], pos[r["setting_b"]]
-            m[i, j] = m[j, i] = r["pearson"]
+        m = np.eye(len(names))
+        shown = g[g["a"].isin(pos) & g["b"].isin(pos)]
+        ia, ib = shown["a"].map(pos).to_numpy(), shown["b"].map(pos).to_numpy()
+        m[ia, ib] = m[ib, ia] = shown["pearson"].to_numpy()
         im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=6)
         # the same settings as the panel on the left: its labels serve (no overlap)
@@ -260,8 +425,10 @@ def fig_correlation_heatmap(corr: pd.DataFrame, model: str, path: Path) -> Path 
             for i in range(len(names)):
                 for j in range(len(names)):
                     ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=5)
-        ax.set_title(f"{ds} (N={int(g['n_examples'].max())})", fontsize=9)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="Pearson ρ of per-example errors")
+        n_ex = int(sub[sub["dataset"] == ds]["n_examples"].max())
+        more = f", {len(names)} of {len(every)} settings" if len(every) > len(names) else ""
+        ax.set_title(f"{ds} (N={n_ex}{more})", fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="Pearson ρ of per-example errors (seeds: mean)")
     fig.suptitle(f"{model}: are the same examples hurt by every setting?", fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -273,6 +440,9 @@ def fig_predictor_vs_depth(pred: pd.DataFrame, path: Path) -> Path | None:
     dataset, marker = model; one legend for the figure."""
     if pred.empty:
         return None
+    # seeds of one perturbation: one line, their mean ρ
+    pred = (pred.assign(setting=pred["setting"].map(seed_family), family=pred["family"].fillna(""))
+            .groupby(["family", "model", "dataset", "setting", "relative_depth"], as_index=False)["rho"].mean())
     plt = _plt()
     from matplotlib.lines import Line2D
 
@@ -296,7 +466,9 @@ def fig_predictor_vs_depth(pred: pd.DataFrame, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.set_ylim(-1, 1)
     axes[0][0].set_ylabel("Pearson ρ(full-precision ‖r(l)‖, error)")
-    handles = [Line2D([], [], color=color[s], lw=2, label=s) for s in settings]
+    handles = [Line2D([], [], color=color[s], lw=2, label=s) for s in settings[:HEATMAP_MAX]]
+    if len(settings) > HEATMAP_MAX:
+        handles.append(Line2D([], [], color="none", label=f"… {len(settings) - HEATMAP_MAX} more (residual_predictor.csv)"))
     handles += [Line2D([], [], color="black", ls=style[d], label=d) for d in datasets]
     if len(models) > 1:
         handles += [Line2D([], [], color="black", ls="", marker=marker[m], label=m) for m in models]
@@ -350,17 +522,24 @@ def write_per_example_report(
     families: dict[str, str] | None = None,
     seed: int = 0,
     report: "Report | None" = None,
+    bases: dict[str, str] | None = None,
 ) -> list[Path]:
     """Tables (CSV + Markdown), D_large/D_ctrl id lists and figures; returns the files written (each
-    a part of ``report``: one that fails is recorded there, the others are still written)."""
+    a part of ``report``: one that fails is recorded there, the others are still written). The
+    Markdown files are summaries people read at any grid size; the CSVs hold every pair and layer.
+    ``bases``: setting → the setting it was derived from (a perturbation's native quantization)."""
     from quantlens.analysis.report import Report
 
     report = report or Report(Path(out_dir))
     err = report.compute("per_example_errors", lambda: errors(examples, reference), pd.DataFrame())
     if err.empty:
         return report.files
-    corr = report.table("error_correlation", lambda: error_correlation(err))
-    pred = report.table("residual_predictor", lambda: residual_predictor(err, residual, families))
+    corr = report.table("error_correlation", lambda: error_correlation(err), md=False)  # every pair: a file to load, not to read
+    report.file("error_correlation.md", lambda path: path.write_text(correlation_summary(corr, bases)))
+    pred = report.table("residual_predictor", lambda: residual_predictor(err, residual, families), md=False)
+    report.file("residual_predictor.md", lambda path: path.write_text(
+        "# ρ(S(L), e) at the last layer (every layer: residual_predictor.csv)\n\n"
+        + to_markdown(pred[pred["layer"] == pred.groupby(["model", "dataset"])["layer"].transform("max")])))
     sets = report.compute("d_sets", lambda: d_sets(err, tokens, seed), pd.DataFrame())
     for (model, dataset), g in (sets.groupby(["model", "dataset"], sort=True) if not sets.empty else []):
         report.table(f"d_large_{_safe(model)}_{_safe(dataset)}", lambda g=g: g.drop(columns=["model", "dataset"]), md=False)

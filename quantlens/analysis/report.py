@@ -25,6 +25,8 @@ class Report:
     files: list[Path] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # "<part>: <Error>: <message>", one line each
     fault: Callable[[str], None] = lambda part: None  # drills: raises for the parts it chooses
+    progress: Callable[[str], None] = lambda line: None  # "report: <part> (<n> done)" before each part
+    done: int = 0
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -35,6 +37,8 @@ class Report:
         return not self.failed
 
     def _guard(self, part: str, make: Callable[[], Any]) -> tuple[bool, Any]:
+        self.progress(f"report: {part} ({self.done} part(s) done, {len(self.failed)} failed)")
+        self.done += 1
         try:
             self.fault(part)
             return True, make()

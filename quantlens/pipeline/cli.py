@@ -119,10 +119,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
-    from quantlens.flows.aggregate import aggregate_flow
+    from quantlens.flows.aggregate import build_report
 
     out = args.out or os.path.join("results", args.sweep_id or args.experiment)
-    result = aggregate_flow(experiment=args.experiment, sweep_id=args.sweep_id, out_dir=out)
+    result = build_report(experiment=args.experiment, sweep_id=args.sweep_id, out_dir=out)  # no orchestration needed
     if not result["files"] and not result["failed"]:
         print("no finished runs found", file=sys.stderr)
         return 1
