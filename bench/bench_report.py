@@ -46,19 +46,6 @@ def synthetic(n_settings: int, n_examples: int, layers: int = 3, seed: int = 0):
     return examples, residual, tokens, bases
 
 
-def pairwise_loop(err: pd.DataFrame) -> pd.DataFrame:
-    """The per-pair code the matrix version replaced (one dropna and pair_stats per pair)."""
-    rows = []
-    for (model, dataset), g in err.groupby(["model", "dataset"], sort=True):
-        wide = g.pivot_table(index="example_id", columns="setting", values="error", aggfunc="first")
-        cols = list(wide.columns)
-        for i, a in enumerate(cols):
-            for b in cols[i + 1:]:
-                pair = wide[[a, b]].dropna()
-                rows.append(pe.pair_stats(model, dataset, a, b, pair.index.to_numpy(), pair[a].to_numpy(), pair[b].to_numpy()))
-    return pd.DataFrame(rows)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", type=int, nargs="+", default=[50, 300, 1000])
@@ -76,7 +63,7 @@ def main() -> None:
             t_loop = float("nan")
             if n_set <= args.pairwise_max:
                 t = time.perf_counter()
-                pairwise_loop(err)
+                pe.error_correlation_pairwise(err)
                 t_loop = time.perf_counter() - t
             with tempfile.TemporaryDirectory() as out:
                 t = time.perf_counter()

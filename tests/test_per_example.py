@@ -248,19 +248,6 @@ def test_registry_has_the_second_papers_models():
     assert cfg.datasets[0].examples == "documents" and cfg.datasets[0].example_len == 512
 
 
-def _pairwise_reference(err: pd.DataFrame) -> pd.DataFrame:
-    """The per-pair code the matrix version replaced: every pair, its own dropna, pair_stats."""
-    rows = []
-    for (model, dataset), g in err.groupby(["model", "dataset"], sort=True):
-        wide = g.pivot_table(index="example_id", columns="setting", values="error", aggfunc="first")
-        settings = list(wide.columns)
-        for i, a in enumerate(settings):
-            for b in settings[i + 1:]:
-                pair = wide[[a, b]].dropna()
-                rows.append(pe.pair_stats(model, dataset, a, b, pair.index.to_numpy(), pair[a].to_numpy(), pair[b].to_numpy()))
-    return pd.DataFrame(rows, columns=pe.PAIR_COLUMNS)
-
-
 @pytest.mark.parametrize("missing", [False, True])
 def test_matrix_pair_statistics_equal_the_per_pair_code(missing):
     rng = np.random.default_rng(0)
@@ -280,7 +267,7 @@ def test_matrix_pair_statistics_equal_the_per_pair_code(missing):
                 rows += [{"model": model, "dataset": ds, "setting": f"S{s}", "example_id": f"x{i:03d}", "error": float(e[i])}
                          for i in range(n_ex) if keep[i]]
     err = pd.DataFrame(rows)
-    got, want = pe.error_correlation(err), _pairwise_reference(err)
+    got, want = pe.error_correlation(err), pe.error_correlation_pairwise(err)
     assert len(got) == 2 * (36 + 6) and list(got.columns) == pe.PAIR_COLUMNS
     pd.testing.assert_frame_equal(got[["model", "dataset", "setting_a", "setting_b", "n_examples"]],
                                   want[["model", "dataset", "setting_a", "setting_b", "n_examples"]], check_dtype=False)

@@ -167,6 +167,18 @@ def error_correlation(err: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)[PAIR_COLUMNS] if parts else pd.DataFrame(columns=PAIR_COLUMNS)
 
 
+def error_correlation_pairwise(err: pd.DataFrame) -> pd.DataFrame:
+    """The definition :func:`error_correlation` computes, pair by pair (each pair on the examples both
+    settings have, :func:`pair_stats`): the reference it is tested and benchmarked against."""
+    rows = []
+    for (model, dataset), g in err.groupby(["model", "dataset"], sort=True):
+        wide = g.pivot_table(index="example_id", columns="setting", values="error", aggfunc="first")
+        for a, b in itertools.combinations(list(wide.columns), 2):
+            pair = wide[[a, b]].dropna()
+            rows.append(pair_stats(model, dataset, a, b, pair.index.to_numpy(), pair[a].to_numpy(), pair[b].to_numpy()))
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
 def pair_matrix(wide: pd.DataFrame) -> pd.DataFrame:
     """All pairs of the columns of ``wide`` (index: example ids, one column of errors per setting).
 
