@@ -73,15 +73,16 @@ def is_transient(err: BaseException) -> bool:
     return any(t in text for t in _TRANSIENT_TEXT) or bool(_HTTP_5XX.search(text))
 
 
-def _retry(fn: Callable[[], T], what: str) -> T:
+def _retry(fn: Callable[[], T], what: str, also: tuple[str, ...] = ()) -> T:
     """Retry a tracking call with backoff when the error is transient (a server briefly down must
-    not lose a finished result); permanent errors are raised at once."""
+    not lose a finished result), or its message holds one of ``also`` (races a retry resolves);
+    permanent errors are raised at once."""
     delay = 0.5
     for attempt in range(RETRYABLE_ATTEMPTS):
         try:
             return fn()
         except Exception as err:  # mlflow raises MlflowException / requests errors
-            if attempt == RETRYABLE_ATTEMPTS - 1 or not is_transient(err):
+            if attempt == RETRYABLE_ATTEMPTS - 1 or not (is_transient(err) or any(a in str(err) for a in also)):
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 8.0)
@@ -402,7 +403,10 @@ class Tracker:
         inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"],
                                        schema=d.get("schema"), profile=d.get("profile")),
                                tags=[InputTag("mlflow.data.context", "evaluation")]) for d in datasets]
-        _retry(lambda: self.client.log_inputs(run_id, datasets=inputs), "inputs")
+        # Runs evaluating the same dataset at the same moment (models fanned out to workers) race in
+        # the server's get-or-create of the dataset row: the loser's retry finds it (SQLite / PostgreSQL).
+        _retry(lambda: self.client.log_inputs(run_id, datasets=inputs), "inputs",
+               also=("UNIQUE constraint failed: datasets", "duplicate key value violates unique constraint"))
 
     def attempt_runs(self, attempt: str) -> list[Any]:
         """Eval runs an attempt created (not the reused ones), whatever their status."""

@@ -122,6 +122,17 @@ def test_only_transient_tracking_errors_are_retried(monkeypatch):
     assert tracking.is_transient(RuntimeError("API request failed with status code 503"))
     assert not tracking.is_transient(RuntimeError("RESOURCE_DOES_NOT_EXIST: Run 'ab503cd' not found"))
 
+    def race():  # two runs logging one dataset at once: the loser's retry finds the row
+        calls.append(1)
+        if len(calls) < 2:
+            raise RuntimeError("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
+        return "ok"
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="UNIQUE constraint"):
+        tracking._retry(race, "x")  # not transient in general
+    assert tracking._retry(race, "x", also=("UNIQUE constraint failed: datasets",)) == "ok" and len(calls) == 2
+
 
 def test_kv_sweep_keeps_w16a16_as_reference_and_the_report_is_a_step_that_can_fail(tmp_path, store):
     """The KV grid of issue #17: KV16 is the W16A16 run, the per-example errors are against W16A16
