@@ -139,6 +139,12 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"device": name, "dtype": str(dtype), "windows": n_win, "seqlen": seqlen,
                                           "batch_size": bs, "results": results}, indent=2))
     print(f"wrote {args.out}")
+    mfus = [r["W16A16"]["mfu"] for r in results if r["W16A16"]["mfu"]]
+    if device.type == "cuda" and mfus:  # the plan's time estimates on this GPU use what it measured
+        from quantlens.model.footprint import record_calibration
+
+        f = record_calibration(name, max(mfus))
+        print(f"plan calibration: {name} reaches {max(mfus):.1%} of peak ({f})")
 
 
 if __name__ == "__main__":

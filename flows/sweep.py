@@ -81,6 +81,7 @@ class _ModelRun:
     progress: Progress
     tags: dict[str, str]
     result: dict[str, Any]
+    plan: dict[str, Any]  # the plan this model runs under (placement, estimated peak): params of every run
 
 
 def _note_done_elsewhere(mr: _ModelRun, s: Setting, run_id: str) -> None:
@@ -96,7 +97,8 @@ def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key:
     log = get_run_logger()
     name = mr.info.name
     t0 = time.perf_counter()  # before acquiring: its cost counts as overhead
-    got = mr.ledger.acquire(key, mr.parent_run_id, f"{s.name} · {name}", eval_params(mr.cfg, mr.info, mr.revision, s), mr.tags)
+    got = mr.ledger.acquire(key, mr.parent_run_id, f"{s.name} · {name}", {**eval_params(mr.cfg, mr.info, mr.revision, s), **mr.plan},
+                            mr.tags)
     if got.state == "done":
         _note_done_elsewhere(mr, s, got.run_id)
         return None
@@ -105,6 +107,7 @@ def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key:
     lease = got.lease
     try:
         with lease:
+            steps.reset_peak_memory(model)
             steps.patch(model, s, mr.cfg.hardware.originals)
             metrics: dict[str, float] = {}
             tokens = 0.0
@@ -118,7 +121,8 @@ def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key:
                 metrics.update(m)
             pert, rows = steps.perturbation_metrics(model)
             eval_s = sum(v for k, v in metrics.items() if k.endswith("_seconds"))
-            mr.ledger.tracker.log(lease.run_id, metrics={**pert, "eval_seconds": eval_s, "tokens_per_s": tokens / eval_s if eval_s else 0.0})
+            mr.ledger.tracker.log(lease.run_id, metrics={**pert, "eval_seconds": eval_s, "tokens_per_s": tokens / eval_s if eval_s else 0.0,
+                                                         **steps.peak_memory(model)})
             mr.ledger.tracker.log_rows(lease.run_id, rows, "layer_stats.csv")
             # wall time of the whole run (patch, evaluation, logging): minus eval_seconds = overhead
             mr.ledger.tracker.log(lease.run_id, metrics={"wall_seconds": time.perf_counter() - t0})
@@ -165,7 +169,7 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
     model, tokenizer = steps.load_model(snap, cfg.hardware)
     tags = {"git_commit": git_commit(), "device": device_tag(model), "mlflow.source.git.commit": git_commit().removesuffix("-dirty"),
             "mlflow.source.name": "quantlens", "mlflow.source.type": "JOB"}
-    mr = _ModelRun(cfg, info, snap.revision, parent_run_id, ledger, progress, tags, result)
+    mr = _ModelRun(cfg, info, snap.revision, parent_run_id, ledger, progress, tags, result, steps.plan_params(cfg, info, snap, model))
     waiting = []
     for s in todo:
         owner = evaluate_setting(mr, model, tokenizer, s, keys[s.name])

@@ -56,6 +56,40 @@ def load_model(snapshot: qm.Snapshot, hw: Hardware) -> tuple[Any, Any]:
     return qm.load_model(snapshot, device=hw.device, dtype=hw.dtype, placement=hw.placement)
 
 
+def plan_params(cfg: Any, info: qm.ModelInfo, snapshot: qm.Snapshot, model: Any) -> dict[str, Any]:
+    """The plan a model runs under, as run params: the placement it got, and the plan's estimate of
+    its peak GPU memory and time (checked against ``peak_gpu_gib`` / ``eval_seconds``)."""
+    from quantlens.pipeline import plan as P
+
+    placement = getattr(model, "_quantlens_placement", cfg.hardware.placement)
+    try:
+        est = P.estimate(info.name, P.shape_from_checkpoint(snapshot.path), P.detected_target(cfg.hardware.device),
+                         P.workload(cfg))
+    except Exception as err:  # a plan that cannot be made must not stop the evaluation
+        get_run_logger().warning("%s: no plan estimate (%s)", info.name, err)
+        return {"placement": placement}
+    est.placement = placement
+    return est.params()
+
+
+def reset_peak_memory(model: Any) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(model: Any) -> dict[str, float]:
+    """Measured peak memory of the run: GPU (torch's allocator, all GPUs) or this process' RSS."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and any(p.is_cuda for p in model.parameters()):
+        return {"peak_gpu_gib": max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30}
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 @task(name="patch", cache_policy=NONE, persist_result=False)
 def patch(model: Any, setting: Setting, originals: str = "auto") -> None:
     quantize_(model, setting, keep_originals_on=qm.choose_originals(model, originals))

@@ -126,6 +126,9 @@ def test_numbers_in_mlflow_equal_direct_evaluation(filled):
               "transform", "clip_k", "perturbation", "seed", "revision", "seqlen"):
         assert f"params.{p}" in df
     assert row["params.family"] == "opt" and row["params.w_bits"] == "4" and row["params.a_bits"] == "16"
+    # the plan it ran under, and what it measured (CPU: the process' peak RSS)
+    assert row["params.placement"] == "single" and float(row["params.plan.peak_gpu_gib"]) > 0
+    assert row["params.plan.batch_size"] == "8" and row["metrics.peak_rss_gib"] > 0
     for t in ("sweep_id", "run_key", "git_commit", "device"):
         assert row[f"tags.{t}"]
     assert row["metrics.weight_rel_error_mean"] > 0 and row["metrics.eval_seconds"] > 0 and row["metrics.tokens_per_s"] > 0

@@ -40,12 +40,11 @@ def input_device(model: nn.Module) -> torch.device:
 def _auto_batch(model: nn.Module, seqlen: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 8
+    from quantlens.model.footprint import auto_batch
+
     free, _ = torch.cuda.mem_get_info(device)
     cfg = model.config
-    vocab = getattr(cfg, "vocab_size", 50000)
-    hidden = getattr(cfg, "hidden_size", 4096)
-    per_seq = seqlen * (vocab * 4 * 3 + hidden * 2 * 24)  # fp32 logits + loss temporaries, activations
-    return int(max(1, min(64, 0.6 * free // per_seq)))
+    return auto_batch(free, seqlen, getattr(cfg, "vocab_size", 50000), getattr(cfg, "hidden_size", 4096))
 
 
 def _run_batches(n: int, batch_size: int, fn: Callable[[int, int], None], progress: Progress | None) -> int:

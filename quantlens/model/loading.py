@@ -217,6 +217,8 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(path)
     if placement == "auto":
         placement = choose_placement(path, dev, dt)
+    if placement not in ("single", "device_map", "stream"):
+        raise ConfigError(f"placement: unknown {placement!r} (auto, single, device_map, stream)")
     if placement == "device_map":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, device_map="auto")
     elif placement == "stream":
@@ -225,11 +227,9 @@ def load_model(
         model = load_streaming(path, dev, dt)  # blocks read from the checkpoint when they run
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
-        if placement == "single":
-            model.to(dev)
-        else:
-            raise ConfigError(f"placement: unknown {placement!r} (auto, single, device_map, stream)")
+        model.to(dev)
     model.eval()
+    model._quantlens_placement = placement
     model._quantlens_source = path  # originals: checkpoint reads weights back from here
     return model, tokenizer
 
@@ -260,15 +260,19 @@ def choose_originals(model: Any, choice: str = "auto") -> str:
     return "checkpoint" if size > limit and model_checkpoint(model) is not None else "auto"
 
 
-def choose_placement(path: str, device: torch.device, dtype: torch.dtype) -> str:
+def choose_placement(path: str, device: torch.device, dtype: torch.dtype, n_sequences: int = 1, seqlen: int = 2048) -> str:
+    """``placement: auto``: the plan's choice (:func:`quantlens.pipeline.plan.estimate`) for this
+    checkpoint on the GPUs here, by their free memory: single if it fits one, else device_map if it
+    fits all of them, else stream. On a CPU: single."""
     import torch
+
+    from quantlens.model import footprint as P
+
     if device.type != "cuda":
         return "single"
-    size_b = _size_from_files(Path(path))
-    need = size_b * 1e9 * torch.finfo(dtype).bits / 8 * 1.2  # weights + activations headroom
     free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
-    if need <= free[0]:
-        return "single"
-    if need <= sum(free):
-        return "device_map"
-    return "stream"
+    here = P.detected_target(str(device))
+    target = P.Target(**{**here.__dict__, "memory_gib": min(free) / P.GIB})
+    dt = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "auto")
+    work = P.Workload(seqlen=seqlen, tokens=0.0, examples=n_sequences, settings=1, dtype=dt, placement="auto")
+    return P.estimate(Path(path).name, P.shape_from_checkpoint(path), target, work).placement

@@ -31,6 +31,15 @@ def _print_plan(plan: list[Any], header: str) -> None:
     print(f"{n_done} done, {len(plan) - n_done} to run")
 
 
+def _target_of(estimates: list[Any], cfg: Any) -> Any:
+    known = [e for e in estimates if e is not None]
+    if known:
+        return known[0].target
+    from quantlens.pipeline.plan import detected_target
+
+    return detected_target(cfg.hardware.device)
+
+
 def _check_prefect() -> None:
     """A Prefect API named by PREFECT_API_URL must answer and accept our credentials before the
     flow starts (unset: Prefect's local ephemeral server, nothing to check)."""
@@ -46,9 +55,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from quantlens.tasks.ledger import RunLedger
     from quantlens.tasks.tracking import Tracker
 
+    from quantlens.pipeline.plan import format_plan, planned_target
+
     cfg = load_config(args.config)
     settings = cfg.expanded_settings()
-    preflight(cfg)  # absent folders, unknown or uncached models, missing data files: one line, seconds
+    target = None
+    if args.gpu or args.gpu_memory or args.gpus:
+        if not args.dry_run:
+            raise ConfigError("--gpu / --gpu-memory / --gpus plan for another machine: use them with --dry-run")
+        if args.gpus and not (args.gpu or args.gpu_memory):
+            raise ConfigError("--gpus: say which GPU with --gpu NAME or --gpu-memory GiB")
+        target = planned_target(args.gpu, args.gpu_memory, args.gpus)
+    # the device, models, group sizes, placement memory, data files, disk: one line, seconds
+    estimates = preflight(cfg, target, planning=args.dry_run)
+    plan_lines = format_plan(estimates, [m.ref for m in cfg.models], target or _target_of(estimates, cfg))
     tracker = Tracker(cfg.experiment)  # an unreachable store fails here, before Prefect starts
     sid = sweep_id(cfg)
     ledger = RunLedger(tracker, sid, attempt="plan", force=args.force)
@@ -56,6 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for alias, kept in cfg.aliases().items():
         print(f"{alias}: the same computation as {kept}, evaluated once as {kept}", file=sys.stderr)
     if args.dry_run:
+        print("\n".join(plan_lines))
         _print_plan(plan, f"sweep {sid}: {len(cfg.models)} model(s) × {len(settings)} setting(s) = {len(plan)} run(s); "
                           f"datasets: {', '.join(d.name for d in cfg.datasets)}")
         return 0
@@ -78,6 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from quantlens.flows.sweep import sweep_flow
 
     todo = sum(1 for r in plan if r.state != "done")
+    print("\n".join(plan_lines), file=sys.stderr)
     print(f"sweep {sid}: {len(plan)} run(s), {len(plan) - todo} already done, {todo} to evaluate", file=sys.stderr)
     try:
         summary = sweep_flow(args.config, force=args.force, results_dir=args.results)
@@ -214,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("--dry-run", action="store_true", help="print the planned grid and what is already done")
     r.add_argument("--force", action="store_true", help="redo every run, finished or not")
+    r.add_argument("--gpu", default=None, help="with --dry-run: plan for this GPU (H100, A100-40GB, L40S, …) instead of this machine's")
+    r.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="with --dry-run: plan for GPUs of this memory")
+    r.add_argument("--gpus", type=int, default=None, metavar="N", help="with --dry-run: plan for N GPUs per node")
     r.add_argument("--results", default="results", help="folder for tables and figures (default: results/)")
     r.add_argument("-v", "--verbose", action="store_true", help="Prefect's logs, per-batch progress, every file written")
     r.set_defaults(fn=cmd_run)

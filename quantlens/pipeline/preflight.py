@@ -1,25 +1,41 @@
 """Preflight: everything a sweep needs, checked before any model loads, download retries or GPU time.
+Each problem is one line (:class:`PreflightError`, exit 2) within seconds.
 
+- the device exists and is usable: CUDA asked for but not available says why (a CPU-only torch
+  build, ``CUDA_VISIBLE_DEVICES``), ``cuda:N`` beyond the GPUs present, MPS absent, bfloat16 on a
+  GPU without it; a model's ``gpus:`` more than the node has;
 - every model reference resolves: a registry name, a Hugging Face id, or a local folder — anything
   that looks like a path (``/…``, ``./…``, ``~/…``, more than one ``/``) must be an existing
   model folder, else "no such directory"; a hub id must be in the local cache when the hub is
-  offline (``HF_HUB_OFFLINE=1``);
+  offline (``HF_HUB_OFFLINE=1``; a dry run plans it from the registry instead, "not cached");
 - every model whose config is here (a local folder or a cached hub snapshot) is one the model
   anatomy understands (:func:`quantlens.model.anatomy.check_config`: built on the meta device, no
   weights read), and its attention can take the sweep's KV-cache settings;
-- every local dataset file exists and is not empty;
+- every group size divides the input features of every linear it applies to (shapes read from
+  the safetensors headers, or the config / registry when not downloaded);
+- the configured placement fits the GPU (:mod:`quantlens.pipeline.plan`), else what to use instead;
+- every local dataset file exists, is not empty and is text (or parquet / gzip where named so);
+- the models still to download fit the free disk of the Hugging Face cache;
 - the grid (settings, analysis) is valid — :func:`quantlens.pipeline.sweep.load_config` already did that.
 
-The tracking store's reachability is checked by the caller (``Tracker``), also before any work.
+:func:`preflight` returns the plan (:class:`~quantlens.pipeline.plan.Estimate` per model) that
+``--dry-run`` prints and every run shows first. The tracking store's reachability is checked by the
+caller (``Tracker``), also before any work.
 """
 
 from __future__ import annotations
 
+import codecs
+import gzip
+import math
 import os
+import shutil
+from pathlib import Path
 
 from quantlens.evaluation.data import _expand
+from quantlens.model.loading import ModelInfo, ModelUnavailable, local_revision, resolve_model
+from quantlens.pipeline import plan as P
 from quantlens.pipeline.errors import PreflightError
-from quantlens.model.loading import ModelUnavailable, local_revision, resolve_model
 from quantlens.pipeline.sweep import SweepConfig
 
 
@@ -27,25 +43,165 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
-def preflight(cfg: SweepConfig) -> None:
-    """Raise one :class:`PreflightError` / :class:`ModelUnavailable` naming the first problem."""
-    needs_kv = any(s.kv is not None for s in cfg.expanded_settings())
+def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool = False) -> list[P.Estimate | None]:
+    """Raise one :class:`PreflightError` / :class:`ModelUnavailable` naming the first problem; else
+    the plan, one estimate per model (None: its size is known only after download).
+
+    ``target``: plan for another machine (``--gpu`` / ``--gpu-memory``; this machine's device is
+    then not checked). ``planning`` (a dry run): uncached models offline are planned from the
+    registry instead of refused."""
+    settings = cfg.expanded_settings()
+    needs_kv = any(s.kv is not None for s in settings)
+    if target is None:
+        check_device(cfg.hardware.device)
+        target = P.detected_target(cfg.hardware.device)
+    if target.kind == "cuda" and cfg.hardware.dtype == "bfloat16" and not target.bf16:
+        raise PreflightError(f"hardware.dtype: bfloat16 is not supported by {target.name}: use float16 (or dtype: auto)")
+    for d in cfg.datasets:
+        if d.path:
+            try:
+                for f in _expand(d.path):
+                    check_text(f)
+            except PreflightError as err:
+                raise PreflightError(f"dataset {d.name}: {err}") from None
+            except Exception as err:
+                raise PreflightError(f"dataset {d.name}: {err}") from None
+    work = P.workload(cfg)
+    out: list[P.Estimate | None] = []
+    to_download = 0.0
     for m in cfg.models:
+        if target.kind == "cuda" and m.gpus > target.count:
+            raise PreflightError(f"model {m.ref}: gpus: {m.gpus}, but {'this node' if target.here else 'the planned node'} "
+                                 f"has {target.count} GPU(s)")
         info = resolve_model(m.ref, m.hf_id)  # ConfigError: unknown names, absent folders
         revision = local_revision(info, m.revision)
-        if hub_offline() and not os.path.isdir(info.hf_id) and revision is None:
+        cached = revision is not None
+        if hub_offline() and not cached and not planning:
             raise ModelUnavailable(
                 f"model {info.hf_id!r} is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1): "
                 "check the id, download it first, or give a local folder"
             )
-        if revision is not None:
+        shape = None
+        if cached:
             check_anatomy(info.hf_id, m.ref, needs_kv, m.revision)
-    for d in cfg.datasets:
-        if d.path:
-            try:
-                _expand(d.path)
-            except Exception as err:
-                raise PreflightError(f"dataset {d.name}: {err}") from None
+            folder = _local_folder(info, m.revision)
+            shape = _shape(folder) if folder else None
+        elif info.name in P.REGISTRY_CONFIGS:
+            shape = P.shape_from_config(P.REGISTRY_CONFIGS[info.name], source="registry")
+        if shape is None:
+            out.append(None)
+            continue
+        if not cached:
+            to_download += shape.checkpoint_bytes or 2 * shape.params
+        check_group_sizes(m.ref, shape, settings)
+        est = P.estimate(info.name, shape, target, work, cached=cached)
+        problem = P.placement_error(est)
+        if problem:
+            raise PreflightError(problem)
+        out.append(est)
+    if to_download and not hub_offline() and not planning:
+        check_disk(to_download)
+    return out
+
+
+def check_device(device: str) -> None:
+    """The configured device exists here and is usable (one line naming why not)."""
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = f"torch {torch.__version__}"
+            why = (f"{build} is a CPU-only build (install a CUDA build of torch)" if torch.version.cuda is None
+                   else f"{build} (CUDA {torch.version.cuda}) sees no GPU")
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise PreflightError(f"hardware.device: {device!r}, but CUDA is not available here: {why}; "
+                                 f"CUDA_VISIBLE_DEVICES={'unset' if visible is None else repr(visible)}")
+        if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+            raise PreflightError(f"hardware.device: {device!r}, but this node has {torch.cuda.device_count()} GPU(s) "
+                                 f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise PreflightError("hardware.device: 'mps', but MPS is not available here (Apple silicon with a torch build for it)")
+
+
+def check_group_sizes(ref: str, shape: P.Shape, settings: list) -> None:
+    """Every weight and activation group size divides the input features of every block linear."""
+    gcd = math.gcd(*shape.linears.values()) if shape.linears else 0
+    fitting = [g for g in (16, 32, 64, 128, 256) if gcd and gcd % g == 0]
+    hint = f"group sizes that divide every linear: {', '.join(map(str, fitting))}" if fitting else f"use a divisor of {gcd}"
+    for s in settings:
+        for part, spec in (("weights", s.weights), ("activations", s.activations)):
+            g = getattr(spec, "group_size", None) if spec is not None else None
+            if not g:
+                continue
+            for name, n_in in shape.linears.items():
+                if n_in % g:
+                    raise PreflightError(f"setting {s.name}: {part} group size {g} does not divide the {n_in} input "
+                                         f"features of {name} (model {ref}); {hint}")
+
+
+def check_text(f: Path) -> None:
+    """A data file reads as text (UTF-8; ``.gz`` after decompression) or is a parquet file."""
+    if f.suffix == ".parquet":
+        with open(f, "rb") as fh:
+            if fh.read(4) != b"PAR1":
+                raise PreflightError(f"{f} is named .parquet but is not a parquet file")
+        return
+    opener = gzip.open if f.suffix == ".gz" else open
+    try:
+        with opener(f, "rb") as fh:
+            chunk = fh.read(1 << 20)
+    except (OSError, EOFError) as err:
+        raise PreflightError(f"{f} cannot be read ({err})") from None
+    nul = chunk.find(b"\x00")
+    if nul >= 0:
+        raise PreflightError(f"{f} is not text (a NUL byte at offset {nul}): give the raw text, jsonl or parquet file")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(chunk, final=False)
+    except UnicodeDecodeError as err:
+        raise PreflightError(f"{f} is not UTF-8 text (byte 0x{chunk[err.start]:02x} at offset {err.start}): "
+                             "give the raw text, jsonl or parquet file") from None
+
+
+def hf_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def check_disk(need_bytes: float) -> None:
+    """The models still to download fit the free disk of the Hugging Face cache."""
+    where = hf_cache_dir()
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need_bytes * 1.05 > free:
+        raise PreflightError(f"downloads need ≈ {need_bytes / 1e9:.1f} GB in {where} and {free / 1e9:.1f} GB are free: "
+                             "free space, or set HF_HOME to a larger disk")
+
+
+def _shape(folder: str) -> P.Shape | None:
+    """The folder's shape; None when its config lacks dimensions the plan reads (transformers'
+    defaults fill them at load time: the plan then says "known after loading")."""
+    try:
+        return P.shape_from_checkpoint(folder)
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, ValueError) and "safetensors" in str(err):
+            raise PreflightError(f"model {folder}: {err}") from None
+        return None
+
+
+def _local_folder(info: ModelInfo, revision: str | None) -> str | None:
+    if os.path.isdir(info.hf_id):
+        return info.hf_id
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(info.hf_id, revision=revision, local_files_only=True)
+    except Exception:
+        return None
 
 
 def _config_file(model_id: str, revision: str | None) -> str | None:

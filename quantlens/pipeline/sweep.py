@@ -88,12 +88,19 @@ class AnalysisOptions(_Strict):
 
 
 class Hardware(_Strict):
-    device: str = "auto"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     placement: Literal["auto", "single", "device_map", "stream"] = "auto"
     # where the 16-bit originals live while a setting is applied (single / device_map; stream keeps
     # none): memory (host RAM), checkpoint (read back from the safetensors), auto (by size)
     originals: Literal["auto", "memory", "checkpoint"] = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"{v!r} is not a device (auto, cpu, cuda, cuda:N, mps)")
+        return v
 
 
 class SweepConfig(_Strict):
