@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from quantlens.analysis.aggregate import reference_settings, tidy, write_report
+from quantlens.analysis.links import runs_link
 from quantlens.analysis.mechanism_report import write_mechanism_report
 from quantlens.analysis.per_example import write_per_example_report
 from quantlens.analysis.report import Report
@@ -112,7 +113,8 @@ def build_report(
         tables = read(tracker, runs)
         if not tables.examples.empty:
             write_per_example_report(tables.examples, tables.residual, tables.tokens, tables.reference, out_dir, tables.families,
-                                     report=report, bases=dict(zip(runs["setting"], runs["base"])))
+                                     report=report, bases=dict(zip(runs["setting"], runs["base"])),
+                                     links=lambda model, settings: runs_link(runs[(runs["model"] == model) & runs["setting"].isin(settings)]))
         write_mechanism_report(tables.mechanisms, out_dir, report=report)
     run_ids = list(df["run_id"]) if not df.empty else []
     manifest = report.write_manifest(run_ids)

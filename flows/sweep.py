@@ -8,6 +8,7 @@ failed step redoes only what did not finish. Runs left RUNNING by a dead attempt
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from quantlens.pipeline.errors import AnalysisFailed, NotEvaluated, SweepIncomplete
@@ -86,6 +88,7 @@ class _ModelRun:
 
 def _note_done_elsewhere(mr: _ModelRun, s: Setting, run_id: str) -> None:
     mr.result["skipped"] += 1
+    mr.result["rows"].append({"setting": s.name, "state": "already finished", "run_id": run_id})
     line = f"{mr.progress.tick(False)} {mr.info.name}/{s.name}: FINISHED by another attempt (run {run_id})"
     get_run_logger().info(line)
     say(line)
@@ -128,6 +131,8 @@ def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key:
             mr.ledger.tracker.log(lease.run_id, metrics={"wall_seconds": time.perf_counter() - t0})
         lease.finish()
         mr.result["evaluated"].append(s.name)
+        mr.result["rows"].append({"setting": s.name, "state": "evaluated", "run_id": lease.run_id,
+                                  **{k: round(v, 4) for k, v in metrics.items() if k.endswith(("_ppl", "_acc"))}})
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith(("_ppl", "_acc")))
         line = f"{mr.progress.tick(True)} {name}/{s.name}: {shown} ({time.perf_counter() - t0:.1f}s)"
         log.info(line)
@@ -136,6 +141,8 @@ def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key:
         why = f"{type(err).__name__}: {err}"
         lease.fail(why, traceback.format_exc())
         mr.result["failed"].append(f"{s.name}: {why}")
+        mr.result["rows"].append({"setting": s.name, "state": "FAILED", "run_id": lease.run_id, "why": why[:200],
+                                  "failure_log": f"{mr.ledger.tracker.artifact_uri(lease.run_id)}/failure.log"})
         # ERROR records reach the console in quiet mode too: one line, the traceback is in MLflow
         log.error(f"{mr.progress.tick(True)} {name}/{s.name} FAILED: {why} (traceback: artifact failure.log of MLflow run {lease.run_id})")
     finally:
@@ -161,9 +168,11 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
     for name, run_id in reused.items():
         log.info("%s %s/%s: already FINISHED (run %s), skipped", progress.tick(False), info.name, name, run_id)
     todo = [s for s in settings if s.name not in reused]
-    result: dict[str, Any] = {"model": info.name, "evaluated": [], "failed": [], "skipped": len(reused), "explained": []}
+    result: dict[str, Any] = {"model": info.name, "evaluated": [], "failed": [], "skipped": len(reused), "explained": [],
+                              "rows": [{"setting": n, "state": "already finished", "run_id": r} for n, r in reused.items()]}
     narrow = ledger.narrow(snap.revision)
     if not todo and not ledger.tracker.analysis_plan(cfg, keys, narrow, force):
+        publish_model_table(ledger.tracker, info.name, result)
         return result
 
     model, tokenizer = steps.load_model(snap, cfg.hardware)
@@ -192,7 +201,27 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
                     still.append((s, new_owner))
         waiting = still
     explain_model(ledger.tracker, cfg, info.name, model, keys, narrow, force, result)
+    publish_model_table(ledger.tracker, info.name, result)
     return result
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) from names like ``tiny-opt`` / a sweep id."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")[:100]
+
+
+def publish_model_table(tracker: Tracker, model: str, result: dict[str, Any]) -> None:
+    """The model flow run's table artifact: each setting's state, headline metrics and MLflow run
+    (a FAILED one with its failure.log). Publishing must never fail the flow."""
+    try:
+        from quantlens.analysis.links import run_url
+
+        rows = [{**r, "mlflow": run_url(r["run_id"], tracker.experiment_id)} for r in result["rows"]]
+        create_table_artifact(table=rows, key=artifact_key("quantlens-model", model),
+                              description=f"**{model}**: {len(result['evaluated'])} evaluated, {result['skipped']} already finished, "
+                                          f"{len(result['failed'])} failed")
+    except Exception as err:  # noqa: BLE001
+        get_run_logger().warning("%s: no Prefect table artifact (%s)", model, err)
 
 
 def explain_model(tracker: Tracker, cfg: SweepConfig, model_name: str, model: Any, keys: dict[str, str], narrow: str,
@@ -266,6 +295,7 @@ def sweep_flow(
         agg = aggregate_flow(experiment=cfg.experiment, sweep_id=sid, out_dir=str(Path(results_dir) / sid), parent_run_id=parent)
         summary["artifacts"], summary["report_failed"], summary["report_dir"] = agg["files"], agg["failed"], agg["out_dir"]
     failed, report_failed = summary["failed"], summary["report_failed"]
+    publish_sweep(tracker, cfg, sid, parent, summary)
     tracker.finish(parent, "FAILED" if failed or report_failed else "FINISHED")
     end_attempt(attempt)
     log.info("sweep %s: %d evaluated, %d already done, %d failed, %d not run", sid, summary["evaluated"], summary["skipped"],
@@ -314,6 +344,58 @@ def _dispatch(cfg: SweepConfig, deployment: str, parent: str, attempt: str, forc
     return failures
 
 
+def sweep_markdown(cfg: SweepConfig, sid: str, summary: dict[str, Any], runs: Any, comparisons: list[tuple[str, str]],
+                   failures: list[dict[str, str]]) -> str:
+    """What the sweep found, for the Prefect UI: counts, the headline table with MLflow links, the
+    main comparisons, failures with their failure.log, and where the report is."""
+    from quantlens.analysis.aggregate import metrics_present, to_markdown
+    from quantlens.analysis.links import runs_link
+
+    lines = [f"# {cfg.name} · sweep `{sid}`", "",
+             f"**{summary['evaluated']} evaluated**, {summary['skipped']} already finished, **{len(summary['failed'])} failed**, "
+             f"{summary['not_run']} not run.", ""]
+    if not runs.empty:
+        metrics = metrics_present(runs)
+        if metrics:
+            head = metrics[1] if metrics[0] == "lambada_acc" and len(metrics) > 1 and metrics[1].endswith("_ppl") else metrics[0]
+            table = runs.pivot_table(index="setting", columns="model", values=head, aggfunc="first", sort=False)
+            table = table.reset_index()
+            shown = table.head(40)
+            lines += [f"## {head} per setting and model" + (f" (first 40 of {len(table)} settings)" if len(table) > 40 else ""), "",
+                      to_markdown(shown), ""]
+            lines += ["Each model's runs side by side in MLflow: " + ", ".join(
+                f"[{m}]({runs_link(runs[runs['model'] == m])})" for m in dict.fromkeys(runs["model"])), ""]
+    if comparisons:
+        lines += ["## Comparisons in MLflow", ""] + [f"- [{t}]({u})" for t, u in comparisons[:20]] + [""]
+    if failures:
+        lines += ["## Failed runs", ""] + [f"- {f['what']}: {f['why']} — traceback: `{f['log']}`" for f in failures] + [""]
+    if summary.get("report_dir"):
+        lines += [f"Report (tables and figures): `{Path(summary['report_dir']).resolve()}/`, also the artifacts `report/` of the "
+                  f"sweep's MLflow parent run `{summary['parent_run_id']}`."]
+    return "\n".join(lines)
+
+
+def publish_sweep(tracker: Tracker, cfg: SweepConfig, sid: str, parent: str, summary: dict[str, Any]) -> None:
+    """The parent run's description gains the sweep's main comparisons; the sweep flow run gets a
+    markdown artifact of what it found. Publishing must never fail the sweep."""
+    try:
+        from quantlens.analysis.aggregate import tidy
+        from quantlens.analysis.links import main_comparisons
+
+        runs = tidy(tracker.runs_frame(sid))
+        comparisons = main_comparisons(runs)
+        if comparisons:
+            tracker.log(parent, tags={"mlflow.note.content": _description(cfg, sid) + "\n\n**Comparisons**\n\n"
+                                      + "\n".join(f"- [{t}]({u})" for t, u in comparisons[:20])})
+        failures = [{"what": f"{r.data.params.get('model')}/{r.data.params.get('setting')}",
+                     "why": r.data.tags.get("quantlens.failure", "FAILED")[:200], "log": f"{r.info.artifact_uri}/failure.log"}
+                    for r in tracker.sweep_runs(sid, "FAILED") if r.data.tags.get("attempt") == summary.get("attempt")]
+        create_markdown_artifact(markdown=sweep_markdown(cfg, sid, summary, runs, comparisons, failures),
+                                 key=artifact_key("quantlens-sweep", cfg.name), description=f"sweep {sid}: what it found")
+    except Exception as err:  # noqa: BLE001
+        get_run_logger().warning("sweep %s: summary not published (%s)", sid, err)
+
+
 def _description(cfg: SweepConfig, sid: str) -> str:
     settings = [x.name for x in cfg.expanded_settings()]
     return (f"**{cfg.name}** (sweep `{sid}`): {len(cfg.models)} model(s) × {len(settings)} setting(s) on "
@@ -338,6 +420,7 @@ def _summary(tracker: Tracker, sid: str, parent: str, attempt: str, grid: int, m
     skipped = len(reused)
     return {
         "sweep_id": sid,
+        "attempt": attempt,
         "parent_run_id": parent,
         "evaluated": evaluated,
         "skipped": skipped,

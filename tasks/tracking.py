@@ -340,6 +340,9 @@ class Tracker:
                         out.setdefault(folder, {})[Path(a.path).stem] = pd.read_csv(local) if a.path.endswith(".csv") else pd.read_parquet(local)
         return out
 
+    def artifact_uri(self, run_id: str) -> str:
+        return _retry(lambda: self.client.get_run(run_id), "get run").info.artifact_uri
+
     def list_artifacts(self, run_id: str, folder: str) -> list[Any]:
         return _retry(lambda: self.client.list_artifacts(run_id, folder), "list")
 

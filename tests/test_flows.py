@@ -1,5 +1,6 @@
 """End to end: Prefect flows on the shared trained models with a real (SQLite) MLflow store."""
 
+import json
 import os
 import subprocess
 import sys
@@ -54,6 +55,49 @@ def filled(env):
     return env
 
 
+SETTING_NAMES = ["W16A16", "W4A16", "W8A8", "W4A8+binary-additive-weights-s0", "W4A8+binary-additive-weights-s1"]
+
+
+def prefect_artifacts() -> dict[str, list]:
+    """Artifacts on the Prefect server, by key, oldest first."""
+    from prefect.client.orchestration import get_client
+
+    out: dict[str, list] = {}
+    with get_client(sync_client=True) as client:
+        for a in sorted(client.read_artifacts(), key=lambda a: a.created):
+            out.setdefault(a.key, []).append(a)
+    return out
+
+
+def test_compare_prints_the_runs_and_their_mlflow_compare_link(filled, capsys):
+    from quantlens.analysis.aggregate import tidy
+    from quantlens.pipeline.cli import main
+    from quantlens.tasks.tracking import Tracker
+
+    assert main(["compare", "W4A16", "W8A8", "--experiment", "test", "--port", "5099"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    df = tidy(Tracker("test").runs_frame())
+    want = df[df["setting"].isin(["W4A16", "W8A8"])]
+    rows = [line for line in out if line.startswith("| tiny-")]
+    assert [r.split(" | ")[:2] for r in rows] == [["| tiny-llama", "W4A16"], ["| tiny-llama", "W8A8"], ["| tiny-opt", "W4A16"], ["| tiny-opt", "W8A8"]]
+    link = out[-1]
+    assert link.startswith("http://127.0.0.1:5099/#/compare-runs?runs=[%22")
+    ids = json.loads(link.split("runs=")[1].split("&")[0].replace("%22", '"'))
+    assert sorted(ids) == sorted(want["run_id"]) and link.endswith(f"&experiments=[%22{Tracker('test').experiment_id}%22]")
+    assert main(["compare", "W4A16", "W5A5", "--experiment", "test"]) == 2
+    assert "no FINISHED run of W5A5 (settings with runs: " in capsys.readouterr().err
+
+
+def test_report_tables_link_each_row_to_its_runs(filled):
+    from quantlens.pipeline.sweep import load_config, sweep_id
+
+    d = filled / "results" / sweep_id(load_config(config()))
+    pert = (d / "perturbations_wikitext2_ppl.md").read_text()
+    assert pert.count("[compare](http://127.0.0.1:5000/#/compare-runs?runs=") == 2  # one per model
+    assert "[Compare these runs in MLflow](http" in (d / "error_correlation.md").read_text()
+    assert (d / "per_example.md").read_text().count("[compare](http") == 4  # per model and dataset
+
+
 def runs(status=None, sweep=None):
     from quantlens.tasks.tracking import Tracker
 
@@ -83,6 +127,16 @@ def test_failure_then_rerun_redoes_only_it(env, monkeypatch):
     failed_id = failed["run_id"].iloc[0]
     log = Tracker("test").client.download_artifacts(failed_id, "failure.log", str(env))
     assert "Traceback" in open(log).read() and "injected fault" in open(log).read()
+    # what the flow runs publish in Prefect: the sweep's summary, each model's table, the failure's log
+    found = prefect_artifacts()
+    md = found["quantlens-sweep-failure"][-1].data
+    assert f"sweep `{sid}`" in md and f"**{GRID - 1} evaluated**" in md and "**1 failed**" in md
+    assert "tiny-llama/W8A8: RuntimeError: injected fault" in md and f"{failed_id}/artifacts/failure.log`" in md
+    assert "#/compare-runs?runs=" in md and "## Comparisons in MLflow" in md
+    table = json.loads(found["quantlens-model-tiny-llama"][-1].data)
+    bad = [r for r in table if r["state"] == "FAILED"]
+    assert [r["setting"] for r in bad] == ["W8A8"] and bad[0]["failure_log"].endswith(f"{failed_id}/artifacts/failure.log")
+    assert sorted(r["setting"] for r in table if r["state"] == "evaluated") == sorted(s for s in SETTING_NAMES if s != "W8A8")
 
     monkeypatch.delenv("QUANTLENS_INJECT_FAULT")
     summary = sweep_flow(failing(), results_dir=str(env / "results"))

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from quantlens.analysis.links import md_link, runs_link
+
 if TYPE_CHECKING:
     from quantlens.analysis.report import Report
 
 NUMERIC = ("size_b", "w_bits", "a_bits", "kv_bits", "w_group_size", "transform_p", "clip_k", "seed", "seqlen")
-QUALITY = ("lambada_acc", "wikitext2_ppl", "c4_ppl", "lambada_nll")
+QUALITY = ("lambada_acc", "wikitext2_ppl", "c4_ppl", "fineweb_ppl", "lambada_nll")
 
 
 def tidy(df: pd.DataFrame) -> pd.DataFrame:
@@ -70,9 +72,19 @@ def to_markdown(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, row in df.iterrows():
-        cells = [floatfmt.format(v) if isinstance(v, float) else str(v) for v in row]
+        cells = [floatfmt.format(v) if isinstance(v, float) else md_link(v) if _is_url(v) else str(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _is_url(v: object) -> bool:
+    return isinstance(v, str) and v.startswith(("http://", "https://"))
+
+
+def _link(*frames: pd.DataFrame | pd.Series) -> str | None:
+    """The MLflow compare link of these runs (rows of the tidy frame), None without run ids."""
+    rows = pd.concat([f.to_frame().T if isinstance(f, pd.Series) else f for f in frames])
+    return runs_link(rows)
 
 
 # --- Tables ---------------------------------------------------------------------------------------
@@ -107,6 +119,9 @@ def uniform_vs_nonuniform(df: pd.DataFrame) -> pd.DataFrame:
                 row[f"{m} uniform"] = uni[m]
                 row[f"{m} non-uniform"] = nu[m]
                 row[f"{m} Δ"] = nu[m] - uni[m]  # non-uniform − uniform: < 0 is better for ppl/nll, > 0 for acc
+            link = _link(uni, nu)
+            if link:
+                row["compare"] = link
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -216,8 +231,12 @@ def perturbation_summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     if pert.empty:
         return pd.DataFrame()
     g = pert.groupby(["model", "base", "perturbation"])[metric]
-    out = g.agg(["mean", "std", "min", "max", "count"]).reset_index()
-    return out.rename(columns={"count": "seeds"})
+    out = g.agg(["mean", "std", "min", "max", "count"]).reset_index().rename(columns={"count": "seeds"})
+    if "run_id" in df:  # the seeds' runs beside the native quantization they imitate
+        out["compare"] = [_link(df[(df["model"] == r["model"]) & (df["setting"] == r["base"])],
+                                pert[(pert["model"] == r["model"]) & (pert["base"] == r["base"]) & (pert["perturbation"] == r["perturbation"])])
+                          for _, r in out.iterrows()]
+    return out
 
 
 def fig_perturbations(df: pd.DataFrame, metric: str, path: Path) -> Path | None:
@@ -273,6 +292,9 @@ def clipping_summary(df: pd.DataFrame) -> pd.DataFrame:
     if ppl_cols:
         rows["mean_ppl"] = rows[ppl_cols].mean(axis=1)
     cols = ["model", "base", "clip_k"] + [c for c in ("lambada_acc", "mean_ppl", "weight_clipped_fraction", "activation_clipped_fraction") if c in rows]
+    if "run_id" in rows:  # every k of one (model, base) side by side
+        rows["compare"] = rows.groupby(["model", "base"])["run_id"].transform(lambda ids: _link(rows.loc[ids.index]))
+        cols.append("compare")
     return rows[cols].sort_values(["model", "base", "clip_k"]).reset_index(drop=True)
 
 

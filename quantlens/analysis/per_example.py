@@ -27,7 +27,7 @@ import itertools
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -361,24 +361,33 @@ def _collapsed(corr: pd.DataFrame) -> pd.DataFrame:
                  pairs=("pearson", "size")).reset_index()
 
 
-def correlation_summary(corr: pd.DataFrame, bases: dict[str, str] | None = None, top: int = 5) -> str:
+Links = Callable[[str, list[str]], "str | None"]  # (model, settings) → MLflow compare link of their runs
+
+
+def correlation_summary(corr: pd.DataFrame, bases: dict[str, str] | None = None, top: int = 5, links: Links | None = None) -> str:
     """``error_correlation.md``: what a reader wants of the pair table, at any grid size — per model
     and dataset the headline, the most and least correlated pairs (seeds of one perturbation
     collapsed to mean ± std), and each setting against its own family: seeds against each other,
-    a perturbation against the native quantization it imitates (``bases``: setting → base)."""
+    a perturbation against the native quantization it imitates (``bases``: setting → base).
+    ``links``: each headline and pair gets the MLflow compare link of its runs."""
     lines = ["# Error correlation between settings", "",
              "Pearson ρ of per-example errors (NLL − NLL of W16A16). Seeds of one perturbation are collapsed "
              "(`-s<seed>`: mean ± std over their pairs). Every pair: `error_correlation.csv`.", ""]
     fams = _collapsed(corr)
     for (model, dataset), g in corr.groupby(["model", "dataset"], sort=True):
         f = fams[(fams["model"] == model) & (fams["dataset"] == dataset)]
+        every = sorted(set(g["setting_a"]) | set(g["setting_b"]))
+        link = links(model, every) if links else None
         lines += [f"## {model} · {dataset}", "",
-                  f"{len(g)} pairs of {len(set(g['setting_a']) | set(g['setting_b']))} settings, {int(g['n_examples'].max())} examples; "
+                  f"{len(g)} pairs of {len(every)} settings, {int(g['n_examples'].max())} examples; "
                   f"ρ mean {g['pearson'].mean():.3f}, median {g['pearson'].median():.3f}, min {g['pearson'].min():.3f}; "
-                  f"top-10 % Jaccard mean {g['jaccard_top10'].mean():.3f}.", ""]
+                  f"top-10 % Jaccard mean {g['jaccard_top10'].mean():.3f}." + (f" [Compare these runs in MLflow]({link})" if link else ""), ""]
         between = f[f["a"] != f["b"]].dropna(subset=["pearson"])
+        members = lambda fam: [s for s in every if seed_family(s) == fam or s == fam]  # noqa: E731
+        cols = ["a", "b", "ρ", "jaccard_top10"] + (["compare"] if links else [])
         show = lambda x: x.assign(**{"ρ": [f"{m:.3f}" + ("" if n == 1 else f" ± {s:.3f} ({n} pairs)") for m, s, n in  # noqa: E731
-                                              zip(x["pearson"], x["pearson_std"].fillna(0), x["pairs"])]})[["a", "b", "ρ", "jaccard_top10"]]
+                                              zip(x["pearson"], x["pearson_std"].fillna(0), x["pairs"])],
+                                     **({"compare": [links(model, members(a) + members(b)) for a, b in zip(x["a"], x["b"])]} if links else {})})[cols]
         if len(between):
             lines += ["Most correlated:", "", to_markdown(show(between.nlargest(top, "pearson"))),
                       "Least correlated:", "", to_markdown(show(between.nsmallest(top, "pearson")))]
@@ -535,6 +544,7 @@ def write_per_example_report(
     seed: int = 0,
     report: "Report | None" = None,
     bases: dict[str, str] | None = None,
+    links: Links | None = None,
 ) -> list[Path]:
     """Tables (CSV + Markdown), D_large/D_ctrl id lists and figures; returns the files written (each
     a part of ``report``: one that fails is recorded there, the others are still written). The
@@ -547,7 +557,7 @@ def write_per_example_report(
     if err.empty:
         return report.files
     corr = report.table("error_correlation", lambda: error_correlation(err), md=False)  # every pair: a file to load, not to read
-    report.file("error_correlation.md", lambda path: path.write_text(correlation_summary(corr, bases)))
+    report.file("error_correlation.md", lambda path: path.write_text(correlation_summary(corr, bases, links=links)))
     pred = report.table("residual_predictor", lambda: residual_predictor(err, residual, families), md=False)
     report.file("residual_predictor.md", lambda path: path.write_text(
         "# ρ(S(L), e) at the last layer (every layer: residual_predictor.csv)\n\n"
@@ -555,7 +565,14 @@ def write_per_example_report(
     sets = report.compute("d_sets", lambda: d_sets(err, tokens, seed), pd.DataFrame())
     for (model, dataset), g in (sets.groupby(["model", "dataset"], sort=True) if not sets.empty else []):
         report.table(f"d_large_{_safe(model)}_{_safe(dataset)}", lambda g=g: g.drop(columns=["model", "dataset"]), md=False)
-    head = report.table("per_example_headline", lambda: headline(corr, pred), md=False)
+    def linked_headline() -> pd.DataFrame:
+        h = headline(corr, pred)
+        if links and not h.empty:  # every setting of the model that entered the pairs, side by side in MLflow
+            h["compare"] = [links(m, sorted(set(c["setting_a"]) | set(c["setting_b"])))
+                            for m, c in ((m, corr[(corr["model"] == m) & (corr["dataset"] == d)]) for m, d in zip(h["model"], h["dataset"]))]
+        return h
+
+    head = report.table("per_example_headline", linked_headline, md=False)
     report.file("per_example.md", lambda path: path.write_text("\n".join(
         ["# Per-example analysis", "", PAPER_NOTE, "", "## Headline (per model and dataset)", "", to_markdown(head)])))
     for model in sorted(err["model"].unique()):

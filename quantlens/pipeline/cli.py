@@ -6,6 +6,7 @@ only inside the commands that need them, after setting the quiet-console environ
     quantlens run configs/demo.yaml [--dry-run] [--force] [-v]
     quantlens explain configs/demo.yaml [--force]     # only the mechanism analyses (config: analysis)
     quantlens aggregate [--experiment NAME] [--sweep-id ID] [--out DIR]
+    quantlens compare W4A16 W4A16-nu [--experiment NAME] [--model M ...] [--sweep-id ID] [--port P]
     quantlens list-settings | list-models | list-datasets
     quantlens ui            # the MLflow UI on the default local store
 """
@@ -155,6 +156,28 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     return 0 if result["complete"] else 3
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The MLflow compare view of the latest FINISHED runs of some settings, and their headline metrics."""
+    from quantlens.analysis.aggregate import metrics_present, tidy, to_markdown
+    from quantlens.analysis.links import compare_url, select_runs, ui_base
+    from quantlens.tasks.tracking import Tracker
+
+    tracker = Tracker(args.experiment)
+    df = tidy(tracker.runs_frame(args.sweep_id))
+    if df.empty:
+        where = f"sweep {args.sweep_id} of " if args.sweep_id else ""
+        raise ConfigError(f"no FINISHED runs in {where}experiment {args.experiment!r}")
+    try:
+        runs = select_runs(df, args.settings, args.model)
+    except KeyError as err:
+        raise ConfigError(str(err).strip("'\"")) from None
+    table = runs[["model", "setting"] + metrics_present(runs)]
+    print(to_markdown(table).rstrip())
+    print(f"\n{len(runs)} run(s) side by side in MLflow (metrics, parameters with a diff switch, parallel coordinates):")
+    print(compare_url(runs["run_id"], runs["experiment_id"], ui_base(args.port)))
+    return 0
+
+
 def cmd_list_settings(args: argparse.Namespace) -> int:
     from quantlens.quantize.settings import PRESETS
 
@@ -253,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--sweep-id", default=None, help="one sweep (default: all runs of the experiment)")
     a.add_argument("--out", default=None)
     a.set_defaults(fn=cmd_aggregate)
+    c = sub.add_parser("compare", help="link to MLflow's compare view of the latest FINISHED runs of some settings, and their metrics")
+    c.add_argument("settings", nargs="+", metavar="SETTING")
+    c.add_argument("--experiment", default="quantlens-demo")
+    c.add_argument("--model", nargs="+", default=None, help="only these models (default: every model with runs)")
+    c.add_argument("--sweep-id", default=None, help="only runs of this sweep")
+    c.add_argument("--port", type=int, default=None, help="the port of `quantlens ui` for a local store (default 5000)")
+    c.set_defaults(fn=cmd_compare)
     sub.add_parser("list-settings", help="presets and the setting-name grammar").set_defaults(fn=cmd_list_settings)
     sub.add_parser("list-models", help="the model registry").set_defaults(fn=cmd_list_models)
     sub.add_parser("list-datasets", help="evaluation datasets").set_defaults(fn=cmd_list_datasets)
