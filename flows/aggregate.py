@@ -75,7 +75,8 @@ def read_run_tables(tracker: Tracker, runs: pd.DataFrame) -> RunTables:
                     if folder == "per_example":
                         if "tokens" in frame:
                             tokens.append(frame[["example_id", "tokens"]].assign(**keys))
-                        examples.append(frame[["example_id", "n_tokens", "nll"]].assign(setting=setting, **keys))
+                        cols = ["example_id", "n_tokens", "nll"] + (["correct"] if "correct" in frame else [])
+                        examples.append(frame[cols].assign(setting=setting, **keys))
                     elif folder == "residual":
                         residual.append(frame.assign(**keys))
                     elif folder.startswith("mechanisms/"):

@@ -120,7 +120,7 @@ def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key:
                 tokens += m.get(f"{d.name}_tokens", 0.0)
                 mr.ledger.tracker.log(lease.run_id, metrics=m)  # per dataset: nothing finished is lost
                 mr.ledger.tracker.log_frames(lease.run_id, frames)
-                mr.ledger.tracker.log_inputs(lease.run_id, [steps.dataset_input(d, mr.cfg.eval, m)])
+                mr.ledger.tracker.log_inputs(lease.run_id, steps.dataset_inputs(d, mr.cfg.eval, m))
                 metrics.update(m)
             pert, rows = steps.perturbation_metrics(model)
             eval_s = sum(v for k, v in metrics.items() if k.endswith("_seconds"))

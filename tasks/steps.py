@@ -21,7 +21,7 @@ from quantlens.quantize.patch import full_report, quantize_, restore_
 from quantlens.quantize.settings import ConfigError, Setting
 from quantlens.pipeline.console import console_enabled, status, verbose
 from quantlens.tasks.tracking import is_transient
-from quantlens.pipeline.sweep import AnalysisOptions, DatasetEntry, EvalOptions, Hardware, ModelEntry
+from quantlens.pipeline.sweep import LM_EVAL, AnalysisOptions, DatasetEntry, EvalOptions, Hardware, ModelEntry
 
 
 def _retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
@@ -114,6 +114,50 @@ def _progress_logger(what: str):
     return report
 
 
+def _evaluate_tasks(model: Any, tokenizer: Any, d: DatasetEntry, opts: EvalOptions,
+                    residual: bool = False) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
+    """lm-eval's tasks on the patched model: ``<task>_<metric>`` metrics, per-example tables, and
+    each task's protocol (version, n-shot, limit) as ``<task>_version`` / ``<task>_n_shot`` /
+    ``<task>_examples`` for its dataset input."""
+    from quantlens.evaluation.harness import evaluate_tasks
+
+    status(f"lm-eval: {', '.join(d.tasks or [])} …")
+    r = evaluate_tasks(model, tokenizer, d.tasks or [], num_fewshot=d.num_fewshot, limit=d.limit, include_path=d.include_path,
+                       batch_size=opts.batch_size, residual=residual)
+    out = dict(r["metrics"])
+    for task, info in r["tasks"].items():
+        out[f"{task}_examples"] = float(info["examples"])
+        if isinstance(info["version"], (int, float)):
+            out[f"{task}_version"] = float(info["version"])
+        if isinstance(info["n_shot"], (int, float)):
+            out[f"{task}_n_shot"] = float(info["n_shot"])
+    out[f"{LM_EVAL}_seconds"] = r["seconds"]
+    frames = {f"per_example/{task}.parquet": frame for task, frame in r["per_example"].items()}
+    frames.update({f"residual/{task}.parquet": frame for task, frame in r["residual"].items()})
+    return out, frames
+
+
+def dataset_inputs(d: DatasetEntry, opts: EvalOptions, metrics: dict[str, float]) -> list[dict[str, Any]]:
+    """The MLflow dataset inputs of one entry: the dataset, or each lm-eval task with its protocol."""
+    if d.name != LM_EVAL:
+        return [dataset_input(d, opts, metrics)]
+    import json
+
+    from quantlens.evaluation.harness import lm_eval_version
+
+    tasks = sorted(k[: -len("_examples")] for k in metrics if k.endswith("_examples"))
+    out = []
+    for t in tasks:
+        profile = {"examples": int(metrics[f"{t}_examples"]), "version": metrics.get(f"{t}_version"),
+                   "n_shot": metrics.get(f"{t}_n_shot"), "limit": d.limit, "lm_eval": lm_eval_version()}
+        digest = hashlib.sha256(json.dumps([t, profile, d.include_path], sort_keys=True).encode()).hexdigest()[:8]
+        out.append({"name": t, "digest": digest, "source_type": "local" if d.include_path else "hub",
+                    "source": json.dumps({"uri": d.include_path or "lm-evaluation-harness", "task": t}),
+                    "profile": json.dumps({k: v for k, v in profile.items() if v is not None}),
+                    "schema": json.dumps({"columns": ["example_id", "doc_id", "n_tokens", "nll", "correct", "chosen"]})})
+    return out
+
+
 def dataset_input(d: DatasetEntry, opts: EvalOptions, metrics: dict[str, float]) -> dict[str, Any]:
     """One dataset as an MLflow dataset input: the protocol that makes two runs comparable."""
     import json
@@ -142,6 +186,8 @@ def evaluate(
     and in the full-precision (baseline) run also ``residual/<dataset>.parquet`` and the tokens of
     each example (a ``tokens`` column, for the analysis' near-duplicate check)."""
     inject_fault(model_name, setting.name, dataset.name)
+    if dataset.name == LM_EVAL:
+        return _evaluate_tasks(model, tokenizer, dataset, opts, residual=setting.is_reference)
     reference = setting.is_reference
     kw: dict[str, Any] = {"path": dataset.path, "batch_size": opts.batch_size, "residual": reference,
                           "progress": _progress_logger(f"{model_name}/{setting.name}/{dataset.name}")}

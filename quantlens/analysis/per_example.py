@@ -154,6 +154,31 @@ def errors(examples: pd.DataFrame, reference: dict[str, str]) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
 
 
+def flips(examples: pd.DataFrame, reference: dict[str, str]) -> pd.DataFrame:
+    """What matters for accuracy, per (model, dataset, setting) with a ``correct`` column: examples
+    the reference gets right and the setting wrong (``broke``), and back (``fixed``), over the
+    examples both have; ``net`` = fixed − broke = the accuracy change × examples."""
+    if "correct" not in examples:
+        return pd.DataFrame()
+    rows = []
+    for (model, dataset), g in examples.dropna(subset=["correct"]).groupby(["model", "dataset"], sort=True):
+        ref = reference.get(model)
+        if ref is None or ref not in set(g["setting"]):
+            continue
+        wide = g.pivot_table(index="example_id", columns="setting", values="correct", aggfunc="first")
+        base = wide[ref] > 0.5
+        for setting in wide.columns:
+            if setting == ref:
+                continue
+            both = wide[setting].notna() & wide[ref].notna()
+            now, was = wide.loc[both, setting] > 0.5, base[both]
+            rows.append({"model": model, "dataset": dataset, "setting": setting, "examples": int(both.sum()),
+                         "acc_reference": float(was.mean()), "acc": float(now.mean()),
+                         "broke": int((was & ~now).sum()), "fixed": int((~was & now).sum()),
+                         "net": int((~was & now).sum() - (was & ~now).sum())})
+    return pd.DataFrame(rows)
+
+
 PAIR_COLUMNS = ["model", "dataset", "setting_a", "setting_b", "pearson", "spearman", "jaccard_top10", "n_examples"]
 
 
@@ -556,7 +581,8 @@ def write_per_example_report(
     err = report.compute("per_example_errors", lambda: errors(examples, reference), pd.DataFrame())
     if err.empty:
         return report.files
-    corr = report.table("error_correlation", lambda: error_correlation(err), md=False)  # every pair: a file to load, not to read
+    corr = report.table("error_correlation", lambda: error_correlation(err), md=False)
+    report.table("flips", lambda: flips(examples, reference))  # correct at the reference, wrong under the setting, and back  # every pair: a file to load, not to read
     report.file("error_correlation.md", lambda path: path.write_text(correlation_summary(corr, bases, links=links)))
     pred = report.table("residual_predictor", lambda: residual_predictor(err, residual, families), md=False)
     report.file("residual_predictor.md", lambda path: path.write_text(

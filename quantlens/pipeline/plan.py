@@ -23,6 +23,9 @@ BYTES_PER_TOKEN = 4.0  # English text, BPE
 
 def dataset_tokens(d: Any, seqlen: int) -> tuple[float, int]:
     """(tokens evaluated per setting, examples) of one dataset entry — estimated, not tokenized."""
+    if d.name == "lm-eval":  # each task's documents × its choices, ~100 tokens each (an estimate)
+        n = (d.limit or 1000) * len(d.tasks or [])
+        return float(n * 4 * 100), 0
     if d.name == "lambada":
         if d.path:
             n = sum(sum(1 for _ in open(f, "rb")) for f in _files(d.path))
@@ -53,7 +56,7 @@ def workload(cfg: Any) -> Workload:
     for d in cfg.datasets:
         t, n = dataset_tokens(d, cfg.eval.seqlen)
         tokens += t
-        if d.name != "lambada":
+        if d.name not in ("lambada", "lm-eval"):
             examples = max(examples, n)
             seqlens.append((d.example_len or 512) + 1 if d.examples == "documents" else d.seqlen or cfg.eval.seqlen)
     return Workload(seqlen=max(seqlens) if seqlens else 256, tokens=tokens, examples=examples, settings=len(settings),

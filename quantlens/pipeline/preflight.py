@@ -31,12 +31,13 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from quantlens.evaluation.data import _expand
 from quantlens.model.loading import ModelInfo, ModelUnavailable, local_revision, resolve_model
 from quantlens.pipeline import plan as P
 from quantlens.pipeline.errors import PreflightError
-from quantlens.pipeline.sweep import SweepConfig
+from quantlens.pipeline.sweep import LM_EVAL, SweepConfig
 
 
 def hub_offline() -> bool:
@@ -66,6 +67,11 @@ def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool =
                 raise PreflightError(f"dataset {d.name}: {err}") from None
             except Exception as err:
                 raise PreflightError(f"dataset {d.name}: {err}") from None
+    tasks = next((d for d in cfg.datasets if d.name == LM_EVAL), None)
+    if tasks is not None:
+        check_tasks(tasks)
+        if cfg.hardware.placement == "stream":
+            raise PreflightError(STREAM_TASKS)
     work = P.workload(cfg)
     out: list[P.Estimate | None] = []
     to_download = 0.0
@@ -98,10 +104,37 @@ def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool =
         problem = P.placement_error(est)
         if problem:
             raise PreflightError(problem)
+        if tasks is not None and est.placement == "stream":
+            raise PreflightError(f"model {m.ref}: needs placement: stream here ({est.why}); {STREAM_TASKS}")
         out.append(est)
     if to_download and not hub_offline() and not planning:
         check_disk(to_download)
     return out
+
+
+STREAM_TASKS = ("lm-eval tasks run the model's own forward per batch, which placement: stream would pay with every "
+                "block read again per batch: use placement: single or device_map for a sweep with tasks")
+
+
+def check_tasks(d: Any) -> None:
+    """lm-eval is installed, ``include_path`` is a folder, and every task or group name is known."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise PreflightError("datasets: lm-eval tasks need lm-evaluation-harness: pip install 'lm_eval>=0.4.8,<0.5' "
+                             "(scripts/install.sh installs it)") from None
+    if d.include_path and not os.path.isdir(d.include_path):
+        raise PreflightError(f"lm-eval: include_path {d.include_path!r} is not a folder")
+    from quantlens.evaluation.harness import task_manager
+
+    known = task_manager(d.include_path).all_tasks
+    unknown = [t for t in d.tasks or [] if t not in known]
+    if unknown:
+        import difflib
+
+        hints = {t: difflib.get_close_matches(t, known, n=1) for t in unknown}
+        said = ", ".join(f"{t!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for t, h in hints.items())
+        raise PreflightError(f"lm-eval: unknown task(s) {said}; `lm-eval ls tasks` lists them, include_path adds your own")
 
 
 def check_device(device: str) -> None:

@@ -27,6 +27,9 @@ from quantlens.quantize.settings import ConfigError, Setting, format_validation_
 EVAL_PROTOCOL = "3"  # 2: per-example NLL and residual statistics stored with every run; 3: keys of the canonical setting
 
 
+LM_EVAL = "lm-eval"  # the dataset entry of lm-evaluation-harness tasks
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -48,17 +51,36 @@ class DatasetEntry(_Strict):
         "windows", description="perplexity: the unit of the per-example analysis (documents: BOS + example_len tokens)"
     )
     example_len: int | None = Field(None, ge=2, description="examples: documents: tokens per example (default 512)")
+    # name: lm-eval — lm-evaluation-harness tasks (quantlens.evaluation.harness); limit: documents per task
+    tasks: list[str] | None = Field(None, min_length=1, description="lm-eval: task or group names (arc_easy, hellaswag, mmlu, …)")
+    num_fewshot: int | None = Field(None, ge=0, description="lm-eval: examples in the prompt (default: each task's own)")
+    include_path: str | None = Field(None, description="lm-eval: a folder of extra task YAMLs (private or offline tasks)")
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r} (known: {', '.join(DATASETS)})")
+        if v not in DATASETS and v != LM_EVAL:
+            raise ValueError(f"unknown dataset {v!r} (known: {', '.join([*DATASETS, LM_EVAL])})")
         return v
 
     @model_validator(mode="after")
+    def _tasks_only_for_lm_eval(self) -> "DatasetEntry":
+        harness = ("tasks", "num_fewshot", "include_path")
+        if self.name == LM_EVAL:
+            if not self.tasks:
+                raise ValueError("lm-eval: give tasks: [task or group names]")
+            wrong = [k for k in ("path", "seqlen", "max_windows", "example_len") if getattr(self, k) is not None]
+            if wrong:
+                raise ValueError(f"lm-eval: {', '.join(wrong)} do not apply to lm-eval tasks (limit, num_fewshot, include_path do)")
+        else:
+            given = [k for k in harness if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only with name: {LM_EVAL}")
+        return self
+
+    @model_validator(mode="after")
     def _documents_need_documents(self) -> "DatasetEntry":
-        if self.examples == "documents" and DATASETS[self.name].documents is None:
+        if self.examples == "documents" and (self.name == LM_EVAL or DATASETS[self.name].documents is None):
             with_docs = ", ".join(n for n, d in DATASETS.items() if d.documents)
             raise ValueError(f"examples: {self.name!r} has no documents (documents work for {with_docs})")
         if self.example_len is not None and self.examples != "documents":
@@ -144,7 +166,7 @@ class SweepConfig(_Strict):
     def analysis_datasets(self) -> list[str]:
         if self.analysis.datasets is not None:
             return list(self.analysis.datasets)
-        return [d.name for d in self.datasets if d.name != "lambada"]
+        return [d.name for d in self.datasets if d.name not in ("lambada", LM_EVAL)]
 
     def expanded_settings(self) -> list[Setting]:
         """The grid's settings, one per computation: a setting that computes the same as an earlier
@@ -295,8 +317,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     if isinstance(data.get("models"), list):
         data["models"] = [fix(m) if isinstance(m, str) else m for m in data["models"]]
     for d in data.get("datasets") or []:
-        if isinstance(d, dict) and isinstance(d.get("path"), str):
-            d["path"] = fix(d["path"])
+        for k in ("path", "include_path"):
+            if isinstance(d, dict) and isinstance(d.get(k), str):
+                d[k] = fix(d[k])
 
 
 def load_config(source: str | Path | dict[str, Any]) -> SweepConfig:
