@@ -377,3 +377,42 @@ def test_mechanism_analysis_step_failure_rerun_and_explain(env, monkeypatch):
         assert (out / f).is_file(), f
     assert explain_flow(cfg, results_dir=str(env / "results"))["explained"] == []
     assert explain_flow(cfg, force=True, results_dir=str(env / "results"))["explained"] == ["tiny-opt/W3A16/wikitext2"]
+
+
+@pytest.mark.skipif(__import__("shutil").which("chromium") is None, reason="needs headless Chromium")
+def test_compare_link_opens_mlflows_compare_page_with_exactly_those_runs(filled, capsys, tmp_path):
+    """The printed link, opened in a real browser on `mlflow ui` serving the store."""
+    import shutil
+    import socket
+    import time
+    import urllib.request
+
+    from quantlens.pipeline.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["compare", "W4A16", "W8A8", "--experiment", "test", "--port", str(port)]) == 0
+    link = capsys.readouterr().out.strip().splitlines()[-1]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"],
+                           "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        dom = subprocess.run([shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+                              f"--user-data-dir={tmp_path / 'chrome'}", "--dump-dom", link],
+                             capture_output=True, text=True, timeout=120).stdout
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
+    assert "Comparing 4 Runs from 1 Experiment" in dom
+    for model in ("tiny-opt", "tiny-llama"):
+        for setting in ("W4A16", "W8A8"):
+            assert f"{setting} · {model}" in dom
+    assert "W16A16 · " not in dom

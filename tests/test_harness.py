@@ -44,10 +44,12 @@ def tasks_dir(tmp_path_factory):
 def lm_evals_own(model, tok, tasks_dir, limit=LIMIT):
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+
+    from quantlens.evaluation.harness import sequential_bootstrap, task_manager  # lm-eval's own TaskManager, built once
 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=8, device="cpu")
-    return lm_eval.simple_evaluate(model=lm, tasks=TASKS, limit=limit, task_manager=TaskManager(include_path=str(tasks_dir)))
+    with sequential_bootstrap():  # no forked pool from this threaded test process
+        return lm_eval.simple_evaluate(model=lm, tasks=TASKS, limit=limit, task_manager=task_manager(str(tasks_dir)))
 
 
 def test_task_metric_names_follow_lm_eval():
@@ -78,6 +80,7 @@ def test_values_equal_lm_evals_own_run_on_the_patched_model(tasks_dir):
     m = ours["metrics"]
     assert m["ql_lambada_acc"] == theirs["ql_lambada"]["acc,none"]
     assert m["ql_lambada_perplexity"] == pytest.approx(theirs["ql_lambada"]["perplexity,none"], rel=1e-4)
+    assert m["ql_lambada_perplexity_stderr"] == pytest.approx(theirs["ql_lambada"]["perplexity_stderr,none"], rel=1e-4)  # same bootstrap
     assert m["ql_lambada_mc_acc"] == theirs["ql_lambada_mc"]["acc,none"] and m["ql_lambada_mc_acc_norm"] == theirs["ql_lambada_mc"]["acc_norm,none"]
     assert m["ql_lambada_mc_acc_stderr"] == pytest.approx(theirs["ql_lambada_mc"]["acc_stderr,none"])
     assert 0 < m["ql_lambada_mc_acc"] < 1  # the multiple-choice task discriminates on the trained model
@@ -124,14 +127,21 @@ def sweep_yaml(tmp_path, tasks_dir, **over):
 
 
 def test_unknown_task_and_stream_fail_in_preflight(tmp_path, tasks_dir):
-    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "QUANTLENS_CACHE": str(tmp_path / "cache")}
+    from quantlens.pipeline.errors import PreflightError
+    from quantlens.pipeline.preflight import preflight
+    from quantlens.pipeline.sweep import load_config
+
     bad = sweep_yaml(tmp_path, tasks_dir, datasets=[{"name": "lm-eval", "tasks": ["ql_lambada_mcc"], "include_path": str(tasks_dir)}])
-    r = cli("run", str(bad), env=store)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "quantlens: lm-eval: unknown task(s) 'ql_lambada_mcc' (did you mean 'ql_lambada_mc'?); `lm-eval ls tasks` lists them, "
-        "include_path adds your own"], r.stderr
-    r = cli("run", str(sweep_yaml(tmp_path, tasks_dir, hardware={"device": "cpu", "placement": "stream"})), env=store)
-    assert r.returncode == 2 and "use placement: single or device_map for a sweep with tasks" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(bad))
+    assert str(err.value) == ("lm-eval: unknown task(s) 'ql_lambada_mcc' (did you mean 'ql_lambada_mc'?); `lm-eval ls tasks` lists "
+                              "them, include_path adds your own")
+    with pytest.raises(PreflightError, match="use placement: single or device_map for a sweep with tasks"):
+        preflight(load_config(sweep_yaml(tmp_path, tasks_dir, hardware={"device": "cpu", "placement": "stream"})))
+    missing = sweep_yaml(tmp_path, tasks_dir, datasets=[{"name": "lm-eval", "tasks": TASKS, "include_path": str(tmp_path / "nope")}])
+    with pytest.raises(PreflightError, match="include_path .* is not a folder"):
+        preflight(load_config(missing))
+    preflight(load_config(sweep_yaml(tmp_path, tasks_dir)))  # the good one passes
 
 
 def test_sweep_with_tasks_matches_lm_eval_and_feeds_the_per_example_analysis(tmp_path, tasks_dir):

@@ -24,13 +24,33 @@ Per example (one row per document), as for the other datasets:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+import os
+from typing import Any, Iterator
 
 import pandas as pd
 
 
 _MANAGERS: dict[str | None, Any] = {}
+
+
+@contextlib.contextmanager
+def sequential_bootstrap() -> Iterator[None]:
+    """lm-eval bootstraps the stderr of perplexity-like metrics in a ``multiprocessing.Pool`` of
+    *forked* workers; forked from a process with live threads (Prefect's, MLflow's heartbeats,
+    torch's) a worker can inherit a held lock and hang forever — seen here in a sweep. Its
+    ``DISABLE_MULTIPROC`` switch runs the same resamples (same seeds per chunk, the same value)
+    in this process instead."""
+    old = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = old
 
 
 def task_manager(include_path: str | None = None) -> Any:
@@ -76,8 +96,9 @@ def evaluate_tasks(
     t0 = time.perf_counter()
     dev = device or str(input_device(model))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or 8, device=dev)
-    r = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=task_manager(include_path),
-                                log_samples=True, bootstrap_iters=100000)
+    with sequential_bootstrap():
+        r = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                    task_manager=task_manager(include_path), log_samples=True, bootstrap_iters=100000)
     metrics = task_metrics(r["results"])
     frames, info, resid = {}, {}, {}
     for task, samples in r.get("samples", {}).items():
