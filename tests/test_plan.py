@@ -126,6 +126,8 @@ def test_a_single_placement_that_cannot_fit_says_what_to_use():
     assert P.placement_error(_plan("opt-66b", P.planned_target(gpu_memory=80, gpus=2), placement="single")).endswith(
         "use placement: device_map or stream")
     assert P.placement_error(_plan("opt-1.3b", P.planned_target(gpu_memory=80), placement="single")) is None
+    assert P.placement_error(_plan("opt-1.3b", P.planned_target(gpu_memory=80), placement="device_map")) is None  # 1 GPU: as single
+    assert "use placement: stream" in P.placement_error(_plan("opt-66b", P.planned_target(gpu_memory=80), placement="device_map"))
 
 
 def test_time_is_two_flops_per_parameter_and_token_at_the_stated_share():

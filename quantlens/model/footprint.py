@@ -464,7 +464,7 @@ def estimate(model: str, shape: Shape, target: Target, work: Workload, cached: b
         peak[p] = (base + max(quantizing, B * one)) / GIB
         fits[p] = target.kind != "cuda" or (base + max(quantizing, one)) <= mem
     if G == 1:
-        fits["device_map"] = False  # one GPU: device_map is single
+        fits["device_map"] = fits["single"]  # one GPU: device_map is single
     lin = shape.layers * shape.block_params * b  # the linears' originals (memory) ≈ the blocks
     originals_in_ram = work.originals == "memory" or (work.originals == "auto" and W <= host_ram_gib() * GIB / 4)
     host = {
@@ -504,7 +504,7 @@ def placement_error(e: Estimate) -> str | None:
         return None
     others = [q for q in ("device_map", "stream") if q != p and e.fits[q]]
     hint = f"use placement: {' or '.join(others)}" if others else "no placement fits this GPU"
-    where = f"{e.target.count} GPUs of" if p == "device_map" else "one"
+    where = f"{e.target.count} GPU(s) of" if p == "device_map" else "one"
     return (f"model {e.model}: placement: {p} needs ≈ {e.min_gib[p]:.1f} GiB (weights {e.weight_gb:.1f} GB in {e.dtype}) "
             f"and {where} {e.target.name} has {e.target.memory_gib:g} GiB: {hint}")
 
