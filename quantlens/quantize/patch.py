@@ -20,7 +20,7 @@ from torch import nn
 
 from quantlens.model import streaming
 from quantlens.model.anatomy import ModelNotUnderstood, anatomy
-from quantlens.quantize import kv
+from quantlens.quantize import kv, lens
 from quantlens.quantize.perturb import make_generator, perturb, shaped_noise_rows
 from quantlens.quantize.quant import fake_quantize, quantize
 from quantlens.quantize.settings import ConfigError, Setting, resolve_setting
@@ -46,6 +46,12 @@ class LayerStats:
 class PatchReport:
     setting: str
     layers: list[LayerStats] = field(default_factory=list)
+    # kind → summed [2, buckets] of quantlens.quantize.lens.magnitude_buckets over its tensors
+    lens: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add_lens(self, kind: str, x: torch.Tensor, xq: torch.Tensor) -> None:
+        b = lens.magnitude_buckets(x, xq)
+        self.lens[kind] = self.lens[kind] + b if kind in self.lens else b
 
     def rows(self) -> list[dict[str, Any]]:
         return [asdict(s) for s in self.layers]
@@ -61,6 +67,9 @@ class PatchReport:
             out[f"{kind}_delta_l2_mean"] = sum(s.delta_l2 for s in rows) / len(rows)
             out[f"{kind}_rel_error_mean"] = sum(s.rel_error for s in rows) / len(rows)
             out[f"{kind}_clipped_fraction"] = sum(s.clipped_fraction * s.numel for s in rows) / max(n, 1)
+        for kind, acc in self.lens.items():  # the lens: mean |Δ|/|x| by decile of |x| (d01 = smallest values)
+            for i, v in enumerate(lens.bucket_means(acc), 1):
+                out[f"{kind}_lens_d{i:02d}"] = v
         return out
 
 
@@ -111,6 +120,7 @@ class _ActivationState:
         self.acc: dict[str, list[torch.Tensor]] = {}  # layer -> [Σ Δ², Σ x², n_clipped, Σ α, n_rows, numel]
         self.bypass: set[str] = set()  # layers temporarily at full precision (see full_precision)
         self.valid: torch.Tensor | None = None  # [batch, tokens] mask of the current forward (padding = 0)
+        self.lens: torch.Tensor | None = None  # summed lens.magnitude_buckets of the sampled forwards
 
     def transform(self, name: str, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         version = _version(x)
@@ -155,6 +165,8 @@ class _ActivationState:
             thr = spec.clip_k * xf.std(dim=-1, keepdim=True, unbiased=False)
             clipped = (xf.abs() > thr).sum().to(torch.float32)
             alpha = torch.minimum(alpha, thr.squeeze(-1))
+        b = lens.magnitude_buckets(xf, xq)
+        self.lens = b if self.lens is None else self.lens + b
         vals = [d2, x2, clipped, alpha.sum(), torch.tensor(float(alpha.numel()), device=x.device), torch.tensor(float(x.numel()), device=x.device), alpha.max()]
         prev = self.acc.get(name)
         if prev is None:
@@ -326,6 +338,7 @@ def quantize_(
             else:
                 keep = "cpu" if keep_originals_on == "cpu" or (keep_originals_on == "auto" and w.device.type != "cpu") else "same"
                 originals[name] = (param, w.to("cpu") if keep == "cpu" else w)
+            report.add_lens("weight", w, wq)
             param.data = wq
             report.layers.append(stats)
 
@@ -372,10 +385,11 @@ def apply_deferred(model: nn.Module, block: nn.Module) -> None:
             if name is None or name in state.full_precision:
                 continue
             wq, stats = _new_weight(name, param.data, state.setting)
-            param.data = wq
             if name not in state.seen:
                 state.seen.add(name)
                 state.report.layers.append(stats)
+                state.report.add_lens("weight", param.data, wq)
+            param.data = wq
 
 
 def set_valid_tokens(model: nn.Module, mask: torch.Tensor | None) -> None:
@@ -399,7 +413,10 @@ def full_report(model: nn.Module) -> PatchReport:
     state: _PatchState | None = getattr(model, _STATE_ATTR, None)
     if state is None:
         return PatchReport(setting="W16A16")
-    return PatchReport(setting=state.report.setting, layers=state.report.layers + activation_report(model) + kv_report(state.kv))
+    acts = state.activations
+    merged = dict(state.report.lens, **({"activation": acts.lens} if acts is not None and acts.lens is not None else {}))
+    return PatchReport(setting=state.report.setting, layers=state.report.layers + activation_report(model) + kv_report(state.kv),
+                       lens=merged)
 
 
 def kv_report(states: list[Any]) -> list[LayerStats]:
@@ -418,6 +435,7 @@ def reset_activation_stats(model: nn.Module) -> None:
     if state is not None and state.activations is not None:
         state.activations.acc.clear()
         state.activations.stats_seen.clear()
+        state.activations.lens = None
 
 
 def restore_(model: nn.Module) -> None:

@@ -13,6 +13,8 @@ weight ``[out, in]`` and the hidden dimension of an activation ``[..., tokens, h
 - ``group``:   one scale per ``group_size`` consecutive elements of the last dimension.
 
 Math is done in float32 and cast back, so bf16/fp16 models get the same levels as fp32 ones.
+The grids other than integers (NormalFloat, minifloats, MX and NVFP4 block scales, k-means codebooks)
+are data in :mod:`quantlens.quantize.formats`; :func:`quantize` and :func:`fake_quantize` dispatch to them.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
+from quantlens.quantize import formats
 from quantlens.quantize.settings import QuantSpec
 
 # A scale of zero (an all-zero group) would divide by zero; any positive value gives Q(0) = 0.
-_MIN_SCALE = 1e-12
+_MIN_SCALE = formats._MIN_SCALE
 
 
 @dataclass(frozen=True)
@@ -114,22 +117,63 @@ def _uniform(
     return xq, scale, alpha, n_clipped
 
 
+def _is_plain_int(spec: QuantSpec) -> bool:
+    return spec.format == "int" and spec.scale == "fp32"
+
+
+def _outer_amax(xf: torch.Tensor, xg: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
+    """NVFP4's second-level range: the amax of the whole tensor, or of each row (token), shaped to
+    broadcast over ``xg`` [rows, groups, len]."""
+    if spec.global_scale is None:
+        return None
+    if spec.global_scale == "tensor":
+        return xf.abs().amax().reshape(1, 1, 1)
+    return xg.abs().amax(dim=(1, 2), keepdim=True)
+
+
+def _grid_quantize(xf: torch.Tensor, xg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q = s · grid(x / s) for the formats of :mod:`quantlens.quantize.formats` (float32, grouped);
+    returns (xq, scale, alpha, n_clipped). A k-means codebook is fitted per row of ``xg`` instead."""
+    zero = torch.zeros((), dtype=torch.long, device=xg.device)
+    if spec.format == "km":
+        rows = xg.reshape(-1, xg.shape[-1])
+        c = formats.kmeans_rows(rows, 2**spec.bits)
+        xq = formats.round_to_rows(rows, c).reshape(xg.shape)
+        alpha = xg.abs().amax(dim=-1, keepdim=True)
+        return xq, alpha, alpha, zero
+    grid = formats.grid_for(spec.format, spec.bits, spec.element)
+    alpha = xg.abs().amax(dim=-1, keepdim=True)
+    n_clipped = zero
+    if spec.clip_k is not None:
+        alpha = torch.minimum(alpha, spec.clip_k * xg.std(dim=-1, keepdim=True, unbiased=False))
+        n_clipped = (xg.abs() > alpha).sum()
+    scale, inv = formats.block_scale(alpha, grid, spec.scale, _outer_amax(xf, xg, spec))
+    return grid.round(xg * inv).mul_(scale), scale, alpha, n_clipped
+
+
 def quantize(x: torch.Tensor, spec: QuantSpec, alpha_ratio: float = 1.0) -> QuantResult:
-    """Fake-quantize ``x`` under ``spec``: uniform, or non-uniform through f(x)=sign(x)|x|^p.
+    """Fake-quantize ``x`` under ``spec``: uniform, non-uniform through f(x)=sign(x)|x|^p, or any
+    format of :mod:`quantlens.quantize.formats` (NormalFloat, minifloats, MX, NVFP4, k-means).
 
     With ``spec.transform_p == 1`` the transform is the identity and is skipped, so the result is
-    bit-identical to plain uniform quantization. ``alpha_ratio``: see :func:`_uniform`.
+    bit-identical to plain uniform quantization. ``alpha_ratio``: see :func:`_uniform` (integers only).
     """
     shape, dtype = x.shape, x.dtype
     xf = x.detach().to(torch.float32)
-    nonuniform = spec.transform_p != 1.0
-    if nonuniform:
-        xf = power_transform(xf, spec.transform_p)
-    xg = _grouped(xf, spec)
-    xq, scale, alpha, n_clipped = _uniform(xg, spec, alpha_ratio)
-    xq = xq.reshape(shape)
-    if nonuniform:
-        xq = inverse_power_transform(xq, spec.transform_p)
+    if not _is_plain_int(spec):
+        if alpha_ratio != 1.0:
+            raise ValueError(f"alpha_ratio: only for integer grids with an fp32 scale, not {spec.label}")
+        xq, scale, alpha, n_clipped = _grid_quantize(xf, _grouped(xf, spec), spec)
+        xq = xq.reshape(shape)
+    else:
+        nonuniform = spec.transform_p != 1.0
+        if nonuniform:
+            xf = power_transform(xf, spec.transform_p)
+        xg = _grouped(xf, spec)
+        xq, scale, alpha, n_clipped = _uniform(xg, spec, alpha_ratio)
+        xq = xq.reshape(shape)
+        if nonuniform:
+            xq = inverse_power_transform(xq, spec.transform_p)
     clipped = float(n_clipped) / max(x.numel(), 1) if spec.clip_k is not None or alpha_ratio != 1.0 else 0.0
     per_group = (lambda t: t.squeeze(-1)) if spec.granularity == "group" else (lambda t: t.reshape(-1))
     return QuantResult(
@@ -153,6 +197,9 @@ def _fast_symmetric(xg: torch.Tensor, bits: int) -> torch.Tensor:
 def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Q(x) only: the hot path used on activations at every forward (no statistics, no sync)."""
     shape, dtype = x.shape, x.dtype
+    if not _is_plain_int(spec):
+        xf = x.to(torch.float32)
+        return _grid_quantize(xf, _grouped(xf, spec), spec)[0].reshape(shape).to(dtype)
     if spec.symmetric and spec.clip_k is None:
         xf = x.to(torch.float32)
         if not spec.nonuniform:

@@ -40,17 +40,103 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class QuantSpec(_Strict):
-    """How one kind of tensor (weights or activations) is quantized."""
+Format = Literal["int", "fp", "nf", "km"]
+Element = Literal["e4m3", "e5m2", "e2m3", "e3m2", "e2m1"]
+ScaleType = Literal["fp32", "fp16", "e8m0", "e4m3"]
+_ELEMENT_BITS = {"e4m3": 8, "e5m2": 8, "e2m3": 6, "e3m2": 6, "e2m1": 4}
+_DEFAULT_ELEMENT = {8: "e4m3", 6: "e2m3", 4: "e2m1"}
+_GRID_DEFAULTS = {"format": "int", "element": None, "scale": "fp32", "global_scale": None}
+NO_FP = "no FP format has {bits} bits (FP8 e4m3/e5m2, FP6 e2m3/e3m2, FP4 e2m1)"
+
+
+class _Grid(_Strict):
+    """The number format of a quantized part: which grid (``format``, ``element``), which scale rule
+    (``scale``, ``global_scale``) — the two orthogonal pieces of :mod:`quantlens.quantize.formats`.
+
+    ``int``: symmetric/asymmetric integers (optionally through the power transform ``transform_p``);
+    ``fp``: a minifloat ``element`` (default by bits: 8 → e4m3, 6 → e2m3, 4 → e2m1); ``nf``:
+    NormalFloat (2^b quantiles of a normal, blockwise absmax); ``km``: 2^b centroids per row/group
+    by k-means on the values (no scale). ``scale``: fp32, fp16, ``e8m0`` (OCP MX power of two) or
+    ``e4m3`` (NVFP4); ``global_scale``: NVFP4's second fp32 scale, over the whole ``tensor`` or per
+    ``token`` (each row: activations and KV, so a token never depends on its batch)."""
 
     bits: int = Field(8, ge=2, le=16, description="bit width, 2..16")
-    granularity: Granularity = "channel"
-    group_size: int | None = Field(None, gt=0, description="only with granularity='group'")
     symmetric: bool = True
-    transform_p: float = Field(
-        1.0, gt=0.0, le=1.0, description="power transform exponent p; 1 = uniform, 1/3 = paper's non-uniform"
-    )
+    transform_p: float = Field(1.0, gt=0.0, le=1.0, description="power transform exponent p; 1 = uniform, 1/3 = paper's non-uniform")
     clip_k: float | None = Field(None, gt=0.0, description="clip at k·σ of the group; None = max|x|")
+    format: Format = "int"
+    element: Element | None = Field(None, description="format fp: the minifloat (default by bits)")
+    scale: ScaleType = "fp32"
+    global_scale: Literal["tensor", "token"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_element(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("format") == "fp" and data.get("element") is None:
+            bits = data.get("bits", 8)
+            if isinstance(bits, int) and bits in _DEFAULT_ELEMENT:
+                data = {**data, "element": _DEFAULT_ELEMENT[bits]}
+        return data
+
+    @model_validator(mode="after")
+    def _format_is_consistent(self) -> "_Grid":
+        f = self.format
+        if f == "fp":
+            if self.element is None:
+                raise ValueError(NO_FP.format(bits=self.bits))
+            if _ELEMENT_BITS[self.element] != self.bits:
+                raise ValueError(f"element {self.element} has {_ELEMENT_BITS[self.element]} bits, not {self.bits}")
+        elif self.element is not None:
+            raise ValueError(f"element is only valid with format 'fp' (format is {f!r})")
+        if f in ("nf", "km") and self.bits > 8:
+            raise ValueError(f"format {f!r}: at most 8 bits (a codebook of 2^bits entries), got {self.bits}")
+        if f != "int" and self.transform_p != 1.0:
+            raise ValueError(f"transform_p (the power transform) is only valid with format 'int' (format is {f!r})")
+        if not self.symmetric and (f != "int" or self.scale != "fp32"):
+            raise ValueError("symmetric: false is only valid with format 'int' and scale 'fp32'")
+        if f == "km" and self.scale != "fp32":
+            raise ValueError("format 'km': a k-means codebook has no scale (leave scale at fp32)")
+        if self.scale == "e8m0" and f not in ("int", "fp"):
+            raise ValueError(f"scale 'e8m0' (OCP MX) is only valid with format 'int' or 'fp' (format is {f!r})")
+        if self.scale == "e8m0" and f == "int" and self.bits != 8:
+            raise ValueError(f"scale 'e8m0' with format 'int': MXINT is defined at 8 bits only, got {self.bits}")
+        if self.clip_k is not None and (f == "km" or self.scale in ("e8m0", "e4m3")):
+            raise ValueError(f"clip_k: clipping means nothing for format {f!r} with scale {self.scale!r} "
+                             "(a k-means codebook or a power-of-two/E4M3 block scale has no free range)")
+        if self.global_scale is not None and self.scale != "e4m3":
+            raise ValueError("global_scale (NVFP4's second-level fp32 scale) needs scale 'e4m3'")
+        return self
+
+    @property
+    def nonuniform(self) -> bool:
+        """Levels not evenly spaced: the power transform, a minifloat, NormalFloat or a codebook."""
+        return self.transform_p != 1.0 or self.format in ("fp", "nf", "km")
+
+    @property
+    def family(self) -> str:
+        """The format family the report compares: int, cuberoot / power, fp, mxfp, mxint, nvfp, nf, km."""
+        if self.format == "int":
+            if self.scale == "e8m0":
+                return "mxint"
+            if self.transform_p != 1.0:
+                return "cuberoot" if abs(self.transform_p - 1 / 3) < 1e-9 else "power"
+            return "int"
+        if self.format == "fp":
+            return "mxfp" if self.scale == "e8m0" else "nvfp" if self.scale == "e4m3" and self.global_scale else "fp"
+        return self.format
+
+    @property
+    def label(self) -> str:
+        """A short name of the format at its width: int4, cuberoot4, fp4-e2m1, mxfp4-e2m1, nvfp4, nf4, km3."""
+        fam = self.family
+        return f"{fam}{self.bits}-{self.element}" if fam in ("fp", "mxfp") else f"{fam}{self.bits}"
+
+
+class QuantSpec(_Grid):
+    """How one kind of tensor (weights or activations) is quantized."""
+
+    granularity: Granularity = "channel"
+    group_size: int | None = Field(None, gt=0, description="only with granularity='group' (the block size)")
 
     @model_validator(mode="after")
     def _group_size_matches_granularity(self) -> "QuantSpec":
@@ -58,43 +144,41 @@ class QuantSpec(_Strict):
             raise ValueError("group_size is required when granularity is 'group'")
         if self.granularity != "group" and self.group_size is not None:
             raise ValueError(f"group_size is only valid with granularity 'group' (granularity is {self.granularity!r})")
+        if self.global_scale is not None and self.granularity != "group":
+            raise ValueError("global_scale needs granularity 'group' (blocks under one tensor/token scale)")
         return self
 
-    @property
-    def nonuniform(self) -> bool:
-        return self.transform_p != 1.0
+    def grid_fields(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _Grid.model_fields}
 
 
-class KVSpec(_Strict):
+class KVSpec(_Grid):
     """How the KV cache is quantized: keys (after the rotary embedding where there is one) and
     values, per head, as a cache would hold them ([batch, heads, tokens, head_dim]).
 
     ``token``: one scale per token and head over head_dim (``group_size`` splits head_dim);
     ``head``: one scale per head over all its tokens and dims; ``channel``: one scale per head_dim
-    channel of a head over the tokens (KIVI's choice for keys).
+    channel of a head over the tokens (KIVI's choice for keys). Any format of :class:`QuantSpec`.
     """
 
-    bits: int = Field(8, ge=2, le=16, description="bit width, 2..16")
     granularity: KVGranularity = "token"
     group_size: int | None = Field(None, gt=0, description="token granularity: groups of head_dim")
-    symmetric: bool = True
-    transform_p: float = Field(1.0, gt=0.0, le=1.0, description="power transform exponent p; 1/3 = cube root")
-    clip_k: float | None = Field(None, gt=0.0)
 
     @model_validator(mode="after")
     def _group_only_per_token(self) -> "KVSpec":
         if self.group_size is not None and self.granularity != "token":
             raise ValueError(f"group_size is only valid with granularity 'token' (granularity is {self.granularity!r})")
+        if self.global_scale is not None and self.group_size is None:
+            raise ValueError("global_scale needs group_size (blocks of head_dim under one per-row scale)")
         return self
-
-    @property
-    def nonuniform(self) -> bool:
-        return self.transform_p != 1.0
 
     def row_spec(self) -> QuantSpec:
         """The quantizer applied along the last dim once K/V are laid out for this granularity."""
         gran = {"granularity": "group", "group_size": self.group_size} if self.group_size else {"granularity": "token"}
-        return QuantSpec(bits=self.bits, symmetric=self.symmetric, transform_p=self.transform_p, clip_k=self.clip_k, **gran)
+        fields = {k: getattr(self, k) for k in _Grid.model_fields}
+        if fields["global_scale"] is not None:
+            fields["global_scale"] = "token"  # one fp32 scale per row (token and head)
+        return QuantSpec(**fields, **gran)
 
 
 class PerturbSpec(_Strict):
@@ -174,7 +258,13 @@ class Setting(_Strict):
     def identity(self) -> dict[str, Any]:
         """What the setting computes, as plain data: equal for two settings exactly when they are the same
         computation. Run keys are built from it, so the same computation is one run."""
-        return self.canonical().model_dump(exclude={"name", "base"})
+        ident = self.canonical().model_dump(exclude={"name", "base"})
+        for part in ("weights", "activations", "kv"):  # format fields at their defaults: the keys of runs made before they existed
+            if ident.get(part):
+                for k, default in _GRID_DEFAULTS.items():
+                    if ident[part].get(k, default) == default:
+                        ident[part].pop(k, None)
+        return ident
 
     def same_computation(self, other: "Setting") -> bool:
         return self.identity() == other.identity()
@@ -219,6 +309,7 @@ class Setting(_Strict):
         parts = [x for x in (w, a, kv) if x is not None]
         spec = parts[0] if parts else None
         kinds = {x.nonuniform for x in parts}
+        fams = [x.family for x in parts]
         quantizer = "none" if not parts else "mixed" if len(kinds) > 1 else "non-uniform" if kinds == {True} else "uniform"
         out: dict[str, Any] = {"setting": self.name, "base": self.base or self.name, "reference": self.is_reference,
                                "quantizer": "noise" if p else quantizer, "nonuniform": any(kinds)}
@@ -229,9 +320,12 @@ class Setting(_Strict):
             out[f"{prefix}_symmetric"] = q.symmetric if q else True
             out[f"{prefix}_transform_p"] = q.transform_p if q else 1.0
             out[f"{prefix}_clip_k"] = q.clip_k or 0.0 if q else 0.0
+            out[f"{prefix}_format"] = q.label if q else "none"
+            out[f"{prefix}_scale"] = q.scale + (f"+{q.global_scale}" if q.global_scale else "") if q else "none"
         out.update({
             "symmetric": spec.symmetric if spec else True,
-            "transform": f"power{spec.transform_p:.4g}" if spec and spec.nonuniform else "uniform",
+            "transform": f"power{spec.transform_p:.4g}" if spec and spec.transform_p != 1.0 else "uniform",
+            "format": fams[0] if fams and len(set(fams)) == 1 else "mixed" if fams else "none",
             "transform_p": spec.transform_p if spec else 1.0,
             "clip_k": spec.clip_k if spec and spec.clip_k is not None else 0.0,
             "perturbation": f"{p.distribution}-{p.rule}-{p.target}" if p else "none",
@@ -249,13 +343,53 @@ def _validated(cls: type[BaseModel], data: dict[str, Any], what: str) -> Any:
 
 
 # --- Names --------------------------------------------------------------------------------------
-# W{wbits}A{abits}[KV{kvbits}][-g{group}][-nu][-p{exp}][-clip{k}], e.g. W8A8, W4A16-g128, W4A16-nu,
-# W3A16-clip3, W16A16KV4, W4A16KV4-nu. -g is the weights' group size; -nu / -p / -clip apply to every
-# quantized part (weights, activations, KV cache); 16 bits means "not quantized".
+# W{wbits}A{abits}[KV{kvbits}][-g{group}][-nu][-p{exp}][-{format}[{bits}][{element}]][-clip{k}], e.g. W8A8,
+# W4A16-g128, W4A16-nu, W3A16-clip3, W16A16KV4, W4A16KV4-nu, W4A16-nf4, W8A8-fp8, W8A8-fp8e5m2, W4A4-mxfp4,
+# W4A16-nvfp4, W3A16-km. -g is the weights' group size; -nu / -p / -clip and the format apply to every
+# quantized part (weights, activations, KV cache), each at its own bits (W4A8-fp: FP4 weights, FP8
+# activations; digits after the format must then be every quantized part's bits); 16 bits means "not quantized".
 _NAME = re.compile(
-    r"^W(?P<w>\d+)A(?P<a>\d+)(?:KV(?P<kv>\d+))?(?:-g(?P<g>\d+))?(?P<nu>-nu)?(?:-p(?P<p>[0-9.]+))?(?:-clip(?P<k>[0-9.]+))?$"
+    r"^W(?P<w>\d+)A(?P<a>\d+)(?:KV(?P<kv>\d+))?(?:-g(?P<g>\d+))?(?P<nu>-nu)?(?:-p(?P<p>[0-9.]+))?"
+    r"(?:-(?P<fmt>nf|fp|mxfp|mxint|nvfp|km)(?P<fb>\d+)?(?P<el>e\dm\d)?)?(?:-clip(?P<k>[0-9.]+))?$"
 )
 PRESET_NAMES = ("W16A16", "W8A8", "W4A16", "W4A8", "W8A8-nu", "W4A16-nu", "W4A8-nu")
+FORMAT_NAMES = ("W4A16-nf4", "W3A16-nf3", "W4A16-fp4", "W8A8-fp8", "W4A16-mxfp4", "W4A4-mxfp4", "W8A8-mxfp8",
+                "W4A16-nvfp4", "W4A4-nvfp4", "W3A16-km", "W4A16-km", "W16A16KV8-fp8", "W16A16KV4-nvfp4")
+MX_BLOCK, NVFP_BLOCK, NF_BLOCK, FP_GROUP = 32, 16, 64, 32
+
+
+def _format_part(fmt: str, part: str, bits: int, element: str | None, group: int | None) -> dict[str, Any]:
+    """The fields a format suffix means for one quantized part (``weights``, ``activations``, ``kv``)
+    at ``bits``: its grid, scale rule and the block it is defined with."""
+    rows = {"weights": "channel", "activations": "token", "kv": "token"}[part]
+
+    def blocks(n: int) -> dict[str, Any]:
+        return {"granularity": "token", "group_size": n} if part == "kv" else {"granularity": "group", "group_size": n}
+
+    default = {"granularity": rows} if group is None else blocks(group)
+    if fmt == "nf":  # bitsandbytes: blockwise absmax, blocks of 64 (KV: per token and head)
+        return {"format": "nf", **(default if group or part == "kv" else blocks(NF_BLOCK))}
+    if fmt == "km":
+        return {"format": "km", **default}
+    if fmt == "fp":  # FP8 per channel / token; narrower FP per group of 32 with an fp16 scale
+        if bits not in (4, 6, 8) and element is None:
+            raise ValueError(f"{part}: " + NO_FP.format(bits=bits))
+        wide = bits == 8 or part == "kv"
+        return {"format": "fp", "element": element, **(default if wide or group else blocks(FP_GROUP)),
+                **({} if bits == 8 else {"scale": "fp16"})}
+    if group is not None:
+        raise ValueError(f"-g{group}: the {fmt} block size is fixed by its definition ({MX_BLOCK if fmt != 'nvfp' else NVFP_BLOCK}); "
+                         "give another block in the long form (group_size)")
+    if fmt == "mxint":
+        return {"format": "int", "scale": "e8m0", **blocks(MX_BLOCK)}
+    if fmt == "mxfp":
+        if bits not in (4, 6, 8) and element is None:
+            raise ValueError(f"{part}: " + NO_FP.format(bits=bits))
+        return {"format": "fp", "element": element, "scale": "e8m0", **blocks(MX_BLOCK)}
+    if bits != 4:  # nvfp
+        raise ValueError(f"{part}: NVFP4 has 4 bits, not {bits}")
+    return {"format": "fp", "element": "e2m1", "scale": "e4m3", "global_scale": "tensor" if part == "weights" else "token",
+            **blocks(NVFP_BLOCK)}
 
 
 def setting_from_name(name: str) -> Setting:
@@ -263,8 +397,10 @@ def setting_from_name(name: str) -> Setting:
     m = _NAME.match(name)
     if m is None:
         raise ConfigError(
-            f"unknown setting {name!r}: expected a preset ({', '.join(PRESET_NAMES)}) or a name of the "
-            "form W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-clip<k>], e.g. W3A16-g64-nu, W16A16KV4"
+            f"unknown setting {name!r}: expected a preset ({', '.join(PRESET_NAMES)}), a format "
+            f"({', '.join(FORMAT_NAMES[:6])}, …) or a name of the form "
+            "W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]][-clip<k>], "
+            "e.g. W3A16-g64-nu, W16A16KV4, W4A16-nf4"
         )
     wb, ab = int(m["w"]), int(m["a"])
     kvb = int(m["kv"]) if m["kv"] else 16
@@ -273,18 +409,37 @@ def setting_from_name(name: str) -> Setting:
             raise ConfigError(f"invalid setting {name!r}: {field}: must be between 2 and 16 (16 = not quantized), got {bits}")
     if m["nu"] and m["p"]:
         raise ConfigError(f"unknown setting {name!r}: use either -nu (p=1/3) or -p<exp>, not both")
+    fmt = m["fmt"]
+    if fmt and (m["nu"] or m["p"]):
+        raise ConfigError(f"invalid setting {name!r}: the power transform (-nu / -p) is a grid of integers; "
+                          f"it does not combine with -{fmt}")
     p = NONUNIFORM_P if m["nu"] else float(m["p"]) if m["p"] else 1.0
     k = float(m["k"]) if m["k"] else None
-    w_gran: dict[str, Any] = {"granularity": "group", "group_size": int(m["g"])} if m["g"] else {"granularity": "channel"}
-    data: dict[str, Any] = {"name": name}
-    if wb < 16:
-        data["weights"] = {"bits": wb, **w_gran, "transform_p": p, "clip_k": k}
-    elif m["g"]:
+    group = int(m["g"]) if m["g"] else None
+    if group is not None and wb == 16:
         raise ConfigError(f"invalid setting {name!r}: weights.group_size given but weights are not quantized (16 bits)")
-    if ab < 16:
-        data["activations"] = {"bits": ab, "granularity": "token", "transform_p": p, "clip_k": k}
-    if kvb < 16:
-        data["kv"] = {"bits": kvb, "granularity": "token", "transform_p": p, "clip_k": k}
+    parts = {"weights": wb, "activations": ab, "kv": kvb}
+    quantized = {part: bits for part, bits in parts.items() if bits < 16}
+    if fmt and m["fb"]:
+        wrong = {part: bits for part, bits in quantized.items() if bits != int(m["fb"])}
+        if wrong:
+            said = ", ".join(f"{part} {bits}" for part, bits in wrong.items())
+            raise ConfigError(f"invalid setting {name!r}: -{fmt}{m['fb']} names {m['fb']} bits but {said} bits are quantized: "
+                              f"write -{fmt} (each part in {fmt} at its own bits)")
+    data: dict[str, Any] = {"name": name}
+    for part, bits in quantized.items():
+        if fmt:
+            try:
+                spec = _format_part(fmt, part, bits, m["el"], group if part == "weights" else None)
+            except ValueError as err:
+                raise ConfigError(f"invalid setting {name!r}: {err}") from None
+        else:
+            gran = {"granularity": "group", "group_size": group} if group and part == "weights" else \
+                   {"granularity": "channel" if part == "weights" else "token"}
+            spec = {**gran, "transform_p": p}
+        data[part] = {"bits": bits, **spec, **({"clip_k": k} if k is not None else {})}
+    if m["el"] and not fmt:
+        raise ConfigError(f"invalid setting {name!r}: an element type needs a format")
     return _validated(Setting, data, f"setting {name!r}")
 
 
