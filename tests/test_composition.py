@@ -6,7 +6,7 @@ project_in / project_out, no final norm), BLOOM, LLaMA, Llama-3 (GQA, llama3 rop
 (q/k/v bias, tied embeddings), Mistral (``head_dim`` ≠ hidden / heads).
 
 Features, on each: quantized and perturbed settings (weights, activations, KV cache, clipping,
-non-uniform), per-example NLL and residual statistics, perplexity and Lambada-style requests, the
+non-uniform; NVFP4, MX, NF, k-means and FP8 formats), per-example NLL and residual statistics, perplexity and Lambada-style requests, the
 mechanism analysis, placements single / stream / device_map (CPU), and ``originals: checkpoint``.
 Asserted: stream == single bit for bit, device_map == single, W16A16 == the Hugging Face loss,
 restore bit-exact, KV16 is W16A16, and a model outside the anatomy fails in preflight in one line.
@@ -58,7 +58,15 @@ SETTINGS = [
     "W4A8KV4-nu",
     {"name": "W4A8+noise", "base": "W4A8", "perturbation": {"target": "both", "seed": 3}},
     {"name": "W16A16KV4+noise", "base": "W16A16KV4", "perturbation": {"target": "kv", "rule": "proportional", "seed": 1}},
+    # the field's formats (hidden 32, head_dim 8 or 16: blocks that divide them)
+    "W4A4-nvfp4",
+    "W4A8-mxfp",  # MXFP4 weights, MXFP8 activations
+    "W4A16-g16-nf4",
+    "W3A16-km",
+    "W16A16KV8-fp8",
+    {"name": "W4A4-nvfp4+noise", "base": "W4A4-nvfp4", "perturbation": {"target": "both", "distribution": "uniform", "seed": 2}},
 ]
+FORMATS = ("W4A4-nvfp4", "W4A8-mxfp", "W4A16-g16-nf4", "W3A16-km", "W16A16KV8-fp8", "W4A4-nvfp4+noise")
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +147,7 @@ def test_every_feature_on_every_architecture(arch, folders):
         assert torch.isfinite(torch.tensor(r["nll"])).all()
     assert results["W16A16"]["nll"].mean() == pytest.approx(hf, rel=1e-6)
     _same(results["W16A16"], results["W16A16KV16"], f"{arch}: KV16 is W16A16")
-    for name in ("W4A8", "W16A16KV4", "W4A8+noise", "W16A16KV4+noise", "W3A16-g16-nu"):
+    for name in ("W4A8", "W16A16KV4", "W4A8+noise", "W16A16KV4+noise", "W3A16-g16-nu", *FORMATS):
         assert (results[name]["nll"] != results["W16A16"]["nll"]).any(), f"{arch}/{name} changed nothing"
 
     # residual statistics: every layer, every example, finite

@@ -83,6 +83,8 @@ def test_fp8_equals_torch_cast_of_the_scaled_tensor(element, dtype, weights):
         ref = (x * s.reciprocal()).clamp(-fmax, fmax).to(dtype).to(torch.float32) * s
         assert torch.equal(quantize(x, spec).xq, ref), name
         assert torch.equal(fake_quantize(x, spec), ref), name
+        fmt = formats.MINIFLOATS[element]  # the definition's rounding, without torch's cast, on the same tensor
+        assert torch.equal(formats.round_minifloat((x * s.reciprocal()), fmt, native=False) * s, ref), name
 
 
 def test_minifloat_rounding_on_every_value_of_every_grid():
@@ -99,10 +101,11 @@ def test_minifloat_rounding_on_every_value_of_every_grid():
             dt = torch.float8_e4m3fn if name == "e4m3" else torch.float8_e5m2
             every = torch.arange(256, dtype=torch.uint8).view(dt).float()
             assert torch.equal(torch.unique(every[every.isfinite()]), levels), name
-        assert torch.equal(formats.round_minifloat(levels, fmt), levels), name
+        assert torch.equal(formats.round_minifloat(levels, fmt, native=False), levels), name
         g = torch.Generator().manual_seed(2)  # random points at every scale: the result is the nearest level
         y = (torch.rand(50_000, generator=g) * 2 - 1) * torch.exp2(torch.rand(50_000, generator=g) * 30 - 25) * fmt.max
-        q = formats.round_minifloat(y, fmt)
+        q = formats.round_minifloat(y, fmt, native=False)
+        assert torch.equal(q, formats.round_minifloat(y, fmt)), name  # FP8: torch's cast gives the same values
         nearest = levels[(y[:, None] - levels[None]).abs().argmin(-1)]
         assert torch.equal((q - y).abs(), (nearest - y).abs()), name
         assert torch.isin(q, levels).all(), name

@@ -95,31 +95,51 @@ def results_table(df: pd.DataFrame) -> pd.DataFrame:
     return df[cols].copy()
 
 
+def run_families(df: pd.DataFrame) -> pd.Series:
+    """The format family of each run (``format`` param: int, cuberoot, power, nf, fp, mxfp, mxint, nvfp,
+    km, mixed, none); runs logged before formats existed: int, or the power transform's twin."""
+    p = pd.to_numeric(df["transform_p"], errors="coerce").fillna(1.0) if "transform_p" in df else pd.Series(1.0, index=df.index)
+    derived = p.map(lambda v: "int" if v == 1.0 else "cuberoot" if abs(v - 1 / 3) < 1e-6 else "power")
+    logged = df["format"] if "format" in df else pd.Series(None, index=df.index, dtype=object)
+    return logged.where(logged.notna() & (logged != "none"), derived)
+
+
+_MATCH = ("w_granularity", "a_granularity", "kv_granularity", "w_group_size")
+
+
+def _config(row: pd.Series) -> str:
+    kv = row.get("kv_bits", 16)
+    kv = 16 if pd.isna(kv) else int(kv)
+    return f"W{int(row['w_bits'])}A{int(row['a_bits'])}" + (f"KV{kv}" if kv < 16 else "")
+
+
 def uniform_vs_nonuniform(df: pd.DataFrame) -> pd.DataFrame:
-    """The paper's table: each uniform setting beside its power-transform twin(s), per model."""
+    """The paper's table across the field's formats: per model and bit widths, every non-uniform
+    family that was run (cube root, NF, FP, MX, NVFP4, codebook) beside the INT run at the same bits
+    (the one with the same granularity where there is one, else the per-channel default), with Δ =
+    format − INT and a compare link."""
     plain = _plain(df)
-    if plain.empty or "transform_p" not in plain:
+    if plain.empty or "w_bits" not in plain:
         return pd.DataFrame()
-    keys = ["model", "family", "size_b", "w_bits", "a_bits", "kv_bits", "w_granularity", "a_granularity", "kv_granularity", "w_group_size"]
-    keys = [k for k in keys if k in plain]
+    plain = plain.assign(_family=run_families(plain), _config=plain.apply(_config, axis=1))
+    plain = plain[~plain["reference"]]
     rows = []
     metrics = metrics_present(plain)
-    for _, uni in plain[plain["transform_p"] == 1.0].iterrows():
-        kv_bits = uni.get("kv_bits", 16)
-        kv_bits = 16 if pd.isna(kv_bits) else int(kv_bits)
-        if uni["reference"]:
+    for (model, config), g in plain.groupby(["model", "_config"], sort=False):
+        ints = g[g["_family"] == "int"]
+        if ints.empty:
             continue
-        twins = plain[(plain["transform_p"] != 1.0)]
-        for k in keys:
-            twins = twins[twins[k] == uni[k]]
-        for _, nu in twins.iterrows():
-            config = f"W{int(uni['w_bits'])}A{int(uni['a_bits'])}" + (f"KV{kv_bits}" if kv_bits < 16 else "")
-            row = {"model": uni["model"], "config": config, "p": nu["transform_p"]}
+        for _, fmt in g[g["_family"] != "int"].sort_values("setting").iterrows():
+            same = ints
+            for k in (k for k in _MATCH if k in ints):
+                same = same[same[k] == fmt[k]]
+            uni = (same if not same.empty else ints.sort_values("setting", key=lambda c: c.str.len())).iloc[0]
+            row = {"model": model, "config": config, "family": fmt["_family"], "setting": fmt["setting"], "INT": uni["setting"]}
             for m in metrics:
-                row[f"{m} uniform"] = uni[m]
-                row[f"{m} non-uniform"] = nu[m]
-                row[f"{m} Δ"] = nu[m] - uni[m]  # non-uniform − uniform: < 0 is better for ppl/nll, > 0 for acc
-            link = _link(uni, nu)
+                row[f"{m} INT"] = uni[m]
+                row[f"{m} format"] = fmt[m]
+                row[f"{m} Δ"] = fmt[m] - uni[m]  # format − INT: < 0 is better for ppl/nll, > 0 for acc
+            link = _link(uni, fmt)
             if link:
                 row["compare"] = link
             rows.append(row)
@@ -195,32 +215,32 @@ def fig_alpha_vs_delta(df: pd.DataFrame, path: Path) -> Path | None:
 
 
 def fig_uniform_vs_nonuniform(table: pd.DataFrame, path: Path) -> Path | None:
-    """Uniform against non-uniform, per model and configuration (one panel per metric): paired
-    bars with the difference written above each pair."""
+    """Each format against INT at the same bits, per model and configuration (one panel per metric):
+    paired bars with the difference written above each pair."""
     if table.empty:
         return None
-    metrics = [c[: -len(" uniform")] for c in table.columns if c.endswith(" uniform") and not c.endswith("non-uniform")]
+    metrics = [c[: -len(" INT")] for c in table.columns if c.endswith(" INT")]
     # nothing to see in a metric that is the same everywhere (e.g. Lambada accuracy 0 on tiny models)
-    metrics = [m for m in metrics if m != "lambada_nll" and pd.concat([table[f"{m} uniform"], table[f"{m} non-uniform"]]).nunique() > 1]
+    metrics = [m for m in metrics if m != "lambada_nll" and pd.concat([table[f"{m} INT"], table[f"{m} format"]]).nunique() > 1]
     if not metrics:
         return None
     plt = _plt()
-    labels = [f"{r['model']}\n{r['config']} p={r['p']:.3g}" for _, r in table.iterrows()]
+    labels = [f"{r['model']}\n{r['setting']}" for _, r in table.iterrows()]
     fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6, 0.9 * len(table) + 2), 3.4 * len(metrics)), squeeze=False)
     x = range(len(table))
     for ax, m in zip(axes[:, 0], metrics):
-        u, n = table[f"{m} uniform"].to_numpy(dtype=float), table[f"{m} non-uniform"].to_numpy(dtype=float)
-        ax.bar([i - 0.2 for i in x], u, width=0.4, label="uniform", color="tab:grey")
-        ax.bar([i + 0.2 for i in x], n, width=0.4, label="non-uniform (power transform)", color="tab:blue")
+        u, n = table[f"{m} INT"].to_numpy(dtype=float), table[f"{m} format"].to_numpy(dtype=float)
+        ax.bar([i - 0.2 for i in x], u, width=0.4, label="INT at the same bits", color="tab:grey")
+        ax.bar([i + 0.2 for i in x], n, width=0.4, label="non-uniform format", color="tab:blue")
         for i, (a, b) in enumerate(zip(u, n)):
             ax.annotate(f"{b - a:+.3g}", (i, max(a, b)), ha="center", va="bottom", fontsize=6)
-        ax.set_xticks(list(x), labels, fontsize=6)
+        ax.set_xticks(list(x), labels, fontsize=6, rotation=45, ha="right")
         ax.set_ylabel(m)
         if m.endswith(("_ppl", "_nll")):
             lo = min(u.min(), n.min())
             ax.set_ylim(lo * 0.98, max(u.max(), n.max()) * 1.02)
         ax.legend(fontsize=7)
-    return save_figure(fig, path, "Uniform vs non-uniform (Δ = non-uniform − uniform)", fontsize=10)
+    return save_figure(fig, path, "Non-uniform formats vs INT at the same bits (Δ = format − INT)", fontsize=10)
 
 
 def perturbation_summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -344,4 +364,7 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, report: "Report | None" 
         report.figure(f"fig4_perturbations_{m}", lambda path, m=m: fig_perturbations(df, m, path))
     report.figure("fig5_clipping", lambda path: fig_clipping(df, path))
     report.figure("fig_uniform_vs_nonuniform", lambda path: fig_uniform_vs_nonuniform(uvn, path))
+    from quantlens.analysis import format_report
+
+    format_report.write(df, report, plotted)
     return report.files

@@ -80,14 +80,22 @@ def _pow2(e: torch.Tensor) -> torch.Tensor:
     return ((e + 127) << 23).view(torch.float32)
 
 
-def round_minifloat(y: torch.Tensor, fmt: Minifloat) -> torch.Tensor:
+_NATIVE = {"e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2"}  # minifloats torch can cast to (CPU and GPU)
+
+
+def round_minifloat(y: torch.Tensor, fmt: Minifloat, native: bool = True) -> torch.Tensor:
     """Nearest value of ``fmt`` to float32 ``y``: round half to even, subnormals, saturating at ±max.
 
     The quantum of |y| is 2^(e − mbits) with e = max(⌊log2|y|⌋, emin); y / quantum is exact (a
-    power of two), ``round`` is half-to-even, so the result equals a hardware RNE cast (torch's
-    ``float8_e4m3fn`` / ``float8_e5m2`` for FP8) on every value inside the range."""
-    e = _exponent(y.abs()).clamp_(fmt.emin, fmt.emax + 1)
-    return (y * _pow2(fmt.mbits - e)).round_().mul_(_pow2(e - fmt.mbits)).clamp_(-fmt.max, fmt.max)
+    power of two) and ``round`` is half-to-even, so the result equals a hardware RNE cast. FP8 uses
+    torch's own cast (``native``; one kernel, the same values — tests/test_formats.py checks both)."""
+    dtype = getattr(torch, _NATIVE.get(fmt.name, ""), None) if native else None
+    if dtype is not None:
+        return y.clamp(-fmt.max, fmt.max).to(dtype).to(torch.float32)
+    eb = y.abs().view(torch.int32).bitwise_right_shift_(23).clamp_(fmt.emin + 127, fmt.emax + 128)  # biased exponent
+    inv = eb.neg().add_(254 + fmt.mbits).bitwise_left_shift_(23).view(torch.float32)  # 2^(mbits − e)
+    quantum = eb.sub_(fmt.mbits).bitwise_left_shift_(23).view(torch.float32)  # 2^(e − mbits)
+    return inv.mul_(y).round_().mul_(quantum).clamp_(-fmt.max, fmt.max)
 
 
 # --- Codebooks ------------------------------------------------------------------------------------------

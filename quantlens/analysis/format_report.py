@@ -1,0 +1,122 @@
+"""The report's comparison of number formats: metric against bits per family, and the first paper's
+lens per format (framework-free: pandas + matplotlib).
+
+- ``formats_vs_bits``: per model, every family that was run (INT, cube root, NF, FP, MX, NVFP4,
+  codebook) at each weight width — weight-only runs (activations at 16 bits) and runs that quantize
+  activations at the weights' width (W4A4, W8A8) as two regimes; the figure ``fig_formats_<metric>``
+  draws one line per family and regime, the full-precision model as a dashed line.
+- ``format_lens``: the mean relative perturbation |Δ|/|x| by decile of |x| (d01 = the smallest
+  10 % of the values), of the weights and, from the sampled forwards, of the activations, per run
+  (:mod:`quantlens.quantize.lens`); ``fig_format_lens_<model>`` draws one line per setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from quantlens.analysis.aggregate import _plain, _plt, metrics_present, run_families, save_figure
+from quantlens.analysis.per_example import _safe
+
+if TYPE_CHECKING:
+    from quantlens.analysis.report import Report
+
+DECILES = [f"d{i:02d}" for i in range(1, 11)]
+
+
+def formats_vs_bits(df: pd.DataFrame) -> pd.DataFrame:
+    """model, family, regime (``weights`` | ``weights+activations``), bits, setting and the metrics; one
+    run per point (the shortest setting name: the format's default granularity), KV settings left out."""
+    plain = _plain(df)
+    if plain.empty or "w_bits" not in plain:
+        return pd.DataFrame()
+    kv = plain["kv_bits"].fillna(16) if "kv_bits" in plain else 16
+    sub = plain[(~plain["reference"]) & (kv == 16) & (plain["w_bits"] < 16)]
+    sub = sub.assign(family=run_families(sub))
+    a = sub["a_bits"].fillna(16)
+    sub = sub.assign(regime=a.where(a == 16, -1).map({16: "weights", -1: "weights+activations"}))
+    sub = sub[(a == 16) | (a == sub["w_bits"])]
+    if sub.empty:
+        return pd.DataFrame()
+    sub = sub.assign(_len=sub["setting"].str.len()).sort_values(["_len", "setting"])
+    sub = sub.drop_duplicates(["model", "family", "regime", "w_bits"]).rename(columns={"w_bits": "bits"})
+    cols = ["model", "family", "regime", "bits", "setting"] + metrics_present(sub)
+    return sub[cols].sort_values(["model", "regime", "family", "bits"]).reset_index(drop=True)
+
+
+def fig_formats_vs_bits(table: pd.DataFrame, df: pd.DataFrame, metric: str, path: Path) -> Path | None:
+    """One panel per model: ``metric`` against bits, one line per family (dashed: activations too)."""
+    if table.empty or metric not in table or table[metric].notna().sum() == 0:
+        return None
+    plt = _plt()
+    models = list(dict.fromkeys(table["model"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
+    ref = df[df["reference"]] if "reference" in df else df.iloc[0:0]
+    for ax, model in zip(axes[0], models):
+        t = table[table["model"] == model].dropna(subset=[metric])
+        for (family, regime), g in t.groupby(["family", "regime"]):
+            g = g.sort_values("bits")
+            ax.plot(g["bits"], g[metric], marker="o", linestyle="-" if regime == "weights" else "--",
+                    label=f"{family}" + ("" if regime == "weights" else " (W=A)"))
+        r = ref[ref["model"] == model][metric].dropna() if metric in ref else pd.Series(dtype=float)
+        if not r.empty:
+            ax.axhline(float(r.iloc[0]), color="grey", linestyle=":", label="16-bit")
+        ax.set_xticks(sorted(t["bits"].unique()))
+        ax.set_xlabel("bits (weights)")
+        ax.set_ylabel(metric)
+        if metric.endswith("_ppl"):
+            ax.set_yscale("log")
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path, f"{metric} against bits, one line per format family")
+
+
+def format_lens(df: pd.DataFrame) -> pd.DataFrame:
+    """model, setting, family, kind (weight | activation) and the mean |Δ|/|x| per decile of |x|."""
+    plain = _plain(df)
+    rows = []
+    for kind in ("weight", "activation"):
+        cols = [f"{kind}_lens_{d}" for d in DECILES]
+        if not set(cols) <= set(plain.columns):
+            continue
+        sub = plain.dropna(subset=cols)
+        sub = sub.assign(family=run_families(sub))
+        for _, r in sub.iterrows():
+            rows.append({"model": r["model"], "setting": r["setting"], "family": r["family"], "kind": kind,
+                         **{d: r[f"{kind}_lens_{d}"] for d in DECILES}})
+    return pd.DataFrame(rows)
+
+
+def fig_format_lens(lens: pd.DataFrame, model: str, path: Path) -> Path | None:
+    """The first paper's "small values suffer most", for every grid: |Δ|/|x| by decile of |x|."""
+    t = lens[lens["model"] == model]
+    if t.empty:
+        return None
+    plt = _plt()
+    kinds = list(dict.fromkeys(t["kind"]))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
+    x = list(range(1, 11))
+    for ax, kind in zip(axes[0], kinds):
+        for _, r in t[t["kind"] == kind].iterrows():
+            ax.plot(x, [r[d] for d in DECILES], marker=".", label=f"{r['setting']} ({r['family']})")
+        ax.set_yscale("log")
+        ax.set_xticks(x)
+        ax.set_xlabel(f"decile of |x| ({kind}s; 1 = smallest 10 %)")
+        ax.set_ylabel("mean |Δ| / |x|")
+        ax.set_title(f"{kind}s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    return save_figure(fig, path, f"{model}: relative perturbation by magnitude, per format (the first paper's lens)")
+
+
+def write(df: pd.DataFrame, report: "Report", metrics: list[str]) -> None:
+    """The formats parts of the report: ``formats_vs_bits``, ``format_lens`` and their figures."""
+    fvb = report.table("formats_vs_bits", lambda: formats_vs_bits(df))
+    for m in metrics:
+        report.figure(f"fig_formats_{m}", lambda path, m=m: fig_formats_vs_bits(fvb, df, m, path))
+    lens = report.table("format_lens", lambda: format_lens(df))
+    for model in (lens["model"].unique() if not lens.empty else []):
+        report.figure(f"fig_format_lens_{_safe(model)}", lambda path, model=model: fig_format_lens(lens, model, path))
