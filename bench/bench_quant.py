@@ -26,6 +26,10 @@ from quantlens.quantize.patch import quantize_, restore_  # noqa: E402
 
 SHARED = Path(os.environ.get("QUANTLENS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+# Budgets (× W16A16, paired in the same run): weights are quantized once, so weight-only formats cost
+# nothing at evaluation; FP8 activations one cast per token; MX / NVFP4 activations blocks of 32 / 16.
+BUDGETS = {"W4A16-nf4": 1.02, "W3A16-nf3": 1.02, "W4A16-fp4": 1.02, "W4A16-mxfp4": 1.02, "W4A16-nvfp4": 1.02,
+           "W3A16-km": 1.02, "W4A16-km": 1.02, "W8A8-fp8": 1.08, "W4A4-mxfp4": 1.15, "W4A4-nvfp4": 1.15}
 
 
 def peak_flops() -> float | None:
@@ -39,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(SHARED / "models" / "tiny-opt"))
     ap.add_argument("--text", default=str(SHARED / "wikitext2" / "test.txt"))
-    ap.add_argument("--settings", nargs="+", default=["W16A16", "W4A16", "W8A8", "W4A16-nu", "W8A8-nu"])
+    ap.add_argument("--settings", nargs="+", default=["W16A16", "W4A16", "W8A8", "W4A16-nu", "W8A8-nu", *BUDGETS])
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--max-windows", type=int, default=1024)
@@ -73,15 +77,22 @@ def main() -> None:
     # timing of the same round), robust to the slow drifts of a shared machine. Best-of-N beside it.
     base = min(times["W16A16"])
     peak = peak_flops()
-    print(f"{'setting':<12}{'ppl':>10}{'median s':>10}{'tok/s':>10}{'× W16A16':>10}{'best-of-N ×':>13}{'patch s':>9}" + ("    MFU" if peak else ""))
+    print(f"{'setting':<16}{'ppl':>10}{'median s':>10}{'tok/s':>10}{'× W16A16':>10}{'best-of-N ×':>13}{'patch s':>9}{'budget':>8}"
+          + ("    MFU" if peak else ""))
+    over = []
     for s in args.settings:
         paired = statistics.median(t / b for t, b in zip(times[s], times["W16A16"]))
         t = statistics.median(times[s])
         tps = windows.numel() / t
-        line = f"{s:<12}{ppl[s]:>10.3f}{t:>10.3f}{tps:>10.0f}{paired:>10.3f}{min(times[s]) / base:>13.3f}{patch_s[s]:>9.3f}"
+        budget = BUDGETS.get(s)
+        mark = "" if budget is None else f"{budget:.2f}" + (" ok" if paired <= budget else " OVER")
+        if budget is not None and paired > budget:
+            over.append(s)
+        line = f"{s:<16}{ppl[s]:>10.3f}{t:>10.3f}{tps:>10.0f}{paired:>10.3f}{min(times[s]) / base:>13.3f}{patch_s[s]:>9.3f}{mark:>10}"
         if peak:
             line += f"   {2 * n_params * tps / peak:>5.1%}"
         print(line)
+    print("every budget met" if not over else f"over budget: {', '.join(over)}")
 
 
 if __name__ == "__main__":

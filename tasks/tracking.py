@@ -4,9 +4,12 @@ Schema (stable; the README documents it): one parent run per sweep (tag ``quantl
 one child run per (model, setting) (tag ``quantlens.kind=eval``) with
 
 - params: model, family, size_b, setting, base, w_bits, a_bits, w_granularity, a_granularity,
-  w_group_size, symmetric, transform, transform_p, clip_k, perturbation, seed, revision, seqlen, datasets
+  w_group_size, symmetric, transform, transform_p, clip_k, perturbation, seed, revision, seqlen, datasets,
+  format (the family: int, cuberoot, nf, fp, mxfp, mxint, nvfp, km) and per part ``w_/a_/kv_format``
+  (int4, nf4, fp4-e2m1, mxfp4-e2m1, nvfp4, km3, …) and ``w_/a_/kv_scale`` (fp32, fp16, e8m0, e4m3+tensor)
 - metrics: ``<dataset>_ppl`` / ``lambada_acc`` / ``lambada_nll``, perturbation statistics
-  (weight_/activation_ delta_l2_mean, rel_error_mean, clipped_fraction, weight_alpha_mean),
+  (weight_/activation_ delta_l2_mean, rel_error_mean, clipped_fraction, weight_alpha_mean), the lens
+  ``weight_/activation_lens_d01`` … ``d10`` (mean |Δ|/|x| by decile of |x|),
   eval_seconds, tokens_per_s
 - tags: sweep_id, run_key, git_commit, device, attempt
 - artifact: ``layer_stats.csv`` (per-layer ‖Δ‖₂, relative error, α, clipped fraction)

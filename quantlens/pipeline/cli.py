@@ -179,18 +179,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_list_settings(args: argparse.Namespace) -> int:
-    from quantlens.quantize.settings import PRESETS
+    from quantlens.quantize.settings import FORMAT_NAMES, PRESETS, setting_from_name
 
-    print(f"{'name':<12}{'weights':<28}{'activations':<28}")
-    for name, s in PRESETS.items():
-        def desc(q):  # noqa: ANN001
-            if q is None:
-                return "16-bit (untouched)"
-            t = "" if not q.nonuniform else f", p={q.transform_p:.3g}"
-            return f"{q.bits}-bit per-{q.granularity}{t}"
-        print(f"{name:<12}{desc(s.weights):<28}{desc(s.activations):<28}")
-    print("\nAny name W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-clip<k>] works too, e.g. W3A16-g64-nu, W8A8-clip3, W16A16KV4.")
-    print("Perturbations and grids (seeds, clip_k, transform_p lists) are defined in the sweep YAML.")
+    def desc(q) -> str:  # noqa: ANN001
+        if q is None:
+            return "16-bit (untouched)"
+        t = f", p={q.transform_p:.3g}" if q.transform_p != 1.0 else ""
+        where = f"blocks of {q.group_size}" if q.group_size else f"per-{q.granularity}"
+        scale = "" if q.scale == "fp32" or q.format == "km" else f", {q.scale}" + (f"×fp32/{q.global_scale}" if q.global_scale else "") + " scale"
+        return f"{q.label} {where}{scale}{t}"
+
+    print(f"{'name':<18}{'weights':<44}{'activations':<44}{'KV cache'}")
+    for name in (*PRESETS, *FORMAT_NAMES):
+        s = setting_from_name(name)
+        print(f"{name:<18}{desc(s.weights):<44}{desc(s.activations):<44}{desc(s.kv)}")
+    print("\nAny name W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]][-clip<k>] "
+          "works too, e.g. W3A16-g64-nu, W8A8-clip3, W16A16KV4, W4A8-fp (FP4 weights, FP8 activations), W8A8-fp8e5m2.")
+    print("Perturbations, grids (seeds, clip_k, transform_p lists) and the long form of every format field "
+          "(format, element, scale, global_scale, group_size) are defined in the sweep YAML.")
     return 0
 
 
@@ -322,6 +328,11 @@ def quiet_environment(verbose: bool) -> None:
 
     for name in ("mlflow", "alembic", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # torchao (a dev dependency) is imported by transformers when it builds a model, and warns about
+    # its own C extensions (absent on CPU builds) and about torch's Enum pytree registrations: noise
+    # that would break the one-line answers of preflight; --verbose shows it.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
