@@ -10,6 +10,10 @@ PY=${PYTHON:-python3}
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==${QUANTLENS_TORCH_VERSION:-2.13.0}"
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
+# Reference implementations the format tests compare against bit for bit (tests/reference_formats.py),
+# kept off the environment's path: a folder the tests put on PYTHONPATH of a subprocess only.
+REF=${QUANTLENS_REF_LIBS:-.ref-libs}
+"$VENV/bin/python" -m pip install -q --no-deps --upgrade --target "$REF" "bitsandbytes>=0.46,<0.51" "torchao>=0.17,<0.19"
 # System tools the tests use (no engine or daemon needed): docker-compose validates
 # infra/docker-compose.yml; caddy (the TLS proxy of infra/Caddyfile) fronts the authenticated test servers.
 missing=()

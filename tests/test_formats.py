@@ -4,8 +4,10 @@ MX and NVFP4 = torchao's reference implementations; plus the OCP rules by hand o
 
 from __future__ import annotations
 
-import logging
-import warnings
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,25 +39,35 @@ def weights(trained):
     return out
 
 
-def _quiet_import(name: str):
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    try:
-        return pytest.importorskip(name)
-    finally:
-        logging.disable(logging.NOTSET)
+REF_LIBS = Path(os.environ.get("QUANTLENS_REF_LIBS", Path(__file__).resolve().parents[1] / ".ref-libs"))
 
 
-# --- NF4 ----------------------------------------------------------------------------------------------
-def test_nf4_equals_bitsandbytes(weights):
-    F = _quiet_import("bitsandbytes.functional")
+@pytest.fixture(scope="module")
+def reference(weights, tmp_path_factory):
+    """The reference libraries' dequantized tensors of every input (random and the shared models'
+    weights), computed by tests/reference_formats.py in a subprocess with .ref-libs/ on its path
+    (scripts/install.sh installs bitsandbytes and torchao there, off the environment)."""
+    if not (REF_LIBS / "bitsandbytes").is_dir() or not (REF_LIBS / "torchao").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{REF_LIBS} lacks bitsandbytes / torchao: scripts/install.sh installs them")
+        pytest.skip(f"no reference libraries in {REF_LIBS}; scripts/install.sh installs them")
+    inputs = {**dict(_inputs()), **weights}
+    d = tmp_path_factory.mktemp("reference")
+    torch.save(inputs, d / "in.pt")
+    env = {**os.environ, "PYTHONPATH": str(REF_LIBS)}
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("reference_formats.py")), str(d / "in.pt"), str(d / "out.pt")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return inputs, torch.load(d / "out.pt")
+
+
+def test_nf4_equals_bitsandbytes(reference):
+    inputs, ref = reference
     spec = setting_from_name("W4A16-nf4").weights
     assert (spec.format, spec.group_size) == ("nf", 64)
-    for name, x in [*_inputs(), *weights.items()]:
-        q, state = F.quantize_4bit(x.contiguous(), blocksize=64, quant_type="nf4")
-        ref = F.dequantize_4bit(q, state)
-        assert torch.equal(quantize(x, spec).xq, ref), name
-    assert torch.equal(torch.tensor(formats.NF4), F.get_4bit_type("nf4", device="cpu").float())
+    for name, x in inputs.items():
+        assert torch.equal(quantize(x, spec).xq, ref[f"nf4|{name}"]), name
+    assert torch.equal(torch.tensor(formats.NF4), ref["nf4-table"])
 
 
 def test_nf3_is_flutes_construction_and_nf4_is_qloras():
@@ -122,41 +134,33 @@ def _levels(fmt: formats.Minifloat) -> torch.Tensor:
 
 
 # --- MX and NVFP4 against torchao -----------------------------------------------------------------------
-_MX = {"mxfp8": ("e4m3", "float8_e4m3fn"), "mxfp8e5m2": ("e5m2", "float8_e5m2"), "mxfp6": ("e2m3", "DTYPE_FP6_E2M3"),
-       "mxfp6e3m2": ("e3m2", "DTYPE_FP6_E3M2"), "mxfp4": ("e2m1", "float4_e2m1fn_x2")}
+_MX = {"mxfp8": "e4m3", "mxfp8e5m2": "e5m2", "mxfp6": "e2m3", "mxfp6e3m2": "e3m2", "mxfp4": "e2m1"}
 
 
 @pytest.mark.parametrize("fmt", list(_MX))
-def test_mx_equals_torchao(fmt, weights):
-    mx = _quiet_import("torchao.prototype.mx_formats.mx_tensor")
-    from torchao.prototype.mx_formats import constants
-
-    element, dt_name = _MX[fmt]
-    dt = getattr(torch, dt_name, None) or getattr(constants, dt_name)
+def test_mx_equals_torchao(fmt, reference):
+    inputs, ref = reference
+    element = _MX[fmt]
     bits = formats.MINIFLOATS[element].bits
     spec = setting_from_name(f"W{bits}A16-{fmt}").weights
     assert (spec.element, spec.scale, spec.group_size) == (element, "e8m0", 32)
-    for name, x in [*_inputs(), *weights.items()]:
-        scale, data = mx.to_mx(x, dt, 32)
-        ref = mx.to_dtype(data, scale, dt, 32, torch.float32)
+    for name, x in inputs.items():
         ours = quantize(x, spec).xq
-        tiny = x.reshape(-1, 32).abs().amax(-1) < 2.0 ** (formats.MINIFLOATS[element].emax - 126)
         # torchao divides by 2^-126 but multiplies back by 2^-127 in blocks of amax < 2^(emax-126): not ours
+        tiny = x.reshape(-1, 32).abs().amax(-1) < 2.0 ** (formats.MINIFLOATS[element].emax - 126)
         keep = (~tiny).repeat_interleave(32).reshape(x.shape)
-        assert torch.equal(ours[keep], ref[keep]), name
+        assert torch.equal(ours[keep], ref[f"{fmt}|{name}"][keep]), name
 
 
 @pytest.mark.parametrize("global_scale", [False, True])
-def test_nvfp4_equals_torchao(global_scale, weights):
-    nv = _quiet_import("torchao.prototype.mx_formats.nvfp4_tensor")
+def test_nvfp4_equals_torchao(global_scale, reference):
+    inputs, ref = reference
     spec = QuantSpec(bits=4, format="fp", element="e2m1", scale="e4m3", granularity="group", group_size=16,
                      global_scale="tensor" if global_scale else None)
     if global_scale:
         assert spec == setting_from_name("W4A16-nvfp4").weights
-    for name, x in [*_inputs(), *weights.items()]:
-        pts = nv.per_tensor_amax_to_scale(x.abs().max()) if global_scale else None
-        ref = nv.NVFP4Tensor.to_nvfp4(x, per_tensor_scale=pts).dequantize(torch.float32)
-        assert torch.equal(quantize(x, spec).xq, ref), name
+    for name, x in inputs.items():
+        assert torch.equal(quantize(x, spec).xq, ref[f"nvfp4{'-pts' if global_scale else ''}|{name}"]), name
 
 
 def test_mx_block_scale_by_the_ocp_rules():

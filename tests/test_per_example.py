@@ -315,19 +315,20 @@ def test_correlation_summary_collapses_seeds_and_compares_each_family_with_its_o
     assert "28 pairs of 8 settings, 40 examples" in md and "-s3" not in md  # seeds never listed one by one
 
 
-def test_report_of_300_settings_is_readable_and_keeps_every_pair(tmp_path):
-    """Issue #21's grid at the report level: W16A16 + 299 seeds of one perturbation on 2 examples."""
-    import time
-
+def test_report_of_300_settings_is_readable_and_keeps_every_pair(tmp_path, monkeypatch):
+    """Issue #21's grid at the report level: W16A16 + 299 seeds of one perturbation on 2 examples.
+    Its 44,551 pairs are matrix operations, not one computation per pair (bench/bench_report.py
+    times both)."""
+    per_pair, pair_stats = [], pe.pair_stats
+    monkeypatch.setattr(pe, "pair_stats", lambda *a, **k: per_pair.append(a[2:4]) or pair_stats(*a, **k))
     rng = np.random.default_rng(3)
     settings = ["W16A16"] + [f"W8A8+gaussian-additive-both-s{s}" for s in range(299)]
     ex = pd.DataFrame({"model": "tiny-opt", "dataset": "wikitext2", "setting": np.repeat(settings, 2), "example_id": ["a", "b"] * 300,
                        "n_tokens": 127, "nll": 5 + rng.normal(0, 0.1, 600)})
     res = pd.DataFrame({"model": "tiny-opt", "dataset": "wikitext2", "example_id": ["a", "a", "b", "b"], "layer": [0, 1, 0, 1],
                         "r_norm": [1.0, 2.0, 3.0, 5.0], "z_norm": 1.0, "r_kurtosis": 3.0})
-    t = time.perf_counter()
     files = pe.write_per_example_report(ex, res, None, {"tiny-opt": "W16A16"}, tmp_path, {"tiny-opt": "opt"})
-    assert time.perf_counter() - t < 20
+    assert per_pair == []  # every setting has every example: no pair goes through the per-pair path
     assert (tmp_path / "error_correlation.md").stat().st_size < 10_000 and not (tmp_path / "error_correlation.md").read_text().count("-s1")
     assert len(pd.read_csv(tmp_path / "error_correlation.csv")) == 299 * 298 // 2
     assert tmp_path / "fig_error_corr_tiny-opt.png" in files

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -88,8 +88,10 @@ print(json.dumps({"measured": peak[0] - base, "estimated": B * _forward_bytes(sh
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-bloom"])
 def test_forward_memory_estimate_matches_the_measured_peak_on_cpu(name):
     """A batch of 64 × 128 tokens: the process' peak RSS grows by what the plan says, within 20 %."""
+    # glibc's mmap threshold fixed: every large tensor is its own mapping, returned when freed, so RSS
+    # follows the live tensors (a dynamic threshold keeps freed chunks in the heap or not, ±30 % here)
     r = subprocess.run([sys.executable, "-c", MEASURE, str(MODELS / name), "64", "128"], capture_output=True, text=True,
-                       timeout=120, cwd=REPO)
+                       timeout=120, cwd=REPO, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["estimated"] > 300e6  # the logits dominate: the comparison is not lost in allocator noise
@@ -180,10 +182,8 @@ def test_text_check(tmp_path):
 # --- The command line -----------------------------------------------------------------------------
 def cli(*args, env=None, timeout=120):
     full = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    t = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "quantlens.pipeline.cli", *args], cwd=REPO, capture_output=True, text=True,
-                       env=full, timeout=timeout)
-    return r, time.monotonic() - t
+    return subprocess.run([sys.executable, "-m", "quantlens.pipeline.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          env=full, timeout=timeout)
 
 
 @pytest.fixture
@@ -209,47 +209,93 @@ def one_line(r):
     return lines[0]
 
 
+def store_file(store) -> Path:
+    """The test store's database: the CLI opens the tracking store only after preflight, so a
+    preflight answer leaves none (nothing started: no Prefect, no model loaded, no run)."""
+    return Path(store["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
 def test_cuda_requested_without_cuda_is_one_line(tmp_path, store):
-    r, secs = cli("run", str(write(tmp_path, hardware={"device": "cuda"})), env=store)
-    line = one_line(r)
-    assert secs < 10 and "hardware.device: 'cuda', but CUDA is not available here" in line and "CUDA_VISIBLE_DEVICES" in line
+    line = one_line(cli("run", str(write(tmp_path, hardware={"device": "cuda"})), env=store))
+    assert "hardware.device: 'cuda', but CUDA is not available here" in line and "CUDA_VISIBLE_DEVICES" in line
+    assert not store_file(store).exists()
 
 
 def test_not_a_device_is_a_config_error(tmp_path, store):
-    line = one_line(cli("run", str(write(tmp_path, hardware={"device": "tpu9"})), env=store)[0])
+    line = one_line(cli("run", str(write(tmp_path, hardware={"device": "tpu9"})), env=store))
     assert "hardware.device" in line and "'tpu9' is not a device" in line
 
 
 def test_group_size_that_does_not_divide_a_linear_is_one_line(tmp_path, store):
-    r, secs = cli("run", str(write(tmp_path, settings=["W16A16", "W4A16-g7"])), env=store)
-    line = one_line(r)
-    assert secs < 10
-    import re
-
+    line = one_line(cli("run", str(write(tmp_path, settings=["W16A16", "W4A16-g7"])), env=store))
+    assert not store_file(store).exists()  # shapes from the safetensors headers: no model loaded, nothing started
     assert re.fullmatch(r"quantlens: setting W4A16-g7: weights group size 7 does not divide the 128 input features of "
                         r"model\.decoder\.layers\.0\.[a-z_.0-9]+\.weight \(model .*tiny-opt\); "
                         r"group sizes that divide every linear: 16, 32, 64, 128", line), line
 
 
+def test_a_format_block_that_does_not_fit_is_one_line_naming_setting_layer_and_shape(tmp_path, store):
+    line = one_line(cli("run", str(write(tmp_path, settings=["W16A16", "W4A16-nf4", "W4A16-g256-nf4"])), env=store))
+    assert not store_file(store).exists()
+    assert re.match(r"quantlens: setting W4A16-g256-nf4: weights group size 256 does not divide the 128 input features of "
+                    r"model\.decoder\.layers\.0\.", line), line
+    kv = {"name": "kv4-nvfp-b24", "kv": {"bits": 4, "format": "fp", "scale": "e4m3", "group_size": 24}}
+    line = one_line(cli("run", str(write(tmp_path, settings=["W16A16", "W16A16KV4-nvfp4", kv])), env=store))
+    assert line.startswith("quantlens: setting kv4-nvfp-b24: kv group size 24 does not divide the head_dim 32 of the attention heads"), line
+    line = one_line(cli("run", str(write(tmp_path, settings=["W16A16", "W5A16-fp"])), env=store))
+    assert "W5A16-fp" in line and "no FP format has 5 bits" in line, line
+
+
 def test_binary_dataset_file_is_one_line(tmp_path, store):
     blob = tmp_path / "wiki.bin"
     blob.write_bytes(bytes(range(256)) * 64)
-    r, secs = cli("run", str(write(tmp_path, datasets=[{"name": "wikitext2", "path": str(blob)}])), env=store)
-    line = one_line(r)
-    assert secs < 10 and line.startswith(f"quantlens: dataset wikitext2: {blob} is not text (a NUL byte at offset 0)")
+    line = one_line(cli("run", str(write(tmp_path, datasets=[{"name": "wikitext2", "path": str(blob)}])), env=store))
+    assert line.startswith(f"quantlens: dataset wikitext2: {blob} is not text (a NUL byte at offset 0)")
+    assert not store_file(store).exists()
+
+
+def test_window_longer_than_the_model_positions_is_one_line(tmp_path, store):
+    """tiny-opt has 2,048 positions: a longer window is refused in preflight, not cut down or run."""
+    tiny = MODELS / "tiny-opt"
+    line = one_line(cli("run", str(write(tmp_path, eval={"seqlen": 10_000_000, "batch_size": 4})), env=store))
+    assert line == (f"quantlens: dataset wikitext2: seqlen 10000000 (eval.seqlen) is longer than model {tiny} can take "
+                    "(its max_position_embeddings is 2048): use a seqlen of at most 2048")
+    assert not store_file(store).exists()  # before the store, Prefect or any model load
+    one = [{"name": "wikitext2", "path": str(WIKI), "max_windows": 4, "seqlen": 4096}]
+    line = one_line(cli("run", str(write(tmp_path, datasets=one)), env=store))
+    assert line.startswith("quantlens: dataset wikitext2: seqlen 4096 is longer than model") and "is 2048" in line
+    docs = [{"name": "wikitext2", "path": str(WIKI), "max_windows": 4, "examples": "documents", "example_len": 2048}]
+    line = one_line(cli("run", str(write(tmp_path, datasets=docs)), env=store))
+    assert line == (f"quantlens: dataset wikitext2: example_len 2048 + BOS is longer than model {tiny} can take "
+                    "(its max_position_embeddings is 2048): use an example_len of at most 2047")
+    r = cli("run", str(write(tmp_path, eval={"seqlen": 2048, "batch_size": 4})), "--dry-run", env=store)
+    assert r.returncode == 0 and "2 to run" in r.stdout, r.stderr  # as long as the positions: fine
+
+
+def test_window_longer_than_the_whole_text_is_one_line(tmp_path, store):
+    """A text with fewer bytes than one window has tokens makes no window: refused in preflight."""
+    short = tmp_path / "short.raw"
+    short.write_bytes(WIKI.read_bytes()[:100])
+    line = one_line(cli("run", str(write(tmp_path, datasets=[{"name": "wikitext2", "path": str(short)}])), env=store))
+    assert line == (f"quantlens: dataset wikitext2: seqlen 128 (eval.seqlen) is longer than its whole text: {short} has "
+                    "100 bytes, so fewer than 128 tokens and no window; use a smaller seqlen or a longer text")
+    assert not store_file(store).exists()
+    r = cli("run", str(write(tmp_path, datasets=[{"name": "wikitext2", "path": str(short)}], eval={"seqlen": 64})),
+            "--dry-run", env=store)
+    assert r.returncode == 0, r.stderr  # 100 bytes may hold a 64-token window: the tokenizer decides
 
 
 def test_planning_flags_need_a_dry_run_and_a_gpu(tmp_path, store):
     cfg = str(write(tmp_path))
-    assert "use them with --dry-run" in one_line(cli("run", cfg, "--gpu-memory", "80", env=store)[0])
-    assert "--gpus: say which GPU" in one_line(cli("run", cfg, "--dry-run", "--gpus", "2", env=store)[0])
+    assert "use them with --dry-run" in one_line(cli("run", cfg, "--gpu-memory", "80", env=store))
+    assert "--gpus: say which GPU" in one_line(cli("run", cfg, "--dry-run", "--gpus", "2", env=store))
     many = str(write(tmp_path, models=[{"ref": str(MODELS / "tiny-opt"), "gpus": 4}]))
-    assert "gpus: 4, but the planned node has 2 GPU(s)" in one_line(cli("run", many, "--dry-run", "--gpu", "H100", "--gpus", "2", env=store)[0])
+    assert "gpus: 4, but the planned node has 2 GPU(s)" in one_line(cli("run", many, "--dry-run", "--gpu", "H100", "--gpus", "2", env=store))
 
 
 def test_dry_run_plans_the_trained_model_on_this_machine(tmp_path, store):
-    r, _ = cli("run", str(write(tmp_path)), "--dry-run", env=store)
+    r = cli("run", str(write(tmp_path)), "--dry-run", env=store)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("plan for CPU (")
@@ -259,10 +305,15 @@ def test_dry_run_plans_the_trained_model_on_this_machine(tmp_path, store):
 
 def test_paper_grid_is_planned_offline_for_an_80_gib_gpu(tmp_path, store):
     env = {**store, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    r, secs = cli("run", "configs/paper-fig1-sizes.yaml", "--dry-run", "--gpu-memory", "80", env=env)
+    r = cli("run", "configs/paper-fig1-sizes.yaml", "--dry-run", "--gpu-memory", "80", env=env)
     assert r.returncode == 0, r.stderr
-    assert secs < 30
     out = r.stdout.splitlines()
+    # every model planned from the registry: nothing downloaded, no config built, no weights read
+    models = yaml.safe_load((REPO / "configs" / "paper-fig1-sizes.yaml").read_text())["models"]
+    sized = [line for line in out if re.match(r"^[\w.-]+: [\d.]+B params", line)]
+    assert [line.split(":")[0] for line in sized] == models and all(line.endswith("[registry, not cached]") for line in sized)
+    assert not [f for f in (tmp_path / "hf").rglob("*") if f.is_file()]
+    assert not (Path(store["QUANTLENS_CACHE"]) / "anatomy").exists()
 
     def plan_of(model):
         i = next(i for i, line in enumerate(out) if line.startswith(model + ":"))
@@ -272,6 +323,6 @@ def test_paper_grid_is_planned_offline_for_an_80_gib_gpu(tmp_path, store):
     assert "→ stream:" in plan_of("opt-66b") and "single 1" in plan_of("opt-66b") and "✗" in plan_of("opt-66b")
     assert "→ single:" in plan_of("opt-1.3b") and "per setting" in plan_of("opt-1.3b") and "GiB" in plan_of("opt-1.3b")
     assert any(line.startswith("grid: ≈ ") for line in out)
-    r, _ = cli("run", "configs/paper-fig1-sizes.yaml", "--dry-run", "--gpu", "H100", "--gpus", "2", env=env)
+    r = cli("run", "configs/paper-fig1-sizes.yaml", "--dry-run", "--gpu", "H100", "--gpus", "2", env=env)
     i = next(i for i, line in enumerate(r.stdout.splitlines()) if line.startswith("opt-66b:"))
     assert "→ device_map:" in r.stdout.splitlines()[i + 1]

@@ -102,7 +102,7 @@ def test_demo_through_worker_with_fan_out(srv):
                        "dispatch": "quantlens-model/gpu", "results_dir": str(srv.root / "results")})
     out, err = p.communicate(timeout=1200)
     assert json.loads(out.strip().splitlines()[-1])["state"] == "COMPLETED", err[-3000:]
-    fin = finished_unique(srv.mlflow_url, "quantlens-demo", 39)
+    fin = finished_unique(srv.mlflow_url, "quantlens-demo", 48)
     assert {params(r)["model"] for r in fin} == {"tiny-opt", "tiny-bloom", "tiny-llama"}
     opt = next(r for r in fin if params(r)["model"] == "tiny-opt" and params(r)["setting"] == "W16A16")
     metrics = {m["key"]: m["value"] for m in opt["data"]["metrics"]}
@@ -149,13 +149,15 @@ def test_worker_killed_mid_sweep_then_rerun_completes(srv):
 
 def test_mlflow_down_at_start_fails_fast_without_evaluating(srv):
     cfg = small_config(srv.root, "down", "down")
-    env = {**srv.env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "QUANTLENS_MLFLOW_HEALTH_TIMEOUT": "3"}
-    t = time.monotonic()
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {**srv.env, "MLFLOW_TRACKING_URI": url, "QUANTLENS_MLFLOW_HEALTH_TIMEOUT": "3"}
     r = subprocess.run([str(BIN / "quantlens"), "run", str(cfg)], env=env, capture_output=True, text=True, timeout=300, cwd=srv.root)
     assert r.returncode == 5, r.stderr[-2000:]
-    assert "is not reachable" in r.stderr and "nothing was evaluated" in r.stderr
+    # the one-request health check answered (its message), not MLflow's client after minutes of retries
+    # ("MLflow tracking store … is not reachable: …"), and before Prefect or any model
+    assert f"quantlens: MLflow server {url!r} is not reachable (" in r.stderr and "nothing was evaluated" in r.stderr
+    assert "MLflow tracking store" not in r.stderr and "Max retries" not in r.stderr
     assert "Loading weights" not in r.stderr and "Task run 'evaluate" not in r.stderr and "Traceback" not in r.stderr
-    assert time.monotonic() - t < 60
 
 
 def test_mlflow_briefly_down_mid_run_logging_retried(srv):

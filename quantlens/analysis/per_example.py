@@ -46,9 +46,10 @@ PAPER_NOTE = (
     "EfficientQAT (3–4 bit, calibrated or trained) on Qwen2.5-7B, Llama3-8B, Mistral-12B and Llama3-70B "
     "(avg ρ = 0.82 across 50 method pairs, 0.93 between variants of one method; top-10 % Jaccard 0.51; "
     "final-layer ρ(S, e) between −0.58 and −0.83). quantlens' settings are calibration-free: round-to-nearest "
-    "uniform quantizers, their cube-root non-uniform twins, clipping and artificial noise matched to their "
-    "error — variants of one family of methods, so expect correlations closer to the paper's within-method "
-    "figure than to its cross-method one. An example here is a perplexity window (or a document of "
+    "onto a grid — integers, their cube-root twins, NormalFloat (the paper's NF), minifloats, MX and NVFP4 "
+    "blocks, k-means codebooks — with clipping and artificial noise matched to their error. NF is one of the "
+    "paper's methods; GPTQ, AWQ and EfficientQAT are not here yet, so pairs of other formats are "
+    "cross-format, not cross-method, figures. An example here is a perplexity window (or a document of "
     "example_len tokens with `examples: documents`), not necessarily a 512-token FineWeb document."
 )
 

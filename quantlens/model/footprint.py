@@ -129,6 +129,7 @@ class Shape:
     linears: dict[str, int] = field(default_factory=dict)  # block linear weight → its input features
     source: str = "checkpoint"  # checkpoint | config | registry
     checkpoint_bytes: int = 0  # bytes on disk (0: unknown; estimated as 2·params)
+    head_dim: int | None = None  # of the attention heads (what a KV block must divide)
 
     @property
     def outside_params(self) -> int:
@@ -191,7 +192,7 @@ def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
     return Shape(params=L * block + outside, layers=L, hidden=H, ffn=F, vocab=V, heads=d["heads"], model_type=t,
                  max_positions=int(d["max_pos"]) if d["max_pos"] else None, block_params=block,
                  largest_linear=max(o * i for o, i in linears.values()),
-                 linears={f"layers.*.{n}": i for n, (_, i) in linears.items()}, source=source)
+                 linears={f"layers.*.{n}": i for n, (_, i) in linears.items()}, source=source, head_dim=d["head_dim"])
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
@@ -241,7 +242,7 @@ def shape_from_checkpoint(folder: str | Path) -> Shape:
     return Shape(params=total, layers=computed.layers, hidden=computed.hidden, ffn=computed.ffn, vocab=computed.vocab,
                  heads=computed.heads, model_type=computed.model_type, max_positions=computed.max_positions,
                  block_params=block0, largest_linear=largest or computed.largest_linear,
-                 linears=linears or computed.linears, source="checkpoint", checkpoint_bytes=nbytes)
+                 linears=linears or computed.linears, source="checkpoint", checkpoint_bytes=nbytes, head_dim=computed.head_dim)
 
 
 # --- Targets --------------------------------------------------------------------------------------

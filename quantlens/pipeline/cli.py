@@ -328,7 +328,7 @@ def quiet_environment(verbose: bool) -> None:
 
     for name in ("mlflow", "alembic", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # torchao (a dev dependency) is imported by transformers when it builds a model, and warns about
+    # torchao, where it is installed (often, beside transformers), is imported by transformers when it builds a model, and warns about
     # its own C extensions (absent on CPU builds) and about torch's Enum pytree registrations: noise
     # that would break the one-line answers of preflight; --verbose shows it.
     for name in ("torchao", "torch.utils._pytree"):

@@ -13,8 +13,13 @@ Each problem is one line (:class:`PreflightError`, exit 2) within seconds.
   weights read), and its attention can take the sweep's KV-cache settings;
 - every group size divides the input features of every linear it applies to (shapes read from
   the safetensors headers, or the config / registry when not downloaded);
+- every window fits the model's positions (``max_position_embeddings`` / ``n_positions`` of its
+  config or registry entry, where it has one): a ``seqlen`` (``eval`` or a dataset's) or
+  ``example_len`` + BOS longer than them is refused, not cut down (the default seqlen is capped);
 - the configured placement fits the GPU (:mod:`quantlens.pipeline.plan`), else what to use instead;
-- every local dataset file exists, is not empty and is text (or parquet / gzip where named so);
+- every local dataset file exists, is not empty and is text (or parquet / gzip where named so),
+  and a plain text / jsonl file holds more bytes than one window has tokens (fewer bytes: no
+  window at all; a text that passes this and still has fewer tokens fails when it is tokenized);
 - the models still to download fit the free disk of the Hugging Face cache;
 - the grid (settings, analysis) is valid — :func:`quantlens.pipeline.sweep.load_config` already did that.
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import json
 import math
 import os
 import shutil
@@ -90,6 +96,9 @@ def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool =
         shape = None
         if cached:
             check_anatomy(info.hf_id, m.ref, needs_kv, m.revision)
+        positions = _max_positions(info, m.revision, cached)
+        check_windows(m.ref, positions, cfg)
+        if cached:
             folder = _local_folder(info, m.revision)
             shape = _shape(folder) if folder else None
         elif info.name in P.REGISTRY_CONFIGS:
@@ -172,6 +181,85 @@ def check_group_sizes(ref: str, shape: P.Shape, settings: list) -> None:
                 if n_in % g:
                     raise PreflightError(f"setting {s.name}: {part} group size {g} does not divide the {n_in} input "
                                          f"features of {name} (model {ref}); {hint}")
+        g = s.kv.group_size if s.kv is not None and s.kv.granularity == "token" else None
+        if g and shape.head_dim and shape.head_dim % g:
+            raise PreflightError(f"setting {s.name}: kv group size {g} does not divide the head_dim {shape.head_dim} of the "
+                                 f"attention heads (model {ref}; K/V rows are [batch, heads, tokens, {shape.head_dim}])")
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions")
+
+
+def _max_positions(info: ModelInfo, revision: str | None, cached: bool) -> tuple[int, str] | None:
+    """(positions, config key) of a local / cached config or of the registry entry; None when the
+    config is not here or has no such key (BLOOM's ALiBi, models known only after download)."""
+    config: dict[str, Any] | None = None
+    if cached:
+        f = _config_file(info.hf_id, revision)
+        if f is not None:
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    config = json.load(fh)
+            except (OSError, ValueError):
+                config = None  # check_anatomy reports an unreadable config
+    elif info.name in P.REGISTRY_CONFIGS:
+        config = P.REGISTRY_CONFIGS[info.name]
+    for key in POSITION_KEYS:
+        value = (config or {}).get(key)
+        if isinstance(value, int) and value > 0:
+            return value, key
+    return None
+
+
+def _windows_of(d: Any, cfg: SweepConfig) -> tuple[int, str] | None:
+    """(tokens per window, what sets it) of a dataset entry as the sweep evaluates it; None where
+    nothing the user gave sets a length (lm-eval tasks, lambada without seqlen, the default seqlen)."""
+    if d.name == LM_EVAL:
+        return None
+    if d.examples == "documents":
+        n = d.example_len or 512
+        return n + 1, f"example_len {n} + BOS"
+    if d.seqlen is not None:
+        return d.seqlen, f"seqlen {d.seqlen}"
+    if d.name == "lambada" or "seqlen" not in cfg.eval.model_fields_set:
+        return None  # lambada: passages as they are; the default eval.seqlen is capped at the model's positions
+    return cfg.eval.seqlen, f"seqlen {cfg.eval.seqlen} (eval.seqlen)"
+
+
+def check_windows(ref: str, positions: tuple[int, str] | None, cfg: SweepConfig) -> None:
+    """Every dataset's windows fit the model's positions (one line naming the dataset, the length,
+    the model and its limit), and a local plain-text dataset holds at least one window."""
+    for d in cfg.datasets:
+        window = _windows_of(d, cfg)
+        if window is not None and positions is not None and window[0] > positions[0]:
+            limit, key = positions
+            fix = f"a seqlen of at most {limit}" if d.examples == "windows" else f"an example_len of at most {limit - 1}"
+            raise PreflightError(f"dataset {d.name}: {window[1]} is longer than model {ref} can take "
+                                 f"(its {key} is {limit}): use {fix}")
+        if not d.path or d.name in ("lambada", LM_EVAL) or d.examples != "windows":
+            continue
+        if window is None and positions is None:
+            continue  # the default seqlen, capped at positions known only after download
+        T, what = window or (min(cfg.eval.seqlen, positions[0]), f"seqlen {min(cfg.eval.seqlen, positions[0])}")
+        check_text_holds(d.name, d.path, T, what)
+
+
+TOKEN_SLACK = 2  # special tokens a tokenizer adds to a whole text (BOS, a dummy-prefix piece)
+
+
+def check_text_holds(name: str, path: str, T: int, what: str) -> None:
+    """A local text / jsonl dataset holds at least one window of ``T`` tokens. Every token of a
+    byte-level BPE or SentencePiece tokenizer covers at least one byte (one character) of the text,
+    and the loaders read at most the files' bytes, so fewer bytes than ``T`` (less the special
+    tokens) cannot make one window; compressed files (.gz, .parquet) are not sized here."""
+    files = _expand(path)
+    if any(f.suffix in (".gz", ".parquet") for f in files):
+        return
+    size = sum(f.stat().st_size for f in files)
+    if size + TOKEN_SLACK < T:
+        where = str(files[0]) if len(files) == 1 else f"{path} ({len(files)} files)"
+        raise PreflightError(f"dataset {name}: {what} is longer than its whole text: {where} has {size} bytes, "
+                             f"so fewer than {T} tokens and no window; use a smaller seqlen or a longer text")
 
 
 def check_text(f: Path) -> None:

@@ -89,7 +89,7 @@ class DatasetEntry(_Strict):
 
 
 class EvalOptions(_Strict):
-    seqlen: int = Field(2048, ge=2, description="perplexity window (capped at the model's max positions)")
+    seqlen: int = Field(2048, ge=2, description="perplexity window; the default is capped at the model's max positions, a seqlen given longer than them is refused in preflight")
     batch_size: int | None = Field(None, ge=1, description="None: sized from free memory")
 
 
