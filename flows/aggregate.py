@@ -21,6 +21,7 @@ from prefect.cache_policies import NONE
 
 from quantlens.analysis.aggregate import reference_settings, tidy, write_report
 from quantlens.analysis.links import runs_link
+from quantlens.analysis.paired import BootstrapSpec
 from quantlens.analysis.mechanism_report import write_mechanism_report
 from quantlens.analysis.per_example import write_per_example_report
 from quantlens.analysis.report import Report
@@ -75,7 +76,7 @@ def read_run_tables(tracker: Tracker, runs: pd.DataFrame) -> RunTables:
                     if folder == "per_example":
                         if "tokens" in frame:
                             tokens.append(frame[["example_id", "tokens"]].assign(**keys))
-                        cols = ["example_id", "n_tokens", "nll"] + (["correct"] if "correct" in frame else [])
+                        cols = ["example_id", "n_tokens", "nll"] + [c for c in ("correct", "kl", "released") if c in frame]
                         examples.append(frame[cols].assign(setting=setting, **keys))
                     elif folder == "residual":
                         residual.append(frame.assign(**keys))
@@ -96,12 +97,14 @@ def build_report(
     parent_run_id: str | None = None,
     read: Callable[[Tracker, pd.DataFrame], RunTables] = read_run_tables,
     log: Any = None,
+    statistics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Tables (CSV + Markdown) and figures (PNG) of FINISHED runs: one sweep's grid (the runs it
     created or reused), or the whole experiment (all sweeps) when ``sweep_id`` is None; logged as
     artifacts of ``parent_run_id``. Includes the per-example analysis of the second paper. Plain
     code (``quantlens aggregate`` calls it without starting Prefect); :func:`aggregate_flow` is the
-    same as a flow of a sweep.
+    same as a flow of a sweep. ``statistics``: the bootstrap's resamples, level and seed (the sweep's
+    ``analysis.statistics``; default 1000, 95 %, 0).
 
     Returns ``{"files": [...], "failed": ["<part>: <error>", ...], "complete": bool, "out_dir": ...}``."""
     log = log or logging.getLogger("quantlens.aggregate")
@@ -109,12 +112,13 @@ def build_report(
     df = tracker.runs_frame(sweep_id)
     report = Report(Path(out_dir), fault=report_fault, progress=status)
     runs = report.compute("tidy", lambda: tidy(df), pd.DataFrame())  # one run per (model, setting), typed
+    spec = BootstrapSpec(**(statistics or {}))
     if not runs.empty:
-        write_report(runs, out_dir, report)
-        tables = read(tracker, runs)
+        tables = read(tracker, runs)  # first: the run tables' paired intervals enter the comparisons
+        write_report(runs, out_dir, report, examples=tables.examples, spec=spec)
         if not tables.examples.empty:
             write_per_example_report(tables.examples, tables.residual, tables.tokens, tables.reference, out_dir, tables.families,
-                                     report=report, bases=dict(zip(runs["setting"], runs["base"])),
+                                     report=report, bases=dict(zip(runs["setting"], runs["base"])), spec=spec,
                                      links=lambda model, settings: runs_link(runs[(runs["model"] == model) & runs["setting"].isin(settings)]))
         write_mechanism_report(tables.mechanisms, out_dir, report=report)
     run_ids = list(df["run_id"]) if not df.empty else []
@@ -135,7 +139,8 @@ def aggregate_flow(
     sweep_id: str | None = None,
     out_dir: str = "results/all",
     parent_run_id: str | None = None,
+    statistics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """:func:`build_report` as a flow (a sweep's last step): reading the runs is a task of it."""
     read = task(name="read-run-tables", cache_policy=NONE, persist_result=False)(read_run_tables)
-    return build_report(experiment, sweep_id, out_dir, parent_run_id, read=read, log=get_run_logger())
+    return build_report(experiment, sweep_id, out_dir, parent_run_id, read=read, log=get_run_logger(), statistics=statistics)

@@ -84,6 +84,7 @@ class _ModelRun:
     tags: dict[str, str]
     result: dict[str, Any]
     plan: dict[str, Any]  # the plan this model runs under (placement, estimated peak): params of every run
+    kl: Any = None  # steps.KLReference: the reference's top-k, for the KL error of the other settings
 
 
 def _note_done_elsewhere(mr: _ModelRun, s: Setting, run_id: str) -> None:
@@ -116,7 +117,7 @@ def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key:
             tokens = 0.0
             for d in mr.cfg.datasets:
                 status(f"{mr.progress.done}/{mr.progress.total} runs · {name} · {s.name} · {d.name} …")
-                m, frames = steps.evaluate(model, tokenizer, d, mr.cfg.eval, name, s)
+                m, frames = steps.evaluate(model, tokenizer, d, mr.cfg.eval, name, s, mr.kl)
                 tokens += m.get(f"{d.name}_tokens", 0.0)
                 mr.ledger.tracker.log(lease.run_id, metrics=m)  # per dataset: nothing finished is lost
                 mr.ledger.tracker.log_frames(lease.run_id, frames)
@@ -167,7 +168,7 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
         log.warning("%s: marked %d run(s) of an earlier, unfinished attempt FAILED", info.name, reaped)
     for name, run_id in reused.items():
         log.info("%s %s/%s: already FINISHED (run %s), skipped", progress.tick(False), info.name, name, run_id)
-    todo = [s for s in settings if s.name not in reused]
+    todo = sorted((s for s in settings if s.name not in reused), key=lambda s: not s.is_reference)  # the reference first: the KL error needs it
     result: dict[str, Any] = {"model": info.name, "evaluated": [], "failed": [], "skipped": len(reused), "explained": [],
                               "rows": [{"setting": n, "state": "already finished", "run_id": r} for n, r in reused.items()]}
     narrow = ledger.narrow(snap.revision)
@@ -178,7 +179,9 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
     model, tokenizer = steps.load_model(snap, cfg.hardware)
     tags = {"git_commit": git_commit(), "device": device_tag(model), "mlflow.source.git.commit": git_commit().removesuffix("-dirty"),
             "mlflow.source.name": "quantlens", "mlflow.source.type": "JOB"}
-    mr = _ModelRun(cfg, info, snap.revision, parent_run_id, ledger, progress, tags, result, steps.plan_params(cfg, info, snap, model))
+    ref_run = next((reused[s.name] for s in settings if s.is_reference and s.name in reused), None)
+    mr = _ModelRun(cfg, info, snap.revision, parent_run_id, ledger, progress, tags, result, steps.plan_params(cfg, info, snap, model),
+                   steps.KLReference(ledger.tracker, ref_run))
     waiting = []
     for s in todo:
         owner = evaluate_setting(mr, model, tokenizer, s, keys[s.name])
@@ -292,7 +295,8 @@ def sweep_flow(
     if aggregate:
         from quantlens.flows.aggregate import aggregate_flow
 
-        agg = aggregate_flow(experiment=cfg.experiment, sweep_id=sid, out_dir=str(Path(results_dir) / sid), parent_run_id=parent)
+        agg = aggregate_flow(experiment=cfg.experiment, sweep_id=sid, out_dir=str(Path(results_dir) / sid), parent_run_id=parent,
+                         statistics=cfg.analysis.statistics.model_dump())
         summary["artifacts"], summary["report_failed"], summary["report_dir"] = agg["files"], agg["failed"], agg["out_dir"]
     failed, report_failed = summary["failed"], summary["report_failed"]
     publish_sweep(tracker, cfg, sid, parent, summary)
@@ -461,6 +465,7 @@ def explain_flow(config: str | dict[str, Any], force: bool = False, results_dir:
     from quantlens.flows.aggregate import aggregate_flow
 
     parent = tracker.parent_run(sid, cfg.name, {"config_name": cfg.name, "n_models": len(cfg.models), "n_settings": len(settings)})
-    agg = aggregate_flow(experiment=cfg.experiment, sweep_id=sid, out_dir=str(Path(results_dir) / sid), parent_run_id=parent)
+    agg = aggregate_flow(experiment=cfg.experiment, sweep_id=sid, out_dir=str(Path(results_dir) / sid), parent_run_id=parent,
+                         statistics=cfg.analysis.statistics.model_dump())
     tracker.finish(parent, "FINISHED" if agg["complete"] else "FAILED")
     return {"sweep_id": sid, "explained": explained, "artifacts": agg["files"], "report_failed": agg["failed"]}

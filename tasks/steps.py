@@ -165,26 +165,52 @@ def dataset_input(d: DatasetEntry, opts: EvalOptions, metrics: dict[str, float])
     from quantlens.evaluation.data import DATASETS, source_fingerprint
 
     examples = int(metrics.get(f"{d.name}_examples", 0))
-    profile = {"examples": examples, "unit": "passage" if d.name == "lambada" else d.examples,
+    profile = {"examples": examples, "unit": "passage" if d.name == "lambada" else "released rows" if d.name == "qerror" else d.examples,
                "seqlen": d.seqlen or opts.seqlen, "limit": d.limit, "max_windows": d.max_windows,
-               "example_len": d.example_len if d.examples == "documents" else None}
+               "example_len": d.example_len if d.examples in ("documents", "paper2") else None}
     fingerprint = source_fingerprint(d.name, d.path)
     digest = hashlib.sha256(json.dumps([fingerprint, profile], sort_keys=True).encode()).hexdigest()[:8]
     return {"name": d.name, "digest": digest, "source_type": "local" if d.path else "hub",
             "source": json.dumps({"uri": d.path or DATASETS[d.name].doc, "fingerprint": fingerprint}),
             "profile": json.dumps({k: v for k, v in profile.items() if v is not None}),
-            "schema": json.dumps({"columns": ["example_id", "n_tokens", "nll"] + (["correct"] if d.name == "lambada" else [])})}
+            "schema": json.dumps({"columns": ["example_id", "n_tokens", "nll"] + (["correct"] if d.name == "lambada" else [])
+                                  + (["released"] if d.name == "qerror" else [])})}
+
+
+class KLReference:
+    """The reference run's top-k log-probabilities per dataset (:mod:`quantlens.evaluation.kl`), for the
+    KL error of every other setting of one loaded model: kept in memory when the reference is evaluated
+    in this flow, else read once from its run's artifact ``kl_reference/<dataset>.pt`` (a rerun that
+    evaluates only a failed setting). None where the reference has none (runs older than the KL error)."""
+
+    def __init__(self, tracker: Any = None, run_id: str | None = None):
+        self.tracker, self.run_id = tracker, run_id
+        self.store: dict[str, Any] = {}
+
+    def put(self, dataset: str, topk: Any) -> None:
+        self.store[dataset] = topk
+
+    def get(self, dataset: str) -> Any:
+        if dataset not in self.store and self.tracker is not None and self.run_id is not None:
+            from quantlens.evaluation.kl import TopK
+
+            d = self.tracker.read_tensors(self.run_id, f"kl_reference/{dataset}.pt")
+            self.store[dataset] = TopK.from_dict(d) if d is not None else None
+        return self.store.get(dataset)
 
 
 # Retrying an evaluation cannot help (deterministic code, same inputs): no retries. The tag lets a
 # Prefect tag concurrency limit cap evaluations (`prefect concurrency-limit create quantlens-eval 8`).
 @task(name="evaluate", cache_policy=NONE, persist_result=False, retries=0, tags=["quantlens-eval"])
 def evaluate(
-    model: Any, tokenizer: Any, dataset: DatasetEntry, opts: EvalOptions, model_name: str, setting: Setting
-) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
+    model: Any, tokenizer: Any, dataset: DatasetEntry, opts: EvalOptions, model_name: str, setting: Setting,
+    kl: KLReference | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Metrics of one dataset, and its per-example tables: ``per_example/<dataset>.parquet`` always,
-    and in the full-precision (baseline) run also ``residual/<dataset>.parquet`` and the tokens of
-    each example (a ``tokens`` column, for the analysis' near-duplicate check)."""
+    and in the full-precision (baseline) run also ``residual/<dataset>.parquet``, the tokens of
+    each example (a ``tokens`` column, for the analysis' near-duplicate check) and, on perplexity
+    datasets, ``kl_reference/<dataset>.pt`` (each token's top-k log-probabilities: the KL error of
+    the other settings, a ``kl`` column and the ``<dataset>_kl`` metric, is computed against it)."""
     inject_fault(model_name, setting.name, dataset.name)
     if dataset.name == LM_EVAL:
         return _evaluate_tasks(model, tokenizer, dataset, opts, residual=setting.is_reference)
@@ -193,9 +219,21 @@ def evaluate(
                           "progress": _progress_logger(f"{model_name}/{setting.name}/{dataset.name}")}
     if dataset.name == "lambada":
         kw.update(limit=dataset.limit, seqlen=dataset.seqlen)
+    elif dataset.name == "qerror":
+        kw.update(limit=dataset.limit)
+        if kl is not None:
+            from quantlens.evaluation.kl import TOP_K
+
+            kw.update({"topk": TOP_K} if reference else {"kl_reference": kl.get(dataset.name)})
     else:
         kw.update(seqlen=dataset.seqlen or opts.seqlen, max_windows=dataset.max_windows,
                   examples=dataset.examples, example_len=dataset.example_len)
+        if kl is not None and reference:
+            from quantlens.evaluation.kl import TOP_K
+
+            kw["topk"] = TOP_K
+        elif kl is not None:
+            kw["kl_reference"] = kl.get(dataset.name)
     r = ev.evaluate_dataset(model, tokenizer, dataset.name, **kw)
     prefix = dataset.name
     if dataset.name == "lambada":
@@ -204,7 +242,12 @@ def evaluate(
         out = {f"{prefix}_ppl": r["ppl"], f"{prefix}_nll": r["nll"]}
     out.update({f"{prefix}_seconds": r["seconds"], f"{prefix}_tokens": r["tokens"], f"{prefix}_examples": float(len(r["per_example"]))})
     examples = r["per_example"]
-    frames = {}
+    frames: dict[str, Any] = {}
+    if "kl" in examples:
+        out[f"{prefix}_kl"] = float((examples["kl"] * examples["n_tokens"]).sum() / examples["n_tokens"].sum())
+    if "topk" in r:
+        frames[f"kl_reference/{prefix}.pt"] = r["topk"].to_dict()
+        kl.put(dataset.name, r["topk"])
     if reference:
         toks = r["example_tokens"]
         examples = examples.assign(tokens=[list(map(int, t)) for t in (toks.tolist() if hasattr(toks, "tolist") else toks)])

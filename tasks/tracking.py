@@ -294,14 +294,18 @@ class Tracker:
                 w.writerows(rows)
             _retry(lambda: self.client.log_artifact(run_id, str(f)), "artifact")
 
-    def log_frames(self, run_id: str, frames: dict[str, pd.DataFrame]) -> None:
+    def log_frames(self, run_id: str, frames: dict[str, Any]) -> None:
         """DataFrames as artifacts, keyed by artifact path: ``.parquet`` (``per_example/wikitext2.parquet``)
-        or ``.csv`` (``mechanisms/wikitext2/patching.csv``)."""
+        or ``.csv`` (``mechanisms/wikitext2/patching.csv``); ``.pt``: a dict of tensors."""
         with tempfile.TemporaryDirectory() as d:
             for rel, frame in frames.items():
                 f = Path(d) / rel
                 f.parent.mkdir(parents=True, exist_ok=True)
-                if f.suffix == ".csv":
+                if f.suffix == ".pt":  # tensors (the reference's top-k of the KL error)
+                    import torch
+
+                    torch.save(frame, f)
+                elif f.suffix == ".csv":
                     frame.to_csv(f, index=False)
                 else:
                     frame.to_parquet(f, index=False)
@@ -319,6 +323,18 @@ class Tracker:
                 local = _retry(lambda: mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=d, tracking_uri=self.uri), "download")
                 out[Path(name).stem] = pd.read_csv(local) if name.endswith(".csv") else pd.read_parquet(local)
         return out
+
+    def read_tensors(self, run_id: str, name: str) -> dict[str, Any] | None:
+        """A ``.pt`` artifact of a run (torch.load), None when the run has none."""
+        import mlflow.artifacts
+        import torch
+
+        folder = str(Path(name).parent)
+        if name not in {a.path for a in self.list_artifacts(run_id, folder)}:
+            return None
+        with tempfile.TemporaryDirectory() as d:
+            local = _retry(lambda: mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=d, tracking_uri=self.uri), "download")
+            return torch.load(local)
 
     def read_tables(self, artifact_uri: str, folders: list[str]) -> dict[str, dict[str, pd.DataFrame]]:
         """The parquet / csv tables of one run under ``folders`` (and one level of sub-folders, e.g.

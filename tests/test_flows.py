@@ -418,3 +418,56 @@ def test_compare_link_opens_mlflows_compare_page_with_exactly_those_runs(filled,
     for model, setting in shown:
         assert f"{setting} · {model[2:]}" in dom
     assert "W16A16 · " not in dom
+
+
+def test_paired_statistics_kl_error_and_the_papers_released_examples(env, tmp_path):
+    """A model folder without a tokenizer evaluates the second paper's released token ids (``qerror``);
+    the report holds the paired intervals (in paired.csv and uniform_vs_nonuniform), the KL error beside
+    the NLL error, and the overlap of our D_large with the released one."""
+    import shutil
+
+    import pandas as pd
+
+    from quantlens.flows.sweep import sweep_flow
+    from quantlens.evaluation.data import perplexity_windows
+    from quantlens.model.loading import load_model
+    from quantlens.tasks.tracking import Tracker
+
+    _, tok = load_model(str(MODELS / "tiny-llama"), device="cpu")
+    rows = perplexity_windows(tok, "wikitext2", 256, path=str(WIKI_TEST), max_windows=24, use_cache=False)
+    released = tmp_path / "released"
+    released.mkdir()
+    torch.save(rows[:12].clone(), released / "w3-large_error_seqs-10.pt")  # the released layout: [rows, tokens] int64
+    torch.save(rows[12:].clone(), released / "w3-nonlarge_error_seqs-10.pt")
+    bare = tmp_path / "tiny-llama-no-tokenizer"
+    bare.mkdir()
+    for f in (MODELS / "tiny-llama").iterdir():
+        if f.suffix in (".json", ".safetensors") and not f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, bare / f.name)
+    cfg = config(name="qerror", models=[str(bare)], settings=["W16A16", "W3A16", "W3A16-nf3", "W4A16"],
+                 datasets=[{"name": "qerror", "path": str(released)}], analysis={"statistics": {"resamples": 400, "seed": 1}})
+    summary = sweep_flow(cfg, results_dir=str(env / "results"))
+    assert summary["evaluated"] == 4 and not summary.get("failed")
+    out = env / "results" / summary["sweep_id"]
+    paired = pd.read_csv(out / "paired.csv").set_index("setting")
+    assert set(paired.index) == {"W3A16", "W3A16-nf3", "W4A16"} and (paired["n_examples"] == 24).all()
+    assert paired.loc["W3A16", "delta_nll_lo"] > 0 and not paired.loc["W3A16", "covers_zero"]
+    assert "≈0" in (out / "paired.md").read_text() or (~paired["covers_zero"]).all()
+    uvn = pd.read_csv(out / "uniform_vs_nonuniform.csv").set_index("setting")
+    lo, hi, d = uvn.loc["W3A16-nf3", ["qerror_ppl Δ lo", "qerror_ppl Δ hi", "qerror_ppl Δ"]]
+    assert lo <= d <= hi and "[" in (out / "uniform_vs_nonuniform.md").read_text()
+    kl = pd.read_csv(out / "kl_error.csv").set_index("setting")
+    assert set(kl.index) == {"W3A16", "W3A16-nf3", "W4A16"} and (kl["mean_kl"] > 0).all()
+    assert kl.loc["W3A16", "mean_kl"] > kl.loc["W4A16", "mean_kl"] and kl["pearson_kl_error"].between(-1, 1).all()
+    overlap = pd.read_csv(out / "released_overlap.csv")
+    assert set(overlap["released"]) == {"w3-large_error_seqs-10"} and (overlap["theirs"] == 12).all()
+    assert ((overlap["jaccard"] >= 0) & (overlap["jaccard"] <= 1)).all() and overlap["chance"].iloc[0] == pytest.approx(12 / 36)
+    df = runs("FINISHED", summary["sweep_id"])
+    t = Tracker("test")
+    ref_run = df[df["params.setting"] == "W16A16"]["run_id"].iloc[0]
+    top = t.read_tensors(ref_run, "kl_reference/qerror.pt")
+    assert tuple(top["ids"].shape) == (24, 255, 32)
+    w3 = df[df["params.setting"] == "W3A16"].iloc[0]
+    assert w3["metrics.qerror_kl"] == pytest.approx(kl.loc["W3A16", "mean_kl"], rel=1e-9)
+    assert "released" in t.read_frames(w3["run_id"], "per_example")["qerror"]
+    assert (out / "fig_paired_tiny-llama-no-tokenizer_qerror.png").is_file()

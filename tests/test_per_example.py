@@ -268,7 +268,14 @@ def test_matrix_pair_statistics_equal_the_per_pair_code(missing):
                          for i in range(n_ex) if keep[i]]
     err = pd.DataFrame(rows)
     got, want = pe.error_correlation(err), pe.error_correlation_pairwise(err)
-    assert len(got) == 2 * (36 + 6) and list(got.columns) == pe.PAIR_COLUMNS
+    assert len(got) == 2 * (36 + 6) and list(got.columns) == pe.PAIR_COLUMNS + pe.INTERVAL_COLUMNS
+    from quantlens.analysis.paired import fisher_interval
+
+    lo, hi = fisher_interval(got["pearson"].to_numpy(), got["n_examples"].to_numpy())  # each ρ's interval by Fisher's z
+    np.testing.assert_allclose(got["pearson_lo"], lo, equal_nan=True)
+    np.testing.assert_allclose(got["pearson_hi"], hi, equal_nan=True)
+    ok = got["pearson"].notna() & (got["n_examples"] > 3)
+    assert ((got["pearson_lo"] <= got["pearson"]) & (got["pearson"] <= got["pearson_hi"]))[ok].all()
     pd.testing.assert_frame_equal(got[["model", "dataset", "setting_a", "setting_b", "n_examples"]],
                                   want[["model", "dataset", "setting_a", "setting_b", "n_examples"]], check_dtype=False)
     for c in ("pearson", "spearman", "jaccard_top10"):

@@ -326,3 +326,23 @@ def test_paper_grid_is_planned_offline_for_an_80_gib_gpu(tmp_path, store):
     r = cli("run", "configs/paper-fig1-sizes.yaml", "--dry-run", "--gpu", "H100", "--gpus", "2", env=env)
     i = next(i for i, line in enumerate(r.stdout.splitlines()) if line.startswith("opt-66b:"))
     assert "→ device_map:" in r.stdout.splitlines()[i + 1]
+
+
+def test_released_token_ids_of_another_tokenizer_and_a_model_without_one_are_one_line(tmp_path, store):
+    import shutil
+
+    qwen = {"name": "qerror", "path": str(MODELS.parent / "qerror" / "Qwen2.5-7B"), "limit": 4}
+    line = one_line(cli("run", str(write(tmp_path, datasets=[qwen])), env=store))
+    assert not store_file(store).exists()
+    assert re.match(r"quantlens: dataset qerror: token id 1\d{5} is outside the vocabulary of model .*tiny-opt \(\d+ tokens\)", line), line
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in (MODELS / "tiny-opt").iterdir():
+        if f.name in ("config.json", "model.safetensors"):
+            shutil.copy(f, bare / f.name)
+    line = one_line(cli("run", str(write(tmp_path, models=[str(bare)])), env=store))
+    assert line.startswith(f"quantlens: model {bare}: no tokenizer in {bare}, and dataset wikitext2 is text"), line
+    blob = tmp_path / "ids.pt"
+    __import__("torch").save(__import__("torch").randn(3, 8), blob)
+    line = one_line(cli("run", str(write(tmp_path, datasets=[{"name": "qerror", "path": str(blob)}])), env=store))
+    assert "not a [rows, tokens] tensor of token ids" in line, line

@@ -10,15 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
 from quantlens.analysis.links import md_link, runs_link
 
 if TYPE_CHECKING:
+    from quantlens.analysis.paired import BootstrapSpec
     from quantlens.analysis.report import Report
 
 NUMERIC = ("size_b", "w_bits", "a_bits", "kv_bits", "w_group_size", "transform_p", "clip_k", "seed", "seqlen")
-QUALITY = ("lambada_acc", "wikitext2_ppl", "c4_ppl", "fineweb_ppl", "lambada_nll")
+QUALITY = ("lambada_acc", "wikitext2_ppl", "c4_ppl", "fineweb_ppl", "qerror_ppl", "lambada_nll")
 
 
 def tidy(df: pd.DataFrame) -> pd.DataFrame:
@@ -113,11 +115,13 @@ def _config(row: pd.Series) -> str:
     return f"W{int(row['w_bits'])}A{int(row['a_bits'])}" + (f"KV{kv}" if kv < 16 else "")
 
 
-def uniform_vs_nonuniform(df: pd.DataFrame) -> pd.DataFrame:
+def uniform_vs_nonuniform(df: pd.DataFrame, examples: pd.DataFrame | None = None, spec: "BootstrapSpec | None" = None) -> pd.DataFrame:
     """The paper's table across the field's formats: per model and bit widths, every non-uniform
     family that was run (cube root, NF, FP, MX, NVFP4, codebook) beside the INT run at the same bits
     (the one with the same granularity where there is one, else the per-channel default), with Δ =
-    format − INT and a compare link."""
+    format − INT and a compare link. With the runs' per-example tables (``examples``), each Δ of a
+    dataset metric gets its paired bootstrap interval over the examples both runs have (``<metric> Δ lo``
+    / ``hi``; accuracy: McNemar's exact ``<metric> p`` on the examples that flipped between the two)."""
     plain = _plain(df)
     if plain.empty or "w_bits" not in plain:
         return pd.DataFrame()
@@ -143,7 +147,41 @@ def uniform_vs_nonuniform(df: pd.DataFrame) -> pd.DataFrame:
             if link:
                 row["compare"] = link
             rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if examples is not None and not examples.empty and not out.empty:
+        out = _with_intervals(out, examples, spec)
+    return out
+
+
+def _with_intervals(table: pd.DataFrame, examples: pd.DataFrame, spec: "BootstrapSpec | None") -> pd.DataFrame:
+    """``<dataset>_ppl Δ lo/hi`` and ``<dataset>_nll Δ lo/hi`` (paired bootstrap), ``lambada_acc p`` (McNemar)."""
+    from quantlens.analysis.paired import BootstrapSpec
+    from quantlens.analysis.paired_report import paired_pairs
+
+    pairs = paired_pairs(examples, table.rename(columns={"INT": "against"})[["model", "setting", "against"]], spec or BootstrapSpec())
+    if pairs.empty:
+        return table
+    out = table.copy()
+    for dataset, g in pairs.groupby("dataset"):
+        key = g.set_index(["model", "setting"])
+        idx = list(zip(out["model"], out["setting"]))
+        get = lambda col: [key[col].get(i, float("nan")) for i in idx]  # noqa: E731
+        for metric, stat in ((f"{dataset}_ppl", "delta_ppl"), (f"{dataset}_nll", "delta_nll")):
+            if f"{metric} Δ" in out:
+                out[f"{metric} Δ lo"], out[f"{metric} Δ hi"] = get(f"{stat}_lo"), get(f"{stat}_hi")
+        if f"{dataset}_acc Δ" in out and "mcnemar_p" in key:
+            out[f"{dataset}_acc p"] = get("mcnemar_p")
+    return out
+
+
+def interval_markdown(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as people read it: each ``Δ`` with its interval in one cell, ``≈0`` where it covers 0."""
+    out = table.copy()
+    for c in [c for c in table.columns if c.endswith(" Δ") and f"{c} lo" in table]:
+        out[c] = [f"{v:+.4g} [{lo:+.4g}, {hi:+.4g}]" + (" ≈0" if lo <= 0 <= hi else "") if pd.notna(lo) else f"{v:+.4g}"
+                  for v, lo, hi in zip(table[c], table[f"{c} lo"], table[f"{c} hi"])]
+        out = out.drop(columns=[f"{c} lo", f"{c} hi"])
+    return out
 
 
 # --- Figures --------------------------------------------------------------------------------------
@@ -232,6 +270,11 @@ def fig_uniform_vs_nonuniform(table: pd.DataFrame, path: Path) -> Path | None:
         u, n = table[f"{m} INT"].to_numpy(dtype=float), table[f"{m} format"].to_numpy(dtype=float)
         ax.bar([i - 0.2 for i in x], u, width=0.4, label="INT at the same bits", color="tab:grey")
         ax.bar([i + 0.2 for i in x], n, width=0.4, label="non-uniform format", color="tab:blue")
+        if f"{m} Δ lo" in table:  # the paired interval of Δ, drawn around the format's bar
+            lo, hi = table[f"{m} Δ lo"].to_numpy(dtype=float), table[f"{m} Δ hi"].to_numpy(dtype=float)
+            ok = ~np.isnan(lo)
+            ax.errorbar([i + 0.2 for i in x if ok[i]], n[ok], yerr=[(n - (u + lo))[ok], ((u + hi) - n)[ok]], fmt="none",
+                        ecolor="black", capsize=2, lw=0.8)
         for i, (a, b) in enumerate(zip(u, n)):
             ax.annotate(f"{b - a:+.3g}", (i, max(a, b)), ha="center", va="bottom", fontsize=6)
         ax.set_xticks(list(x), labels, fontsize=6, rotation=45, ha="right")
@@ -240,7 +283,7 @@ def fig_uniform_vs_nonuniform(table: pd.DataFrame, path: Path) -> Path | None:
             lo = min(u.min(), n.min())
             ax.set_ylim(lo * 0.98, max(u.max(), n.max()) * 1.02)
         ax.legend(fontsize=7)
-    return save_figure(fig, path, "Non-uniform formats vs INT at the same bits (Δ = format − INT)", fontsize=10)
+    return save_figure(fig, path, "Non-uniform formats vs INT at the same bits (Δ = format − INT; bars: paired interval)", fontsize=10)
 
 
 def perturbation_summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -340,7 +383,8 @@ def fig_clipping(df: pd.DataFrame, path: Path) -> Path | None:
     return save_figure(fig, path, "Clipping outliers (Figure 5)")
 
 
-def write_report(df: pd.DataFrame, out_dir: str | Path, report: "Report | None" = None) -> list[Path]:
+def write_report(df: pd.DataFrame, out_dir: str | Path, report: "Report | None" = None, examples: pd.DataFrame | None = None,
+                 spec: "BootstrapSpec | None" = None) -> list[Path]:
     """All tables (CSV + Markdown) and figures (PNG) the runs allow; returns the files written. Each
     table and figure is a part of ``report`` (:class:`~quantlens.analysis.report.Report`): one that
     fails is recorded there and the others are still written."""
@@ -351,7 +395,9 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, report: "Report | None" 
     if df.empty:
         return report.files
     report.table("results", lambda: results_table(df))
-    uvn = report.table("uniform_vs_nonuniform", lambda: uniform_vs_nonuniform(df))
+    uvn = report.table("uniform_vs_nonuniform", lambda: uniform_vs_nonuniform(df, examples, spec), md=False)
+    if not uvn.empty:
+        report.file("uniform_vs_nonuniform.md", lambda path: path.write_text(to_markdown(interval_markdown(uvn))))
     report.table("clipping", lambda: clipping_summary(df))
     metrics = metrics_present(df)
     for m in metrics:

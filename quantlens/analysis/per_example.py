@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from quantlens.analysis.aggregate import _plt, save_figure, to_markdown
+from quantlens.analysis.paired import LEVEL, BootstrapSpec, fisher_interval, mcnemar_exact
 
 if TYPE_CHECKING:
     from quantlens.analysis.report import Report
@@ -158,7 +159,8 @@ def errors(examples: pd.DataFrame, reference: dict[str, str]) -> pd.DataFrame:
 def flips(examples: pd.DataFrame, reference: dict[str, str]) -> pd.DataFrame:
     """What matters for accuracy, per (model, dataset, setting) with a ``correct`` column: examples
     the reference gets right and the setting wrong (``broke``), and back (``fixed``), over the
-    examples both have; ``net`` = fixed − broke = the accuracy change × examples."""
+    examples both have; ``net`` = fixed − broke = the accuracy change × examples; ``mcnemar_p`` McNemar's
+    exact two-sided p of broke against fixed (:func:`quantlens.analysis.paired.mcnemar_exact`)."""
     if "correct" not in examples:
         return pd.DataFrame()
     rows = []
@@ -176,21 +178,77 @@ def flips(examples: pd.DataFrame, reference: dict[str, str]) -> pd.DataFrame:
             rows.append({"model": model, "dataset": dataset, "setting": setting, "examples": int(both.sum()),
                          "acc_reference": float(was.mean()), "acc": float(now.mean()),
                          "broke": int((was & ~now).sum()), "fixed": int((~was & now).sum()),
-                         "net": int((~was & now).sum() - (was & ~now).sum())})
+                         "net": int((~was & now).sum() - (was & ~now).sum()),
+                         "mcnemar_p": mcnemar_exact(int((was & ~now).sum()), int((~was & now).sum()))})
+    return pd.DataFrame(rows)
+
+
+def kl_error(examples: pd.DataFrame, err: pd.DataFrame) -> pd.DataFrame:
+    """The KL error against the NLL error, per (model, dataset, setting) whose examples have a ``kl``
+    column (the mean truncated KL(p_ref ‖ p) of each example, :mod:`quantlens.evaluation.kl`): the
+    token-weighted mean KL, and Pearson / Spearman ρ between each example's KL and its error e(x)."""
+    if "kl" not in examples or err.empty:
+        return pd.DataFrame()
+    kl = examples.dropna(subset=["kl"])[["model", "dataset", "setting", "example_id", "n_tokens", "kl"]]
+    both = kl.merge(err[["model", "dataset", "setting", "example_id", "error"]], on=["model", "dataset", "setting", "example_id"])
+    rows = []
+    for (model, dataset, setting), g in both.groupby(["model", "dataset", "setting"], sort=True):
+        rows.append({"model": model, "dataset": dataset, "setting": setting, "n_examples": len(g),
+                     "mean_kl": float((g["kl"] * g["n_tokens"]).sum() / g["n_tokens"].sum()),
+                     "pearson_kl_error": pearson(g["kl"].to_numpy(), g["error"].to_numpy()),
+                     "spearman_kl_error": spearman(g["kl"].to_numpy(), g["error"].to_numpy())})
+    return pd.DataFrame(rows)
+
+
+def released_overlap(examples: pd.DataFrame, err: pd.DataFrame, sets: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Where examples carry ``released`` (the file of the second paper's release each came from, e.g.
+    ``gptq3-large_error_seqs-10``): per (model, dataset, setting) and released D_large file, the Jaccard
+    index of their D_large with ours — the top-m examples by our error among the n evaluated, m = |theirs|
+    evaluated — beside its chance level m/(2n − m), and the share of our D_large (top 10 %, near-duplicates
+    removed: ``sets``) that is in theirs."""
+    if "released" not in examples:
+        return pd.DataFrame()
+    tags = examples.dropna(subset=["released"]).drop_duplicates(["model", "dataset", "example_id"])
+    rows = []
+    for (model, dataset, setting), g in err.groupby(["model", "dataset", "setting"], sort=True):
+        t = tags[(tags["model"] == model) & (tags["dataset"] == dataset)].set_index("example_id")["released"]
+        if t.empty:
+            continue
+        g = g[g["example_id"].isin(t.index)]
+        n = len(g)
+        ranked = g.sort_values(["error", "example_id"], ascending=[False, True])["example_id"].to_numpy()
+        ours_large = set()
+        if sets is not None and not sets.empty:
+            s = sets[(sets["model"] == model) & (sets["dataset"] == dataset) & (sets["setting"] == setting) & (sets["set"] == "large")]
+            ours_large = set(s["example_id"])
+        for tag in sorted({x for x in t.unique() if "-large" in x}):
+            theirs = set(t[t == tag].index) & set(g["example_id"])
+            m = len(theirs)
+            if m == 0 or n == 0:
+                continue
+            rows.append({"model": model, "dataset": dataset, "setting": setting, "released": tag, "n_examples": n, "theirs": m,
+                         "jaccard": jaccard(set(ranked[:m]), theirs), "chance": m / (2 * n - m),
+                         "ours_in_theirs": len(ours_large & theirs) / len(ours_large) if ours_large else float("nan")})
     return pd.DataFrame(rows)
 
 
 PAIR_COLUMNS = ["model", "dataset", "setting_a", "setting_b", "pearson", "spearman", "jaccard_top10", "n_examples"]
+INTERVAL_COLUMNS = ["pearson_lo", "pearson_hi"]
 
 
-def error_correlation(err: pd.DataFrame) -> pd.DataFrame:
+def error_correlation(err: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
     """Every unordered pair of settings per (model, dataset): pearson, spearman, jaccard_top10, as
-    matrix operations over the (examples × settings) error matrix (:func:`pair_matrix`)."""
+    matrix operations over the (examples × settings) error matrix (:func:`pair_matrix`), and the
+    interval of each Pearson ρ by Fisher's z at ``level`` (``pearson_lo``, ``pearson_hi``)."""
     parts = []
     for (model, dataset), g in err.groupby(["model", "dataset"], sort=True):
         wide = g.pivot_table(index="example_id", columns="setting", values="error", aggfunc="first")
         parts.append(pair_matrix(wide).assign(model=model, dataset=dataset))
-    return pd.concat(parts, ignore_index=True)[PAIR_COLUMNS] if parts else pd.DataFrame(columns=PAIR_COLUMNS)
+    if not parts:
+        return pd.DataFrame(columns=PAIR_COLUMNS + INTERVAL_COLUMNS)
+    out = pd.concat(parts, ignore_index=True)[PAIR_COLUMNS]
+    out["pearson_lo"], out["pearson_hi"] = fisher_interval(out["pearson"].to_numpy(), out["n_examples"].to_numpy(), level)
+    return out
 
 
 def error_correlation_pairwise(err: pd.DataFrame) -> pd.DataFrame:
@@ -383,8 +441,9 @@ def _collapsed(corr: pd.DataFrame) -> pd.DataFrame:
     swap = c["a"] > c["b"]
     c.loc[swap, ["a", "b"]] = c.loc[swap, ["b", "a"]].to_numpy()
     g = c.groupby(["model", "dataset", "a", "b"], sort=True)
+    extra = {"pearson_lo": ("pearson_lo", "mean"), "pearson_hi": ("pearson_hi", "mean")} if "pearson_lo" in c else {}
     return g.agg(pearson=("pearson", "mean"), pearson_std=("pearson", "std"), jaccard_top10=("jaccard_top10", "mean"),
-                 pairs=("pearson", "size")).reset_index()
+                 pairs=("pearson", "size"), **extra).reset_index()
 
 
 Links = Callable[[str, list[str]], "str | None"]  # (model, settings) → MLflow compare link of their runs
@@ -397,8 +456,9 @@ def correlation_summary(corr: pd.DataFrame, bases: dict[str, str] | None = None,
     a perturbation against the native quantization it imitates (``bases``: setting → base).
     ``links``: each headline and pair gets the MLflow compare link of its runs."""
     lines = ["# Error correlation between settings", "",
-             "Pearson ρ of per-example errors (NLL − NLL of W16A16). Seeds of one perturbation are collapsed "
-             "(`-s<seed>`: mean ± std over their pairs). Every pair: `error_correlation.csv`.", ""]
+             "Pearson ρ of per-example errors (NLL − NLL of W16A16), with its interval by Fisher's z. Seeds of one "
+             "perturbation are collapsed (`-s<seed>`: mean ± std over their pairs). Every pair, with the bounds: "
+             "`error_correlation.csv`.", ""]
     fams = _collapsed(corr)
     for (model, dataset), g in corr.groupby(["model", "dataset"], sort=True):
         f = fams[(fams["model"] == model) & (fams["dataset"] == dataset)]
@@ -411,8 +471,9 @@ def correlation_summary(corr: pd.DataFrame, bases: dict[str, str] | None = None,
         between = f[f["a"] != f["b"]].dropna(subset=["pearson"])
         members = lambda fam: [s for s in every if seed_family(s) == fam or s == fam]  # noqa: E731
         cols = ["a", "b", "ρ", "jaccard_top10"] + (["compare"] if links else [])
-        show = lambda x: x.assign(**{"ρ": [f"{m:.3f}" + ("" if n == 1 else f" ± {s:.3f} ({n} pairs)") for m, s, n in  # noqa: E731
-                                              zip(x["pearson"], x["pearson_std"].fillna(0), x["pairs"])],
+        ci = lambda x: zip(x["pearson_lo"], x["pearson_hi"]) if "pearson_lo" in x else ((float("nan"),) * 2 for _ in range(len(x)))  # noqa: E731
+        show = lambda x: x.assign(**{"ρ": [f"{m:.3f}" + ((f" [{lo:.3f}, {hi:.3f}]" if pd.notna(lo) else "") if n == 1 else f" ± {s:.3f} ({n} pairs)")  # noqa: E731
+                                              for m, s, n, (lo, hi) in zip(x["pearson"], x["pearson_std"].fillna(0), x["pairs"], ci(x))],
                                      **({"compare": [links(model, members(a) + members(b)) for a, b in zip(x["a"], x["b"])]} if links else {})})[cols]
         if len(between):
             lines += ["Most correlated:", "", to_markdown(show(between.nlargest(top, "pearson"))),
@@ -571,6 +632,7 @@ def write_per_example_report(
     report: "Report | None" = None,
     bases: dict[str, str] | None = None,
     links: Links | None = None,
+    spec: BootstrapSpec | None = None,
 ) -> list[Path]:
     """Tables (CSV + Markdown), D_large/D_ctrl id lists and figures; returns the files written (each
     a part of ``report``: one that fails is recorded there, the others are still written). The
@@ -582,14 +644,25 @@ def write_per_example_report(
     err = report.compute("per_example_errors", lambda: errors(examples, reference), pd.DataFrame())
     if err.empty:
         return report.files
-    corr = report.table("error_correlation", lambda: error_correlation(err), md=False)
-    report.table("flips", lambda: flips(examples, reference))  # correct at the reference, wrong under the setting, and back  # every pair: a file to load, not to read
+    spec = spec or BootstrapSpec()
+    corr = report.table("error_correlation", lambda: error_correlation(err, spec.level), md=False)
+    from quantlens.analysis.paired_report import paired_markdown, paired_vs_reference
+
+    paired = report.table("paired", lambda: paired_vs_reference(examples, reference, spec), md=False)
+    report.file("paired.md", lambda path: path.write_text(paired_markdown(paired, spec)))
+    from quantlens.analysis.paired_report import fig_paired
+
+    for (model, dataset) in (paired[["model", "dataset"]].drop_duplicates().itertuples(index=False) if not paired.empty else []):
+        report.figure(f"fig_paired_{_safe(model)}_{_safe(dataset)}", lambda path, m=model, d=dataset: fig_paired(paired, m, d, spec, path))
+    report.table("flips", lambda: flips(examples, reference))
+    report.table("kl_error", lambda: kl_error(examples, err))  # the KL error beside the NLL error, per setting  # correct at the reference, wrong under the setting, and back  # every pair: a file to load, not to read
     report.file("error_correlation.md", lambda path: path.write_text(correlation_summary(corr, bases, links=links)))
     pred = report.table("residual_predictor", lambda: residual_predictor(err, residual, families), md=False)
     report.file("residual_predictor.md", lambda path: path.write_text(
         "# ρ(S(L), e) at the last layer (every layer: residual_predictor.csv)\n\n"
         + to_markdown(pred[pred["layer"] == pred.groupby(["model", "dataset"])["layer"].transform("max")])))
     sets = report.compute("d_sets", lambda: d_sets(err, tokens, seed), pd.DataFrame())
+    report.table("released_overlap", lambda: released_overlap(examples, err, sets))  # our D_large against the paper's release
     for (model, dataset), g in (sets.groupby(["model", "dataset"], sort=True) if not sets.empty else []):
         report.table(f"d_large_{_safe(model)}_{_safe(dataset)}", lambda g=g: g.drop(columns=["model", "dataset"]), md=False)
     def linked_headline() -> pd.DataFrame:

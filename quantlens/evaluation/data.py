@@ -146,11 +146,46 @@ def load_lambada(path: str | None = None, limit: int | None = None) -> list[tupl
     return out
 
 
+def token_files(path: str) -> list[Path]:
+    """The ``.pt`` files of a token-id dataset: the file itself, or every ``*.pt`` of a folder (sorted)."""
+    p = Path(path).expanduser()
+    files = sorted(p.glob("*.pt")) if p.is_dir() else [p]
+    if not files or not all(f.is_file() for f in files):
+        raise ConfigError(f"dataset path {path!r}: no .pt file of token ids")
+    return files
+
+
+def load_token_rows(path: str, limit: int | None = None) -> tuple["torch.Tensor", list[str]]:
+    """The second paper's released examples (terarachang/QError ``data/<model>/<method>-{large,nonlarge}_error_seqs-10.pt``):
+    each file a ``[rows, tokens]`` integer tensor of token ids, one example a row, evaluated as it is (no
+    tokenizer). Rows of every file in order (``limit``: the first N of each), and the stem of the file each
+    row came from (which released set it is in)."""
+    import torch
+
+    rows, tags = [], []
+    for f in token_files(path):
+        try:
+            t = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ConfigError(f"dataset path {path!r}: {f.name} is not a torch file of token ids ({type(err).__name__})") from None
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.is_floating_point() or t.is_complex() or t.numel() == 0:
+            what = f"a tensor of shape {tuple(t.shape)} and dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ConfigError(f"dataset path {path!r}: {f.name} holds {what}, not a [rows, tokens] tensor of token ids")
+        if rows and t.shape[1] != rows[0].shape[1]:
+            raise ConfigError(f"dataset path {path!r}: {f.name} has rows of {t.shape[1]} tokens, {token_files(path)[0].name} of {rows[0].shape[1]}")
+        t = t[:limit] if limit else t
+        rows.append(t.to(torch.long))
+        tags += [f.stem] * t.shape[0]
+    return torch.cat(rows), tags
+
+
 DATASETS: dict[str, DatasetInfo] = {
     "wikitext2": DatasetInfo("wikitext2", "perplexity", load_wikitext2_text, "WikiText-2 raw test, perplexity", iter_wikitext2_docs),
     "c4": DatasetInfo("c4", "perplexity", load_c4_text, "C4 en validation subset, perplexity", iter_c4_docs),
     "fineweb": DatasetInfo("fineweb", "perplexity", load_fineweb_text, "FineWeb (sample-10BT) documents, perplexity", iter_fineweb_docs),
     "lambada": DatasetInfo("lambada", "lambada", load_lambada, "Lambada (OpenAI) last-word accuracy"),
+    "qerror": DatasetInfo("qerror", "tokens", load_token_rows,
+                          "the second paper's released D_large / D_ctrl token ids (terarachang/QError), perplexity per row"),
 }
 
 
@@ -176,7 +211,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def source_fingerprint(name: str, path: str | None) -> str:
     if path is None:
         return f"hub:{name}"
-    parts = [f"{f.resolve()}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in _expand(path)]
+    files = token_files(path) if dataset_info(name).kind == "tokens" else _expand(path)
+    parts = [f"{f.resolve()}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -251,10 +287,13 @@ def document_examples(
     path: str | None = None,
     max_examples: int | None = None,
     use_cache: bool = True,
+    dedup: bool = False,
 ) -> torch.Tensor:
     """``[n, example_len + 1]``: BOS + the first ``example_len`` tokens of each document with at
     least that many tokens, in source order; shorter documents are dropped. ``max_examples``
-    stops reading after that many (a streamed hub source is read no further)."""
+    stops reading after that many (a streamed hub source is read no further). ``dedup`` (the second
+    paper's protocol): an example whose token 5-gram Jaccard with an earlier kept one exceeds 0.1 is
+    dropped too (:func:`drop_near_duplicates`), before ``max_examples`` counts."""
     info = dataset_info(name)
     if info.documents is None:
         raise ConfigError(f"dataset {name!r}: has no documents (examples: documents works for {', '.join(n for n, d in DATASETS.items() if d.documents)})")
@@ -263,19 +302,58 @@ def document_examples(
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         raise ConfigError(f"examples: documents prepends a BOS token, but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has none")
-    return _cached(f"{name}-docs{example_len}",
-                   ["docs", tokenizer_fingerprint(tokenizer), name, source_fingerprint(name, path), example_len, max_examples],
-                   lambda: _documents(tokenizer, info, name, example_len, bos, path, max_examples), use_cache)
+    key = ["docs", tokenizer_fingerprint(tokenizer), name, source_fingerprint(name, path), example_len, max_examples] + (["dedup"] if dedup else [])
+    return _cached(f"{name}-docs{example_len}" + ("-dedup" if dedup else ""), key,
+                   lambda: _documents(tokenizer, info, name, example_len, bos, path, max_examples, dedup), use_cache)
+
+
+DUP_NGRAM, DUP_JACCARD = 5, 0.1  # the second paper's near-duplicate rule
+
+
+def _grams(ids: Sequence[int], n: int = DUP_NGRAM) -> set[tuple[int, ...]]:
+    return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
+
+
+class NearDuplicates:
+    """Greedy near-duplicate filter: :meth:`keep` says whether a sequence's token n-gram Jaccard with
+    every sequence kept so far is at most ``threshold`` (and then keeps it). Candidates come from an
+    index of the kept n-grams, so only sequences sharing an n-gram are compared."""
+
+    def __init__(self, n: int = DUP_NGRAM, threshold: float = DUP_JACCARD):
+        self.n, self.threshold = n, threshold
+        self.kept: list[set] = []
+        self.index: dict[tuple[int, ...], list[int]] = {}
+
+    def keep(self, ids: Sequence[int]) -> bool:
+        g = _grams(ids, self.n)
+        shared: dict[int, int] = {}
+        for gram in g:
+            for j in self.index.get(gram, ()):
+                shared[j] = shared.get(j, 0) + 1
+        for j, inter in shared.items():
+            if inter / (len(g) + len(self.kept[j]) - inter) > self.threshold:
+                return False
+        for gram in g:
+            self.index.setdefault(gram, []).append(len(self.kept))
+        self.kept.append(g)
+        return True
+
+
+def drop_near_duplicates(rows: Sequence[Sequence[int]], n: int = DUP_NGRAM, threshold: float = DUP_JACCARD) -> list[int]:
+    """Indices of the rows kept by :class:`NearDuplicates`, in order."""
+    f = NearDuplicates(n, threshold)
+    return [i for i, r in enumerate(rows) if f.keep(list(r))]
 
 
 def _documents(tokenizer: Any, info: DatasetInfo, name: str, example_len: int, bos: int, path: str | None,
-               max_examples: int | None) -> "torch.Tensor":
+               max_examples: int | None, dedup: bool = False) -> "torch.Tensor":
     import torch
 
     rows: list[list[int]] = []
+    seen = NearDuplicates() if dedup else None
     for doc in info.documents(path):
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
-        if len(ids) >= example_len:
+        if len(ids) >= example_len and (seen is None or seen.keep(ids[:example_len])):
             rows.append([bos] + ids[:example_len])
             if max_examples is not None and len(rows) >= max_examples:
                 break

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantlens.evaluation.data import example_ids
+from quantlens.evaluation.kl import TopK, reference_topk, truncated_kl
 from quantlens.model.layerwise import Batch
 from quantlens.quantize.patch import set_valid_tokens
 from quantlens.evaluation.residual import ResidualRecorder
@@ -96,11 +97,16 @@ def perplexity(
     progress: Progress | None = None,
     residual: bool = False,
     keep_examples: bool = True,
+    topk: int = 0,
+    kl_reference: "TopK | None" = None,
 ) -> dict[str, Any]:
     """ppl = exp(mean next-token NLL over all predicted tokens of all ``[n, seqlen]`` windows).
 
     Each window is one example (``per_example``); ``residual`` also records the residual-stream
-    statistics. ``keep_examples=False`` is the plain sum (benchmarks only)."""
+    statistics. ``keep_examples=False`` is the plain sum (benchmarks only). ``topk`` > 0 (the
+    reference run) also keeps every predicted token's top-``topk`` log-probabilities and tail mass
+    (``result["topk"]``, :class:`quantlens.evaluation.kl.TopK`); with ``kl_reference`` (those of the
+    reference, same windows) each example also gets its mean truncated KL(p_ref ‖ p) (a ``kl`` column)."""
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise ValueError(f"windows: expected a non-empty [n, seqlen] tensor, got shape {tuple(windows.shape)}")
     device = input_device(model)
@@ -111,11 +117,26 @@ def perplexity(
     bs = batch_size or _auto_batch(model, seqlen, device)
     ex_nll = torch.zeros(n, dtype=torch.float64, device=device)  # summed NLL of each window
     recorder = ResidualRecorder(model, n) if residual else None
+    if kl_reference is not None and tuple(kl_reference.ids.shape[:2]) != (n, seqlen - 1):
+        raise ValueError(f"kl_reference: top-k of {tuple(kl_reference.ids.shape[:2])} tokens, not of these {n} × {seqlen - 1}")
+    top = (torch.zeros(n, seqlen - 1, topk, dtype=torch.int32), torch.zeros(n, seqlen - 1, topk), torch.zeros(n, seqlen - 1)) if topk else None
+    ex_kl = torch.zeros(n, dtype=torch.float64, device=device) if kl_reference is not None else None
     t0 = time.perf_counter()
 
     def prepare(s: int, e: int) -> Batch:
         enter = (lambda: recorder.begin_batch(torch.arange(s, e))) if recorder is not None else (lambda: None)
         return Batch(s, e, {"input_ids": windows[s:e].to(device, non_blocking=True)}, enter)
+
+    def kl_parts(logits: torch.Tensor, s: int, e: int) -> None:
+        """Top-k of the reference / truncated KL against it, one example at a time (memory: one [T, V])."""
+        for i in range(e - s):
+            lg = logits[i, :-1]
+            if top is not None:
+                ids, lp, lt = reference_topk(lg, topk)
+                top[0][s + i], top[1][s + i], top[2][s + i] = ids.cpu(), lp.cpu(), lt.cpu()
+            if kl_reference is not None:
+                ids, lp, lt = kl_reference.rows(s + i, s + i + 1, lg.device)
+                ex_kl[s + i] = truncated_kl(lg, ids[0], lp[0], lt[0]).double().sum()
 
     def score(b: Batch, logits: torch.Tensor) -> None:
         ids, s, e = b.inputs["input_ids"], b.start, b.end
@@ -125,6 +146,8 @@ def perplexity(
             ex_nll[s:e] = tok.view(e - s, seqlen - 1).double().sum(-1)
         else:
             ex_nll[s] += F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="sum").double()
+        if top is not None or ex_kl is not None:
+            kl_parts(logits, s, e)
 
     with recorder if recorder is not None else contextlib.nullcontext():
         used = _drive(model, n, bs, prepare, score, progress)
@@ -145,7 +168,11 @@ def perplexity(
         out["per_example"] = pd.DataFrame(
             {"example_id": ids, "n_tokens": seqlen - 1, "nll": (ex_nll.cpu() / (seqlen - 1)).numpy()}
         )
+        if ex_kl is not None:
+            out["per_example"]["kl"] = (ex_kl.cpu() / (seqlen - 1)).numpy()
         out["example_tokens"] = windows  # row i: the tokens of example i (for near-duplicate checks)
+    if top is not None:
+        out["topk"] = TopK(*top)
     if recorder is not None:
         out["residual"] = pd.DataFrame(recorder.rows(example_ids(windows)))
     return out
@@ -254,7 +281,8 @@ _LAMBADA_CACHE: dict[tuple, tuple[Any, list]] = {}  # (id(tokenizer), path, limi
 
 def evaluate_dataset(model: nn.Module, tokenizer: Any, name: str, **kw: Any) -> dict[str, Any]:
     """Evaluate one registered dataset; keyword options: seqlen, path, max_windows/limit,
-    batch_size, progress, residual, and ``examples="documents"`` with ``example_len``."""
+    batch_size, progress, residual, ``examples="documents"`` with ``example_len``, and for the KL error
+    ``topk`` (the reference) / ``kl_reference`` (the others; perplexity datasets)."""
     from quantlens.evaluation.data import dataset_info, document_examples, lambada_requests, load_lambada, perplexity_windows
 
     info = dataset_info(name)
@@ -269,15 +297,28 @@ def evaluate_dataset(model: nn.Module, tokenizer: Any, name: str, **kw: Any) -> 
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return lambada(model, reqs, pad_id=pad, batch_size=kw.get("batch_size"), max_length=kw.get("seqlen"),
                        progress=progress, residual=residual)
+    if info.kind == "tokens":  # released token ids: each row one example, no tokenizer
+        from quantlens.evaluation.data import load_token_rows
+
+        rows, tags = load_token_rows(kw["path"], kw.get("limit"))
+        vocab = model.get_input_embeddings().weight.shape[0]
+        if int(rows.max()) >= vocab:
+            raise ValueError(f"dataset {name}: token id {int(rows.max())} is outside the model's vocabulary of {vocab}")
+        r = perplexity(model, rows, batch_size=kw.get("batch_size"), progress=progress, residual=residual,
+                       topk=kw.get("topk", 0), kl_reference=kw.get("kl_reference"))
+        r["per_example"]["released"] = tags
+        return r
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    if kw.get("examples", "windows") == "documents":
+    if kw.get("examples", "windows") in ("documents", "paper2"):
         example_len = kw.get("example_len") or 512
         if max_pos and example_len + 1 > max_pos:
             raise ValueError(f"example_len: {example_len} + BOS exceeds the model's max_position_embeddings {max_pos}")
-        windows = document_examples(tokenizer, name, example_len, path=kw.get("path"), max_examples=kw.get("max_windows"))
+        windows = document_examples(tokenizer, name, example_len, path=kw.get("path"), max_examples=kw.get("max_windows"),
+                                    dedup=kw.get("examples") == "paper2")
     else:
         seqlen = kw.get("seqlen", 2048)
         if max_pos:
             seqlen = min(seqlen, max_pos)
         windows = perplexity_windows(tokenizer, name, seqlen, path=kw.get("path"), max_windows=kw.get("max_windows"))
-    return perplexity(model, windows, batch_size=kw.get("batch_size"), progress=progress, residual=residual)
+    return perplexity(model, windows, batch_size=kw.get("batch_size"), progress=progress, residual=residual,
+                      topk=kw.get("topk", 0), kl_reference=kw.get("kl_reference"))

@@ -214,7 +214,7 @@ def load_model(
     path = snapshot.path if isinstance(snapshot, Snapshot) else snapshot
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = _tokenizer(path, AutoTokenizer)
     if placement == "auto":
         placement = choose_placement(path, dev, dt)
     if placement not in ("single", "device_map", "stream"):
@@ -232,6 +232,16 @@ def load_model(
     model._quantlens_placement = placement
     model._quantlens_source = path  # originals: checkpoint reads weights back from here
     return model, tokenizer
+
+
+def _tokenizer(path: str, auto: Any) -> Any:
+    """The folder's tokenizer; None for a local folder with none (it can evaluate token-id datasets only)."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir() and not any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")):
+        return None
+    return auto.from_pretrained(path)
 
 
 def choose_originals(model: Any, choice: str = "auto") -> str:

@@ -145,7 +145,8 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     from quantlens.flows.aggregate import build_report
 
     out = args.out or os.path.join("results", args.sweep_id or args.experiment)
-    result = build_report(experiment=args.experiment, sweep_id=args.sweep_id, out_dir=out)  # no orchestration needed
+    stats = {"resamples": args.resamples, "level": args.level, "seed": args.seed}
+    result = build_report(experiment=args.experiment, sweep_id=args.sweep_id, out_dir=out, statistics=stats)  # no orchestration needed
     if not result["files"] and not result["failed"]:
         print("no finished runs found", file=sys.stderr)
         return 1
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--experiment", default="quantlens-demo")
     a.add_argument("--sweep-id", default=None, help="one sweep (default: all runs of the experiment)")
     a.add_argument("--out", default=None)
+    a.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the paired intervals (default 1000)")
+    a.add_argument("--level", type=float, default=0.95, help="confidence level of every interval (default 0.95)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     a.set_defaults(fn=cmd_aggregate)
     c = sub.add_parser("compare", help="link to MLflow's compare view of the latest FINISHED runs of some settings, and their metrics")
     c.add_argument("settings", nargs="+", metavar="SETTING")

@@ -33,9 +33,15 @@ def dataset_tokens(d: Any, seqlen: int) -> tuple[float, int]:
             n = HUB_LAMBADA
         n = min(n, d.limit or n)
         return float(n * LAMBADA_TOKENS), n
+    if d.name == "qerror":  # released rows: [rows, tokens] int64 files, their sizes say how many (8 bytes a token)
+        from quantlens.evaluation.data import token_files
+
+        total = sum(f.stat().st_size for f in token_files(d.path)) / 8
+        rows = d.limit * len(token_files(d.path)) if d.limit else int(total // 512)
+        return float(min(total, rows * 512)), max(1, rows)
     T = d.seqlen or seqlen
     total = sum(f.stat().st_size for f in _files(d.path)) / BYTES_PER_TOKEN if d.path else HUB_TOKENS.get(d.name, 500_000)
-    if d.examples == "documents":
+    if d.examples in ("documents", "paper2"):
         T = (d.example_len or 512) + 1
     n = max(1, int(total // T))
     if d.max_windows:
@@ -56,9 +62,12 @@ def workload(cfg: Any) -> Workload:
     for d in cfg.datasets:
         t, n = dataset_tokens(d, cfg.eval.seqlen)
         tokens += t
-        if d.name not in ("lambada", "lm-eval"):
+        if d.name == "qerror":
             examples = max(examples, n)
-            seqlens.append((d.example_len or 512) + 1 if d.examples == "documents" else d.seqlen or cfg.eval.seqlen)
+            seqlens.append(512)
+        elif d.name not in ("lambada", "lm-eval"):
+            examples = max(examples, n)
+            seqlens.append((d.example_len or 512) + 1 if d.examples in ("documents", "paper2") else d.seqlen or cfg.eval.seqlen)
     return Workload(seqlen=max(seqlens) if seqlens else 256, tokens=tokens, examples=examples, settings=len(settings),
                     batch_size=cfg.eval.batch_size, act_quant=any(s.activations is not None for s in settings),
                     dtype=cfg.hardware.dtype, placement=cfg.hardware.placement, originals=cfg.hardware.originals)

@@ -39,11 +39,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from quantlens.evaluation.data import _expand
+from quantlens.evaluation.data import _expand, load_token_rows
 from quantlens.model.loading import ModelInfo, ModelUnavailable, local_revision, resolve_model
 from quantlens.pipeline import plan as P
 from quantlens.pipeline.errors import PreflightError
 from quantlens.pipeline.sweep import LM_EVAL, SweepConfig
+from quantlens.quantize.settings import ConfigError
 
 
 def hub_offline() -> bool:
@@ -64,8 +65,15 @@ def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool =
         target = P.detected_target(cfg.hardware.device)
     if target.kind == "cuda" and cfg.hardware.dtype == "bfloat16" and not target.bf16:
         raise PreflightError(f"hardware.dtype: bfloat16 is not supported by {target.name}: use float16 (or dtype: auto)")
+    token_rows: dict[str, tuple[int, int]] = {}  # qerror datasets: (largest id, tokens per row)
     for d in cfg.datasets:
-        if d.path:
+        if d.name == "qerror":
+            try:
+                rows, _ = load_token_rows(d.path, d.limit)
+            except ConfigError as err:
+                raise PreflightError(f"dataset {d.name}: {err}") from None
+            token_rows[d.name] = (int(rows.max()), int(rows.shape[1]))
+        elif d.path:
             try:
                 for f in _expand(d.path):
                     check_text(f)
@@ -98,9 +106,15 @@ def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool =
             check_anatomy(info.hf_id, m.ref, needs_kv, m.revision)
         positions = _max_positions(info, m.revision, cached)
         check_windows(m.ref, positions, cfg)
+        for name, (_, tokens) in token_rows.items():
+            if positions is not None and tokens > positions[0]:
+                raise PreflightError(f"dataset {name}: rows of {tokens} tokens are longer than model {m.ref} can take "
+                                     f"(its {positions[1]} is {positions[0]})")
         if cached:
             folder = _local_folder(info, m.revision)
             shape = _shape(folder) if folder else None
+            if folder:
+                check_tokenizer(m.ref, folder, cfg)
         elif info.name in P.REGISTRY_CONFIGS:
             shape = P.shape_from_config(P.REGISTRY_CONFIGS[info.name], source="registry")
         if shape is None:
@@ -109,6 +123,10 @@ def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool =
         if not cached:
             to_download += shape.checkpoint_bytes or 2 * shape.params
         check_group_sizes(m.ref, shape, settings)
+        for name, (largest, _) in token_rows.items():
+            if largest >= shape.vocab:
+                raise PreflightError(f"dataset {name}: token id {largest} is outside the vocabulary of model {m.ref} "
+                                     f"({shape.vocab} tokens): these ids belong to another tokenizer")
         est = P.estimate(info.name, shape, target, work, cached=cached)
         problem = P.placement_error(est)
         if problem:
@@ -167,6 +185,19 @@ def check_device(device: str) -> None:
         raise PreflightError("hardware.device: 'mps', but MPS is not available here (Apple silicon with a torch build for it)")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_tokenizer(ref: str, folder: str, cfg: SweepConfig) -> None:
+    """A model folder without a tokenizer evaluates only token-id datasets (qerror): one line otherwise."""
+    if any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        return
+    text = [d.name for d in cfg.datasets if d.name != "qerror"]
+    if text:
+        raise PreflightError(f"model {ref}: no tokenizer in {folder}, and dataset {text[0]} is text: add the tokenizer's files "
+                             "(only qerror, released token ids, evaluates without one)")
+
+
 def check_group_sizes(ref: str, shape: P.Shape, settings: list) -> None:
     """Every weight and activation group size divides the input features of every block linear."""
     gcd = math.gcd(*shape.linears.values()) if shape.linears else 0
@@ -214,9 +245,9 @@ def _max_positions(info: ModelInfo, revision: str | None, cached: bool) -> tuple
 def _windows_of(d: Any, cfg: SweepConfig) -> tuple[int, str] | None:
     """(tokens per window, what sets it) of a dataset entry as the sweep evaluates it; None where
     nothing the user gave sets a length (lm-eval tasks, lambada without seqlen, the default seqlen)."""
-    if d.name == LM_EVAL:
+    if d.name in (LM_EVAL, "qerror"):  # qerror: the rows' own length, checked against the positions apart
         return None
-    if d.examples == "documents":
+    if d.examples in ("documents", "paper2"):
         n = d.example_len or 512
         return n + 1, f"example_len {n} + BOS"
     if d.seqlen is not None:
@@ -236,7 +267,7 @@ def check_windows(ref: str, positions: tuple[int, str] | None, cfg: SweepConfig)
             fix = f"a seqlen of at most {limit}" if d.examples == "windows" else f"an example_len of at most {limit - 1}"
             raise PreflightError(f"dataset {d.name}: {window[1]} is longer than model {ref} can take "
                                  f"(its {key} is {limit}): use {fix}")
-        if not d.path or d.name in ("lambada", LM_EVAL) or d.examples != "windows":
+        if not d.path or d.name in ("lambada", LM_EVAL, "qerror") or d.examples != "windows":
             continue
         if window is None and positions is None:
             continue  # the default seqlen, capped at positions known only after download

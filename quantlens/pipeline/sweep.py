@@ -28,6 +28,7 @@ EVAL_PROTOCOL = "3"  # 2: per-example NLL and residual statistics stored with ev
 
 
 LM_EVAL = "lm-eval"  # the dataset entry of lm-evaluation-harness tasks
+DOCUMENTS = ("documents", "paper2")  # example units that are documents (paper2: the second paper's protocol)
 
 
 class _Strict(BaseModel):
@@ -46,9 +47,11 @@ class DatasetEntry(_Strict):
     path: str | None = Field(None, description="local file(s); default: the Hugging Face hub")
     seqlen: int | None = Field(None, ge=2)
     max_windows: int | None = Field(None, ge=1, description="perplexity: evaluate at most this many windows")
-    limit: int | None = Field(None, ge=1, description="lambada: evaluate the first N examples")
-    examples: Literal["windows", "documents"] = Field(
-        "windows", description="perplexity: the unit of the per-example analysis (documents: BOS + example_len tokens)"
+    limit: int | None = Field(None, ge=1, description="lambada: evaluate the first N examples; qerror: the first N rows of each file")
+    examples: Literal["windows", "documents", "paper2"] = Field(
+        "windows", description="perplexity: the unit of the per-example analysis (documents: BOS + example_len tokens; "
+        "paper2: the second paper's protocol — documents of 512 tokens with BOS, long documents only, near-duplicates "
+        "(5-gram Jaccard > 0.1) removed)"
     )
     example_len: int | None = Field(None, ge=2, description="examples: documents: tokens per example (default 512)")
     # name: lm-eval — lm-evaluation-harness tasks (quantlens.evaluation.harness); limit: documents per task
@@ -79,12 +82,24 @@ class DatasetEntry(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _token_ids_are_rows(self) -> "DatasetEntry":
+        if self.name == "qerror":
+            if not self.path:
+                raise ValueError("qerror: give path: a .pt file (or a folder of them) of the released token ids "
+                                 "(terarachang/QError data/<model>/<method>-{large,nonlarge}_error_seqs-10.pt)")
+            wrong = [k for k in ("seqlen", "max_windows", "example_len") if getattr(self, k) is not None]
+            if wrong or self.examples != "windows":
+                raise ValueError(f"qerror: {', '.join(wrong or ['examples'])} do not apply: each row is one example as released "
+                                 "(limit takes the first N rows of each file)")
+        return self
+
+    @model_validator(mode="after")
     def _documents_need_documents(self) -> "DatasetEntry":
-        if self.examples == "documents" and (self.name == LM_EVAL or DATASETS[self.name].documents is None):
+        if self.examples in DOCUMENTS and (self.name == LM_EVAL or DATASETS[self.name].documents is None):
             with_docs = ", ".join(n for n, d in DATASETS.items() if d.documents)
             raise ValueError(f"examples: {self.name!r} has no documents (documents work for {with_docs})")
-        if self.example_len is not None and self.examples != "documents":
-            raise ValueError("example_len: only with examples: documents")
+        if self.example_len is not None and self.examples not in DOCUMENTS:
+            raise ValueError("example_len: only with examples: documents (or paper2)")
         return self
 
 
@@ -93,13 +108,23 @@ class EvalOptions(_Strict):
     batch_size: int | None = Field(None, ge=1, description="None: sized from free memory")
 
 
+class StatisticsOptions(_Strict):
+    """The report's paired statistics: bootstrap intervals over the same examples (quantlens.analysis.paired)."""
+
+    resamples: int = Field(1000, ge=100, le=100_000, description="bootstrap resamples of the examples")
+    level: float = Field(0.95, gt=0.5, lt=1.0, description="confidence level of every interval")
+    seed: int = Field(0, ge=0, description="seed of the resamples (with the model and dataset)")
+
+
 class AnalysisOptions(_Strict):
-    """Mechanism analyses (layer error, early exit, activation patching) on D_large / D_ctrl."""
+    """Mechanism analyses (layer error, early exit, activation patching) on D_large / D_ctrl, and the
+    report's paired statistics."""
 
     mechanisms: list[str] = Field(default_factory=list, description="settings of the grid to explain (e.g. [W3A16])")
     layers: str = Field("upper_half", description="upper_half | all | upper_k | 'a:b' (patched and compared layers)")
     datasets: list[str] | None = Field(None, description="default: every perplexity dataset of the sweep")
     batch_size: int = Field(8, ge=1)
+    statistics: StatisticsOptions = StatisticsOptions()
 
     @field_validator("layers")
     @classmethod
@@ -368,4 +393,7 @@ def run_key(revision: str, model_ref: str, setting: Setting, cfg: SweepConfig) -
 
 def sweep_id(cfg: SweepConfig) -> str:
     """Stable id of a sweep definition: reruns of the same config share their parent MLflow run."""
-    return f"{cfg.name}-{config_digest(cfg.model_dump())[:10]}"
+    dump = cfg.model_dump()
+    if dump["analysis"]["statistics"] == StatisticsOptions().model_dump():
+        del dump["analysis"]["statistics"]  # (the sweeps of configs written before it keep their ids)
+    return f"{cfg.name}-{config_digest(dump)[:10]}"

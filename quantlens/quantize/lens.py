@@ -4,7 +4,8 @@
 the rank of |x| into ``BUCKETS`` equal-count buckets (deciles: bucket 1 holds the smallest 10 % of
 |x|, bucket 10 the largest) and the mean of |Δ| / |x| is taken in each. Rank buckets are scale-free,
 so the curves of two formats, layers or models are comparable. Zeros are left out (|Δ|/0), and a
-tensor of more than ``MAX_SAMPLES`` elements is read at a fixed stride (deterministic).
+tensor of more than ``MAX_SAMPLES`` elements (an activation: ``ACTIVATION_SAMPLES``) is read at a fixed
+stride (deterministic).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import torch
 
 BUCKETS = 10
-MAX_SAMPLES = 1 << 18
+MAX_SAMPLES = 1 << 18  # a weight tensor (once per patch)
+ACTIVATION_SAMPLES = 1 << 14  # an activation of one of the sampled forwards (every layer, 4 forwards: the hot path)
 
 
 def magnitude_buckets(x: torch.Tensor, xq: torch.Tensor, buckets: int = BUCKETS, max_samples: int = MAX_SAMPLES) -> torch.Tensor:

@@ -165,7 +165,7 @@ class _ActivationState:
             thr = spec.clip_k * xf.std(dim=-1, keepdim=True, unbiased=False)
             clipped = (xf.abs() > thr).sum().to(torch.float32)
             alpha = torch.minimum(alpha, thr.squeeze(-1))
-        b = lens.magnitude_buckets(xf, xq)
+        b = lens.magnitude_buckets(xf, xq, max_samples=lens.ACTIVATION_SAMPLES)
         self.lens = b if self.lens is None else self.lens + b
         vals = [d2, x2, clipped, alpha.sum(), torch.tensor(float(alpha.numel()), device=x.device), torch.tensor(float(x.numel()), device=x.device), alpha.max()]
         prev = self.acc.get(name)
