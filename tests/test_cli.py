@@ -103,7 +103,9 @@ def test_quiet_run_failure_line_rerun_and_verbose(tmp_path, store):
 def test_a_model_that_fails_before_evaluating_is_counted_as_not_run(tmp_path, store):
     broken = tmp_path / "broken-model"
     broken.mkdir()
-    (broken / "config.json").write_text(json.dumps({"model_type": "opt"}))  # no weights, no tokenizer
+    (broken / "config.json").write_text(json.dumps({"model_type": "opt"}))  # no weights (a tokenizer: preflight wants one for text)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (broken / f).write_bytes((MODELS / "tiny-opt" / f).read_bytes())
     r = cli("run", str(write(tmp_path, models=[str(broken)])), env=store)
     out = r.stdout + r.stderr
     assert r.returncode == 3, out

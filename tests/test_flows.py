@@ -330,7 +330,21 @@ def test_per_example_artifacts_and_analysis_end_to_end(env):
     assert p["rho"] == pytest.approx(pearson(last.loc[nll["W3A16"].index].to_numpy(), e_a), abs=1e-9)
     d = pd.read_csv(out / "d_large_tiny-bloom_wikitext2.csv")
     assert set(d["set"]) == {"large", "ctrl"} and len(d[(d["setting"] == "W3A16") & (d["set"] == "large")]) == 1
-    for f in ("per_example.md", "fig_residual_predictor.png", "fig_error_corr_tiny-bloom.png", "fig_error_vs_norm_tiny-bloom.png"):
+    paired = pd.read_csv(out / "paired.csv")
+    w3 = paired[(paired["dataset"] == "wikitext2") & (paired["setting"] == "W3A16")].iloc[0]
+    assert w3["delta_nll_lo"] > 0 and not w3["covers_zero"]  # W3A16 against W16A16 on WikiText-2: not noise
+    from quantlens.analysis.paired import paired_bootstrap
+
+    ref = frames["W16A16"]["wikitext2"]
+    self_ = paired_bootstrap(ref["n_tokens"].to_numpy(), ref["nll"].to_numpy(), ref["nll"].to_numpy()[:, None])
+    assert self_["delta_nll_lo"][0] == 0 == self_["delta_nll_hi"][0]  # the reference against itself: [0, 0]
+    uvn = pd.read_csv(out / "uniform_vs_nonuniform.csv").set_index("setting")  # each Δ inside its own statistic's interval
+    for m in ("wikitext2_ppl", "lambada_nll"):
+        assert uvn.loc["W3A16-nu", f"{m} Δ lo"] <= uvn.loc["W3A16-nu", f"{m} Δ"] <= uvn.loc["W3A16-nu", f"{m} Δ hi"], m
+    kl = t.read_frames(df[df["params.setting"] == "W3A16"]["run_id"].iloc[0], "per_example")["wikitext2"]
+    assert (kl["kl"] > 0).all() and "kl" not in frames["W3A16"]["lambada"]  # the KL error: windows, not passages
+    for f in ("per_example.md", "fig_residual_predictor.png", "fig_error_corr_tiny-bloom.png", "fig_error_vs_norm_tiny-bloom.png",
+              "paired.md", "kl_error.csv", "fig_paired_tiny-bloom_wikitext2.png"):
         assert (out / f).is_file(), f
     assert "calibration-free" in (out / "per_example.md").read_text()
     arts = [a.path for a in t.client.list_artifacts(summary["parent_run_id"], "report")]

@@ -49,6 +49,10 @@ def test_bootstrap_equals_a_plain_loop_over_resampled_indices():
     assert np.allclose(st["delta_nll"], exact)
     ppl = np.exp((tok[:, None] * other).sum(0) / tok.sum()) - np.exp((tok * base).sum() / tok.sum())
     assert np.allclose(st["delta_ppl"], ppl)
+    ex = ((tok[:, None] * other) - (tok * base)[:, None]).mean(0)  # Lambada's metric: the mean of each example's summed NLL
+    assert np.allclose(st["delta_example_nll"], ex)
+    d2 = np.array([[(tok[i] * (other[i, j] - base[i])).mean() for j in range(2)] for i in idx])
+    assert np.allclose(st["delta_example_nll_lo"], np.quantile(d2, 0.025, axis=0))
     assert (st["delta_nll_lo"] <= st["delta_nll"] + 1e-12).all() and (st["delta_nll"] <= st["delta_nll_hi"] + 1e-12).all()
     assert st["delta_nll_lo"][0] > 0  # a shift of +0.05 on 200 examples: the interval excludes 0
     assert resample_counts(len(tok), 300, 7, "m|d").sum(1).tolist() == [len(tok)] * 300

@@ -166,7 +166,10 @@ def _with_intervals(table: pd.DataFrame, examples: pd.DataFrame, spec: "Bootstra
         key = g.set_index(["model", "setting"])
         idx = list(zip(out["model"], out["setting"]))
         get = lambda col: [key[col].get(i, float("nan")) for i in idx]  # noqa: E731
-        for metric, stat in ((f"{dataset}_ppl", "delta_ppl"), (f"{dataset}_nll", "delta_nll")):
+        # each metric's own statistic: perplexity datasets log the token-weighted NLL, Lambada the mean
+        # over passages of the target word's summed NLL
+        nll_stat = "delta_example_nll" if dataset == "lambada" else "delta_nll"
+        for metric, stat in ((f"{dataset}_ppl", "delta_ppl"), (f"{dataset}_nll", nll_stat)):
             if f"{metric} Δ" in out:
                 out[f"{metric} Δ lo"], out[f"{metric} Δ hi"] = get(f"{stat}_lo"), get(f"{stat}_hi")
         if f"{dataset}_acc Δ" in out and "mcnemar_p" in key:

@@ -66,7 +66,7 @@ def fig_formats_vs_bits(table: pd.DataFrame, df: pd.DataFrame, metric: str, path
         ax.set_xticks(sorted(t["bits"].unique()))
         ax.set_xlabel("bits (weights)")
         ax.set_ylabel(metric)
-        if metric.endswith("_ppl"):
+        if metric.endswith("_ppl") and t[metric].max() > 3 * t[metric].min():  # log only where it spans a range
             ax.set_yscale("log")
         ax.set_title(model)
         ax.grid(alpha=0.3)
@@ -99,9 +99,11 @@ def fig_format_lens(lens: pd.DataFrame, model: str, path: Path) -> Path | None:
     kinds = list(dict.fromkeys(t["kind"]))
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
     x = list(range(1, 11))
+    colors = plt.get_cmap("tab20").colors
     for ax, kind in zip(axes[0], kinds):
-        for _, r in t[t["kind"] == kind].iterrows():
-            ax.plot(x, [r[d] for d in DECILES], marker=".", label=f"{r['setting']} ({r['family']})")
+        for i, (_, r) in enumerate(t[t["kind"] == kind].iterrows()):  # 20 colours, then dashed: no two lines alike
+            ax.plot(x, [r[d] for d in DECILES], marker=".", color=colors[i % 20], linestyle="-" if i < 20 else "--",
+                    label=f"{r['setting']} ({r['family']})")
         ax.set_yscale("log")
         ax.set_xticks(x)
         ax.set_xlabel(f"decile of |x| ({kind}s; 1 = smallest 10 %)")

@@ -52,7 +52,9 @@ def paired_bootstrap(n_tokens: np.ndarray, nll_base: np.ndarray, nll: np.ndarray
     """Δ of each column of ``nll`` [n, k] (mean NLL per token of each example) against ``nll_base`` [n],
     over the same examples weighted by ``n_tokens`` [n]: ``delta_nll`` = token-weighted mean of
     NLL − NLL_base (= log ppl − log ppl_base), ``delta_ppl`` = ppl − ppl_base, each with its percentile
-    interval (``*_lo``, ``*_hi``) at ``spec.level`` over ``spec.resamples`` resamples. Arrays of length k."""
+    interval (``*_lo``, ``*_hi``) at ``spec.level`` over ``spec.resamples`` resamples; ``delta_example_nll``:
+    the Δ of the mean over examples of each one's summed NLL (n_tokens × nll: Lambada's ``nll`` metric, the
+    NLL of the target word). Arrays of length k."""
     w = np.asarray(n_tokens, dtype=np.float64)
     base = np.asarray(nll_base, dtype=np.float64) * w
     x = np.asarray(nll, dtype=np.float64).reshape(len(w), -1) * w[:, None]
@@ -67,11 +69,14 @@ def paired_bootstrap(n_tokens: np.ndarray, nll_base: np.ndarray, nll: np.ndarray
     lx = sums[:, 2:] / wt[:, None]  # [B, k]
     d_nll = lx - lb[:, None]
     d_ppl = np.exp(lx) - np.exp(lb)[:, None]
+    n = len(w)
+    d_sum = (sums[:, 2:] - sums[:, 1:2]) / n  # the mean over examples of each one's summed NLL (Lambada's nll metric)
     a = (1 - spec.level) / 2
     q = lambda v: np.quantile(v, [a, 1 - a], axis=0)  # noqa: E731
-    (nl, nh), (pl, ph) = q(d_nll), q(d_ppl)
+    (nl, nh), (pl, ph), (sl, sh) = q(d_nll), q(d_ppl), q(d_sum)
     return {"delta_nll": point_nll, "delta_nll_lo": nl, "delta_nll_hi": nh,
-            "delta_ppl": point_ppl, "delta_ppl_lo": pl, "delta_ppl_hi": ph}
+            "delta_ppl": point_ppl, "delta_ppl_lo": pl, "delta_ppl_hi": ph,
+            "delta_example_nll": (x.sum(0) - base.sum()) / n, "delta_example_nll_lo": sl, "delta_example_nll_hi": sh}
 
 
 def mcnemar_exact(broke: int, fixed: int) -> float:

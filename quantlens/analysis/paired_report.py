@@ -15,7 +15,8 @@ import pandas as pd
 from quantlens.analysis.paired import BootstrapSpec, covers_zero, mcnemar_exact, paired_bootstrap
 
 PAIRED_COLUMNS = ["model", "dataset", "setting", "against", "n_examples", "delta_nll", "delta_nll_lo", "delta_nll_hi",
-                  "delta_ppl", "delta_ppl_lo", "delta_ppl_hi", "covers_zero"]
+                  "delta_ppl", "delta_ppl_lo", "delta_ppl_hi", "covers_zero", "delta_example_nll", "delta_example_nll_lo",
+                  "delta_example_nll_hi"]
 FLIP_COLUMNS = ["broke", "fixed", "mcnemar_p"]
 
 
