@@ -88,5 +88,8 @@ def test_paired_tables_with_flips_and_missing_examples():
     assert (w3["broke"], w3["fixed"]) == (broke, fixed) and w3["mcnemar_p"] == pytest.approx(mcnemar_exact(broke, fixed))
     pair = paired_pairs(ex, pd.DataFrame([{"model": "m", "setting": "W3A16", "against": "W4A16"}]), BootstrapSpec(resamples=100))
     assert pair.iloc[0]["delta_nll"] == pytest.approx(0.4)
+    both = pd.concat([ex, ex.assign(dataset="wikitext2", correct=float("nan"))])  # a dataset without accuracy beside it
+    t2 = paired_vs_reference(both, {"m": "W16A16"}, BootstrapSpec(resamples=100))
+    assert t2[t2["dataset"] == "wikitext2"]["mcnemar_p"].isna().all() and t2[t2["dataset"] == "lambada"]["mcnemar_p"].notna().all()
     md = paired_markdown(t, BootstrapSpec(resamples=100))
     assert "McNemar p" in md and "[+0.6, +0.6]" in md

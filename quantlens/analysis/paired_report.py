@@ -25,7 +25,8 @@ def _group_pairs(g: pd.DataFrame, model: str, dataset: str, pairs: list[tuple[st
     one = g.drop_duplicates(["example_id", "setting"])
     nll = one.pivot(index="example_id", columns="setting", values="nll")
     tok = one.groupby("example_id")["n_tokens"].first()
-    corr = one.pivot(index="example_id", columns="setting", values="correct") if "correct" in one else None
+    has_correct = "correct" in one and one["correct"].notna().any()  # (a frame of several datasets: NaN elsewhere)
+    corr = one.pivot(index="example_id", columns="setting", values="correct") if has_correct else None
     rows = []
     by_base: dict[str, list[str]] = {}
     for a, b in pairs:
