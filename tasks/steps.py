@@ -16,6 +16,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from quantlens.evaluation import evaluate as ev
+from quantlens.evaluation.data import DOCUMENTS
 from quantlens.model import loading as qm
 from quantlens.quantize.patch import full_report, quantize_, restore_
 from quantlens.quantize.settings import ConfigError, Setting
@@ -167,7 +168,7 @@ def dataset_input(d: DatasetEntry, opts: EvalOptions, metrics: dict[str, float])
     examples = int(metrics.get(f"{d.name}_examples", 0))
     profile = {"examples": examples, "unit": "passage" if d.name == "lambada" else "released rows" if d.name == "qerror" else d.examples,
                "seqlen": d.seqlen or opts.seqlen, "limit": d.limit, "max_windows": d.max_windows,
-               "example_len": d.example_len if d.examples in ("documents", "paper2") else None}
+               "example_len": d.example_len if d.examples in DOCUMENTS else None}
     fingerprint = source_fingerprint(d.name, d.path)
     digest = hashlib.sha256(json.dumps([fingerprint, profile], sort_keys=True).encode()).hexdigest()[:8]
     return {"name": d.name, "digest": digest, "source_type": "local" if d.path else "hub",

@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # torch is imported where it is used: planning a sweep must n
 from quantlens.quantize.settings import ConfigError
 
 
+DOCUMENTS = ("documents", "paper2")  # example units that are documents (paper2: the second paper's protocol)
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     name: str

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlens.evaluation.data import example_ids
+from quantlens.evaluation.data import DOCUMENTS, example_ids
 from quantlens.evaluation.kl import TopK, reference_topk, truncated_kl
 from quantlens.model.layerwise import Batch
 from quantlens.quantize.patch import set_valid_tokens
@@ -309,7 +309,7 @@ def evaluate_dataset(model: nn.Module, tokenizer: Any, name: str, **kw: Any) -> 
         r["per_example"]["released"] = tags
         return r
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    if kw.get("examples", "windows") in ("documents", "paper2"):
+    if kw.get("examples", "windows") in DOCUMENTS:
         example_len = kw.get("example_len") or 512
         if max_pos and example_len + 1 > max_pos:
             raise ValueError(f"example_len: {example_len} + BOS exceeds the model's max_position_embeddings {max_pos}")

@@ -234,12 +234,15 @@ def load_model(
     return model, tokenizer
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def _tokenizer(path: str, auto: Any) -> Any:
     """The folder's tokenizer; None for a local folder with none (it can evaluate token-id datasets only)."""
     from pathlib import Path
 
     p = Path(path)
-    if p.is_dir() and not any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")):
+    if p.is_dir() and not any((p / f).exists() for f in TOKENIZER_FILES):
         return None
     return auto.from_pretrained(path)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from quantlens.evaluation.data import DOCUMENTS
 from quantlens.model.footprint import (  # noqa: F401  (the plan's vocabulary, one import for callers)
     GIB, REGISTRY_CONFIGS, Estimate, Shape, Target, Workload, detected_target, estimate, format_estimate,
     placement_error, planned_target, shape_from_checkpoint, shape_from_config,
@@ -41,7 +42,7 @@ def dataset_tokens(d: Any, seqlen: int) -> tuple[float, int]:
         return float(min(total, rows * 512)), max(1, rows)
     T = d.seqlen or seqlen
     total = sum(f.stat().st_size for f in _files(d.path)) / BYTES_PER_TOKEN if d.path else HUB_TOKENS.get(d.name, 500_000)
-    if d.examples in ("documents", "paper2"):
+    if d.examples in DOCUMENTS:
         T = (d.example_len or 512) + 1
     n = max(1, int(total // T))
     if d.max_windows:
@@ -67,7 +68,7 @@ def workload(cfg: Any) -> Workload:
             seqlens.append(512)
         elif d.name not in ("lambada", "lm-eval"):
             examples = max(examples, n)
-            seqlens.append((d.example_len or 512) + 1 if d.examples in ("documents", "paper2") else d.seqlen or cfg.eval.seqlen)
+            seqlens.append((d.example_len or 512) + 1 if d.examples in DOCUMENTS else d.seqlen or cfg.eval.seqlen)
     return Workload(seqlen=max(seqlens) if seqlens else 256, tokens=tokens, examples=examples, settings=len(settings),
                     batch_size=cfg.eval.batch_size, act_quant=any(s.activations is not None for s in settings),
                     dtype=cfg.hardware.dtype, placement=cfg.hardware.placement, originals=cfg.hardware.originals)

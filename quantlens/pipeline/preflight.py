@@ -39,8 +39,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from quantlens.evaluation.data import _expand, load_token_rows
-from quantlens.model.loading import ModelInfo, ModelUnavailable, local_revision, resolve_model
+from quantlens.evaluation.data import DOCUMENTS, _expand, load_token_rows
+from quantlens.model.loading import TOKENIZER_FILES, ModelInfo, ModelUnavailable, local_revision, resolve_model
 from quantlens.pipeline import plan as P
 from quantlens.pipeline.errors import PreflightError
 from quantlens.pipeline.sweep import LM_EVAL, SweepConfig
@@ -185,9 +185,6 @@ def check_device(device: str) -> None:
         raise PreflightError("hardware.device: 'mps', but MPS is not available here (Apple silicon with a torch build for it)")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
 def check_tokenizer(ref: str, folder: str, cfg: SweepConfig) -> None:
     """A model folder without a tokenizer evaluates only token-id datasets (qerror): one line otherwise."""
     if any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES):
@@ -247,7 +244,7 @@ def _windows_of(d: Any, cfg: SweepConfig) -> tuple[int, str] | None:
     nothing the user gave sets a length (lm-eval tasks, lambada without seqlen, the default seqlen)."""
     if d.name in (LM_EVAL, "qerror"):  # qerror: the rows' own length, checked against the positions apart
         return None
-    if d.examples in ("documents", "paper2"):
+    if d.examples in DOCUMENTS:
         n = d.example_len or 512
         return n + 1, f"example_len {n} + BOS"
     if d.seqlen is not None:

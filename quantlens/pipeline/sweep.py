@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from quantlens import __version__
-from quantlens.evaluation.data import DATASETS
+from quantlens.evaluation.data import DATASETS, DOCUMENTS
 from quantlens.quantize.settings import ConfigError, Setting, format_validation_error, resolve_setting
 
 # Bump when a change alters the numbers an evaluation produces: it is part of every run key,
@@ -28,7 +28,6 @@ EVAL_PROTOCOL = "3"  # 2: per-example NLL and residual statistics stored with ev
 
 
 LM_EVAL = "lm-eval"  # the dataset entry of lm-evaluation-harness tasks
-DOCUMENTS = ("documents", "paper2")  # example units that are documents (paper2: the second paper's protocol)
 
 
 class _Strict(BaseModel):
