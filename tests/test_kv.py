@@ -133,7 +133,7 @@ def test_unknown_attention_is_one_clear_error_before_any_change():
     for layer in m.model.layers:
         layer.self_attn.__class__ = own
     before = m.model.layers[0].mlp.down_proj.weight.detach().clone()
-    with pytest.raises(kv.AttentionNotUnderstood, match=r"OwnAttention \(model.layers.0.self_attn\): KV quantization needs transformers' attention interface"):
+    with pytest.raises(kv.AttentionNotUnderstood, match=r"^KV-cache settings cannot be applied: OwnAttention \(model.layers.0.self_attn\) computes K/V in code quantlens cannot reach"):
         quantize_(m, "W4A16KV4")
     assert torch.equal(m.model.layers[0].mlp.down_proj.weight, before)
     quantize_(m, "W4A16")  # what the anatomy does understand still works

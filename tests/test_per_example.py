@@ -221,7 +221,7 @@ def test_residual_statistics_exclude_padding(trained):
 def test_block_not_understood_is_one_clear_error():
     m = tiny_random_model("llama")
     m.model.layers[0].extra_norm = type(m.model.layers[0].input_layernorm)(32)
-    with pytest.raises(BlockNotUnderstood, match=r"block LlamaDecoderLayer has 3 norm modules as direct children \(input_layernorm, post_attention_layernorm, extra_norm\); expected two"):
+    with pytest.raises(BlockNotUnderstood, match=r"block LlamaDecoderLayer has norms \[input_layernorm, post_attention_layernorm, extra_norm\]: not a layout quantlens knows"):
         ResidualRecorder(m, 4)
 
 

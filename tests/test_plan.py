@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -27,6 +28,9 @@ PUBLISHED = {
     "opt-350m": 331_196_416, "opt-1.3b": 1_315_758_080, "bloom-560m": 559_214_592, "bloom-7b1": 7_069_016_064,
     "llama-7b": 6_738_415_616, "qwen2.5-7b": 7_615_616_512, "llama-3-8b": 8_030_261_248,
     "mistral-nemo-12b": 12_247_782_400, "llama-3-70b": 70_553_706_496,
+    # the Pythia paper's totals (Biderman et al. 2023, table 1)
+    "pythia-70m": 70_426_624, "pythia-160m": 162_322_944, "pythia-410m": 405_334_016, "pythia-1b": 1_011_781_632,
+    "pythia-1.4b": 1_414_647_808, "pythia-2.8b": 2_775_208_960, "pythia-6.9b": 6_857_302_016, "pythia-12b": 11_846_072_320,
 }
 
 
@@ -346,3 +350,191 @@ def test_released_token_ids_of_another_tokenizer_and_a_model_without_one_are_one
     __import__("torch").save(__import__("torch").randn(3, 8), blob)
     line = one_line(cli("run", str(write(tmp_path, datasets=[{"name": "qerror", "path": str(blob)}])), env=store))
     assert "not a [rows, tokens] tensor of token ids" in line, line
+
+
+# --- Mixtures of experts and the Pythia ladder ----------------------------------------------------
+# (total, active, active counted with the input embedding): the publishers' figures. DeepSeek and
+# OpenAI leave the input embedding (a lookup, no FLOPs) out of "active"; Mistral, Qwen and AI2 count it.
+PUBLISHED_MOE = {
+    "mixtral-8x7b": (46.7e9, 12.9e9, True), "qwen3-30b-a3b": (30.5e9, 3.3e9, True),
+    "deepseek-v2-lite": (15.7e9, 2.4e9, False), "olmoe-1b-7b": (6.9e9, 1.3e9, True), "gpt-oss-20b": (21e9, 3.6e9, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_MOE))
+def test_moe_registry_counts_land_on_the_published_total_and_active_sizes(name):
+    s = P.shape_from_config(P.REGISTRY_CONFIGS[name])
+    total, active, with_embedding = PUBLISHED_MOE[name]
+    assert s.params == pytest.approx(total, rel=0.03)
+    assert s.active_params - (0 if with_embedding else s.vocab * s.hidden) == pytest.approx(active, rel=0.03)
+    assert s.active_params < s.params / 3  # time counts the experts a token uses, memory all of them
+
+
+def _hf_config(model_type: str, **kw):
+    from transformers import AutoConfig
+
+    base = dict(num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=4, vocab_size=200)
+    if model_type != "gpt_neox":
+        base["num_key_value_heads"] = 2
+    return AutoConfig.for_model(model_type, **{**base, **kw})
+
+
+MLA = dict(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=48,
+           n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1)
+SMALL = {  # small configs of each family, every feature the count reads switched on
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                      decoder_sparse_step=2, mlp_only_layers=[0]),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=32),
+    "deepseek_v2": dict(MLA, q_lora_rank=None, n_shared_experts=2),
+    "deepseek_v3": dict(MLA, q_lora_rank=24, n_shared_experts=1, n_group=2, topk_group=1),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16),
+    "gpt_neox": dict(),
+    "gpt_neox-tied": dict(tie_word_embeddings=True),
+}
+
+
+def _block_of(name: str) -> int | None:
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+@pytest.mark.parametrize("case", sorted(SMALL))
+def test_counts_from_a_config_equal_the_transformers_model(case):
+    """Built on the meta device (no memory): every parameter, every block, the active ones, the
+    input features of every linear and expert tensor, the largest matrix and experts tensor."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = _hf_config(case.split("-")[0], **SMALL[case])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    s = P.shape_from_config(cfg.to_dict())
+    params = dict(model.named_parameters())
+    assert s.params == sum(p.numel() for p in params.values()) == model.num_parameters()
+    blocks: dict[int, int] = {}
+    for n, p in params.items():
+        if _block_of(n) is not None:
+            blocks[_block_of(n)] = blocks.get(_block_of(n), 0) + p.numel()
+    assert s.block_params == max(blocks.values()) and s.outside_params == s.params - sum(blocks.values())
+    E, k = (getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0), getattr(cfg, "num_experts_per_tok", 0)
+    idle = sum(p.numel() * (E - k) // E for n, p in params.items() if ".experts." in n)  # routed experts a token skips
+    assert s.active_params == s.params - idle and (idle > 0) == (E > 0)
+    ins, matrices, fused = set(), [], [0]
+    for name, mod in model.named_modules():
+        if _block_of(name + ".") is None:
+            continue
+        if isinstance(mod, torch.nn.Linear):
+            ins.add(mod.in_features)
+            matrices.append(mod.weight.numel())
+        elif hasattr(mod, "gate_up_proj"):  # fused experts, [E, out, in] or (gpt-oss) [E, in, out]
+            for attr in ("gate_up_proj", "down_proj"):
+                w = getattr(mod, attr)
+                ins.add(w.shape[1] if getattr(mod, "is_transposed", False) else w.shape[2])
+                matrices.append(w.numel() // w.shape[0] // (2 if attr == "gate_up_proj" else 1))
+                fused.append(w.numel())
+        elif hasattr(mod, "weight") and mod.weight.dim() == 2 and "embed" not in name:  # routers
+            ins.add(mod.weight.shape[1])
+    assert set(s.linears.values()) == ins
+    assert s.largest_linear == max(matrices) and s.largest_experts == max(fused)
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "deepseek_v2", "gpt_oss", "gpt_neox"])
+def test_checkpoint_headers_of_an_moe_give_its_counts_and_input_features(case, tmp_path):
+    """A small model saved by transformers (per-expert keys for Mixtral's w1/w2/w3 and DeepSeek's
+    experts.<j>.gate_proj, fused [E, in, out] for gpt-oss): the headers alone give what the config does."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _hf_config(case, num_hidden_layers=2, **SMALL[case])
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path)
+    header, computed = P.shape_from_checkpoint(tmp_path), P.shape_from_config(json.loads((tmp_path / "config.json").read_text()))
+    assert header.params == computed.params == model.num_parameters()
+    assert (header.block_params, header.outside_params, header.active_params) == \
+        (computed.block_params, computed.outside_params, computed.active_params)
+    assert header.largest_linear == computed.largest_linear and header.largest_experts == computed.largest_experts
+    assert set(header.linears.values()) == set(computed.linears.values())
+    assert not [n for n in header.linears if re.search(r"experts\.\d", n)]  # one entry per expert linear, not per expert
+
+
+def test_gpt_oss_mxfp4_blocks_count_as_the_weights_they_hold(tmp_path):
+    """openai/gpt-oss-20b ships its experts as MXFP4: U8 ``_blocks`` [E, out, blocks, 16] (two
+    values a byte) and ``_scales``; the weights they load as count, the scales do not."""
+    cfg = dict(P.REGISTRY_CONFIGS["gpt-oss-20b"], num_hidden_layers=1)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    E, H, F = 32, 2880, 2880
+    entries = {"model.layers.0.mlp.experts.gate_up_proj_blocks": ("U8", [E, 2 * F, H // 32, 16]),
+               "model.layers.0.mlp.experts.gate_up_proj_scales": ("U8", [E, 2 * F, H // 32]),
+               "model.layers.0.mlp.experts.down_proj_blocks": ("U8", [E, H, F // 32, 16]),
+               "model.layers.0.mlp.experts.down_proj_scales": ("U8", [E, H, F // 32])}
+    header, offset = {}, 0
+    for name, (dtype, shape) in entries.items():
+        n = math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob)  # headers only: never read further
+    s = P.shape_from_checkpoint(tmp_path)
+    assert s.params == E * (3 * H * F)
+    assert s.linears == {"model.layers.0.mlp.experts.gate_up_proj_blocks": H, "model.layers.0.mlp.experts.down_proj_blocks": F}
+    assert s.checkpoint_bytes == offset
+
+
+def _dry_plan(config: str, target, monkeypatch):
+    """The plan ``quantlens run CONFIG --dry-run`` prints: preflight's estimates, the models planned
+    from the registry as on a machine that has none of them cached."""
+    from quantlens.pipeline import preflight as pf
+    from quantlens.pipeline.sweep import load_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(pf, "local_revision", lambda info, revision=None: None)
+    cfg = load_config(REPO / "configs" / config)
+    estimates = pf.preflight(cfg, target, planning=True)
+    assert [e.model for e in estimates] == [m.ref for m in cfg.models]  # every model planned, none "known after download"
+    assert all(e.shape.source == "registry" and not e.cached for e in estimates)
+    return {e.model: e for e in estimates}, cfg
+
+
+def test_moe_sweep_is_planned_with_every_expert_in_memory_and_the_top_k_in_time(monkeypatch):
+    h100 = P.planned_target("H100")
+    plan, cfg = _dry_plan("moe.yaml", h100, monkeypatch)
+    assert set(plan) == {"mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b", "gpt-oss-20b"}
+    assert plan["mixtral-8x7b"].weight_gb == pytest.approx(2 * 46.7, rel=0.02)  # every expert, in bf16
+    for name, e in plan.items():
+        assert e.weight_gb == pytest.approx(2 * PUBLISHED_MOE[name][0] / 1e9, rel=0.03), name
+        flops = 2 * e.shape.active_params * P.workload(cfg).tokens / (989e12 * F.DEFAULT_MFU)
+        disk = e.shape.params * 2 / (F.DISK_GBPS * 1e9) if e.placement == "stream" else 0.0
+        assert e.seconds_per_setting == pytest.approx(flops + disk), name
+    mixtral = plan["mixtral-8x7b"]  # 93 GB: not one 80 GiB GPU
+    assert not mixtral.fits["single"] and mixtral.placement == "stream" and mixtral.peak_gib["stream"] < 80 * F.USABLE
+    assert plan["qwen3-30b-a3b"].placement == "single"
+    # DeepSeek's dense first block is not the one stream must hold: the MoE blocks are
+    ds = plan["deepseek-v2-lite"].shape
+    assert ds.block_params > (ds.params - ds.outside_params) / ds.layers
+    node, _ = _dry_plan("moe.yaml", P.planned_target("H100", gpus=8), monkeypatch)
+    assert node["mixtral-8x7b"].placement == "device_map" and node["olmoe-1b-7b"].placement == "single"
+
+
+def test_pythia_ladder_is_planned_size_by_size(monkeypatch):
+    plan, cfg = _dry_plan("pythia-sizes.yaml", P.planned_target("A10G"), monkeypatch)
+    sizes = ["14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b"]
+    assert list(plan) == [f"pythia-{s}" for s in sizes] and len(cfg.expanded_settings()) == 5
+    params = [e.shape.params for e in plan.values()]
+    assert params == sorted(params) and params[-1] == PUBLISHED["pythia-12b"]
+    assert all(e.shape.active_params == e.shape.params for e in plan.values())  # dense
+    assert plan["pythia-1b"].placement == "single"
+    big = plan["pythia-12b"]  # 23.7 GB in bf16 on a 24 GiB GPU
+    assert not big.fits["single"] and big.placement == "stream"
+
+
+@pytest.mark.parametrize("config", ["moe.yaml", "pythia-sizes.yaml"])
+def test_moe_and_pythia_sweeps_dry_run_offline(config, tmp_path, store):
+    env = {**store, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = cli("run", f"configs/{config}", "--dry-run", "--gpu", "H100", env=env)
+    assert r.returncode == 0, r.stderr
+    models = yaml.safe_load((REPO / "configs" / config).read_text())["models"]
+    sized = [line for line in r.stdout.splitlines() if re.match(r"^[\w.-]+: [\d.]+B params", line)]
+    assert [line.split(":")[0] for line in sized] == models
+    if config == "moe.yaml":
+        assert all("B active)" in line for line in sized)

@@ -140,8 +140,9 @@ class Explanation:
 
 
 def patch_variants(parts: tuple[Block, ...], rng: range) -> list[str]:
-    first, _ = parts[0].first_mlp
-    names = ["none", "all", "attention", "mlp"] + [f"mlp.{k}" for k in parts[0].mlp]
+    first, _ = parts[rng.start].first_mlp  # (each layer's own first MLP layer: an MoE block's is its experts)
+    common = [k for k in parts[rng.start].mlp if all(k in parts[layer].mlp for layer in rng)]
+    names = ["none", "all", "attention", "mlp"] + [f"mlp.{k}" for k in common]
     return names + [f"{first}.input", f"{first}.weights_16bit", "upper_k_16bit"]
 
 
@@ -190,16 +191,17 @@ def explain(
             with full_precision(model), _Hooks() as hk:
                 for layer in rng:
                     p = parts[layer]
-                    hk.output(p.attention_out, lambda x, l=layer: cache.__setitem__((l, "attention"), shape(x)))
+                    hk.output(p.attention_out, lambda x, l=layer: cache.__setitem__((l, "attention"), shape(x).clone()))
                     for k, lin in p.mlp.items():
-                        hk.output(lin, lambda x, l=layer, k=k: cache.__setitem__((l, f"mlp.{k}"), shape(x)))
-                    hk.input(p.first_mlp[1], lambda x, l=layer: cache.__setitem__((l, "first_input"), shape(x)))
+                        hk.output(lin, lambda x, l=layer, k=k: cache.__setitem__((l, f"mlp.{k}"), shape(x).clone()))
+                    hk.output(p.mlp_out, lambda x, l=layer: cache.__setitem__((l, "mlp_out"), shape(x).clone()))  # (Falcon adds to it in place)
+                    hk.input(p.first_mlp[1], lambda x, l=layer: cache.__setitem__((l, "first_input"), shape(x).clone()))
                 for layer in range(n_layers):
                     p = parts[layer]
-                    hk.output(p.residual_norm, lambda x, l=layer: record("h_norm", l, shape(x).float().norm(dim=-1).mean(-1)))
-                    hk.input(p.residual_norm, lambda x, l=layer: (record("r_kurtosis", l, _kurtosis(shape(x))), None)[1])
+                    (hk.output if p.h_site[1] == "output" else hk.input)(p.h_site[0], lambda x, l=layer: (record("h_norm", l, shape(x).float().norm(dim=-1).mean(-1)), None)[1])
+                    hk.input(p.residual_site, lambda x, l=layer: (record("r_kurtosis", l, _kurtosis(shape(x))), None)[1])
                     if layer in rng:
-                        hk.input(p.residual_norm, lambda x, l=layer: (record("exit_full_r", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
+                        hk.input(p.residual_site, lambda x, l=layer: (record("exit_full_r", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
                         hk.output(blocks[layer], lambda x, l=layer: (record("exit_full_z", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
                 nll_full = _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
 
@@ -209,8 +211,8 @@ def explain(
                     p = parts[layer]
                     mse = lambda x, key, l: (record(key, l, (shape(x).float() - cache[(l, key[4:])].float()).square().mean((1, 2))), None)[1]  # noqa: E731
                     hk.output(p.attention_out, lambda x, l=layer: mse(x, "mse_attention", l))
-                    hk.output(p.mlp_out, lambda x, l=layer, k=list(p.mlp)[-1]: (record("mse_mlp", l, (shape(x).float() - cache[(l, f"mlp.{k}")].float()).square().mean((1, 2))), None)[1])
-                    hk.input(p.residual_norm, lambda x, l=layer: (record("exit_quant_r", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
+                    hk.output(p.mlp_out, lambda x, l=layer: (record("mse_mlp", l, (shape(x).float() - cache[(l, "mlp_out")].float()).square().mean((1, 2))), None)[1])
+                    hk.input(p.residual_site, lambda x, l=layer: (record("exit_quant_r", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
                     hk.output(blocks[layer], lambda x, l=layer: (record("exit_quant_z", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
                 nll_quant = _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
 
@@ -247,14 +249,14 @@ def _patched_nll(model: nn.Module, ids: torch.Tensor, parts: tuple[Block, ...], 
     if variant == "none":
         return nll_quant
     n_layers = len(parts)
-    first = parts[0].first_mlp[0]
+    first = parts[rng.start].first_mlp[0]
     if variant == "upper_k_16bit":
         top = range(n_layers - upper_k(n_layers), n_layers)
-        names = [n for layer in top for n in parts[layer].names.values()]  # every linear of those blocks
+        names = [n for layer in top for n in parts[layer].weight_names()]  # every weight of those blocks
         with full_precision(model, _patched_names(model, names)):
             return _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
     if variant == f"{first}.weights_16bit":
-        names = [parts[layer].names[id(parts[layer].first_mlp[1])] for layer in rng]
+        names = [n for layer in rng for n in parts[layer].first_mlp_weights()]
         with full_precision(model, _patched_names(model, names), activations=False):
             return _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
     layers = range(n_layers) if variant == "all" else rng
@@ -265,11 +267,11 @@ def _patched_nll(model: nn.Module, ids: torch.Tensor, parts: tuple[Block, ...], 
     with _Hooks() as hk:
         for layer in layers:
             p = parts[layer]
-            replace = lambda key, l: (lambda x: cache[(l, key)].reshape(x.shape).to(x.dtype))  # noqa: E731
+            replace = lambda key, l: (lambda x: cache[(l, key)].reshape(x.shape).to(x.dtype, copy=True))  # noqa: E731 — a copy: models edit outputs in place
             if variant in ("attention", "all"):
                 hk.output(p.attention_out, replace("attention", layer))
             if variant in ("mlp", "all"):
-                hk.output(p.mlp_out, replace(f"mlp.{list(p.mlp)[-1]}", layer))
+                hk.output(p.mlp_out, replace("mlp_out", layer))
             if variant.startswith("mlp.") and variant != "mlp":
                 hk.output(p.mlp[variant[4:]], replace(variant, layer))
             if variant == f"{first}.input":
@@ -288,8 +290,8 @@ def _all_layers_patched(model: nn.Module, ids: torch.Tensor, parts: tuple[Block,
         model(input_ids=ids, use_cache=False)
     with _Hooks() as hk:
         for layer, p in enumerate(parts):
-            hk.output(p.attention_out, lambda x, l=layer: cache[(l, "attention")].to(x.dtype))
-            hk.output(p.mlp_out, lambda x, l=layer: cache[(l, "mlp")].to(x.dtype))
+            hk.output(p.attention_out, lambda x, l=layer: cache[(l, "attention")].to(x.dtype, copy=True))
+            hk.output(p.mlp_out, lambda x, l=layer: cache[(l, "mlp")].to(x.dtype, copy=True))
         return _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
 
 

@@ -2,11 +2,12 @@
 
 For every decoder block l (the second paper's notation, arXiv 2506.12044):
 
-- r(l) = z(l−1) + Attn(Norm1(z(l−1))): the residual state after attention = the input of the
-  norm that follows the attention's residual addition (:attr:`quantlens.model.anatomy.Block.residual_norm`:
-  the second norm of a pre-LN block — LLaMA ``post_attention_layernorm``, OPT ``final_layer_norm``,
-  BLOOM ``post_attention_layernorm`` — the first of a post-LN one, OPT-350m's ``self_attn_layer_norm``;
-  see the anatomy's module doc for what r(l) means there);
+- r(l) = z(l−1) + Attn(Norm1(z(l−1))): the residual state the MLP reads, at the input of
+  :attr:`quantlens.model.anatomy.Block.residual_site` — the MLP's norm in a pre-LN block (LLaMA
+  ``post_attention_layernorm``, OPT ``final_layer_norm``), the norm after the attention's residual
+  addition in a post-LN one (OPT-350m), ``pre_feedforward_layernorm`` in Gemma's sandwich, the MLP's
+  input in OLMo-2, the block input z(l−1) in a parallel block (GPT-NeoX, Falcon): the anatomy's
+  module doc says what r(l) means in each layout;
 - z(l): the block output.
 
 Per example and layer we keep the token-mean L2 norm S(l) = (1/T) Σ_t ‖r_t(l)‖₂, the same for
@@ -41,7 +42,7 @@ class ResidualRecorder:
     def __init__(self, model: nn.Module, n_examples: int):
         parts = anatomy(model).parts
         self.n_layers = len(parts)
-        self._residual_norm = [b.residual_norm for b in parts]  # r(l) is its input
+        self._residual_site = [b.residual_site for b in parts]  # r(l) is its input
         self._blocks = [b.module for b in parts]
         self.n_examples = n_examples
         self._index: torch.Tensor | None = None
@@ -81,7 +82,7 @@ class ResidualRecorder:
         t[idx, layer] = values
 
     def __enter__(self) -> "ResidualRecorder":
-        for layer, (residual_norm, block) in enumerate(zip(self._residual_norm, self._blocks)):
+        for layer, (residual_site, block) in enumerate(zip(self._residual_site, self._blocks)):
 
             def pre(module: nn.Module, args: tuple, layer: int = layer) -> None:
                 x = self._batched(args[0])  # OPT flattens [b, T, H] to [b·T, H] before its second norm
@@ -96,7 +97,7 @@ class ResidualRecorder:
                 mask = None if self._mask is None else self._mask.to(z.device)
                 self._store("z_norm", layer, self.norm_only(z, mask))
 
-            self._handles.append(residual_norm.register_forward_pre_hook(pre))
+            self._handles.append(residual_site.register_forward_pre_hook(pre))
             self._handles.append(block.register_forward_hook(post))
         return self
 

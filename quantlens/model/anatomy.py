@@ -6,33 +6,45 @@ definitions: the anatomy is data, everything generic reads it). For any supporte
 
 - ``embeddings`` (the input embedding) and ``project_in`` (OPT's ``word_embed_proj_dim`` →
   hidden projection, or None);
-- ``blocks``: the decoder blocks, and for each (:class:`Block`) its two norms, its attention module
-  with its linears (the last is the output projection), its MLP linears (registration order; the
-  last is the MLP output), and where the residual stream is read;
+- ``blocks``: the decoder blocks, and for each (:class:`Block`) every weight in it, each in one
+  role: its **attention** linears (the output projection named), its **MLP** linears (a dense MLP,
+  or an MoE block's shared experts), its **experts** (:class:`Experts`: the fused 3-D expert tensors
+  of transformers 5, with the layout the experts module declares), its **routers** (the MoE's gate,
+  Qwen2-MoE's shared-expert gate), and its vectors (norms, biases, attention sinks, router score
+  biases), plus where its residual stream is read (:attr:`Block.layout`);
 - ``kv_route``: how the attention computes K/V — ``interface`` (transformers'
   ``ALL_ATTENTION_FUNCTIONS``: OPT, LLaMA, Qwen2, Mistral, …), ``bloom`` (BLOOM's fused QKV), or
-  None (any other attention: weights and activations work, KV-cache settings are refused);
+  None with :attr:`Anatomy.kv_refusal` saying why (DeepSeek's MLA caches a compressed latent;
+  Falcon computes its own attention): weights and activations work, KV-cache settings are refused;
 - ``final_norm`` (or None: OPT-350m has none), ``project_out`` (or None) and ``lm_head``;
   :meth:`Anatomy.decode` maps a hidden state to logits as the model itself does: final norm if
-  any, then ``project_out`` if any, then the head.
+  any, then ``project_out`` if any, then the head, then Gemma's logit soft-capping if configured.
 
 Found generically: blocks are the ``nn.ModuleList`` of same-typed modules holding the most
-parameters; a block's norms are its two direct children whose class name ends in ``Norm``; its
-attention is the child named ``*attn*`` / ``*attention*`` that holds linears; its MLP linears are
-its other linears; final norm and projections are attributes of the blocks' parent with one of a
-few known names. A small registry (:data:`POST_LN`) holds the exceptions that a module tree does not
-show. Anything else raises :class:`ModelNotUnderstood` naming what was not understood — preflight
-calls :func:`check_config` on the model's config (meta device, no weights) before any evaluation.
+parameters; the attention is the child named ``*attn*`` / ``*attention*`` that holds linears
+(``nn.Linear`` or GPT-2's transposed ``Conv1D``); an experts module is one holding 3-D
+``down_proj`` and ``gate_up_proj`` / ``up_proj`` parameters *and* declaring its layout
+(``is_transposed``, ``has_gate``, ``is_concatenated``, ``has_bias``: transformers'
+``use_experts_implementation``) — a layout is never guessed from shapes. Every matrix (≥ 2-D
+parameter) of a block must be in one role, or the block is refused naming the tensor.
 
-**Pre-LN and post-LN.** The residual state after attention, r(l) = z(l−1) + Attn(·), is read at the
-input of :attr:`Block.residual_norm`, the norm that follows the attention's residual addition and
-whose output feeds the MLP (h(l)). In a pre-LN block (LLaMA, BLOOM, OPT ≥ 1.3B) that is the
-block's second norm: r(l) is the un-normalised residual stream, as in arXiv 2506.12044. In a
-post-LN block (OPT-350m, ``do_layer_norm_before=False``) it is the *first* norm, applied after the
-attention's residual addition: r(l) is still z(l−1) + Attn(z(l−1)) before normalisation, but the
-stream the next block sees is normalised (z(l) is a norm's output), so the norms of r(l) and z(l)
-are on different scales than in pre-LN models and the early exit of r(l) decodes an un-normalised
-state (the model has no final norm to undo it).
+**Where the residual stream is** (:data:`LAYOUTS`, by the block's norm children). r(l) is the
+residual state the MLP reads, read at the input of :attr:`Block.residual_site`; h(l) is what the
+MLP's first layer sees (:attr:`Block.h_site`):
+
+- ``pre-LN`` (LLaMA, BLOOM, OPT ≥ 1.3B, GPT-2, Qwen, Mistral, Phi-3, the MoEs): r(l) = z(l−1) +
+  Attn(·), the un-normalised stream at the input of the MLP's norm; h(l) its output (arXiv 2506.12044);
+- ``post-LN`` (OPT-350m, ``do_layer_norm_before=False``): r(l) is z(l−1) + Attn(z(l−1)) at the
+  input of the norm that *follows* the attention's residual addition (the block's first norm); the
+  stream the next block sees is normalised, so ‖r(l)‖ and ‖z(l)‖ are on other scales than in pre-LN
+  models and the early exit of r(l) decodes an un-normalised state (no final norm to undo it);
+- ``sandwich`` (Gemma-2, Gemma-3: norms before *and* after each sublayer): r(l) = z(l−1) +
+  norm(Attn(·)) at the input of ``pre_feedforward_layernorm``;
+- ``post-sublayer`` (OLMo-2: norms after attention and MLP, none before): r(l) = z(l−1) +
+  norm(Attn(z(l−1))) is the MLP's input itself (h(l) = r(l));
+- ``parallel`` (GPT-NeoX / Pythia with ``use_parallel_residual``, Falcon with ``parallel_attn``):
+  attention and MLP both read the block input, z(l) = z(l−1) + Attn(n₁(z)) + MLP(n₂(z)): r(l) *is*
+  z(l−1), read at the input of the MLP's norm (Falcon-7B's single shared norm, NeoX's second).
 
 This module imports nothing else of quantlens: it is the bottom of the model side.
 """
@@ -47,21 +59,54 @@ import torch
 from torch import nn
 
 KVRoute = Literal["interface", "bloom"]
+Layout = Literal["pre-LN", "post-LN", "sandwich", "post-sublayer", "parallel"]
 
-# Exceptions a module tree does not show: model_type → is the block post-LN for this config?
-POST_LN = {"opt": lambda config: getattr(config, "do_layer_norm_before", True) is False}
 FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
+OUTPUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
 BLOCKS_ATTR = "_quantlens_blocks"  # a streamed skeleton names its block list (its blocks hold no weights)
+SHAPE_ATTR = "_quantlens_shape"  # ... and each placeholder parameter its shape in the checkpoint
+
+# The block's norm children (by name) → (layout, the norm whose input is r(l) or None: the MLP's input).
+# A pair that is pre-LN here becomes post-LN (OPT's do_layer_norm_before=False) or parallel (the
+# config's use_parallel_residual / parallel_attn) by :func:`_layout`.
+LAYOUTS: dict[frozenset[str], tuple[Layout, str | None]] = {
+    frozenset({"input_layernorm", "post_attention_layernorm"}): ("pre-LN", "post_attention_layernorm"),
+    frozenset({"self_attn_layer_norm", "final_layer_norm"}): ("pre-LN", "final_layer_norm"),
+    frozenset({"ln_1", "ln_2"}): ("pre-LN", "ln_2"),
+    frozenset({"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"}):
+        ("sandwich", "pre_feedforward_layernorm"),
+    frozenset({"post_attention_layernorm", "post_feedforward_layernorm"}): ("post-sublayer", None),
+    frozenset({"input_layernorm"}): ("parallel", "input_layernorm"),  # Falcon-7B: one norm for both
+    frozenset({"ln_attn", "ln_mlp"}): ("parallel", "ln_mlp"),  # Falcon-40B's new decoder architecture
+}
+PARALLEL_FLAGS = ("use_parallel_residual", "parallel_attn")
 
 
 class ModelNotUnderstood(ValueError):
     """The model's structure is not one the anatomy understands; the message says what."""
 
 
+# --- linear-like layers ---------------------------------------------------------------------------
+def is_linear(m: nn.Module) -> bool:
+    """``nn.Linear`` (and subclasses such as FalconLinear), or GPT-2's ``Conv1D`` (weight [in, out])."""
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
+
+
+def in_features(m: nn.Module) -> int:
+    """The input features of a linear-like layer or a router (a module with a 2-D ``weight``)."""
+    return int(shape_of(m.weight)[0] if is_conv1d(m) else shape_of(m.weight)[-1])
+
+
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder-block list: the ModuleList of same-typed blocks holding the most parameters.
 
-    OPT: ``model.decoder.layers``; BLOOM: ``transformer.h``; LLaMA/Qwen2/Mistral: ``model.layers``.
+    OPT: ``model.decoder.layers``; BLOOM, GPT-2, Falcon: ``transformer.h``; GPT-NeoX:
+    ``gpt_neox.layers``; the LLaMA-likes and MoEs: ``model.layers``. DeepSeek's dense first blocks
+    and its MoE blocks are one class: one list.
     """
     known = getattr(model, BLOCKS_ATTR, None)
     if known is not None:
@@ -77,10 +122,93 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
+def shape_of(p: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also for a streamed skeleton's empty placeholders (their checkpoint shape)."""
+    return getattr(p, SHAPE_ATTR, p.shape)
+
+
 def _is_norm(m: nn.Module) -> bool:
     return type(m).__name__.endswith("Norm")
 
 
+# --- experts ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Experts:
+    """An MoE's routed experts as transformers 5 stores them: fused 3-D tensors, one slice per expert.
+
+    Layout, as the experts module declares it: ``[experts, out, in]`` (``is_transposed`` False) or
+    ``[experts, in, out]``; a gated first projection ``gate_up_proj`` holds the gate's and the up
+    projection's rows, concatenated ([gate; up]) or interleaved (gate₀, up₀, gate₁, …; gpt-oss).
+    :meth:`matrices` gives every expert's matrices as ``[experts·parts, out, in]`` (parts = 2 for
+    a gated first projection: gate and up, each the matrix a dense MLP would hold), so that a
+    quantizer's rows and groups run along each matrix's input dimension;
+    :meth:`from_matrices` puts them back in the stored layout, exactly.
+    """
+
+    name: str  # qualified name of the experts module
+    module: nn.Module
+    num_experts: int
+    first: str  # "gate_up_proj" (gated) or "up_proj"
+    is_transposed: bool
+    has_gate: bool
+    is_concatenated: bool
+    has_bias: bool
+
+    @property
+    def params(self) -> tuple[str, str]:
+        return (self.first, "down_proj")
+
+    def qualified(self, attr: str) -> str:
+        return f"{self.name}.{attr}"
+
+    def parts(self, attr: str) -> int:
+        return 2 if attr == "gate_up_proj" and self.has_gate else 1
+
+    def in_features(self, attr: str) -> int:
+        shape = shape_of(getattr(self.module, attr))
+        return int(shape[1] if self.is_transposed else shape[2])
+
+    def matrices(self, attr: str, w: torch.Tensor) -> torch.Tensor:
+        """``w`` (stored layout) → ``[experts·parts, out, in]``."""
+        m = w.transpose(-1, -2) if self.is_transposed else w  # [E, out, in]
+        p = self.parts(attr)
+        if p == 1:
+            return m
+        e, out, inp = m.shape
+        if self.is_concatenated:
+            return m.reshape(e * 2, out // 2, inp)
+        return m.reshape(e, out // 2, 2, inp).transpose(1, 2).reshape(e * 2, out // 2, inp)
+
+    def from_matrices(self, attr: str, m: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`matrices` (a contiguous tensor in the stored layout)."""
+        p = self.parts(attr)
+        if p == 2:
+            ep, half, inp = m.shape
+            e = ep // 2
+            m = m.reshape(e, 2 * half, inp) if self.is_concatenated else m.reshape(e, 2, half, inp).transpose(1, 2).reshape(e, 2 * half, inp)
+        return (m.transpose(-1, -2) if self.is_transposed else m).contiguous()
+
+
+def _experts_of(model_name: str, name: str, mod: nn.Module) -> Experts | None:
+    """The :class:`Experts` of a module holding fused expert tensors, None for any other module,
+    :class:`ModelNotUnderstood` for fused tensors without a declared layout."""
+    own = dict(mod.named_parameters(recurse=False))
+    down = own.get("down_proj")
+    first = "gate_up_proj" if "gate_up_proj" in own else "up_proj" if "up_proj" in own else None
+    if down is None or first is None or len(shape_of(down)) != 3 or len(shape_of(own[first])) != 3:
+        return None
+    missing = [f for f in ("is_transposed", "has_gate", "is_concatenated", "has_bias") if not hasattr(mod, f)]
+    if missing:
+        raise ModelNotUnderstood(
+            f"{model_name}: experts module {name} ({type(mod).__name__}) holds fused 3-D expert tensors but does not declare "
+            f"their layout ({', '.join(missing)}; transformers' use_experts_implementation): quantlens does not guess it from shapes")
+    if bool(mod.has_gate) != (first == "gate_up_proj"):
+        raise ModelNotUnderstood(f"{model_name}: experts module {name} declares has_gate={mod.has_gate} but holds {first}")
+    return Experts(name, mod, int(shape_of(down)[0]), first, bool(mod.is_transposed), bool(mod.has_gate),
+                   bool(mod.is_concatenated), bool(mod.has_bias))
+
+
+# --- one block --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Block:
     """One decoder block's parts (qualified names are the model's ``named_modules`` names)."""
@@ -88,40 +216,156 @@ class Block:
     index: int
     name: str
     module: nn.Module
-    norm1: nn.Module  # the first norm child: before attention (pre-LN), after its residual add (post-LN)
-    norm2: nn.Module  # the second: before the MLP (pre-LN), after the MLP's residual add (post-LN)
+    layout: Layout
+    residual_site: nn.Module  # its input is r(l) (module doc)
+    h_site: tuple[nn.Module, Literal["input", "output"]]  # where h(l), the MLP's input, is read
     attention_name: str
     attention: nn.Module
-    attention_linears: tuple[tuple[str, nn.Linear], ...]  # registration order; the last is the output projection
-    mlp_linears: tuple[tuple[str, nn.Linear], ...]  # (leaf name, module); the last is the MLP output
-    post_ln: bool
-    names: dict[int, str] = field(default_factory=dict)  # id(linear) → qualified name
+    attention_linears: tuple[tuple[str, nn.Module], ...]  # qualified name, module (registration order)
+    attention_out: nn.Module  # the output projection
+    mlp_linears: tuple[tuple[str, nn.Module], ...]  # (leaf name, module): a dense MLP's, or an MoE's shared experts'
+    mlp_module: nn.Module  # its output is the MLP's (the MoE block's) output
+    mlp_input: nn.Module  # its input is h(l): the first MLP linear, or the MoE block
+    experts: tuple[Experts, ...] = ()
+    routers: tuple[tuple[str, nn.Module], ...] = ()  # qualified name, module with a 2-D weight
+    moe_name: str | None = None
+    names: dict[int, str] = field(default_factory=dict)  # id(linear) → qualified name (attention, MLP)
 
     @property
-    def residual_norm(self) -> nn.Module:
-        """The norm whose input is r(l) (the residual after attention) and whose output h(l) feeds
-        the MLP: the second norm of a pre-LN block, the first of a post-LN one (module doc)."""
-        return self.norm1 if self.post_ln else self.norm2
+    def is_moe(self) -> bool:
+        return bool(self.experts)
 
     @property
-    def attention_out(self) -> nn.Linear:
-        return self.attention_linears[-1][1]
-
-    @property
-    def mlp(self) -> dict[str, nn.Linear]:
+    def mlp(self) -> dict[str, nn.Module]:
         return dict(self.mlp_linears)
 
     @property
-    def mlp_out(self) -> nn.Linear:
-        return self.mlp_linears[-1][1]
+    def mlp_out(self) -> nn.Module:
+        return self.mlp_module
 
     @property
-    def first_mlp(self) -> tuple[str, nn.Linear]:
-        """The gate projection of a gated MLP, else the first MLP linear (fc1, dense_h_to_4h)."""
+    def first_mlp(self) -> tuple[str, nn.Module]:
+        """The MLP's first layer (leaf name, module): the gate projection of a gated MLP, else the
+        first MLP linear; an MoE block's experts (``experts``, the MoE block: its input is h(l))."""
+        if self.is_moe:
+            return "experts", self.mlp_input
         gate = [(k, m) for k, m in self.mlp_linears if "gate" in k]
         return gate[0] if gate else self.mlp_linears[0]
 
+    def first_mlp_weights(self) -> list[str]:
+        """Qualified names of the weights of the MLP's first layer (what ``weights_16bit`` restores)."""
+        if self.is_moe:
+            return [e.qualified(e.first) for e in self.experts]
+        return [self.names[id(self.first_mlp[1])]]
 
+    def linears(self) -> list[tuple[str, nn.Module]]:
+        """Attention then MLP linears (qualified names), in model order."""
+        order = {id(m): i for i, m in enumerate(self.module.modules())}
+        both = [*self.attention_linears, *((self.names[id(m)], m) for _, m in self.mlp_linears)]
+        return sorted(both, key=lambda nm: order[id(nm[1])])
+
+    def weight_names(self) -> list[str]:
+        """Every quantizable weight's name: linears, expert tensors, routers."""
+        return [n for n, _ in self.linears()] + [e.qualified(a) for e in self.experts for a in e.params] + [n for n, _ in self.routers]
+
+    def describe(self) -> str:
+        mlp = ", ".join(k for k, _ in self.mlp_linears)
+        if self.is_moe:
+            e = self.experts[0]
+            lay = f"{'transposed ' if e.is_transposed else ''}{'gated ' + ('concatenated' if e.is_concatenated else 'interleaved') if e.has_gate else 'ungated'}"
+            return (f"MoE: {e.num_experts} experts ({lay}{', biased' if e.has_bias else ''}), routers "
+                    f"[{', '.join(n.rsplit('.', 1)[-1] for n, _ in self.routers)}]" + (f", shared experts [{mlp}]" if mlp else ""))
+        return f"MLP [{mlp}]"
+
+
+def _layout(model_name: str, kind: str, norm_names: list[str], config: Any) -> tuple[Layout, str | None]:
+    key = frozenset(norm_names)
+    if key not in LAYOUTS:
+        raise ModelNotUnderstood(
+            f"{model_name}: block {kind} has norms [{', '.join(norm_names) or 'none'}]: not a layout quantlens knows "
+            f"(pre-LN, post-LN, sandwich, post-sublayer, parallel), so the residual stream r(l) cannot be located")
+    layout, site = LAYOUTS[key]
+    if layout == "pre-LN":
+        if getattr(config, "do_layer_norm_before", True) is False:
+            return "post-LN", norm_names[0]  # the norm after the attention's residual addition (OPT-350m)
+        if any(getattr(config, f, False) for f in PARALLEL_FLAGS):
+            return "parallel", site
+    elif layout == "parallel" and not any(getattr(config, f, layout == "parallel") for f in PARALLEL_FLAGS if hasattr(config, f)):
+        raise ModelNotUnderstood(f"{model_name}: block {kind} has norms [{', '.join(norm_names)}], a parallel block's, but its config "
+                                 f"does not say its residual is parallel ({' / '.join(PARALLEL_FLAGS)}): r(l) cannot be located")
+    return layout, site
+
+
+def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any) -> Block:
+    kind = type(block).__name__
+    children = list(block.named_children())
+    norm_names = [n for n, m in children if _is_norm(m)]
+    layout, site_name = _layout(model_name, kind, norm_names, config)
+    attn = [(n, m) for n, m in children if ("attn" in n.lower() or "attention" in n.lower()) and any(is_linear(x) for x in m.modules())]
+    if len(attn) != 1:
+        raise ModelNotUnderstood(f"{model_name}: block {kind} has no attention child holding linear layers "
+                                 f"(children: {', '.join(n for n, _ in children)}; found {len(attn)})")
+    attn_name, attn_mod = attn[0]
+    attn_linears = tuple((f"{name}.{attn_name}.{n}", m) for n, m in attn_mod.named_modules() if is_linear(m))
+    outs = [m for q, m in attn_linears if q.rsplit(".", 1)[-1] in OUTPUT_PROJ_NAMES]
+    attn_out = outs[0] if len(outs) == 1 else attn_linears[-1][1]
+
+    experts: list[Experts] = []
+    for n, m in block.named_modules(prefix=name):
+        e = _experts_of(model_name, n, m)
+        if e is not None:
+            experts.append(e)
+    attn_ids = {id(m) for _, m in attn_linears}
+    routers: list[tuple[str, nn.Module]] = []
+    moe_name = moe = None
+    if experts:
+        moe_name = experts[0].name.rsplit(".", 1)[0]
+        moe = block.get_submodule(moe_name[len(name) + 1:])
+        if any(e.name.rsplit(".", 1)[0] != moe_name for e in experts) or len(experts) > 1:
+            raise ModelNotUnderstood(f"{model_name}: block {kind} has {len(experts)} experts modules; expected one")
+        for cn, child in moe.named_children():
+            if child is experts[0].module:
+                continue
+            n_lin = sum(1 for x in child.modules() if is_linear(x))
+            if n_lin < 2 and isinstance(getattr(child, "weight", None), torch.Tensor) and len(shape_of(child.weight)) == 2:
+                routers.append((f"{moe_name}.{cn}", child))  # the gate / router, Qwen2-MoE's shared_expert_gate
+    router_ids = {id(m) for _, m in routers}
+    mlp_linears = [(f"{name}.{n}", m) for n, m in block.named_modules()
+                   if is_linear(m) and id(m) not in attn_ids and id(m) not in router_ids]
+    if not mlp_linears and not experts:
+        raise ModelNotUnderstood(f"{model_name}: block {kind} has no MLP linears outside its attention and no experts")
+    mlp = tuple((q.rsplit(".", 1)[-1], m) for q, m in mlp_linears)
+    names = {id(m): q for q, m in (*attn_linears, *mlp_linears)}
+
+    if moe is not None:
+        mlp_module = mlp_input = moe
+    else:  # the last MLP linear's output is the MLP's output (BLOOM's MLP module adds the residual itself)
+        gate = [m for k, m in mlp if "gate" in k]
+        mlp_input, mlp_module = (gate[0] if gate else mlp[0][1]), mlp[-1][1]
+    if site_name is None:  # post-sublayer: r(l) is the MLP's (the MoE block's) input
+        residual_site = mlp_input
+        h_site: tuple[nn.Module, Literal["input", "output"]] = (mlp_input, "input")
+    else:
+        residual_site = block.get_submodule(site_name)
+        h_site = (residual_site, "output")
+
+    _check_accounted(model_name, name, block, attn_linears, mlp_linears, experts, routers)
+    return Block(index, name, block, layout, residual_site, h_site, f"{name}.{attn_name}", attn_mod, attn_linears, attn_out,
+                 mlp, mlp_module, mlp_input, tuple(experts), tuple(routers), moe_name, names)
+
+
+def _check_accounted(model_name: str, name: str, block: nn.Module, attn_linears, mlp_linears, experts, routers) -> None:
+    """Every matrix of the block is a linear's weight, an expert tensor or a router's weight."""
+    known = {id(m.weight) for _, m in (*attn_linears, *mlp_linears, *routers)}
+    known |= {id(getattr(e.module, a)) for e in experts for a in e.params}
+    known |= {id(b) for e in experts if e.has_bias for a in e.params if (b := getattr(e.module, f"{a}_bias", None)) is not None}  # [experts, out]
+    for pname, p in block.named_parameters(prefix=name):
+        if len(shape_of(p)) >= 2 and id(p) not in known:
+            raise ModelNotUnderstood(f"{model_name}: block tensor {pname} {tuple(shape_of(p))} is neither a linear's weight, an "
+                                     "expert tensor nor a router's weight: quantlens cannot account for it")
+
+
+# --- the model --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Anatomy:
     model_type: str
@@ -133,57 +377,59 @@ class Anatomy:
     final_norm: nn.Module | None
     project_out: nn.Module | None
     lm_head: nn.Module
-    post_ln: bool
-    kv_route: KVRoute | None  # None: the KV cache of this attention cannot be quantized
+    kv_route: KVRoute | None  # None: the KV cache of this attention cannot be quantized (kv_refusal says why)
+    kv_refusal: str | None = None
+    logit_softcap: float | None = None  # Gemma-2's final_logit_softcapping
+
+    @property
+    def post_ln(self) -> bool:
+        return self.parts[0].layout == "post-LN"
+
+    @property
+    def is_moe(self) -> bool:
+        return any(b.is_moe for b in self.parts)
 
     def decode(self, h: torch.Tensor) -> torch.Tensor:
-        """hidden state → logits as the model does it: final norm (if any), project_out (if any), head."""
+        """hidden state → logits as the model does it: final norm (if any), project_out (if any),
+        the head, Gemma's soft-capping (if configured)."""
         if self.final_norm is not None:
             h = self.final_norm(h)
         if self.project_out is not None:
             h = self.project_out(h)
-        return self.lm_head(h)
+        logits = self.lm_head(h)
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
 
-    def block_linears(self) -> list[tuple[str, nn.Linear]]:
-        """Every nn.Linear inside the decoder blocks, in model order (qualified name, module)."""
-        return [(n, m) for b in self.parts for n, m in b.module.named_modules(prefix=b.name) if isinstance(m, nn.Linear)]
+    def block_linears(self) -> list[tuple[str, nn.Module]]:
+        """Every linear-like layer of the decoder blocks' attention and MLPs (routers excluded), in
+        model order (qualified name, module)."""
+        return [nl for b in self.parts for nl in b.linears()]
+
+    def experts(self) -> list[Experts]:
+        return [e for b in self.parts for e in b.experts]
+
+    def routers(self) -> list[tuple[str, nn.Module]]:
+        return [r for b in self.parts for r in b.routers]
+
+    def block_matrices(self) -> dict[str, int]:
+        """Every matrix (≥ 2-D parameter) of the decoder blocks: qualified name → elements."""
+        return {f"{b.name}.{n}": shape_of(p).numel() for b in self.parts for n, p in b.module.named_parameters() if len(shape_of(p)) >= 2}
 
     def describe(self) -> str:
         b = self.parts[0]
         norm = "none" if self.final_norm is None else type(self.final_norm).__name__
-        return (f"{self.model_type}: {len(self.parts)} blocks at {self.blocks_name} ({'post' if self.post_ln else 'pre'}-LN), "
+        mlps = list(dict.fromkeys(p.describe() for p in self.parts))
+        r = {"pre-LN": "r(l) = the stream at the MLP's norm", "post-LN": "r(l) = z(l−1) + Attn before the norm that follows it",
+             "sandwich": "r(l) = the stream at pre_feedforward_layernorm", "post-sublayer": "r(l) = the MLP's input (no norm before it)",
+             "parallel": "r(l) = z(l−1): attention and MLP read the block input"}[b.layout]
+        dense = sum(1 for p in self.parts if not p.is_moe)
+        mix = f" ({dense} dense, {len(self.parts) - dense} MoE)" if self.is_moe and dense else ""
+        return (f"{self.model_type}: {len(self.parts)} blocks{mix} at {self.blocks_name} ({b.layout}; {r}), "
                 f"attention {b.attention_name.rsplit('.', 1)[-1]} [{', '.join(n.rsplit('.', 1)[-1] for n, _ in b.attention_linears)}] "
-                f"via {self.kv_route or 'an attention the KV cache cannot reach'}, MLP [{', '.join(k for k, _ in b.mlp_linears)}], final norm {norm}"
-                + (", project_in/out" if self.project_in is not None or self.project_out is not None else ""))
-
-
-def _qualified(model: nn.Module) -> dict[int, str]:
-    return {id(m): n for n, m in model.named_modules()}
-
-
-def _block(model_name: str, index: int, name: str, block: nn.Module, post_ln: bool) -> Block:
-    kind = type(block).__name__
-    children = list(block.named_children())
-    norms = [m for _, m in children if _is_norm(m)]
-    if len(norms) != 2:
-        raise ModelNotUnderstood(
-            f"{model_name}: block {kind} has {len(norms)} norm modules as direct children "
-            f"({', '.join(n for n, m in children if _is_norm(m)) or 'none'}); expected two (before attention and "
-            "before the MLP): the residual stream r(l) cannot be located")
-    attn = [(n, m) for n, m in children
-            if ("attn" in n.lower() or "attention" in n.lower()) and any(isinstance(x, nn.Linear) for x in m.modules())]
-    if len(attn) != 1:
-        raise ModelNotUnderstood(f"{model_name}: block {kind} has no attention child holding nn.Linear layers "
-                                 f"(children: {', '.join(n for n, _ in children)}; found {len(attn)})")
-    attn_name, attn_mod = attn[0]
-    attn_linears = tuple((f"{name}.{attn_name}.{n}", m) for n, m in attn_mod.named_modules() if isinstance(m, nn.Linear))
-    attn_ids = {id(m) for _, m in attn_linears}
-    mlp_linears = [(f"{name}.{n}", m) for n, m in block.named_modules() if isinstance(m, nn.Linear) and id(m) not in attn_ids]
-    if not mlp_linears:
-        raise ModelNotUnderstood(f"{model_name}: block {kind} has no MLP linears outside its attention")
-    mlp = tuple((q.rsplit(".", 1)[-1], m) for q, m in mlp_linears)
-    names = {id(m): q for q, m in (*attn_linears, *mlp_linears)}
-    return Block(index, name, block, norms[0], norms[1], f"{name}.{attn_name}", attn_mod, attn_linears, mlp, post_ln, names)
+                f"via {self.kv_route or 'an attention the KV cache cannot reach'}, {'; '.join(mlps)}, final norm {norm}"
+                + (", project_in/out" if self.project_in is not None or self.project_out is not None else "")
+                + (f", logits soft-capped at {self.logit_softcap}" if self.logit_softcap else ""))
 
 
 def kv_route(attention: nn.Module) -> KVRoute | None:
@@ -198,16 +444,22 @@ def kv_route(attention: nn.Module) -> KVRoute | None:
     return None
 
 
+def _kv_refusal(attention: nn.Module, config: Any) -> str | None:
+    """Why the KV cache of an attention on the interface is still not what quantlens would quantize."""
+    if hasattr(attention, "kv_a_proj_with_mqa") or getattr(config, "kv_lora_rank", None):
+        return (f"{type(attention).__name__} is multi-head latent attention (MLA): its cache holds the compressed latent "
+                "(kv_lora_rank), not per-head K/V")
+    return None
+
+
 def anatomy(model: nn.Module) -> Anatomy:
     """The anatomy of ``model`` (see the module doc), or :class:`ModelNotUnderstood`."""
     what = type(model).__name__
     config = getattr(model, "config", None)
     model_type = str(getattr(config, "model_type", "") or what)
     blocks_name, blocks = find_decoder_blocks(model)
-    post_ln = bool(POST_LN.get(model_type, lambda c: getattr(c, "do_layer_norm_before", True) is False)(config))
-    parts = tuple(_block(what, i, f"{blocks_name}.{i}", b, post_ln) for i, b in enumerate(blocks))
+    parts = tuple(_block(what, i, f"{blocks_name}.{i}", b, config) for i, b in enumerate(blocks))
     parent = model.get_submodule(blocks_name.rsplit(".", 1)[0]) if "." in blocks_name else model
-    final_norm: nn.Module | None = None
     found = [n for n in FINAL_NORM_NAMES if n in parent._modules or (hasattr(parent, n) and getattr(parent, n) is None)]
     if not found:
         raise ModelNotUnderstood(f"{what}: no final norm attribute ({', '.join(FINAL_NORM_NAMES)}) beside the blocks at {blocks_name}")
@@ -219,8 +471,14 @@ def anatomy(model: nn.Module) -> Anatomy:
         raise ModelNotUnderstood(f"{what}: no LM head (get_output_embeddings() is None)")
     routes = {kv_route(b.attention) for b in parts}
     route = routes.pop() if len(routes) == 1 else None  # None: KV-cache settings fail (quantlens.quantize.kv)
+    refusal = _kv_refusal(parts[0].attention, config) if route is not None else (
+        f"{type(parts[0].attention).__name__} ({parts[0].attention_name}) computes K/V in code quantlens cannot reach "
+        "(neither transformers' attention interface nor BLOOM's)")
+    if refusal is not None:
+        route = None
     return Anatomy(model_type, blocks_name, blocks, parts, model.get_input_embeddings(), getattr(parent, "project_in", None),
-                   final_norm, getattr(parent, "project_out", None), head, post_ln, route)
+                   final_norm, getattr(parent, "project_out", None), head, route, refusal,
+                   getattr(config, "final_logit_softcapping", None))
 
 
 def check_config(config: Any) -> Anatomy:

@@ -15,7 +15,8 @@ The memory model (bytes; ``b`` = bytes per element of the evaluation dtype, ``B`
 tokens per batch) — what the evaluation code actually allocates:
 
 - weights ``W = params·b``; while a linear is quantized, its fp32 copy and the quantized result
-  (``(8 + b)·largest linear``);
+  (``(8 + b)·largest linear``; an MoE's fused experts tensor is quantized expert matrix by matrix into
+  a new tensor: ``+ 2b·largest experts tensor``);
 - per sequence, in a forward: hidden states and their norms (``6·T·H·b``), the MLP's intermediate
   (``2·T·F·b``), eager attention scores where the family has no fused kernel (BLOOM's ALiBi:
   ``heads·T²·(b + 4)``), activation fake-quantization (``2·T·max_in·4``), and the LM head's logits
@@ -31,8 +32,13 @@ The batch is the one the evaluation picks (:func:`auto_batch`, the same function
 ``eval.batch_size`` is set. A placement *fits* when its peak with one sequence per batch, plus
 the CUDA context (:data:`CONTEXT_GIB`), stays under 95 % of the GPU.
 
-Time: ``2·N·tokens`` FLOPs per setting at :data:`DEFAULT_MFU` of the GPU's dense bf16 peak, or the
-share ``bench/gpu_check.py`` measured on that GPU (``<cache>/gpu_calibration.json``); ``stream`` adds
+A mixture of experts holds all its experts (``W`` counts every one; ``stream``'s two blocks are the
+largest blocks, e.g. DeepSeek's MoE blocks rather than its dense first one); its MLP intermediate
+``F`` is that of the top-k experts a token is routed to, plus the shared experts.
+
+Time: ``2·N·tokens`` FLOPs per setting (``N`` the parameters a token uses: an MoE's top-k experts,
+shared experts and everything outside the experts) at :data:`DEFAULT_MFU` of the GPU's dense bf16
+peak, or the share ``bench/gpu_check.py`` measured on that GPU (``<cache>/gpu_calibration.json``); ``stream`` adds
 reading every weight from disk once per setting (:data:`DISK_GBPS`).
 """
 
@@ -95,6 +101,12 @@ def _llama(layers: int, hidden: int, ffn: int, heads: int, kv: int | None = None
     return out
 
 
+def _pythia(layers: int, hidden: int, heads: int, vocab: int = 50304) -> dict[str, Any]:
+    return {"model_type": "gpt_neox", "num_hidden_layers": layers, "hidden_size": hidden, "intermediate_size": 4 * hidden,
+            "num_attention_heads": heads, "vocab_size": vocab, "max_position_embeddings": 2048, "rotary_pct": 0.25,
+            "use_parallel_residual": True, "tie_word_embeddings": False}
+
+
 # The registry's models, by their published configs: planning needs no download.
 REGISTRY_CONFIGS: dict[str, dict[str, Any]] = {
     "opt-350m": {**_opt(24, 1024, 16, proj=512), "do_layer_norm_before": False},
@@ -108,6 +120,32 @@ REGISTRY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama-3-8b": _llama(32, 4096, 14336, 32, 8, 128256, max_pos=8192),
     "mistral-nemo-12b": _llama(40, 5120, 14336, 32, 8, 131072, "mistral", 131072, head_dim=128),
     "llama-3-70b": _llama(80, 8192, 28672, 64, 8, 128256, max_pos=8192),
+    # Mixtures of experts (their config.json; issue 25). Every expert counts in params (memory), the
+    # top-k in active_params (time). The figures are quoted from the published configs as I know
+    # them; the least certain are OLMoE's vocab (50304, the padded embedding) and DeepSeek-V2-Lite's
+    # dense intermediate (10944, its first block only).
+    "mixtral-8x7b": {**_llama(32, 4096, 14336, 32, 8, 32000, "mixtral", 32768),
+                     "num_local_experts": 8, "num_experts_per_tok": 2},
+    "qwen3-30b-a3b": {**_llama(48, 2048, 6144, 32, 4, 151936, "qwen3_moe", 40960, head_dim=128),
+                      "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+                      "decoder_sparse_step": 1, "mlp_only_layers": [], "attention_bias": False},
+    "deepseek-v2-lite": {**_llama(27, 2048, 10944, 16, 16, 102400, "deepseek_v2", 163840),
+                         "moe_intermediate_size": 1408, "n_routed_experts": 64, "n_shared_experts": 2,
+                         "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+                         "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                         "v_head_dim": 128, "attention_bias": False},
+    "olmoe-1b-7b": {**_llama(16, 2048, 1024, 16, 16, 50304, "olmoe", 4096),
+                    "num_experts": 64, "num_experts_per_tok": 8, "attention_bias": False},
+    "gpt-oss-20b": {**_llama(24, 2880, 2880, 64, 8, 201088, "gpt_oss", 131072, head_dim=64),
+                    "num_local_experts": 32, "num_experts_per_tok": 4, "attention_bias": True, "sliding_window": 128},
+    # The Pythia ladder (GPT-NeoX: fused query_key_value, biased linears and LayerNorms, untied
+    # embed_out, rotary on a quarter of each head). Vocabularies padded: 50304, 50432 for 6.9b,
+    # 50688 for 12b (these eight match the Pythia paper's parameter counts exactly); the 14m and 31m
+    # dimensions (added to the suite later) are the least certain.
+    **{f"pythia-{size}": _pythia(*dim) for size, dim in {
+        "14m": (6, 128, 4), "31m": (6, 256, 8), "70m": (6, 512, 8), "160m": (12, 768, 12), "410m": (24, 1024, 16),
+        "1b": (16, 2048, 8), "1.4b": (24, 2048, 16), "2.8b": (32, 2560, 32), "6.9b": (32, 4096, 32, 50432),
+        "12b": (36, 5120, 40, 50688)}.items()},
 }
 
 
@@ -119,21 +157,33 @@ class Shape:
     params: int
     layers: int
     hidden: int
-    ffn: int
+    ffn: int  # the MLP's intermediate width a token's forward holds (an MoE: top-k experts' + the shared experts')
     vocab: int
     heads: int
     model_type: str
     max_positions: int | None
-    block_params: int  # one decoder block
-    largest_linear: int  # elements of the largest linear weight in a block
+    block_params: int  # the largest decoder block (what stream holds two of)
+    largest_linear: int  # elements of the largest weight matrix in a block (an MoE: one expert's gate, up or down included)
     linears: dict[str, int] = field(default_factory=dict)  # block linear weight → its input features
     source: str = "checkpoint"  # checkpoint | config | registry
     checkpoint_bytes: int = 0  # bytes on disk (0: unknown; estimated as 2·params)
     head_dim: int | None = None  # of the attention heads (what a KV block must divide)
+    active_params: int = 0  # used per token: an MoE's top-k experts, shared experts and the rest (0: = params, dense)
+    outside: int | None = None  # parameters outside the blocks (None: params − layers·block_params, equal blocks)
+    largest_experts: int = 0  # elements of a block's largest fused experts tensor (transformers 5: gate_up_proj)
+
+    def __post_init__(self) -> None:
+        if not self.active_params:
+            object.__setattr__(self, "active_params", self.params)
 
     @property
     def outside_params(self) -> int:
-        return self.params - self.layers * self.block_params
+        return self.outside if self.outside is not None else self.params - self.layers * self.block_params
+
+    @property
+    def blocks_params(self) -> int:
+        """All the decoder blocks together."""
+        return self.params - self.outside_params
 
     @property
     def max_in(self) -> int:
@@ -164,35 +214,146 @@ def dims(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+LAYER_NORM_TYPES = ("opt", "bloom", "gpt2", "gpt_neox", "falcon")  # LayerNorm (weight + bias), biased linears
+GATED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2",
+               "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
+
+
+def moe_dims(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """A mixture of experts' dimensions (None: a dense model): routed experts, top-k, their
+    intermediate size, the shared experts' (Qwen2-MoE's one shared expert, DeepSeek's n_shared
+    experts fused into one MLP), and which layers are MoE blocks."""
+    experts = int(_get(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0)
+    if experts <= 0:
+        return None
+    d = dims(cfg)
+    t, L = d["type"], d["layers"]
+    inter = int(_get(cfg, "moe_intermediate_size", default=d["ffn"]))
+    shared = 0
+    if cfg.get("shared_expert_intermediate_size"):
+        shared = int(cfg["shared_expert_intermediate_size"])  # Qwen2-MoE (with its 1-output shared_expert_gate)
+    elif cfg.get("n_shared_experts"):
+        shared = int(cfg["n_shared_experts"]) * inter  # DeepSeek: the shared experts as one MLP
+    if t.startswith("deepseek"):
+        moe_layers = [i >= int(cfg.get("first_k_dense_replace") or 0) for i in range(L)]
+    else:  # Qwen-MoE's sparse step and dense-only layers; Mixtral, OLMoE, gpt-oss: every block
+        step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or [])
+        moe_layers = [i not in dense and (i + 1) % step == 0 for i in range(L)]
+    return {"experts": experts, "top_k": int(_get(cfg, "num_experts_per_tok", "experts_per_token", default=experts)),
+            "inter": inter, "shared": shared, "shared_gate": bool(cfg.get("shared_expert_intermediate_size")),
+            "biased": t == "gpt_oss", "moe_layers": moe_layers}
+
+
+def _attention(cfg: dict[str, Any], d: dict[str, Any]) -> tuple[dict[str, tuple[int, int]], int, int]:
+    """(the attention's linears: name → (out, in); its other parameters: biases, norms, sinks; head_dim)."""
+    H, t, n = d["hidden"], d["type"], d["heads"]
+    if cfg.get("kv_lora_rank"):  # DeepSeek's multi-head latent attention
+        nope, rope, vh = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"]), int(cfg["v_head_dim"])
+        r_kv, r_q, bias = int(cfg["kv_lora_rank"]), cfg.get("q_lora_rank"), bool(cfg.get("attention_bias"))
+        lin: dict[str, tuple[int, int]] = {}
+        extra = r_kv  # kv_a_layernorm
+        if r_q:
+            lin.update({"q_a_proj": (int(r_q), H), "q_b_proj": (n * (nope + rope), int(r_q))})
+            extra += int(r_q) * (2 if bias else 1)  # q_a_layernorm (+ q_a_proj's bias)
+        else:
+            lin["q_proj"] = (n * (nope + rope), H)
+        lin.update({"kv_a_proj_with_mqa": (r_kv + rope, H), "kv_b_proj": (n * (nope + vh), r_kv), "o_proj": (H, n * vh)})
+        if bias:
+            extra += r_kv + rope + H
+        return lin, extra, math.gcd(nope + rope, vh)  # K rows are nope + rope wide, V rows v_head_dim
+    q, kv = n * d["head_dim"], d["kv_heads"] * d["head_dim"]
+    if t == "gpt_neox":  # fused query_key_value, then dense
+        lin = {"query_key_value": (q + 2 * kv, H), "dense": (H, q)}
+        return lin, (q + 2 * kv + H) if cfg.get("attention_bias", True) else 0, d["head_dim"]
+    lin = {"q": (q, H), "k": (kv, H), "v": (kv, H), "o": (H, q)}
+    extra = 0
+    if t in LAYER_NORM_TYPES and cfg.get("enable_bias", True):
+        extra += q + 2 * kv + H
+    elif t in ("qwen2", "qwen2_moe") or cfg.get("qkv_bias"):  # Qwen2(-MoE): q, k, v biased, o not
+        extra += q + 2 * kv if cfg.get("qkv_bias", True) else 0
+    elif cfg.get("attention_bias") and t not in ("mistral", "mixtral"):  # llama, qwen3(-moe), olmoe, gpt-oss: all four
+        extra += q + 2 * kv + H
+    if t in ("qwen3", "qwen3_moe"):
+        extra += 2 * d["head_dim"]  # q_norm, k_norm over one head
+    elif t in ("olmoe", "olmo2"):
+        extra += q + kv  # q_norm, k_norm over all heads
+    if t == "gpt_oss":
+        extra += n  # attention sinks
+    return lin, extra, d["head_dim"]
+
+
 def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
-    """Counts computed from a config's dimensions (exact for OPT, BLOOM and the LLaMA-likes)."""
+    """Counts computed from a config's dimensions: exact (``tests/test_plan.py`` checks them against
+    transformers' own models) for OPT, BLOOM, the LLaMA-likes, GPT-NeoX / Pythia and the mixtures of
+    experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3 with their latent attention and
+    dense first blocks, gpt-oss). An MoE's experts all count in ``params`` (memory), its top-k in
+    ``active_params`` (time); ``block_params`` is the largest block."""
     d = dims(cfg)
     H, F, V, L, t = d["hidden"], d["ffn"], d["vocab"], d["layers"], d["type"]
-    q, kv = d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"]
-    gated = t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
-    biased = t in ("opt", "bloom", "gpt2", "gpt_neox", "falcon") and cfg.get("enable_bias", True)
-    norm = 2 * H if t in ("opt", "bloom", "gpt2", "gpt_neox", "falcon") else H  # LayerNorm: weight + bias
-    linears = {"q": (q, H), "k": (kv, H), "v": (kv, H), "o": (H, q)}
-    linears.update({"gate": (F, H), "up": (F, H), "down": (H, F)} if gated else {"fc1": (F, H), "fc2": (H, F)})
-    block = sum(o * i for o, i in linears.values()) + 2 * norm
-    if biased:
-        block += sum(o for o, _ in linears.values())
-    elif t == "qwen2" or cfg.get("qkv_bias") or cfg.get("attention_bias"):
-        block += q + 2 * kv
-    E = int(cfg.get("word_embed_proj_dim") or H) if t == "opt" else H
-    outside = V * E + norm  # embeddings, final norm
+    layer_norm = t in LAYER_NORM_TYPES
+    gated = t in GATED_TYPES
+    biased = layer_norm and cfg.get("enable_bias", True)
+    norm = 2 * H if layer_norm else H  # LayerNorm: weight + bias
+    attn, attn_extra, head_dim = _attention(cfg, d)
+    attn_params = sum(o * i for o, i in attn.values()) + attn_extra + 2 * norm  # + the block's two norms
+
+    def dense_mlp(width: int, prefix: str = "") -> tuple[dict[str, tuple[int, int]], int]:
+        if t == "gpt_neox":
+            lin = {"dense_h_to_4h": (width, H), "dense_4h_to_h": (H, width)}
+        elif gated:
+            lin = {"gate": (width, H), "up": (width, H), "down": (H, width)}
+        else:
+            lin = {"fc1": (width, H), "fc2": (H, width)}
+        bias = sum(o for o, _ in lin.values()) if biased else 0
+        return {prefix + k: v for k, v in lin.items()}, sum(o * i for o, i in lin.values()) + bias
+
+    moe = moe_dims(cfg)
+    linears = {f"layers.*.{k}": v for k, v in attn.items()}
+    blocks, active, ffn, largest = [], [], 0, max(o * i for o, i in attn.values())
+    if moe is None:
+        lin, mlp = dense_mlp(F)
+        linears.update({f"layers.*.{k}": v for k, v in lin.items()})
+        blocks, active, ffn = [attn_params + mlp] * L, [attn_params + mlp] * L, F
+        largest = max(largest, *(o * i for o, i in lin.values()))
+    else:
+        E, k, Fm, Fs = moe["experts"], moe["top_k"], moe["inter"], moe["shared"]
+        expert = 3 * H * Fm + ((2 * Fm + H) if moe["biased"] else 0)  # gated: gate, up, down (gpt-oss: with biases)
+        router = E * H + (E if moe["biased"] else 0)
+        shared_lin, shared = dense_mlp(Fs, "shared_experts.") if Fs else ({}, 0)
+        if moe["shared_gate"]:
+            shared += H  # Qwen2-MoE's shared_expert_gate: one output
+            shared_lin["shared_expert_gate"] = (1, H)
+        moe_block = attn_params + E * expert + router + shared
+        moe_active = attn_params + k * expert + router + shared
+        dense_lin, dense = dense_mlp(F)
+        for is_moe in moe["moe_layers"]:
+            blocks.append(moe_block if is_moe else attn_params + dense)
+            active.append(moe_active if is_moe else attn_params + dense)
+        linears.update({"layers.*.experts.gate_up_proj": H, "layers.*.experts.down_proj": Fm, "layers.*.router": H})
+        linears.update({f"layers.*.{n}": i for n, (_, i) in shared_lin.items()})
+        ffn = k * Fm + Fs
+        largest = max(largest, Fm * H, *(o * i for o, i in shared_lin.values()))  # one expert's matrix
+        if not all(moe["moe_layers"]):
+            first = moe["moe_layers"].index(False)
+            linears.update({f"layers.{first}.{n}": i for n, (_, i) in dense_lin.items()})
+            ffn = max(ffn, F)
+            largest = max(largest, *(o * i for o, i in dense_lin.values()))
+    linears = {n: (v if isinstance(v, int) else v[1]) for n, v in linears.items()}
+    E_ = int(cfg.get("word_embed_proj_dim") or H) if t == "opt" else H
+    outside = V * E_ + norm  # embeddings, final norm
     if t == "opt":
-        outside += (int(d["max_pos"] or 2048) + 2) * H + (2 * E * H if E != H else 0)
+        outside += (int(d["max_pos"] or 2048) + 2) * H + (2 * E_ * H if E_ != H else 0)
         if cfg.get("do_layer_norm_before") is False or cfg.get("_remove_final_layer_norm"):
             outside -= norm  # OPT-350m: post-LN, no final norm
     if t == "bloom":
         outside += norm  # word_embeddings_layernorm
     if not cfg.get("tie_word_embeddings", t in ("opt", "bloom", "gpt2")):
-        outside += V * E
-    return Shape(params=L * block + outside, layers=L, hidden=H, ffn=F, vocab=V, heads=d["heads"], model_type=t,
-                 max_positions=int(d["max_pos"]) if d["max_pos"] else None, block_params=block,
-                 largest_linear=max(o * i for o, i in linears.values()),
-                 linears={f"layers.*.{n}": i for n, (_, i) in linears.items()}, source=source, head_dim=d["head_dim"])
+        outside += V * E_  # an untied LM head (Pythia's embed_out)
+    return Shape(params=sum(blocks) + outside, layers=L, hidden=H, ffn=ffn, vocab=V, heads=d["heads"], model_type=t,
+                 max_positions=int(d["max_pos"]) if d["max_pos"] else None, block_params=max(blocks),
+                 largest_linear=largest, linears=linears, source=source, head_dim=head_dim,
+                 active_params=sum(active) + outside, outside=outside,
+                 largest_experts=moe["experts"] * 2 * moe["inter"] * H if moe else 0)
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
@@ -205,44 +366,83 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 
 
 _BLOCK = re.compile(r"(?:^|\.)(\d+)\.")
+_EXPERT = re.compile(r"(\.experts\.)\d+\.")  # per-expert checkpoint keys: experts.<j>.gate_proj / w1 / …
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
+                "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+# saved buffers that load as no parameter: rotary frequencies, old GPT-2 / GPT-NeoX causal masks,
+# DeepSeek-V3's router score correction
+_NOT_PARAMS = ("inv_freq", "masked_bias", "e_score_correction_bias")
+
+
+def _header_entry(name: str, shp: list[int], dtype: str, transposed: bool) -> tuple[int, int | None]:
+    """(parameters it loads as, input features when it is a block linear / expert weight, else None)."""
+    count = math.prod(shp)
+    if dtype == "BOOL" or name.endswith(_NOT_PARAMS) or (name.endswith(".bias") and len(shp) == 4):
+        return 0, None
+    if name.endswith("_scales") and dtype == "U8":
+        return 0, None  # MXFP4 block scales (gpt-oss): dequantized into the weights at load time
+    if name.endswith("_blocks") and dtype == "U8" and len(shp) == 4:
+        return 2 * count, 2 * shp[-2] * shp[-1]  # MXFP4 [experts, out, blocks, 16 bytes]: two values a byte
+    if len(shp) == 2 and name.endswith(".weight") and "embed" not in name:
+        return count, int(shp[1])  # an nn.Linear's [out, in] (per-expert keys included)
+    if len(shp) == 3 and not name.endswith("bias"):  # fused experts: [E, out, in], gpt-oss [E, in, out]
+        return count, int(shp[1] if transposed else shp[2])
+    return count, None
+
+
+def _matrix(name: str, shp: list[int], count: int) -> int:
+    """Elements of the largest matrix a header entry holds: an expert tensor's one expert's gate,
+    up or down (a fused ``gate_up`` holds two per expert), else the entry."""
+    if len(shp) >= 3:
+        return count // shp[0] // (2 if "gate_up" in name else 1)
+    return count
 
 
 def shape_from_checkpoint(folder: str | Path) -> Shape:
     """Exact counts from ``config.json`` and the safetensors headers; the config's computed counts
-    when the folder has no safetensors (e.g. only a config was cached)."""
+    when the folder has no safetensors (e.g. only a config was cached). Per-expert keys
+    (``mlp.experts.0.gate_proj.weight``, Mixtral's ``block_sparse_moe.experts.0.w1.weight``) and
+    fused ones (``mlp.experts.gate_up_proj``, gpt-oss' ``[E, in, out]`` and its MXFP4 ``_blocks``)
+    give their input features; the block is the largest one; tensors of blocks beyond the config's
+    layers (DeepSeek-V3's multi-token-prediction layer) are downloaded but not loaded."""
     folder = Path(folder)
     cfg = json.loads((folder / "config.json").read_text())
     files = sorted(folder.glob("*.safetensors"))
     computed = shape_from_config(cfg)
     if not files:
         return computed
-    total = nbytes = block0 = 0
+    transposed = computed.model_type == "gpt_oss"
+    total = nbytes = 0
+    blocks: dict[int, int] = {}
     linears: dict[str, int] = {}
     largest = 0
     for f in files:
         for name, meta in safetensors_header(f).items():
             if name == "__metadata__":
                 continue
-            count = math.prod(meta["shape"])
-            total += count
-            nbytes += count * _DTYPE_BYTES.get(meta.get("dtype", "F16"), 2)
+            shp, dtype = meta["shape"], meta.get("dtype", "F16")
+            nbytes += math.prod(shp) * _DTYPE_BYTES.get(dtype, 2)
+            count, n_in = _header_entry(name, shp, dtype, transposed)
             m = _BLOCK.search(name)
+            if m is not None and int(m.group(1)) >= computed.layers:
+                continue
+            total += count
             if m is None:
                 continue
-            if m.group(1) == "0":
-                block0 += count
-            shp = meta["shape"]
-            if len(shp) == 2 and name.endswith(".weight") and "embed" not in name:
-                linears[name] = int(shp[1])
-                largest = max(largest, count)
-    if block0 == 0:  # blocks not numbered as expected: the computed split is the best we know
-        block0, largest = computed.block_params, computed.largest_linear
+            blocks[int(m.group(1))] = blocks.get(int(m.group(1)), 0) + count
+            if n_in is not None:
+                linears[_EXPERT.sub(r"\1*.", name)] = n_in
+                largest = max(largest, _matrix(name, shp, count))
+    if not blocks:  # blocks not numbered as expected: the computed split is the best we know
+        block, outside, largest = computed.block_params, computed.outside_params, computed.largest_linear
+    else:
+        block, outside = max(blocks.values()), total - sum(blocks.values())
     return Shape(params=total, layers=computed.layers, hidden=computed.hidden, ffn=computed.ffn, vocab=computed.vocab,
                  heads=computed.heads, model_type=computed.model_type, max_positions=computed.max_positions,
-                 block_params=block0, largest_linear=largest or computed.largest_linear,
-                 linears=linears or computed.linears, source="checkpoint", checkpoint_bytes=nbytes, head_dim=computed.head_dim)
+                 block_params=block, largest_linear=largest or computed.largest_linear,
+                 linears=linears or computed.linears, source="checkpoint", checkpoint_bytes=nbytes, head_dim=computed.head_dim,
+                 active_params=max(1, total - (computed.params - computed.active_params)), outside=outside,
+                 largest_experts=computed.largest_experts)  # transformers 5 fuses per-expert keys: the config's size
 
 
 # --- Targets --------------------------------------------------------------------------------------
@@ -441,7 +641,9 @@ def estimate(model: str, shape: Shape, target: Target, work: Workload, cached: b
     T = min(work.seqlen, shape.max_positions or work.seqlen)
     mem = target.memory_gib * GIB * USABLE - CONTEXT_GIB * GIB if target.kind == "cuda" else target.memory_gib * GIB
     W = shape.params * b
-    quantizing = (8 + b) * shape.largest_linear
+    # a linear's fp32 copy and its quantized result; an MoE's expert tensor is quantized matrix by
+    # matrix into a new fused tensor (and its matrices' copy): two of it beside one matrix's temporaries
+    quantizing = (8 + b) * shape.largest_linear + 2 * b * shape.largest_experts
     block = shape.block_params * b
     outside = shape.outside_params * b
     fwd1 = _forward_bytes(shape, T, b, work.act_quant)
@@ -466,7 +668,7 @@ def estimate(model: str, shape: Shape, target: Target, work: Workload, cached: b
         fits[p] = target.kind != "cuda" or (base + max(quantizing, one)) <= mem
     if G == 1:
         fits["device_map"] = fits["single"]  # one GPU: device_map is single
-    lin = shape.layers * shape.block_params * b  # the linears' originals (memory) ≈ the blocks
+    lin = shape.blocks_params * b  # the linears' originals (memory) ≈ the blocks
     originals_in_ram = work.originals == "memory" or (work.originals == "auto" and W <= host_ram_gib() * GIB / 4)
     host = {
         "single": (W + (lin if originals_in_ram else 0)) / GIB if target.kind == "cpu" else max(W, lin if originals_in_ram else 0) / GIB,
@@ -474,7 +676,7 @@ def estimate(model: str, shape: Shape, target: Target, work: Workload, cached: b
         "stream": (outside + 2 * block + max(0.0, kept_all - kept["stream"])) / GIB,
     }
     placement, why = _choose(work.placement, fits, W, target)
-    flops = 2 * shape.params * work.tokens
+    flops = 2 * shape.active_params * work.tokens  # an MoE: the parameters a token uses (top-k experts)
     secs = flops / (target.tflops * 1e12 * target.mfu) if target.tflops else float("nan")
     notes = []
     if placement == "stream":
@@ -524,7 +726,8 @@ def format_estimate(e: Estimate) -> list[str]:
     """Two lines per model: size and where it comes from; placements, the choice, RAM and time."""
     s = e.shape
     src = {"checkpoint": "checkpoint headers", "config": "config", "registry": "registry"}[s.source]
-    head = (f"{e.model}: {s.params / 1e9:.3g}B params, {e.weight_gb:.3g} GB in {e.dtype} "
+    active = f" ({s.active_params / 1e9:.3g}B active)" if s.active_params != s.params else ""
+    head = (f"{e.model}: {s.params / 1e9:.3g}B params{active}, {e.weight_gb:.3g} GB in {e.dtype} "
             f"[{src}{'' if e.cached else ', not cached'}]")
     parts = []
     for p in ("single", "device_map", "stream"):

@@ -77,15 +77,38 @@ def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dic
     return args, {**kwargs, "hidden_states": h}
 
 
-def _check_uniform(blocks: nn.ModuleList) -> None:
-    """Blocks must all take the inputs block 0 took (no per-layer attention types)."""
+def layer_kinds(model: nn.Module, blocks: nn.ModuleList) -> list[str | None]:
+    """Each block's attention type where they differ (Gemma-2/3, gpt-oss, Qwen with sliding layers:
+    ``config.layer_types``, by which the model picks each block's mask and rotary embedding), else
+    ``[None] * blocks``; blocks of several types the config does not list are refused."""
+    types = list(getattr(model.config, "layer_types", None) or [])
+    if len(types) >= len(blocks) and len(set(types[: len(blocks)])) > 1:
+        return types[: len(blocks)]
     kinds = {getattr(b, "attention_type", None) or getattr(getattr(b, "self_attn", None), "layer_type", None) for b in blocks}
     kinds.discard(None)
     if len(kinds) > 1:
         raise NotImplementedError(
-            f"layer-wise evaluation: blocks of different attention types ({sorted(kinds)}) need different masks; "
-            "use placement: single or device_map for this model"
+            f"layer-wise evaluation: blocks of different attention types ({sorted(kinds)}) need different masks, and the "
+            "config does not list them (layer_types); use placement: single or device_map for this model"
         )
+    return [None] * len(blocks)
+
+
+def capture_by_kind(model: nn.Module, block: nn.Module, inputs: dict[str, torch.Tensor], kinds: list[str | None]) -> dict:
+    """kind → (args, kwargs) the model passes a block of that kind: block 0's, captured once per kind
+    with ``config.layer_types[0]`` set to it for the capture (the model's own mask and rotary choice)."""
+    if kinds[0] is None:
+        return {None: capture_block_inputs(model, block, inputs)}
+    types = model.config.layer_types
+    first = types[0]
+    out = {}
+    try:
+        for kind in dict.fromkeys(kinds):
+            types[0] = kind
+            out[kind] = capture_block_inputs(model, block, inputs)
+    finally:
+        types[0] = first
+    return out
 
 
 def _budget(device: torch.device) -> float:
@@ -115,35 +138,34 @@ def run(
     """Forward every batch layer by layer, then ``score(batch, logits)`` each in order."""
     body = anatomy(model)
     blocks = body.blocks
-    _check_uniform(blocks)
+    kinds = layer_kinds(model, blocks)
     decode = body.decode
-    states = []
+    states, contexts = [], []  # per batch: the hidden state, and each block kind's other inputs
     budget, held, spill = _budget(device), 0, False
     for b in batches:
         b.enter()
-        args, kwargs = capture_block_inputs(model, blocks[0], b.inputs)
-        h = _hidden(args, kwargs)
+        by_kind = capture_by_kind(model, blocks[0], b.inputs, kinds)
+        h = _hidden(*by_kind[kinds[0]])
         held += h.numel() * h.element_size()
         spill = spill or held > budget  # from here on, hidden states wait in (pinned) host memory
-        states.append(_with_hidden(args, kwargs, _to_host(h)) if spill else (args, kwargs))
+        states.append(_to_host(h) if spill else h)
+        contexts.append(by_kind)
     n = batches[-1].end if batches else 0
     for i in range(len(blocks)):
         with resident(model, i) as block:  # read (or copied) to the device once, for every batch
             for j, b in enumerate(batches):
                 b.enter()
-                args, kwargs = states[j]
-                h = _hidden(args, kwargs)
+                h = states[j]
                 on_host = h.device != device
-                if on_host:
-                    args, kwargs = _with_hidden(args, kwargs, h.to(device, non_blocking=True))
+                args, kwargs = _with_hidden(*contexts[j][kinds[i]], h.to(device, non_blocking=True) if on_host else h)
                 out = block(*args, **kwargs)
                 out = out[0] if isinstance(out, tuple) else out
-                states[j] = _with_hidden(args, kwargs, _to_host(out) if on_host else out)
+                states[j] = _to_host(out) if on_host else out
         if progress:
             progress(int(n * (i + 1) / (len(blocks) + 1)), n)
     for j, b in enumerate(batches):
         b.enter()
-        score(b, decode(_hidden(*states[j]).to(device)))
-        states[j] = None  # free as we go
+        score(b, decode(states[j].to(device)))
+        states[j] = contexts[j] = None  # free as we go
     if progress:
         progress(n, n)

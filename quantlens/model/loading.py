@@ -1,4 +1,5 @@
-"""Model registry (the study's families 350M–66B), download, and loading onto the hardware."""
+"""Model registry (the study's families 350M–66B, the per-example paper's models, mixtures of experts
+and the Pythia ladder), download, and loading onto the hardware."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from quantlens.quantize.settings import ConfigError
 @dataclass(frozen=True)
 class ModelInfo:
     name: str  # registry name, e.g. "opt-1.3b"
-    family: str  # opt | bloom | llama | qwen | mistral | other
+    family: str  # opt | bloom | llama | qwen | mistral | mixtral | deepseek | olmoe | gpt-oss | pythia | other
     size_b: float  # parameters, billions
     hf_id: str  # Hugging Face id or local path
 
@@ -44,6 +45,19 @@ def _entries() -> dict[str, ModelInfo]:
         ("llama-3-70b", "llama", 70.6, "meta-llama/Meta-Llama-3-70B"),
     ]:
         out[name] = ModelInfo(name, family, b, hf_id)
+    # Mixtures of experts (issue 25): size_b counts every expert (what memory holds)
+    for name, family, b, hf_id in [
+        ("mixtral-8x7b", "mixtral", 46.7, "mistralai/Mixtral-8x7B-v0.1"),
+        ("qwen3-30b-a3b", "qwen", 30.5, "Qwen/Qwen3-30B-A3B"),
+        ("deepseek-v2-lite", "deepseek", 15.7, "deepseek-ai/DeepSeek-V2-Lite"),
+        ("olmoe-1b-7b", "olmoe", 6.9, "allenai/OLMoE-1B-7B-0924"),
+        ("gpt-oss-20b", "gpt-oss", 20.9, "openai/gpt-oss-20b"),
+    ]:
+        out[name] = ModelInfo(name, family, b, hf_id)
+    # The Pythia suite: one architecture and one training run at ten sizes (the size-scaling ladder)
+    for size, b in [("14m", 0.014), ("31m", 0.030), ("70m", 0.070), ("160m", 0.162), ("410m", 0.405), ("1b", 1.01),
+                    ("1.4b", 1.41), ("2.8b", 2.78), ("6.9b", 6.86), ("12b", 11.8)]:
+        out[f"pythia-{size}"] = ModelInfo(f"pythia-{size}", "pythia", b, f"EleutherAI/pythia-{size}")
     return out
 
 
@@ -51,7 +65,9 @@ def registry() -> dict[str, ModelInfo]:
     return _entries()
 
 
-_FAMILY_OF_TYPE = {"opt": "opt", "bloom": "bloom", "llama": "llama", "qwen2": "qwen", "mistral": "mistral"}
+_FAMILY_OF_TYPE = {"opt": "opt", "bloom": "bloom", "llama": "llama", "qwen2": "qwen", "mistral": "mistral",
+                   "qwen2_moe": "qwen", "qwen3_moe": "qwen", "mixtral": "mixtral", "deepseek_v2": "deepseek",
+                   "deepseek_v3": "deepseek", "olmoe": "olmoe", "gpt_oss": "gpt-oss", "gpt_neox": "pythia"}
 
 
 def family_from_config(config: dict[str, Any]) -> str:
@@ -81,7 +97,7 @@ def resolve_model(ref: str, hf_id: str | None = None) -> ModelInfo:
     if looks_like_path(ref):
         raise ConfigError(f"model {ref!r}: no such directory")
     family, _, size = ref.partition("-")
-    if family in ("opt", "bloom", "llama") and "/" not in ref:
+    if family in ("opt", "bloom", "llama", "pythia") and "/" not in ref:
         known = ", ".join(sorted(n for n in reg if n.startswith(family + "-")))
         raise ConfigError(f"model {ref!r}: unknown size {size!r} for family {family!r} (known: {known})")
     if "/" not in ref:

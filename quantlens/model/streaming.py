@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from quantlens.model.anatomy import BLOCKS_ATTR, find_decoder_blocks
+from quantlens.model.anatomy import BLOCKS_ATTR, SHAPE_ATTR, find_decoder_blocks, shape_of
 
 _ATTR = "_quantlens_streaming"
 
@@ -45,7 +45,7 @@ class _Stream:
     moved: int = 0  # bytes brought to the device
     resident: set[int] = field(default_factory=set)  # ids of blocks made resident by layer-wise runs
     checkpoint: Any = None  # quantlens.model.checkpoint.Checkpoint when blocks are read lazily
-    keys: list[list[tuple[nn.Module, str, str, bool]]] = field(default_factory=list)  # per block: (module, attr, key, is_param)
+    keys: list[list[tuple[nn.Module, str, Any, bool]]] = field(default_factory=list)  # per block: (module, attr, checkpoint source, is_param)
     empty: dict[int, torch.Tensor] = field(default_factory=dict)  # id(tensor holder) → placeholder
     dtype: torch.dtype | None = None
     stash: dict[int, list[torch.Tensor]] = field(default_factory=dict)
@@ -65,7 +65,7 @@ class _Stream:
         pin = self.device.type == "cuda"
 
         def read() -> dict[str, torch.Tensor]:
-            out = self.checkpoint.load([k for _, _, k, _ in self.keys[i]], "cpu", self.dtype)
+            out = self.checkpoint.load(self._keys(i), "cpu", self.dtype)
             return {k: t.pin_memory() for k, t in out.items()} if pin else out
 
         self.ahead[i] = self.pool.submit(read)
@@ -85,14 +85,17 @@ class _Stream:
             loaded = {k: t.to(self.device, non_blocking=True) for k, t in self.ahead.pop(i).result().items()}
             self.prefetched += 1
         else:
-            loaded = self.checkpoint.load([k for _, _, k, _ in keys], self.device, self.dtype)
-        for mod, attr, key, is_param in keys:
-            t = loaded[key]
+            loaded = self.checkpoint.load(self._keys(i), self.device, self.dtype)
+        for mod, attr, source, is_param in keys:
+            t = self.checkpoint.assemble(source, loaded)  # a key, or an MoE's experts fused from per-expert matrices
             self.moved += t.numel() * t.element_size()
             holder = mod._parameters[attr] if is_param else mod._buffers[attr]
             holder.data = t
         if self.arrival is not None:
             self.arrival(model, block)  # the patched setting, on the device, as the weights arrive
+
+    def _keys(self, i: int) -> list[str]:
+        return list(dict.fromkeys(k for _, _, source, _ in self.keys[i] for k in self.checkpoint.keys_of(source)))
 
     def drop(self, i: int) -> None:
         block = self.blocks[i]
@@ -160,10 +163,11 @@ def load_streaming(path: str, device: torch.device | str, dtype: torch.dtype) ->
     state = _Stream(device, blocks, checkpoint=ckpt, dtype=dtype)
     in_block = {id(t) for b in blocks for t in block_tensors(b)}
 
+    kinds = (type(model).__name__, str(config.model_type))  # whose checkpoint conversions name the stored tensors
     for name, p in model.named_parameters():
         if id(p) in in_block:
             continue
-        key = ckpt.resolve(name)
+        key = ckpt.source(name, kinds)
         if key is None:
             if name == "lm_head.weight" or getattr(config, "tie_word_embeddings", False):
                 continue  # tied to the input embeddings: tie_weights() below
@@ -174,12 +178,11 @@ def load_streaming(path: str, device: torch.device | str, dtype: torch.dtype) ->
         if mname.startswith(prefix + ".") or mname == prefix:
             continue
         if any(b is not None and b.is_meta for b in mod._buffers.values()):
-            with torch.device(device):
-                try:
-                    fresh = type(mod)(config)  # rotary embeddings: inv_freq computed from the config
-                except TypeError:
-                    raise NotImplementedError(f"placement: stream: cannot rebuild {mname} ({type(mod).__name__}) off the meta device") from None
-            _set(model, mname, fresh)
+            try:
+                with torch.device(device):
+                    _set(model, mname, type(mod)(config))  # rotary embeddings: inv_freq computed from the config
+            except TypeError:
+                _materialize_buffers(model, mname, mod, device)
     for i, block in enumerate(blocks):
         keys = []
         for mname, mod in block.named_modules():
@@ -187,16 +190,24 @@ def load_streaming(path: str, device: torch.device | str, dtype: torch.dtype) ->
                 if p is None:
                     continue
                 qual = f"{prefix}.{i}.{mname + '.' if mname else ''}{attr}"
-                key = ckpt.resolve(qual)
+                key = ckpt.source(qual, kinds, tuple(p.shape))
                 if key is None:
                     raise ValueError(f"{path}: block tensor {qual!r} is not in the checkpoint")
                 holder = nn.Parameter(torch.empty(0, dtype=p.dtype), requires_grad=False)
                 mod._parameters[attr] = holder
                 state.empty[id(holder)] = holder.data
+                setattr(holder, SHAPE_ATTR, p.shape)
                 keys.append((mod, attr, key, True))
             for attr, b in list(mod._buffers.items()):
-                if b is not None:
-                    raise NotImplementedError(f"placement: stream: block buffer {prefix}.{i}.{mname}.{attr} is not supported")
+                if b is None:
+                    continue
+                qual = f"{prefix}.{i}.{mname + '.' if mname else ''}{attr}"
+                key = ckpt.source(qual, kinds)  # a persistent buffer (DeepSeek's e_score_correction_bias): read like a weight
+                if key is None:
+                    raise NotImplementedError(f"placement: stream: block buffer {qual} is not in the checkpoint")
+                mod._buffers[attr] = torch.empty(0, dtype=b.dtype)
+                state.empty[id(mod._buffers[attr])] = mod._buffers[attr]
+                keys.append((mod, attr, key, False))
         state.keys.append(keys)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
@@ -205,6 +216,30 @@ def load_streaming(path: str, device: torch.device | str, dtype: torch.dtype) ->
     _hook(model, state)
     setattr(model, _ATTR, state)
     return model
+
+
+def _materialize_buffers(model: nn.Module, name: str, mod: nn.Module, device: torch.device) -> None:
+    """Computed buffers outside the blocks (rotary ``inv_freq``, Gemma's ``embed_scale``), made on
+    ``device`` by the model's own ``_init_weights`` — the way ``from_pretrained`` fills them — with
+    the module's loaded parameters marked initialised so that nothing of them is touched."""
+    for attr, b in list(mod._buffers.items()):
+        if b is not None and b.is_meta:
+            mod._buffers[attr] = torch.full_like(b, float("nan"), device=device)  # what init leaves untouched shows
+    flagged = [p for p in mod.parameters(recurse=False) if not getattr(p, "_is_hf_initialized", False)]
+    for p in flagged:
+        p._is_hf_initialized = True
+    try:
+        with torch.no_grad():
+            model._init_weights(mod)
+    except Exception as err:  # noqa: BLE001 — any failure: one line naming the module
+        raise NotImplementedError(f"placement: stream: cannot compute the buffers of {name} ({type(mod).__name__}) "
+                                  f"off the meta device: {err}") from None
+    finally:
+        for p in flagged:
+            del p._is_hf_initialized
+    left = [a for a, b in mod._buffers.items() if b is not None and b.is_floating_point() and b.isnan().any()]
+    if left:
+        raise NotImplementedError(f"placement: stream: the model's init does not compute buffers {left} of {name}")
 
 
 def _set(model: nn.Module, qualified: str, value: Any) -> None:
@@ -236,6 +271,19 @@ def on_arrival(model: nn.Module, fn: Any) -> None:
     state = _state(model)
     if state is not None:
         state.arrival = fn
+
+
+def full_shape(model: nn.Module, param: torch.Tensor) -> torch.Size:
+    """A block tensor's shape in the checkpoint (a streamed skeleton's placeholders are empty between
+    runs), else its own."""
+    return shape_of(param)
+
+
+def full_numel(model: nn.Module, param: torch.Tensor) -> int:
+    n = 1
+    for d in full_shape(model, param):
+        n *= int(d)
+    return n
 
 
 def is_lazy(model: nn.Module) -> bool:

@@ -205,7 +205,7 @@ def cmd_list_models(args: argparse.Namespace) -> int:
     from quantlens.model.loading import registry
 
     for info in registry().values():
-        print(f"{info.name:<14}{info.family:<8}{info.size_b:>7g}B  {info.hf_id}")
+        print(f"{info.name:<18}{info.family:<10}{info.size_b:>7g}B  {info.hf_id}")
     print("\nAny Hugging Face id (owner/name) or local model directory works too.")
     return 0
 

@@ -89,54 +89,71 @@ def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool =
     work = P.workload(cfg)
     out: list[P.Estimate | None] = []
     to_download = 0.0
+    refusals: list[str] = []  # every model checked: the sweep lists every refusal at once
     for m in cfg.models:
-        if target.kind == "cuda" and m.gpus > target.count:
-            raise PreflightError(f"model {m.ref}: gpus: {m.gpus}, but {'this node' if target.here else 'the planned node'} "
-                                 f"has {target.count} GPU(s)")
-        info = resolve_model(m.ref, m.hf_id)  # ConfigError: unknown names, absent folders
-        revision = local_revision(info, m.revision)
-        cached = revision is not None
-        if hub_offline() and not cached and not planning:
-            raise ModelUnavailable(
-                f"model {info.hf_id!r} is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1): "
-                "check the id, download it first, or give a local folder"
-            )
-        shape = None
-        if cached:
-            check_anatomy(info.hf_id, m.ref, needs_kv, m.revision)
-        positions = _max_positions(info, m.revision, cached)
-        check_windows(m.ref, positions, cfg)
-        for name, (_, tokens) in token_rows.items():
-            if positions is not None and tokens > positions[0]:
-                raise PreflightError(f"dataset {name}: rows of {tokens} tokens are longer than model {m.ref} can take "
-                                     f"(its {positions[1]} is {positions[0]})")
-        if cached:
-            folder = _local_folder(info, m.revision)
-            shape = _shape(folder) if folder else None
-            if folder:
-                check_tokenizer(m.ref, folder, cfg)
-        elif info.name in P.REGISTRY_CONFIGS:
-            shape = P.shape_from_config(P.REGISTRY_CONFIGS[info.name], source="registry")
-        if shape is None:
-            out.append(None)
+        try:
+            est, download = _check_model(m, cfg, settings, needs_kv, target, work, token_rows, tasks, planning)
+        except ModelUnavailable:
+            raise
+        except PreflightError as err:
+            refusals.append(str(err))
             continue
-        if not cached:
-            to_download += shape.checkpoint_bytes or 2 * shape.params
-        check_group_sizes(m.ref, shape, settings)
-        for name, (largest, _) in token_rows.items():
-            if largest >= shape.vocab:
-                raise PreflightError(f"dataset {name}: token id {largest} is outside the vocabulary of model {m.ref} "
-                                     f"({shape.vocab} tokens): these ids belong to another tokenizer")
-        est = P.estimate(info.name, shape, target, work, cached=cached)
-        problem = P.placement_error(est)
-        if problem:
-            raise PreflightError(problem)
-        if tasks is not None and est.placement == "stream":
-            raise PreflightError(f"model {m.ref}: needs placement: stream here ({est.why}); {STREAM_TASKS}")
+        to_download += download
         out.append(est)
+    if refusals:
+        raise PreflightError("\n".join(refusals))
     if to_download and not hub_offline() and not planning:
         check_disk(to_download)
     return out
+
+
+def _check_model(m: Any, cfg: Any, settings: list, needs_kv: bool, target: Any, work: Any, token_rows: dict, tasks: Any,
+                 planning: bool) -> tuple[P.Estimate | None, float]:
+    """One model's preflight: (its estimate or None when its shape is unknown, bytes to download)."""
+    to_download = 0.0
+    if target.kind == "cuda" and m.gpus > target.count:
+        raise PreflightError(f"model {m.ref}: gpus: {m.gpus}, but {'this node' if target.here else 'the planned node'} "
+                             f"has {target.count} GPU(s)")
+    info = resolve_model(m.ref, m.hf_id)  # ConfigError: unknown names, absent folders
+    revision = local_revision(info, m.revision)
+    cached = revision is not None
+    if hub_offline() and not cached and not planning:
+        raise ModelUnavailable(
+            f"model {info.hf_id!r} is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1): "
+            "check the id, download it first, or give a local folder"
+        )
+    shape = None
+    if cached:
+        check_anatomy(info.hf_id, m.ref, needs_kv, m.revision)
+    positions = _max_positions(info, m.revision, cached)
+    check_windows(m.ref, positions, cfg)
+    for name, (_, tokens) in token_rows.items():
+        if positions is not None and tokens > positions[0]:
+            raise PreflightError(f"dataset {name}: rows of {tokens} tokens are longer than model {m.ref} can take "
+                                 f"(its {positions[1]} is {positions[0]})")
+    if cached:
+        folder = _local_folder(info, m.revision)
+        shape = _shape(folder) if folder else None
+        if folder:
+            check_tokenizer(m.ref, folder, cfg)
+    elif info.name in P.REGISTRY_CONFIGS:
+        shape = P.shape_from_config(P.REGISTRY_CONFIGS[info.name], source="registry")
+    if shape is None:
+        return None, to_download
+    if not cached:
+        to_download += shape.checkpoint_bytes or 2 * shape.params
+    check_group_sizes(m.ref, shape, settings)
+    for name, (largest, _) in token_rows.items():
+        if largest >= shape.vocab:
+            raise PreflightError(f"dataset {name}: token id {largest} is outside the vocabulary of model {m.ref} "
+                                 f"({shape.vocab} tokens): these ids belong to another tokenizer")
+    est = P.estimate(info.name, shape, target, work, cached=cached)
+    problem = P.placement_error(est)
+    if problem:
+        raise PreflightError(problem)
+    if tasks is not None and est.placement == "stream":
+        raise PreflightError(f"model {m.ref}: needs placement: stream here ({est.why}); {STREAM_TASKS}")
+    return est, to_download
 
 
 STREAM_TASKS = ("lm-eval tasks run the model's own forward per batch, which placement: stream would pay with every "
@@ -393,7 +410,6 @@ def check_anatomy(model_id: str, ref: str, needs_kv: bool, revision: str | None 
     except (OSError, ValueError) as err:
         raise PreflightError(f"model {ref}: its config cannot be read ({' '.join(str(err).split())[:200]})") from None
     if needs_kv and body.kv_route is None:
-        raise PreflightError(f"model {ref}: the sweep has KV-cache settings, but its attention "
-                             f"({type(body.parts[0].attention).__name__}) computes K/V in code quantlens cannot reach")
+        raise PreflightError(f"model {ref}: the sweep has KV-cache settings, which it cannot take: {body.kv_refusal}")
     seen.parent.mkdir(parents=True, exist_ok=True)
     seen.write_text(f"transformers {transformers.__version__}: {body.describe()}\n")

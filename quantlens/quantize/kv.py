@@ -145,11 +145,7 @@ def check_supported(model: nn.Module) -> Anatomy:
     """The model's anatomy, or :class:`AttentionNotUnderstood` when it found no K/V route."""
     body = anatomy(model)
     if body.kv_route is None:
-        b = body.parts[0]
-        raise AttentionNotUnderstood(
-            f"{type(b.attention).__name__} ({b.attention_name}): KV quantization needs transformers' attention interface "
-            "(ALL_ATTENTION_FUNCTIONS) or BLOOM's attention; this attention is not understood"
-        )
+        raise AttentionNotUnderstood(f"KV-cache settings cannot be applied: {body.kv_refusal}")
     return body
 
 

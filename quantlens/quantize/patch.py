@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from quantlens.model import streaming
-from quantlens.model.anatomy import ModelNotUnderstood, anatomy
+from quantlens.model.anatomy import Experts, ModelNotUnderstood, anatomy, in_features, is_conv1d
+from quantlens.quantize import moe
 from quantlens.quantize import kv, lens
 from quantlens.quantize.perturb import make_generator, perturb, shaped_noise_rows
 from quantlens.quantize.quant import fake_quantize, quantize
@@ -48,6 +49,7 @@ class PatchReport:
     layers: list[LayerStats] = field(default_factory=list)
     # kind → summed [2, buckets] of quantlens.quantize.lens.magnitude_buckets over its tensors
     lens: dict[str, torch.Tensor] = field(default_factory=dict)
+    coverage: dict[str, float] = field(default_factory=dict)  # coverage_targeted, coverage_block (_Coverage)
 
     def add_lens(self, kind: str, x: torch.Tensor, xq: torch.Tensor) -> None:
         b = lens.magnitude_buckets(x, xq)
@@ -67,39 +69,69 @@ class PatchReport:
             out[f"{kind}_delta_l2_mean"] = sum(s.delta_l2 for s in rows) / len(rows)
             out[f"{kind}_rel_error_mean"] = sum(s.rel_error for s in rows) / len(rows)
             out[f"{kind}_clipped_fraction"] = sum(s.clipped_fraction * s.numel for s in rows) / max(n, 1)
+        out.update(self.coverage)
         for kind, acc in self.lens.items():  # the lens: mean |Δ|/|x| by decile of |x| (d01 = smallest values)
             for i, v in enumerate(lens.bucket_means(acc), 1):
                 out[f"{kind}_lens_d{i:02d}"] = v
         return out
 
 
-# --- Which modules --------------------------------------------------------------------------------
-def target_linears(model: nn.Module, setting: Setting) -> list[tuple[str, nn.Module]]:
-    """Every nn.Linear inside the decoder blocks (the model's anatomy), plus the LM head if the
-    setting includes it."""
+# --- Which weights --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """One weight a setting rewrites: a linear-like layer's (``nn.Linear``, GPT-2's transposed
+    ``Conv1D``, a router), one fused expert tensor (every expert's slice of it), or an embedding."""
+
+    name: str  # qualified name: a module's, or ``<experts>.<tensor>`` for an expert tensor
+    module: nn.Module
+    kind: str  # "linear" | "router" | "experts" | "embedding"
+    experts: Experts | None = None
+    attr: str = "weight"
+
+    @property
+    def param(self) -> nn.Parameter:
+        return getattr(self.module, self.attr)
+
+    @property
+    def in_features(self) -> int:
+        return self.experts.in_features(self.attr) if self.experts is not None else in_features(self.module)
+
+
+def targets(model: nn.Module, setting: Setting) -> list[Target]:
+    """What ``setting`` acts on, from the model's anatomy: every attention and MLP linear of the
+    decoder blocks (shared experts included), every expert tensor, the routers if
+    ``include_routers``, the LM head if ``include_lm_head`` (embeddings: :func:`quantize_`)."""
     body = anatomy(model)
-    out: list[tuple[str, nn.Module]] = body.block_linears()
+    out = [Target(n, m, "linear") for n, m in body.block_linears()]
+    out += [Target(e.qualified(a), e.module, "experts", e, a) for e in body.experts() for a in e.params]
+    if setting.include_routers:
+        out += [Target(n, m, "router") for n, m in body.routers()]
     if setting.include_lm_head:
-        out.append((_qualified_name(model, body.lm_head), body.lm_head))
+        out.append(Target(_qualified_name(model, body.lm_head), body.lm_head, "linear"))
     if not out:
-        raise ModelNotUnderstood(f"{type(model).__name__}: no nn.Linear layers inside the decoder blocks {body.blocks_name!r}")
+        raise ModelNotUnderstood(f"{type(model).__name__}: no linear layers or experts inside the decoder blocks {body.blocks_name!r}")
     return out
+
+
+def target_linears(model: nn.Module, setting: Setting) -> list[tuple[str, nn.Module]]:
+    """The linear-like targets (qualified name, module): every target but the expert tensors."""
+    return [(t.name, t.module) for t in targets(model, setting) if t.kind != "experts"]
 
 
 def _qualified_name(model: nn.Module, module: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
 
 
-def _check_compatible(layers: list[tuple[str, nn.Module]], setting: Setting) -> None:
+def _check_compatible(layers: list[Target], setting: Setting) -> None:
     """Fail before any weight changes when a group size does not divide a layer's input dim."""
     for kind, spec in (("weights", setting.weights), ("activations", setting.activations)):
         if spec is None or spec.granularity != "group":
             continue
-        for name, mod in layers:
-            if mod.in_features % spec.group_size:
+        for t in layers:
+            if t.in_features % spec.group_size:
                 raise ConfigError(
                     f"invalid setting {setting.name!r}: {kind}.group_size: {spec.group_size} does not divide "
-                    f"in_features={mod.in_features} of layer {name!r}"
+                    f"in_features={t.in_features} of layer {t.name!r}"
                 )
 
 
@@ -210,11 +242,11 @@ def _make_hook(state: _ActivationState, name: str, gen: torch.Generator | None):
 class _Stored:
     """An original weight not kept in memory: the tensor ``key`` of the model's checkpoint."""
 
-    def __init__(self, checkpoint: Any, key: str):
-        self.checkpoint, self.key = checkpoint, key
+    def __init__(self, checkpoint: Any, source: Any):
+        self.checkpoint, self.source = checkpoint, source  # a key, or a Fused recipe (an MoE's experts)
 
     def read(self, like: torch.Tensor) -> torch.Tensor:
-        return self.checkpoint.load([self.key], like.device, like.dtype)[self.key]
+        return self.checkpoint.read([self.source], like.device, like.dtype)[0]
 
 
 def _original(orig: "torch.Tensor | _Stored", like: torch.Tensor) -> torch.Tensor:
@@ -245,9 +277,53 @@ class _PatchState:
     report: PatchReport
     kv: list[Any] = field(default_factory=list)  # quantlens.quantize.kv.KVState per attention module
     # placement: stream reads block weights when they run: their setting is applied then (apply_deferred)
-    deferred: dict[int, str] = field(default_factory=dict)  # id(parameter) → qualified name
+    deferred: dict[int, "Target"] = field(default_factory=dict)  # id(parameter) → its target
     full_precision: set[str] = field(default_factory=set)  # deferred names read as they are (full_precision())
     seen: set[str] = field(default_factory=set)  # deferred names whose statistics are in the report
+    coverage: "_Coverage | None" = None
+
+
+@dataclass
+class _Coverage:
+    """How much of what a setting targets it changed, and how much of the decoder blocks' weights.
+
+    ``targeted``: the weights the setting rewrites (or, for an activation-only setting, the layers
+    whose inputs it quantizes), name → elements; ``touched``: those actually changed so far (a
+    streamed block's weights count when they first arrive); ``block_total``: the elements of every
+    matrix of the decoder blocks — what the config leaves out on purpose (routers, by default) is
+    the difference between the two fractions."""
+
+    targeted: dict[str, int]
+    touched: dict[str, int]
+    in_blocks: set[str]
+    block_total: int
+
+    @classmethod
+    def of(cls, model: nn.Module, setting: Setting, layers: list["Target"], originals: dict, deferred: dict) -> "_Coverage":
+        numel = lambda p: streaming.full_numel(model, p)  # noqa: E731 — a streamed placeholder: its checkpoint shape
+        shapes = [(p, streaming.full_shape(model, p)) for b in anatomy(model).parts for p in b.module.parameters()]
+        block_params = {id(p) for p, shape in shapes if len(shape) >= 2}
+        block_total = sum(numel(p) for p, shape in shapes if len(shape) >= 2)
+        if setting.weights is not None:
+            targeted = {n: numel(p) for n, (p, _) in originals.items()} | {t.name: numel(t.param) for t in deferred.values()}
+            touched = {n: numel(p) for n, (p, _) in originals.items()}
+            ids = {n: id(p) for n, (p, _) in originals.items()} | {t.name: id(t.param) for t in deferred.values()}
+        elif setting.activations is not None:
+            targeted = {t.name: numel(t.param) for t in layers}
+            touched = dict(targeted)
+            ids = {t.name: id(t.param) for t in layers}
+        else:
+            targeted, touched, ids = {}, {}, {}
+        return cls(targeted, touched, {n for n, i in ids.items() if i in block_params}, block_total)
+
+    def arrived(self, name: str, n: int) -> None:
+        self.touched[name] = n
+
+    def metrics(self) -> dict[str, float]:
+        if not self.targeted:
+            return {}
+        return {"coverage_targeted": sum(self.touched.values()) / max(sum(self.targeted.values()), 1),
+                "coverage_block": sum(v for n, v in self.touched.items() if n in self.in_blocks) / max(self.block_total, 1)}
 
 
 # --- Entry points -----------------------------------------------------------------------------
@@ -268,7 +344,8 @@ def weight_stats(name: str, w: torch.Tensor, wq: torch.Tensor, alpha: torch.Tens
     )
 
 
-def _new_weight(name: str, w: torch.Tensor, setting: Setting) -> tuple[torch.Tensor, LayerStats]:
+def _new_matrix(name: str, w: torch.Tensor, setting: Setting) -> tuple[torch.Tensor, LayerStats]:
+    """One [out, in] matrix quantized (or perturbed) under the setting's weight spec."""
     spec = setting.weights
     if setting.perturbs_weights():
         p = setting.perturbation
@@ -276,6 +353,46 @@ def _new_weight(name: str, w: torch.Tensor, setting: Setting) -> tuple[torch.Ten
         return wq, weight_stats(name, w, wq, None, 0.0)
     res = quantize(w, spec)
     return res.xq, weight_stats(name, w, res.xq, res.alpha, res.clipped_fraction)
+
+
+_new_weight = _new_matrix  # (the name of a 2-D weight's path)
+
+
+def _new_tensor(t: Target, w: torch.Tensor, setting: Setting) -> tuple[torch.Tensor, list[LayerStats]]:
+    """A target's weight quantized under the setting, as its module stores it, and its statistics.
+
+    Conv1D weights are [in, out]: quantized as the [out, in] matrix they are. Expert tensors are
+    quantized slice by slice — each expert's gate, up and down matrix on its own, exactly as the
+    dense MLP's linears would be (rows and groups along each matrix's input features, one tensor
+    scale per matrix); statistics are per expert (``<experts>.<tensor>.<e>``)."""
+    if t.kind == "experts":
+        e = t.experts
+        mats = e.matrices(t.attr, w)
+        parts = e.parts(t.attr)
+        out = torch.empty_like(mats)
+        per: list[LayerStats] = []
+        for i in range(mats.shape[0]):
+            out[i], st = _new_matrix(f"{t.name}.{i // parts}" + (f".{('gate', 'up')[i % parts]}" if parts > 1 else ""), mats[i], setting)
+            per.append(st)
+        stats = [_merged(f"{t.name}.{j}", per[j * parts:(j + 1) * parts]) for j in range(e.num_experts)]
+        return e.from_matrices(t.attr, out), stats
+    if is_conv1d(t.module):
+        wq, st = _new_matrix(t.name, w.t().contiguous(), setting)
+        return wq.t().contiguous(), [st]
+    wq, st = _new_matrix(t.name, w, setting)
+    return wq, [st]
+
+
+def _merged(name: str, parts: list[LayerStats]) -> LayerStats:
+    """One expert's statistics from those of its matrices (gate and up: one row, as in the report)."""
+    if len(parts) == 1:
+        return LayerStats(**{**asdict(parts[0]), "layer": name})
+    d2 = sum(s.delta_l2 ** 2 for s in parts)
+    w2 = sum((s.delta_l2 / s.rel_error) ** 2 for s in parts if s.rel_error > 0)
+    n = sum(s.numel for s in parts)
+    return LayerStats(layer=name, kind="weight", numel=n, delta_l2=d2 ** 0.5, rel_error=(d2 / w2) ** 0.5 if w2 > 0 else 0.0,
+                      alpha_mean=sum(s.alpha_mean for s in parts) / len(parts), alpha_max=max(s.alpha_max for s in parts),
+                      clipped_fraction=sum(s.clipped_fraction * s.numel for s in parts) / max(n, 1))
 
 
 def quantize_(
@@ -298,7 +415,7 @@ def quantize_(
     """
     setting = resolve_setting(setting)
     restore_(model)
-    layers = target_linears(model, setting)
+    layers = targets(model, setting)
     _check_compatible(layers, setting)
     if setting.kv is not None:
         kv.check_supported(model)  # an attention that is not understood fails before any weight changes
@@ -311,56 +428,69 @@ def quantize_(
             raise ConfigError("originals: checkpoint needs a model loaded from a folder with safetensors (load_model); "
                               "use originals: memory")
 
-    weight_targets: list[tuple[str, nn.Module]] = list(layers) if setting.weights else []
+    weight_targets: list[Target] = list(layers) if setting.weights else []
     if setting.include_embeddings and setting.weights:
         emb = model.get_input_embeddings()
         head = model.get_output_embeddings()
         if not (setting.include_lm_head and head is not None and head.weight is emb.weight):
-            weight_targets.append((_qualified_name(model, emb), emb))
+            weight_targets.append(Target(_qualified_name(model, emb), emb, "embedding"))
 
     streamed = _streaming_device(model)
-    deferred: dict[int, str] = {}
+    deferred: dict[int, Target] = {}
     with torch.no_grad():
-        for name, mod in weight_targets:
-            param = mod.weight
+        for t in weight_targets:
+            param = t.param
             if any(param is p for p, _ in originals.values()):
                 continue  # tied weight already done
             if streamed is not None and param.numel() == 0:
-                deferred[id(param)] = name  # read from the checkpoint when its block runs: patched then
+                deferred[id(param)] = t  # read from the checkpoint when its block runs: patched then
                 continue
             w = param.data
-            wq, stats = _new_weight(name, w, setting)
+            wq, stats = _new_tensor(t, w, setting)
             if ckpt is not None:
-                key = ckpt.resolve(f"{name}.weight") or ckpt.resolve(_param_name(model, param))  # (a tied head: its embedding)
-                if key is None:
-                    raise ConfigError(f"originals: checkpoint: {name}.weight is not in {ckpt.folder}")
-                originals[name] = (param, _Stored(ckpt, key))
+                kinds = (type(model).__name__, str(getattr(model.config, "model_type", "")))
+                source = ckpt.source(f"{t.name}.weight" if t.kind != "experts" else t.name, kinds, tuple(w.shape)) or \
+                    ckpt.source(_param_name(model, param), kinds, tuple(w.shape))  # (a tied head: its embedding)
+                if source is None:
+                    raise ConfigError(f"originals: checkpoint: {t.name} is not in {ckpt.folder}")
+                originals[t.name] = (param, _Stored(ckpt, source))
             else:
                 keep = "cpu" if keep_originals_on == "cpu" or (keep_originals_on == "auto" and w.device.type != "cpu") else "same"
-                originals[name] = (param, w.to("cpu") if keep == "cpu" else w)
+                originals[t.name] = (param, w.to("cpu") if keep == "cpu" else w)
             report.add_lens("weight", w, wq)
             param.data = wq
-            report.layers.append(stats)
+            report.layers.extend(stats)
 
     handles: list[Any] = []
     act_state = None
     if setting.activations is not None:
         act_state = _ActivationState(setting, activation_stats_forwards)
         p = setting.perturbation
-        for name, mod in layers:
+        for t in layers:
             gen = None
             if setting.perturbs_activations():
-                dev = (streamed or next(mod.parameters()).device) if p.rng == "device" else "cpu"
-                gen = make_generator(p.seed, name + ":act", dev)
-            handles.append(mod.register_forward_pre_hook(_make_hook(act_state, name, gen)))
+                dev = (streamed or _device_of(t.module)) if p.rng == "device" else "cpu"
+                gen = make_generator(p.seed, t.name + ":act", dev)
+            if t.kind == "experts":
+                handles.extend(moe.attach(t, lambda name, x, g=gen, st=act_state: st.transform(name, x, g), act_state.bypass,
+                                          moe.needs_per_expert(setting)))
+            else:
+                handles.append(t.module.register_forward_pre_hook(_make_hook(act_state, t.name, gen)))
 
     if deferred:  # the streamed blocks' weights get the setting as they arrive on the device
         streaming.on_arrival(model, apply_deferred)
     kv_states = []
     if setting.kv is not None:
         kv_states = kv.attach(model, setting.kv, setting.perturbation if setting.perturbs_kv() else None, activation_stats_forwards)
-    setattr(model, _STATE_ATTR, _PatchState(setting, originals, handles, act_state, report, kv_states, deferred))
+    state = _PatchState(setting, originals, handles, act_state, report, kv_states, deferred)
+    state.coverage = _Coverage.of(model, setting, layers, originals, deferred)
+    report.coverage = state.coverage.metrics()
+    setattr(model, _STATE_ATTR, state)
     return report
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _param_name(model: nn.Module, param: nn.Parameter) -> str:
@@ -381,14 +511,15 @@ def apply_deferred(model: nn.Module, block: nn.Module) -> None:
         return
     with torch.no_grad():
         for param in block.parameters():
-            name = state.deferred.get(id(param))
-            if name is None or name in state.full_precision:
+            t = state.deferred.get(id(param))
+            if t is None or t.name in state.full_precision:
                 continue
-            wq, stats = _new_weight(name, param.data, state.setting)
-            if name not in state.seen:
-                state.seen.add(name)
-                state.report.layers.append(stats)
+            wq, stats = _new_tensor(t, param.data, state.setting)
+            if t.name not in state.seen:
+                state.seen.add(t.name)
+                state.report.layers.extend(stats)
                 state.report.add_lens("weight", param.data, wq)
+                state.coverage.arrived(t.name, param.numel())
             param.data = wq
 
 
@@ -416,7 +547,7 @@ def full_report(model: nn.Module) -> PatchReport:
     acts = state.activations
     merged = dict(state.report.lens, **({"activation": acts.lens} if acts is not None and acts.lens is not None else {}))
     return PatchReport(setting=state.report.setting, layers=state.report.layers + activation_report(model) + kv_report(state.kv),
-                       lens=merged)
+                       lens=merged, coverage=state.coverage.metrics() if state.coverage else {})
 
 
 def kv_report(states: list[Any]) -> list[LayerStats]:
@@ -460,7 +591,7 @@ def patched_layers(model: nn.Module) -> set[str]:
     state: _PatchState | None = getattr(model, _STATE_ATTR, None)
     if state is None:
         return set()
-    return set(state.originals) | set(state.deferred.values()) | ({n for n, _ in target_linears(model, state.setting)} if state.activations else set())
+    return set(state.originals) | {t.name for t in state.deferred.values()} | ({t.name for t in targets(model, state.setting)} if state.activations else set())
 
 
 @contextmanager
@@ -483,7 +614,7 @@ def full_precision(model: nn.Module, layers: Iterable[str] | None = None, *, act
     if unknown:
         raise KeyError(f"full_precision: not patched layers: {', '.join(sorted(unknown))}")
     swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
-    streamed_fp = chosen & set(state.deferred.values()) - state.full_precision  # read as they are while inside
+    streamed_fp = chosen & {t.name for t in state.deferred.values()} - state.full_precision  # read as they are while inside
     bypassed = set()
     kv_off: list[Any] = []
     try:

@@ -216,6 +216,8 @@ class Setting(_Strict):
     perturbation: PerturbSpec | None = None
     include_lm_head: bool = False
     include_embeddings: bool = False
+    include_routers: bool = Field(False, description="MoE routers (and Qwen2-MoE's shared-expert gate) quantized too; "
+                                  "by default they stay 16-bit, as deployed MoE quantization leaves them")
 
     @model_validator(mode="after")
     def _perturbation_has_reference(self) -> "Setting":
@@ -253,12 +255,15 @@ class Setting(_Strict):
             "name": "canonical", "base": None, "perturbation": p,
             "include_lm_head": self.include_lm_head and quantizes_weights,
             "include_embeddings": self.include_embeddings and quantizes_weights,
+            "include_routers": self.include_routers and (quantizes_weights or self.activations is not None),
         })
 
     def identity(self) -> dict[str, Any]:
         """What the setting computes, as plain data: equal for two settings exactly when they are the same
         computation. Run keys are built from it, so the same computation is one run."""
         ident = self.canonical().model_dump(exclude={"name", "base"})
+        if not ident.get("include_routers"):  # (a field newer than most runs: absent at its default)
+            ident.pop("include_routers", None)
         for part in ("weights", "activations", "kv"):  # format fields at their defaults: the keys of runs made before they existed
             if ident.get(part):
                 for k, default in _GRID_DEFAULTS.items():

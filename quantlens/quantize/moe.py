@@ -1,0 +1,132 @@
+"""Activation quantization inside an MoE's experts: each expert's inputs are the tokens routed to it.
+
+A dense MLP's linears see every token; an expert sees the tokens the router sent it, so "A8" on an
+MoE quantizes, per expert, (1) the routed tokens entering its first projection and (2) its
+intermediate activation entering ``down_proj``. Two routes, one meaning:
+
+- **row-wise specs** (per token, per group of a token — every activation spec but ``tensor``, and
+  perturbations matched per token): a token's quantization does not depend on the other tokens an
+  expert sees, so it is applied where the model's own experts implementation (transformers'
+  ``ALL_EXPERTS_FUNCTIONS``: grouped_mm, batched_mm, eager) already has the rows — a pre-hook on
+  the experts module (the token states, before they are gathered per expert) and a wrapper of the
+  module's ``_apply_gate`` (or a hook on its ``act_fn``): the intermediate state of every routed
+  token, just before ``down_proj``. The fast kernels stay.
+- **per-tensor specs** and perturbations matched over a batch: the scale (or the noise's std)
+  belongs to one expert's routed tokens, so the module's forward becomes quantlens' per-expert
+  loop (:func:`per_expert_forward`, the eager algorithm of transformers over the declared layout),
+  which quantizes each expert's rows as one tensor.
+
+Both are removed by the handles :func:`attach` returns; the weights are not touched here
+(:mod:`quantlens.quantize.patch` quantizes expert tensors once, slice by slice).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from quantlens.model.anatomy import Experts
+
+Transform = Callable[[str, torch.Tensor], torch.Tensor]  # (site name, rows) → quantized rows
+
+
+class _Handle:
+    def __init__(self, undo: Callable[[], None]):
+        self._undo = undo
+
+    def remove(self) -> None:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+
+def needs_per_expert(setting: Any) -> bool:
+    """A per-tensor activation spec, or activation noise matched over a batch: the statistic is one
+    expert's routed tokens, so the per-expert loop runs."""
+    a = setting.activations
+    if a is None:
+        return False
+    batch_noise = setting.perturbs_activations() and setting.perturbation.match == "batch"
+    return a.granularity == "tensor" or batch_noise
+
+
+def attach(target: Any, transform: Transform, bypass: set[str], per_expert: bool) -> list[_Handle]:
+    """Quantize the inputs of one expert tensor (``target``: a :class:`quantlens.quantize.patch.Target`
+    of kind ``experts``): its first projection's (``gate_up_proj`` / ``up_proj``) or ``down_proj``'s."""
+    e: Experts = target.experts
+    mod = e.module
+    name = target.name
+    if per_expert:
+        if target.attr != e.first:
+            return []  # the loop quantizes both inputs: installed once, with the first tensor
+        names = (e.qualified(e.first), e.qualified("down_proj"))
+        mod.forward = types.MethodType(lambda self, h, idx, w: per_expert_forward(e, h, idx, w, transform, names, bypass), mod)
+        return [_Handle(lambda: mod.__dict__.pop("forward", None))]
+    if target.attr == e.first:
+        def pre(module: nn.Module, args: tuple) -> tuple | None:
+            if name in bypass:
+                return None
+            return (transform(name, args[0]), *args[1:])
+
+        return [mod.register_forward_pre_hook(pre)]
+    if e.has_gate:
+        inner = mod._apply_gate  # the class's (or gpt-oss's own) gating, bound
+
+        def gate(x: torch.Tensor) -> torch.Tensor:
+            out = inner(x)
+            return out if name in bypass else transform(name, out)
+
+        mod._apply_gate = gate
+        return [_Handle(lambda: mod.__dict__.pop("_apply_gate", None))]
+
+    def act(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        return None if name in bypass else transform(name, out)
+
+    return [mod.act_fn.register_forward_hook(act)]
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """x @ Wᵀ for one expert's stored matrix ([out, in], or [in, out] when transposed)."""
+    y = x @ w if transposed else F.linear(x, w)
+    return y if bias is None else y + bias
+
+
+def per_expert_forward(e: Experts, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                       transform: Transform, names: tuple[str, str], bypass: set[str]) -> torch.Tensor:
+    """The experts' forward, one expert at a time over the tokens routed to it, with each expert's
+    two inputs passed through ``transform`` as one tensor (transformers' eager algorithm, read from
+    the declared layout: gated or not, concatenated or interleaved, transposed, biased)."""
+    m = e.module
+    first_in, down_in = names
+    out = torch.zeros_like(hidden)
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=e.num_experts).tolist()
+    tokens = order // k
+    weights = top_k_weights.reshape(-1)[order]
+    w1 = getattr(m, e.first)
+    b1 = getattr(m, f"{e.first}_bias", None) if e.has_bias else None
+    b2 = getattr(m, "down_proj_bias", None) if e.has_bias else None
+    start = 0
+    for j, n in enumerate(counts[: e.num_experts]):
+        if n == 0:
+            continue
+        rows = tokens[start:start + n]
+        x = hidden[rows]
+        if first_in not in bypass:
+            x = transform(first_in, x)
+        y = _project(x, w1[j], None if b1 is None else b1[j], e.is_transposed)
+        y = m._apply_gate(y) if e.has_gate else m.act_fn(y)
+        if down_in not in bypass:
+            y = transform(down_in, y)
+        y = _project(y, m.down_proj[j], None if b2 is None else b2[j], e.is_transposed)
+        if getattr(m, "has_post_expert_norm", False):
+            y = m.post_expert_norm(y)
+        out.index_add_(0, rows, (y * weights[start:start + n, None]).to(out.dtype))
+        start += n
+    return out
