@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +23,7 @@ from quantlens.analysis.aggregate import reference_settings, tidy, write_report
 from quantlens.analysis.links import runs_link
 from quantlens.analysis.paired import BootstrapSpec
 from quantlens.analysis.mechanism_report import write_mechanism_report
+from quantlens.analysis import routing_report
 from quantlens.analysis.per_example import write_per_example_report
 from quantlens.analysis.report import Report
 from quantlens.pipeline.console import status
@@ -50,6 +51,7 @@ class RunTables:
     reference: dict[str, str]  # model → the setting of its reference run
     families: dict[str, str]  # model → family
     mechanisms: dict[str, pd.DataFrame]  # layer_error / early_exit / patching, over runs
+    routing: pd.DataFrame = field(default_factory=pd.DataFrame)  # MoE runs: model, setting, dataset, layer, expert, load, flips, delta_l2
 
 
 def read_run_tables(tracker: Tracker, runs: pd.DataFrame) -> RunTables:
@@ -58,13 +60,13 @@ def read_run_tables(tracker: Tracker, runs: pd.DataFrame) -> RunTables:
     reference is the run whose setting is the full-precision model (:func:`reference_settings`);
     other runs of that computation under older names are left out of the comparison. Runs logged
     before per-example storage simply contribute nothing."""
-    examples, residual, tokens, mechanisms = [], [], [], {}
+    examples, residual, tokens, mechanisms, routing = [], [], [], {}, []
     reference = reference_settings(runs)
     families = dict(zip(runs["model"], runs["family"].fillna(""))) if "family" in runs else {}
     wanted = [row for _, row in runs.iterrows() if not row["reference"] or reference.get(row["model"]) == row["setting"]]
 
     def read(row: pd.Series) -> tuple[pd.Series, dict[str, dict[str, pd.DataFrame]]]:
-        folders = ["per_example", "mechanisms"] + (["residual"] if reference.get(row["model"]) == row["setting"] else [])
+        folders = ["per_example", "mechanisms", "routing"] + (["residual"] if reference.get(row["model"]) == row["setting"] else [])
         return row, tracker.read_tables(row["artifact_uri"], folders)
 
     with ThreadPoolExecutor(max_workers=READERS) as pool:  # artifact reads are I/O: a bounded pool
@@ -76,10 +78,12 @@ def read_run_tables(tracker: Tracker, runs: pd.DataFrame) -> RunTables:
                     if folder == "per_example":
                         if "tokens" in frame:
                             tokens.append(frame[["example_id", "tokens"]].assign(**keys))
-                        cols = ["example_id", "n_tokens", "nll"] + [c for c in ("correct", "kl", "released") if c in frame]
+                        cols = ["example_id", "n_tokens", "nll"] + [c for c in ("correct", "kl", "released", "router_flips") if c in frame]
                         examples.append(frame[cols].assign(setting=setting, **keys))
                     elif folder == "residual":
                         residual.append(frame.assign(**keys))
+                    elif folder == "routing":
+                        routing.append(frame.assign(setting=setting, **keys))
                     elif folder.startswith("mechanisms/"):
                         mechanisms.setdefault(name, []).append(frame)
             status(f"report: reading the runs' tables, {done}/{len(wanted)} runs")
@@ -87,7 +91,8 @@ def read_run_tables(tracker: Tracker, runs: pd.DataFrame) -> RunTables:
     def cat(parts: list[pd.DataFrame]) -> pd.DataFrame:
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
-    return RunTables(cat(examples), cat(residual), cat(tokens), reference, families, {k: cat(v) for k, v in mechanisms.items()})
+    return RunTables(cat(examples), cat(residual), cat(tokens), reference, families, {k: cat(v) for k, v in mechanisms.items()},
+                     cat(routing))
 
 
 def build_report(
@@ -121,6 +126,7 @@ def build_report(
                                      report=report, bases=dict(zip(runs["setting"], runs["base"])), spec=spec,
                                      links=lambda model, settings: runs_link(runs[(runs["model"] == model) & runs["setting"].isin(settings)]))
         write_mechanism_report(tables.mechanisms, out_dir, report=report)
+        routing_report.write(tables.routing, tables.reference, report)
     run_ids = list(df["run_id"]) if not df.empty else []
     manifest = report.write_manifest(run_ids)
     files = [*report.files, manifest] if report.files else []

@@ -124,6 +124,9 @@ def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key:
                 mr.ledger.tracker.log_inputs(lease.run_id, steps.dataset_inputs(d, mr.cfg.eval, m))
                 metrics.update(m)
             pert, rows = steps.perturbation_metrics(model)
+            if pert.get("coverage_targeted", 1.0) < 1.0:  # never a silent partial "W4": the run fails, saying how much
+                raise RuntimeError(f"{s.name} quantized {pert['coverage_targeted']:.1%} of the weights it targets "
+                                   f"({pert['coverage_block']:.1%} of the decoder blocks' weights)")
             eval_s = sum(v for k, v in metrics.items() if k.endswith("_seconds"))
             mr.ledger.tracker.log(lease.run_id, metrics={**pert, "eval_seconds": eval_s, "tokens_per_s": tokens / eval_s if eval_s else 0.0,
                                                          **steps.peak_memory(model)})
@@ -134,7 +137,9 @@ def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key:
         mr.result["evaluated"].append(s.name)
         mr.result["rows"].append({"setting": s.name, "state": "evaluated", "run_id": lease.run_id,
                                   **{k: round(v, 4) for k, v in metrics.items() if k.endswith(("_ppl", "_acc"))}})
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith(("_ppl", "_acc")))
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith(("_ppl", "_acc", "_router_flips")))
+        if "coverage_block" in pert:  # what was quantized: all it targets, and this share of the blocks' weights
+            shown += f", weights {pert['coverage_targeted']:.0%} of targeted / {pert['coverage_block']:.1%} of block"
         line = f"{mr.progress.tick(True)} {name}/{s.name}: {shown} ({time.perf_counter() - t0:.1f}s)"
         log.info(line)
         say(line)

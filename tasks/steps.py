@@ -191,6 +191,17 @@ class KLReference:
     def put(self, dataset: str, topk: Any) -> None:
         self.store[dataset] = topk
 
+    def put_routing(self, dataset: str, sets: Any) -> None:
+        self.store[f"routing/{dataset}"] = sets
+
+    def get_routing(self, dataset: str) -> Any:
+        """The reference's expert set of every token of an MoE (quantlens.evaluation.routing), or None."""
+        key = f"routing/{dataset}"
+        if key not in self.store and self.tracker is not None and self.run_id is not None:
+            d = self.tracker.read_tensors(self.run_id, f"routing_reference/{dataset}.pt")
+            self.store[key] = d["sets"] if d is not None else None
+        return self.store.get(key)
+
     def get(self, dataset: str) -> Any:
         if dataset not in self.store and self.tracker is not None and self.run_id is not None:
             from quantlens.evaluation.kl import TopK
@@ -235,6 +246,8 @@ def evaluate(
             kw["topk"] = TOP_K
         elif kl is not None:
             kw["kl_reference"] = kl.get(dataset.name)
+    if kl is not None and dataset.name != "lambada":  # an MoE's router flips against the reference's expert sets
+        kw.update({"routing": True} if reference else {"routing_reference": kl.get_routing(dataset.name)})
     r = ev.evaluate_dataset(model, tokenizer, dataset.name, **kw)
     prefix = dataset.name
     if dataset.name == "lambada":
@@ -249,6 +262,18 @@ def evaluate(
     if "topk" in r:
         frames[f"kl_reference/{prefix}.pt"] = r["topk"].to_dict()
         kl.put(dataset.name, r["topk"])
+    if "routing_sets" in r:
+        frames[f"routing_reference/{prefix}.pt"] = {"sets": r["routing_sets"]}
+        kl.put_routing(dataset.name, r["routing_sets"])
+    if "routing" in r:  # per MoE layer and expert: load, the layer's flips, the expert's ‖Δ‖₂
+        from quantlens.evaluation.routing import expert_deltas
+        from quantlens.quantize.patch import full_report
+
+        deltas = expert_deltas(model, full_report(model).layers)
+        routing = r["routing"].merge(deltas, on=["layer", "expert"], how="left") if not deltas.empty else r["routing"].assign(delta_l2=float("nan"))
+        frames[f"routing/{prefix}.parquet"] = routing
+        if "router_flips" in examples:
+            out[f"{prefix}_router_flips"] = float(r["routing"].groupby("layer")["flips"].first().mean())
     if reference:
         toks = r["example_tokens"]
         examples = examples.assign(tokens=[list(map(int, t)) for t in (toks.tolist() if hasattr(toks, "tolist") else toks)])

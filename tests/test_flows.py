@@ -485,3 +485,47 @@ def test_paired_statistics_kl_error_and_the_papers_released_examples(env, tmp_pa
     assert w3["metrics.qerror_kl"] == pytest.approx(kl.loc["W3A16", "mean_kl"], rel=1e-9)
     assert "released" in t.read_frames(w3["run_id"], "per_example")["qerror"]
     assert (out / "fig_paired_tiny-llama-no-tokenizer_qerror.png").is_file()
+
+
+def test_a_mixture_of_experts_end_to_end(env, tmp_path):
+    """A Mixtral-shaped model through the whole pipeline, read from its checkpoint block by block
+    (placement: stream; the checkpoint stores one matrix per expert): every targeted weight quantized
+    (coverage 1.0, the routers left out of the blocks' share), router flips 0 for the reference and
+    growing from W8A8 to W3A16, the report's flips per layer and each expert's load and ‖Δ‖₂."""
+    import shutil
+
+    import pandas as pd
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from quantlens.flows.sweep import sweep_flow
+
+    vocab = json.loads((MODELS / "tiny-llama" / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MixtralConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256))
+    folder = tmp_path / "tiny-mixtral"
+    model.save_pretrained(folder)
+    for f in (MODELS / "tiny-llama").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+    cfg = config(name="moe", models=[str(folder)], settings=["W16A16", "W8A8", "W3A16"],
+                 datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 8}],
+                 hardware={"device": "cpu", "placement": "stream"})
+    summary = sweep_flow(cfg, results_dir=str(env / "results"))
+    assert summary["evaluated"] == 3 and not summary.get("failed")
+    by = runs("FINISHED", summary["sweep_id"]).set_index("params.setting")
+    for s in ("W8A8", "W3A16"):
+        assert by.loc[s, "metrics.coverage_targeted"] == 1.0
+        assert 0.98 < by.loc[s, "metrics.coverage_block"] < 1.0  # 8 × 64 router weights per layer stay 16-bit
+    flips = by["metrics.wikitext2_router_flips"]
+    assert pd.isna(flips["W16A16"]) and 0 < flips["W8A8"] < flips["W3A16"]
+    out = env / "results" / summary["sweep_id"]
+    table = pd.read_csv(out / "router_flips.csv")
+    assert set(table["setting"]) == {"W8A8", "W3A16"} and sorted(set(table["layer"])) == [0, 1, 2]
+    assert table.groupby("setting")["flips"].mean()["W3A16"] == pytest.approx(flips["W3A16"])
+    load = pd.read_csv(out / "expert_load.csv")
+    w3 = load[load["setting"] == "W3A16"]
+    assert len(w3) == 3 * 8 and (w3["delta_l2"] > 0).all()
+    assert w3.groupby("layer")["load"].sum().round(9).eq(1).all() and w3["load_reference"].notna().all()
+    assert (out / "fig_router_flips_tiny-mixtral.png").is_file()

@@ -28,6 +28,7 @@ from quantlens.evaluation.kl import TopK, reference_topk, truncated_kl
 from quantlens.model.layerwise import Batch
 from quantlens.quantize.patch import set_valid_tokens
 from quantlens.evaluation.residual import ResidualRecorder
+from quantlens.evaluation.routing import RoutingRecorder
 from quantlens.model.streaming import streaming_device
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -99,6 +100,8 @@ def perplexity(
     keep_examples: bool = True,
     topk: int = 0,
     kl_reference: "TopK | None" = None,
+    routing: bool = False,
+    routing_reference: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """ppl = exp(mean next-token NLL over all predicted tokens of all ``[n, seqlen]`` windows).
 
@@ -106,7 +109,10 @@ def perplexity(
     statistics. ``keep_examples=False`` is the plain sum (benchmarks only). ``topk`` > 0 (the
     reference run) also keeps every predicted token's top-``topk`` log-probabilities and tail mass
     (``result["topk"]``, :class:`quantlens.evaluation.kl.TopK`); with ``kl_reference`` (those of the
-    reference, same windows) each example also gets its mean truncated KL(p_ref ‖ p) (a ``kl`` column)."""
+    reference, same windows) each example also gets its mean truncated KL(p_ref ‖ p) (a ``kl`` column).
+    ``routing`` (an MoE; :mod:`quantlens.evaluation.routing`): each MoE layer's expert load
+    (``result["routing"]``) and, for the reference, every token's expert set (``result["routing_sets"]``);
+    with ``routing_reference`` (those sets) the router flips: a ``router_flips`` column and table column."""
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise ValueError(f"windows: expected a non-empty [n, seqlen] tensor, got shape {tuple(windows.shape)}")
     device = input_device(model)
@@ -117,6 +123,8 @@ def perplexity(
     bs = batch_size or _auto_batch(model, seqlen, device)
     ex_nll = torch.zeros(n, dtype=torch.float64, device=device)  # summed NLL of each window
     recorder = ResidualRecorder(model, n) if residual else None
+    router = RoutingRecorder(model, n, seqlen, routing_reference) if routing or routing_reference is not None else None
+    router = router if router is not None and router.active else None
     if kl_reference is not None and tuple(kl_reference.ids.shape[:2]) != (n, seqlen - 1):
         raise ValueError(f"kl_reference: top-k of {tuple(kl_reference.ids.shape[:2])} tokens, not of these {n} × {seqlen - 1}")
     top = (torch.zeros(n, seqlen - 1, topk, dtype=torch.int32), torch.zeros(n, seqlen - 1, topk), torch.zeros(n, seqlen - 1)) if topk else None
@@ -124,7 +132,11 @@ def perplexity(
     t0 = time.perf_counter()
 
     def prepare(s: int, e: int) -> Batch:
-        enter = (lambda: recorder.begin_batch(torch.arange(s, e))) if recorder is not None else (lambda: None)
+        def enter() -> None:
+            for rec in (recorder, router):
+                if rec is not None:
+                    rec.begin_batch(torch.arange(s, e))
+
         return Batch(s, e, {"input_ids": windows[s:e].to(device, non_blocking=True)}, enter)
 
     def kl_parts(logits: torch.Tensor, s: int, e: int) -> None:
@@ -149,7 +161,7 @@ def perplexity(
         if top is not None or ex_kl is not None:
             kl_parts(logits, s, e)
 
-    with recorder if recorder is not None else contextlib.nullcontext():
+    with recorder if recorder is not None else contextlib.nullcontext(), router if router is not None else contextlib.nullcontext():
         used = _drive(model, n, bs, prepare, score, progress)
     n_pred = n * (seqlen - 1)
     mean_nll = float(ex_nll.sum()) / n_pred
@@ -170,11 +182,17 @@ def perplexity(
         )
         if ex_kl is not None:
             out["per_example"]["kl"] = (ex_kl.cpu() / (seqlen - 1)).numpy()
+        if router is not None and routing_reference is not None:
+            out["per_example"]["router_flips"] = router.example_flips().numpy()
         out["example_tokens"] = windows  # row i: the tokens of example i (for near-duplicate checks)
     if top is not None:
         out["topk"] = TopK(*top)
     if recorder is not None:
         out["residual"] = pd.DataFrame(recorder.rows(example_ids(windows)))
+    if router is not None:
+        out["routing"] = router.table()
+        if router.sets is not None:
+            out["routing_sets"] = router.sets
     return out
 
 
@@ -282,7 +300,8 @@ _LAMBADA_CACHE: dict[tuple, tuple[Any, list]] = {}  # (id(tokenizer), path, limi
 def evaluate_dataset(model: nn.Module, tokenizer: Any, name: str, **kw: Any) -> dict[str, Any]:
     """Evaluate one registered dataset; keyword options: seqlen, path, max_windows/limit,
     batch_size, progress, residual, ``examples="documents"`` with ``example_len``, and for the KL error
-    ``topk`` (the reference) / ``kl_reference`` (the others; perplexity datasets)."""
+    ``topk`` (the reference) / ``kl_reference`` (the others; perplexity datasets), and for the router
+    flips of an MoE ``routing`` (the reference) / ``routing_reference`` (the others)."""
     from quantlens.evaluation.data import dataset_info, document_examples, lambada_requests, load_lambada, perplexity_windows
 
     info = dataset_info(name)
@@ -305,7 +324,8 @@ def evaluate_dataset(model: nn.Module, tokenizer: Any, name: str, **kw: Any) -> 
         if int(rows.max()) >= vocab:
             raise ValueError(f"dataset {name}: token id {int(rows.max())} is outside the model's vocabulary of {vocab}")
         r = perplexity(model, rows, batch_size=kw.get("batch_size"), progress=progress, residual=residual,
-                       topk=kw.get("topk", 0), kl_reference=kw.get("kl_reference"))
+                       topk=kw.get("topk", 0), kl_reference=kw.get("kl_reference"),
+                       routing=kw.get("routing", False), routing_reference=kw.get("routing_reference"))
         r["per_example"]["released"] = tags
         return r
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -321,4 +341,5 @@ def evaluate_dataset(model: nn.Module, tokenizer: Any, name: str, **kw: Any) -> 
             seqlen = min(seqlen, max_pos)
         windows = perplexity_windows(tokenizer, name, seqlen, path=kw.get("path"), max_windows=kw.get("max_windows"))
     return perplexity(model, windows, batch_size=kw.get("batch_size"), progress=progress, residual=residual,
-                      topk=kw.get("topk", 0), kl_reference=kw.get("kl_reference"))
+                      topk=kw.get("topk", 0), kl_reference=kw.get("kl_reference"),
+                      routing=kw.get("routing", False), routing_reference=kw.get("routing_reference"))

@@ -412,9 +412,17 @@ class Anatomy:
     def routers(self) -> list[tuple[str, nn.Module]]:
         return [r for b in self.parts for r in b.routers]
 
+    def block_matrix_params(self) -> dict[str, nn.Parameter]:
+        """Every weight matrix of the decoder blocks: each ≥ 2-D parameter but the experts' biases
+        (gpt-oss' [experts, out]: one bias vector per expert). Qualified name → parameter."""
+        biases = {id(getattr(e.module, f"{a}_bias")) for b in self.parts for e in b.experts if e.has_bias for a in e.params
+                  if getattr(e.module, f"{a}_bias", None) is not None}
+        return {f"{b.name}.{n}": p for b in self.parts for n, p in b.module.named_parameters()
+                if len(shape_of(p)) >= 2 and id(p) not in biases}
+
     def block_matrices(self) -> dict[str, int]:
-        """Every matrix (≥ 2-D parameter) of the decoder blocks: qualified name → elements."""
-        return {f"{b.name}.{n}": shape_of(p).numel() for b in self.parts for n, p in b.module.named_parameters() if len(shape_of(p)) >= 2}
+        """:meth:`block_matrix_params` as qualified name → elements (a streamed skeleton's too)."""
+        return {n: shape_of(p).numel() for n, p in self.block_matrix_params().items()}
 
     def describe(self) -> str:
         b = self.parts[0]

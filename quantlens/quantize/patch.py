@@ -301,9 +301,9 @@ class _Coverage:
     @classmethod
     def of(cls, model: nn.Module, setting: Setting, layers: list["Target"], originals: dict, deferred: dict) -> "_Coverage":
         numel = lambda p: streaming.full_numel(model, p)  # noqa: E731 — a streamed placeholder: its checkpoint shape
-        shapes = [(p, streaming.full_shape(model, p)) for b in anatomy(model).parts for p in b.module.parameters()]
-        block_params = {id(p) for p, shape in shapes if len(shape) >= 2}
-        block_total = sum(numel(p) for p, shape in shapes if len(shape) >= 2)
+        matrices = anatomy(model).block_matrix_params()  # (shapes of a streamed skeleton's placeholders included)
+        block_params = {id(p) for p in matrices.values()}
+        block_total = sum(numel(p) for p in matrices.values())
         if setting.weights is not None:
             targeted = {n: numel(p) for n, (p, _) in originals.items()} | {t.name: numel(t.param) for t in deferred.values()}
             touched = {n: numel(p) for n, (p, _) in originals.items()}

@@ -1,0 +1,207 @@
+"""Mixtures of experts, exactly: the expert layouts, the quantizer on every expert slice, expert
+inputs through the model's kernels and through the per-expert loop, routers, coverage, router flips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantlens.evaluation.evaluate import perplexity
+from quantlens.model.anatomy import Experts, anatomy
+from quantlens.quantize import moe
+from quantlens.quantize.patch import full_report, quantize_, restore_
+from quantlens.quantize.quant import fake_quantize
+from quantlens.quantize.settings import resolve_setting
+
+COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, max_position_embeddings=64, num_hidden_layers=2,
+              num_experts_per_tok=2)
+
+
+def _model(kind: str, seed: int = 0):
+    import transformers as T
+    from transformers import AutoModelForCausalLM
+
+    cfg = {
+        "mixtral": lambda: T.MixtralConfig(**COMMON, intermediate_size=32, num_key_value_heads=2, num_local_experts=4),
+        "qwen2-moe": lambda: T.Qwen2MoeConfig(**COMMON, intermediate_size=64, moe_intermediate_size=32,
+                                              shared_expert_intermediate_size=64, num_experts=4, num_key_value_heads=2),
+        "deepseek-v3": lambda: T.DeepseekV3Config(**COMMON, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                                  n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=32,
+                                                  q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4),
+        "gpt-oss": lambda: T.GptOssConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_key_value_heads=2, head_dim=8),
+    }[kind]()
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _windows(n: int = 6, t: int = 20) -> torch.Tensor:
+    return torch.randint(0, 96, (n, t), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("concatenated,transposed", [(True, False), (False, False), (True, True), (False, True)])
+def test_expert_matrices_are_each_experts_gate_up_and_down_and_round_trip(concatenated, transposed):
+    e, inter, hidden = 3, 4, 5
+    gate = torch.randn(e, inter, hidden)
+    up = torch.randn(e, inter, hidden)
+    stored = torch.cat([gate, up], 1) if concatenated else torch.stack([gate, up], 2).reshape(e, 2 * inter, hidden)
+    stored = stored.transpose(-1, -2).contiguous() if transposed else stored
+    ex = Experts("x", torch.nn.Module(), e, "gate_up_proj", transposed, True, concatenated, False)
+    mats = ex.matrices("gate_up_proj", stored)
+    assert mats.shape == (2 * e, inter, hidden)
+    for j in range(e):
+        assert torch.equal(mats[2 * j], gate[j]) and torch.equal(mats[2 * j + 1], up[j])
+    assert torch.equal(ex.from_matrices("gate_up_proj", mats), stored)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "deepseek-v3", "gpt-oss"])
+def test_w4_quantizes_every_expert_matrix_as_a_dense_linear_would_be(kind):
+    """Each expert's gate, up and down matrix equals the quantizer applied to that matrix alone (g16:
+    groups along its input features); restore is bit-exact; the routers stay 16-bit."""
+    m = _model(kind)
+    body = anatomy(m)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    spec = resolve_setting("W4A16-g16").weights
+    quantize_(m, "W4A16-g16")
+    for e in body.experts():
+        for a in e.params:
+            got = e.matrices(a, getattr(e.module, a).data)
+            want = e.matrices(a, before[f"{e.name}.{a}"])
+            for i in range(got.shape[0]):
+                assert torch.equal(got[i], fake_quantize(want[i], spec)), f"{e.name}.{a}[{i}]"
+    for name, _ in body.routers():
+        assert torch.equal(m.get_submodule(name).weight, before[f"{name}.weight"])
+    cov = full_report(m).summary()
+    assert cov["coverage_targeted"] == 1.0
+    routers = sum(r.weight.numel() for _, r in body.routers())
+    assert cov["coverage_block"] == pytest.approx(1 - routers / sum(body.block_matrices().values()))
+    restore_(m)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_silent_partial_w4_of_qwen2_moe_and_deepseek_is_gone():
+    """The issue's measurement: 33 % / 52 % of the blocks' weights were quantized; now all but the routers."""
+    for kind in ("qwen2-moe", "deepseek-v3"):
+        m = _model(kind)
+        rep = quantize_(m, "W4A16")
+        assert rep.coverage["coverage_targeted"] == 1.0 and rep.coverage["coverage_block"] > 0.98
+        restore_(m)
+
+
+def test_include_routers_quantizes_the_routers_and_their_inputs():
+    m = _model("qwen2-moe")
+    body = anatomy(m)
+    names = [n for n, _ in body.routers()]
+    assert [n.rsplit(".", 1)[-1] for n in names] == ["gate", "shared_expert_gate"] * 2
+    before = {n: m.get_submodule(n).weight.clone() for n in names}
+    rep = quantize_(m, {"name": "W4A8+routers", "weights": {"bits": 4}, "activations": {"bits": 8, "granularity": "token"},
+                        "include_routers": True})
+    assert rep.coverage["coverage_block"] == 1.0
+    for n in names:
+        w = m.get_submodule(n).weight
+        assert not torch.equal(w, before[n]) and all(len(torch.unique(r)) <= 16 for r in w)
+    restore_(m)
+    assert resolve_setting("W4A16").identity() == resolve_setting({"name": "x", "weights": {"bits": 4}}).identity()  # run keys unchanged
+    assert "include_routers" not in resolve_setting("W4A16").identity()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt-oss"])
+def test_expert_inputs_through_the_kernels_equal_the_per_expert_loop(kind):
+    """A per-token spec gives each routed token the same quantized input whichever route computes it:
+    the model's own experts implementation with hooks, or quantlens' loop over experts."""
+    m = _model(kind)
+    w = _windows()
+    quantize_(m, "W8A8")
+    fast = m(w).logits
+    e = anatomy(m).experts()
+    restore_(m)
+    real = moe.needs_per_expert
+    try:
+        moe.needs_per_expert = lambda setting: True
+        quantize_(m, "W8A8")
+        assert all("forward" in x.module.__dict__ for x in e)
+        loop = m(w).logits
+    finally:
+        moe.needs_per_expert = real
+        restore_(m)
+    assert not any("forward" in x.module.__dict__ or "_apply_gate" in x.module.__dict__ for x in e)
+    torch.testing.assert_close(loop, fast, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(fast, m(w).logits)  # (restored: the 16-bit model again)
+
+
+def test_a_per_tensor_activation_scale_is_one_experts_routed_tokens():
+    """W16A8 per tensor on an MoE: each expert's input gets the scale of the tokens routed to it (the
+    per-expert loop runs); one scale over all the tokens of the batch is another computation."""
+    m = _model("mixtral")
+    s = {"name": "W16A8-tensor", "activations": {"bits": 8, "granularity": "tensor"}}
+    assert moe.needs_per_expert(resolve_setting(s)) and not moe.needs_per_expert(resolve_setting("W8A8"))
+    spec = resolve_setting(s).activations
+    e = anatomy(m).experts()[0]
+    got: dict = {}
+    quantize_(m, s)
+    try:
+        h1 = e.module.register_forward_pre_hook(lambda mod, args: got.update(args=args))
+        h2 = e.module.register_forward_hook(lambda mod, args, out: got.update(out=out))
+        with torch.no_grad():
+            m(_windows(2, 8))
+        h1.remove(), h2.remove()
+    finally:
+        restore_(m)
+    hidden, idx, weights = got["args"]
+    names = (e.qualified(e.first), e.qualified("down_proj"))
+    with torch.no_grad():
+        own = moe.per_expert_forward(e, hidden, idx, weights, lambda n, x: fake_quantize(x, spec), names, set())
+        one_scale = moe.per_expert_forward(e, fake_quantize(hidden, spec), idx, weights,
+                                           lambda n, x: x if n == names[0] else fake_quantize(x, spec), names, set())
+    assert torch.equal(got["out"], own)
+    assert not torch.equal(own, one_scale)
+
+
+def test_router_flips_are_zero_for_the_reference_and_grow_as_bits_fall():
+    m = _model("mixtral")
+    w = _windows(8, 24)
+    ref = perplexity(m, w, batch_size=4, routing=True)
+    sets = ref["routing_sets"]
+    assert tuple(sets.shape) == (8, 24, 2)
+    again = perplexity(m, w, batch_size=3, routing_reference=sets)
+    assert (again["routing"]["flips"] == 0).all() and (again["per_example"]["router_flips"] == 0).all()
+    flips = {}
+    for s in ("W8A8", "W4A16", "W2A16"):
+        quantize_(m, s)
+        flips[s] = perplexity(m, w, batch_size=4, routing_reference=sets)["routing"].groupby("layer")["flips"].first().mean()
+        restore_(m)
+    assert 0 <= flips["W8A8"] < flips["W4A16"] < flips["W2A16"]
+    load = ref["routing"]
+    assert load.groupby("layer")["load"].sum().round(9).eq(1).all() and len(load) == 2 * 4
+
+
+def test_preflight_lists_every_refused_model_at_once(tmp_path):
+    """Two models the anatomy does not understand beside one it does: one error, a line per refusal,
+    before anything loads; a KV setting on an MLA model is refused in one line naming why."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, MptConfig
+
+    from conftest import MODELS, WIKI_TEST
+    from quantlens.pipeline.preflight import PreflightError, preflight
+    from quantlens.pipeline.sweep import load_config
+
+    folders = []
+    for name, model in (("mpt-a", AutoModelForCausalLM.from_config(MptConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=4096))),
+                        ("mpt-b", AutoModelForCausalLM.from_config(MptConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=4096))),
+                        ("dsv3", _model("deepseek-v3"))):
+        model.save_pretrained(tmp_path / name)
+        for f in (MODELS / "tiny-llama").iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(f, tmp_path / name / f.name)
+        folders.append(str(tmp_path / name))
+    cfg = {"name": "refusals", "models": folders, "settings": ["W16A16", "W4A16"],
+           "datasets": [{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 2}], "eval": {"seqlen": 32},
+           "hardware": {"device": "cpu"}}
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(cfg))
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and all("not a layout quantlens knows" in ln for ln in lines), lines
+    assert "mpt-a" in lines[0] and "mpt-b" in lines[1]
+    with pytest.raises(PreflightError, match=r"^model .*dsv3: the sweep has KV-cache settings, which it cannot take: .*multi-head latent attention"):
+        preflight(load_config({**cfg, "models": [folders[2]], "settings": ["W16A16KV8"]}))
+    preflight(load_config({**cfg, "models": [folders[2]]}))  # the MoE itself is understood
