@@ -112,7 +112,12 @@ def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key:
     try:
         with lease:
             steps.reset_peak_memory(model)
-            steps.patch(model, s, mr.cfg.hardware.originals)
+            calibrated = None
+            if s.gptq is not None:  # a calibrated method: its weights first (cached by model + setting + data)
+                calibrated, cparams = steps.calibrate(model, tokenizer, mr.cfg, s, name)
+                mr.ledger.tracker.log(lease.run_id, params={k: v for k, v in cparams.items() if k != "calibration_cached"},
+                                      tags={"quantlens.calibration_cached": str(cparams["calibration_cached"]).lower()})
+            steps.patch(model, s, mr.cfg.hardware.originals, calibrated)
             metrics: dict[str, float] = {}
             tokens = 0.0
             for d in mr.cfg.datasets:

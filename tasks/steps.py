@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from quantlens.evaluation import evaluate as ev
-from quantlens.evaluation.data import DOCUMENTS
+from quantlens.evaluation.data import DOCUMENTS, cache_dir
 from quantlens.model import loading as qm
 from quantlens.quantize.patch import full_report, quantize_, restore_
 from quantlens.quantize.settings import ConfigError, Setting
@@ -92,8 +92,45 @@ def peak_memory(model: Any) -> dict[str, float]:
 
 
 @task(name="patch", cache_policy=NONE, persist_result=False)
-def patch(model: Any, setting: Setting, originals: str = "auto") -> None:
-    quantize_(model, setting, keep_originals_on=qm.choose_originals(model, originals))
+def patch(model: Any, setting: Setting, originals: str = "auto", calibrated: dict | None = None) -> None:
+    quantize_(model, setting, keep_originals_on=qm.choose_originals(model, originals), calibrated=calibrated)
+
+
+def calibration_windows(tokenizer: Any, cfg: Any, setting: Setting) -> tuple[Any, dict[str, Any]]:
+    """The calibration windows of a calibrated setting ([samples, seqlen], drawn with the seed from
+    :meth:`SweepConfig.calibration_source`) and the params that say what they are."""
+    import torch
+
+    from quantlens.evaluation.data import perplexity_windows
+
+    spec = cfg.calibration_for(setting)
+    d, path, first = cfg.calibration_source(spec)
+    windows = perplexity_windows(tokenizer, d.name, spec.seqlen, path=path)[first:]
+    if windows.shape[0] < spec.samples:
+        raise ConfigError(f"calibration: {spec.samples} samples of {spec.seqlen} tokens asked, {windows.shape[0]} available in "
+                          f"{d.name}{' (' + path + ')' if path else ''} after the evaluated windows")
+    pick = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(spec.seed))[: spec.samples].sort().values
+    params = {"calibration_dataset": d.name, "calibration_path": path or "hub", "calibration_samples": spec.samples,
+              "calibration_seqlen": spec.seqlen, "calibration_seed": spec.seed,
+              "calibration_windows": f"{'disjoint: from window ' + str(first) if not spec.path else 'all'} of {windows.shape[0] + first}"}
+    return windows[pick], params
+
+
+@task(name="calibrate", cache_policy=NONE, persist_result=False, retries=0, tags=["quantlens-eval"])
+def calibrate(model: Any, tokenizer: Any, cfg: Any, setting: Setting, model_name: str) -> tuple[dict, dict[str, Any]]:
+    """GPTQ's weights for ``setting`` on this model, layer by layer (one block on the device at a
+    time), cached under quantlens' cache by model + setting + calibration tokens: a rerun, or the
+    same setting in another sweep, calibrates nothing. Returns (weights by name, params)."""
+    from quantlens.quantize.calibrate import calibrated_weights
+
+    windows, params = calibration_windows(tokenizer, cfg, setting)
+    t0 = time.perf_counter()
+    weights, cached = calibrated_weights(model, setting, windows, batch_size=cfg.eval.batch_size or 8, cache_dir=cache_dir(),
+                                         progress=_progress_logger(f"{model_name}/{setting.name}: calibrate (blocks)"))
+    params.update(calibration_cached=cached)
+    get_run_logger().info("%s/%s: %s in %.1fs", model_name, setting.name, "calibrated weights from the cache" if cached else
+                          f"calibrated on {windows.shape[0]} × {windows.shape[1]} tokens", time.perf_counter() - t0)
+    return weights, params
 
 
 def _progress_logger(what: str):

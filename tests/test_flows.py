@@ -529,3 +529,31 @@ def test_a_mixture_of_experts_end_to_end(env, tmp_path):
     assert len(w3) == 3 * 8 and (w3["delta_l2"] > 0).all()
     assert w3.groupby("layer")["load"].sum().round(9).eq(1).all() and w3["load_reference"].notna().all()
     assert (out / "fig_router_flips_tiny-mixtral.png").is_file()
+
+
+def test_gptq_calibrated_in_the_sweep_and_cached(env, tmp_path):
+    """W4A16-g32-gptq next to its RTN twin: calibrated layer by layer on WikiText-2's valid split (the
+    run's params say on what), perplexity below RTN's, its per-example errors in error_correlation,
+    and a forced rerun of the sweep calibrates nothing (the weights come from the cache)."""
+    import pandas as pd
+
+    from quantlens.flows.sweep import sweep_flow
+
+    cfg = config(name="gptq", models=[str(MODELS / "tiny-llama")], settings=["W16A16", "W4A16-g32", "W4A16-g32-gptq"],
+                 datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 8}],
+                 calibration={"path": str(WIKI_TEST.parent / "valid.txt"), "samples": 16, "seqlen": 128})
+    summary = sweep_flow(cfg, results_dir=str(env / "results"))
+    assert summary["evaluated"] == 3 and not summary.get("failed")
+    by = runs("FINISHED", summary["sweep_id"]).set_index("params.setting")
+    g = by.loc["W4A16-g32-gptq"]
+    assert g["params.method"] == "gptq" and g["params.format"] == "gptq" and by.loc["W4A16-g32", "params.method"] == "rtn"
+    assert g["params.calibration_samples"] == "16" and g["params.calibration_path"].endswith("valid.txt")
+    assert g["tags.quantlens.calibration_cached"] == "false"
+    assert by.loc["W16A16", "metrics.wikitext2_ppl"] < g["metrics.wikitext2_ppl"] < by.loc["W4A16-g32", "metrics.wikitext2_ppl"]
+    out = env / "results" / summary["sweep_id"]
+    corr = pd.read_csv(out / "error_correlation.csv")
+    assert ((corr["setting_a"] == "W4A16-g32-gptq") | (corr["setting_b"] == "W4A16-g32-gptq")).any()
+    again = sweep_flow({**cfg, "name": "gptq-again"}, results_dir=str(env / "results"), force=True)
+    rerun = runs("FINISHED", again["sweep_id"]).set_index("params.setting").loc["W4A16-g32-gptq"]
+    assert rerun["tags.quantlens.calibration_cached"] == "true"
+    assert rerun["metrics.wikitext2_ppl"] == g["metrics.wikitext2_ppl"]

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from quantlens import __version__
 from quantlens.evaluation.data import DATASETS, DOCUMENTS
-from quantlens.quantize.settings import ConfigError, Setting, format_validation_error, resolve_setting
+from quantlens.quantize.settings import CalibrationSpec, ConfigError, Setting, format_validation_error, resolve_setting
 
 # Bump when a change alters the numbers an evaluation produces: it is part of every run key,
 # so finished runs of an older protocol are not taken as done.
@@ -158,6 +158,8 @@ class SweepConfig(_Strict):
     eval: EvalOptions = EvalOptions()
     hardware: Hardware = Hardware()
     analysis: AnalysisOptions = AnalysisOptions()
+    calibration: CalibrationSpec = Field(CalibrationSpec(), description="the data of calibrated settings (GPTQ), unless a "
+                                         "setting gives its own")
 
     @field_validator("models", "datasets", mode="before")
     @classmethod
@@ -186,6 +188,31 @@ class SweepConfig(_Strict):
             if d not in names:
                 raise ValueError(f"analysis.datasets: {d!r} is not one of the sweep's datasets ({', '.join(names)})")
         return self
+
+    def calibration_for(self, setting: Setting) -> CalibrationSpec:
+        return setting.calibration or self.calibration
+
+    def calibration_source(self, spec: CalibrationSpec) -> tuple[DatasetEntry, str | None, int]:
+        """(the dataset, its file, the first window index) the calibration windows come from: ``path``
+        when given (another split), else the windows of the sweep's first text dataset after those it
+        evaluates (disjoint). ConfigError when neither exists."""
+        text = [d for d in self.datasets if DATASETS.get(d.name) is not None and DATASETS[d.name].kind == "perplexity"]
+        if spec.dataset != "auto":
+            text = [d for d in self.datasets if d.name == spec.dataset] or \
+                ([DatasetEntry(name=spec.dataset)] if DATASETS.get(spec.dataset) and DATASETS[spec.dataset].kind == "perplexity" else [])
+            if not text:
+                raise ConfigError(f"calibration.dataset: unknown dataset {spec.dataset!r}")
+        if not text:
+            raise ConfigError("calibration: the sweep has no text dataset to calibrate on (wikitext2, c4, fineweb): "
+                              "give calibration.dataset and calibration.path")
+        d = text[0]
+        if spec.path:
+            return d, spec.path, 0
+        if d.max_windows is None or d.examples != "windows":
+            raise ConfigError(f"calibration: dataset {d.name} is evaluated on all its windows, so none is left to "
+                              "calibrate on: give calibration.path (another split, e.g. WikiText-2's valid.txt) or "
+                              f"{d.name}.max_windows")
+        return d, d.path, d.max_windows
 
     def analysis_datasets(self) -> list[str]:
         if self.analysis.datasets is not None:
@@ -395,4 +422,6 @@ def sweep_id(cfg: SweepConfig) -> str:
     dump = cfg.model_dump()
     if dump["analysis"]["statistics"] == StatisticsOptions().model_dump():
         del dump["analysis"]["statistics"]  # (the sweeps of configs written before it keep their ids)
+    if dump["calibration"] == CalibrationSpec().model_dump():
+        del dump["calibration"]  # (likewise)
     return f"{cfg.name}-{config_digest(dump)[:10]}"

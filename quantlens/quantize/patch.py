@@ -281,6 +281,7 @@ class _PatchState:
     full_precision: set[str] = field(default_factory=set)  # deferred names read as they are (full_precision())
     seen: set[str] = field(default_factory=set)  # deferred names whose statistics are in the report
     coverage: "_Coverage | None" = None
+    calibrated: dict[str, torch.Tensor] | None = None  # a calibrated setting's weights (GPTQ), by name
 
 
 @dataclass
@@ -358,13 +359,23 @@ def _new_matrix(name: str, w: torch.Tensor, setting: Setting) -> tuple[torch.Ten
 _new_weight = _new_matrix  # (the name of a 2-D weight's path)
 
 
-def _new_tensor(t: Target, w: torch.Tensor, setting: Setting) -> tuple[torch.Tensor, list[LayerStats]]:
+def _new_tensor(t: Target, w: torch.Tensor, setting: Setting, calibrated: dict[str, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, list[LayerStats]]:
     """A target's weight quantized under the setting, as its module stores it, and its statistics.
 
     Conv1D weights are [in, out]: quantized as the [out, in] matrix they are. Expert tensors are
     quantized slice by slice — each expert's gate, up and down matrix on its own, exactly as the
     dense MLP's linears would be (rows and groups along each matrix's input features, one tensor
-    scale per matrix); statistics are per expert (``<experts>.<tensor>.<e>``)."""
+    scale per matrix); statistics are per expert (``<experts>.<tensor>.<e>``). A calibrated setting
+    (GPTQ) takes its weights from ``calibrated`` (:mod:`quantlens.quantize.calibrate`)."""
+    if setting.gptq is not None:
+        if calibrated is None or t.name not in calibrated:
+            raise ConfigError(f"{setting.name}: no calibrated weight for {t.name} (calibrate the model first: "
+                              "quantlens.quantize.calibrate.calibrated_weights)")
+        wq = calibrated[t.name].to(w.device, w.dtype)
+        if wq.shape != w.shape:
+            raise ConfigError(f"{setting.name}: the calibrated weight of {t.name} is {tuple(wq.shape)}, the model's {tuple(w.shape)}")
+        return wq, [weight_stats(t.name, w, wq, None, 0.0)]
     if t.kind == "experts":
         e = t.experts
         mats = e.matrices(t.attr, w)
@@ -401,6 +412,7 @@ def quantize_(
     *,
     keep_originals_on: str = "auto",
     activation_stats_forwards: int = 4,
+    calibrated: dict[str, torch.Tensor] | None = None,
 ) -> PatchReport:
     """Apply ``setting`` to ``model`` in place and return per-layer statistics.
 
@@ -435,6 +447,11 @@ def quantize_(
         if not (setting.include_lm_head and head is not None and head.weight is emb.weight):
             weight_targets.append(Target(_qualified_name(model, emb), emb, "embedding"))
 
+    if setting.gptq is not None:  # every weight calibrated, checked before any changes
+        missing = [t.name for t in weight_targets if calibrated is None or t.name not in calibrated]
+        if missing:
+            raise ConfigError(f"{setting.name}: no calibrated weights for {len(missing)} layer(s) ({missing[0]}, …): calibrate the "
+                              "model first (quantlens.quantize.calibrate.calibrated_weights) and pass calibrated=")
     streamed = _streaming_device(model)
     deferred: dict[int, Target] = {}
     with torch.no_grad():
@@ -446,7 +463,7 @@ def quantize_(
                 deferred[id(param)] = t  # read from the checkpoint when its block runs: patched then
                 continue
             w = param.data
-            wq, stats = _new_tensor(t, w, setting)
+            wq, stats = _new_tensor(t, w, setting, calibrated)
             if ckpt is not None:
                 kinds = (type(model).__name__, str(getattr(model.config, "model_type", "")))
                 source = ckpt.source(f"{t.name}.weight" if t.kind != "experts" else t.name, kinds, tuple(w.shape)) or \
@@ -482,7 +499,7 @@ def quantize_(
     kv_states = []
     if setting.kv is not None:
         kv_states = kv.attach(model, setting.kv, setting.perturbation if setting.perturbs_kv() else None, activation_stats_forwards)
-    state = _PatchState(setting, originals, handles, act_state, report, kv_states, deferred)
+    state = _PatchState(setting, originals, handles, act_state, report, kv_states, deferred, calibrated=calibrated)
     state.coverage = _Coverage.of(model, setting, layers, originals, deferred)
     report.coverage = state.coverage.metrics()
     setattr(model, _STATE_ATTR, state)
@@ -514,7 +531,7 @@ def apply_deferred(model: nn.Module, block: nn.Module) -> None:
             t = state.deferred.get(id(param))
             if t is None or t.name in state.full_precision:
                 continue
-            wq, stats = _new_tensor(t, param.data, state.setting)
+            wq, stats = _new_tensor(t, param.data, state.setting, state.calibrated)
             if t.name not in state.seen:
                 state.seen.add(t.name)
                 state.report.layers.extend(stats)

@@ -205,6 +205,26 @@ class PerturbSpec(_Strict):
     )
 
 
+class GPTQSpec(_Strict):
+    """GPTQ's own parameters (:mod:`quantlens.quantize.gptq`); the grid is the setting's weights spec."""
+
+    damp: float = Field(0.01, gt=0, lt=1, description="H += damp · mean(diag H) · I (the second paper: 0.01)")
+    act_order: bool = Field(True, description="columns in order of decreasing Hessian diagonal (desc_act)")
+    block: int = Field(128, gt=0, description="columns per lazy batch update")
+
+
+class CalibrationSpec(_Strict):
+    """The data a calibrated method (GPTQ) sees: ``samples`` windows of ``seqlen`` tokens. ``dataset``
+    ``auto`` is the sweep's first text dataset — its windows after the evaluated ones (disjoint), or
+    those of ``path`` (another split, e.g. WikiText-2's valid.txt) — drawn with ``seed``."""
+
+    dataset: str = "auto"
+    path: str | None = None
+    samples: int = Field(128, gt=0)
+    seqlen: int = Field(2048, ge=2)
+    seed: int = 0
+
+
 class Setting(_Strict):
     """One point of a sweep: what happens to the decoder-block linear layers."""
 
@@ -218,6 +238,25 @@ class Setting(_Strict):
     include_embeddings: bool = False
     include_routers: bool = Field(False, description="MoE routers (and Qwen2-MoE's shared-expert gate) quantized too; "
                                   "by default they stay 16-bit, as deployed MoE quantization leaves them")
+    gptq: GPTQSpec | None = Field(None, description="weights quantized by GPTQ on calibration data (the -gptq suffix)")
+    calibration: CalibrationSpec | None = Field(None, description="this setting's calibration data (else the sweep's)")
+
+    @model_validator(mode="after")
+    def _gptq_has_a_grid(self) -> "Setting":
+        if self.gptq is None:
+            if self.calibration is not None:
+                raise ValueError("calibration: only a calibrated method (gptq) uses calibration data")
+            return self
+        if self.weights is None:
+            raise ValueError("gptq: needs quantized weights (a weights spec)")
+        from quantlens.quantize.gptq import supported
+
+        why = supported(self.weights)
+        if why:
+            raise ValueError(f"gptq: {why}")
+        if self.perturbs_weights():
+            raise ValueError("gptq: a weight perturbation replaces the quantizer; it does not combine with gptq")
+        return self
 
     @model_validator(mode="after")
     def _perturbation_has_reference(self) -> "Setting":
@@ -262,8 +301,9 @@ class Setting(_Strict):
         """What the setting computes, as plain data: equal for two settings exactly when they are the same
         computation. Run keys are built from it, so the same computation is one run."""
         ident = self.canonical().model_dump(exclude={"name", "base"})
-        if not ident.get("include_routers"):  # (a field newer than most runs: absent at its default)
-            ident.pop("include_routers", None)
+        for k in ("include_routers", "gptq", "calibration"):  # (fields newer than most runs: absent at their defaults)
+            if not ident.get(k):
+                ident.pop(k, None)
         for part in ("weights", "activations", "kv"):  # format fields at their defaults: the keys of runs made before they existed
             if ident.get(part):
                 for k, default in _GRID_DEFAULTS.items():
@@ -330,7 +370,8 @@ class Setting(_Strict):
         out.update({
             "symmetric": spec.symmetric if spec else True,
             "transform": f"power{spec.transform_p:.4g}" if spec and spec.transform_p != 1.0 else "uniform",
-            "format": fams[0] if fams and len(set(fams)) == 1 else "mixed" if fams else "none",
+            "format": "gptq" if self.gptq else fams[0] if fams and len(set(fams)) == 1 else "mixed" if fams else "none",
+            "method": "gptq" if self.gptq else "rtn" if parts else "none",
             "transform_p": spec.transform_p if spec else 1.0,
             "clip_k": spec.clip_k if spec and spec.clip_k is not None else 0.0,
             "perturbation": f"{p.distribution}-{p.rule}-{p.target}" if p else "none",
@@ -350,17 +391,17 @@ def _validated(cls: type[BaseModel], data: dict[str, Any], what: str) -> Any:
 # --- Names --------------------------------------------------------------------------------------
 # W{wbits}A{abits}[KV{kvbits}][-g{group}][-nu][-p{exp}][-{format}[{bits}][{element}]][-clip{k}], e.g. W8A8,
 # W4A16-g128, W4A16-nu, W3A16-clip3, W16A16KV4, W4A16KV4-nu, W4A16-nf4, W8A8-fp8, W8A8-fp8e5m2, W4A4-mxfp4,
-# W4A16-nvfp4, W3A16-km. -g is the weights' group size; -nu / -p / -clip and the format apply to every
+# W4A16-nvfp4, W3A16-km, W4A16-gptq (GPTQ, groups of 128 unless -g). -g is the weights' group size; -nu / -p / -clip and the format apply to every
 # quantized part (weights, activations, KV cache), each at its own bits (W4A8-fp: FP4 weights, FP8
 # activations; digits after the format must then be every quantized part's bits); 16 bits means "not quantized".
 _NAME = re.compile(
     r"^W(?P<w>\d+)A(?P<a>\d+)(?:KV(?P<kv>\d+))?(?:-g(?P<g>\d+))?(?P<nu>-nu)?(?:-p(?P<p>[0-9.]+))?"
-    r"(?:-(?P<fmt>nf|fp|mxfp|mxint|nvfp|km)(?P<fb>\d+)?(?P<el>e\dm\d)?)?(?:-clip(?P<k>[0-9.]+))?$"
+    r"(?:-(?P<fmt>nf|fp|mxfp|mxint|nvfp|km)(?P<fb>\d+)?(?P<el>e\dm\d)?)?(?:-clip(?P<k>[0-9.]+))?(?P<gptq>-gptq)?$"
 )
 PRESET_NAMES = ("W16A16", "W8A8", "W4A16", "W4A8", "W8A8-nu", "W4A16-nu", "W4A8-nu")
 FORMAT_NAMES = ("W4A16-nf4", "W3A16-nf3", "W4A16-fp4", "W8A8-fp8", "W4A16-mxfp4", "W4A4-mxfp4", "W8A8-mxfp8",
                 "W4A16-nvfp4", "W4A4-nvfp4", "W3A16-km", "W4A16-km", "W16A16KV8-fp8", "W16A16KV4-nvfp4")
-MX_BLOCK, NVFP_BLOCK, NF_BLOCK, FP_GROUP = 32, 16, 64, 32
+MX_BLOCK, NVFP_BLOCK, NF_BLOCK, FP_GROUP, GPTQ_GROUP = 32, 16, 64, 32, 128
 
 
 def _format_part(fmt: str, part: str, bits: int, element: str | None, group: int | None) -> dict[str, Any]:
@@ -404,7 +445,7 @@ def setting_from_name(name: str) -> Setting:
         raise ConfigError(
             f"unknown setting {name!r}: expected a preset ({', '.join(PRESET_NAMES)}), a format "
             f"({', '.join(FORMAT_NAMES[:6])}, …) or a name of the form "
-            "W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]][-clip<k>], "
+            "W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]][-clip<k>][-gptq], "
             "e.g. W3A16-g64-nu, W16A16KV4, W4A16-nf4"
         )
     wb, ab = int(m["w"]), int(m["a"])
@@ -432,6 +473,11 @@ def setting_from_name(name: str) -> Setting:
             raise ConfigError(f"invalid setting {name!r}: -{fmt}{m['fb']} names {m['fb']} bits but {said} bits are quantized: "
                               f"write -{fmt} (each part in {fmt} at its own bits)")
     data: dict[str, Any] = {"name": name}
+    if m["gptq"]:  # GPTQ as the second paper runs it: groups of 128 unless -g says otherwise, act-order, damp 0.01
+        if wb == 16:
+            raise ConfigError(f"invalid setting {name!r}: -gptq quantizes weights, and weights are at 16 bits")
+        group = group or GPTQ_GROUP
+        data["gptq"] = {}
     for part, bits in quantized.items():
         if fmt:
             try:

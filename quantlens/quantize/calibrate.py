@@ -1,0 +1,135 @@
+"""Calibrated weight quantization (GPTQ), layer by layer: one decoder block on the device at a time.
+
+As GPTQ's own pipeline: the calibration windows run up to the first block (its inputs are captured,
+:mod:`quantlens.model.layerwise`); then for each block, every linear's input Hessian is accumulated
+over all windows (forward pre-hooks), each linear is quantized by :func:`quantlens.quantize.gptq.gptq_quantize`,
+and the windows run through the block again *with its quantized weights*, so that the next block
+calibrates on what it will see. A streamed model (``placement: stream``) reads each block from its
+checkpoint once, so a 70B model calibrates on one GPU.
+
+:func:`calibrated_weights` returns the quantized weights by name (on the CPU, in the model's dtype),
+cached on disk under quantlens' cache (``calibrated/<key>.pt``), the key being the model's
+checkpoint, the setting's identity and the calibration tokens: a second run with the same
+model, setting and data calibrates nothing. The model itself is left as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from quantlens.model import streaming
+from quantlens.model.anatomy import anatomy, is_conv1d
+from quantlens.model.layerwise import _hidden, _with_hidden, capture_by_kind, layer_kinds
+from quantlens.quantize.gptq import HessianAccumulator, gptq_quantize
+from quantlens.quantize.settings import ConfigError, Setting, resolve_setting
+
+Progress = Callable[[int, int], None]
+
+
+def cache_key(model: nn.Module, setting: Setting, samples: torch.Tensor) -> str:
+    """What the calibrated weights depend on: the checkpoint (folder, file sizes and times), the
+    setting's computation and the calibration tokens."""
+    source = getattr(model, "_quantlens_source", None)
+    files = []
+    if source is not None:
+        for f in sorted(Path(source).glob("*.safetensors")):
+            st = f.stat()
+            files.append((f.name, st.st_size, int(st.st_mtime)))
+    ident = {"source": str(source), "files": files, "type": type(model).__name__, "setting": setting.identity(),
+             "tokens": hashlib.sha256(samples.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def calibrated_weights(model: nn.Module, setting: Setting | str | dict, samples: torch.Tensor, *, batch_size: int = 8,
+                       cache_dir: Path | None = None, progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], bool]:
+    """(name → quantized weight, whether they came from the cache) for ``setting`` (a GPTQ setting)
+    on calibration windows ``samples`` [n, T]."""
+    setting = resolve_setting(setting)
+    if setting.gptq is None:
+        raise ConfigError(f"{setting.name}: not a calibrated setting")
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / "calibrated" / f"{cache_key(model, setting, samples)}.pt"
+        if path.is_file():
+            return torch.load(path), True
+    out = gptq_model(model, setting, samples, batch_size=batch_size, progress=progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(out, tmp)
+        tmp.replace(path)  # atomic: a failure mid-write leaves no half-file to trust
+    return out, False
+
+
+@torch.no_grad()
+def gptq_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *, batch_size: int = 8,
+               progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """GPTQ on every linear of every decoder block, sequentially (module doc)."""
+    from quantlens.quantize.patch import current_setting
+
+    if current_setting(model) is not None:
+        raise ValueError("calibrate an unpatched model (restore_ first)")
+    body = anatomy(model)
+    if body.is_moe:
+        raise ConfigError(f"{setting.name}: GPTQ on an MoE's experts is not implemented yet (per-expert Hessians of the "
+                          "routed tokens); use a round-to-nearest setting for this model")
+    spec, g = setting.weights, setting.gptq
+    device = model.get_input_embeddings().weight.device
+    blocks = body.blocks
+    kinds = layer_kinds(model, blocks)
+    lazy = streaming.is_lazy(model) or streaming.streaming_device(model) is not None
+    batches = [samples[s:s + batch_size] for s in range(0, samples.shape[0], batch_size)]
+    contexts = [capture_by_kind(model, blocks[0], {"input_ids": b.to(device)}, kinds) for b in batches]
+    states = [_hidden(*c[kinds[0]]) for c in contexts]
+    out: dict[str, torch.Tensor] = {}
+    for i, part in enumerate(body.parts):
+        with (streaming.resident(model, i) if lazy else _noop(blocks[i])) as block:
+            linears = part.linears()
+            acc = {n: HessianAccumulator(_in(m), device) for n, m in linears}
+            hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: acc[n].add(args[0])) for n, m in linears]
+            try:
+                for j, h in enumerate(states):
+                    a, kw = _with_hidden(*contexts[j][kinds[i]], h)
+                    block(*a, **kw)
+            finally:
+                for hk in hooks:
+                    hk.remove()
+            originals = {}
+            for n, m in linears:
+                w = m.weight.data
+                mat = w.t() if is_conv1d(m) else w
+                q = gptq_quantize(mat, acc[n].h, spec, damp=g.damp, block=g.block, act_order=g.act_order)
+                q = q.t().contiguous() if is_conv1d(m) else q
+                originals[n] = w
+                m.weight.data = q
+                out[n] = q.to("cpu")
+            for j, h in enumerate(states):  # the next block sees what the quantized block gives
+                a, kw = _with_hidden(*contexts[j][kinds[i]], h)
+                y = block(*a, **kw)
+                states[j] = y[0] if isinstance(y, tuple) else y
+            for n, m in linears:
+                m.weight.data = originals[n]
+        if progress:
+            progress(i + 1, len(body.parts))
+    return out
+
+
+class _noop:
+    def __init__(self, block: nn.Module):
+        self.block = block
+
+    def __enter__(self) -> nn.Module:
+        return self.block
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _in(m: nn.Module) -> int:
+    return int(m.weight.shape[0] if is_conv1d(m) else m.weight.shape[-1])
