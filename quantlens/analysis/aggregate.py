@@ -414,6 +414,10 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, report: "Report | None" 
     report.figure("fig5_clipping", lambda path: fig_clipping(df, path))
     report.figure("fig_uniform_vs_nonuniform", lambda path: fig_uniform_vs_nonuniform(uvn, path))
     from quantlens.analysis import format_report
+    from quantlens.analysis.calibrated_report import calibrated_lens, calibrated_markdown
 
     format_report.write(df, report, plotted)
+    lens = report.table("calibrated_lens", lambda: calibrated_lens(df), md=False)
+    if not lens.empty:
+        report.file("calibrated_lens.md", lambda path: path.write_text(calibrated_markdown(lens)))
     return report.files

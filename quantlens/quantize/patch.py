@@ -22,7 +22,7 @@ from quantlens.model import streaming
 from quantlens.model.anatomy import Experts, ModelNotUnderstood, anatomy, in_features, is_conv1d
 from quantlens.quantize import moe
 from quantlens.quantize import kv, lens
-from quantlens.quantize.perturb import make_generator, perturb, shaped_noise_rows
+from quantlens.quantize.perturb import make_generator, perturb, shaped_noise, shaped_noise_rows
 from quantlens.quantize.quant import fake_quantize, quantize
 from quantlens.quantize.settings import ConfigError, Setting, resolve_setting
 
@@ -375,6 +375,10 @@ def _new_tensor(t: Target, w: torch.Tensor, setting: Setting, calibrated: dict[s
         wq = calibrated[t.name].to(w.device, w.dtype)
         if wq.shape != w.shape:
             raise ConfigError(f"{setting.name}: the calibrated weight of {t.name} is {tuple(wq.shape)}, the model's {tuple(w.shape)}")
+        if setting.perturbs_weights():  # noise with the variance of GPTQ's own error on this layer, where the noise puts it
+            p = setting.perturbation
+            std = (wq.to(torch.float32) - w.to(torch.float32)).std(unbiased=False)
+            wq = (w.to(torch.float32) + shaped_noise(w, std, p, make_generator(p.seed, t.name))).to(w.dtype)
         return wq, [weight_stats(t.name, w, wq, None, 0.0)]
     if t.kind == "experts":
         e = t.experts

@@ -254,9 +254,7 @@ class Setting(_Strict):
         why = supported(self.weights)
         if why:
             raise ValueError(f"gptq: {why}")
-        if self.perturbs_weights():
-            raise ValueError("gptq: a weight perturbation replaces the quantizer; it does not combine with gptq")
-        return self
+        return self  # (a weight perturbation of a gptq setting is noise matched to GPTQ's own Δ, layer by layer)
 
     @model_validator(mode="after")
     def _perturbation_has_reference(self) -> "Setting":
