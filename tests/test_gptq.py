@@ -100,3 +100,18 @@ def test_calibrated_w4a16_gptq_beats_rtn_and_is_cached(trained, family, tmp_path
     with pytest.raises(Exception, match="no calibrated weights"):
         quantize_(model, "W4A16-g32-gptq")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_plan_states_calibration_time_once_per_distinct_gptq():
+    from quantlens.model.footprint import REGISTRY_CONFIGS, estimate, planned_target, shape_from_config
+    from quantlens.pipeline.plan import workload
+    from quantlens.pipeline.sweep import load_config
+
+    cfg = load_config({"name": "p", "models": ["llama-3-8b"], "datasets": [{"name": "wikitext2", "seqlen": 2048}],
+                       "settings": ["W16A16", "W4A16-gptq", "W8A8-gptq", {"base": "W4A16-gptq", "perturbation": {"target": "weights"}}],
+                       "calibration": {"dataset": "c4", "samples": 64, "seqlen": 1024}})
+    work = workload(cfg)
+    assert work.calibrated == 2 and work.calibration_tokens == 64 * 1024  # W4A16-gptq and its noise twin: one GPTQ
+    e = estimate("llama-3-8b", shape_from_config(REGISTRY_CONFIGS["llama-3-8b"], "registry"), planned_target("H100", None, 1), work)
+    assert e.calibration_seconds > 0 and e.seconds > e.seconds_per_setting * e.settings
+    assert any(n.startswith("calibration (GPTQ, 65,536 tokens)") for n in e.notes)

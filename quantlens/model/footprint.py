@@ -583,6 +583,8 @@ class Workload:
     dtype: str = "auto"
     placement: str = "auto"
     originals: str = "auto"
+    calibrated: int = 0  # GPTQ settings: each calibrated once (then cached)
+    calibration_tokens: float = 0.0  # per calibrated setting: samples × seqlen
 
 
 @dataclass
@@ -603,6 +605,7 @@ class Estimate:
     settings: int
     cached: bool = True
     notes: list[str] = field(default_factory=list)
+    calibration_seconds: float = 0.0  # every calibrated setting's GPTQ, once
 
     @property
     def weight_gb(self) -> float:
@@ -610,7 +613,7 @@ class Estimate:
 
     @property
     def seconds(self) -> float:
-        return self.seconds_per_setting * self.settings
+        return self.seconds_per_setting * self.settings + (self.calibration_seconds if math.isfinite(self.calibration_seconds) else 0.0)
 
     def params(self) -> dict[str, Any]:
         """What an MLflow run records of the plan it ran under."""
@@ -682,8 +685,34 @@ def estimate(model: str, shape: Shape, target: Target, work: Workload, cached: b
     if placement == "stream":
         secs += W / (DISK_GBPS * 1e9)
         notes.append(f"stream reads {W / 1e9:.0f} GB per setting (at {DISK_GBPS:g} GB/s)")
+    calib = calibration_seconds(shape, target, work, placement == "stream")
+    if work.calibrated:
+        notes.append(f"calibration (GPTQ, {work.calibration_tokens:,.0f} tokens): ≈ {_dur(calib)} per calibrated setting "
+                     f"× {work.calibrated}, once (then cached)")
     return Estimate(model, shape, target, dtype, T, batch, peak, low, fits, host, placement, why, secs,
-                    work.settings, cached, notes)
+                    work.settings, cached, notes, calibration_seconds=calib * work.calibrated)
+
+
+GPTQ_COLUMN_S = 1e-4  # the column loop's per-column cost (≈ 6 small kernels and Python per column): an assumed order, not measured on a GPU
+
+
+def calibration_seconds(shape: Shape, target: Target, work: Workload, streamed: bool) -> float:
+    """One GPTQ calibration: two passes of the calibration tokens through the blocks (Hessians, then
+    the quantized block's outputs), the Cholesky inverse and column updates of every linear
+    (≈ 4·out·in² each), the column loop's overhead, and on ``stream`` one more read of the weights."""
+    if not work.calibrated:
+        return 0.0
+    if not target.tflops:
+        return float("nan")
+    fwd = 2 * 2 * shape.active_params * work.calibration_tokens
+    ins = list(shape.linears.values()) or [shape.hidden]
+    mean_in = sum(ins) / len(ins)
+    solve = 4 * shape.layers * shape.block_params * mean_in
+    loop = shape.layers * sum(ins) * GPTQ_COLUMN_S
+    secs = (fwd + solve) / (target.tflops * 1e12 * target.mfu) + loop
+    if streamed:
+        secs += shape.params * 2 / (DISK_GBPS * 1e9)
+    return secs
 
 
 def _choose(asked: str, fits: dict[str, bool], W: float, target: Target) -> tuple[str, str]:

@@ -206,7 +206,7 @@ class SweepConfig(_Strict):
             raise ConfigError("calibration: the sweep has no text dataset to calibrate on (wikitext2, c4, fineweb): "
                               "give calibration.dataset and calibration.path")
         d = text[0]
-        if spec.path:
+        if spec.path or d.name not in {e.name for e in self.datasets}:  # another split, or a dataset the sweep does not evaluate
             return d, spec.path, 0
         if d.max_windows is None or d.examples != "windows":
             raise ConfigError(f"calibration: dataset {d.name} is evaluated on all its windows, so none is left to "

@@ -34,14 +34,16 @@ Progress = Callable[[int, int], None]
 
 def cache_key(model: nn.Module, setting: Setting, samples: torch.Tensor) -> str:
     """What the calibrated weights depend on: the checkpoint (folder, file sizes and times), the
-    setting's computation and the calibration tokens."""
+    setting's weight grid and GPTQ parameters (not its activations, KV cache or a perturbation built
+    on them) and the calibration tokens."""
     source = getattr(model, "_quantlens_source", None)
     files = []
     if source is not None:
         for f in sorted(Path(source).glob("*.safetensors")):
             st = f.stat()
             files.append((f.name, st.st_size, int(st.st_mtime)))
-    ident = {"source": str(source), "files": files, "type": type(model).__name__, "setting": setting.identity(),
+    what = {"weights": setting.identity().get("weights"), "gptq": setting.identity().get("gptq")}  # (noise matched to it: the same GPTQ)
+    ident = {"source": str(source), "files": files, "type": type(model).__name__, "setting": what,
              "tokens": hashlib.sha256(samples.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
