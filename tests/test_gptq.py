@@ -115,3 +115,45 @@ def test_the_plan_states_calibration_time_once_per_distinct_gptq():
     e = estimate("llama-3-8b", shape_from_config(REGISTRY_CONFIGS["llama-3-8b"], "registry"), planned_target("H100", None, 1), work)
     assert e.calibration_seconds > 0 and e.seconds > e.seconds_per_setting * e.settings
     assert any(n.startswith("calibration (GPTQ, 65,536 tokens)") for n in e.notes)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "gpt-oss"])
+def test_gptq_on_every_expert_of_an_moe_from_its_routed_tokens(kind):
+    """Each expert matrix is GPTQ-quantized on the tokens routed to it (its own Hessian): on those
+    tokens its reconstruction loss is at most round-to-nearest's; the routers untouched; coverage 1.0."""
+    import shutil
+
+    from test_moe import _model
+    from quantlens.model.anatomy import anatomy
+    from quantlens.model.loading import load_model
+    from quantlens.quantize.calibrate import _ExpertHessians, gptq_model
+    from quantlens.quantize.patch import full_report, quantize_, restore_
+
+    model = _model(kind)
+    body = anatomy(model)
+    calib = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(5))
+    setting = resolve_setting("W3A16-g16-gptq")
+    got = gptq_model(model, setting, calib, batch_size=4)
+    names = {e.qualified(a) for e in body.experts() for a in e.params}
+    assert names <= set(got) and not any(n in got for n, _ in body.routers())
+    # the last MoE block's experts, on the tokens the 16-bit model routes to them (its inputs are unchanged by
+    # the blocks before only for block 0: measure block 0, or the first MoE block when it is first)
+    first = next(b for b in body.parts if b.is_moe)
+    if first.index == 0:
+        e = first.experts[0]
+        hs = _ExpertHessians(e, "cpu")
+        h = hs.attach()
+        with torch.no_grad():
+            model(calib)
+        h.remove()
+        spec = setting.weights
+        for attr in e.params:
+            w = e.matrices(attr, getattr(e.module, attr).data)
+            q = e.matrices(attr, got[e.qualified(attr)])
+            for i in range(w.shape[0]):
+                acc = hs.acc.get((i // e.parts(attr), attr))
+                if acc is not None and acc.n:
+                    assert reconstruction_error(w[i], q[i], acc.h) <= reconstruction_error(w[i], quantize(w[i], spec).xq, acc.h) + 1e-9
+    quantize_(model, setting, calibrated=got)
+    assert full_report(model).summary()["coverage_targeted"] == 1.0
+    restore_(model)

@@ -132,7 +132,7 @@ def _check_model(m: Any, cfg: Any, settings: list, needs_kv: bool, target: Any, 
         )
     shape = None
     if cached:
-        check_anatomy(info.hf_id, m.ref, needs_kv, m.revision, calibrated=any(s.gptq is not None for s in settings))
+        check_anatomy(info.hf_id, m.ref, needs_kv, m.revision)
     positions = _max_positions(info, m.revision, cached)
     check_windows(m.ref, positions, cfg)
     for name, (_, tokens) in token_rows.items():
@@ -388,7 +388,7 @@ def _config_file(model_id: str, revision: str | None) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def check_anatomy(model_id: str, ref: str, needs_kv: bool, revision: str | None = None, calibrated: bool = False) -> None:
+def check_anatomy(model_id: str, ref: str, needs_kv: bool, revision: str | None = None) -> None:
     """The model of a local or cached config is one the anatomy understands (one line if not). A
     config understood once is remembered (by its bytes) so that reruns need not import transformers."""
     import hashlib
@@ -401,7 +401,7 @@ def check_anatomy(model_id: str, ref: str, needs_kv: bool, revision: str | None 
     if cfg_file is None:
         return  # known only after download: the model flow meets it
     with open(cfg_file, "rb") as fh:
-        key = hashlib.sha256(fh.read() + f"|{needs_kv}|{calibrated}|{__version__}|{version('transformers')}".encode()).hexdigest()[:20]
+        key = hashlib.sha256(fh.read() + f"|{needs_kv}|{__version__}|{version('transformers')}".encode()).hexdigest()[:20]
     seen = cache_dir() / "anatomy" / f"{key}.ok"
     if seen.is_file():
         return
@@ -419,7 +419,5 @@ def check_anatomy(model_id: str, ref: str, needs_kv: bool, revision: str | None 
         raise PreflightError(f"model {ref}: its config cannot be read ({' '.join(str(err).split())[:200]})") from None
     if needs_kv and body.kv_route is None:
         raise PreflightError(f"model {ref}: the sweep has KV-cache settings, which it cannot take: {body.kv_refusal}")
-    if calibrated and body.is_moe:
-        raise PreflightError(f"model {ref}: the sweep has GPTQ settings, and GPTQ on an MoE's experts is not implemented yet")
     seen.parent.mkdir(parents=True, exist_ok=True)
     seen.write_text(f"transformers {transformers.__version__}: {body.describe()}\n")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,9 +79,6 @@ def gptq_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *, bat
     if current_setting(model) is not None:
         raise ValueError("calibrate an unpatched model (restore_ first)")
     body = anatomy(model)
-    if body.is_moe:
-        raise ConfigError(f"{setting.name}: GPTQ on an MoE's experts is not implemented yet (per-expert Hessians of the "
-                          "routed tokens); use a round-to-nearest setting for this model")
     spec, g = setting.weights, setting.gptq
     device = model.get_input_embeddings().weight.device
     blocks = body.blocks
@@ -95,6 +93,9 @@ def gptq_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *, bat
             linears = part.linears()
             acc = {n: HessianAccumulator(_in(m), device) for n, m in linears}
             hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: acc[n].add(args[0])) for n, m in linears]
+            experts = {e.name: _ExpertHessians(e, device) for e in part.experts}  # per expert: its routed tokens
+            for ex in experts.values():
+                hooks.append(ex.attach())
             try:
                 for j, h in enumerate(states):
                     a, kw = _with_hidden(*contexts[j][kinds[i]], h)
@@ -103,23 +104,75 @@ def gptq_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *, bat
                 for hk in hooks:
                     hk.remove()
             originals = {}
+            for ex in experts.values():
+                for attr in ex.e.params:
+                    p = getattr(ex.e.module, attr)
+                    originals[ex.e.qualified(attr)] = (p, p.data)
+                    q = ex.quantized(attr, spec, g)
+                    p.data = q
+                    out[ex.e.qualified(attr)] = q.to("cpu")
             for n, m in linears:
                 w = m.weight.data
                 mat = w.t() if is_conv1d(m) else w
                 q = gptq_quantize(mat, acc[n].h, spec, damp=g.damp, block=g.block, act_order=g.act_order)
                 q = q.t().contiguous() if is_conv1d(m) else q
-                originals[n] = w
+                originals[n] = (m.weight, w)
                 m.weight.data = q
                 out[n] = q.to("cpu")
             for j, h in enumerate(states):  # the next block sees what the quantized block gives
                 a, kw = _with_hidden(*contexts[j][kinds[i]], h)
                 y = block(*a, **kw)
                 states[j] = y[0] if isinstance(y, tuple) else y
-            for n, m in linears:
-                m.weight.data = originals[n]
+            for p, w in originals.values():
+                p.data = w
         if progress:
             progress(i + 1, len(body.parts))
     return out
+
+
+class _ExpertHessians:
+    """Each expert's two input Hessians, from the tokens routed to it: the experts module runs
+    quantlens' per-expert loop (:func:`quantlens.quantize.moe.per_expert_forward`) while attached."""
+
+    def __init__(self, e: Any, device: torch.device):
+        self.e, self.device = e, device
+        self.acc: dict[tuple[int, str], HessianAccumulator] = {}
+
+    def record(self, j: int, attr: str, x: torch.Tensor) -> None:
+        if (j, attr) not in self.acc:
+            self.acc[(j, attr)] = HessianAccumulator(x.shape[-1], self.device)
+        self.acc[(j, attr)].add(x)
+
+    def attach(self) -> Any:
+        from quantlens.quantize import moe
+
+        e, mod = self.e, self.e.module
+        names = (e.qualified(e.first), e.qualified("down_proj"))
+        mod.forward = types.MethodType(
+            lambda m, h, idx, w: moe.per_expert_forward(e, h, idx, w, lambda n, x: x, names, set(), self.record), mod)
+
+        class _Undo:
+            def remove(self_inner) -> None:
+                mod.__dict__.pop("forward", None)
+
+        return _Undo()
+
+    def quantized(self, attr: str, spec: Any, g: Any) -> torch.Tensor:
+        """The tensor ``attr`` with every expert matrix GPTQ-quantized on its own routed tokens; an expert
+        no calibration token reached is rounded to nearest (its Hessian is empty)."""
+        from quantlens.quantize.quant import quantize
+
+        e = self.e
+        mats = e.matrices(attr, getattr(e.module, attr).data)
+        parts = e.parts(attr)
+        out = torch.empty_like(mats)
+        for i in range(mats.shape[0]):
+            acc = self.acc.get((i // parts, attr))
+            if acc is None or acc.n == 0:
+                out[i] = quantize(mats[i], spec).xq
+            else:
+                out[i] = gptq_quantize(mats[i], acc.h, spec, damp=g.damp, block=g.block, act_order=g.act_order)
+        return e.from_matrices(attr, out)
 
 
 class _noop:

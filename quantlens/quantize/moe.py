@@ -96,10 +96,12 @@ def _project(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, transp
 
 
 def per_expert_forward(e: Experts, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                       transform: Transform, names: tuple[str, str], bypass: set[str]) -> torch.Tensor:
+                       transform: Transform, names: tuple[str, str], bypass: set[str],
+                       record: Callable[[int, str, torch.Tensor], None] | None = None) -> torch.Tensor:
     """The experts' forward, one expert at a time over the tokens routed to it, with each expert's
     two inputs passed through ``transform`` as one tensor (transformers' eager algorithm, read from
-    the declared layout: gated or not, concatenated or interleaved, transposed, biased)."""
+    the declared layout: gated or not, concatenated or interleaved, transposed, biased). ``record(j,
+    tensor name, input)`` sees each expert's two inputs (GPTQ's per-expert Hessians)."""
     m = e.module
     first_in, down_in = names
     out = torch.zeros_like(hidden)
@@ -120,10 +122,14 @@ def per_expert_forward(e: Experts, hidden: torch.Tensor, top_k_index: torch.Tens
         x = hidden[rows]
         if first_in not in bypass:
             x = transform(first_in, x)
+        if record is not None:
+            record(j, e.first, x)
         y = _project(x, w1[j], None if b1 is None else b1[j], e.is_transposed)
         y = m._apply_gate(y) if e.has_gate else m.act_fn(y)
         if down_in not in bypass:
             y = transform(down_in, y)
+        if record is not None:
+            record(j, "down_proj", y)
         y = _project(y, m.down_proj[j], None if b2 is None else b2[j], e.is_transposed)
         if getattr(m, "has_post_expert_norm", False):
             y = m.post_expert_norm(y)
