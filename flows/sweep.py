@@ -113,7 +113,7 @@ def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key:
         with lease:
             steps.reset_peak_memory(model)
             calibrated = None
-            if s.gptq is not None:  # a calibrated method: its weights first (cached by model + setting + data)
+            if s.calibrated:  # a calibrated method (GPTQ, AWQ): its weights first (cached by model + setting + data)
                 calibrated, cparams = steps.calibrate(model, tokenizer, mr.cfg, s, name)
                 mr.ledger.tracker.log(lease.run_id, params={k: v for k, v in cparams.items() if k != "calibration_cached"},
                                       tags={"quantlens.calibration_cached": str(cparams["calibration_cached"]).lower()})

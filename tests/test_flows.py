@@ -540,13 +540,14 @@ def test_gptq_calibrated_in_the_sweep_and_cached(env, tmp_path):
     from quantlens.flows.sweep import sweep_flow
 
     noise = {"base": "W4A16-g32-gptq", "perturbation": {"target": "weights", "seed": 0}}
-    cfg = config(name="gptq", models=[str(MODELS / "tiny-llama")], settings=["W16A16", "W4A16-g32", "W4A16-g32-gptq", noise],
+    cfg = config(name="gptq", models=[str(MODELS / "tiny-llama")], settings=["W16A16", "W4A16-g32", "W4A16-g32-gptq", noise, "W4A16-g32-awq"],
                  datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 8}],
                  calibration={"path": str(WIKI_TEST.parent / "valid.txt"), "samples": 16, "seqlen": 128})
     summary = sweep_flow(cfg, results_dir=str(env / "results"))
-    assert summary["evaluated"] == 4 and not summary.get("failed")
+    assert summary["evaluated"] == 5 and not summary.get("failed")
     by = runs("FINISHED", summary["sweep_id"]).set_index("params.setting")
     g = by.loc["W4A16-g32-gptq"]
+    assert by.loc["W4A16-g32-awq", "params.method"] == "awq" and by.loc["W4A16-g32-awq", "tags.quantlens.calibration_cached"] == "false"
     assert g["params.method"] == "gptq" and g["params.format"] == "gptq" and by.loc["W4A16-g32", "params.method"] == "rtn"
     assert g["params.calibration_samples"] == "16" and g["params.calibration_path"].endswith("valid.txt")
     assert g["tags.quantlens.calibration_cached"] == "false"
@@ -555,7 +556,9 @@ def test_gptq_calibrated_in_the_sweep_and_cached(env, tmp_path):
     corr = pd.read_csv(out / "error_correlation.csv")
     assert ((corr["setting_a"] == "W4A16-g32-gptq") | (corr["setting_b"] == "W4A16-g32-gptq")).any()
     # the lens: GPTQ, its RTN twin and noise of GPTQ's own per-layer variance, side by side
-    lens = pd.read_csv(out / "calibrated_lens.csv").set_index("role")
+    lens = pd.read_csv(out / "calibrated_lens.csv")
+    assert set(lens[lens["calibrated"] == "W4A16-g32-awq"]["role"]) == {"awq", "rtn"}
+    lens = lens[lens["calibrated"] == "W4A16-g32-gptq"].set_index("role")
     assert set(lens.index) == {"gptq", "rtn", "noise ~ gptq"}
     noise_run = by[by["params.base"] == "W4A16-g32-gptq"].iloc[0]
     assert noise_run["metrics.weight_rel_error_mean"] == pytest.approx(g["metrics.weight_rel_error_mean"], rel=1e-3)

@@ -126,14 +126,14 @@ def test_gptq_on_every_expert_of_an_moe_from_its_routed_tokens(kind):
     from test_moe import _model
     from quantlens.model.anatomy import anatomy
     from quantlens.model.loading import load_model
-    from quantlens.quantize.calibrate import _ExpertHessians, gptq_model
+    from quantlens.quantize.calibrate import _ExpertHessians, calibrate_model
     from quantlens.quantize.patch import full_report, quantize_, restore_
 
     model = _model(kind)
     body = anatomy(model)
     calib = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(5))
     setting = resolve_setting("W3A16-g16-gptq")
-    got = gptq_model(model, setting, calib, batch_size=4)
+    got = calibrate_model(model, setting, calib, batch_size=4)
     names = {e.qualified(a) for e in body.experts() for a in e.params}
     assert names <= set(got) and not any(n in got for n, _ in body.routers())
     # the last MoE block's experts, on the tokens the 16-bit model routes to them (its inputs are unchanged by
@@ -157,3 +157,53 @@ def test_gptq_on_every_expert_of_an_moe_from_its_routed_tokens(kind):
     quantize_(model, setting, calibrated=got)
     assert full_report(model).summary()["coverage_targeted"] == 1.0
     restore_(model)
+
+
+def test_awq_never_worse_than_rtn_on_its_calibration_loss_and_shares_a_scale():
+    """α = 0 is round-to-nearest, so AWQ's loss on the calibration Hessian is at most RTN's; with salient
+    channels (a few inputs 30× larger) it is strictly below; linears of one input share one α."""
+    from quantlens.quantize.awq import awq_quantize, scaled_quantize, scales
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(512, 64, generator=g)
+    x[:, :4] *= 30  # salient channels
+    H = hessian(x)
+    spec = resolve_setting("W3A16-g16").weights
+    ws = [torch.randn(32, 64, generator=g) for _ in range(3)]
+    qs, alpha = awq_quantize(ws, H, x.abs().mean(0), spec)
+    rtn = sum(reconstruction_error(w, quantize(w, spec).xq, H) for w in ws)
+    got = sum(reconstruction_error(w, q, H) for w, q in zip(ws, qs))
+    assert got < rtn and 0 < alpha < 1
+    s = scales(x.abs().mean(0), alpha)
+    assert all(torch.equal(q, scaled_quantize(w, s, spec)) for w, q in zip(ws, qs))  # one scale for the three
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_calibrated_awq_is_at_most_rtn_on_the_first_blocks_calibration_loss(trained, family, tmp_path):
+    """AWQ of the whole trained model, on block 0 (whose inputs the calibration data fix): q/k/v share
+    one scale and their summed calibration loss is at most round-to-nearest's; a linear that reads an
+    input alone (o_proj, down_proj, fc1, fc2) is at most RTN's by itself. (Perplexity is not asserted: on these small models AWQ and RTN at W3 g32 come within
+    noise of each other — measured in the closing note.)"""
+    from conftest import WIKI_TEST
+    from quantlens.evaluation.data import perplexity_windows
+    from quantlens.model.anatomy import anatomy
+    from quantlens.quantize.calibrate import calibrated_weights
+
+    model, tok = trained(family)
+    calib = perplexity_windows(tok, "wikitext2", 128, path=str(WIKI_TEST.parent / "valid.txt"), max_windows=16, use_cache=False)
+    weights, _ = calibrated_weights(model, "W3A16-g32-awq", calib, cache_dir=tmp_path)
+    block = anatomy(model).parts[0]
+    acc: dict[str, HessianAccumulator] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: acc.setdefault(n, HessianAccumulator(args[0].shape[-1])).add(args[0]))
+             for n, m in block.linears()]
+    with torch.no_grad():
+        model(calib)
+    for h in hooks:
+        h.remove()
+    spec = resolve_setting("W3A16-g32").weights
+    loss = {n: (reconstruction_error(m.weight, weights[n], acc[n].h), reconstruction_error(m.weight, quantize(m.weight.data, spec).xq, acc[n].h))
+            for n, m in block.linears()}
+    qkv = [n for n in loss if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")]
+    assert len(qkv) == 3 and sum(loss[n][0] for n in qkv) <= sum(loss[n][1] for n in qkv) * (1 + 1e-6)  # one α for the three
+    for n in set(loss) - set(qkv) - {n for n in loss if n.endswith(("gate_proj", "up_proj"))}:
+        assert loss[n][0] <= loss[n][1] * (1 + 1e-6), n  # a linear alone

@@ -1,6 +1,6 @@
-"""The lens on calibrated methods: does GPTQ win by a smaller Δ, or by where it puts it?
+"""The lens on calibrated methods: does GPTQ (AWQ) win by a smaller Δ, or by where it puts it?
 
-For every calibrated run (``method`` gptq) of a model, the table sets beside it its round-to-nearest
+For every calibrated run (``method`` gptq or awq) of a model, the table sets beside it its round-to-nearest
 twin (same grid, group size, activations and KV cache) and the noise runs matched to either (a
 weight perturbation with that run as its ``base``: the same variance per layer, placed at random),
 with the mean relative weight error ‖Δ‖/‖W‖ and the quality metrics. GPTQ below RTN in quality
@@ -14,6 +14,7 @@ import pandas as pd
 
 from quantlens.analysis.aggregate import metrics_present, to_markdown
 
+CALIBRATED = ("gptq", "awq")
 _GRID = ("w_bits", "w_group_size", "w_symmetric", "a_bits", "a_granularity", "kv_bits")
 
 
@@ -26,20 +27,20 @@ def _same_grid(df: pd.DataFrame, row: pd.Series) -> pd.Series:
 
 
 def calibrated_lens(df: pd.DataFrame) -> pd.DataFrame:
-    """model, calibrated (the GPTQ setting), role (gptq | rtn | noise ~ gptq | noise ~ rtn), setting,
+    """model, calibrated (the GPTQ or AWQ setting), role (gptq | awq | rtn | noise ~ gptq | … | noise ~ rtn), setting,
     weight_rel_error_mean and the quality metrics."""
-    if "method" not in df or not (df["method"] == "gptq").any():
+    if "method" not in df or not df["method"].isin(CALIBRATED).any():
         return pd.DataFrame()
     method = df["method"].fillna("rtn")
     pert = df.get("perturbation", pd.Series("none", index=df.index)).fillna("none")
     base = df.get("base", df["setting"]).fillna(df["setting"])
     metrics = metrics_present(df)
     rows = []
-    for _, g in df[(method == "gptq") & (pert == "none")].iterrows():
+    for _, g in df[method.isin(CALIBRATED) & (pert == "none")].iterrows():
         twin = df[_same_grid(df, g) & (method == "rtn") & (pert == "none")]
-        parts = [("gptq", g)]
+        parts = [(g["method"], g)]
         parts += [("rtn", r) for _, r in twin.iterrows()]
-        for ref, role in ((g["setting"], "noise ~ gptq"), *((r["setting"], "noise ~ rtn") for _, r in twin.iterrows())):
+        for ref, role in ((g["setting"], f"noise ~ {g['method']}"), *((r["setting"], "noise ~ rtn") for _, r in twin.iterrows())):
             parts += [(role, r) for _, r in df[(df["model"] == g["model"]) & (pert != "none") & (base == ref)].iterrows()]
         for role, r in parts:
             rows.append({"model": g["model"], "calibrated": g["setting"], "role": role, "setting": r["setting"],
@@ -50,7 +51,7 @@ def calibrated_lens(df: pd.DataFrame) -> pd.DataFrame:
 
 def calibrated_markdown(table: pd.DataFrame) -> str:
     lines = ["# Calibrated methods through the lens of perturbation", "",
-             "Does GPTQ win by a smaller Δ or by where it puts it? Each calibrated setting beside its round-to-nearest "
+             "Does GPTQ (AWQ) win by a smaller Δ or by where it puts it? Each calibrated setting beside its round-to-nearest "
              "twin and noise of the same per-layer variance (a perturbation whose base is that run).", ""]
     for model, g in table.groupby("model", sort=False):
         lines += [f"## {model}", "", to_markdown(g.drop(columns=["model"])), ""]

@@ -69,7 +69,7 @@ def workload(cfg: Any) -> Workload:
         elif d.name not in ("lambada", "lm-eval"):
             examples = max(examples, n)
             seqlens.append((d.example_len or 512) + 1 if d.examples in DOCUMENTS else d.seqlen or cfg.eval.seqlen)
-    calibrated = list({repr((s.weights, s.gptq, cfg.calibration_for(s))): s for s in settings if s.gptq is not None}.values())  # one GPTQ each
+    calibrated = list({repr((s.weights, s.gptq, s.awq, cfg.calibration_for(s))): s for s in settings if s.calibrated}.values())  # one calibration each
     calib_tokens = max((cfg.calibration_for(s).samples * cfg.calibration_for(s).seqlen for s in calibrated), default=0)
     return Workload(seqlen=max(seqlens) if seqlens else 256, tokens=tokens, examples=examples, settings=len(settings),
                     batch_size=cfg.eval.batch_size, act_quant=any(s.activations is not None for s in settings),

@@ -86,7 +86,7 @@ def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool =
         check_tasks(tasks)
         if cfg.hardware.placement == "stream":
             raise PreflightError(STREAM_TASKS)
-    for spec in {id(cfg.calibration_for(s)): cfg.calibration_for(s) for s in settings if s.gptq is not None}.values():
+    for spec in {id(cfg.calibration_for(s)): cfg.calibration_for(s) for s in settings if s.calibrated}.values():
         try:
             _, path, _ = cfg.calibration_source(spec)
         except ConfigError as err:

@@ -1,8 +1,9 @@
-"""Calibrated weight quantization (GPTQ), layer by layer: one decoder block on the device at a time.
+"""Calibrated weight quantization (GPTQ, AWQ), layer by layer: one decoder block on the device at a time.
 
 As GPTQ's own pipeline: the calibration windows run up to the first block (its inputs are captured,
 :mod:`quantlens.model.layerwise`); then for each block, every linear's input Hessian is accumulated
-over all windows (forward pre-hooks), each linear is quantized by :func:`quantlens.quantize.gptq.gptq_quantize`,
+over all windows (forward pre-hooks), each linear is quantized by :func:`quantlens.quantize.gptq.gptq_quantize`
+(or, for AWQ, :func:`quantlens.quantize.awq.awq_quantize`, linears reading one input sharing one scale),
 and the windows run through the block again *with its quantized weights*, so that the next block
 calibrates on what it will see. A streamed model (``placement: stream``) reads each block from its
 checkpoint once, so a 70B model calibrates on one GPU.
@@ -27,6 +28,7 @@ from torch import nn
 from quantlens.model import streaming
 from quantlens.model.anatomy import anatomy, is_conv1d
 from quantlens.model.layerwise import _hidden, _with_hidden, capture_by_kind, layer_kinds
+from quantlens.quantize.awq import awq_quantize
 from quantlens.quantize.gptq import HessianAccumulator, gptq_quantize
 from quantlens.quantize.settings import ConfigError, Setting, resolve_setting
 
@@ -43,7 +45,8 @@ def cache_key(model: nn.Module, setting: Setting, samples: torch.Tensor) -> str:
         for f in sorted(Path(source).glob("*.safetensors")):
             st = f.stat()
             files.append((f.name, st.st_size, int(st.st_mtime)))
-    what = {"weights": setting.identity().get("weights"), "gptq": setting.identity().get("gptq")}  # (noise matched to it: the same GPTQ)
+    ident = setting.identity()
+    what = {k: ident.get(k) for k in ("weights", "gptq", "awq")}  # (noise matched to it: the same calibration)
     ident = {"source": str(source), "files": files, "type": type(model).__name__, "setting": what,
              "tokens": hashlib.sha256(samples.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -54,14 +57,14 @@ def calibrated_weights(model: nn.Module, setting: Setting | str | dict, samples:
     """(name → quantized weight, whether they came from the cache) for ``setting`` (a GPTQ setting)
     on calibration windows ``samples`` [n, T]."""
     setting = resolve_setting(setting)
-    if setting.gptq is None:
+    if not setting.calibrated:
         raise ConfigError(f"{setting.name}: not a calibrated setting")
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / "calibrated" / f"{cache_key(model, setting, samples)}.pt"
         if path.is_file():
             return torch.load(path), True
-    out = gptq_model(model, setting, samples, batch_size=batch_size, progress=progress)
+    out = calibrate_model(model, setting, samples, batch_size=batch_size, progress=progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -71,9 +74,9 @@ def calibrated_weights(model: nn.Module, setting: Setting | str | dict, samples:
 
 
 @torch.no_grad()
-def gptq_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *, batch_size: int = 8,
+def calibrate_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *, batch_size: int = 8,
                progress: Progress | None = None) -> dict[str, torch.Tensor]:
-    """GPTQ on every linear of every decoder block, sequentially (module doc)."""
+    """GPTQ (or AWQ) on every linear and expert of every decoder block, sequentially (module doc)."""
     from quantlens.quantize.patch import current_setting
 
     if current_setting(model) is not None:
@@ -92,7 +95,13 @@ def gptq_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *, bat
         with (streaming.resident(model, i) if lazy else _noop(blocks[i])) as block:
             linears = part.linears()
             acc = {n: HessianAccumulator(_in(m), device) for n, m in linears}
-            hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: acc[n].add(args[0])) for n, m in linears]
+            reads: dict[str, torch.Tensor] = {}  # linear → the first input it read (kept alive): who shares an input (AWQ's groups)
+
+            def seen(n: str, x: torch.Tensor) -> None:
+                reads.setdefault(n, x)
+                acc[n].add(x)
+
+            hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen(n, args[0])) for n, m in linears]
             experts = {e.name: _ExpertHessians(e, device) for e in part.experts}  # per expert: its routed tokens
             for ex in experts.values():
                 hooks.append(ex.attach())
@@ -108,17 +117,22 @@ def gptq_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *, bat
                 for attr in ex.e.params:
                     p = getattr(ex.e.module, attr)
                     originals[ex.e.qualified(attr)] = (p, p.data)
-                    q = ex.quantized(attr, spec, g)
+                    q = ex.quantized(attr, spec, setting)
                     p.data = q
                     out[ex.e.qualified(attr)] = q.to("cpu")
-            for n, m in linears:
-                w = m.weight.data
-                mat = w.t() if is_conv1d(m) else w
-                q = gptq_quantize(mat, acc[n].h, spec, damp=g.damp, block=g.block, act_order=g.act_order)
-                q = q.t().contiguous() if is_conv1d(m) else q
-                originals[n] = (m.weight, w)
-                m.weight.data = q
-                out[n] = q.to("cpu")
+            mods = dict(linears)
+            for group in _input_groups([n for n, _ in linears], reads, setting.awq is not None):
+                mats = [(mods[n].weight.data.t() if is_conv1d(mods[n]) else mods[n].weight.data) for n in group]
+                if setting.awq is not None:
+                    qs, _ = awq_quantize(mats, acc[group[0]].h, acc[group[0]].abs_mean, spec, grid=setting.awq.grid)
+                else:
+                    qs = [gptq_quantize(mats[0], acc[group[0]].h, spec, damp=g.damp, block=g.block, act_order=g.act_order)]
+                for n, q in zip(group, qs):
+                    m = mods[n]
+                    q = q.t().contiguous() if is_conv1d(m) else q
+                    originals[n] = (m.weight, m.weight.data)
+                    m.weight.data = q
+                    out[n] = q.to("cpu")
             for j, h in enumerate(states):  # the next block sees what the quantized block gives
                 a, kw = _with_hidden(*contexts[j][kinds[i]], h)
                 y = block(*a, **kw)
@@ -157,22 +171,44 @@ class _ExpertHessians:
 
         return _Undo()
 
-    def quantized(self, attr: str, spec: Any, g: Any) -> torch.Tensor:
-        """The tensor ``attr`` with every expert matrix GPTQ-quantized on its own routed tokens; an expert
-        no calibration token reached is rounded to nearest (its Hessian is empty)."""
+    def quantized(self, attr: str, spec: Any, setting: Setting) -> torch.Tensor:
+        """The tensor ``attr`` with every expert matrix GPTQ- (or AWQ-) quantized on its own routed tokens
+        (an expert's gate and up matrices read one input: one AWQ scale); an expert no calibration token
+        reached is rounded to nearest (its Hessian is empty)."""
         from quantlens.quantize.quant import quantize
 
-        e = self.e
+        e, g = self.e, setting.gptq
         mats = e.matrices(attr, getattr(e.module, attr).data)
         parts = e.parts(attr)
         out = torch.empty_like(mats)
-        for i in range(mats.shape[0]):
-            acc = self.acc.get((i // parts, attr))
+        for j in range(e.num_experts):
+            sl = range(j * parts, (j + 1) * parts)
+            acc = self.acc.get((j, attr))
             if acc is None or acc.n == 0:
-                out[i] = quantize(mats[i], spec).xq
+                for i in sl:
+                    out[i] = quantize(mats[i], spec).xq
+            elif setting.awq is not None:
+                qs, _ = awq_quantize([mats[i] for i in sl], acc.h, acc.abs_mean, spec, grid=setting.awq.grid)
+                for i, q in zip(sl, qs):
+                    out[i] = q
             else:
-                out[i] = gptq_quantize(mats[i], acc.h, spec, damp=g.damp, block=g.block, act_order=g.act_order)
+                for i in sl:
+                    out[i] = gptq_quantize(mats[i], acc.h, spec, damp=g.damp, block=g.block, act_order=g.act_order)
         return e.from_matrices(attr, out)
+
+
+def _input_groups(names: list[str], reads: dict[str, torch.Tensor], share: bool) -> list[list[str]]:
+    """Linears in groups that read one input tensor (q/k/v, gate/up) when ``share`` (AWQ), else one by one."""
+    if not share:
+        return [[n] for n in names]
+    groups: list[list[str]] = []
+    for n in names:
+        same = next((g for g in groups if n in reads and reads.get(g[0]) is reads[n]), None)
+        if same is None:
+            groups.append([n])
+        else:
+            same.append(n)
+    return groups
 
 
 class _noop:

@@ -67,13 +67,19 @@ class HessianAccumulator:
 
     def __init__(self, columns: int, device: torch.device | str = "cpu"):
         self.h = torch.zeros(columns, columns, device=device)
+        self.abs_sum = torch.zeros(columns, device=device, dtype=torch.float64)  # Σ|x| per channel (AWQ's mean)
         self.n = 0
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.n, 1)).to(torch.float32)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.h.device, torch.float32)
         m = x.shape[0]
         if m == 0:
             return
+        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
         self.h.mul_(self.n / (self.n + m))
         self.n += m
         x = x * (2.0 / self.n) ** 0.5

@@ -367,15 +367,15 @@ def _new_tensor(t: Target, w: torch.Tensor, setting: Setting, calibrated: dict[s
     quantized slice by slice — each expert's gate, up and down matrix on its own, exactly as the
     dense MLP's linears would be (rows and groups along each matrix's input features, one tensor
     scale per matrix); statistics are per expert (``<experts>.<tensor>.<e>``). A calibrated setting
-    (GPTQ) takes its weights from ``calibrated`` (:mod:`quantlens.quantize.calibrate`)."""
-    if setting.gptq is not None:
+    (GPTQ, AWQ) takes its weights from ``calibrated`` (:mod:`quantlens.quantize.calibrate`)."""
+    if setting.calibrated:
         if calibrated is None or t.name not in calibrated:
             raise ConfigError(f"{setting.name}: no calibrated weight for {t.name} (calibrate the model first: "
                               "quantlens.quantize.calibrate.calibrated_weights)")
         wq = calibrated[t.name].to(w.device, w.dtype)
         if wq.shape != w.shape:
             raise ConfigError(f"{setting.name}: the calibrated weight of {t.name} is {tuple(wq.shape)}, the model's {tuple(w.shape)}")
-        if setting.perturbs_weights():  # noise with the variance of GPTQ's own error on this layer, where the noise puts it
+        if setting.perturbs_weights():  # noise with the variance of the method's own error on this layer, where the noise puts it
             p = setting.perturbation
             std = (wq.to(torch.float32) - w.to(torch.float32)).std(unbiased=False)
             wq = (w.to(torch.float32) + shaped_noise(w, std, p, make_generator(p.seed, t.name))).to(w.dtype)
@@ -451,7 +451,7 @@ def quantize_(
         if not (setting.include_lm_head and head is not None and head.weight is emb.weight):
             weight_targets.append(Target(_qualified_name(model, emb), emb, "embedding"))
 
-    if setting.gptq is not None:  # every weight calibrated, checked before any changes
+    if setting.calibrated:  # every weight calibrated, checked before any changes
         missing = [t.name for t in weight_targets if calibrated is None or t.name not in calibrated]
         if missing:
             raise ConfigError(f"{setting.name}: no calibrated weights for {len(missing)} layer(s) ({missing[0]}, …): calibrate the "

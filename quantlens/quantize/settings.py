@@ -213,6 +213,12 @@ class GPTQSpec(_Strict):
     block: int = Field(128, gt=0, description="columns per lazy batch update")
 
 
+class AWQSpec(_Strict):
+    """AWQ's own parameters (:mod:`quantlens.quantize.awq`); the grid is the setting's weights spec."""
+
+    grid: int = Field(20, gt=0, description="α searched over {0, 1/grid, …}: AWQ's n_grid")
+
+
 class CalibrationSpec(_Strict):
     """The data a calibrated method (GPTQ) sees: ``samples`` windows of ``seqlen`` tokens. ``dataset``
     ``auto`` is the sweep's first text dataset — its windows after the evaluated ones (disjoint), or
@@ -239,22 +245,35 @@ class Setting(_Strict):
     include_routers: bool = Field(False, description="MoE routers (and Qwen2-MoE's shared-expert gate) quantized too; "
                                   "by default they stay 16-bit, as deployed MoE quantization leaves them")
     gptq: GPTQSpec | None = Field(None, description="weights quantized by GPTQ on calibration data (the -gptq suffix)")
+    awq: AWQSpec | None = Field(None, description="weights quantized by AWQ's activation-aware scales (the -awq suffix)")
     calibration: CalibrationSpec | None = Field(None, description="this setting's calibration data (else the sweep's)")
 
     @model_validator(mode="after")
-    def _gptq_has_a_grid(self) -> "Setting":
-        if self.gptq is None:
+    def _calibrated_has_a_grid(self) -> "Setting":
+        if self.gptq is not None and self.awq is not None:
+            raise ValueError("gptq and awq: one calibrated method per setting")
+        method = self.method
+        if method == "rtn":
             if self.calibration is not None:
-                raise ValueError("calibration: only a calibrated method (gptq) uses calibration data")
+                raise ValueError("calibration: only a calibrated method (gptq, awq) uses calibration data")
             return self
         if self.weights is None:
-            raise ValueError("gptq: needs quantized weights (a weights spec)")
+            raise ValueError(f"{method}: needs quantized weights (a weights spec)")
         from quantlens.quantize.gptq import supported
 
         why = supported(self.weights)
         if why:
-            raise ValueError(f"gptq: {why}")
-        return self  # (a weight perturbation of a gptq setting is noise matched to GPTQ's own Δ, layer by layer)
+            raise ValueError(f"{method}: {why.replace('GPTQ', method.upper())}")
+        return self  # (a weight perturbation of a calibrated setting is noise matched to the method's own Δ, layer by layer)
+
+    @property
+    def method(self) -> str:
+        """How the weights are quantized: ``rtn`` (round to nearest, also for no weights), ``gptq``, ``awq``."""
+        return "gptq" if self.gptq is not None else "awq" if self.awq is not None else "rtn"
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method != "rtn"
 
     @model_validator(mode="after")
     def _perturbation_has_reference(self) -> "Setting":
@@ -299,7 +318,7 @@ class Setting(_Strict):
         """What the setting computes, as plain data: equal for two settings exactly when they are the same
         computation. Run keys are built from it, so the same computation is one run."""
         ident = self.canonical().model_dump(exclude={"name", "base"})
-        for k in ("include_routers", "gptq", "calibration"):  # (fields newer than most runs: absent at their defaults)
+        for k in ("include_routers", "gptq", "awq", "calibration"):  # (fields newer than most runs: absent at their defaults)
             if not ident.get(k):
                 ident.pop(k, None)
         for part in ("weights", "activations", "kv"):  # format fields at their defaults: the keys of runs made before they existed
@@ -368,8 +387,8 @@ class Setting(_Strict):
         out.update({
             "symmetric": spec.symmetric if spec else True,
             "transform": f"power{spec.transform_p:.4g}" if spec and spec.transform_p != 1.0 else "uniform",
-            "format": "gptq" if self.gptq else fams[0] if fams and len(set(fams)) == 1 else "mixed" if fams else "none",
-            "method": "gptq" if self.gptq else "rtn" if parts else "none",
+            "format": self.method if self.calibrated else fams[0] if fams and len(set(fams)) == 1 else "mixed" if fams else "none",
+            "method": self.method if parts else "none",
             "transform_p": spec.transform_p if spec else 1.0,
             "clip_k": spec.clip_k if spec and spec.clip_k is not None else 0.0,
             "perturbation": f"{p.distribution}-{p.rule}-{p.target}" if p else "none",
@@ -389,12 +408,12 @@ def _validated(cls: type[BaseModel], data: dict[str, Any], what: str) -> Any:
 # --- Names --------------------------------------------------------------------------------------
 # W{wbits}A{abits}[KV{kvbits}][-g{group}][-nu][-p{exp}][-{format}[{bits}][{element}]][-clip{k}], e.g. W8A8,
 # W4A16-g128, W4A16-nu, W3A16-clip3, W16A16KV4, W4A16KV4-nu, W4A16-nf4, W8A8-fp8, W8A8-fp8e5m2, W4A4-mxfp4,
-# W4A16-nvfp4, W3A16-km, W4A16-gptq (GPTQ, groups of 128 unless -g). -g is the weights' group size; -nu / -p / -clip and the format apply to every
+# W4A16-nvfp4, W3A16-km, W4A16-gptq / W4A16-awq (GPTQ, AWQ: groups of 128 unless -g). -g is the weights' group size; -nu / -p / -clip and the format apply to every
 # quantized part (weights, activations, KV cache), each at its own bits (W4A8-fp: FP4 weights, FP8
 # activations; digits after the format must then be every quantized part's bits); 16 bits means "not quantized".
 _NAME = re.compile(
     r"^W(?P<w>\d+)A(?P<a>\d+)(?:KV(?P<kv>\d+))?(?:-g(?P<g>\d+))?(?P<nu>-nu)?(?:-p(?P<p>[0-9.]+))?"
-    r"(?:-(?P<fmt>nf|fp|mxfp|mxint|nvfp|km)(?P<fb>\d+)?(?P<el>e\dm\d)?)?(?:-clip(?P<k>[0-9.]+))?(?P<gptq>-gptq)?$"
+    r"(?:-(?P<fmt>nf|fp|mxfp|mxint|nvfp|km)(?P<fb>\d+)?(?P<el>e\dm\d)?)?(?:-clip(?P<k>[0-9.]+))?(?P<calib>-gptq|-awq)?$"
 )
 PRESET_NAMES = ("W16A16", "W8A8", "W4A16", "W4A8", "W8A8-nu", "W4A16-nu", "W4A8-nu")
 FORMAT_NAMES = ("W4A16-nf4", "W3A16-nf3", "W4A16-fp4", "W8A8-fp8", "W4A16-mxfp4", "W4A4-mxfp4", "W8A8-mxfp8",
@@ -443,7 +462,7 @@ def setting_from_name(name: str) -> Setting:
         raise ConfigError(
             f"unknown setting {name!r}: expected a preset ({', '.join(PRESET_NAMES)}), a format "
             f"({', '.join(FORMAT_NAMES[:6])}, …) or a name of the form "
-            "W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]][-clip<k>][-gptq], "
+            "W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]][-clip<k>][-gptq|-awq], "
             "e.g. W3A16-g64-nu, W16A16KV4, W4A16-nf4"
         )
     wb, ab = int(m["w"]), int(m["a"])
@@ -471,11 +490,11 @@ def setting_from_name(name: str) -> Setting:
             raise ConfigError(f"invalid setting {name!r}: -{fmt}{m['fb']} names {m['fb']} bits but {said} bits are quantized: "
                               f"write -{fmt} (each part in {fmt} at its own bits)")
     data: dict[str, Any] = {"name": name}
-    if m["gptq"]:  # GPTQ as the second paper runs it: groups of 128 unless -g says otherwise, act-order, damp 0.01
+    if m["calib"]:  # GPTQ / AWQ as the second paper runs them: groups of 128 unless -g says otherwise (GPTQ: act-order, damp 0.01)
         if wb == 16:
-            raise ConfigError(f"invalid setting {name!r}: -gptq quantizes weights, and weights are at 16 bits")
+            raise ConfigError(f"invalid setting {name!r}: {m['calib']} quantizes weights, and weights are at 16 bits")
         group = group or GPTQ_GROUP
-        data["gptq"] = {}
+        data[m["calib"][1:]] = {}
     for part, bits in quantized.items():
         if fmt:
             try:
