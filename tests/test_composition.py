@@ -272,3 +272,31 @@ def test_fused_experts_without_a_declared_layout_are_refused():
     del experts.is_transposed
     with pytest.raises(ModelNotUnderstood, match=r"experts module model.layers.0.mlp.experts .* does not declare their layout \(is_transposed"):
         anatomy(model)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_calibrated_methods_on_every_architecture(arch, folders):
+    """GPTQ (with A8 on top) and AWQ on every architecture, experts included: calibrated layer by layer
+    on a single model and on a streamed one (blocks read from the checkpoint) to the same weights bit
+    for bit, then evaluated stream == single, every targeted weight quantized."""
+    from quantlens.quantize.calibrate import calibrate_model
+
+    path = folders[arch]
+    single, _ = load_model(path, device="cpu", dtype="float32", placement="single")
+    stream, _ = load_model(path, device="cpu", dtype="float32", placement="stream")
+    windows, reqs = _inputs(single.config.vocab_size)
+    calib = torch.randint(1, single.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(9))
+    for name in ("W4A8-g16-gptq", "W3A16-g16-awq"):
+        s = resolve_setting(name)
+        got = {p: calibrate_model(m, s, calib, batch_size=2) for p, m in (("single", single), ("stream", stream))}
+        assert got["single"].keys() == got["stream"].keys()
+        assert all(torch.equal(got["single"][k], got["stream"][k]) for k in got["single"]), f"{arch}/{name}: stream calibrated otherwise"
+        results = {}
+        for p, m in (("single", single), ("stream", stream)):
+            quantize_(m, s, calibrated=got[p])
+            try:
+                results[p] = {"nll": perplexity(m, windows, batch_size=4)["per_example"]["nll"].to_numpy()}
+                assert full_report(m).summary()["coverage_targeted"] == 1.0
+            finally:
+                restore_(m)
+        _same(results["single"], results["stream"], f"{arch}/{name} stream vs single")
