@@ -102,7 +102,7 @@ def test_demo_through_worker_with_fan_out(srv):
                        "dispatch": "quantlens-model/gpu", "results_dir": str(srv.root / "results")})
     out, err = p.communicate(timeout=1200)
     assert json.loads(out.strip().splitlines()[-1])["state"] == "COMPLETED", err[-3000:]
-    fin = finished_unique(srv.mlflow_url, "quantlens-demo", 45)
+    fin = finished_unique(srv.mlflow_url, "quantlens-demo", 42)
     assert {params(r)["model"] for r in fin} == {"tiny-opt", "tiny-bloom", "tiny-llama"}
     opt = next(r for r in fin if params(r)["model"] == "tiny-opt" and params(r)["setting"] == "W16A16")
     metrics = {m["key"]: m["value"] for m in opt["data"]["metrics"]}

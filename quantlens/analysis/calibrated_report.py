@@ -1,7 +1,8 @@
 """The lens on calibrated methods: does GPTQ (AWQ) win by a smaller Δ, or by where it puts it?
 
 For every calibrated run (``method`` gptq or awq) of a model, the table sets beside it its round-to-nearest
-twin (same grid, group size, activations and KV cache) and the noise runs matched to either (a
+twin (same grid, group size, activations and KV cache; else round-to-nearest at the same bits with
+another granularity, said in its role) and the noise runs matched to either (a
 weight perturbation with that run as its ``base``: the same variance per layer, placed at random),
 with the mean relative weight error ‖Δ‖/‖W‖ and the quality metrics. GPTQ below RTN in quality
 with a Δ as large or larger puts its error where it hurts less; noise matched to GPTQ that does as
@@ -35,11 +36,19 @@ def calibrated_lens(df: pd.DataFrame) -> pd.DataFrame:
     pert = df.get("perturbation", pd.Series("none", index=df.index)).fillna("none")
     base = df.get("base", df["setting"]).fillna(df["setting"])
     metrics = metrics_present(df)
+    integer = df.get("format", pd.Series("int", index=df.index)).fillna("int").isin(["int", "none"])  # RTN on the integer grid
     rows = []
     for _, g in df[method.isin(CALIBRATED) & (pert == "none")].iterrows():
-        twin = df[_same_grid(df, g) & (method == "rtn") & (pert == "none")]
+        twin = df[_same_grid(df, g) & (method == "rtn") & (pert == "none") & integer]
+        rtn = "rtn"
+        if twin.empty:  # no run on the very grid: round-to-nearest at the same bits, another granularity
+            same_bits = (df["model"] == g["model"]) & (method == "rtn") & (pert == "none") & integer
+            for c in ("w_bits", "a_bits", "kv_bits"):
+                if c in df:
+                    same_bits &= df[c].astype(str) == str(g[c])
+            twin, rtn = df[same_bits], "rtn (other granularity)"
         parts = [(g["method"], g)]
-        parts += [("rtn", r) for _, r in twin.iterrows()]
+        parts += [(rtn, r) for _, r in twin.iterrows()]
         for ref, role in ((g["setting"], f"noise ~ {g['method']}"), *((r["setting"], "noise ~ rtn") for _, r in twin.iterrows())):
             parts += [(role, r) for _, r in df[(df["model"] == g["model"]) & (pert != "none") & (base == ref)].iterrows()]
         for role, r in parts:
