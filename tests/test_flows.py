@@ -534,7 +534,7 @@ def test_a_mixture_of_experts_end_to_end(env, tmp_path):
 def test_gptq_calibrated_in_the_sweep_and_cached(env, tmp_path):
     """W4A16-g32-gptq next to its RTN twin: calibrated layer by layer on WikiText-2's valid split (the
     run's params say on what), perplexity below RTN's, its per-example errors in error_correlation,
-    and a forced rerun of the sweep calibrates nothing (the weights come from the cache)."""
+    and the noise run matched to it calibrates nothing (GPTQ's weights come from the cache)."""
     import pandas as pd
 
     from quantlens.flows.sweep import sweep_flow
@@ -564,7 +564,5 @@ def test_gptq_calibrated_in_the_sweep_and_cached(env, tmp_path):
     assert noise_run["metrics.weight_rel_error_mean"] == pytest.approx(g["metrics.weight_rel_error_mean"], rel=1e-3)
     assert lens.loc["noise ~ gptq", "wikitext2_ppl"] == pytest.approx(noise_run["metrics.wikitext2_ppl"])
     assert "## tiny-llama" in (out / "calibrated_lens.md").read_text()
-    again = sweep_flow({**cfg, "name": "gptq-again"}, results_dir=str(env / "results"), force=True)
-    rerun = runs("FINISHED", again["sweep_id"]).set_index("params.setting").loc["W4A16-g32-gptq"]
-    assert rerun["tags.quantlens.calibration_cached"] == "true"
-    assert rerun["metrics.wikitext2_ppl"] == g["metrics.wikitext2_ppl"]
+    # the noise run needs GPTQ's weights too: the calibration step read them from the cache
+    assert noise_run["tags.quantlens.calibration_cached"] == "true" and noise_run["params.calibration_samples"] == "16"
