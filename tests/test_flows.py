@@ -288,7 +288,7 @@ def test_cli_dry_run_and_list(filled, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"= {GRID} run(s)" in r.stdout and f"{GRID} done, 0 to run" in r.stdout
     r = _cli("list-settings")
-    assert "W4A16-nu" in r.stdout and "p=0.333" in r.stdout
+    assert "W4A16-nu" in r.stdout and "p=0.333" in r.stdout and "GPTQ on int4 blocks of 128" in r.stdout
 
 
 def test_per_example_artifacts_and_analysis_end_to_end(env):

@@ -180,7 +180,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_list_settings(args: argparse.Namespace) -> int:
-    from quantlens.quantize.settings import FORMAT_NAMES, PRESETS, setting_from_name
+    from quantlens.quantize.settings import CALIBRATED_NAMES, FORMAT_NAMES, PRESETS, setting_from_name
 
     def desc(q) -> str:  # noqa: ANN001
         if q is None:
@@ -190,12 +190,16 @@ def cmd_list_settings(args: argparse.Namespace) -> int:
         scale = "" if q.scale == "fp32" or q.format == "km" else f", {q.scale}" + (f"×fp32/{q.global_scale}" if q.global_scale else "") + " scale"
         return f"{q.label} {where}{scale}{t}"
 
+    def weights(s) -> str:  # noqa: ANN001
+        return desc(s.weights) if not s.calibrated else f"{s.method.upper()} on {desc(s.weights)}"
+
     print(f"{'name':<18}{'weights':<44}{'activations':<44}{'KV cache'}")
-    for name in (*PRESETS, *FORMAT_NAMES):
+    for name in (*PRESETS, *FORMAT_NAMES, *CALIBRATED_NAMES):
         s = setting_from_name(name)
-        print(f"{name:<18}{desc(s.weights):<44}{desc(s.activations):<44}{desc(s.kv)}")
-    print("\nAny name W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]][-clip<k>] "
-          "works too, e.g. W3A16-g64-nu, W8A8-clip3, W16A16KV4, W4A8-fp (FP4 weights, FP8 activations), W8A8-fp8e5m2.")
+        print(f"{name:<18}{weights(s):<44}{desc(s.activations):<44}{desc(s.kv)}")
+    print("\nAny name W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]][-clip<k>][-gptq|-awq] "
+          "works too, e.g. W3A16-g64-nu, W8A8-clip3, W16A16KV4, W4A8-fp (FP4 weights, FP8 activations), W8A8-fp8e5m2, W3A16-g64-gptq.")
+    print("Calibrated methods (gptq, awq) quantize on the sweep's calibration data (calibration: in the YAML).")
     print("Perturbations, grids (seeds, clip_k, transform_p lists) and the long form of every format field "
           "(format, element, scale, global_scale, group_size) are defined in the sweep YAML.")
     return 0

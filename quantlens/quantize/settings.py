@@ -418,6 +418,7 @@ _NAME = re.compile(
 PRESET_NAMES = ("W16A16", "W8A8", "W4A16", "W4A8", "W8A8-nu", "W4A16-nu", "W4A8-nu")
 FORMAT_NAMES = ("W4A16-nf4", "W3A16-nf3", "W4A16-fp4", "W8A8-fp8", "W4A16-mxfp4", "W4A4-mxfp4", "W8A8-mxfp8",
                 "W4A16-nvfp4", "W4A4-nvfp4", "W3A16-km", "W4A16-km", "W16A16KV8-fp8", "W16A16KV4-nvfp4")
+CALIBRATED_NAMES = ("W4A16-gptq", "W3A16-gptq", "W4A16-awq", "W3A16-awq")
 MX_BLOCK, NVFP_BLOCK, NF_BLOCK, FP_GROUP, GPTQ_GROUP = 32, 16, 64, 32, 128
 
 
