@@ -33,6 +33,18 @@ def test_hessian_accumulates_as_one_batch():
     torch.testing.assert_close(acc.h, hessian(x), rtol=1e-5, atol=1e-6)
 
 
+def _block_hessians(model, block, windows) -> dict[str, HessianAccumulator]:
+    """Each linear of ``block``'s input Hessian over one forward of ``windows``."""
+    acc: dict[str, HessianAccumulator] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: acc.setdefault(n, HessianAccumulator(args[0].shape[-1])).add(args[0]))
+             for n, m in block.linears()]
+    with torch.no_grad():
+        model(windows)
+    for h in hooks:
+        h.remove()
+    return acc
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("name", ["W4A16", "W3A16-g32"])
 def test_gptq_beats_rtn_on_every_linear_of_a_trained_block(trained, family, name):
@@ -46,13 +58,7 @@ def test_gptq_beats_rtn_on_every_linear_of_a_trained_block(trained, family, name
     spec = resolve_setting(name).weights
     windows = perplexity_windows(tok, "wikitext2", 128, path=str(WIKI_TEST), max_windows=16, use_cache=False)
     block = anatomy(model).parts[1]
-    acc: dict[str, HessianAccumulator] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: acc.setdefault(n, HessianAccumulator(args[0].shape[-1])).add(args[0]))
-             for n, m in block.linears()]
-    with torch.no_grad():
-        model(windows)
-    for h in hooks:
-        h.remove()
+    acc = _block_hessians(model, block, windows)
     for n, m in block.linears():
         H = acc[n].h
         rtn = reconstruction_error(m.weight, quantize(m.weight.data, spec).xq, H)
@@ -193,13 +199,7 @@ def test_calibrated_awq_is_at_most_rtn_on_the_first_blocks_calibration_loss(trai
     calib = perplexity_windows(tok, "wikitext2", 128, path=str(WIKI_TEST.parent / "valid.txt"), max_windows=16, use_cache=False)
     weights, _ = calibrated_weights(model, "W3A16-g32-awq", calib, cache_dir=tmp_path)
     block = anatomy(model).parts[0]
-    acc: dict[str, HessianAccumulator] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: acc.setdefault(n, HessianAccumulator(args[0].shape[-1])).add(args[0]))
-             for n, m in block.linears()]
-    with torch.no_grad():
-        model(calib)
-    for h in hooks:
-        h.remove()
+    acc = _block_hessians(model, block, calib)
     spec = resolve_setting("W3A16-g32").weights
     loss = {n: (reconstruction_error(m.weight, weights[n], acc[n].h), reconstruction_error(m.weight, quantize(m.weight.data, spec).xq, acc[n].h))
             for n, m in block.linears()}

@@ -16,9 +16,9 @@ model, setting and data calibrates nothing. The model itself is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from quantlens.model import streaming
-from quantlens.model.anatomy import anatomy, is_conv1d
+from quantlens.model.anatomy import anatomy, in_features, is_conv1d
 from quantlens.model.layerwise import _hidden, _with_hidden, capture_by_kind, layer_kinds
 from quantlens.quantize.awq import awq_quantize
 from quantlens.quantize.gptq import HessianAccumulator, gptq_quantize
@@ -86,15 +86,25 @@ def calibrate_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *
     device = model.get_input_embeddings().weight.device
     blocks = body.blocks
     kinds = layer_kinds(model, blocks)
-    lazy = streaming.is_lazy(model) or streaming.streaming_device(model) is not None
+    streamed = streaming.streaming_device(model) is not None  # its blocks come to the device one at a time
     batches = [samples[s:s + batch_size] for s in range(0, samples.shape[0], batch_size)]
     contexts = [capture_by_kind(model, blocks[0], {"input_ids": b.to(device)}, kinds) for b in batches]
     states = [_hidden(*c[kinds[0]]) for c in contexts]
     out: dict[str, torch.Tensor] = {}
+
+    def through(block: nn.Module, i: int) -> list[torch.Tensor]:
+        """Every calibration batch through block ``i``: its outputs, in order."""
+        ys = []
+        for j, h in enumerate(states):
+            a, kw = _with_hidden(*contexts[j][kinds[i]], h)
+            y = block(*a, **kw)
+            ys.append(y[0] if isinstance(y, tuple) else y)
+        return ys
+
     for i, part in enumerate(body.parts):
-        with (streaming.resident(model, i) if lazy else _noop(blocks[i])) as block:
+        with streaming.resident(model, i) if streamed else contextlib.nullcontext(blocks[i]) as block:
             linears = part.linears()
-            acc = {n: HessianAccumulator(_in(m), device) for n, m in linears}
+            acc = {n: HessianAccumulator(in_features(m), device) for n, m in linears}
             reads: dict[str, torch.Tensor] = {}  # linear → the first input it read (kept alive): who shares an input (AWQ's groups)
 
             def seen(n: str, x: torch.Tensor) -> None:
@@ -106,9 +116,7 @@ def calibrate_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *
             for ex in experts.values():
                 hooks.append(ex.attach())
             try:
-                for j, h in enumerate(states):
-                    a, kw = _with_hidden(*contexts[j][kinds[i]], h)
-                    block(*a, **kw)
+                through(block, i)
             finally:
                 for hk in hooks:
                     hk.remove()
@@ -133,10 +141,7 @@ def calibrate_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *
                     originals[n] = (m.weight, m.weight.data)
                     m.weight.data = q
                     out[n] = q.to("cpu")
-            for j, h in enumerate(states):  # the next block sees what the quantized block gives
-                a, kw = _with_hidden(*contexts[j][kinds[i]], h)
-                y = block(*a, **kw)
-                states[j] = y[0] if isinstance(y, tuple) else y
+            states = through(block, i)  # the next block sees what the quantized block gives
             for p, w in originals.values():
                 p.data = w
         if progress:
@@ -160,16 +165,7 @@ class _ExpertHessians:
     def attach(self) -> Any:
         from quantlens.quantize import moe
 
-        e, mod = self.e, self.e.module
-        names = (e.qualified(e.first), e.qualified("down_proj"))
-        mod.forward = types.MethodType(
-            lambda m, h, idx, w: moe.per_expert_forward(e, h, idx, w, lambda n, x: x, names, set(), self.record), mod)
-
-        class _Undo:
-            def remove(self_inner) -> None:
-                mod.__dict__.pop("forward", None)
-
-        return _Undo()
+        return moe.run_per_expert(self.e, lambda n, x: x, set(), self.record)
 
     def quantized(self, attr: str, spec: Any, setting: Setting) -> torch.Tensor:
         """The tensor ``attr`` with every expert matrix GPTQ- (or AWQ-) quantized on its own routed tokens
@@ -209,18 +205,3 @@ def _input_groups(names: list[str], reads: dict[str, torch.Tensor], share: bool)
         else:
             same.append(n)
     return groups
-
-
-class _noop:
-    def __init__(self, block: nn.Module):
-        self.block = block
-
-    def __enter__(self) -> nn.Module:
-        return self.block
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _in(m: nn.Module) -> int:
-    return int(m.weight.shape[0] if is_conv1d(m) else m.weight.shape[-1])

@@ -63,9 +63,7 @@ def attach(target: Any, transform: Transform, bypass: set[str], per_expert: bool
     if per_expert:
         if target.attr != e.first:
             return []  # the loop quantizes both inputs: installed once, with the first tensor
-        names = (e.qualified(e.first), e.qualified("down_proj"))
-        mod.forward = types.MethodType(lambda self, h, idx, w: per_expert_forward(e, h, idx, w, transform, names, bypass), mod)
-        return [_Handle(lambda: mod.__dict__.pop("forward", None))]
+        return [run_per_expert(e, transform, bypass)]
     if target.attr == e.first:
         def pre(module: nn.Module, args: tuple) -> tuple | None:
             if name in bypass:
@@ -87,6 +85,15 @@ def attach(target: Any, transform: Transform, bypass: set[str], per_expert: bool
         return None if name in bypass else transform(name, out)
 
     return [mod.act_fn.register_forward_hook(act)]
+
+
+def run_per_expert(e: Experts, transform: Transform, bypass: set[str],
+                   record: Callable[[int, str, torch.Tensor], None] | None = None) -> _Handle:
+    """Make the experts module run :func:`per_expert_forward` until the handle is removed."""
+    mod = e.module
+    names = (e.qualified(e.first), e.qualified("down_proj"))
+    mod.forward = types.MethodType(lambda self, h, idx, w: per_expert_forward(e, h, idx, w, transform, names, bypass, record), mod)
+    return _Handle(lambda: mod.__dict__.pop("forward", None))
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:

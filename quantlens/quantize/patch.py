@@ -356,9 +356,6 @@ def _new_matrix(name: str, w: torch.Tensor, setting: Setting) -> tuple[torch.Ten
     return res.xq, weight_stats(name, w, res.xq, res.alpha, res.clipped_fraction)
 
 
-_new_weight = _new_matrix  # (the name of a 2-D weight's path)
-
-
 def _new_tensor(t: Target, w: torch.Tensor, setting: Setting, calibrated: dict[str, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, list[LayerStats]]:
     """A target's weight quantized under the setting, as its module stores it, and its statistics.
