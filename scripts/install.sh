@@ -13,7 +13,8 @@ PY=${PYTHON:-python3}
 # Reference implementations the format tests compare against bit for bit (tests/reference_formats.py),
 # kept off the environment's path: a folder the tests put on PYTHONPATH of a subprocess only.
 REF=${QUANTLENS_REF_LIBS:-.ref-libs}
-"$VENV/bin/python" -m pip install -q --no-deps --upgrade --target "$REF" "bitsandbytes>=0.46,<0.51" "torchao>=0.17,<0.19"
+"$VENV/bin/python" -m pip install -q --no-deps --upgrade --target "$REF" "bitsandbytes>=0.46,<0.51" "torchao>=0.17,<0.19" \
+  "auto-gptq==0.7.1" "autoawq==0.2.9"  # (their packers and dequantizers only: tests/reference_packing.py)
 # System tools the tests use (no engine or daemon needed): docker-compose validates
 # infra/docker-compose.yml; caddy (the TLS proxy of infra/Caddyfile) fronts the authenticated test servers.
 missing=()

@@ -281,7 +281,8 @@ class _PatchState:
     full_precision: set[str] = field(default_factory=set)  # deferred names read as they are (full_precision())
     seen: set[str] = field(default_factory=set)  # deferred names whose statistics are in the report
     coverage: "_Coverage | None" = None
-    calibrated: dict[str, torch.Tensor] | None = None  # a calibrated setting's weights (GPTQ), by name
+    calibrated: dict[str, torch.Tensor] | None = None  # a calibrated setting's weights (GPTQ, AWQ, a checkpoint's), by name
+    overridden: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)  # other parameters set, and their own data
 
 
 @dataclass
@@ -364,8 +365,9 @@ def _new_tensor(t: Target, w: torch.Tensor, setting: Setting, calibrated: dict[s
     quantized slice by slice — each expert's gate, up and down matrix on its own, exactly as the
     dense MLP's linears would be (rows and groups along each matrix's input features, one tensor
     scale per matrix); statistics are per expert (``<experts>.<tensor>.<e>``). A calibrated setting
-    (GPTQ, AWQ) takes its weights from ``calibrated`` (:mod:`quantlens.quantize.calibrate`)."""
-    if setting.calibrated:
+    (GPTQ, AWQ) or a released checkpoint takes its weights from ``calibrated``
+    (:mod:`quantlens.quantize.calibrate`, :mod:`quantlens.model.released`)."""
+    if setting.external_weights:
         if calibrated is None or t.name not in calibrated:
             raise ConfigError(f"{setting.name}: no calibrated weight for {t.name} (calibrate the model first: "
                               "quantlens.quantize.calibrate.calibrated_weights)")
@@ -414,6 +416,7 @@ def quantize_(
     keep_originals_on: str = "auto",
     activation_stats_forwards: int = 4,
     calibrated: dict[str, torch.Tensor] | None = None,
+    overrides: dict[str, torch.Tensor] | None = None,
 ) -> PatchReport:
     """Apply ``setting`` to ``model`` in place and return per-layer statistics.
 
@@ -425,6 +428,11 @@ def quantize_(
     from the safetensors the model was loaded from (no host memory for originals; see
     :func:`quantlens.model.loading.choose_originals`). Activation statistics are measured on the first
     ``activation_stats_forwards`` forwards of each layer (0 = none), so the hot path stays cheap.
+
+    ``calibrated``: the weights of a calibrated setting (GPTQ, AWQ) or of a released checkpoint, by
+    target name; a checkpoint setting rewrites exactly the layers it holds (its coverage of the
+    blocks says what it kept in 16 bits). ``overrides``: other parameters, by name, set for the
+    setting and restored with the weights (the norms AWQ's checkpoints fold their scales into).
     """
     setting = resolve_setting(setting)
     restore_(model)
@@ -442,6 +450,15 @@ def quantize_(
                               "use originals: memory")
 
     weight_targets: list[Target] = list(layers) if setting.weights else []
+    if setting.checkpoint is not None:  # the layers the checkpoint quantized (routers or the head too, if it did)
+        wide = targets(model, setting.model_copy(update={"include_routers": True, "include_lm_head": True}))
+        weight_targets = [t for t in wide if calibrated is not None and t.name in calibrated]
+        if not weight_targets:
+            raise ConfigError(f"{setting.name}: no weights of the checkpoint given (model.released.released_weights)")
+        if overrides and setting.perturbs_weights():
+            raise ConfigError(f"{setting.name}: the checkpoint changes {len(overrides)} float tensor(s) besides its quantized "
+                              f"weights ({next(iter(overrides))}: AWQ folds its scales into them), so Ŵ − W is not its weight "
+                              "error: the lens needs a checkpoint that keeps the model's other tensors (or an in-sweep -awq)")
     if setting.include_embeddings and setting.weights:
         emb = model.get_input_embeddings()
         head = model.get_output_embeddings()
@@ -478,6 +495,15 @@ def quantize_(
             report.add_lens("weight", w, wq)
             param.data = wq
             report.layers.extend(stats)
+        overridden = []
+        if overrides:
+            params = dict(model.named_parameters())
+            for name, value in overrides.items():
+                param = params.get(name)
+                if param is None or tuple(param.shape) != tuple(value.shape):
+                    raise ConfigError(f"{setting.name}: no parameter {name} {tuple(value.shape)} in the model to override")
+                overridden.append((param, param.data))
+                param.data = value.to(param.device, param.dtype)
 
     handles: list[Any] = []
     act_state = None
@@ -500,7 +526,8 @@ def quantize_(
     kv_states = []
     if setting.kv is not None:
         kv_states = kv.attach(model, setting.kv, setting.perturbation if setting.perturbs_kv() else None, activation_stats_forwards)
-    state = _PatchState(setting, originals, handles, act_state, report, kv_states, deferred, calibrated=calibrated)
+    state = _PatchState(setting, originals, handles, act_state, report, kv_states, deferred, calibrated=calibrated,
+                        overridden=overridden)
     state.coverage = _Coverage.of(model, setting, layers, originals, deferred)
     report.coverage = state.coverage.metrics()
     setattr(model, _STATE_ATTR, state)
@@ -599,6 +626,8 @@ def restore_(model: nn.Module) -> None:
     with torch.no_grad():
         for param, orig in state.originals.values():
             param.data = _original(orig, param.data)
+        for param, own in state.overridden:
+            param.data = own
     if state.activations is not None:
         state.activations.last_in = state.activations.last_out = None
     delattr(model, _STATE_ATTR)

@@ -231,6 +231,17 @@ class CalibrationSpec(_Strict):
     seed: int = 0
 
 
+class CheckpointSpec(_Strict):
+    """A released quantized checkpoint of the sweep's model (:mod:`quantlens.model.released`): a hub id
+    or a local folder, and the hub revision (None: the default branch). What it holds (method, bits,
+    groups) is read from the checkpoint once it is downloaded: :meth:`Setting.described`."""
+
+    source: str = Field(min_length=1, description="hub id (owner/name) or local folder of the quantized checkpoint")
+    revision: str | None = None
+    method: str | None = Field(None, description="read from the checkpoint: gptq, awq, bnb, compressed-tensors")
+    layout: str | None = Field(None, description="read from the checkpoint: gptq-v1, gptq-v2, awq-gemm, bnb-nf4, ct-…")
+
+
 class Setting(_Strict):
     """One point of a sweep: what happens to the decoder-block linear layers."""
 
@@ -247,11 +258,29 @@ class Setting(_Strict):
     gptq: GPTQSpec | None = Field(None, description="weights quantized by GPTQ on calibration data (the -gptq suffix)")
     awq: AWQSpec | None = Field(None, description="weights quantized by AWQ's activation-aware scales (the -awq suffix)")
     calibration: CalibrationSpec | None = Field(None, description="this setting's calibration data (else the sweep's)")
+    checkpoint: CheckpointSpec | None = Field(None, description="the weights of a released quantized checkpoint "
+                                              "(hub id or folder), dequantized into the loaded model")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpoint_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("checkpoint"), str):
+            data = {**data, "checkpoint": {"source": data["checkpoint"]}}
+        return data
 
     @model_validator(mode="after")
     def _calibrated_has_a_grid(self) -> "Setting":
         if self.gptq is not None and self.awq is not None:
             raise ValueError("gptq and awq: one calibrated method per setting")
+        if self.checkpoint is not None:
+            if self.gptq is not None or self.awq is not None or self.calibration is not None:
+                raise ValueError("checkpoint: the weights are the checkpoint's; gptq, awq and calibration do not apply")
+            if self.weights is not None and self.checkpoint.layout is None:
+                raise ValueError("checkpoint: the weights spec is read from the checkpoint; leave weights out")
+            if self.include_lm_head or self.include_embeddings or self.include_routers:
+                raise ValueError("checkpoint: what is quantized is the checkpoint's; include_lm_head / include_embeddings / "
+                                 "include_routers do not apply")
+            return self
         method = self.method
         if method == "rtn":
             if self.calibration is not None:
@@ -268,19 +297,36 @@ class Setting(_Strict):
 
     @property
     def method(self) -> str:
-        """How the weights are quantized: ``rtn`` (round to nearest, also for no weights), ``gptq``, ``awq``."""
+        """How the weights are quantized: ``rtn`` (round to nearest, also for no weights), ``gptq``, ``awq``,
+        or a released checkpoint's method (``checkpoint`` until it is read)."""
+        if self.checkpoint is not None:
+            return self.checkpoint.method or "checkpoint"
         return "gptq" if self.gptq is not None else "awq" if self.awq is not None else "rtn"
 
     @property
     def calibrated(self) -> bool:
-        return self.method != "rtn"
+        """GPTQ or AWQ calibrated in the sweep (a released checkpoint is not: it is read, see :attr:`external_weights`)."""
+        return self.gptq is not None or self.awq is not None
+
+    @property
+    def external_weights(self) -> bool:
+        """The weights come from outside round-to-nearest: calibrated in the sweep, or a released checkpoint's."""
+        return self.calibrated or self.checkpoint is not None
+
+    def described(self, weights: dict[str, Any], method: str, layout: str) -> "Setting":
+        """This checkpoint setting with what its checkpoint holds: the weights spec, method and layout."""
+        if self.checkpoint is None:
+            raise ValueError(f"{self.name}: not a checkpoint setting")
+        ck = self.checkpoint.model_copy(update={"method": method, "layout": layout})
+        return Setting.model_validate({**self.model_dump(exclude={"checkpoint", "weights"}), "weights": weights,
+                                       "checkpoint": ck.model_dump()})
 
     @model_validator(mode="after")
     def _perturbation_has_reference(self) -> "Setting":
         p = self.perturbation
         if p is None:
             return self
-        if p.target in ("weights", "both") and self.weights is None:
+        if p.target in ("weights", "both") and self.weights is None and self.checkpoint is None:  # (a checkpoint's Δ is its own)
             raise ValueError(f"perturbation.target {p.target!r} needs a weights spec as the reference quantizer")
         if p.target in ("activations", "both") and self.activations is None:
             raise ValueError(
@@ -318,7 +364,10 @@ class Setting(_Strict):
         """What the setting computes, as plain data: equal for two settings exactly when they are the same
         computation. Run keys are built from it, so the same computation is one run."""
         ident = self.canonical().model_dump(exclude={"name", "base"})
-        for k in ("include_routers", "gptq", "awq", "calibration"):  # (fields newer than most runs: absent at their defaults)
+        if self.checkpoint is not None:  # the checkpoint is the computation; what it holds is read from it
+            ident.pop("weights", None)
+            ident["checkpoint"] = {"source": self.checkpoint.source, "revision": self.checkpoint.revision}
+        for k in ("include_routers", "gptq", "awq", "calibration", "checkpoint"):  # (fields newer than most runs: absent at their defaults)
             if not ident.get(k):
                 ident.pop(k, None)
         for part in ("weights", "activations", "kv"):  # format fields at their defaults: the keys of runs made before they existed
@@ -337,7 +386,7 @@ class Setting(_Strict):
         The one predicate every table, figure, analysis and the ledger ask (the runs log it as the
         ``reference`` param)."""
         c = self.canonical()
-        return c.weights is None and c.activations is None and c.kv is None and c.perturbation is None
+        return c.checkpoint is None and c.weights is None and c.activations is None and c.kv is None and c.perturbation is None
 
     @property
     def w_bits(self) -> int:
@@ -387,7 +436,7 @@ class Setting(_Strict):
         out.update({
             "symmetric": spec.symmetric if spec else True,
             "transform": f"power{spec.transform_p:.4g}" if spec and spec.transform_p != 1.0 else "uniform",
-            "format": self.method if self.calibrated else fams[0] if fams and len(set(fams)) == 1 else "mixed" if fams else "none",
+            "format": self.method if self.external_weights else fams[0] if fams and len(set(fams)) == 1 else "mixed" if fams else "none",
             "method": self.method if parts else "none",
             "transform_p": spec.transform_p if spec else 1.0,
             "clip_k": spec.clip_k if spec and spec.clip_k is not None else 0.0,
@@ -395,6 +444,9 @@ class Setting(_Strict):
             "perturbation_match": p.match if p else "none",
             "seed": p.seed if p else 0,
         })
+        if self.checkpoint is not None:
+            out.update(checkpoint=self.checkpoint.source, checkpoint_revision=self.checkpoint.revision or "default",
+                       method=self.method, format=self.method)
         return out
 
 

@@ -1,0 +1,393 @@
+"""Released quantized checkpoints: read a GPTQ, AWQ, bitsandbytes 4-bit or compressed-tensors
+checkpoint of a model into that model, already loaded in 16 bits.
+
+A setting ``{name: …, checkpoint: <hub id or folder>}`` evaluates such a checkpoint like any
+other setting of the sweep (one model load per sweep; restored bit-exactly after):
+
+- :func:`describe` reads the checkpoint's ``quantization_config`` (``config.json``, or the older
+  ``quantize_config.json`` / ``quant_config.json``) into a :class:`Released`: the method, its
+  layout, bits, groups, symmetry and act-order — the run's params and its weights spec. A format
+  quantlens does not read is one line (:class:`ConfigError`).
+- :class:`QuantizedCheckpoint` is the checkpoint with every packed linear visible as a float
+  ``<module>.weight``, dequantized on read (:mod:`quantlens.quantize.packed` for GPTQ, AWQ and
+  bitsandbytes by their documented layouts; :mod:`quantlens.quantize.compressed` through the
+  compressed-tensors library). Per-expert checkpoints of an MoE are fused through transformers'
+  conversion mapping, as a float checkpoint is (:class:`~quantlens.model.checkpoint.Checkpoint`).
+- :func:`check` compares a checkpoint with the model it is meant for — config, every quantized
+  layer's name and shape, every decoder-block linear present — from the safetensors headers alone
+  (no tensor read), so preflight refuses another model's checkpoint, a corrupt file or a missing
+  layer in one line before any evaluation.
+- :func:`released_weights` reads it: the quantized layers' weights (by target name, as a
+  calibrated method's are: :func:`quantlens.quantize.patch.quantize_` takes them as ``calibrated``)
+  and the float tensors the checkpoint changed (AWQ folds its scales into the norms before the
+  layers it scales): ``overrides``, set and restored with the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantlens.model.checkpoint import Checkpoint
+from quantlens.quantize import packed as P
+from quantlens.quantize.settings import ConfigError
+
+READS = "GPTQ (v1/v2), AWQ (GEMM), compressed-tensors (pack-quantized, float-quantized, nvfp4-pack-quantized), bitsandbytes 4-bit"
+_COMPARED = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+             "vocab_size", "num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size", "head_dim",
+             "ffn_dim", "n_embed", "n_layer", "n_head", "d_model")
+
+
+@dataclass(frozen=True)
+class Released:
+    """What a released checkpoint is: ``method`` (gptq, awq, bnb, compressed-tensors), ``layout``
+    (gptq-v1, gptq-v2, awq-gemm, bnb-nf4, bnb-fp4, ct-pack-quantized, …) and its grid."""
+
+    folder: str
+    method: str
+    layout: str
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    act_order: bool
+    num_format: str = "int"  # int | fp | nf: the weights spec's format
+    element: str | None = None
+    qconfig: dict = field(default_factory=dict, compare=False, repr=False)
+    config: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def weights(self) -> dict[str, Any]:
+        """The setting's weights spec (descriptive: the run's ``w_*`` params, group-size checks); the
+        weights themselves are the checkpoint's, dequantized."""
+        spec: dict[str, Any] = {"bits": self.bits, "format": self.num_format}
+        if self.num_format == "int":
+            spec["symmetric"] = self.symmetric
+        if self.element:
+            spec["element"] = self.element
+        if self.layout == "ct-nvfp4-pack-quantized":
+            spec.update(scale="e4m3", global_scale="tensor")
+        spec.update({"granularity": "group", "group_size": self.group_size} if self.group_size else {"granularity": "channel"})
+        return spec
+
+    def params(self) -> dict[str, Any]:
+        return {"checkpoint_method": self.method, "checkpoint_layout": self.layout, "checkpoint_act_order": self.act_order}
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{what}: {path.name} cannot be read ({' '.join(str(err).split())[:120]})") from None
+
+
+def describe(folder: str | Path, what: str | None = None) -> Released:
+    """The checkpoint of ``folder`` as a :class:`Released`, or one line saying why it is not one quantlens reads."""
+    folder = Path(folder)
+    what = what or f"checkpoint {folder}"
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{what}: no config.json (not a Hugging Face model folder)")
+    config = _read_json(folder / "config.json", what)
+    q = config.get("quantization_config")
+    for legacy in ("quantize_config.json", "quant_config.json"):  # AutoGPTQ's and AutoAWQ's own files
+        if q is None and (folder / legacy).is_file():
+            q = _read_json(folder / legacy, what)
+            q.setdefault("quant_method", "gptq" if legacy.startswith("quantize") else "awq")
+    if not isinstance(q, dict):
+        raise ConfigError(f"{what}: its config has no quantization_config: not a quantized checkpoint "
+                          "(a full-precision model is a sweep model, not a setting)")
+    method = str(q.get("quant_method", "")).lower()
+    if method == "gptq":
+        r = _gptq(q, what)
+    elif method == "awq":
+        r = _awq(q, what)
+    elif method == "bitsandbytes":
+        r = _bnb(q, what)
+    elif method == "compressed-tensors":
+        from quantlens.quantize import compressed
+
+        d = compressed.describe(q)
+        gran = d.get("granularity")
+        r = dict(method="compressed-tensors", layout=f"ct-{d['format']}", bits=int(d["bits"]),
+                 group_size=d.get("group_size") if gran == "group" else None, symmetric=bool(d.get("symmetric", True)),
+                 act_order=bool(d.get("act_order", False)), num_format=d.get("num_format", "int"), element=d.get("element"))
+        if gran == "tensor" and r["num_format"] == "int":
+            raise ConfigError(f"{what}: compressed-tensors with one integer scale per tensor is not a grid quantlens describes")
+    else:
+        raise ConfigError(f"{what}: quantization format {method or '(none)'!r} is not one quantlens reads ({READS})")
+    return Released(str(folder), qconfig=q, config=config, **r)
+
+
+def _gptq(q: dict, what: str) -> dict:
+    bits = int(q.get("bits", 4))
+    if bits not in P.PACK_BITS:
+        raise ConfigError(f"{what}: GPTQ with {bits} bits (quantlens reads 2, 3, 4 and 8)")
+    fmt = str(q.get("checkpoint_format", q.get("format", "gptq"))).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ConfigError(f"{what}: GPTQ checkpoint_format {fmt!r} is repacked for a kernel (quantlens reads 'gptq' and 'gptq_v2')")
+    group = int(q.get("group_size", 128))
+    return dict(method="gptq", layout="gptq-v2" if fmt == "gptq_v2" else "gptq-v1", bits=bits,
+                group_size=None if group in (-1, 0) else group, symmetric=bool(q.get("sym", True)),
+                act_order=bool(q.get("desc_act", False)))
+
+
+def _awq(q: dict, what: str) -> dict:
+    version = str(q.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ConfigError(f"{what}: AWQ version {version!r} (quantlens reads the GEMM packing)")
+    bits = int(q.get("bits", q.get("w_bit", 4)))
+    if bits != 4:
+        raise ConfigError(f"{what}: AWQ GEMM with {bits} bits (its packing holds 4)")
+    group = int(q.get("group_size", q.get("q_group_size", 128)))
+    return dict(method="awq", layout="awq-gemm", bits=4, group_size=None if group in (-1, 0) else group,
+                symmetric=not bool(q.get("zero_point", True)), act_order=False)
+
+
+def _bnb(q: dict, what: str) -> dict:
+    if not q.get("load_in_4bit"):
+        raise ConfigError(f"{what}: bitsandbytes 8-bit (LLM.int8()) mixes int8 and fp16 per outlier column at run time; "
+                          "quantlens reads bitsandbytes 4-bit checkpoints")
+    kind = str(q.get("bnb_4bit_quant_type", "fp4")).lower()
+    if kind not in ("nf4", "fp4"):
+        raise ConfigError(f"{what}: bitsandbytes 4-bit type {kind!r} (nf4 or fp4)")
+    return dict(method="bnb", layout=f"bnb-{kind}", bits=4, group_size=64, symmetric=True, act_order=False,
+                num_format="nf" if kind == "nf4" else "fp", element=None if kind == "nf4" else "e2m1")
+
+
+# --- the checkpoint, its packed linears seen as float weights --------------------------------------
+def _packed_modules(r: Released, keys: set[str]) -> dict[str, list[str]]:
+    """Module prefix → the stored keys its weight is rebuilt from."""
+    out: dict[str, list[str]] = {}
+    if r.method in ("gptq", "awq"):
+        for k in keys:
+            if k.endswith(".qweight"):
+                p = k[: -len(".qweight")]
+                parts = [k, p + ".qzeros", p + ".scales"] + ([p + ".g_idx"] if r.method == "gptq" and p + ".g_idx" in keys else [])
+                out[p] = parts
+    elif r.method == "bnb":
+        for k in keys:
+            if k.endswith(".weight.absmax"):
+                w = k[: -len(".absmax")]
+                out[w[: -len(".weight")]] = sorted(x for x in keys if x == w or x.startswith(w + "."))
+    else:
+        from quantlens.quantize import compressed
+
+        out = compressed.packed_modules(keys, r.qconfig)
+    return out
+
+
+class QuantizedCheckpoint(Checkpoint):
+    """A quantized checkpoint whose packed linears read as float ``<module>.weight`` tensors."""
+
+    def __init__(self, released: Released):
+        try:
+            super().__init__(released.folder)
+        except ConfigError:
+            raise ConfigError(f"checkpoint {released.folder}: no safetensors (model.safetensors or model.safetensors.index.json): "
+                              "quantlens reads released checkpoints from safetensors") from None
+        except Exception as err:  # safetensors' own errors: a truncated or garbled file
+            raise ConfigError(f"checkpoint {released.folder}: model.safetensors is not a readable safetensors file "
+                              f"({' '.join(str(err).split())[:160]})") from None
+        self.released = released
+        self.packed = _packed_modules(released, set(self.weight_map))
+        for prefix, parts in self.packed.items():
+            missing = [p for p in parts if p not in self.weight_map]
+            if missing:
+                raise ConfigError(f"checkpoint {released.folder}: {prefix} is packed but {missing[0]} is missing")
+            self.weight_map.setdefault(prefix + ".weight", self.weight_map[parts[0]])
+        self._virtual = {p + ".weight": p for p in self.packed}
+
+    def is_packed(self, key: str) -> bool:
+        return key in self._virtual
+
+    def load(self, keys: list[str], device: torch.device | str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        virtual = [k for k in keys if k in self._virtual]
+        out = super().load([k for k in keys if k not in self._virtual], device, dtype)
+        for k in virtual:
+            prefix = self._virtual[k]
+            parts = super().load(self.packed[prefix], device, None)
+            w = self.dequantize(prefix, parts)
+            out[k] = w.to(dtype) if dtype is not None else w
+        return out
+
+    def dequantize(self, prefix: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The float32 weight [out, in] of the packed module ``prefix`` from its stored tensors."""
+        r = self.released
+        try:
+            if r.method == "gptq":
+                return P.gptq_dequantize(parts[prefix + ".qweight"], parts[prefix + ".qzeros"], parts[prefix + ".scales"],
+                                         parts.get(prefix + ".g_idx"), r.bits, v1=r.layout == "gptq-v1")
+            if r.method == "awq":
+                return P.awq_dequantize(parts[prefix + ".qweight"], parts[prefix + ".qzeros"], parts[prefix + ".scales"])
+            if r.method == "bnb":
+                return _bnb_weight(prefix + ".weight", parts)
+            from quantlens.quantize import compressed
+
+            return compressed.dequantize(prefix, parts, r.qconfig).to(torch.float32)
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise ConfigError(f"checkpoint {r.folder}: {prefix} cannot be unpacked as {r.layout}: {err}") from None
+
+    def header_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every stored tensor's shape, from the safetensors headers (no tensor read)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for fname in sorted(set(self.weight_map.values())):
+            path = self.folder / fname
+            try:
+                with open(path, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    if n <= 0 or n > 100_000_000:
+                        raise ValueError(f"a header of {n} bytes")
+                    header = json.loads(fh.read(n))
+                size = path.stat().st_size
+                for k, v in header.items():
+                    if k == "__metadata__":
+                        continue
+                    if int(v["data_offsets"][1]) + 8 + n > size:
+                        raise ValueError(f"{k} ends past the end of the file (truncated?)")
+                    shapes[k] = tuple(int(d) for d in v["shape"])
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ConfigError(f"checkpoint {self.folder}: {fname} is not a readable safetensors file ({err})") from None
+        return shapes
+
+    def weight_shape(self, prefix: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+        """The [out, in] shape a packed module's weight unpacks to, from header shapes (and, for
+        bitsandbytes and compressed-tensors, a tiny stored tensor that records it)."""
+        r = self.released
+        if r.method == "gptq":
+            return (shapes[prefix + ".scales"][1], shapes[prefix + ".qweight"][0] * 32 // r.bits)
+        if r.method == "awq":
+            return (shapes[prefix + ".qweight"][1] * 8, shapes[prefix + ".qweight"][0])
+        parts = super().load([k for k in self.packed[prefix] if ".quant_state." in k or k.endswith("weight_shape")], "cpu")
+        if r.method == "bnb":
+            state = next((v for k, v in parts.items() if ".quant_state." in k), None)
+            return tuple(_unpack_json(state)["shape"]) if state is not None else None
+        ws = next((v for k, v in parts.items() if k.endswith("weight_shape")), None)
+        return tuple(int(d) for d in ws.tolist()) if ws is not None else shapes.get(prefix + ".weight")
+
+
+def _unpack_json(t: torch.Tensor) -> dict:
+    return json.loads(bytes(t.to(torch.uint8).cpu().numpy()).decode("utf-8"))
+
+
+def _bnb_weight(key: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    state_key = next(k for k in parts if k.startswith(key + ".quant_state.bitsandbytes__"))
+    st = _unpack_json(parts[state_key])
+    absmax = P.bnb_absmax(parts[key + ".absmax"], parts.get(key + ".nested_absmax"), parts.get(key + ".nested_quant_map"),
+                          int(st.get("nested_blocksize", 256)), float(st.get("nested_offset", 0.0)))
+    return P.bnb4_dequantize(parts[key], absmax, parts[key + ".quant_map"], int(st["blocksize"]), tuple(st["shape"]))
+
+
+# --- the checkpoint against its model --------------------------------------------------------------
+def _text_config(config: dict) -> dict:
+    return config.get("text_config") or config
+
+
+def config_mismatch(released: Released, model_config: dict) -> str | None:
+    """Why the checkpoint's config is not the model's (architecture or a dimension), or None."""
+    a, b = _text_config(released.config), _text_config(model_config)
+    for k in _COMPARED:
+        if k in a and k in b and a[k] != b[k]:
+            return f"its {k} is {a[k]!r}, the model's {b[k]!r}"
+    return None
+
+
+def _kinds(model: Any) -> tuple[str, str]:
+    return type(model).__name__, str(getattr(model.config, "model_type", ""))
+
+
+def _targets(model: Any):
+    from quantlens.quantize.patch import targets
+    from quantlens.quantize.settings import Setting
+
+    return targets(model, Setting(name="checkpoint", include_routers=True, include_lm_head=True))
+
+
+def check(released: Released, model: Any, ckpt: QuantizedCheckpoint | None = None) -> dict[str, Any]:
+    """Compare the checkpoint with ``model`` (a loaded model or one built on the meta device) from
+    headers alone; raise one ConfigError line on a mismatch. Returns what it found: the quantized
+    targets, the block linears the checkpoint keeps in float (``full_precision``)."""
+    from quantlens.model.anatomy import shape_of
+
+    what = f"checkpoint {released.folder}"
+    problem = config_mismatch(released, model.config.to_dict())
+    if problem:
+        raise ConfigError(f"{what} is of another model: {problem}")
+    ckpt = ckpt or QuantizedCheckpoint(released)
+    shapes = ckpt.header_shapes()
+    kinds = _kinds(model)
+    quantized, kept, used = [], [], set()
+    for t in _targets(model):
+        shape = tuple(shape_of(t.param))
+        src = ckpt.source(f"{t.name}.weight" if t.kind != "experts" else t.name, kinds, shape)
+        if src is None:
+            if t.kind == "linear" and t.name.endswith(("lm_head", "embed_out")) or t.kind == "router":
+                continue  # (a tied head; a router the checkpoint stores otherwise is checked by the float pass)
+            raise ConfigError(f"{what} has no weight for {t.name} {shape}: not a checkpoint of this model (or a layer it drops)")
+        keys = Checkpoint.keys_of(src)
+        used.update(keys)
+        packed = [ckpt.is_packed(k) for k in keys]
+        if any(packed) and not all(packed):
+            raise ConfigError(f"{what}: {t.name} mixes packed and float experts")
+        got = [ckpt.weight_shape(ckpt._virtual[k], shapes) if ckpt.is_packed(k) else shapes.get(k) for k in keys]
+        want = shape if t.kind != "experts" else None
+        if want is not None and got[0] is not None and tuple(got[0]) != want and tuple(reversed(got[0])) != want:
+            raise ConfigError(f"{what}: {t.name} is {tuple(got[0])} there, {want} in the model: a checkpoint of another model")
+        (quantized if all(packed) else kept).append(t.name)
+    strays = sorted(p for p in ckpt.packed if p + ".weight" not in used)
+    if strays:
+        raise ConfigError(f"{what} quantizes {strays[0]}, which the model does not have (or not as a linear of its blocks)"
+                          + (f" — and {len(strays) - 1} more" if len(strays) > 1 else ""))
+    if not quantized:
+        raise ConfigError(f"{what}: none of the model's decoder-block linears is quantized in it")
+    block = [n for n in kept if not n.endswith(("lm_head", "embed_out"))]
+    return {"quantized": quantized, "full_precision": block}
+
+
+@torch.no_grad()
+def released_weights(model: Any, released: Released) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights of the quantized targets by target name, float tensors the checkpoint changes by
+    parameter name, params). Weights are dequantized in float32 and cast to the model's dtype."""
+    from quantlens.model.anatomy import shape_of
+    from quantlens.model.streaming import is_lazy
+
+    ckpt = QuantizedCheckpoint(released)
+    found = check(released, model, ckpt)
+    kinds = _kinds(model)
+    quantized = set(found["quantized"])
+    weights: dict[str, torch.Tensor] = {}
+    for t in _targets(model):
+        if t.name not in quantized:
+            continue
+        shape = tuple(shape_of(t.param))
+        src = ckpt.source(f"{t.name}.weight" if t.kind != "experts" else t.name, kinds, shape)
+        w = ckpt.read([src], "cpu", torch.float32)[0]
+        if t.kind == "experts":
+            w = w.reshape(shape) if w.numel() == torch.Size(shape).numel() and tuple(w.shape) != shape else w
+        elif tuple(w.shape) != shape:  # (GPT-2's Conv1D stores [in, out])
+            w = w.t().contiguous()
+        if tuple(w.shape) != shape:
+            raise ConfigError(f"checkpoint {released.folder}: {t.name} unpacks to {tuple(w.shape)}, the model's is {shape}")
+        weights[t.name] = w.to(t.param.dtype)
+    overrides: dict[str, torch.Tensor] = {}
+    packed_keys = set(ckpt._virtual)
+    lazy = is_lazy(model)
+    for name, param in model.named_parameters():
+        if any(name == f"{q}.weight" or name == q for q in quantized):
+            continue
+        src = ckpt.source(name, kinds, tuple(shape_of(param)))
+        if src is None or any(k in packed_keys for k in Checkpoint.keys_of(src)):
+            continue
+        stored = ckpt.read([src], "cpu")[0]
+        if not stored.is_floating_point() or tuple(stored.shape) != tuple(shape_of(param)):
+            continue
+        if lazy and param.numel() == 0:
+            continue  # (a streamed block's float tensors: compared when it arrives is not done — see check_stream)
+        base = param.detach().to("cpu")
+        if torch.equal(stored, base.to(stored.dtype)):
+            continue  # the model's own tensor (at most rounded to the checkpoint's dtype)
+        overrides[name] = stored.to(param.dtype)
+    params = {**released.params(), "checkpoint_quantized_layers": len(quantized),
+              "checkpoint_full_precision_layers": len(found["full_precision"]), "checkpoint_changed_tensors": len(overrides)}
+    return weights, overrides, params
