@@ -10,9 +10,14 @@ The published algorithm, on an integer grid of :class:`~quantlens.quantize.setti
    GPTQ's ``desc_act`` with its ``g_idx``); the order is undone at the end;
 3. H += damp · mean(diag H) · I; U = the upper Cholesky factor of H⁻¹;
 4. blocks of ``block`` columns: within a block each column is rounded with its group's scale (found
-   from the group's *current* weights when the group starts), its error e = (w − q)/U_ii subtracted
-   from the block's later columns (e ⊗ U_i,·); the block's errors then update every later column
-   at once (the lazy batch update).
+   when the group starts from its weights as of the block's start — what the reference code and
+   AutoGPTQ / GPTQModel / llm-compressor do: a group that starts inside a block does not see that
+   block's own updates), its error e = (w − q)/U_ii subtracted from the block's later columns
+   (e ⊗ U_i,·); the block's errors then update every later column at once (the lazy batch update).
+
+Per channel, the scale is found before dead columns are zeroed (as AutoGPTQ). Checked against
+AutoGPTQ 0.7.1 and llm-compressor 0.14 by ``bench/gptq_vs_library.py``: bit for bit on the same
+grid (asymmetric, or symmetric on the libraries' 2^b-level grid).
 
 With H = I and no act-order nothing propagates and GPTQ is round-to-nearest exactly (a test).
 Pure tensor code; framework-free.
@@ -99,6 +104,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, damp: fl
     group = spec.group_size if spec.granularity == "group" else None
     if group is not None and cols % group:
         raise ValueError(f"GPTQ: group_size {group} does not divide the {cols} input features")
+    scale, zero = _params(W, spec) if group is None else (None, None)  # (per channel: before dead columns are zeroed)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -108,7 +114,6 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, damp: fl
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W)
-    scale, zero = _params(W, spec) if group is None else (None, None)
     block = max(block, group or 1) // (group or 1) * (group or 1)  # a block holds whole groups
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -118,7 +123,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, damp: fl
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             if group is not None and (i1 + i) % group == 0:
-                scale, zero = _params(W1[:, i:i + group], spec)  # the group's current (error-updated) weights
+                scale, zero = _params(W[:, i1 + i:i1 + i + group], spec)  # as of the block's start (the reference's choice)
             col = W1[:, i]
             q = _round(col, scale, zero, spec)
             Q1[:, i] = q
