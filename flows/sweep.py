@@ -14,7 +14,7 @@ import subprocess
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,7 @@ class _ModelRun:
     result: dict[str, Any]
     plan: dict[str, Any]  # the plan this model runs under (placement, estimated peak): params of every run
     kl: Any = None  # steps.KLReference: the reference's top-k, for the KL error of the other settings
+    checkpoints: dict[str, Any] = field(default_factory=dict)  # checkpoint setting → (folder, revision), or why it failed
 
 
 def _note_done_elsewhere(mr: _ModelRun, s: Setting, run_id: str) -> None:
@@ -112,12 +113,18 @@ def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key:
     try:
         with lease:
             steps.reset_peak_memory(model)
-            calibrated = None
+            calibrated, overrides = None, None
+            if s.checkpoint is not None:  # a released checkpoint: its weights, dequantized into this model
+                got_ckpt = mr.checkpoints.get(s.name)
+                if isinstance(got_ckpt, BaseException):
+                    raise got_ckpt
+                calibrated, overrides, cparams = steps.released(model, s, got_ckpt[0])
+                mr.ledger.tracker.log(lease.run_id, params={**cparams, "checkpoint_commit": got_ckpt[1]})
             if s.calibrated:  # a calibrated method (GPTQ, AWQ): its weights first (cached by model + setting + data)
                 calibrated, cparams = steps.calibrate(model, tokenizer, mr.cfg, s, name)
                 mr.ledger.tracker.log(lease.run_id, params={k: v for k, v in cparams.items() if k != "calibration_cached"},
                                       tags={"quantlens.calibration_cached": str(cparams["calibration_cached"]).lower()})
-            steps.patch(model, s, mr.cfg.hardware.originals, calibrated)
+            steps.patch(model, s, mr.cfg.hardware.originals, calibrated, overrides)
             metrics: dict[str, float] = {}
             tokens = 0.0
             for d in mr.cfg.datasets:
@@ -167,7 +174,7 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
     log = get_run_logger()
     cfg = SweepConfig.model_validate(config)
     entry = cfg.models[model_index]
-    settings = cfg.expanded_settings()
+    settings = cfg.settings_for(entry)
     ledger = RunLedger(Tracker(cfg.experiment), sweep_id(cfg), attempt, force)
     progress = progress_for(attempt, len(settings))
 
@@ -186,12 +193,13 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
         publish_model_table(ledger.tracker, info.name, result)
         return result
 
+    todo, checkpoints = _read_checkpoints(todo, info.name)
     model, tokenizer = steps.load_model(snap, cfg.hardware)
     tags = {"git_commit": git_commit(), "device": device_tag(model), "mlflow.source.git.commit": git_commit().removesuffix("-dirty"),
             "mlflow.source.name": "quantlens", "mlflow.source.type": "JOB"}
     ref_run = next((reused[s.name] for s in settings if s.is_reference and s.name in reused), None)
     mr = _ModelRun(cfg, info, snap.revision, parent_run_id, ledger, progress, tags, result, steps.plan_params(cfg, info, snap, model),
-                   steps.KLReference(ledger.tracker, ref_run))
+                   steps.KLReference(ledger.tracker, ref_run), checkpoints)
     waiting = []
     for s in todo:
         owner = evaluate_setting(mr, model, tokenizer, s, keys[s.name])
@@ -216,6 +224,22 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
     explain_model(ledger.tracker, cfg, info.name, model, keys, narrow, force, result)
     publish_model_table(ledger.tracker, info.name, result)
     return result
+
+
+def _read_checkpoints(todo: list[Setting], model_name: str) -> tuple[list[Setting], dict[str, Any]]:
+    """Each checkpoint setting still to evaluate: its checkpoint downloaded and read (the setting
+    then says what it holds). One that cannot be had fails its own run, not the sweep."""
+    out, found = [], {}
+    for s in todo:
+        if s.checkpoint is not None:
+            try:
+                s, folder, revision = steps.download_checkpoint(s)
+                found[s.name] = (folder, revision)
+            except Exception as err:  # (already retried where a retry can help)
+                found[s.name] = err
+                get_run_logger().error("%s/%s: its checkpoint cannot be had: %s", model_name, s.name, err)
+        out.append(s)
+    return out, found
 
 
 def artifact_key(*parts: str) -> str:
@@ -291,7 +315,7 @@ def sweep_flow(
     parent = tracker.parent_run(sid, cfg.name, {"config_name": cfg.name, "n_models": len(cfg.models), "n_settings": len(settings)})
     tracker.describe_sweep(parent, cfg.model_dump(mode="json"), _description(cfg, sid), git_commit())
     attempt = _attempt_id()
-    start_attempt(attempt, len(cfg.models) * len(settings))
+    start_attempt(attempt, cfg.grid_size())
     model_failures: list[str] = []
     if dispatch:
         model_failures = _dispatch(cfg, dispatch, parent, attempt, force)
@@ -300,7 +324,7 @@ def sweep_flow(
             state = model_flow(cfg.model_dump(), i, parent, attempt, force, return_state=True)
             if not state.is_completed():
                 model_failures.append(f"{cfg.models[i].ref}: (model flow) {state.message}")
-    summary = _summary(tracker, sid, parent, attempt, len(cfg.models) * len(settings), model_failures)
+    summary = _summary(tracker, sid, parent, attempt, cfg.grid_size(), model_failures)
     summary["report_failed"] = []
     if aggregate:
         from quantlens.flows.aggregate import aggregate_flow

@@ -84,7 +84,7 @@ class RunLedger:
     @staticmethod
     def keys(cfg: SweepConfig, entry: ModelEntry, revision: str) -> dict[str, str]:
         """setting name → run key of one model at one revision."""
-        return {s.name: run_key(revision, entry.ref, s, cfg) for s in cfg.expanded_settings()}
+        return {s.name: run_key(revision, entry.ref, s, cfg) for s in cfg.settings_for(entry)}
 
     @staticmethod
     def narrow(revision: str) -> str:
@@ -95,8 +95,8 @@ class RunLedger:
         """The whole grid without downloading anything: revisions of local folders and of cached
         hub snapshots are known, others are ``todo`` with no key yet."""
         out: list[PlannedRun] = []
-        settings = cfg.expanded_settings()
         for entry in cfg.models:
+            settings = cfg.settings_for(entry)
             info = resolve_model(entry.ref, entry.hf_id)
             rev = local_revision(info, entry.revision)
             if rev is None:

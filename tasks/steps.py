@@ -92,8 +92,51 @@ def peak_memory(model: Any) -> dict[str, float]:
 
 
 @task(name="patch", cache_policy=NONE, persist_result=False)
-def patch(model: Any, setting: Setting, originals: str = "auto", calibrated: dict | None = None) -> None:
-    quantize_(model, setting, keep_originals_on=qm.choose_originals(model, originals), calibrated=calibrated)
+def patch(model: Any, setting: Setting, originals: str = "auto", calibrated: dict | None = None,
+          overrides: dict | None = None) -> None:
+    quantize_(model, setting, keep_originals_on=qm.choose_originals(model, originals), calibrated=calibrated,
+              overrides=overrides)
+
+
+@task(
+    name="download-checkpoint",
+    retries=3,
+    retry_delay_seconds=[10, 30, 90],
+    retry_condition_fn=_retry_unless_permanent,
+    cache_policy=NONE,
+    persist_result=False,
+)
+def download_checkpoint(setting: Setting) -> tuple[Setting, str, str]:
+    """A checkpoint setting's released checkpoint, fetched (or found in the Hugging Face cache, or a
+    local folder) like a model, and read: (the setting with what the checkpoint holds, its folder,
+    its revision — the hub commit or a local folder's fingerprint)."""
+    from quantlens.model.released import describe
+
+    spec = setting.checkpoint
+    try:
+        info = qm.resolve_model(spec.source)
+    except ConfigError as err:
+        raise ConfigError(f"setting {setting.name}: checkpoint {spec.source!r}: {str(err).split(': ', 1)[-1]}") from None
+    try:
+        snap = qm.download(info, spec.revision)
+    except qm.ModelUnavailable as err:
+        raise qm.ModelUnavailable(f"setting {setting.name}: {str(err).replace('model ', 'checkpoint ', 1)}") from None
+    r = describe(snap.path, f"setting {setting.name}: checkpoint {spec.source}")
+    return setting.described(r.weights(), r.method, r.layout), snap.path, snap.revision
+
+
+def released(model: Any, setting: Setting, folder: str) -> tuple[dict, dict, dict[str, Any]]:
+    """A checkpoint setting's weights for this model: (quantized weights by target name, float
+    tensors the checkpoint changes, params)."""
+    from quantlens.model.released import describe, released_weights
+
+    t0 = time.perf_counter()
+    weights, overrides, params = released_weights(model, describe(folder))
+    get_run_logger().info("%s: %d quantized layer(s) read from %s in %.1fs%s", setting.name, len(weights), folder,
+                          time.perf_counter() - t0,
+                          f"; {params['checkpoint_full_precision_layers']} block linear(s) kept in 16 bits by the checkpoint"
+                          if params["checkpoint_full_precision_layers"] else "")
+    return weights, overrides, params
 
 
 def calibration_windows(tokenizer: Any, cfg: Any, setting: Setting) -> tuple[Any, dict[str, Any]]:

@@ -566,3 +566,92 @@ def test_gptq_calibrated_in_the_sweep_and_cached(env, tmp_path):
     assert "## tiny-llama" in (out / "calibrated_lens.md").read_text()
     # the noise run needs GPTQ's weights too: the calibration step read them from the cache
     assert noise_run["tags.quantlens.calibration_cached"] == "true" and noise_run["params.calibration_samples"] == "16"
+
+
+@pytest.fixture(scope="module")
+def released_checkpoints(tmp_path_factory):
+    """GPTQ (4-bit, g32, act-order) checkpoints of tiny-llama and tiny-opt and an AWQ one of tiny-llama
+    with its scales folded into the norms, in the layouts checked against AutoGPTQ / AutoAWQ (test_released)."""
+    from quantlens.model.export import write_quantized
+    from quantlens.model.loading import load_model
+
+    d = tmp_path_factory.mktemp("released")
+    out = {}
+    for fam in ("llama", "opt"):
+        model, _ = load_model(str(MODELS / f"tiny-{fam}"), device="cpu")
+        out[f"gptq-{fam}"] = write_quantized(model, d / f"tiny-{fam}-gptq", "gptq", bits=4, group_size=32, sym=False, act_order=True)
+        if fam == "llama":
+            out["awq-llama"] = write_quantized(model, d / "tiny-llama-awq", "awq", group_size=32, fold=True)
+    return out
+
+
+def test_released_checkpoints_are_settings_of_their_models(env, released_checkpoints):
+    """A released GPTQ checkpoint per model and an AWQ one of tiny-llama only, beside RTN: each read into
+    its model, evaluated like any setting (params say what the checkpoint holds), in error_correlation
+    and the calibrated lens (with noise matched to the checkpoint's own Δ); a rerun evaluates nothing."""
+    import pandas as pd
+
+    from quantlens.flows.sweep import sweep_flow
+
+    ck = {k: str(v) for k, v in released_checkpoints.items()}
+    gptq = {"tiny-llama": ck["gptq-llama"], "tiny-opt": ck["gptq-opt"]}
+    settings = ["W16A16", "W4A16-g32", {"name": "gptq4-ck", "checkpoint": gptq},
+                {"name": "awq4-ck", "checkpoint": {"tiny-llama": ck["awq-llama"]}},
+                {"name": "gptq4-ck-noise", "checkpoint": {"tiny-llama": ck["gptq-llama"]}, "perturbation": {"target": "weights"}}]
+    cfg = config(name="released", settings=settings, datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 8}])
+    summary = sweep_flow(cfg, results_dir=str(env / "results"))
+    assert summary["evaluated"] == 3 + 5 and not summary.get("failed"), summary
+    df = runs("FINISHED", summary["sweep_id"])
+    llama = df[df["params.model"] == "tiny-llama"].set_index("params.setting")
+    g = llama.loc["gptq4-ck"]
+    assert (g["params.method"], g["params.checkpoint_layout"], g["params.w_bits"], g["params.w_group_size"]) == ("gptq", "gptq-v1", "4", "32")
+    assert g["params.checkpoint"] == ck["gptq-llama"] and g["params.checkpoint_commit"].startswith("local-")
+    assert g["metrics.coverage_targeted"] == 1.0 and g["metrics.coverage_block"] == 1.0
+    assert llama.loc["awq4-ck", "params.checkpoint_changed_tensors"] == "6"  # AWQ's folded norms, read too
+    for name in ("gptq4-ck", "awq4-ck"):
+        assert llama.loc["W16A16", "metrics.wikitext2_ppl"] * 0.98 < llama.loc[name, "metrics.wikitext2_ppl"] < 2 * llama.loc["W16A16", "metrics.wikitext2_ppl"]
+    noise = llama.loc["gptq4-ck-noise"]
+    assert noise["metrics.weight_rel_error_mean"] == pytest.approx(g["metrics.weight_rel_error_mean"], rel=1e-3)
+    opt = df[df["params.model"] == "tiny-opt"]
+    assert sorted(opt["params.setting"]) == ["W16A16", "W4A16-g32", "gptq4-ck"]  # no AWQ checkpoint of tiny-opt: not its setting
+    assert opt.set_index("params.setting").loc["gptq4-ck", "params.checkpoint"] == ck["gptq-opt"]
+    out = env / "results" / summary["sweep_id"]
+    corr = pd.read_csv(out / "error_correlation.csv")
+    assert ((corr["setting_a"] == "awq4-ck") | (corr["setting_b"] == "awq4-ck")).any()
+    lens = pd.read_csv(out / "calibrated_lens.csv")
+    roles = set(lens[(lens["model"] == "tiny-llama") & (lens["calibrated"] == "gptq4-ck")]["role"])
+    assert {"gptq (checkpoint)", "noise ~ gptq (checkpoint)"} <= roles, roles
+    again = sweep_flow(cfg, results_dir=str(env / "results"))
+    assert again["evaluated"] == 0 and again["skipped"] == 8
+
+
+def test_preflight_refuses_a_checkpoint_of_another_model_a_corrupt_one_and_an_unknown_format(released_checkpoints, tmp_path):
+    import shutil
+
+    from quantlens.pipeline.errors import PreflightError
+    from quantlens.pipeline.preflight import preflight
+    from quantlens.pipeline.sweep import load_config
+
+    corrupt = shutil.copytree(released_checkpoints["gptq-llama"], tmp_path / "corrupt")
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 3])
+    unknown = shutil.copytree(released_checkpoints["gptq-llama"], tmp_path / "unknown")
+    c = json.loads((unknown / "config.json").read_text())
+    c["quantization_config"] = {"quant_method": "hqq", "nbits": 4}
+    (unknown / "config.json").write_text(json.dumps(c))
+    settings = ["W16A16", {"name": "other", "checkpoint": str(released_checkpoints["gptq-opt"])},
+                {"name": "broken", "checkpoint": str(corrupt)}, {"name": "hqq", "checkpoint": str(unknown)},
+                {"name": "absent", "checkpoint": str(tmp_path / "nowhere")}]
+    cfg = load_config(config(name="refusals", models=[str(MODELS / "tiny-llama")], settings=settings,
+                             datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 2}]))
+    with pytest.raises(PreflightError) as e:
+        preflight(cfg)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 4, lines  # every refusal at once, one line each
+    assert any(ln.startswith("setting other on model") and "another model" in ln for ln in lines), lines
+    assert any(ln.startswith("setting broken:") and "not a readable safetensors file" in ln for ln in lines), lines
+    assert any(ln.startswith("setting hqq:") and "'hqq' is not one quantlens reads" in ln for ln in lines), lines
+    assert any(ln.startswith("setting absent:") and "no such directory" in ln for ln in lines), lines
+    with pytest.raises(Exception, match="not a model of this sweep"):
+        load_config(config(name="typo", models=[str(MODELS / "tiny-llama")],
+                           settings=["W16A16", {"name": "x", "checkpoint": {"tiny-lama": str(released_checkpoints["gptq-llama"])}}]))

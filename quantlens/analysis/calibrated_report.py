@@ -1,6 +1,8 @@
 """The lens on calibrated methods: does GPTQ (AWQ) win by a smaller Δ, or by where it puts it?
 
-For every calibrated run (``method`` gptq or awq) of a model, the table sets beside it its round-to-nearest
+For every calibrated run (``method`` gptq or awq) of a model — calibrated in the sweep, or a released
+checkpoint's (role ``gptq (checkpoint)`` …; its noise twins are the perturbation runs of the same
+checkpoint) — the table sets beside it its round-to-nearest
 twin (same grid, group size, activations and KV cache; else round-to-nearest at the same bits with
 another granularity, said in its role) and the noise runs matched to either (a
 weight perturbation with that run as its ``base``: the same variance per layer, placed at random),
@@ -15,7 +17,7 @@ import pandas as pd
 
 from quantlens.analysis.aggregate import metrics_present, to_markdown
 
-CALIBRATED = ("gptq", "awq")
+CALIBRATED = ("gptq", "awq", "bnb", "compressed-tensors")  # (the last two: released checkpoints only)
 _GRID = ("w_bits", "w_group_size", "w_symmetric", "a_bits", "a_granularity", "kv_bits")
 
 
@@ -37,8 +39,10 @@ def calibrated_lens(df: pd.DataFrame) -> pd.DataFrame:
     base = df.get("base", df["setting"]).fillna(df["setting"])
     metrics = metrics_present(df)
     integer = df.get("format", pd.Series("int", index=df.index)).fillna("int").isin(["int", "none"])  # RTN on the integer grid
+    ckpt = df.get("checkpoint", pd.Series("", index=df.index)).fillna("").astype(str)
     rows = []
-    for _, g in df[method.isin(CALIBRATED) & (pert == "none")].iterrows():
+    for i, g in df[method.isin(CALIBRATED) & (pert == "none")].iterrows():
+        released = bool(ckpt[i])
         twin = df[_same_grid(df, g) & (method == "rtn") & (pert == "none") & integer]
         rtn = "rtn"
         if twin.empty:  # no run on the very grid: round-to-nearest at the same bits, another granularity
@@ -47,10 +51,15 @@ def calibrated_lens(df: pd.DataFrame) -> pd.DataFrame:
                 if c in df:
                     same_bits &= df[c].astype(str) == str(g[c])
             twin, rtn = df[same_bits], "rtn (other granularity)"
-        parts = [(g["method"], g)]
+        label = f"{g['method']} (checkpoint)" if released else g["method"]
+        parts = [(label, g)]
         parts += [(rtn, r) for _, r in twin.iterrows()]
-        for ref, role in ((g["setting"], f"noise ~ {g['method']}"), *((r["setting"], "noise ~ rtn") for _, r in twin.iterrows())):
-            parts += [(role, r) for _, r in df[(df["model"] == g["model"]) & (pert != "none") & (base == ref)].iterrows()]
+        same_model = df["model"] == g["model"]
+        if released:  # noise matched to a checkpoint: a perturbation run of the same checkpoint
+            parts += [(f"noise ~ {label}", r) for _, r in df[same_model & (pert != "none") & (ckpt == ckpt[i])].iterrows()]
+        for ref, role in (((g["setting"], f"noise ~ {label}"),) if not released else ()) + tuple(
+                (r["setting"], "noise ~ rtn") for _, r in twin.iterrows()):
+            parts += [(role, r) for _, r in df[same_model & (pert != "none") & (base == ref)].iterrows()]
         for role, r in parts:
             rows.append({"model": g["model"], "calibrated": g["setting"], "role": role, "setting": r["setting"],
                          "weight_rel_error_mean": r.get("weight_rel_error_mean", float("nan")),

@@ -98,9 +98,13 @@ def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool =
     out: list[P.Estimate | None] = []
     to_download = 0.0
     refusals: list[str] = []  # every model checked: the sweep lists every refusal at once
+    read: dict[tuple[str, str], Any] = {}  # (setting, source) → Released or None (a refusal already listed)
     for m in cfg.models:
+        released = check_checkpoint_sources(cfg.settings_for(m), planning, refusals, read)
         try:
             est, download = _check_model(m, cfg, settings, needs_kv, target, work, token_rows, tasks, planning)
+            if released:
+                check_checkpoints_fit(m, released)
         except ModelUnavailable:
             raise
         except PreflightError as err:
@@ -162,6 +166,69 @@ def _check_model(m: Any, cfg: Any, settings: list, needs_kv: bool, target: Any, 
     if tasks is not None and est.placement == "stream":
         raise PreflightError(f"model {m.ref}: needs placement: stream here ({est.why}); {STREAM_TASKS}")
     return est, to_download
+
+
+def check_checkpoint_sources(settings: list, planning: bool, refusals: list[str], read: dict | None = None) -> dict[str, Any]:
+    """Each checkpoint setting's checkpoint, where it is here (a local folder or the Hugging Face cache):
+    read (format, grid) and its safetensors headers checked. Returns setting name → Released; the
+    problems go to ``refusals``, one line each. One not here is read after its download (offline: refused)."""
+    from quantlens.model.released import QuantizedCheckpoint, describe
+
+    found: dict[str, Any] = {}
+    read = {} if read is None else read
+    for s in settings:
+        if s.checkpoint is None:
+            continue
+        if (s.name, s.checkpoint.source) in read:
+            if read[(s.name, s.checkpoint.source)] is not None:
+                found[s.name] = read[(s.name, s.checkpoint.source)]
+            continue
+        read[(s.name, s.checkpoint.source)] = None
+        what = f"setting {s.name}: checkpoint {s.checkpoint.source}"
+        try:
+            info = resolve_model(s.checkpoint.source)
+        except ConfigError as err:
+            refusals.append(f"setting {s.name}: checkpoint {str(err).split(' ', 1)[-1]}")
+            continue
+        folder = _local_folder(info, s.checkpoint.revision)
+        if folder is None:
+            if hub_offline() and not planning:
+                refusals.append(f"{what} is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1): "
+                                "download it first, or give a local folder")
+            continue
+        try:
+            r = describe(folder, what)
+            QuantizedCheckpoint(r).header_shapes()
+        except ConfigError as err:
+            refusals.append(str(err) if str(err).startswith("setting ") else f"setting {s.name}: {err}")
+            continue
+        found[s.name] = read[(s.name, s.checkpoint.source)] = r
+    return found
+
+
+def check_checkpoints_fit(m: Any, released: dict[str, Any]) -> None:
+    """Every readable checkpoint is one of model ``m`` (its config here): config, every quantized layer's
+    name and shape, every decoder-block linear present — checked on the model built on the meta device."""
+    import torch
+
+    info = resolve_model(m.ref, m.hf_id)
+    cfg_file = _config_file(info.hf_id, m.revision)
+    if cfg_file is None:
+        return  # the model is known only after download: the model flow checks it then
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantlens.model.released import check
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(os.path.dirname(cfg_file)))
+    problems = []
+    for name, r in released.items():
+        try:
+            check(r, model)
+        except ConfigError as err:
+            problems.append(f"setting {name} on model {m.ref}: {err}")
+    if problems:
+        raise PreflightError("\n".join(problems))
 
 
 STREAM_TASKS = ("lm-eval tasks run the model's own forward per batch, which placement: stream would pay with every "

@@ -225,6 +225,26 @@ class SweepConfig(_Strict):
         that run (:meth:`aliases` lists them)."""
         return self._expand()[0]
 
+    def settings_for(self, entry: "ModelEntry") -> list[Setting]:
+        """The settings model ``entry`` runs: the grid's, a checkpoint setting with one checkpoint per
+        model as this model's (left out where the model has none: :meth:`Setting.for_model`)."""
+        names = (entry.ref, Path(entry.ref).name)
+        return [x for x in (s.for_model(*names) for s in self.expanded_settings()) if x is not None]
+
+    def check_checkpoint_models(self) -> None:
+        """Every model a checkpoint setting names in ``checkpoint.models`` is a model of the sweep (a
+        misspelt one would leave that model without the setting, silently)."""
+        known = {n for m in self.models for n in (m.ref, Path(m.ref).name)}
+        for s in self.expanded_settings():
+            for name in (s.checkpoint.models or {}) if s.checkpoint is not None else {}:
+                if name not in known:
+                    raise ConfigError(f"setting {s.name}: checkpoint.models names {name!r}, not a model of this sweep "
+                                      f"({', '.join(m.ref for m in self.models)})")
+
+    def grid_size(self) -> int:
+        """How many (model, setting) runs the sweep holds."""
+        return sum(len(self.settings_for(m)) for m in self.models)
+
     def aliases(self) -> dict[str, str]:
         """Setting names left out of the grid → the name of the setting they compute the same as."""
         return self._expand()[1]
@@ -394,6 +414,7 @@ def load_config(source: str | Path | dict[str, Any]) -> SweepConfig:
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, where)) from None
     cfg.expanded_settings()
+    cfg.check_checkpoint_models()
     return cfg
 
 

@@ -233,13 +233,31 @@ class CalibrationSpec(_Strict):
 
 class CheckpointSpec(_Strict):
     """A released quantized checkpoint of the sweep's model (:mod:`quantlens.model.released`): a hub id
-    or a local folder, and the hub revision (None: the default branch). What it holds (method, bits,
-    groups) is read from the checkpoint once it is downloaded: :meth:`Setting.described`."""
+    or a local folder, and the hub revision (None: the default branch) — or, for a sweep of several
+    models, ``models``: each model's checkpoint (by the model's ref or name; a model without one does
+    not run the setting). What it holds (method, bits, groups) is read from the checkpoint once it is
+    downloaded: :meth:`Setting.described`."""
 
-    source: str = Field(min_length=1, description="hub id (owner/name) or local folder of the quantized checkpoint")
+    source: str | None = Field(None, min_length=1, description="hub id (owner/name) or local folder of the quantized checkpoint")
+    models: dict[str, str] | None = Field(None, description="model (ref or name) → its checkpoint's hub id or folder")
     revision: str | None = None
     method: str | None = Field(None, description="read from the checkpoint: gptq, awq, bnb, compressed-tensors")
     layout: str | None = Field(None, description="read from the checkpoint: gptq-v1, gptq-v2, awq-gemm, bnb-nf4, ct-…")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _models_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data and not set(data) & set(cls.model_fields):  # {model: source, …}
+            data = {"models": data}
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CheckpointSpec":
+        if (self.source is None) == (self.models is None):
+            raise ValueError("checkpoint: give source (one checkpoint) or models (each model's checkpoint), not both or neither")
+        if self.models is not None and not self.models:
+            raise ValueError("checkpoint.models: empty")
+        return self
 
 
 class Setting(_Strict):
@@ -313,6 +331,16 @@ class Setting(_Strict):
         """The weights come from outside round-to-nearest: calibrated in the sweep, or a released checkpoint's."""
         return self.calibrated or self.checkpoint is not None
 
+    def for_model(self, *names: str) -> "Setting | None":
+        """This setting as model ``names`` (its ref, its name) runs it: a checkpoint setting with one
+        checkpoint per model takes that model's (None: the model has none, the setting is not its)."""
+        if self.checkpoint is None or self.checkpoint.models is None:
+            return self
+        src = next((self.checkpoint.models[n] for n in names if n in self.checkpoint.models), None)
+        if src is None:
+            return None
+        return self.model_copy(update={"checkpoint": self.checkpoint.model_copy(update={"source": src, "models": None})})
+
     def described(self, weights: dict[str, Any], method: str, layout: str) -> "Setting":
         """This checkpoint setting with what its checkpoint holds: the weights spec, method and layout."""
         if self.checkpoint is None:
@@ -366,7 +394,8 @@ class Setting(_Strict):
         ident = self.canonical().model_dump(exclude={"name", "base"})
         if self.checkpoint is not None:  # the checkpoint is the computation; what it holds is read from it
             ident.pop("weights", None)
-            ident["checkpoint"] = {"source": self.checkpoint.source, "revision": self.checkpoint.revision}
+            ident["checkpoint"] = {"source": self.checkpoint.source, "revision": self.checkpoint.revision,
+                                   **({"models": self.checkpoint.models} if self.checkpoint.models else {})}
         for k in ("include_routers", "gptq", "awq", "calibration", "checkpoint"):  # (fields newer than most runs: absent at their defaults)
             if not ident.get(k):
                 ident.pop(k, None)
@@ -445,7 +474,7 @@ class Setting(_Strict):
             "seed": p.seed if p else 0,
         })
         if self.checkpoint is not None:
-            out.update(checkpoint=self.checkpoint.source, checkpoint_revision=self.checkpoint.revision or "default",
+            out.update(checkpoint=self.checkpoint.source or "per model", checkpoint_revision=self.checkpoint.revision or "default",
                        method=self.method, format=self.method)
         return out
 
