@@ -300,3 +300,43 @@ def test_calibrated_methods_on_every_architecture(arch, folders):
             finally:
                 restore_(m)
         _same(results["single"], results["stream"], f"{arch}/{name} stream vs single")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_released_checkpoints_on_every_architecture(arch, folders, tmp_path):
+    """A GPTQ checkpoint (4 bits, g16, act-order; experts one matrix each under the names save_pretrained
+    writes; GPT-2's Conv1D as its [out, in] matrix) read into the single and the streamed model alike,
+    alone and with A8 on top: every layer the checkpoint packs is read (experts fused back through the
+    conversion mapping), stream == single bit for bit, restore exact."""
+    from quantlens.model.export import write_quantized
+    from quantlens.model.released import describe, released_weights
+
+    path = folders[arch]
+    single, _ = load_model(path, device="cpu", dtype="float32", placement="single")
+    stream, _ = load_model(path, device="cpu", dtype="float32", placement="stream")
+    windows, _ = _inputs(single.config.vocab_size)
+    r = describe(write_quantized(single, tmp_path / "gptq", "gptq", bits=4, group_size=16, sym=False, act_order=True))
+    read = {p: released_weights(m, r) for p, m in (("single", single), ("stream", stream))}
+    weights, overrides, params = read["single"]
+    assert overrides == {} and read["stream"][1] == {}
+    assert weights.keys() == read["stream"][0].keys() and all(torch.equal(weights[k], read["stream"][0][k]) for k in weights)
+    body = anatomy(single)
+    experts = {e.qualified(a) for e in body.experts() for a in e.params}
+    fused_on_disk = arch == "gpt-oss"  # (its checkpoints hold the fused 3-D tensors: no per-expert matrix to pack)
+    expected = {n for n, _ in body.block_linears()} | (set() if fused_on_disk else experts)
+    assert set(weights) == expected, set(expected) ^ set(weights)  # every linear and every expert tensor, from the checkpoint
+    assert params["checkpoint_full_precision_layers"] == (len(experts) if fused_on_disk else 0)
+    before = {k: v.detach().clone() for k, v in single.state_dict().items()}
+    for setting in ({"name": "ck", "checkpoint": str(r.folder)},
+                    {"name": "ck-A8", "checkpoint": str(r.folder), "activations": {"bits": 8, "granularity": "token"}}):
+        s = resolve_setting(setting).described(r.weights(), r.method, r.layout)
+        results = {}
+        for p, m in (("single", single), ("stream", stream)):
+            quantize_(m, s, calibrated=read[p][0])
+            try:
+                results[p] = {"nll": perplexity(m, windows, batch_size=4)["per_example"]["nll"].to_numpy()}
+                assert full_report(m).summary()["coverage_targeted"] == 1.0
+            finally:
+                restore_(m)
+        _same(results["single"], results["stream"], f"{arch}/{s.name} stream vs single")
+    assert all(torch.equal(v, single.state_dict()[k]) for k, v in before.items())

@@ -67,8 +67,10 @@ def _fold_groups(model: nn.Module) -> list[tuple[nn.Module, list[tuple[str, nn.L
 @torch.no_grad()
 def write_quantized(model: nn.Module, folder: str | Path, method: str = "gptq", bits: int = 4, group_size: int = 128,
                     sym: bool = True, v1: bool = True, act_order: bool = False, fold: bool = False, seed: int = 0) -> Path:
-    """Write ``model`` (unchanged) as a GPTQ / AWQ checkpoint in ``folder``: every nn.Linear of the
-    decoder blocks packed, everything else in fp16; config.json with its ``quantization_config``."""
+    """Write ``model`` (unchanged) as a GPTQ / AWQ checkpoint in ``folder``: every linear of the decoder
+    blocks (GPT-2's Conv1D included) and every expert matrix (one per expert, under the names
+    ``save_pretrained`` writes) packed, everything else in fp16; config.json with its
+    ``quantization_config``. Routers stay in 16 bits, as the field's quantizers leave them."""
     from quantlens.model.anatomy import anatomy
 
     if method not in ("gptq", "awq"):
@@ -84,11 +86,21 @@ def write_quantized(model: nn.Module, folder: str | Path, method: str = "gptq", 
             state[names[norm] + ".weight"] /= s
             for name, _ in readers:
                 state[name + ".weight"] *= s
+    ckpt_state = _as_saved(model, state)  # the checkpoint's names: one matrix per expert, as save_pretrained writes
+    linears = {n for n, _ in anatomy(model).block_linears()}
+    conv1d = {n for n, m in anatomy(model).block_linears() if type(m).__name__ == "Conv1D"}
     packed: dict[str, dict[str, torch.Tensor]] = {}
-    for name in sorted(n for n, m in anatomy(model).block_linears() if isinstance(m, nn.Linear)):
-        w = state[name + ".weight"]
+    for key in sorted(ckpt_state):
+        name = key[: -len(".weight")] if key.endswith(".weight") else None
+        w = ckpt_state[key]
+        if name is None or w.ndim != 2 or not (name in linears or ".experts." in key):
+            continue
+        if name in conv1d:
+            w = w.t()  # GPT-2's Conv1D stores [in, out]: packed as the [out, in] matrix it is (as AutoGPTQ does)
         out_f, in_f = w.shape
         g = group_size if group_size > 0 else in_f
+        if in_f % g:
+            raise ValueError(f"{name}: group_size {g} does not divide its {in_f} input features")
         order = torch.randperm(in_f, generator=gen) if act_order else torch.arange(in_f)
         g_idx = torch.empty(in_f, dtype=torch.int64)
         g_idx[order] = torch.arange(in_f) // g
@@ -100,7 +112,17 @@ def write_quantized(model: nn.Module, folder: str | Path, method: str = "gptq", 
               "checkpoint_format": "gptq" if v1 else "gptq_v2", "damp_percent": 0.01}
     else:
         qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
-    return write_packed(model, folder, packed, qc, state)
+    return write_packed(model, folder, packed, qc, ckpt_state)
+
+
+def _as_saved(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` under the names ``save_pretrained`` writes (transformers' conversion mapping reverted:
+    fused expert tensors back to one matrix per expert, renamings undone)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return state
+    return dict(revert_weight_conversion(model, dict(state)))
 
 
 def write_packed(model: nn.Module, folder: str | Path, packed: dict[str, dict[str, torch.Tensor]], qconfig: dict[str, Any],
@@ -116,6 +138,8 @@ def write_packed(model: nn.Module, folder: str | Path, packed: dict[str, dict[st
     tensors: dict[str, torch.Tensor] = {}
     for name, parts in packed.items():
         state.pop(name + ".weight")
+        if name + ".bias" in state:  # (GPTQ/AWQ keep a linear's bias in fp16 beside its packed weight)
+            tensors[name + ".bias"] = state.pop(name + ".bias").half().contiguous().clone()
         tensors.update({f"{name}.{k}": v.contiguous().clone() for k, v in parts.items()})
     tensors.update({k: v.half().contiguous().clone() for k, v in state.items()})
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -332,9 +332,14 @@ def check(released: Released, model: Any, ckpt: QuantizedCheckpoint | None = Non
             raise ConfigError(f"{what}: {t.name} mixes packed and float experts")
         got = [ckpt.weight_shape(ckpt._virtual[k], shapes) if ckpt.is_packed(k) else shapes.get(k) for k in keys]
         want = shape if t.kind != "experts" else None
-        if want is not None and got[0] is not None and tuple(got[0]) != want and tuple(reversed(got[0])) != want:
+        if want is not None and type(t.module).__name__ == "Conv1D" and ckpt.is_packed(keys[0]):
+            want = tuple(reversed(want))  # (a packed Conv1D unpacks to the [out, in] matrix it is)
+        if want is not None and got[0] is not None and tuple(got[0]) != want:
             raise ConfigError(f"{what}: {t.name} is {tuple(got[0])} there, {want} in the model: a checkpoint of another model")
-        (quantized if all(packed) else kept).append(t.name)
+        if all(packed):
+            quantized.append(t.name)
+        elif t.kind != "router":  # (routers stay 16-bit, as the field's quantizers leave them)
+            kept.append(t.name)
     strays = sorted(p for p in ckpt.packed if p + ".weight" not in used)
     if strays:
         raise ConfigError(f"{what} quantizes {strays[0]}, which the model does not have (or not as a linear of its blocks)"
@@ -363,9 +368,7 @@ def released_weights(model: Any, released: Released) -> tuple[dict[str, torch.Te
         shape = tuple(shape_of(t.param))
         src = ckpt.source(f"{t.name}.weight" if t.kind != "experts" else t.name, kinds, shape)
         w = ckpt.read([src], "cpu", torch.float32)[0]
-        if t.kind == "experts":
-            w = w.reshape(shape) if w.numel() == torch.Size(shape).numel() and tuple(w.shape) != shape else w
-        elif tuple(w.shape) != shape:  # (GPT-2's Conv1D stores [in, out])
+        if t.kind != "experts" and type(t.module).__name__ == "Conv1D":  # GPT-2's Conv1D holds [in, out]; packed as [out, in]
             w = w.t().contiguous()
         if tuple(w.shape) != shape:
             raise ConfigError(f"checkpoint {released.folder}: {t.name} unpacks to {tuple(w.shape)}, the model's is {shape}")
@@ -373,6 +376,11 @@ def released_weights(model: Any, released: Released) -> tuple[dict[str, torch.Te
     overrides: dict[str, torch.Tensor] = {}
     packed_keys = set(ckpt._virtual)
     lazy = is_lazy(model)
+    base_ckpt = None
+    if lazy:
+        from quantlens.quantize.patch import model_checkpoint
+
+        base_ckpt = model_checkpoint(model)
     for name, param in model.named_parameters():
         if any(name == f"{q}.weight" or name == q for q in quantized):
             continue
@@ -382,8 +390,13 @@ def released_weights(model: Any, released: Released) -> tuple[dict[str, torch.Te
         stored = ckpt.read([src], "cpu")[0]
         if not stored.is_floating_point() or tuple(stored.shape) != tuple(shape_of(param)):
             continue
-        if lazy and param.numel() == 0:
-            continue  # (a streamed block's float tensors: compared when it arrives is not done — see check_stream)
+        if lazy and param.numel() == 0:  # a streamed block's tensor: compared with the model's own checkpoint
+            own = base_ckpt.source(name, kinds, tuple(shape_of(param))) if base_ckpt is not None else None
+            if own is None or not torch.equal(stored, base_ckpt.read([own], "cpu")[0].to(stored.dtype)):
+                raise ConfigError(f"checkpoint {released.folder} changes {name} of a streamed decoder block (AWQ folds its "
+                                  "scales into the norms): placement: stream reads blocks from the model's own checkpoint, "
+                                  "so use placement: single or device_map for it")
+            continue
         base = param.detach().to("cpu")
         if torch.equal(stored, base.to(stored.dtype)):
             continue  # the model's own tensor (at most rounded to the checkpoint's dtype)
