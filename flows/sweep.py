@@ -136,6 +136,11 @@ def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key:
                 mr.ledger.tracker.log_inputs(lease.run_id, steps.dataset_inputs(d, mr.cfg.eval, m))
                 metrics.update(m)
             pert, rows = steps.perturbation_metrics(model)
+            if overrides:  # AWQ's folded norms: the checkpoint's weights are in a rescaled basis, Ŵ − W is not their error
+                pert = {k: v for k, v in pert.items() if not k.startswith("weight_")}
+                rows = [r for r in rows if r["kind"] != "weight"]
+                mr.ledger.tracker.log(lease.run_id, tags={"quantlens.weight_error": "not comparable: the checkpoint rescales "
+                                                          f"{len(overrides)} norm(s) and the weights after them"})
             if pert.get("coverage_targeted", 1.0) < 1.0:  # never a silent partial "W4": the run fails, saying how much
                 raise RuntimeError(f"{s.name} quantized {pert['coverage_targeted']:.1%} of the weights it targets "
                                    f"({pert['coverage_block']:.1%} of the decoder blocks' weights)")

@@ -608,6 +608,8 @@ def test_released_checkpoints_are_settings_of_their_models(env, released_checkpo
     assert g["params.checkpoint"] == ck["gptq-llama"] and g["params.checkpoint_commit"].startswith("local-")
     assert g["metrics.coverage_targeted"] == 1.0 and g["metrics.coverage_block"] == 1.0
     assert llama.loc["awq4-ck", "params.checkpoint_changed_tensors"] == "6"  # AWQ's folded norms, read too
+    assert pd.isna(llama.loc["awq4-ck", "metrics.weight_rel_error_mean"])  # its weights are rescaled: no Ŵ − W to report
+    assert llama.loc["awq4-ck", "tags.quantlens.weight_error"].startswith("not comparable")
     for name in ("gptq4-ck", "awq4-ck"):
         assert llama.loc["W16A16", "metrics.wikitext2_ppl"] * 0.98 < llama.loc[name, "metrics.wikitext2_ppl"] < 2 * llama.loc["W16A16", "metrics.wikitext2_ppl"]
     noise = llama.loc["gptq4-ck-noise"]

@@ -585,6 +585,9 @@ class Workload:
     originals: str = "auto"
     calibrated: int = 0  # GPTQ settings: each calibrated once (then cached)
     calibration_tokens: float = 0.0  # per calibrated setting: samples × seqlen
+    methods: str = "GPTQ"  # the calibrated methods, as the plan names them
+    released: int = 0  # released-checkpoint settings (of the models they name)
+    released_bits: int = 4  # their widest weights (the download), when known
 
 
 @dataclass
@@ -687,8 +690,13 @@ def estimate(model: str, shape: Shape, target: Target, work: Workload, cached: b
         notes.append(f"stream reads {W / 1e9:.0f} GB per setting (at {DISK_GBPS:g} GB/s)")
     calib = calibration_seconds(shape, target, work, placement == "stream")
     if work.calibrated:
-        notes.append(f"calibration (GPTQ, {work.calibration_tokens:,.0f} tokens): ≈ {_dur(calib)} per calibrated setting "
+        notes.append(f"calibration ({work.methods}, {work.calibration_tokens:,.0f} tokens): ≈ {_dur(calib)} per calibrated setting "
                      f"× {work.calibrated}, once (then cached)")
+    if work.released:
+        packed = shape.params * work.released_bits / 8
+        notes.append(f"released checkpoint(s) × {work.released} (for the models they name): each downloaded once "
+                     f"(≈ {packed / 1e9:.1f} GB at {work.released_bits} bits), dequantized layer by layer as it is patched "
+                     "(streamed: as each block arrives)")
     return Estimate(model, shape, target, dtype, T, batch, peak, low, fits, host, placement, why, secs,
                     work.settings, cached, notes, calibration_seconds=calib * work.calibrated)
 

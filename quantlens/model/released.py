@@ -26,6 +26,7 @@ other setting of the sweep (one model load per sweep; restored bit-exactly after
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,10 +351,34 @@ def check(released: Released, model: Any, ckpt: QuantizedCheckpoint | None = Non
     return {"quantized": quantized, "full_precision": block}
 
 
+class CheckpointWeights(Mapping):
+    """The quantized layers' weights of a checkpoint by target name, each dequantized when it is asked
+    for (float32, then the model's dtype) and not kept: patching a model reads one layer at a time, a
+    streamed one each block's when it arrives, so no copy of the whole model is held in host memory."""
+
+    def __init__(self, ckpt: QuantizedCheckpoint, layers: dict[str, tuple]):
+        self.ckpt, self.layers = ckpt, layers
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        src, shape, dtype, conv1d = self.layers[name]
+        w = self.ckpt.read([src], "cpu", torch.float32)[0]
+        if conv1d:  # GPT-2's Conv1D holds [in, out]; packed as the [out, in] matrix it is
+            w = w.t().contiguous()
+        if tuple(w.shape) != shape:
+            raise ConfigError(f"checkpoint {self.ckpt.folder}: {name} unpacks to {tuple(w.shape)}, the model's is {shape}")
+        return w.to(dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
 @torch.no_grad()
-def released_weights(model: Any, released: Released) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """(weights of the quantized targets by target name, float tensors the checkpoint changes by
-    parameter name, params). Weights are dequantized in float32 and cast to the model's dtype."""
+def released_weights(model: Any, released: Released) -> tuple["CheckpointWeights", dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights of the quantized targets by target name — :class:`CheckpointWeights`, read layer by
+    layer —, float tensors the checkpoint changes by parameter name, params)."""
     from quantlens.model.anatomy import shape_of
     from quantlens.model.streaming import is_lazy
 
@@ -361,18 +386,13 @@ def released_weights(model: Any, released: Released) -> tuple[dict[str, torch.Te
     found = check(released, model, ckpt)
     kinds = _kinds(model)
     quantized = set(found["quantized"])
-    weights: dict[str, torch.Tensor] = {}
+    layers = {}
     for t in _targets(model):
-        if t.name not in quantized:
-            continue
-        shape = tuple(shape_of(t.param))
-        src = ckpt.source(f"{t.name}.weight" if t.kind != "experts" else t.name, kinds, shape)
-        w = ckpt.read([src], "cpu", torch.float32)[0]
-        if t.kind != "experts" and type(t.module).__name__ == "Conv1D":  # GPT-2's Conv1D holds [in, out]; packed as [out, in]
-            w = w.t().contiguous()
-        if tuple(w.shape) != shape:
-            raise ConfigError(f"checkpoint {released.folder}: {t.name} unpacks to {tuple(w.shape)}, the model's is {shape}")
-        weights[t.name] = w.to(t.param.dtype)
+        if t.name in quantized:
+            shape = tuple(shape_of(t.param))
+            src = ckpt.source(f"{t.name}.weight" if t.kind != "experts" else t.name, kinds, shape)
+            layers[t.name] = (src, shape, t.param.dtype, t.kind != "experts" and type(t.module).__name__ == "Conv1D")
+    weights = CheckpointWeights(ckpt, layers)
     overrides: dict[str, torch.Tensor] = {}
     packed_keys = set(ckpt._virtual)
     lazy = is_lazy(model)

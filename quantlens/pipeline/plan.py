@@ -71,10 +71,13 @@ def workload(cfg: Any) -> Workload:
             seqlens.append((d.example_len or 512) + 1 if d.examples in DOCUMENTS else d.seqlen or cfg.eval.seqlen)
     calibrated = list({repr((s.weights, s.gptq, s.awq, cfg.calibration_for(s))): s for s in settings if s.calibrated}.values())  # one calibration each
     calib_tokens = max((cfg.calibration_for(s).samples * cfg.calibration_for(s).seqlen for s in calibrated), default=0)
+    methods = " / ".join(m.upper() for m in dict.fromkeys(s.method for s in calibrated)) or "GPTQ"
+    released = [s for s in settings if s.checkpoint is not None]
     return Workload(seqlen=max(seqlens) if seqlens else 256, tokens=tokens, examples=examples, settings=len(settings),
                     batch_size=cfg.eval.batch_size, act_quant=any(s.activations is not None for s in settings),
                     dtype=cfg.hardware.dtype, placement=cfg.hardware.placement, originals=cfg.hardware.originals,
-                    calibrated=len(calibrated), calibration_tokens=float(calib_tokens))
+                    calibrated=len(calibrated), calibration_tokens=float(calib_tokens), methods=methods,
+                    released=len(released))
 
 
 def format_plan(estimates: list[Estimate | None], refs: list[str], target: Target) -> list[str]:
