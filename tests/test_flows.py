@@ -598,7 +598,7 @@ def test_released_checkpoints_are_settings_of_their_models(env, released_checkpo
     settings = ["W16A16", "W4A16-g32", {"name": "gptq4-ck", "checkpoint": gptq},
                 {"name": "awq4-ck", "checkpoint": {"tiny-llama": ck["awq-llama"]}},
                 {"name": "gptq4-ck-noise", "checkpoint": {"tiny-llama": ck["gptq-llama"]}, "perturbation": {"target": "weights"}}]
-    cfg = config(name="released", settings=settings, datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 8}])
+    cfg = config(name="released", settings=settings, datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 4}])
     summary = sweep_flow(cfg, results_dir=str(env / "results"))
     assert summary["evaluated"] == 3 + 5 and not summary.get("failed"), summary
     df = runs("FINISHED", summary["sweep_id"])

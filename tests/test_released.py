@@ -274,3 +274,14 @@ def test_a_checkpoint_setting_is_keyed_by_its_source_not_by_what_it_holds(tmp_pa
                      ({"include_lm_head": True}, "do not apply")):
         with pytest.raises(ConfigError, match=why):
             resolve_setting({"name": "x", "checkpoint": str(tmp_path), **bad})
+
+
+def test_export_writes_a_checkpoint_that_reads_back_as_a_setting(tmp_path, capsys):
+    from quantlens.pipeline.cli import main
+
+    out = tmp_path / "ck"
+    assert main(["export", str(MODELS / "tiny-opt"), "--bits", "3", "--group-size", "32", "--asym", "--act-order", "--out", str(out)]) == 0
+    assert "as gptq-v1, 3 bits, groups of 32, act-order" in capsys.readouterr().out
+    r = R.describe(out)
+    assert (r.method, r.bits, r.group_size, r.symmetric, r.act_order) == ("gptq", 3, 32, False, True)
+    assert (out / "tokenizer.json").is_file()  # (the checkpoint also loads on its own)

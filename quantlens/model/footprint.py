@@ -694,9 +694,9 @@ def estimate(model: str, shape: Shape, target: Target, work: Workload, cached: b
                      f"× {work.calibrated}, once (then cached)")
     if work.released:
         packed = shape.params * work.released_bits / 8
-        notes.append(f"released checkpoint(s) × {work.released} (for the models they name): each downloaded once "
-                     f"(≈ {packed / 1e9:.1f} GB at {work.released_bits} bits), dequantized layer by layer as it is patched "
-                     "(streamed: as each block arrives)")
+        size = f"{packed / 1e9:.1f} GB" if packed >= 1e8 else f"{packed / 1e6:.1f} MB"
+        notes.append(f"released checkpoint(s) × {work.released}: each downloaded once (≈ {size} at {work.released_bits} bits), "
+                     "dequantized layer by layer as it is patched (streamed: as each block arrives)")
     return Estimate(model, shape, target, dtype, T, batch, peak, low, fits, host, placement, why, secs,
                     work.settings, cached, notes, calibration_seconds=calib * work.calibrated)
 

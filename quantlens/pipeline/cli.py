@@ -249,6 +249,29 @@ def cmd_alpha_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from quantlens.model.export import write_quantized
+    from quantlens.model.loading import TOKENIZER_FILES, download, load_model, resolve_model
+    from quantlens.model.released import describe
+
+    info = resolve_model(args.model)
+    snap = download(info)
+    model, _ = load_model(snap, device="cpu", dtype="float32")
+    out = write_quantized(model, args.out, args.method, bits=args.bits, group_size=args.group_size, sym=not args.asym,
+                          v1=not args.v2, act_order=args.act_order)
+    for f in TOKENIZER_FILES:  # (so that the checkpoint also loads on its own, e.g. with transformers + GPTQModel)
+        if (Path(snap.path) / f).is_file():
+            shutil.copy(Path(snap.path) / f, out / f)
+    r = describe(out)
+    print(f"wrote {out}: {info.name} as {r.layout}, {r.bits} bits, groups of {r.group_size or 'a row'}"
+          f"{', act-order' if r.act_order else ''} (round to nearest on the format's grid); "
+          f"use it as a setting: {{name: <any>, checkpoint: {out}}}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """The MLflow UI on the tracking store, started with this interpreter (no activated venv needed)."""
     from quantlens.tasks.tracking import Tracker, tracking_uri
@@ -308,6 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--granularity", default="channel", choices=["tensor", "channel"])
     s.add_argument("--out", default="results")
     s.set_defaults(fn=cmd_alpha_sweep)
+    x = sub.add_parser("export", help="write a model as a GPTQ or AWQ checkpoint (round to nearest on the format's grid)")
+    x.add_argument("model")
+    x.add_argument("--method", default="gptq", choices=["gptq", "awq"])
+    x.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="GPTQ: 2, 3, 4 or 8; AWQ: 4")
+    x.add_argument("--group-size", type=int, default=128, help="-1: one group per row")
+    x.add_argument("--asym", action="store_true", help="GPTQ: min/max zero points (AWQ always has them)")
+    x.add_argument("--act-order", action="store_true", help="GPTQ: groups over a permutation of the inputs, stored as g_idx")
+    x.add_argument("--v2", action="store_true", help="GPTQ: the gptq_v2 layout (zero points as they are)")
+    x.add_argument("--out", required=True)
+    x.set_defaults(fn=cmd_export)
     u = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--experiment", default="quantlens-demo", help="the experiment whose link is printed")

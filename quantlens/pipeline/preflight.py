@@ -31,6 +31,7 @@ caller (``Tracker``), also before any work.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import gzip
 import json
 import math
@@ -100,9 +101,12 @@ def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool =
     refusals: list[str] = []  # every model checked: the sweep lists every refusal at once
     read: dict[tuple[str, str], Any] = {}  # (setting, source) → Released or None (a refusal already listed)
     for m in cfg.models:
-        released = check_checkpoint_sources(cfg.settings_for(m), planning, refusals, read)
+        mine = cfg.settings_for(m)
+        released = check_checkpoint_sources(mine, planning, refusals, read)
+        work_m = dataclasses.replace(work, released=sum(s.checkpoint is not None for s in mine),
+                                     released_bits=max((r.bits for r in released.values()), default=4))
         try:
-            est, download = _check_model(m, cfg, settings, needs_kv, target, work, token_rows, tasks, planning)
+            est, download = _check_model(m, cfg, settings, needs_kv, target, work_m, token_rows, tasks, planning)
             if released:
                 check_checkpoints_fit(m, released)
         except ModelUnavailable:

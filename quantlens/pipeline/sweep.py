@@ -391,6 +391,22 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         for k in ("path", "include_path"):
             if isinstance(d, dict) and isinstance(d.get(k), str):
                 d[k] = fix(d[k])
+    for holder in [data] + [s for s in data.get("settings") or [] if isinstance(s, dict)]:
+        c = holder.get("calibration")
+        if isinstance(c, dict) and isinstance(c.get("path"), str):
+            c["path"] = fix(c["path"])
+    for st in data.get("settings") or []:  # released checkpoints: folders (hub ids stay as they are)
+        ck = st.get("checkpoint") if isinstance(st, dict) else None
+        if isinstance(ck, str):
+            st["checkpoint"] = fix(ck)
+        elif isinstance(ck, dict):
+            for k, v in list(ck.items()):
+                if k == "source" and isinstance(v, str):
+                    ck[k] = fix(v)
+                elif k == "models" and isinstance(v, dict):
+                    ck[k] = {m: fix(x) if isinstance(x, str) else x for m, x in v.items()}
+                elif k not in ("revision", "method", "layout") and isinstance(v, str) and k != "models":
+                    ck[k] = fix(v)  # the {model: source} shorthand
 
 
 def load_config(source: str | Path | dict[str, Any]) -> SweepConfig:
