@@ -285,3 +285,41 @@ def test_export_writes_a_checkpoint_that_reads_back_as_a_setting(tmp_path, capsy
     r = R.describe(out)
     assert (r.method, r.bits, r.group_size, r.symmetric, r.act_order) == ("gptq", 3, 32, False, True)
     assert (out / "tokenizer.json").is_file()  # (the checkpoint also loads on its own)
+
+
+def test_a_sweep_of_library_written_checkpoints_exits_0_and_correlates_them(reference, trained, tmp_path):
+    """`quantlens run` with the GPTQ, AWQ and bitsandbytes checkpoints the libraries' own packers wrote
+    for tiny-llama: exit 0, each run's params say what it read, and their per-example errors enter
+    error_correlation; beside them a checkpoint of another model is one preflight line, exit 2."""
+    import pandas as pd
+    import yaml
+
+    from conftest import WIKI_TEST
+
+    folders = {fmt: _library_checkpoint(reference, trained, tmp_path, fmt) for fmt in ("gptq", "awq", "bnb")}
+    opt, _ = trained("opt")
+    other = write_quantized(opt, tmp_path / "opt-gptq", "gptq", group_size=32)
+    settings = ["W16A16", "W4A16-g32"] + [{"name": f"{fmt}-lib", "checkpoint": str(f)} for fmt, f in folders.items()]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "QUANTLENS_CACHE": str(tmp_path / "cache")}
+
+    def run(extra):
+        cfg = {"name": "libs", "experiment": "libs", "models": [str(MODELS / "tiny-llama")], "settings": settings + extra,
+               "datasets": [{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 8}],
+               "eval": {"seqlen": 128, "batch_size": 8}, "hardware": {"device": "cpu"}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        return subprocess.run([sys.executable, "-m", "quantlens.pipeline.cli", "run", str(tmp_path / "c.yaml")], cwd=tmp_path,
+                              capture_output=True, text=True, env=env, timeout=600)
+
+    r = run([{"name": "opt-ck", "checkpoint": str(other)}])
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "setting opt-ck on model" in r.stderr and "is of another model" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # preflight: no store, no model, no run
+    r = run([])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = next((tmp_path / "results").glob("libs-*"))
+    corr = pd.read_csv(out / "error_correlation.csv")
+    pairs = set(zip(corr["setting_a"], corr["setting_b"])) | set(zip(corr["setting_b"], corr["setting_a"]))
+    assert {("gptq-lib", "awq-lib"), ("gptq-lib", "bnb-lib"), ("awq-lib", "W4A16-g32")} <= pairs, pairs
+    res = pd.read_csv(out / "results.csv")
+    assert {"gptq-lib", "awq-lib", "bnb-lib"} <= set(res["setting"])
