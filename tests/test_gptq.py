@@ -185,6 +185,27 @@ def test_awq_never_worse_than_rtn_on_its_calibration_loss_and_shares_a_scale():
     assert all(torch.equal(q, scaled_quantize(w, s, spec)) for w, q in zip(ws, qs))  # one scale for the three
 
 
+def test_awq_clip_search_never_raises_a_groups_own_error_and_clips_outlier_groups():
+    """Per row and group the clip search keeps the range with the smallest output error on the group's
+    own inputs (r = 1, no clip, is among them): never above round-to-nearest's there, and below it
+    where a large weight on a quiet input makes the full range wasteful."""
+    from quantlens.quantize.awq import _group_errors, clip_search
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 64, generator=g)
+    x[:, 5] *= 0.01  # an input that barely moves the output ...
+    H = hessian(x)
+    spec = resolve_setting("W3A16-g16").weights
+    w = torch.randn(16, 64, generator=g)
+    w[0, 5] = 12.0  # ... with a large weight in row 0, group 0: its full range wastes the group's levels
+    clipped = clip_search(w, H, spec)
+    before = _group_errors(quantize(w, spec).xq - w, H, 16)
+    after = _group_errors(quantize(clipped, spec).xq - w, H, 16)
+    assert (after <= before * (1 + 1e-6)).all()
+    assert after[0, 0] < 0.9 * before[0, 0] and clipped[0, 5] < 12.0  # the outlier's group: clipped, and better for it
+    assert (clipped.abs() <= w.abs()).all()
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_calibrated_awq_is_at_most_rtn_on_the_first_blocks_calibration_loss(trained, family, tmp_path):
     """AWQ of the whole trained model, on block 0 (whose inputs the calibration data fix): q/k/v share

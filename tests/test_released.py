@@ -18,7 +18,7 @@ from conftest import MODELS
 from quantlens.model import released as R
 from quantlens.model.export import grid_ints, write_packed, write_quantized
 from quantlens.quantize import packed as P
-from quantlens.quantize.patch import quantize_, restore_
+from quantlens.quantize.patch import full_precision, quantize_, restore_
 from quantlens.quantize.settings import ConfigError, resolve_setting
 
 REF_LIBS = Path(os.environ.get("QUANTLENS_REF_LIBS", Path(__file__).resolve().parents[1] / ".ref-libs"))
@@ -210,6 +210,12 @@ def test_awq_folded_scales_are_overrides_restored_bit_exactly_and_refuse_the_len
         norm = dict(model.named_parameters())["model.layers.0.input_layernorm.weight"]
         assert torch.equal(norm, overrides["model.layers.0.input_layernorm.weight"])
         folded = model(ids).logits
+        with full_precision(model):  # every layer at 16 bits: the model's own norms back too
+            assert torch.equal(model(ids).logits, base)
+        with pytest.raises(ConfigError, match="rescales 6 norm"):
+            with full_precision(model, ["model.layers.0.mlp.down_proj"]):
+                pass
+        assert torch.equal(model(ids).logits, folded)
         restore_(model)
         assert torch.equal(model(ids).logits, base)
     assert 0 < float((folded - base).abs().max()) < 5  # a 4-bit model, the scales folded consistently (not garbage)
@@ -323,3 +329,29 @@ def test_a_sweep_of_library_written_checkpoints_exits_0_and_correlates_them(refe
     assert {("gptq-lib", "awq-lib"), ("gptq-lib", "bnb-lib"), ("awq-lib", "W4A16-g32")} <= pairs, pairs
     res = pd.read_csv(out / "results.csv")
     assert {"gptq-lib", "awq-lib", "bnb-lib"} <= set(res["setting"])
+
+
+def test_a_hub_checkpoint_is_read_from_the_hugging_face_cache_offline(trained, tmp_path, monkeypatch):
+    """A checkpoint named by hub id: found in the Hugging Face cache offline by preflight and by the
+    download-checkpoint task (its revision the snapshot's commit); one not cached is one preflight line."""
+    import huggingface_hub.constants as hc
+
+    from quantlens.pipeline.preflight import check_checkpoint_sources
+    from quantlens.tasks.steps import download_checkpoint
+
+    model, _ = trained("llama")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--quantlens-test--tiny-llama-gptq"
+    write_quantized(model, repo / "snapshots" / commit, "gptq", bits=4, group_size=32)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    s = resolve_setting({"name": "hub-gptq", "checkpoint": "quantlens-test/tiny-llama-gptq"})
+    refusals: list[str] = []
+    found = check_checkpoint_sources([s, resolve_setting({"name": "gone", "checkpoint": "quantlens-test/not-cached"})], False, refusals)
+    assert set(found) == {"hub-gptq"} and found["hub-gptq"].layout == "gptq-v1"
+    assert len(refusals) == 1 and refusals[0].startswith("setting gone: checkpoint quantlens-test/not-cached is not in the local")
+    described, folder, revision = download_checkpoint.fn(s)
+    assert revision == commit and folder.endswith(commit) and (described.method, described.w_bits) == ("gptq", 4)
+    assert described.identity() == s.identity()  # the run key does not move once the checkpoint is read

@@ -132,7 +132,9 @@ def calibrate_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *
             for group in _input_groups([n for n, _ in linears], reads, setting.awq is not None):
                 mats = [(mods[n].weight.data.t() if is_conv1d(mods[n]) else mods[n].weight.data) for n in group]
                 if setting.awq is not None:
-                    qs, _ = awq_quantize(mats, acc[group[0]].h, acc[group[0]].abs_mean, spec, grid=setting.awq.grid)
+                    a = setting.awq
+                    qs, _ = awq_quantize(mats, acc[group[0]].h, acc[group[0]].abs_mean, spec, grid=a.grid,
+                                         clip=[a.clip and not _query_or_key(n) for n in group], max_shrink=a.max_shrink)
                 else:
                     qs = [gptq_quantize(mats[0], acc[group[0]].h, spec, damp=g.damp, block=g.block, act_order=g.act_order)]
                 for n, q in zip(group, qs):
@@ -184,13 +186,25 @@ class _ExpertHessians:
                 for i in sl:
                     out[i] = quantize(mats[i], spec).xq
             elif setting.awq is not None:
-                qs, _ = awq_quantize([mats[i] for i in sl], acc.h, acc.abs_mean, spec, grid=setting.awq.grid)
+                a = setting.awq
+                qs, _ = awq_quantize([mats[i] for i in sl], acc.h, acc.abs_mean, spec, grid=a.grid, clip=[a.clip] * len(sl),
+                                     max_shrink=a.max_shrink)
                 for i, q in zip(sl, qs):
                     out[i] = q
             else:
                 for i in sl:
                     out[i] = gptq_quantize(mats[i], acc.h, spec, damp=g.damp, block=g.block, act_order=g.act_order)
         return e.from_matrices(attr, out)
+
+
+_QK = ("q_", "k_", "query", "key", "Wqkv")  # AutoAWQ's own test for the layers it does not clip
+
+
+def _query_or_key(name: str) -> bool:
+    """A linear whose output is a query or a key (q_proj, k_proj, a fused query_key_value): AWQ does
+    not clip it (its error goes through the softmax), by AutoAWQ's test on the layer's name."""
+    leaf = name.split(".", 3)[-1] if name.count(".") >= 3 else name  # (the name within its block)
+    return any(k in leaf for k in _QK)
 
 
 def _input_groups(names: list[str], reads: dict[str, torch.Tensor], share: bool) -> list[list[str]]:

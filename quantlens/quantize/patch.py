@@ -660,6 +660,10 @@ def full_precision(model: nn.Module, layers: Iterable[str] | None = None, *, act
     unknown = chosen - names
     if unknown:
         raise KeyError(f"full_precision: not patched layers: {', '.join(sorted(unknown))}")
+    if state.overridden and layers is not None:
+        raise ConfigError(f"{state.setting.name}: the checkpoint rescales {len(state.overridden)} norm(s) and the weights after "
+                          "them (AWQ's folded scales), so some layers at full precision beside the others is no model at all: "
+                          "mechanism analyses need a checkpoint that keeps the model's other tensors")
     swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
     streamed_fp = chosen & {t.name for t in state.deferred.values()} - state.full_precision  # read as they are while inside
     bypassed = set()
@@ -670,6 +674,9 @@ def full_precision(model: nn.Module, layers: Iterable[str] | None = None, *, act
                 param, orig = state.originals[name]
                 swapped.append((param, param.data))
                 param.data = _original(orig, param.data)
+            for param, own in state.overridden:  # (all layers: the model's own norms too)
+                swapped.append((param, param.data))
+                param.data = own
         state.full_precision |= streamed_fp
         if activations and state.activations is not None:
             bypassed = chosen - state.activations.bypass

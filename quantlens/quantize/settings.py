@@ -216,7 +216,10 @@ class GPTQSpec(_Strict):
 class AWQSpec(_Strict):
     """AWQ's own parameters (:mod:`quantlens.quantize.awq`); the grid is the setting's weights spec."""
 
-    grid: int = Field(20, gt=0, description="α searched over {0, 1/grid, …}: AWQ's n_grid")
+    grid: int = Field(20, gt=0, description="α searched over {0, 1/grid, …}: AWQ's n_grid (and the clip search's)")
+    clip: bool = Field(True, description="then clip each group at the range that minimises its output error (AutoAWQ's "
+                       "auto_clip; not the query / key projections)")
+    max_shrink: float = Field(0.5, gt=0, lt=1, description="the clip search goes down to (1 − max_shrink)·max|w|")
 
 
 class CalibrationSpec(_Strict):
