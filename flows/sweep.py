@@ -184,6 +184,7 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
     progress = progress_for(attempt, len(settings))
 
     info, snap = steps.download_model(entry)
+    described, checkpoints = _read_checkpoints([s for s in settings if s.checkpoint is not None], info.name)  # (their revisions key the runs)
     keys = ledger.keys(cfg, entry, snap.revision)
     reused, reaped = ledger.open_keys(keys, snap.revision)
     if reaped:
@@ -198,7 +199,7 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
         publish_model_table(ledger.tracker, info.name, result)
         return result
 
-    todo, checkpoints = _read_checkpoints(todo, info.name)
+    todo = [described.get(s.name, s) for s in todo]
     model, tokenizer = steps.load_model(snap, cfg.hardware)
     tags = {"git_commit": git_commit(), "device": device_tag(model), "mlflow.source.git.commit": git_commit().removesuffix("-dirty"),
             "mlflow.source.name": "quantlens", "mlflow.source.type": "JOB"}
@@ -231,20 +232,19 @@ def model_flow(config: dict[str, Any], model_index: int, parent_run_id: str, att
     return result
 
 
-def _read_checkpoints(todo: list[Setting], model_name: str) -> tuple[list[Setting], dict[str, Any]]:
-    """Each checkpoint setting still to evaluate: its checkpoint downloaded and read (the setting
-    then says what it holds). One that cannot be had fails its own run, not the sweep."""
-    out, found = [], {}
-    for s in todo:
-        if s.checkpoint is not None:
-            try:
-                s, folder, revision = steps.download_checkpoint(s)
-                found[s.name] = (folder, revision)
-            except Exception as err:  # (already retried where a retry can help)
-                found[s.name] = err
-                get_run_logger().error("%s/%s: its checkpoint cannot be had: %s", model_name, s.name, err)
-        out.append(s)
-    return out, found
+def _read_checkpoints(settings: list[Setting], model_name: str) -> tuple[dict[str, Setting], dict[str, Any]]:
+    """Each checkpoint setting's checkpoint downloaded (then its revision is known, which keys its run)
+    and read: (setting name → the setting saying what it holds, name → (folder, revision) or why it
+    cannot be had). One that cannot be had fails its own run, not the sweep."""
+    described, found = {}, {}
+    for s in settings:
+        try:
+            d, folder, revision = steps.download_checkpoint(s)
+            described[s.name], found[s.name] = d, (folder, revision)
+        except Exception as err:  # (already retried where a retry can help)
+            found[s.name] = err
+            get_run_logger().error("%s/%s: its checkpoint cannot be had: %s", model_name, s.name, err)
+    return described, found
 
 
 def artifact_key(*parts: str) -> str:

@@ -42,6 +42,15 @@ def _load(name: str):
     return importlib.import_module(name)
 
 
+def _bnb(out: dict, F, name: str, w: torch.Tensor) -> None:
+    for kind in ("nf4", "fp4"):
+        for nested in (False, True):
+            packed, state = F.quantize_4bit(w.contiguous(), blocksize=64, quant_type=kind, compress_statistics=nested)
+            out[f"bnb-{kind}{'-nested' if nested else ''}|{name}"] = {
+                "weight": packed.clone(), **{f"weight.{k}": v.clone() for k, v in state.as_dict(packed=True).items()},
+                "dequantized": F.dequantize_4bit(packed, state).clone()}
+
+
 def main(src: str, dst: str) -> None:
     for pkg in ("auto_gptq", "auto_gptq.nn_modules", "auto_gptq.nn_modules.qlinear", "awq", "awq.modules", "awq.modules.linear",
                 "awq.utils"):
@@ -59,6 +68,9 @@ def main(src: str, dst: str) -> None:
         out_f, in_f = w.shape
         lin = nn.Linear(in_f, out_f, bias=False)
         lin.weight.data = w.clone()
+        if d.get("bnb_only"):
+            _bnb(out, F, name, w)
+            continue
         # AutoGPTQ: pack(linear, scales [out, groups], zeros [out, groups], g_idx)
         q = gptq_lin.QuantLinear(bits, group, in_f, out_f, False, weight_dtype=torch.float32)
         q.pack(lin, d["scales"].t().contiguous(), d["zeros"].t().to(torch.float32).contiguous(), g_idx.to(torch.int32))
@@ -71,12 +83,7 @@ def main(src: str, dst: str) -> None:
                                                    zeros=d["zeros"].to(torch.float32).contiguous())  # AutoAWQ's quantizer hands them
             out[f"awq|{name}"] = {"qweight": a.qweight.clone(), "qzeros": a.qzeros.clone(), "scales": a.scales.clone(),
                                   "weight": awq_pack.dequantize_gemm(a.qweight, a.qzeros, a.scales, 4, group).t().contiguous()}
-        for kind in ("nf4", "fp4"):
-            for nested in (False, True):
-                packed, state = F.quantize_4bit(w.contiguous(), blocksize=64, quant_type=kind, compress_statistics=nested)
-                out[f"bnb-{kind}{'-nested' if nested else ''}|{name}"] = {
-                    "weight": packed.clone(), **{f"weight.{k}": v.clone() for k, v in state.as_dict(packed=True).items()},
-                    "dequantized": F.dequantize_4bit(packed, state).clone()}
+        _bnb(out, F, name, w)
     import importlib.metadata as md
 
     ref = Path(bitsandbytes.__file__).parents[1]

@@ -302,6 +302,12 @@ def test_calibrated_methods_on_every_architecture(arch, folders):
         _same(results["single"], results["stream"], f"{arch}/{name} stream vs single")
 
 
+def _all_targets(model):
+    from quantlens.quantize.patch import targets
+
+    return targets(model, resolve_setting({"name": "all", "weights": {"bits": 4}, "include_routers": True, "include_lm_head": True}))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_released_checkpoints_on_every_architecture(arch, folders, tmp_path):
     """A GPTQ checkpoint (4 bits, g16, act-order; experts one matrix each under the names save_pretrained
@@ -326,6 +332,10 @@ def test_released_checkpoints_on_every_architecture(arch, folders, tmp_path):
     expected = {n for n, _ in body.block_linears()} | (set() if fused_on_disk else experts)
     assert set(weights) == expected, set(expected) ^ set(weights)  # every linear and every expert tensor, from the checkpoint
     assert params["checkpoint_full_precision_layers"] == (len(experts) if fused_on_disk else 0)
+    own = {n: t.param.detach() for n, t in ((t.name, t) for t in _all_targets(single))}
+    for name in weights:  # each read weight is the model's own, 4-bit-rounded (a transposed or shifted one is not)
+        rel = float((weights[name] - own[name]).norm() / own[name].norm())
+        assert 0 < rel < 0.2, (name, rel)
     before = {k: v.detach().clone() for k, v in single.state_dict().items()}
     for setting in ({"name": "ck", "checkpoint": str(r.folder)},
                     {"name": "ck-A8", "checkpoint": str(r.folder), "activations": {"bits": 8, "granularity": "token"}}):

@@ -52,11 +52,14 @@ def calibrated_lens(df: pd.DataFrame) -> pd.DataFrame:
                     same_bits &= df[c].astype(str) == str(g[c])
             twin, rtn = df[same_bits], "rtn (other granularity)"
         label = f"{g['method']} (checkpoint)" if released else g["method"]
+        if not str(g.get("w_format", "int")).startswith(("int", "none", "nan")):
+            rtn = f"{rtn} (int grid)"  # (a NormalFloat / FP checkpoint beside integer round-to-nearest)
         parts = [(label, g)]
         parts += [(rtn, r) for _, r in twin.iterrows()]
         same_model = df["model"] == g["model"]
-        if released:  # noise matched to a checkpoint: a perturbation run of the same checkpoint
-            parts += [(f"noise ~ {label}", r) for _, r in df[same_model & (pert != "none") & (ckpt == ckpt[i])].iterrows()]
+        if released:  # noise matched to a checkpoint: a weight perturbation of the same checkpoint, on the same grid
+            on_weights = pert.str.endswith(("-weights", "-both"))
+            parts += [(f"noise ~ {label}", r) for _, r in df[same_model & on_weights & (ckpt == ckpt[i]) & _same_grid(df, g)].iterrows()]
         for ref, role in (((g["setting"], f"noise ~ {label}"),) if not released else ()) + tuple(
                 (r["setting"], "noise ~ rtn") for _, r in twin.iterrows()):
             parts += [(role, r) for _, r in df[same_model & (pert != "none") & (base == ref)].iterrows()]

@@ -111,7 +111,7 @@ def describe(folder: str | Path, what: str | None = None) -> Released:
 
         d = compressed.describe(q)
         gran = d.get("granularity")
-        r = dict(method="compressed-tensors", layout=f"ct-{d['format']}", bits=int(d["bits"]),
+        r = dict(method="compressed-tensors", layout=f"ct-{d['format']}" + ("+mixed" if d.get("mixed") else ""), bits=int(d["bits"]),
                  group_size=d.get("group_size") if gran == "group" else None, symmetric=bool(d.get("symmetric", True)),
                  act_order=bool(d.get("act_order", False)), num_format=d.get("num_format", "int"), element=d.get("element"))
         if gran == "tensor" and r["num_format"] == "int":
@@ -227,8 +227,9 @@ class QuantizedCheckpoint(Checkpoint):
             from quantlens.quantize import compressed
 
             return compressed.dequantize(prefix, parts, r.qconfig).to(torch.float32)
-        except (ValueError, KeyError, RuntimeError) as err:
-            raise ConfigError(f"checkpoint {r.folder}: {prefix} cannot be unpacked as {r.layout}: {err}") from None
+        except (ValueError, KeyError, RuntimeError, StopIteration, TypeError) as err:
+            raise ConfigError(f"checkpoint {r.folder}: {prefix} cannot be unpacked as {r.layout}: "
+                              f"{' '.join(str(err).split())[:160] or type(err).__name__}") from None
 
     def header_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every stored tensor's shape, from the safetensors headers (no tensor read)."""
@@ -263,7 +264,10 @@ class QuantizedCheckpoint(Checkpoint):
         parts = super().load([k for k in self.packed[prefix] if ".quant_state." in k or k.endswith("weight_shape")], "cpu")
         if r.method == "bnb":
             state = next((v for k, v in parts.items() if ".quant_state." in k), None)
-            return tuple(_unpack_json(state)["shape"]) if state is not None else None
+            try:
+                return tuple(_unpack_json(state)["shape"]) if state is not None else None
+            except (ValueError, KeyError, TypeError) as err:
+                raise ConfigError(f"checkpoint {self.folder}: {prefix}'s bitsandbytes quant_state is not readable ({err})") from None
         ws = next((v for k, v in parts.items() if k.endswith("weight_shape")), None)
         return tuple(int(d) for d in ws.tolist()) if ws is not None else shapes.get(prefix + ".weight")
 
@@ -309,7 +313,7 @@ def check(released: Released, model: Any, ckpt: QuantizedCheckpoint | None = Non
     """Compare the checkpoint with ``model`` (a loaded model or one built on the meta device) from
     headers alone; raise one ConfigError line on a mismatch. Returns what it found: the quantized
     targets, the block linears the checkpoint keeps in float (``full_precision``)."""
-    from quantlens.model.anatomy import shape_of
+    from quantlens.model.anatomy import is_conv1d, shape_of
 
     what = f"checkpoint {released.folder}"
     problem = config_mismatch(released, model.config.to_dict())
@@ -333,7 +337,7 @@ def check(released: Released, model: Any, ckpt: QuantizedCheckpoint | None = Non
             raise ConfigError(f"{what}: {t.name} mixes packed and float experts")
         got = [ckpt.weight_shape(ckpt._virtual[k], shapes) if ckpt.is_packed(k) else shapes.get(k) for k in keys]
         want = shape if t.kind != "experts" else None
-        if want is not None and type(t.module).__name__ == "Conv1D" and ckpt.is_packed(keys[0]):
+        if want is not None and is_conv1d(t.module) and ckpt.is_packed(keys[0]):
             want = tuple(reversed(want))  # (a packed Conv1D unpacks to the [out, in] matrix it is)
         if want is not None and got[0] is not None and tuple(got[0]) != want:
             raise ConfigError(f"{what}: {t.name} is {tuple(got[0])} there, {want} in the model: a checkpoint of another model")
@@ -349,6 +353,12 @@ def check(released: Released, model: Any, ckpt: QuantizedCheckpoint | None = Non
         raise ConfigError(f"{what}: none of the model's decoder-block linears is quantized in it")
     block = [n for n in kept if not n.endswith(("lm_head", "embed_out"))]
     return {"quantized": quantized, "full_precision": block}
+
+
+def _same_tensor(stored: torch.Tensor, base: torch.Tensor) -> bool:
+    """The checkpoint holds the model's own tensor: a rounded copy of it (fp16 beside a float32
+    model), or one that loading would not change (fp16 on disk, the model in bfloat16)."""
+    return torch.equal(stored, base.to(stored.dtype)) or torch.equal(stored.to(base.dtype), base)
 
 
 class CheckpointWeights(Mapping):
@@ -368,6 +378,9 @@ class CheckpointWeights(Mapping):
             raise ConfigError(f"checkpoint {self.ckpt.folder}: {name} unpacks to {tuple(w.shape)}, the model's is {shape}")
         return w.to(dtype)
 
+    def __contains__(self, name: object) -> bool:  # (Mapping's would read the layer)
+        return name in self.layers
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.layers)
 
@@ -379,7 +392,7 @@ class CheckpointWeights(Mapping):
 def released_weights(model: Any, released: Released) -> tuple["CheckpointWeights", dict[str, torch.Tensor], dict[str, Any]]:
     """(weights of the quantized targets by target name — :class:`CheckpointWeights`, read layer by
     layer —, float tensors the checkpoint changes by parameter name, params)."""
-    from quantlens.model.anatomy import shape_of
+    from quantlens.model.anatomy import is_conv1d, shape_of
     from quantlens.model.streaming import is_lazy
 
     ckpt = QuantizedCheckpoint(released)
@@ -391,7 +404,7 @@ def released_weights(model: Any, released: Released) -> tuple["CheckpointWeights
         if t.name in quantized:
             shape = tuple(shape_of(t.param))
             src = ckpt.source(f"{t.name}.weight" if t.kind != "experts" else t.name, kinds, shape)
-            layers[t.name] = (src, shape, t.param.dtype, t.kind != "experts" and type(t.module).__name__ == "Conv1D")
+            layers[t.name] = (src, shape, t.param.dtype, t.kind != "experts" and is_conv1d(t.module))
     weights = CheckpointWeights(ckpt, layers)
     overrides: dict[str, torch.Tensor] = {}
     packed_keys = set(ckpt._virtual)
@@ -412,14 +425,14 @@ def released_weights(model: Any, released: Released) -> tuple["CheckpointWeights
             continue
         if lazy and param.numel() == 0:  # a streamed block's tensor: compared with the model's own checkpoint
             own = base_ckpt.source(name, kinds, tuple(shape_of(param))) if base_ckpt is not None else None
-            if own is None or not torch.equal(stored, base_ckpt.read([own], "cpu")[0].to(stored.dtype)):
+            if own is None or not _same_tensor(stored, base_ckpt.read([own], "cpu")[0].to(param.dtype)):
                 raise ConfigError(f"checkpoint {released.folder} changes {name} of a streamed decoder block (AWQ folds its "
                                   "scales into the norms): placement: stream reads blocks from the model's own checkpoint, "
                                   "so use placement: single or device_map for it")
             continue
         base = param.detach().to("cpu")
-        if torch.equal(stored, base.to(stored.dtype)):
-            continue  # the model's own tensor (at most rounded to the checkpoint's dtype)
+        if _same_tensor(stored, base):
+            continue  # the model's own tensor
         overrides[name] = stored.to(param.dtype)
     params = {**released.params(), "checkpoint_quantized_layers": len(quantized),
               "checkpoint_full_precision_layers": len(found["full_precision"]), "checkpoint_changed_tensors": len(overrides)}

@@ -78,7 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{alias}: the same computation as {kept}, evaluated once as {kept}", file=sys.stderr)
     if args.dry_run:
         print("\n".join(plan_lines))
-        _print_plan(plan, f"sweep {sid}: {len(cfg.models)} model(s) × {len(settings)} setting(s) = {len(plan)} run(s); "
+        per = "" if len(plan) == len(cfg.models) * len(settings) else "up to "
+        _print_plan(plan, f"sweep {sid}: {len(cfg.models)} model(s) × {per}{len(settings)} setting(s) = {len(plan)} run(s); "
                           f"datasets: {', '.join(d.name for d in cfg.datasets)}")
         return 0
     _check_prefect()  # the dry run needs no Prefect

@@ -103,7 +103,7 @@ def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool =
     for m in cfg.models:
         mine = cfg.settings_for(m)
         released = check_checkpoint_sources(mine, planning, refusals, read)
-        work_m = dataclasses.replace(work, released=sum(s.checkpoint is not None for s in mine),
+        work_m = dataclasses.replace(work, settings=len(mine), released=sum(s.checkpoint is not None for s in mine),
                                      released_bits=max((r.bits for r in released.values()), default=4))
         try:
             est, download = _check_model(m, cfg, settings, needs_kv, target, work_m, token_rows, tasks, planning)

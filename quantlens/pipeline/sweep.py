@@ -228,13 +228,12 @@ class SweepConfig(_Strict):
     def settings_for(self, entry: "ModelEntry") -> list[Setting]:
         """The settings model ``entry`` runs: the grid's, a checkpoint setting with one checkpoint per
         model as this model's (left out where the model has none: :meth:`Setting.for_model`)."""
-        names = (entry.ref, Path(entry.ref).name)
-        return [x for x in (s.for_model(*names) for s in self.expanded_settings()) if x is not None]
+        return [x for x in (s.for_model(*_model_names(entry)) for s in self.expanded_settings()) if x is not None]
 
     def check_checkpoint_models(self) -> None:
         """Every model a checkpoint setting names in ``checkpoint.models`` is a model of the sweep (a
         misspelt one would leave that model without the setting, silently)."""
-        known = {n for m in self.models for n in (m.ref, Path(m.ref).name)}
+        known = {n for m in self.models for n in _model_names(m)}
         for s in self.expanded_settings():
             for name in (s.checkpoint.models or {}) if s.checkpoint is not None else {}:
                 if name not in known:
@@ -277,6 +276,10 @@ class SweepConfig(_Strict):
                     raise ConfigError(f"analysis.mechanisms: {m!r} is the same computation as {aliases[m]!r}: name that one")
                 if m not in kept:
                     raise ConfigError(f"analysis.mechanisms: {m!r} not among the sweep's settings")
+                ext = next(s for s in unique if s.name == m)
+                if ext.external_weights:
+                    raise ConfigError(f"analysis.mechanisms: {m!r} takes its weights from {'a released checkpoint' if ext.checkpoint else ext.method.upper()}, "
+                                      "which the mechanism analyses do not read yet: explain a round-to-nearest setting of the grid")
             if not any(s.is_reference for s in unique):
                 raise ConfigError("analysis.mechanisms: needs W16A16 among the settings (the reference of the errors)")
         return unique, aliases
@@ -373,6 +376,11 @@ def _expand_env(text: str) -> str:
     return _ENV.sub(lambda m: os.environ.get(m["var"], m["default"] if m["default"] is not None else ""), text)
 
 
+def _model_names(entry: "ModelEntry") -> tuple[str, str]:
+    """What a ``checkpoint: {model: …}`` mapping may call a model: its ref, or the ref's last part (its name)."""
+    return entry.ref, Path(entry.ref).name
+
+
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Relative local paths in a config file are relative to the file's folder."""
 
@@ -404,9 +412,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                 if k == "source" and isinstance(v, str):
                     ck[k] = fix(v)
                 elif k == "models" and isinstance(v, dict):
-                    ck[k] = {m: fix(x) if isinstance(x, str) else x for m, x in v.items()}
-                elif k not in ("revision", "method", "layout") and isinstance(v, str) and k != "models":
-                    ck[k] = fix(v)  # the {model: source} shorthand
+                    ck[k] = {fix(m): fix(x) if isinstance(x, str) else x for m, x in v.items()}
+                elif k not in ("revision", "method", "layout") and isinstance(v, str):
+                    ck[fix(k)] = fix(ck.pop(k))  # the {model: source} shorthand (a model given as a path: resolved as the models are)
 
 
 def load_config(source: str | Path | dict[str, Any]) -> SweepConfig:
@@ -440,12 +448,28 @@ def config_digest(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def pinned(setting: Setting) -> Setting:
+    """A checkpoint setting with its checkpoint's revision as it is here — a local folder's
+    fingerprint, a cached hub snapshot's commit — so that a re-exported folder or a moved hub branch
+    is a new run, not the old one reused; as given where the checkpoint is not here yet."""
+    ck = setting.checkpoint
+    if ck is None or ck.source is None:
+        return setting
+    from quantlens.model.loading import local_revision, resolve_model
+
+    try:
+        rev = local_revision(resolve_model(ck.source), ck.revision)
+    except ConfigError:
+        return setting
+    return setting if rev is None else setting.model_copy(update={"checkpoint": ck.model_copy(update={"revision": rev})})
+
+
 def run_key(revision: str, model_ref: str, setting: Setting, cfg: SweepConfig) -> str:
     """Deterministic identity of one (model revision, setting, datasets, eval options, code) run."""
     ident = {
         "model": model_ref,
         "revision": revision,
-        "setting": setting.identity(),  # the computation, not its name: two names of one computation share a run
+        "setting": pinned(setting).identity(),  # the computation, not its name: two names of one computation share a run
         "datasets": [d.model_dump() for d in cfg.datasets],
         "eval": cfg.eval.model_dump(),
         "dtype": cfg.hardware.dtype,

@@ -125,8 +125,8 @@ def _qualified_name(model: nn.Module, module: nn.Module) -> str:
 def _check_compatible(layers: list[Target], setting: Setting) -> None:
     """Fail before any weight changes when a group size does not divide a layer's input dim."""
     for kind, spec in (("weights", setting.weights), ("activations", setting.activations)):
-        if spec is None or spec.granularity != "group":
-            continue
+        if spec is None or spec.granularity != "group" or (kind == "weights" and setting.checkpoint is not None):
+            continue  # (a checkpoint's weights spec describes it: its own blocks were checked against the model when read)
         for t in layers:
             if t.in_features % spec.group_size:
                 raise ConfigError(
@@ -455,6 +455,10 @@ def quantize_(
         weight_targets = [t for t in wide if calibrated is not None and t.name in calibrated]
         if not weight_targets:
             raise ConfigError(f"{setting.name}: no weights of the checkpoint given (model.released.released_weights)")
+        params = dict(model.named_parameters())
+        for name, value in (overrides or {}).items():  # checked before anything changes
+            if name not in params or tuple(params[name].shape) != tuple(value.shape):
+                raise ConfigError(f"{setting.name}: no parameter {name} {tuple(value.shape)} in the model to override")
         if overrides and setting.perturbs_weights():
             raise ConfigError(f"{setting.name}: the checkpoint changes {len(overrides)} float tensor(s) besides its quantized "
                               f"weights ({next(iter(overrides))}: AWQ folds its scales into them), so Ŵ − W is not its weight "
@@ -498,10 +502,8 @@ def quantize_(
         overridden = []
         if overrides:
             params = dict(model.named_parameters())
-            for name, value in overrides.items():
-                param = params.get(name)
-                if param is None or tuple(param.shape) != tuple(value.shape):
-                    raise ConfigError(f"{setting.name}: no parameter {name} {tuple(value.shape)} in the model to override")
+            for name, value in overrides.items():  # (names and shapes checked above)
+                param = params[name]
                 overridden.append((param, param.data))
                 param.data = value.to(param.device, param.dtype)
 
