@@ -1,10 +1,13 @@
 """Evaluation time of quantized settings relative to the unquantized model, in the same run.
 
-    python bench/bench_quant.py [--model PATH] [--settings W16A16 W4A16 W8A8] [--rounds 3]
+    python bench/bench_quant.py [--model PATH] [--settings W16A16 W4A16 W8A8] [--rounds 3] [--checkpoint DIR ...]
 
 Loads the model once, evaluates WikiText-2 perplexity under every setting in interleaved rounds
 (so machine noise hits all settings alike) and prints the median paired ratio (and best-of-N), tokens/s, the ratio to
-W16A16 and, on a GPU, the model FLOPs utilisation 2·params·tokens / time / peak.
+W16A16 and, on a GPU, the model FLOPs utilisation 2·params·tokens / time / peak. Released checkpoints
+(``--checkpoint``; by default one GPTQ 4-bit g32 checkpoint of the model, written first) run as
+``ckpt:<folder name>``: their patch time is the read and dequantization of every layer, their
+evaluation a weight-only setting's.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 # nothing at evaluation; FP8 activations one cast per token; MX / NVFP4 activations blocks of 32 / 16.
 BUDGETS = {"W4A16-nf4": 1.02, "W3A16-nf3": 1.02, "W4A16-fp4": 1.02, "W4A16-mxfp4": 1.02, "W4A16-nvfp4": 1.02,
            "W3A16-km": 1.02, "W4A16-km": 1.02, "W8A8-fp8": 1.08, "W4A4-mxfp4": 1.15, "W4A4-nvfp4": 1.15}
+CHECKPOINT_BUDGET = 1.02  # a released checkpoint: dequantized once when patched, then a weight-only setting
 
 
 def peak_flops() -> float | None:
@@ -49,6 +53,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--checkpoint", nargs="*", default=None, help="released checkpoints of the model (default: one GPTQ W4 g32 written here)")
     args = ap.parse_args()
     if args.settings[0] != "W16A16":
         args.settings.insert(0, "W16A16")
@@ -60,6 +65,29 @@ def main() -> None:
     print(f"model {args.model} ({n_params/1e6:.2f}M params) on {dev} "
           f"{torch.cuda.get_device_name() if dev.type == 'cuda' else ''}; {windows.shape[0]} windows × {args.seqlen} tokens")
 
+    import tempfile
+
+    from quantlens.model.export import write_quantized
+    from quantlens.model.released import describe, released_weights
+    from quantlens.quantize.settings import resolve_setting
+
+    folders = args.checkpoint if args.checkpoint is not None else [
+        str(write_quantized(model, Path(tempfile.mkdtemp()) / "gptq-w4g32", "gptq", bits=4, group_size=32, sym=False))]
+    released = {}
+    for f in folders:
+        r = describe(f)
+        released[f"ckpt:{Path(f).name}"] = (r, resolve_setting({"name": Path(f).name, "checkpoint": f}).described(r.weights(), r.method, r.layout))
+        BUDGETS[f"ckpt:{Path(f).name}"] = CHECKPOINT_BUDGET
+    args.settings += list(released)
+
+    def patch(s: str) -> None:
+        if s in released:
+            r, setting = released[s]
+            weights, overrides, _ = released_weights(model, r)
+            quantize_(model, setting, calibrated=weights, overrides=overrides)
+        else:
+            quantize_(model, s)
+
     perplexity(model, windows[:16], batch_size=args.batch_size)  # warm-up
     times: dict[str, list[float]] = {s: [] for s in args.settings}
     patch_s: dict[str, float] = {}
@@ -67,7 +95,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for s in args.settings:
             t = time.perf_counter()
-            quantize_(model, s)
+            patch(s)
             patch_s[s] = time.perf_counter() - t
             r = perplexity(model, windows, batch_size=args.batch_size)
             times[s].append(r["seconds"])
