@@ -4,4 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${QUANTLENS_VENV:-.venv}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
-exec "$VENV/bin/python" -m pytest -q "$@"
+# Two workers, one test file each at a time (--dist loadfile: a file's module fixtures — a sweep, a
+# server — stay in one process); much of the suite waits on subprocesses and servers, not the CPU.
+# QUANTLENS_TEST_WORKERS=0 runs it in one process.
+exec "$VENV/bin/python" -m pytest -q -n "${QUANTLENS_TEST_WORKERS:-2}" --dist loadfile "$@"
