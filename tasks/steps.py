@@ -39,14 +39,12 @@ def _retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-@task(
-    name="download-model",
-    retries=3,
-    retry_delay_seconds=[10, 30, 90],
-    retry_condition_fn=_retry_unless_permanent,
-    cache_policy=NONE,
-    persist_result=False,
-)
+# downloads (models, released checkpoints): retried where a retry can help, results not persisted
+_DOWNLOAD = dict(retries=3, retry_delay_seconds=[10, 30, 90], retry_condition_fn=_retry_unless_permanent, cache_policy=NONE,
+                 persist_result=False)
+
+
+@task(name="download-model", **_DOWNLOAD)
 def download_model(entry: ModelEntry) -> tuple[qm.ModelInfo, qm.Snapshot]:
     info = qm.resolve_model(entry.ref, entry.hf_id)
     return info, qm.download(info, entry.revision)
@@ -98,14 +96,7 @@ def patch(model: Any, setting: Setting, originals: str = "auto", calibrated: dic
               overrides=overrides)
 
 
-@task(
-    name="download-checkpoint",
-    retries=3,
-    retry_delay_seconds=[10, 30, 90],
-    retry_condition_fn=_retry_unless_permanent,
-    cache_policy=NONE,
-    persist_result=False,
-)
+@task(name="download-checkpoint", **_DOWNLOAD)
 def download_checkpoint(setting: Setting) -> tuple[Setting, str, str]:
     """A checkpoint setting's released checkpoint, fetched (or found in the Hugging Face cache, or a
     local folder) like a model, and read: (the setting with what the checkpoint holds, its folder,
