@@ -37,6 +37,18 @@ def _isolated_cache(tmp_path_factory):
     os.environ["QUANTLENS_CACHE"] = str(tmp_path_factory.mktemp("quantlens-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """What a test does to os.environ (the CLI called in-process quiets Prefect's logs through it) ends
+    with the test: a later test's subprocesses — in whatever order the workers run the files — inherit
+    the environment the session and the module fixtures set, nothing more."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def tiny_random_model(family: str, seed: int = 0) -> torch.nn.Module:
     from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
