@@ -1,7 +1,7 @@
 """Released quantized checkpoints as settings: the packed layouts (GPTQ v1/v2 with g_idx at
 2/3/4/8 bits, AWQ GEMM, bitsandbytes 4-bit) against the libraries' own packers and dequantizers
 (AutoGPTQ, AutoAWQ, bitsandbytes, in a subprocess with .ref-libs/ on its path), checkpoints of the
-shared trained models written from those libraries' tensors, their refusals, and the patch."""
+three shared trained models written from those libraries' tensors, their refusals, and the patch."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import MODELS
+from conftest import FAMILIES, MODELS
 from quantlens.model import released as R
 from quantlens.model.export import grid_ints, write_packed, write_quantized
 from quantlens.quantize import packed as P
@@ -72,10 +72,10 @@ def _inputs() -> dict[str, dict]:
     add("rand-b4-z0", torch.rand(64, 128, generator=gen), 4, 32, min_zero=0, spill=True)
     # bitsandbytes over a tensor that is no whole number of its 64-value blocks (the last block short)
     add("rand-bnb-odd", torch.randn(7, 40, generator=gen), 4, 8, bnb_only=True)
-    state = load_file(str(MODELS / "tiny-llama" / "model.safetensors"))
-    for k, w in state.items():
-        if ".layers." in k and k.endswith("proj.weight"):
-            add("llama:" + k[: -len(".weight")], w, 4, 32)
+    for fam in FAMILIES:  # every decoder-block linear of the three shared trained models
+        for k, w in load_file(str(MODELS / f"tiny-{fam}" / "model.safetensors")).items():
+            if (".layers." in k or "transformer.h." in k) and k.endswith(".weight") and w.ndim == 2:
+                add(f"{fam}:" + k[: -len(".weight")], w, 4, 32)
     return out
 
 
@@ -121,7 +121,7 @@ def test_gptq_layout_is_autogptqs_bit_for_bit(reference):
 def test_awq_layout_is_autoawqs_bit_for_bit(reference):
     inputs, ref = reference
     names = [n for n in inputs if f"awq|{n}" in ref]  # (zero points of 0 included: AWQ stores them as they are)
-    assert len(names) > 20  # every tiny-llama linear and the regular 4-bit random matrix
+    assert len(names) > 50  # every linear of the three trained models and the regular 4-bit random matrices
     for name in names:
         d, lib = inputs[name], ref[f"awq|{name}"]
         ours = P.awq_pack(d["q"], d["zeros"], d["scales"])
@@ -141,14 +141,14 @@ def test_bitsandbytes_4bit_state_is_read_as_bitsandbytes_dequantizes(reference):
 
 
 # --- checkpoints of the shared trained model, written from the libraries' own tensors ----------------
-def _library_checkpoint(reference, trained, tmp_path, fmt: str) -> Path:
+def _library_checkpoint(reference, trained, tmp_path, fmt: str, family: str = "llama") -> Path:
     inputs, ref = reference
-    model, _ = trained("llama")
+    model, _ = trained(family)
     packed = {}
     for name in inputs:
-        if not name.startswith("llama:"):
+        if not name.startswith(f"{family}:"):
             continue
-        lin = name[len("llama:"):]
+        lin = name[len(family) + 1:]
         if fmt == "gptq":
             lib = ref[f"gptq|{name}"]
             packed[lin] = {k: lib[k] for k in ("qweight", "qzeros", "scales", "g_idx")}
@@ -162,27 +162,29 @@ def _library_checkpoint(reference, trained, tmp_path, fmt: str) -> Path:
           "awq": {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"},
           "bnb": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
                   "bnb_4bit_use_double_quant": True}}[fmt]
-    return write_packed(model, tmp_path / f"tiny-llama-{fmt}", packed, qc)
+    return write_packed(model, tmp_path / f"tiny-{family}-{fmt}", packed, qc)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("fmt", ["gptq", "awq", "bnb"])
-def test_a_library_written_checkpoint_patches_the_trained_model_exactly(reference, trained, tmp_path, fmt):
+def test_a_library_written_checkpoint_patches_the_trained_model_exactly(reference, trained, tmp_path, fmt, family):
     inputs, ref = reference
-    model, _ = trained("llama")
-    folder = _library_checkpoint(reference, trained, tmp_path, fmt)
+    model, _ = trained(family)
+    folder = _library_checkpoint(reference, trained, tmp_path, fmt, family)
     r = R.describe(folder)
     assert (r.method, r.bits) == ({"gptq": "gptq", "awq": "awq", "bnb": "bnb"}[fmt], 4)
     setting = resolve_setting({"name": f"{fmt}-w4", "checkpoint": str(folder)}).described(r.weights(), r.method, r.layout)
     weights, overrides, params = R.released_weights(model, r)
-    assert params["checkpoint_quantized_layers"] == 21 and params["checkpoint_full_precision_layers"] == 0
+    mine = [n for n in inputs if n.startswith(f"{family}:")]
+    assert params["checkpoint_quantized_layers"] == len(mine) == {"llama": 21, "opt": 18, "bloom": 12}[family]
+    assert params["checkpoint_full_precision_layers"] == 0
     assert overrides == {}  # norms and embeddings are the model's own (fp16 copies of them are not changes)
-    for name in inputs:
-        if name.startswith("llama:"):
-            lin = name[len("llama:"):]
-            want = {"gptq": lambda: ref[f"gptq|{name}"]["weight"], "awq": lambda: ref[f"awq|{name}"]["weight"].float(),
-                    "bnb": lambda: ref[f"bnb-nf4-nested|{name}"]["dequantized"]}[fmt]()
-            got = weights[lin] if fmt != "awq" else weights[lin].half().float()
-            assert torch.equal(got, want), lin
+    for name in mine:
+        lin = name[len(family) + 1:]
+        want = {"gptq": lambda: ref[f"gptq|{name}"]["weight"], "awq": lambda: ref[f"awq|{name}"]["weight"].float(),
+                "bnb": lambda: ref[f"bnb-nf4-nested|{name}"]["dequantized"]}[fmt]()
+        got = weights[lin] if fmt != "awq" else weights[lin].half().float()
+        assert torch.equal(got, want), lin
     params_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     rep = quantize_(model, setting, calibrated=weights, overrides=overrides)
     assert rep.coverage["coverage_targeted"] == 1.0 and rep.coverage["coverage_block"] == 1.0
