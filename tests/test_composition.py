@@ -274,6 +274,20 @@ def test_fused_experts_without_a_declared_layout_are_refused():
         anatomy(model)
 
 
+def _stream_equals_single(single, stream, setting, weights: dict, windows, what: str) -> None:
+    """``setting`` with its given weights (``weights[placement]``) on the single and the streamed
+    model: every targeted weight quantized, the per-window NLLs bit for bit equal."""
+    results = {}
+    for p, m in (("single", single), ("stream", stream)):
+        quantize_(m, setting, calibrated=weights[p])
+        try:
+            results[p] = {"nll": perplexity(m, windows, batch_size=4)["per_example"]["nll"].to_numpy()}
+            assert full_report(m).summary()["coverage_targeted"] == 1.0
+        finally:
+            restore_(m)
+    _same(results["single"], results["stream"], f"{what} stream vs single")
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_calibrated_methods_on_every_architecture(arch, folders):
     """GPTQ (with A8 on top) and AWQ on every architecture, experts included: calibrated layer by layer
@@ -291,15 +305,7 @@ def test_calibrated_methods_on_every_architecture(arch, folders):
         got = {p: calibrate_model(m, s, calib, batch_size=2) for p, m in (("single", single), ("stream", stream))}
         assert got["single"].keys() == got["stream"].keys()
         assert all(torch.equal(got["single"][k], got["stream"][k]) for k in got["single"]), f"{arch}/{name}: stream calibrated otherwise"
-        results = {}
-        for p, m in (("single", single), ("stream", stream)):
-            quantize_(m, s, calibrated=got[p])
-            try:
-                results[p] = {"nll": perplexity(m, windows, batch_size=4)["per_example"]["nll"].to_numpy()}
-                assert full_report(m).summary()["coverage_targeted"] == 1.0
-            finally:
-                restore_(m)
-        _same(results["single"], results["stream"], f"{arch}/{name} stream vs single")
+        _stream_equals_single(single, stream, s, got, windows, f"{arch}/{name}")
 
 
 def _all_targets(model):
@@ -340,13 +346,5 @@ def test_released_checkpoints_on_every_architecture(arch, folders, tmp_path):
     for setting in ({"name": "ck", "checkpoint": str(r.folder)},
                     {"name": "ck-A8", "checkpoint": str(r.folder), "activations": {"bits": 8, "granularity": "token"}}):
         s = resolve_setting(setting).described(r.weights(), r.method, r.layout)
-        results = {}
-        for p, m in (("single", single), ("stream", stream)):
-            quantize_(m, s, calibrated=read[p][0])
-            try:
-                results[p] = {"nll": perplexity(m, windows, batch_size=4)["per_example"]["nll"].to_numpy()}
-                assert full_report(m).summary()["coverage_targeted"] == 1.0
-            finally:
-                restore_(m)
-        _same(results["single"], results["stream"], f"{arch}/{s.name} stream vs single")
+        _stream_equals_single(single, stream, s, {p: read[p][0] for p in read}, windows, f"{arch}/{s.name}")
     assert all(torch.equal(v, single.state_dict()[k]) for k, v in before.items())

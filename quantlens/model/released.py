@@ -312,7 +312,8 @@ def _targets(model: Any):
 def check(released: Released, model: Any, ckpt: QuantizedCheckpoint | None = None) -> dict[str, Any]:
     """Compare the checkpoint with ``model`` (a loaded model or one built on the meta device) from
     headers alone; raise one ConfigError line on a mismatch. Returns what it found: the quantized
-    targets, the block linears the checkpoint keeps in float (``full_precision``)."""
+    targets (``quantized``: name → (target, where the checkpoint holds it)), the block linears the
+    checkpoint keeps in float (``full_precision``)."""
     from quantlens.model.anatomy import is_conv1d, shape_of
 
     what = f"checkpoint {released.folder}"
@@ -322,7 +323,7 @@ def check(released: Released, model: Any, ckpt: QuantizedCheckpoint | None = Non
     ckpt = ckpt or QuantizedCheckpoint(released)
     shapes = ckpt.header_shapes()
     kinds = _kinds(model)
-    quantized, kept, used = [], [], set()
+    quantized, kept, used = {}, [], set()
     for t in _targets(model):
         shape = tuple(shape_of(t.param))
         src = ckpt.source(f"{t.name}.weight" if t.kind != "experts" else t.name, kinds, shape)
@@ -342,7 +343,7 @@ def check(released: Released, model: Any, ckpt: QuantizedCheckpoint | None = Non
         if want is not None and got[0] is not None and tuple(got[0]) != want:
             raise ConfigError(f"{what}: {t.name} is {tuple(got[0])} there, {want} in the model: a checkpoint of another model")
         if all(packed):
-            quantized.append(t.name)
+            quantized[t.name] = (t, src)
         elif t.kind != "router":  # (routers stay 16-bit, as the field's quantizers leave them)
             kept.append(t.name)
     strays = sorted(p for p in ckpt.packed if p + ".weight" not in used)
@@ -398,14 +399,10 @@ def released_weights(model: Any, released: Released) -> tuple["CheckpointWeights
     ckpt = QuantizedCheckpoint(released)
     found = check(released, model, ckpt)
     kinds = _kinds(model)
-    quantized = set(found["quantized"])
-    layers = {}
-    for t in _targets(model):
-        if t.name in quantized:
-            shape = tuple(shape_of(t.param))
-            src = ckpt.source(f"{t.name}.weight" if t.kind != "experts" else t.name, kinds, shape)
-            layers[t.name] = (src, shape, t.param.dtype, t.kind != "experts" and is_conv1d(t.module))
-    weights = CheckpointWeights(ckpt, layers)
+    quantized = found["quantized"]
+    weights = CheckpointWeights(ckpt, {name: (src, tuple(shape_of(t.param)), t.param.dtype, t.kind != "experts" and is_conv1d(t.module))
+                                       for name, (t, src) in quantized.items()})
+    rewritten = set(quantized) | {f"{q}.weight" for q in quantized}  # (an expert tensor's name is its parameter's)
     overrides: dict[str, torch.Tensor] = {}
     packed_keys = set(ckpt._virtual)
     lazy = is_lazy(model)
@@ -415,7 +412,7 @@ def released_weights(model: Any, released: Released) -> tuple["CheckpointWeights
 
         base_ckpt = model_checkpoint(model)
     for name, param in model.named_parameters():
-        if any(name == f"{q}.weight" or name == q for q in quantized):
+        if name in rewritten:
             continue
         src = ckpt.source(name, kinds, tuple(shape_of(param)))
         if src is None or any(k in packed_keys for k in Checkpoint.keys_of(src)):

@@ -450,15 +450,15 @@ def quantize_(
                               "use originals: memory")
 
     weight_targets: list[Target] = list(layers) if setting.weights else []
+    params = dict(model.named_parameters()) if overrides else {}
+    for name, value in (overrides or {}).items():  # checked before anything changes
+        if name not in params or tuple(params[name].shape) != tuple(value.shape):
+            raise ConfigError(f"{setting.name}: no parameter {name} {tuple(value.shape)} in the model to override")
     if setting.checkpoint is not None:  # the layers the checkpoint quantized (routers or the head too, if it did)
         wide = targets(model, setting.model_copy(update={"include_routers": True, "include_lm_head": True}))
         weight_targets = [t for t in wide if calibrated is not None and t.name in calibrated]
         if not weight_targets:
             raise ConfigError(f"{setting.name}: no weights of the checkpoint given (model.released.released_weights)")
-        params = dict(model.named_parameters())
-        for name, value in (overrides or {}).items():  # checked before anything changes
-            if name not in params or tuple(params[name].shape) != tuple(value.shape):
-                raise ConfigError(f"{setting.name}: no parameter {name} {tuple(value.shape)} in the model to override")
         if overrides and setting.perturbs_weights():
             raise ConfigError(f"{setting.name}: the checkpoint changes {len(overrides)} float tensor(s) besides its quantized "
                               f"weights ({next(iter(overrides))}: AWQ folds its scales into them), so Ŵ − W is not its weight "
@@ -501,7 +501,6 @@ def quantize_(
             report.layers.extend(stats)
         overridden = []
         if overrides:
-            params = dict(model.named_parameters())
             for name, value in overrides.items():  # (names and shapes checked above)
                 param = params[name]
                 overridden.append((param, param.data))
