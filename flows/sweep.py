@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from quantlens.model import gguf
 from quantlens.pipeline.errors import AnalysisFailed, NotEvaluated, SweepIncomplete
 from quantlens.pipeline.preflight import preflight
 from quantlens.quantize.patch import restore_
@@ -65,6 +66,7 @@ def eval_params(cfg: SweepConfig, info: Any, revision: str, setting: Setting) ->
         "family": info.family,
         "size_b": info.size_b,
         "revision": revision,
+        **(gguf.run_params(info.hf_id) if info.gguf else {}),
         "seqlen": cfg.eval.seqlen,
         "datasets": ",".join(d.name for d in cfg.datasets),
         **setting.flat_params(),
@@ -487,10 +489,13 @@ def explain_flow(config: str | dict[str, Any], force: bool = False, results_dir:
     explained: list[str] = []
     for entry in cfg.models:
         info, snap = steps.download_model(entry)
-        keys = {s.name: run_key(snap.revision, entry.ref, s, cfg) for s in settings}
+        keys = {s.name: run_key(snap.revision, entry.ref, s, cfg) for s in cfg.settings_for(entry)}
+        wanted = [n for n in [ref, *cfg.analysis.mechanisms] if n in keys]  # (a model's `settings` may leave some out)
+        if wanted == [ref]:
+            continue
         narrow = f"params.revision = '{snap.revision}'"
-        finished = tracker.finished_keys([keys[n] for n in [ref, *cfg.analysis.mechanisms]], narrow)
-        missing = [n for n in [ref, *cfg.analysis.mechanisms] if keys[n] not in finished]
+        finished = tracker.finished_keys([keys[n] for n in wanted], narrow)
+        missing = [n for n in wanted if keys[n] not in finished]
         if missing:
             raise NotEvaluated(f"{info.name}: {', '.join(missing)} not evaluated yet: run `quantlens run` on this config first")
         if not tracker.analysis_plan(cfg, keys, narrow, force):

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from quantlens.model.loading import local_revision, resolve_model
+from quantlens.model.loading import local_revision
 from quantlens.pipeline.sweep import ModelEntry, SweepConfig, run_key
 from quantlens.tasks.tracking import KIND_TAG, Heartbeat, Tracker, heartbeat_interval, sweep_tag
 
@@ -97,7 +97,7 @@ class RunLedger:
         out: list[PlannedRun] = []
         for entry in cfg.models:
             settings = cfg.settings_for(entry)
-            info = resolve_model(entry.ref, entry.hf_id)
+            info = entry.info()
             rev = local_revision(info, entry.revision)
             if rev is None:
                 out += [PlannedRun(info.name, entry.ref, s.name, None, "todo") for s in settings]

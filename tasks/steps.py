@@ -46,7 +46,7 @@ _DOWNLOAD = dict(retries=3, retry_delay_seconds=[10, 30, 90], retry_condition_fn
 
 @task(name="download-model", **_DOWNLOAD)
 def download_model(entry: ModelEntry) -> tuple[qm.ModelInfo, qm.Snapshot]:
-    info = qm.resolve_model(entry.ref, entry.hf_id)
+    info = entry.info()
     return info, qm.download(info, entry.revision)
 
 

@@ -234,6 +234,8 @@ class Tracker:
         ref_run = finished.get(keys[ref.name])
         plan = []
         for name in cfg.analysis.mechanisms:
+            if name not in keys:
+                continue  # not a setting of this model (its `settings` leave it out)
             run = finished.get(keys[name])
             if run is None or ref_run is None:
                 continue  # its evaluation failed: reported there

@@ -13,6 +13,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 REPO = Path(__file__).resolve().parents[1]
+# GGUF files converted to safetensors (quantlens.model.gguf): one cache for the whole suite, every worker
+# and subprocess (a conversion of the real model takes ~30 s; concurrent ones wait on a file lock)
+os.environ.setdefault("QUANTLENS_GGUF_CACHE", str(REPO / ".cache" / "gguf-tests"))
 SHARED = Path(os.environ.get("QUANTLENS_SHARED_DATA", REPO.parent / "shared" / "data"))
 MODELS = SHARED / "models"
 WIKI_TEST = SHARED / "wikitext2" / "test.txt"

@@ -54,9 +54,27 @@ def test_paper_and_demo_configs_are_valid():
     for f in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(f)
         sizes[f.stem] = cfg.grid_size()
-    assert sizes["demo"] == 3 * 14 + 1  # (+ the released checkpoint of tiny-llama)
+    assert sizes["demo"] == 12 + 3 * 18 + 1  # the real model on 12 settings; the tiny ones on the grid (+ tiny-llama's checkpoint)
     assert sizes["paper-fig4-perturbations"] >= 4 * 3 * 3 * 2  # 4 seeds × 3 distributions × 3 rules (+ refs)
     assert {"paper-fig1-sizes", "paper-fig5-clipping", "paper-table-nonuniform", "paper-kv-cache", "paper2-examples", "paper-formats"} <= set(sizes)
+
+
+def test_a_model_runs_the_settings_it_names_and_the_reference():
+    cfg = load_config(base_cfg(models=[{"ref": "opt-350m", "settings": ["W4A16", "W8A8KV16"]}, "opt-1.3b"],
+                               settings=["W16A16", "W8A8", "W8A8KV16", "W4A16", "W3A16"]))
+    assert [s.name for s in cfg.settings_for(cfg.models[0])] == ["W16A16", "W8A8", "W4A16"]  # W8A8KV16 is W8A8
+    assert [s.name for s in cfg.settings_for(cfg.models[1])] == ["W16A16", "W8A8", "W4A16", "W3A16"]
+    assert cfg.grid_size() == 7
+    with pytest.raises(ConfigError, match=r"model opt-350m: settings names 'W4A61', not a setting of the grid \(did you mean 'W4A16'\?\)"):
+        load_config(base_cfg(models=[{"ref": "opt-350m", "settings": ["W4A61"]}], settings=["W16A16", "W4A16"]))
+
+
+def test_gguf_models_are_told_apart_by_file():
+    cfg = load_config(base_cfg(models=[{"ref": "org/m-GGUF", "gguf_file": "m.Q4_K_M.gguf"},
+                                       {"ref": "org/m-GGUF", "gguf_file": "m.Q8_0.gguf"}]))
+    assert [m.label() for m in cfg.models] == ["org/m-GGUF:m.Q4_K_M.gguf", "org/m-GGUF:m.Q8_0.gguf"]
+    with pytest.raises(ConfigError, match="models: duplicated 'org/m-GGUF:m.Q8_0.gguf'"):
+        load_config(base_cfg(models=[{"ref": "org/m-GGUF", "gguf_file": "m.Q8_0.gguf"}] * 2))
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where it is used: planning a sweep must not pay for it
     import torch
 
+from quantlens.model import gguf
 from quantlens.quantize.settings import ConfigError
 
 
@@ -22,7 +23,8 @@ class ModelInfo:
     name: str  # registry name, e.g. "opt-1.3b"
     family: str  # opt | bloom | llama | qwen | mistral | mixtral | deepseek | olmoe | gpt-oss | pythia | other
     size_b: float  # parameters, billions
-    hf_id: str  # Hugging Face id or local path
+    hf_id: str  # Hugging Face id or local path (for a GGUF file: its cache folder, once staged)
+    gguf: str | None = None  # a GGUF source: the file's local path, or its name in the hub repo ``hf_id``
 
 
 def _entries() -> dict[str, ModelInfo]:
@@ -79,11 +81,14 @@ def looks_like_path(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~", ".\\")) or ref.count("/") > 1 or "\\" in ref
 
 
-def resolve_model(ref: str, hf_id: str | None = None) -> ModelInfo:
-    """Registry name (``opt-1.3b``), Hugging Face id (``facebook/opt-125m``) or local directory.
+def resolve_model(ref: str, hf_id: str | None = None, gguf_file: str | None = None) -> ModelInfo:
+    """Registry name (``opt-1.3b``), Hugging Face id (``facebook/opt-125m``), local directory, or a
+    GGUF file (``path/model.gguf``; ``gguf_file``: a file of the folder or hub repo ``ref``).
 
     ``hf_id`` overrides the id of a registry entry (e.g. a re-hosted LLaMA checkpoint).
     """
+    if gguf_file is not None or gguf.is_gguf(ref):
+        return _resolve_gguf(ref, gguf_file)
     reg = registry()
     if ref in reg:
         info = reg[ref]
@@ -108,6 +113,33 @@ def resolve_model(ref: str, hf_id: str | None = None) -> ModelInfo:
     low = ref.lower()
     fam = next((f for f in ("opt", "bloom", "llama") if f in low), "other")
     return ModelInfo(ref.split("/")[-1], fam, float("nan"), ref)
+
+
+def _resolve_gguf(ref: str, gguf_file: str | None) -> ModelInfo:
+    """A GGUF file here (a path, a file of a local folder, or cached from the hub) is staged — its
+    header read, config and tokenizer written to its cache folder — and named by its file; one in a
+    hub repo that is not cached yet is known by its repo until the download task fetches it."""
+    what = f"model {ref}" + (f" (gguf_file {gguf_file})" if gguf_file else "")
+    if gguf_file is not None and not gguf.is_gguf(gguf_file):
+        raise ConfigError(f"{what}: gguf_file must name a .gguf file")
+    path = Path(ref).expanduser() / gguf_file if gguf_file and Path(ref).expanduser().is_dir() else Path(ref).expanduser()
+    if gguf_file is not None and not path.is_file() and not looks_like_path(ref):
+        cached = _cached_hub_file(ref, gguf_file)
+        if cached is None:
+            return ModelInfo(Path(gguf_file).stem, "other", float("nan"), ref, gguf_file)
+        path = Path(cached)
+    if not path.is_file():
+        raise ConfigError(f"{what}: no such file")
+    folder, header = gguf.stage(path, what)
+    cfg = json.loads((folder / "config.json").read_text())
+    return ModelInfo(path.stem, family_from_config(cfg), header.params / 1e9, str(folder), str(path.resolve()))
+
+
+def _cached_hub_file(repo: str, filename: str, revision: str | None = None) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, revision=revision)
+    return found if isinstance(found, str) else None
 
 
 def _size_from_files(path: Path) -> float:
@@ -137,7 +169,10 @@ class ModelUnavailable(RuntimeError):
 
 
 def download(info: ModelInfo, revision: str | None = None) -> Snapshot:
-    """Fetch (or find in the HF cache) the model files; honours HF_HOME, HF_HUB_OFFLINE, HF_TOKEN."""
+    """Fetch (or find in the HF cache) the model files; honours HF_HOME, HF_HUB_OFFLINE, HF_TOKEN.
+    A GGUF model is fetched as its one file, then converted once into its cache folder."""
+    if info.gguf is not None:
+        return _download_gguf(info, revision)
     path = Path(info.hf_id)
     if path.is_dir():
         return Snapshot(str(path), local_revision(info))
@@ -168,9 +203,28 @@ def download(info: ModelInfo, revision: str | None = None) -> Snapshot:
     return Snapshot(local, Path(local).name)  # snapshot folders are named by commit hash
 
 
+def _download_gguf(info: ModelInfo, revision: str | None) -> Snapshot:
+    path = Path(info.gguf or "")
+    if not path.is_file():  # a file of a hub repo, not cached when the sweep was planned
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            path = Path(hf_hub_download(info.hf_id, info.gguf or "", revision=revision))
+        except LocalEntryNotFoundError:
+            raise ModelUnavailable(f"model {info.hf_id!r} (gguf_file {info.gguf}) is not in the local Hugging Face cache "
+                                   "and the hub cannot be reached: download it first or give the file's path") from None
+        except Exception as err:  # gated, missing, connection: said in one line, retried by the task if transient
+            raise RuntimeError(f"model {info.hf_id!r} (gguf_file {info.gguf}) could not be downloaded: {err}") from err
+    return Snapshot(str(gguf.convert(path, log=print)), gguf.revision(path))
+
+
 def local_revision(info: ModelInfo, revision: str | None = None) -> str | None:
     """The revision :func:`download` would record, known without any network access: a local
-    folder's fingerprint, or the commit of a cached hub snapshot; None when it is not cached."""
+    folder's fingerprint, the commit of a cached hub snapshot, a GGUF file's hash; None when it is
+    not here."""
+    if info.gguf is not None:
+        return gguf.revision(info.gguf) if Path(info.gguf).is_file() else None
     path = Path(info.hf_id)
     if path.is_dir():
         return "local-" + _fingerprint(path)

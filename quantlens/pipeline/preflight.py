@@ -130,7 +130,7 @@ def _check_model(m: Any, cfg: Any, settings: list, needs_kv: bool, target: Any, 
     if target.kind == "cuda" and m.gpus > target.count:
         raise PreflightError(f"model {m.ref}: gpus: {m.gpus}, but {'this node' if target.here else 'the planned node'} "
                              f"has {target.count} GPU(s)")
-    info = resolve_model(m.ref, m.hf_id)  # ConfigError: unknown names, absent folders
+    info = m.info()  # ConfigError: unknown names, absent folders, unreadable GGUF files
     revision = local_revision(info, m.revision)
     cached = revision is not None
     if hub_offline() and not cached and not planning:
@@ -215,7 +215,7 @@ def check_checkpoints_fit(m: Any, released: dict[str, Any]) -> None:
     name and shape, every decoder-block linear present — checked on the model built on the meta device."""
     import torch
 
-    info = resolve_model(m.ref, m.hf_id)
+    info = m.info()
     cfg_file = _config_file(info.hf_id, m.revision)
     if cfg_file is None:
         return  # the model is known only after download: the model flow checks it then

@@ -35,10 +35,22 @@ class _Strict(BaseModel):
 
 
 class ModelEntry(_Strict):
-    ref: str = Field(min_length=1, description="registry name, HF id or local directory")
+    ref: str = Field(min_length=1, description="registry name, HF id, local directory or .gguf file")
     hf_id: str | None = Field(None, description="override the registry's HF id (e.g. re-hosted LLaMA)")
+    gguf_file: str | None = Field(None, description="a GGUF file of the hub repo or folder `ref` (e.g. model.Q4_K_M.gguf)")
     revision: str | None = Field(None, description="hub revision to pin (branch, tag or commit)")
     gpus: int = Field(1, ge=1, description="GPUs this model asks for on a cluster")
+    settings: list[str] | None = Field(None, min_length=1, description="run only these settings of the grid on this model "
+                                       "(names as the grid names them; the reference W16A16 always runs); default: all")
+
+    def info(self) -> Any:
+        """The model this entry names (:func:`quantlens.model.loading.resolve_model`)."""
+        from quantlens.model.loading import resolve_model
+
+        return resolve_model(self.ref, self.hf_id, self.gguf_file)
+
+    def label(self) -> str:
+        return self.ref if self.gguf_file is None else f"{self.ref}:{self.gguf_file}"
 
 
 class DatasetEntry(_Strict):
@@ -173,7 +185,7 @@ class SweepConfig(_Strict):
     @model_validator(mode="after")
     def _unique(self) -> "SweepConfig":
         for field, names in (
-            ("models", [m.ref for m in self.models]),
+            ("models", [m.label() for m in self.models]),
             ("datasets", [d.name for d in self.datasets]),
         ):
             dup = sorted({n for n in names if names.count(n) > 1})
@@ -226,9 +238,30 @@ class SweepConfig(_Strict):
         return self._expand()[0]
 
     def settings_for(self, entry: "ModelEntry") -> list[Setting]:
-        """The settings model ``entry`` runs: the grid's, a checkpoint setting with one checkpoint per
-        model as this model's (left out where the model has none: :meth:`Setting.for_model`)."""
-        return [x for x in (s.for_model(*_model_names(entry)) for s in self.expanded_settings()) if x is not None]
+        """The settings model ``entry`` runs: the grid's (those its ``settings`` names, where it names
+        some), a checkpoint setting with one checkpoint per model as this model's (left out where the
+        model has none: :meth:`Setting.for_model`)."""
+        chosen = self._chosen(entry)
+        return [x for x in (s.for_model(*_model_names(entry)) for s in self.expanded_settings()
+                            if chosen is None or s.name in chosen or s.is_reference) if x is not None]
+
+    def _chosen(self, entry: "ModelEntry") -> set[str] | None:
+        if entry.settings is None:
+            return None
+        aliases = self.aliases()
+        return {aliases.get(n, n) for n in entry.settings}
+
+    def check_model_settings(self) -> None:
+        """Every setting a model's ``settings`` names is one of the grid (a misspelt one would run nothing)."""
+        known = {s.name for s in self.expanded_settings()} | set(self.aliases())
+        for m in self.models:
+            unknown = [n for n in m.settings or [] if n not in known]
+            if unknown:
+                import difflib
+
+                hint = difflib.get_close_matches(unknown[0], known, n=1)
+                raise ConfigError(f"model {m.ref}: settings names {', '.join(map(repr, unknown))}, not a setting of the grid"
+                                  + (f" (did you mean {hint[0]!r}?)" if hint else ""))
 
     def check_checkpoint_models(self) -> None:
         """Every model a checkpoint setting names in ``checkpoint.models`` is a model of the sweep (a
@@ -376,9 +409,11 @@ def _expand_env(text: str) -> str:
     return _ENV.sub(lambda m: os.environ.get(m["var"], m["default"] if m["default"] is not None else ""), text)
 
 
-def _model_names(entry: "ModelEntry") -> tuple[str, str]:
-    """What a ``checkpoint: {model: …}`` mapping may call a model: its ref, or the ref's last part (its name)."""
-    return entry.ref, Path(entry.ref).name
+def _model_names(entry: "ModelEntry") -> tuple[str, ...]:
+    """What a ``checkpoint: {model: …}`` mapping may call a model: its ref, or the ref's last part (its name;
+    a GGUF file's name without .gguf)."""
+    name = Path(entry.gguf_file or entry.ref).name
+    return entry.ref, name, name.removesuffix(".gguf")
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
@@ -439,6 +474,7 @@ def load_config(source: str | Path | dict[str, Any]) -> SweepConfig:
         raise ConfigError(format_validation_error(err, where)) from None
     cfg.expanded_settings()
     cfg.check_checkpoint_models()
+    cfg.check_model_settings()
     return cfg
 
 
