@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 
 from quantlens.analysis.links import md_link, runs_link
+from quantlens.analysis.plotting import (COLLAPSED_COLOR, RING_LABEL, ValueAxis, collapsed_ppl, fmt_value, higher_is_better, is_perplexity,
+                                         legend_outside, pyplot, row_axis, rows_height, save_figure, styles)
 
 if TYPE_CHECKING:
     from quantlens.analysis.paired import BootstrapSpec
@@ -37,7 +39,9 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
     out["reference"] = reference_mask(out)
     if "end_time" in out:  # several sweeps may hold the same (model, setting): keep the newest
         out = out.sort_values("end_time").drop_duplicates(["model", "setting"], keep="last")
-    return out.sort_values(["family", "size_b", "model", "setting"]).reset_index(drop=True)
+    out = out.sort_values(["family", "size_b", "model", "setting"]).reset_index(drop=True)
+    out["collapsed"] = collapsed_runs(out)
+    return out
 
 
 def reference_mask(df: pd.DataFrame) -> pd.Series:
@@ -65,7 +69,33 @@ def metrics_present(df: pd.DataFrame) -> list[str]:
     return [m for m in QUALITY if m in df and df[m].notna().any()]
 
 
-def _plain(df: pd.DataFrame) -> pd.DataFrame:
+def collapsed_runs(df: pd.DataFrame) -> pd.Series:
+    """Which runs have collapsed (:data:`quantlens.analysis.plotting.COLLAPSE_RATIO`): a perplexity more
+    than 10× that of its model's full-precision run on the same dataset, on any perplexity dataset."""
+    out = pd.Series(False, index=df.index)
+    if "reference" not in df or "model" not in df:
+        return out
+    refs = reference_settings(df)
+    ref_rows = df[df["setting"] == df["model"].map(refs)].drop_duplicates("model").set_index("model")
+    for m in (m for m in metrics_present(df) if is_perplexity(m)):
+        out |= collapsed_ppl(df[m], df["model"].map(ref_rows[m]))
+    return out
+
+
+def method_runs(df: pd.DataFrame) -> pd.Series:
+    """Runs whose weights a *method* made — calibrated in the sweep (GPTQ, AWQ) or read from a released
+    checkpoint — rather than round-to-nearest onto a number format: the ``method`` param (anything but
+    ``rtn`` / ``none``) or a ``checkpoint`` param; runs logged before ``method`` existed: the ``format``
+    param ``gptq`` / ``awq``. A method is compared with its round-to-nearest twin (``calibrated_lens``),
+    a format with INT at the same bits (``uniform_vs_nonuniform``): the one place that tells them apart."""
+    none = pd.Series("none", index=df.index)
+    method = df["method"].fillna("none").astype(str) if "method" in df else none
+    ckpt = df["checkpoint"].fillna("").astype(str) if "checkpoint" in df else pd.Series("", index=df.index)
+    fmt = df["format"].fillna("none").astype(str) if "format" in df else none
+    return ~method.isin(["rtn", "none", "nan", ""]) | ~ckpt.isin(["", "nan", "none"]) | fmt.isin(["gptq", "awq"])
+
+
+def native_runs(df: pd.DataFrame) -> pd.DataFrame:
     """Native quantization runs: no artificial perturbation, no clipping."""
     return df[(df.get("perturbation", "none") == "none") & (df.get("clip_k", 0).fillna(0) == 0)]
 
@@ -91,9 +121,10 @@ def _link(*frames: pd.DataFrame | pd.Series) -> str | None:
 
 # --- Tables ---------------------------------------------------------------------------------------
 def results_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Every run: model × setting with its quality metrics and perturbation statistics."""
+    """Every run: model × setting with its quality metrics and perturbation statistics, and whether it
+    collapsed (perplexity > 10× the full-precision model's: :func:`collapsed_runs`)."""
     cols = ["model", "family", "size_b", "setting"] + metrics_present(df)
-    cols += [c for c in ("weight_rel_error_mean", "activation_rel_error_mean", "weight_clipped_fraction") if c in df]
+    cols += [c for c in ("weight_rel_error_mean", "activation_rel_error_mean", "weight_clipped_fraction", "collapsed") if c in df]
     return df[cols].copy()
 
 
@@ -119,12 +150,17 @@ def uniform_vs_nonuniform(df: pd.DataFrame, examples: pd.DataFrame | None = None
     """The paper's table across the field's formats: per model and bit widths, every non-uniform
     family that was run (cube root, NF, FP, MX, NVFP4, codebook) beside the INT run at the same bits
     (the one with the same granularity where there is one, else the per-channel default), with Δ =
-    format − INT and a compare link. With the runs' per-example tables (``examples``), each Δ of a
-    dataset metric gets its paired bootstrap interval over the examples both runs have (``<metric> Δ lo``
-    / ``hi``; accuracy: McNemar's exact ``<metric> p`` on the examples that flipped between the two)."""
-    plain = _plain(df)
+    format − INT, whether either run collapsed (``INT collapsed``, ``format collapsed``) and a compare
+    link. Number formats only: a method's runs (GPTQ, AWQ, a released checkpoint: :func:`method_runs`)
+    are compared with their round-to-nearest twin in ``calibrated_lens``, not here. With the runs'
+    per-example tables (``examples``), each Δ of a dataset metric gets its paired bootstrap interval
+    over the examples both runs have (``<metric> Δ lo`` / ``hi``; a perplexity also the interval of the
+    ratio format / INT, ``<metric> ratio lo`` / ``hi`` = exp of ΔNLL's; accuracy: McNemar's exact
+    ``<metric> p`` on the examples that flipped between the two)."""
+    plain = native_runs(df)
     if plain.empty or "w_bits" not in plain:
         return pd.DataFrame()
+    plain = plain[~method_runs(plain)]
     plain = plain.assign(_family=run_families(plain), _config=plain.apply(_config, axis=1))
     plain = plain[~plain["reference"]]
     rows = []
@@ -143,6 +179,8 @@ def uniform_vs_nonuniform(df: pd.DataFrame, examples: pd.DataFrame | None = None
                 row[f"{m} INT"] = uni[m]
                 row[f"{m} format"] = fmt[m]
                 row[f"{m} Δ"] = fmt[m] - uni[m]  # format − INT: < 0 is better for ppl/nll, > 0 for acc
+            row["INT collapsed"] = bool(uni.get("collapsed", False))
+            row["format collapsed"] = bool(fmt.get("collapsed", False))
             link = _link(uni, fmt)
             if link:
                 row["compare"] = link
@@ -172,6 +210,8 @@ def _with_intervals(table: pd.DataFrame, examples: pd.DataFrame, spec: "Bootstra
         for metric, stat in ((f"{dataset}_ppl", "delta_ppl"), (f"{dataset}_nll", nll_stat)):
             if f"{metric} Δ" in out:
                 out[f"{metric} Δ lo"], out[f"{metric} Δ hi"] = get(f"{stat}_lo"), get(f"{stat}_hi")
+        if f"{dataset}_ppl Δ" in out:  # the ratio format / INT: what a log axis shows, tight even where INT collapsed
+            out[f"{dataset}_ppl ratio lo"], out[f"{dataset}_ppl ratio hi"] = np.exp(get("delta_nll_lo")), np.exp(get("delta_nll_hi"))
         if f"{dataset}_acc Δ" in out and "mcnemar_p" in key:
             out[f"{dataset}_acc p"] = get("mcnemar_p")
     return out
@@ -184,48 +224,52 @@ def interval_markdown(table: pd.DataFrame) -> pd.DataFrame:
         out[c] = [f"{v:+.4g} [{lo:+.4g}, {hi:+.4g}]" + (" ≈0" if lo <= 0 <= hi else "") if pd.notna(lo) else f"{v:+.4g}"
                   for v, lo, hi in zip(table[c], table[f"{c} lo"], table[f"{c} hi"])]
         out = out.drop(columns=[f"{c} lo", f"{c} hi"])
-    return out
+    return out.drop(columns=[c for c in table.columns if c.endswith((" ratio lo", " ratio hi"))])
 
 
 # --- Figures --------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _collapsed_of(frame: pd.DataFrame) -> np.ndarray:
+    return frame["collapsed"].fillna(False).astype(bool).to_numpy() if "collapsed" in frame else np.zeros(len(frame), bool)
 
 
-def save_figure(fig, path: Path, title: str | None = None, fontsize: float | None = None) -> Path:
-    """How every report figure ends: a title, a tight layout, a 120-dpi PNG, the figure closed."""
-    if title is not None:
-        fig.suptitle(title, **({"fontsize": fontsize} if fontsize else {}))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
-    return path
+def _signed(v: float) -> str:
+    return "nan" if pd.isna(v) else f"{v:+,.0f}" if abs(v) >= 1000 else f"{v:+.3g}"
 
 
 def fig_metric_vs_size(df: pd.DataFrame, metric: str, path: Path) -> Path | None:
-    """Figure 1: metric vs model size per family, one line per (native) setting."""
-    plain = _plain(df).dropna(subset=[metric])
+    """Figure 1: metric vs model size per family, one line per (native) setting; a log axis where the
+    values span more than 10×, collapsed runs in a band at the top with their value."""
+    plain = native_runs(df).dropna(subset=[metric])
     if plain.empty:
         return None
-    plt = _plt()
+    plt = pyplot()
     fams = sorted(plain["family"].unique())
-    fig, axes = plt.subplots(1, len(fams), figsize=(4.5 * len(fams), 3.6), squeeze=False)
+    settings = sorted(plain["setting"].unique())
+    style = dict(zip(settings, styles(len(settings))))
+    fig, axes = plt.subplots(1, len(fams), figsize=(4.8 * len(fams), 4.0), squeeze=False)
+    handles: dict[str, object] = {}
     for ax, fam in zip(axes[0], fams):
         sub = plain[plain["family"] == fam]
+        axis = ValueAxis(sub[metric], _collapsed_of(sub), unbounded=not higher_is_better(metric))
         for setting, g in sub.groupby("setting"):
             g = g.sort_values("size_b")
-            ax.plot(g["size_b"], g[metric], marker="o", label=setting, linestyle="--" if (g["transform_p"] != 1).any() else "-")
+            color, marker = style[setting]
+            nonuniform = "transform_p" in g and (g["transform_p"].fillna(1.0) != 1).any()
+            (line,) = ax.plot(g["size_b"], axis.pos(g[metric], _collapsed_of(g)), marker=marker, color=color, ms=4, lw=1.2,
+                              label=setting, linestyle="--" if nonuniform else "-")
+            handles.setdefault(setting, line)
+        ring = axis.mark(ax, sub["size_b"], sub[metric], _collapsed_of(sub))
+        if ring is not None:
+            handles.setdefault(ring.get_label(), ring)
+        axis.apply(ax, "y")
         ax.set_xscale("log")
         ax.set_xlabel("parameters (B)")
         ax.set_title(fam)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(metric + (" (log scale)" if axis.log else ""))
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    last = axes[0][-1]
+    last.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=6.5, frameon=False,
+                ncol=1 + len(handles) // 25)
     return save_figure(fig, path, f"{metric} vs model size (Figure 1)")
 
 
@@ -240,24 +284,25 @@ def fig_alpha_vs_delta(df: pd.DataFrame, path: Path) -> Path | None:
         sub = sub[sub["transform_p"] == 1.0]
     if sub.empty:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for setting, g in sub.groupby("setting"):
-        ax.scatter(g["weight_alpha_mean"], g["weight_delta_l2_mean"], label=setting, s=22)
+    settings = sorted(sub["setting"].unique())
+    for (setting, g), (color, marker) in zip(sub.groupby("setting"), styles(len(settings))):
+        ax.scatter(g["weight_alpha_mean"], g["weight_delta_l2_mean"], label=setting, s=22, color=color, marker=marker)
     ax.set_xlabel("scale α (mean over layers)")
     ax.set_ylabel("‖Δ‖₂ (mean over layers)")
     ax.set_yscale("log")
-    ax.set_title("α vs perturbation intensity (Figure 3)")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    ax.grid(alpha=0.3)
+    legend_outside(ax, fontsize=6.5)
+    return save_figure(fig, path, "α vs perturbation intensity (Figure 3)", fontsize=10)
 
 
 def fig_uniform_vs_nonuniform(table: pd.DataFrame, path: Path) -> Path | None:
-    """Each format against INT at the same bits, per model and configuration (one panel per metric):
-    paired bars with the difference written above each pair."""
+    """Each format against INT at the same bits, one row per (model, format) and one panel per metric:
+    INT (grey circle) and the format (blue diamond) joined by a line, green where the format is better;
+    its paired interval under it (a perplexity: INT × the interval of the ratio format / INT); Δ =
+    format − INT written right of the panel. Perplexity on a log axis where it spans more than 10×; a
+    collapsed run in a band at the end of the axis with its value."""
     if table.empty:
         return None
     metrics = [c[: -len(" INT")] for c in table.columns if c.endswith(" INT")]
@@ -265,32 +310,69 @@ def fig_uniform_vs_nonuniform(table: pd.DataFrame, path: Path) -> Path | None:
     metrics = [m for m in metrics if m != "lambada_nll" and pd.concat([table[f"{m} INT"], table[f"{m} format"]]).nunique() > 1]
     if not metrics:
         return None
-    plt = _plt()
-    labels = [f"{r['model']}\n{r['setting']}" for _, r in table.iterrows()]
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6, 0.9 * len(table) + 2), 3.4 * len(metrics)), squeeze=False)
-    x = range(len(table))
-    for ax, m in zip(axes[:, 0], metrics):
-        u, n = table[f"{m} INT"].to_numpy(dtype=float), table[f"{m} format"].to_numpy(dtype=float)
-        ax.bar([i - 0.2 for i in x], u, width=0.4, label="INT at the same bits", color="tab:grey")
-        ax.bar([i + 0.2 for i in x], n, width=0.4, label="non-uniform format", color="tab:blue")
-        if f"{m} Δ lo" in table:  # the paired interval of Δ, drawn around the format's bar
-            lo, hi = table[f"{m} Δ lo"].to_numpy(dtype=float), table[f"{m} Δ hi"].to_numpy(dtype=float)
-            ok = ~np.isnan(lo)
-            ax.errorbar([i + 0.2 for i in x if ok[i]], n[ok], yerr=[(n - (u + lo))[ok], ((u + hi) - n)[ok]], fmt="none",
-                        ecolor="black", capsize=2, lw=0.8)
-        for i, (a, b) in enumerate(zip(u, n)):
-            ax.annotate(f"{b - a:+.3g}", (i, max(a, b)), ha="center", va="bottom", fontsize=6)
-        ax.set_xticks(list(x), labels, fontsize=6, rotation=45, ha="right")
-        ax.set_ylabel(m)
-        if m.endswith(("_ppl", "_nll")):
-            lo = min(u.min(), n.min())
-            ax.set_ylim(lo * 0.98, max(u.max(), n.max()) * 1.02)
-        ax.legend(fontsize=7)
-    return save_figure(fig, path, "Non-uniform formats vs INT at the same bits (Δ = format − INT; bars: paired interval)", fontsize=10)
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.transforms import blended_transform_factory
+
+    cu = table["INT collapsed"].fillna(False).astype(bool).to_numpy() if "INT collapsed" in table else np.zeros(len(table), bool)
+    cf = table["format collapsed"].fillna(False).astype(bool).to_numpy() if "format collapsed" in table else np.zeros(len(table), bool)
+    note = ["" if not (a or b) else " (both collapsed)" if a and b else " (INT collapsed)" if a else " (collapsed)" for a, b in zip(cu, cf)]
+    labels = [f"{r['model']} · {r['setting']} vs {r['INT']}{n}" for (_, r), n in zip(table.iterrows(), note)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 + 4.4 * len(metrics), rows_height(len(table), 0.32, 1.4)),
+                             squeeze=False, sharey=True)
+    ringed = False
+    for j, (ax, m) in enumerate(zip(axes[0], metrics)):
+        u, f = table[f"{m} INT"].to_numpy(dtype=float), table[f"{m} format"].to_numpy(dtype=float)
+        lo = hi = None
+        if f"{m} ratio lo" in table:
+            lo, hi = u * table[f"{m} ratio lo"].to_numpy(dtype=float), u * table[f"{m} ratio hi"].to_numpy(dtype=float)
+        elif f"{m} Δ lo" in table:
+            lo, hi = u + table[f"{m} Δ lo"].to_numpy(dtype=float), u + table[f"{m} Δ hi"].to_numpy(dtype=float)
+        extent = [] if lo is None else [x for a, b, c in zip(lo, hi, cf) if not c for x in (a, b)]
+        axis = ValueAxis(np.concatenate([u, f]), np.concatenate([cu, cf]), unbounded=not higher_is_better(m), extent=extent)
+        y = row_axis(ax, labels)
+        if j:
+            ax.tick_params(labelleft=False)
+        pu, pf = axis.pos(u, cu), axis.pos(f, cf)
+        better = (f > u) if higher_is_better(m) else (f < u)
+        for yi, a, b, good, same in zip(y, pu, pf, better, f == u):
+            ax.plot([a, b], [yi, yi], color="0.6" if same else "tab:green" if good else "tab:red", lw=2, alpha=0.55, zorder=2)
+        ax.scatter(pu, y, marker="o", color="0.4", s=24, zorder=3)
+        ax.scatter(pf, y, marker="D", color="tab:blue", s=22, zorder=4)
+        if lo is not None:
+            ok = ~np.isnan(lo) & ~cf
+            lo_c, hi_c = axis.clip(lo), axis.clip(hi)
+            ax.errorbar((lo_c[ok] + hi_c[ok]) / 2, y[ok] - 0.22, xerr=(hi_c[ok] - lo_c[ok]) / 2, fmt="none", ecolor="black",
+                        capsize=2, lw=0.8, zorder=3)
+        rings = [axis.mark(ax, y, u, cu, axis="x"), axis.mark(ax, y, f, cf, axis="x")]
+        ringed = ringed or any(r is not None for r in rings)
+        axis.apply(ax, "x")
+        for sep in [i for i in range(1, len(table)) if table["model"].iloc[i] != table["model"].iloc[i - 1]]:
+            ax.axhline(y[sep] + 0.5, color="0.75", lw=0.8)
+        right = blended_transform_factory(ax.transAxes, ax.transData)
+        ax.text(1.02, len(table) - 0.45, "Δ", transform=right, fontsize=7, ha="left", va="bottom", weight="bold")
+        d = table[f"{m} Δ"].to_numpy(dtype=float)
+        zero = (table[f"{m} Δ lo"] <= 0) & (table[f"{m} Δ hi"] >= 0) if f"{m} Δ lo" in table else pd.Series(False, index=table.index)
+        for yi, dv, z in zip(y, d, zero):
+            ax.text(1.02, yi, _signed(dv) + (" ≈0" if z else ""), transform=right, fontsize=6.5, ha="left", va="center")
+        ax.set_xlabel(m + (" (log scale)" if axis.log else ""))
+        ax.set_title(m, fontsize=9)
+    keys = [Line2D([], [], marker="o", color="0.4", ls="", label="INT at the same bits"),
+            Line2D([], [], marker="D", color="tab:blue", ls="", label="non-uniform format"),
+            Line2D([], [], color="black", lw=0.8, label="paired interval of the format (against INT)"),
+            Line2D([], [], color="tab:green", lw=2, alpha=0.55, label="format better"),
+            Line2D([], [], color="tab:red", lw=2, alpha=0.55, label="format worse")]
+    if ringed:
+        keys.append(Line2D([], [], marker="o", ls="", markersize=9, markerfacecolor="none", markeredgecolor=COLLAPSED_COLOR,
+                           label=RING_LABEL))
+    fig.legend(handles=keys, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=7, frameon=False)
+    return save_figure(fig, path, "Number formats vs INT at the same bits (Δ = format − INT; ≈0: the paired interval covers 0)",
+                       fontsize=10)
 
 
 def perturbation_summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Figure 4's numbers: per (model, base, perturbation): mean, std, min, max over seeds."""
+    """Figure 4's numbers: per (model, base, perturbation): mean, std, min, max over seeds, and whether
+    a seed collapsed."""
     if "perturbation" not in df:
         return pd.DataFrame()
     pert = df[df["perturbation"] != "none"].dropna(subset=[metric])
@@ -298,6 +380,8 @@ def perturbation_summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
         return pd.DataFrame()
     g = pert.groupby(["model", "base", "perturbation"])[metric]
     out = g.agg(["mean", "std", "min", "max", "count"]).reset_index().rename(columns={"count": "seeds"})
+    if "collapsed" in pert:
+        out = out.merge(pert.groupby(["model", "base", "perturbation"])["collapsed"].any().reset_index(), on=["model", "base", "perturbation"])
     if "run_id" in df:  # the seeds' runs beside the native quantization they imitate
         out["compare"] = [_link(df[(df["model"] == r["model"]) & (df["setting"] == r["base"])],
                                 pert[(pert["model"] == r["model"]) & (pert["base"] == r["base"]) & (pert["perturbation"] == r["perturbation"])])
@@ -306,23 +390,27 @@ def perturbation_summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def fig_perturbations(df: pd.DataFrame, metric: str, path: Path) -> Path | None:
-    """Figure 4: metric under each artificial perturbation (mean ± spread over seeds), beside the
-    unperturbed model and the native quantization it imitates."""
+    """Figure 4: metric under each artificial perturbation (mean ± std over seeds), beside the
+    unperturbed model and the native quantization it imitates: one row each, the value written right
+    of the panel; log axis and collapsed band as every figure."""
     summ = perturbation_summary(df, metric)
     if summ.empty:
         return None
-    plt = _plt()
+    plt = pyplot()
+    from matplotlib.transforms import blended_transform_factory
+
     models = list(summ["model"].unique())
-    fig, axes = plt.subplots(1, len(models), figsize=(max(5, 1.2 * summ.shape[0] / len(models) + 3) * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    panels = []
+    for model in models:
         s = summ[summ["model"] == model]
-        labels, vals, errs, colors = [], [], [], []
+        labels, vals, errs, colors, coll = [], [], [], [], []
         base_run = df[(df["model"] == model) & df["reference"]]
         if not base_run.empty:
-            labels.append("W16A16")
+            labels.append(f"{base_run['setting'].iloc[0]} (full precision)")
             vals.append(float(base_run[metric].iloc[0]))
             errs.append(0.0)
-            colors.append("grey")
+            colors.append("0.5")
+            coll.append(False)
         for base in s["base"].unique():
             native = df[(df["model"] == model) & (df["setting"] == base)]
             if not native.empty:
@@ -330,19 +418,31 @@ def fig_perturbations(df: pd.DataFrame, metric: str, path: Path) -> Path | None:
                 vals.append(float(native[metric].iloc[0]))
                 errs.append(0.0)
                 colors.append("black")
+                coll.append(bool(_collapsed_of(native)[0]))
             for _, r in s[s["base"] == base].iterrows():
-                labels.append(f"{base}+{r['perturbation']}")
+                labels.append(f"{base}+{r['perturbation']} ({int(r['seeds'])} seed{'s' if r['seeds'] > 1 else ''})")
                 vals.append(r["mean"])
                 errs.append(0.0 if pd.isna(r["std"]) else r["std"])
                 colors.append("tab:blue")
-        ax.bar(range(len(vals)), vals, yerr=errs, color=colors, capsize=3)
-        ax.set_xticks(range(len(vals)), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel(metric)
-        ax.set_title(model)
-        if metric.endswith("_ppl"):
-            lo = min(vals)
-            ax.set_ylim(lo * 0.98, max(v + e for v, e in zip(vals, errs)) * 1.01)
-    return save_figure(fig, path, f"{metric} under artificial perturbations, mean ± std over seeds (Figure 4)")
+                coll.append(bool(r.get("collapsed", False)))
+        panels.append((model, labels, np.asarray(vals, float), np.asarray(errs, float), colors, np.asarray(coll, bool)))
+    n = max(len(p[1]) for p in panels)
+    fig, axes = plt.subplots(1, len(models), figsize=(6.8 * len(models), rows_height(n, 0.34, 1.4)), squeeze=False)
+    for ax, (model, labels, vals, errs, colors, coll) in zip(axes[0], panels):
+        ok = ~coll
+        axis = ValueAxis(vals, coll, unbounded=not higher_is_better(metric), extent=list((vals - errs)[ok]) + list((vals + errs)[ok]))
+        y = row_axis(ax, labels)
+        pos = axis.pos(vals, coll)
+        ax.errorbar(pos[ok], y[ok], xerr=errs[ok], fmt="none", ecolor="black", capsize=3, lw=0.8, zorder=2)
+        ax.scatter(pos, y, color=colors, s=30, zorder=3)
+        axis.mark(ax, y, vals, coll, axis="x")
+        axis.apply(ax, "x")
+        right = blended_transform_factory(ax.transAxes, ax.transData)
+        for yi, v, e in zip(y, vals, errs):
+            ax.text(1.02, yi, fmt_value(v) + (f" ± {e:.2g}" if e else ""), transform=right, fontsize=6.5, va="center")
+        ax.set_xlabel(metric + (" (log scale)" if axis.log else ""))
+        ax.set_title(model, fontsize=9)
+    return save_figure(fig, path, f"{metric} under artificial perturbations, mean ± std over seeds (Figure 4)", fontsize=10)
 
 
 def clipping_summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -357,7 +457,8 @@ def clipping_summary(df: pd.DataFrame) -> pd.DataFrame:
     ppl_cols = [c for c in ("wikitext2_ppl", "c4_ppl") if c in rows and rows[c].notna().any()]
     if ppl_cols:
         rows["mean_ppl"] = rows[ppl_cols].mean(axis=1)
-    cols = ["model", "base", "clip_k"] + [c for c in ("lambada_acc", "mean_ppl", "weight_clipped_fraction", "activation_clipped_fraction") if c in rows]
+    cols = ["model", "base", "clip_k"] + [c for c in ("lambada_acc", "mean_ppl", "weight_clipped_fraction", "activation_clipped_fraction",
+                                                      "collapsed") if c in rows]
     if "run_id" in rows:  # every k of one (model, base) side by side
         rows["compare"] = rows.groupby(["model", "base"])["run_id"].transform(lambda ids: _link(rows.loc[ids.index]))
         cols.append("compare")
@@ -365,24 +466,32 @@ def clipping_summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def fig_clipping(df: pd.DataFrame, path: Path) -> Path | None:
-    """Figure 5: clipping at k·σ, k ∈ {3, 5, 10}: Lambada and mean WikiText-2/C4 perplexity."""
+    """Figure 5: clipping at k·σ, k ∈ {3, 5, 10}: Lambada and mean WikiText-2/C4 perplexity (log where
+    it spans more than 10×, collapsed runs in a band with their value)."""
     summ = clipping_summary(df)
     if summ.empty:
         return None
     metrics = [m for m in ("lambada_acc", "mean_ppl") if m in summ and summ[m].notna().any()]
-    plt = _plt()
+    plt = pyplot()
+    ks = sorted(summ["clip_k"].unique())
+    where = {k: i for i, k in enumerate(ks)}
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    pairs = list(summ.groupby(["model", "base"]).groups)
+    style = dict(zip(pairs, styles(len(pairs))))
     for ax, m in zip(axes[0], metrics):
-        for (model, base), g in summ.groupby(["model", "base"]):
+        t = summ.dropna(subset=[m])
+        axis = ValueAxis(t[m], _collapsed_of(t), unbounded=not higher_is_better(m))
+        for (model, base), g in t.groupby(["model", "base"]):
             g = g.sort_values("clip_k")
-            x = ["none" if k == 0 else f"{k:g}σ" for k in g["clip_k"]]
-            ax.plot(x, g[m], marker="o", label=f"{model} {base}")
+            color, marker = style[(model, base)]
+            ax.plot(g["clip_k"].map(where), axis.pos(g[m], _collapsed_of(g)), marker=marker, color=color, label=f"{model} {base}")
+        axis.mark(ax, t["clip_k"].map(where), t[m], _collapsed_of(t))  # (a ring carries its label into the legend)
+        axis.apply(ax, "y")
+        ax.set_xticks(range(len(ks)), ["none" if k == 0 else f"{k:g}σ" for k in ks])
         ax.set_xlabel("clipping threshold")
-        ax.set_ylabel(m)
-        if m == "mean_ppl":
-            ax.set_yscale("log")
+        ax.set_ylabel(m + (" (log scale)" if axis.log else ""))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    legend_outside(axes[0][-1], sources=list(axes[0][:-1]))
     return save_figure(fig, path, "Clipping outliers (Figure 5)")
 
 
@@ -391,7 +500,7 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, report: "Report | None" 
     """All tables (CSV + Markdown) and figures (PNG) the runs allow; returns the files written. Each
     table and figure is a part of ``report`` (:class:`~quantlens.analysis.report.Report`): one that
     fails is recorded there and the others are still written."""
-    from quantlens.analysis.report import Report
+    from quantlens.analysis.report import Report, safe_name
 
     report = report or Report(Path(out_dir))
     df = report.compute("tidy", lambda: tidy(df), pd.DataFrame())  # (idempotent: a tidy frame passes through)
@@ -414,10 +523,12 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, report: "Report | None" 
     report.figure("fig5_clipping", lambda path: fig_clipping(df, path))
     report.figure("fig_uniform_vs_nonuniform", lambda path: fig_uniform_vs_nonuniform(uvn, path))
     from quantlens.analysis import format_report
-    from quantlens.analysis.calibrated_report import calibrated_lens, calibrated_markdown
+    from quantlens.analysis.calibrated_report import calibrated_lens, calibrated_markdown, fig_calibrated_lens
 
     format_report.write(df, report, plotted)
     lens = report.table("calibrated_lens", lambda: calibrated_lens(df), md=False)
     if not lens.empty:
         report.file("calibrated_lens.md", lambda path: path.write_text(calibrated_markdown(lens)))
+        for model in lens["model"].unique():
+            report.figure(f"fig_calibrated_lens_{safe_name(model)}", lambda path, model=model: fig_calibrated_lens(lens, model, path))
     return report.files

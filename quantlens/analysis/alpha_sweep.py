@@ -38,9 +38,9 @@ def alpha_sweep(model: nn.Module, bits: list[int], ratios: list[float], granular
 
 
 def plot_alpha_sweep(rows: list[dict], path: str | Path, title: str = "") -> Path:
-    from quantlens.analysis.aggregate import _plt
+    from quantlens.analysis.plotting import pyplot, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for b in sorted({r["bits"] for r in rows}):
         pts = [r for r in rows if r["bits"] == b]
@@ -51,9 +51,6 @@ def plot_alpha_sweep(rows: list[dict], path: str | Path, title: str = "") -> Pat
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(f"α vs perturbation intensity (Figure 3){' — ' + title if title else ''}")
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

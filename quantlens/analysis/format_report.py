@@ -3,8 +3,10 @@ lens per format (framework-free: pandas + matplotlib).
 
 - ``formats_vs_bits``: per model, every family that was run (INT, cube root, NF, FP, MX, NVFP4,
   codebook) at each weight width — weight-only runs (activations at 16 bits) and runs that quantize
-  activations at the weights' width (W4A4, W8A8) as two regimes; the figure ``fig_formats_<metric>``
-  draws one line per family and regime, the full-precision model as a dashed line.
+  activations at the weights' width (W4A4, W8A8) as two regimes, with a ``collapsed`` column; number
+  formats only (a method's runs — GPTQ, AWQ, a released checkpoint — are in ``calibrated_lens``); the
+  figure ``fig_formats_<metric>`` draws one line per family and regime, the full-precision model as a
+  dotted line, a log axis where the values span more than 10× and collapsed runs in a band at the top.
 - ``format_lens``: the mean relative perturbation |Δ|/|x| by decile of |x| (d01 = the smallest
   10 % of the values), of the weights and, from the sampled forwards, of the activations, per run
   (:mod:`quantlens.quantize.lens`); ``fig_format_lens_<model>`` draws one line per setting.
@@ -15,10 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
-from quantlens.analysis.aggregate import _plain, _plt, metrics_present, run_families, save_figure
-from quantlens.analysis.per_example import _safe
+from quantlens.analysis.aggregate import method_runs, metrics_present, native_runs, run_families
+from quantlens.analysis.plotting import ValueAxis, higher_is_better, legend_outside, pyplot, save_figure, styles
+from quantlens.analysis.report import safe_name
 
 if TYPE_CHECKING:
     from quantlens.analysis.report import Report
@@ -27,13 +31,14 @@ DECILES = [f"d{i:02d}" for i in range(1, 11)]
 
 
 def formats_vs_bits(df: pd.DataFrame) -> pd.DataFrame:
-    """model, family, regime (``weights`` | ``weights+activations``), bits, setting and the metrics; one
-    run per point (the shortest setting name: the format's default granularity), KV settings left out."""
-    plain = _plain(df)
+    """model, family, regime (``weights`` | ``weights+activations``), bits, setting, the metrics and
+    ``collapsed``; one run per point (the shortest setting name: the format's default granularity), KV
+    settings and methods' runs left out."""
+    plain = native_runs(df)
     if plain.empty or "w_bits" not in plain:
         return pd.DataFrame()
     kv = plain["kv_bits"].fillna(16) if "kv_bits" in plain else 16
-    sub = plain[(~plain["reference"]) & (kv == 16) & (plain["w_bits"] < 16)]
+    sub = plain[(~plain["reference"]) & (kv == 16) & (plain["w_bits"] < 16) & ~method_runs(plain)]
     sub = sub.assign(family=run_families(sub))
     a = sub["a_bits"].fillna(16)
     sub = sub.assign(regime=a.where(a == 16, -1).map({16: "weights", -1: "weights+activations"}))
@@ -42,41 +47,53 @@ def formats_vs_bits(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     sub = sub.assign(_len=sub["setting"].str.len()).sort_values(["_len", "setting"])
     sub = sub.drop_duplicates(["model", "family", "regime", "w_bits"]).rename(columns={"w_bits": "bits"})
-    cols = ["model", "family", "regime", "bits", "setting"] + metrics_present(sub)
+    cols = ["model", "family", "regime", "bits", "setting"] + metrics_present(sub) + (["collapsed"] if "collapsed" in sub else [])
     return sub[cols].sort_values(["model", "regime", "family", "bits"]).reset_index(drop=True)
 
 
 def fig_formats_vs_bits(table: pd.DataFrame, df: pd.DataFrame, metric: str, path: Path) -> Path | None:
-    """One panel per model: ``metric`` against bits, one line per family (dashed: activations too)."""
+    """One panel per model: ``metric`` against bits, one line per family (dashed: activations too), a
+    colour per family shared by every panel and one legend; log where the values span more than 10×,
+    collapsed runs in a band at the top with their value."""
     if table.empty or metric not in table or table[metric].notna().sum() == 0:
         return None
-    plt = _plt()
+    plt = pyplot()
     models = list(dict.fromkeys(table["model"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.8), squeeze=False)
     ref = df[df["reference"]] if "reference" in df else df.iloc[0:0]
+    families = sorted(table["family"].unique())
+    style = dict(zip(families, styles(len(families))))
+    handles: dict[str, object] = {}
     for ax, model in zip(axes[0], models):
         t = table[table["model"] == model].dropna(subset=[metric])
+        coll = t["collapsed"].fillna(False).astype(bool).to_numpy() if "collapsed" in t else np.zeros(len(t), bool)
+        r = ref[ref["model"] == model][metric].dropna() if metric in ref else pd.Series(dtype=float)
+        axis = ValueAxis(t[metric], coll, unbounded=not higher_is_better(metric), extent=list(r[:1]))
+        t = t.assign(_pos=axis.pos(t[metric], coll))
         for (family, regime), g in t.groupby(["family", "regime"]):
             g = g.sort_values("bits")
-            ax.plot(g["bits"], g[metric], marker="o", linestyle="-" if regime == "weights" else "--",
-                    label=f"{family}" + ("" if regime == "weights" else " (W=A)"))
-        r = ref[ref["model"] == model][metric].dropna() if metric in ref else pd.Series(dtype=float)
+            color, marker = style[family]
+            label = f"{family}" + ("" if regime == "weights" else " (W=A)")
+            (line,) = ax.plot(g["bits"], g["_pos"], marker=marker, color=color, linestyle="-" if regime == "weights" else "--", label=label)
+            handles.setdefault(label, line)
         if not r.empty:
-            ax.axhline(float(r.iloc[0]), color="grey", linestyle=":", label="16-bit")
+            handles.setdefault("16-bit", ax.axhline(float(r.iloc[0]), color="grey", linestyle=":", label="16-bit"))
+        ring = axis.mark(ax, t["bits"], t[metric], coll)
+        if ring is not None:
+            handles.setdefault(ring.get_label(), ring)
+        axis.apply(ax, "y")
         ax.set_xticks(sorted(t["bits"].unique()))
         ax.set_xlabel("bits (weights)")
-        ax.set_ylabel(metric)
-        if metric.endswith("_ppl") and t[metric].max() > 3 * t[metric].min():  # log only where it spans a range
-            ax.set_yscale("log")
+        ax.set_ylabel(metric + (" (log scale)" if axis.log else ""))
         ax.set_title(model)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    axes[0][-1].legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     return save_figure(fig, path, f"{metric} against bits, one line per format family")
 
 
 def format_lens(df: pd.DataFrame) -> pd.DataFrame:
     """model, setting, family, kind (weight | activation) and the mean |Δ|/|x| per decile of |x|."""
-    plain = _plain(df)
+    plain = native_runs(df)
     rows = []
     for kind in ("weight", "activation"):
         cols = [f"{kind}_lens_{d}" for d in DECILES]
@@ -95,22 +112,23 @@ def fig_format_lens(lens: pd.DataFrame, model: str, path: Path) -> Path | None:
     t = lens[lens["model"] == model]
     if t.empty:
         return None
-    plt = _plt()
+    plt = pyplot()
     kinds = list(dict.fromkeys(t["kind"]))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.4 * len(kinds), 4.2), squeeze=False)
     x = list(range(1, 11))
-    colors = plt.get_cmap("tab20").colors
+    settings = sorted(t["setting"].unique())
+    style = dict(zip(settings, styles(len(settings))))  # one colour and marker per setting, the same in both panels
     for ax, kind in zip(axes[0], kinds):
-        for i, (_, r) in enumerate(t[t["kind"] == kind].iterrows()):  # 20 colours, then dashed: no two lines alike
-            ax.plot(x, [r[d] for d in DECILES], marker=".", color=colors[i % 20], linestyle="-" if i < 20 else "--",
-                    label=f"{r['setting']} ({r['family']})")
+        for _, r in t[t["kind"] == kind].iterrows():
+            color, marker = style[r["setting"]]
+            ax.plot(x, [r[d] for d in DECILES], marker=marker, ms=3, color=color, label=f"{r['setting']} ({r['family']})")
         ax.set_yscale("log")
         ax.set_xticks(x)
         ax.set_xlabel(f"decile of |x| ({kind}s; 1 = smallest 10 %)")
         ax.set_ylabel("mean |Δ| / |x|")
         ax.set_title(f"{kind}s")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        legend_outside(ax, fontsize=6)
     return save_figure(fig, path, f"{model}: relative perturbation by magnitude, per format (the first paper's lens)")
 
 
@@ -121,4 +139,4 @@ def write(df: pd.DataFrame, report: "Report", metrics: list[str]) -> None:
         report.figure(f"fig_formats_{m}", lambda path, m=m: fig_formats_vs_bits(fvb, df, m, path))
     lens = report.table("format_lens", lambda: format_lens(df))
     for model in (lens["model"].unique() if not lens.empty else []):
-        report.figure(f"fig_format_lens_{_safe(model)}", lambda path, model=model: fig_format_lens(lens, model, path))
+        report.figure(f"fig_format_lens_{safe_name(model)}", lambda path, model=model: fig_format_lens(lens, model, path))

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from quantlens.analysis.aggregate import _plt, save_figure, to_markdown
-from quantlens.analysis.per_example import _safe
+from quantlens.analysis.plotting import ValueAxis, fmt_value, pyplot, row_axis, rows_height, save_figure
+from quantlens.analysis.report import safe_name
 
 if TYPE_CHECKING:
     from quantlens.analysis.report import Report
@@ -39,7 +39,7 @@ def fig_layer_error(layer_error: pd.DataFrame, model: str, path: Path) -> Path |
     sub = layer_error[layer_error["model"] == model]
     if sub.empty:
         return None
-    plt = _plt()
+    plt = pyplot()
     combos = sorted(set(zip(sub["dataset"], sub["setting"])))
     fig, axes = plt.subplots(2, len(combos), figsize=(4.6 * len(combos), 6.4), squeeze=False, sharex="col")
     colors = {"large": "tab:red", "ctrl": "tab:blue"}
@@ -54,6 +54,7 @@ def fig_layer_error(layer_error: pd.DataFrame, model: str, path: Path) -> Path |
             top.plot(r["layer"], r["mse_attention"], marker="s", ls="--", color=c, label=f"attention, D_{set_name}")
             bottom.plot(h["layer"], h["h_norm"], marker="o", color=c, label=f"D_{set_name}")
         top.set_yscale("log")
+        ValueAxis(g["h_norm"], unbounded=True).apply(bottom, "y")  # ‖h(l)‖ grows by orders of magnitude in real models
         top.set_title(f"{ds} · {setting}", fontsize=9)
         top.set_ylabel("MSE(full precision, quantized)")
         bottom.set_ylabel("‖h(l)‖ (full precision, token mean)")
@@ -72,7 +73,7 @@ def fig_early_exit(early_exit: pd.DataFrame, model: str, path: Path) -> Path | N
     sub = early_exit[(early_exit["model"] == model) & (early_exit["source"] == "r")]
     if sub.empty:
         return None
-    plt = _plt()
+    plt = pyplot()
     combos = sorted(set(zip(sub["dataset"], sub["setting"])))
     fig, axes = plt.subplots(1, len(combos), figsize=(4.6 * len(combos), 3.8), squeeze=False)
     colors = {"large": "tab:red", "ctrl": "tab:blue"}
@@ -92,31 +93,39 @@ def fig_early_exit(early_exit: pd.DataFrame, model: str, path: Path) -> Path | N
 
 
 def fig_patching(table: pd.DataFrame, path: Path) -> Path | None:
-    """D_large perplexity per patched module, one panel per (model, dataset, setting), with W16A16
-    and the unpatched setting as lines."""
+    """D_large perplexity per patched module, one panel per (model, dataset, setting): a row per
+    patched module, W16A16 (grey) and the unpatched setting (dashed) as lines, the perplexity and the
+    share of the gap it closes written right of the panel; log where the values span more than 10×
+    (a collapsed setting's patches do)."""
     if table.empty:
         return None
-    plt = _plt()
+    plt = pyplot()
+    from matplotlib.transforms import blended_transform_factory
+
     combos = sorted(set(zip(table["model"], table["dataset"], table["setting"])))
-    ncols = min(3, len(combos))
+    ncols = min(2, len(combos))
     nrows = -(-len(combos) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 4.4 * nrows), squeeze=False)
+    most = max(int((~table["patched"].isin(["none", "all"])).groupby([table["model"], table["dataset"], table["setting"]]).sum().max()), 1)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, rows_height(most, 0.3, 1.8) * nrows), squeeze=False)
     for ax in axes.flat[len(combos):]:
         ax.set_visible(False)
     for ax, (model, ds, setting) in zip(axes.flat, combos):
         g = table[(table["model"] == model) & (table["dataset"] == ds) & (table["setting"] == setting)]
         g = g[~g["patched"].isin(["none", "all"])]
-        ax.bar(range(len(g)), g["ppl"], color="tab:blue")
-        ax.set_xticks(range(len(g)), g["patched"], rotation=60, ha="right", fontsize=7)
         full, none = g["ppl_w16a16"].iloc[0], g["ppl_unpatched"].iloc[0]
-        ax.axhline(full, color="grey", ls="-", label=f"W16A16 {full:.4g}")
-        ax.axhline(none, color="black", ls="--", label=f"{setting} unpatched {none:.4g}")
-        lo, hi = min(g["ppl"].min(), full), max(g["ppl"].max(), none)
-        pad = (hi - lo) * 0.3 or hi * 0.01
-        ax.set_ylim(lo - pad, hi + pad)
-        ax.set_ylabel("D_large perplexity")
+        axis = ValueAxis(g["ppl"], unbounded=True, extent=[full, none])
+        y = row_axis(ax, list(g["patched"]))
+        ax.scatter(g["ppl"], y, color="tab:blue", s=28, zorder=3)
+        ax.axvline(full, color="grey", ls="-", label=f"W16A16 {fmt_value(full)}")
+        ax.axvline(none, color="black", ls="--", label=f"{setting} unpatched {fmt_value(none)}")
+        axis.apply(ax, "x")
+        right = blended_transform_factory(ax.transAxes, ax.transData)
+        rec = g["recovered"] if "recovered" in g else pd.Series(float("nan"), index=g.index)
+        for yi, v, r in zip(y, g["ppl"], rec):
+            ax.text(1.02, yi, fmt_value(v) + ("" if pd.isna(r) else f" ({r:.0%} recovered)"), transform=right, fontsize=6.5, va="center")
+        ax.set_xlabel("D_large perplexity" + (" (log scale)" if axis.log else ""))
         ax.set_title(f"{model} · {ds} · {setting}", fontsize=9)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="lower center", bbox_to_anchor=(0.5, 1.06), ncol=2, frameon=False)
     return save_figure(fig, path, "Activation patching: restore one module's full-precision output in the layer range", fontsize=10)
 
 
@@ -134,9 +143,9 @@ def write_mechanism_report(tables: dict[str, pd.DataFrame], out_dir: str | Path,
     models = sorted(set().union(*(set(f["model"]) for f in frames.values() if not f.empty)))
     for model in models:
         if not frames.get("layer_error", pd.DataFrame()).empty:
-            report.figure(f"fig_layer_error_{_safe(model)}", lambda path, model=model: fig_layer_error(frames["layer_error"], model, path))
+            report.figure(f"fig_layer_error_{safe_name(model)}", lambda path, model=model: fig_layer_error(frames["layer_error"], model, path))
         if not frames.get("early_exit", pd.DataFrame()).empty:
-            report.figure(f"fig_early_exit_{_safe(model)}", lambda path, model=model: fig_early_exit(frames["early_exit"], model, path))
+            report.figure(f"fig_early_exit_{safe_name(model)}", lambda path, model=model: fig_early_exit(frames["early_exit"], model, path))
     if not frames.get("patching", pd.DataFrame()).empty:
         report.figure("fig_patching", lambda path: fig_patching(frames["patching"], path))
     return report.files

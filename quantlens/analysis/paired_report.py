@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from quantlens.analysis.paired import BootstrapSpec, covers_zero, mcnemar_exact, paired_bootstrap
+from quantlens.analysis.plotting import ValueAxis, collapsed_nll, pyplot, row_axis, rows_height, save_figure
 
 PAIRED_COLUMNS = ["model", "dataset", "setting", "against", "n_examples", "delta_nll", "delta_nll_lo", "delta_nll_hi",
                   "delta_ppl", "delta_ppl_lo", "delta_ppl_hi", "covers_zero", "delta_example_nll", "delta_example_nll_lo",
@@ -72,12 +73,15 @@ def paired_pairs(examples: pd.DataFrame, pairs: pd.DataFrame, spec: BootstrapSpe
 
 
 def paired_vs_reference(examples: pd.DataFrame, reference: dict[str, str], spec: BootstrapSpec = BootstrapSpec()) -> pd.DataFrame:
-    """Every setting of each model against its reference run (``reference``: model → setting)."""
+    """Every setting of each model against its reference run (``reference``: model → setting), and
+    whether it collapsed there (``collapsed``: ΔNLL per token > ln 10, perplexity > 10× the reference's:
+    :data:`quantlens.analysis.plotting.COLLAPSE_RATIO`)."""
     if examples.empty:
-        return pd.DataFrame(columns=PAIRED_COLUMNS)
+        return pd.DataFrame(columns=PAIRED_COLUMNS + ["collapsed"])
     pairs = [{"model": m, "setting": s, "against": reference[m]} for m, g in examples.groupby("model") if m in reference
              for s in sorted(set(g["setting"])) if s != reference[m]]
-    return paired_pairs(examples, pd.DataFrame(pairs, columns=["model", "setting", "against"]), spec)
+    out = paired_pairs(examples, pd.DataFrame(pairs, columns=["model", "setting", "against"]), spec)
+    return out.assign(collapsed=collapsed_nll(out["delta_nll"]) if len(out) else pd.Series(dtype=bool))
 
 
 def _interval(v: float, lo: float, hi: float, fmt: str = "{:+.4g}") -> str:
@@ -93,7 +97,8 @@ def paired_markdown(table: pd.DataFrame, spec: BootstrapSpec) -> str:
             f"Δ = setting − reference over the same examples, with the {spec.level:.0%} paired bootstrap interval "
             f"({spec.resamples} resamples of the examples, seed {spec.seed}); **≈0**: the interval covers 0 — not "
             "distinguishable from the noise of these examples. ΔNLL is token-weighted (Δ log perplexity). "
-            "Accuracy: the examples that broke (right → wrong) and were fixed, McNemar's exact p. Bounds: `paired.csv`.", ""]
+            "Accuracy: the examples that broke (right → wrong) and were fixed, McNemar's exact p. **collapsed**: ΔNLL "
+            "above ln 10, a perplexity more than 10× the reference's. Bounds: `paired.csv`.", ""]
     if table.empty:
         return "\n".join(head)
     show = pd.DataFrame({
@@ -101,6 +106,8 @@ def paired_markdown(table: pd.DataFrame, spec: BootstrapSpec) -> str:
         "Δ nll [interval]": [_interval(v, lo, hi) for v, lo, hi in zip(table["delta_nll"], table["delta_nll_lo"], table["delta_nll_hi"])],
         "Δ ppl [interval]": [_interval(v, lo, hi) for v, lo, hi in zip(table["delta_ppl"], table["delta_ppl_lo"], table["delta_ppl_hi"])],
     })
+    if "collapsed" in table:
+        show["collapsed"] = np.where(table["collapsed"].fillna(False).astype(bool), "collapsed", "")
     if "mcnemar_p" in table:
         has = table["mcnemar_p"].notna()
         show["broke / fixed"] = np.where(has, table["broke"].fillna(0).astype(int).astype(str) + " / " + table["fixed"].fillna(0).astype(int).astype(str), "")
@@ -112,21 +119,30 @@ FOREST_MAX = 40  # settings drawn in one forest plot (the largest |Δ|); the CSV
 
 
 def fig_paired(table: pd.DataFrame, model: str, dataset: str, spec: BootstrapSpec, path) -> "object | None":
-    """A forest plot: Δ NLL of each setting against the reference with its paired interval; grey where it covers 0."""
-    from quantlens.analysis.aggregate import _plt, save_figure
-
+    """A forest plot: Δ NLL of each setting against the reference with its paired interval, red where
+    it does not cover 0, grey where it does; the :data:`FOREST_MAX` largest |Δ|. ΔNLL is a log ratio:
+    its axis stays linear; a collapsed setting (ΔNLL > ln 10) sits in a band at the right end with its
+    value and interval written, so that its interval — as wide as the collapse is loud — does not
+    squeeze the others."""
     t = table[(table["model"] == model) & (table["dataset"] == dataset)]
     if t.empty:
         return None
-    t = t.reindex(t["delta_nll"].abs().sort_values(ascending=False).index)[:FOREST_MAX].iloc[::-1]
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 0.28 * len(t) + 1.6))
-    y = np.arange(len(t))
+    t = t.reindex(t["delta_nll"].abs().sort_values(ascending=False).index)[:FOREST_MAX]
+    plt = pyplot()
+    coll = collapsed_nll(t["delta_nll"])
+    d, lo, hi = (t[c].to_numpy(dtype=float) for c in ("delta_nll", "delta_nll_lo", "delta_nll_hi"))
+    axis = ValueAxis(d, coll, unbounded=True, extent=[0.0] + list(lo[~coll]) + list(hi[~coll]), log=False)
+    labels = [s + (" (collapsed)" if c else "") for s, c in zip(t["setting"], coll)]
+    fig, ax = plt.subplots(figsize=(7.0, rows_height(len(t), 0.28, 1.6)))
+    y = row_axis(ax, labels)
     zero = covers_zero(t["delta_nll_lo"], t["delta_nll_hi"])
-    ax.errorbar(t["delta_nll"], y, xerr=[t["delta_nll"] - t["delta_nll_lo"], t["delta_nll_hi"] - t["delta_nll"]], fmt="none",
-                ecolor="black", capsize=2, lw=0.8)
-    ax.scatter(t["delta_nll"], y, c=np.where(zero, "tab:grey", "tab:red"), zorder=3, s=18)
+    ok = ~coll
+    ax.errorbar(d[ok], y[ok], xerr=[d[ok] - lo[ok], hi[ok] - d[ok]], fmt="none", ecolor="black", capsize=2, lw=0.8)
+    ax.scatter(axis.pos(d, coll), y, c=np.where(zero, "tab:grey", "tab:red"), zorder=3, s=18)
     ax.axvline(0, color="grey", lw=0.8, linestyle=":")
-    ax.set_yticks(y, t["setting"], fontsize=7)
+    for yi, v, a, b in zip(y[coll], d[coll], lo[coll], hi[coll]):  # the collapsed: their numbers, in the band
+        ax.annotate(f"{v:+.2f} [{a:+.2f}, {b:+.2f}]", (axis.pos([v], [True])[0], yi), xytext=(0, -6), textcoords="offset points",
+                    fontsize=6, ha="center", va="top", color="tab:red")
+    axis.apply(ax, "x", label="collapsed (ΔNLL > ln 10)")
     ax.set_xlabel("Δ NLL per token against the reference (paired interval)")
     return save_figure(fig, path, f"{model} · {dataset}: {spec.level:.0%} paired bootstrap intervals (grey: covers 0)", fontsize=9)

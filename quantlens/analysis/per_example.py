@@ -32,8 +32,10 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from quantlens.analysis.aggregate import _plt, save_figure, to_markdown
+from quantlens.analysis.aggregate import to_markdown
 from quantlens.analysis.paired import LEVEL, BootstrapSpec, fisher_interval, mcnemar_exact
+from quantlens.analysis.plotting import pyplot, save_figure
+from quantlens.analysis.report import safe_name
 
 if TYPE_CHECKING:
     from quantlens.analysis.report import Report
@@ -43,16 +45,76 @@ DUP_JACCARD = 0.1
 NGRAM = 5
 
 PAPER_NOTE = (
-    "How these settings differ from the paper's methods: the paper compares GPTQ, AWQ, NormalFloat and "
+    "How these settings relate to the paper's methods: the paper compares GPTQ, AWQ, NormalFloat and "
     "EfficientQAT (3–4 bit, calibrated or trained) on Qwen2.5-7B, Llama3-8B, Mistral-12B and Llama3-70B "
     "(avg ρ = 0.82 across 50 method pairs, 0.93 between variants of one method; top-10 % Jaccard 0.51; "
-    "final-layer ρ(S, e) between −0.58 and −0.83). quantlens' settings are calibration-free: round-to-nearest "
+    "final-layer ρ(S, e) between −0.58 and −0.83). Most of quantlens' settings are calibration-free: round-to-nearest "
     "onto a grid — integers, their cube-root twins, NormalFloat (the paper's NF), minifloats, MX and NVFP4 "
-    "blocks, k-means codebooks — with clipping and artificial noise matched to their error. NF is one of the "
-    "paper's methods; GPTQ, AWQ and EfficientQAT are not here yet, so pairs of other formats are "
-    "cross-format, not cross-method, figures. An example here is a perplexity window (or a document of "
-    "example_len tokens with `examples: documents`), not necessarily a 512-token FineWeb document."
+    "blocks, k-means codebooks — with clipping and artificial noise matched to their error; a pair of two of them "
+    "is cross-format, not cross-method. The paper's other methods are settings too: GPTQ and AWQ calibrated in the "
+    "sweep (names ending `-gptq` / `-awq`) and released quantized checkpoints (GPTQ, AWQ, bitsandbytes, "
+    "compressed-tensors; EfficientQAT's are released in the GPTQ layout). An example here is a perplexity window (or a "
+    "document of example_len tokens with `examples: documents`), not necessarily a 512-token FineWeb document."
 )
+
+
+def setting_methods(settings: Iterable[str]) -> dict[str, str]:
+    """setting → the method that made its weights (``gptq``, ``awq``), for the settings whose name says
+    so (``W3A16-g32-gptq``); the others — round to nearest, or a name that is not a preset (a released
+    checkpoint's) — are left out. The report's callers that know the runs' params pass ``methods``
+    instead (:func:`write_per_example_report`), which names released checkpoints too."""
+    from quantlens.quantize.settings import resolve_setting
+
+    out = {}
+    for s in settings:
+        if "+" in s:  # a perturbation: noise, whatever its base
+            continue
+        try:
+            method = resolve_setting(s).method
+        except Exception:  # not a preset name: nothing to say from the name alone
+            continue
+        if method != "rtn":
+            out[s] = method
+    return out
+
+
+def method_pairs(corr: pd.DataFrame, methods: dict[str, str]) -> pd.DataFrame:
+    """The pairs of ``corr`` whose two settings both come from a method (``methods``: setting → method):
+    ``kind`` = ``same method`` (the paper's "variants of one method", ρ 0.93) or ``cross-method`` (its 0.82)."""
+    if corr.empty or not methods:
+        return pd.DataFrame()
+    both = corr[corr["setting_a"].isin(methods) & corr["setting_b"].isin(methods)]
+    if both.empty:
+        return pd.DataFrame()
+    ma, mb = both["setting_a"].map(methods), both["setting_b"].map(methods)
+    out = both.assign(method_a=ma, method_b=mb, kind=np.where(ma == mb, "same method", "cross-method"))
+    cols = ["model", "dataset", "setting_a", "method_a", "setting_b", "method_b", "kind", "pearson", "jaccard_top10", "n_examples"]
+    return out[cols].reset_index(drop=True)
+
+
+def per_example_markdown(head: pd.DataFrame, corr: pd.DataFrame, methods: dict[str, str], from_names: bool = False) -> str:
+    """``per_example.md``: what the settings are beside the paper's methods, the pairs of methods that ran
+    (when two or more did), and the headline per model and dataset. ``from_names``: ``methods`` was read
+    from the settings' names (:func:`setting_methods`), which cannot tell a released checkpoint."""
+    lines = ["# Per-example analysis", "", PAPER_NOTE, "", "## Pairs of methods", ""]
+    pairs = method_pairs(corr, methods)
+    present = sorted({s for s in methods if s in set(corr.get("setting_a", [])) | set(corr.get("setting_b", []))})
+    caveat = (" (read from the settings' names: a released checkpoint's setting is not recognised by its name alone)"
+              if from_names else "")
+    if present:
+        said = f"Settings made by a method here{caveat}: " + ", ".join(f"`{s}` ({methods[s]})" for s in present) + "."
+        if pairs.empty:
+            lines += [said + " No two of them on one model and dataset: no pair of methods to set beside the paper's ρ.", ""]
+        else:
+            summary = pairs.groupby(["model", "dataset", "kind"], sort=True).agg(
+                pairs=("pearson", "size"), mean_pearson=("pearson", "mean"), mean_jaccard_top10=("jaccard_top10", "mean")).reset_index()
+            lines += [said + " Each pair of two of them (the paper: ρ 0.93 between variants of one method, 0.82 across methods):", "",
+                      to_markdown(pairs), "Per model, dataset and kind:", "", to_markdown(summary)]
+    else:
+        lines += [f"No setting of these runs was made by a method (GPTQ, AWQ, a released checkpoint){caveat}: every pair "
+                  "below is of round-to-nearest settings (or noise).", ""]
+    lines += ["## Headline (per model and dataset)", "", to_markdown(head)]
+    return "\n".join(lines)
 
 
 # --- Pure statistics -------------------------------------------------------------------------------
@@ -498,19 +560,30 @@ def correlation_summary(corr: pd.DataFrame, bases: dict[str, str] | None = None,
 
 
 # --- Figures ----------------------------------------------------------------------------------------
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+def collapsed_settings(paired: pd.DataFrame) -> dict[tuple[str, str], set[str]]:
+    """(model, dataset) → the settings that collapsed there: the ``collapsed`` column of the paired table
+    (:func:`quantlens.analysis.paired_report.paired_vs_reference`: token-weighted ΔNLL above ln 10, a
+    perplexity more than 10× the reference's)."""
+    out: dict[tuple[str, str], set[str]] = {}
+    if paired.empty or "collapsed" not in paired:
+        return out
+    for _, r in paired[paired["collapsed"].fillna(False).astype(bool)].iterrows():
+        out.setdefault((r["model"], r["dataset"]), set()).add(r["setting"])
+    return out
 
 
-def fig_correlation_heatmap(corr: pd.DataFrame, model: str, path: Path) -> Path | None:
+def fig_correlation_heatmap(corr: pd.DataFrame, model: str, path: Path,
+                            collapsed: dict[tuple[str, str], set[str]] | None = None) -> Path | None:
     """Pearson ρ between the error vectors of every pair of settings, one panel per dataset. Seeds
     of one perturbation are collapsed into their family (mean ρ; the diagonal is then the mean ρ
     between its seeds); past :data:`HEATMAP_MAX` families the first ones by name are drawn and the
-    title says how many (every pair is in the CSV)."""
+    title says how many (every pair is in the CSV). A setting that collapsed on that dataset
+    (``collapsed``: :func:`collapsed_settings`) has a cross on its diagonal cell: its errors are all
+    large, its ρ says little."""
     sub = corr[corr["model"] == model]
     if sub.empty:
         return None
-    plt = _plt()
+    plt = pyplot()
     fams = _collapsed(sub)
     datasets = sorted(sub["dataset"].unique())
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.6), squeeze=False)
@@ -529,18 +602,19 @@ def fig_correlation_heatmap(corr: pd.DataFrame, model: str, path: Path) -> Path 
         # the same settings as the panel on the left: its labels serve (no overlap)
         ax.set_yticks(range(len(names)), names if names != first else [""] * len(names), fontsize=6)
         first = first or names
+        broken = {seed_family(s) for s in (collapsed or {}).get((model, ds), set())}
+        crossed = [i for i, n in enumerate(names) if n in broken]  # collapsed on this dataset: a cross on its diagonal cell
+        if crossed:
+            ax.scatter(crossed, crossed, marker="x", color="black", s=18, lw=1.0, zorder=3)
         if len(names) <= 12:
             for i in range(len(names)):
                 for j in range(len(names)):
                     ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=5)
         n_ex = int(sub[sub["dataset"] == ds]["n_examples"].max())
         more = f", {len(names)} of {len(every)} settings" if len(every) > len(names) else ""
-        ax.set_title(f"{ds} (N={n_ex}{more})", fontsize=9)
+        ax.set_title(f"{ds} (N={n_ex}{more})" + ("\n×: collapsed (ppl > 10× full precision)" if crossed else ""), fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="Pearson ρ of per-example errors (seeds: mean)")
-    fig.suptitle(f"{model}: are the same examples hurt by every setting?", fontsize=10)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"{model}: are the same examples hurt by every setting?", fontsize=10, layout=False)
 
 
 def fig_predictor_vs_depth(pred: pd.DataFrame, path: Path) -> Path | None:
@@ -551,7 +625,7 @@ def fig_predictor_vs_depth(pred: pd.DataFrame, path: Path) -> Path | None:
     # seeds of one perturbation: one line, their mean ρ
     pred = (pred.assign(setting=pred["setting"].map(seed_family), family=pred["family"].fillna(""))
             .groupby(["family", "model", "dataset", "setting", "relative_depth"], as_index=False)["rho"].mean())
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     fams = sorted(pred["family"].fillna("").unique())
@@ -580,44 +654,51 @@ def fig_predictor_vs_depth(pred: pd.DataFrame, path: Path) -> Path | None:
     handles += [Line2D([], [], color="black", ls=style[d], label=d) for d in datasets]
     if len(models) > 1:
         handles += [Line2D([], [], color="black", ls="", marker=marker[m], label=m) for m in models]
-    fig.legend(handles=handles, loc="center right", fontsize=6, frameon=False)
-    fig.suptitle("Does the full-precision residual norm predict which examples break? (paper: −0.58 … −0.83 at the last layer)", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1 - 2.4 / (4.4 * len(fams) + 2.6), 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=6, frameon=False,
+               ncol=1 + len(handles) // 30)
+    return save_figure(fig, path, "Does the full-precision residual norm predict which examples break? "
+                       "(paper: −0.58 … −0.83 at the last layer)", fontsize=9)
 
 
-def worst_setting(err: pd.DataFrame, model: str, dataset: str) -> str | None:
+def worst_setting(err: pd.DataFrame, model: str, dataset: str, collapsed: set[str] | frozenset = frozenset()) -> str | None:
+    """The setting with the largest mean error that has not collapsed (``collapsed``: a collapsed one
+    is broken on every example alike and says nothing about which examples break); the largest of all
+    if every setting collapsed."""
     g = err[(err["model"] == model) & (err["dataset"] == dataset)]
     if g.empty:
         return None
-    return str(g.groupby("setting")["error"].mean().idxmax())
+    mean = g.groupby("setting")["error"].mean()
+    working = mean[~mean.index.isin(list(collapsed))]
+    return str((working if not working.empty else mean).idxmax())
 
 
-def fig_error_vs_norm(err: pd.DataFrame, residual: pd.DataFrame, model: str, path: Path) -> Path | None:
+def fig_error_vs_norm(err: pd.DataFrame, residual: pd.DataFrame, model: str, path: Path,
+                      collapsed: dict[tuple[str, str], set[str]] | None = None) -> Path | None:
     """Per-example error against the last layer's full-precision ‖r‖ (the setting with the largest
-    mean error), one panel per dataset."""
+    mean error that has not collapsed: :func:`worst_setting`, ``collapsed`` from
+    :func:`collapsed_settings`), one panel per dataset."""
     res = residual[residual["model"] == model]
     if res.empty:
         return None
-    datasets = [d for d in sorted(res["dataset"].unique()) if worst_setting(err, model, d)]
+    broken = lambda ds: (collapsed or {}).get((model, ds), set())  # noqa: E731
+    datasets = [d for d in sorted(res["dataset"].unique()) if worst_setting(err, model, d, broken(d))]
     if not datasets:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 3.8), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
-        setting = worst_setting(err, model, ds)
+        setting = worst_setting(err, model, ds, broken(ds))
         r = res[res["dataset"] == ds]
         last = r[r["layer"] == r["layer"].max()].drop_duplicates("example_id").set_index("example_id")["r_norm"]
         e = err[(err["model"] == model) & (err["dataset"] == ds) & (err["setting"] == setting)].set_index("example_id")["error"]
         common = e.index.intersection(last.index)
         ax.scatter(last.loc[common], e.loc[common], s=6, alpha=0.5)
         ax.set_xlabel("full-precision ‖r(L)‖ (token mean)")
-        ax.set_ylabel(f"error e = ΔNLL ({setting})")
-        ax.set_title(f"{ds}: ρ = {pearson(last.loc[common].to_numpy(), e.loc[common].to_numpy()):.2f}", fontsize=9)
+        ax.set_ylabel("error e = ΔNLL per example")
+        ax.set_title(f"{ds} · {setting}: ρ = {pearson(last.loc[common].to_numpy(), e.loc[common].to_numpy()):.2f}", fontsize=9)
         ax.grid(alpha=0.3)
-    return save_figure(fig, path, f"{model}: error against last-layer residual norm", fontsize=10)
+    return save_figure(fig, path, f"{model}: error against last-layer residual norm\n(the setting with the largest mean error "
+                       "that has not collapsed)", fontsize=10)
 
 
 # --- Report -------------------------------------------------------------------------------------------
@@ -633,11 +714,15 @@ def write_per_example_report(
     bases: dict[str, str] | None = None,
     links: Links | None = None,
     spec: BootstrapSpec | None = None,
+    methods: dict[str, str] | None = None,
 ) -> list[Path]:
     """Tables (CSV + Markdown), D_large/D_ctrl id lists and figures; returns the files written (each
     a part of ``report``: one that fails is recorded there, the others are still written). The
     Markdown files are summaries people read at any grid size; the CSVs hold every pair and layer.
-    ``bases``: setting → the setting it was derived from (a perturbation's native quantization)."""
+    ``bases``: setting → the setting it was derived from (a perturbation's native quantization);
+    ``methods``: setting → the method that made its weights (gptq, awq, a released checkpoint's) for
+    those a method made — from the runs' ``method`` / ``checkpoint`` params; None: from the names
+    (:func:`setting_methods`, which cannot name a released checkpoint)."""
     from quantlens.analysis.report import Report
 
     report = report or Report(Path(out_dir))
@@ -653,7 +738,7 @@ def write_per_example_report(
     from quantlens.analysis.paired_report import fig_paired
 
     for (model, dataset) in (paired[["model", "dataset"]].drop_duplicates().itertuples(index=False) if not paired.empty else []):
-        report.figure(f"fig_paired_{_safe(model)}_{_safe(dataset)}", lambda path, m=model, d=dataset: fig_paired(paired, m, d, spec, path))
+        report.figure(f"fig_paired_{safe_name(model)}_{safe_name(dataset)}", lambda path, m=model, d=dataset: fig_paired(paired, m, d, spec, path))
     report.table("flips", lambda: flips(examples, reference))
     report.table("kl_error", lambda: kl_error(examples, err))  # the KL error beside the NLL error, per setting  # correct at the reference, wrong under the setting, and back  # every pair: a file to load, not to read
     report.file("error_correlation.md", lambda path: path.write_text(correlation_summary(corr, bases, links=links)))
@@ -664,7 +749,7 @@ def write_per_example_report(
     sets = report.compute("d_sets", lambda: d_sets(err, tokens, seed), pd.DataFrame())
     report.table("released_overlap", lambda: released_overlap(examples, err, sets))  # our D_large against the paper's release
     for (model, dataset), g in (sets.groupby(["model", "dataset"], sort=True) if not sets.empty else []):
-        report.table(f"d_large_{_safe(model)}_{_safe(dataset)}", lambda g=g: g.drop(columns=["model", "dataset"]), md=False)
+        report.table(f"d_large_{safe_name(model)}_{safe_name(dataset)}", lambda g=g: g.drop(columns=["model", "dataset"]), md=False)
     def linked_headline() -> pd.DataFrame:
         h = headline(corr, pred)
         if links and not h.empty:  # every setting of the model that entered the pairs, side by side in MLflow
@@ -673,11 +758,13 @@ def write_per_example_report(
         return h
 
     head = report.table("per_example_headline", linked_headline, md=False)
-    report.file("per_example.md", lambda path: path.write_text("\n".join(
-        ["# Per-example analysis", "", PAPER_NOTE, "", "## Headline (per model and dataset)", "", to_markdown(head)])))
+    from_names = methods is None
+    methods = setting_methods(err["setting"].unique()) if from_names else methods
+    report.file("per_example.md", lambda path: path.write_text(per_example_markdown(head, corr, methods, from_names)))
+    broken = collapsed_settings(paired)
     for model in sorted(err["model"].unique()):
-        report.figure(f"fig_error_corr_{_safe(model)}", lambda path, model=model: fig_correlation_heatmap(corr, model, path))
+        report.figure(f"fig_error_corr_{safe_name(model)}", lambda path, model=model: fig_correlation_heatmap(corr, model, path, broken))
         if not residual.empty:
-            report.figure(f"fig_error_vs_norm_{_safe(model)}", lambda path, model=model: fig_error_vs_norm(err, residual, model, path))
+            report.figure(f"fig_error_vs_norm_{safe_name(model)}", lambda path, model=model: fig_error_vs_norm(err, residual, model, path, broken))
     report.figure("fig_residual_predictor", lambda path: fig_predictor_vs_depth(pred, path))
     return report.files

@@ -92,6 +92,11 @@ class Report:
         return path
 
 
+def safe_name(name: str) -> str:
+    """A model or dataset name as part of a report file's name (``fig_paired_<model>_<dataset>.png``)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def report_is_complete(out_dir: str | Path, runs: list[str]) -> bool:
     """Whether ``out_dir`` holds a complete report built from (at least) these runs, all its files present."""
     path = Path(out_dir) / MANIFEST

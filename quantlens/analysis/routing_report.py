@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from quantlens.analysis.aggregate import _plt, save_figure
-from quantlens.analysis.per_example import _safe
+from quantlens.analysis.plotting import legend_outside, pyplot, save_figure, styles
+from quantlens.analysis.report import safe_name
 
 if TYPE_CHECKING:
     from quantlens.analysis.report import Report
@@ -47,20 +47,23 @@ def fig_router_flips(flips: pd.DataFrame, model: str, path: Path) -> Path | None
     t = flips[flips["model"] == model]
     if t.empty:
         return None
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     datasets = list(dict.fromkeys(t["dataset"]))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.8), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
-        for setting, g in t[t["dataset"] == dataset].groupby("setting", sort=False):
-            ax.plot(g["layer"], g["flips"], marker="o", label=setting)
+        sub = t[t["dataset"] == dataset]
+        style = dict(zip(sorted(sub["setting"].unique()), styles(sub["setting"].nunique())))
+        for setting, g in sub.groupby("setting", sort=False):
+            color, marker = style[setting]
+            ax.plot(g["layer"], g["flips"], marker=marker, color=color, ms=4, label=setting)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("MoE layer")
         ax.set_ylabel("router flips (fraction of tokens)")
         ax.set_ylim(bottom=0)
         ax.set_title(dataset)
-        ax.legend(fontsize=7)
+        legend_outside(ax)
     return save_figure(fig, path, f"{model}: tokens routed to another expert set than at full precision", fontsize=10)
 
 
@@ -70,4 +73,4 @@ def write(routing: pd.DataFrame, reference: dict[str, str], report: "Report") ->
     flips = report.table("router_flips", lambda: router_flips(routing, reference))
     report.table("expert_load", lambda: expert_load(routing, reference), md=False)
     for model in sorted(flips["model"].unique()) if not flips.empty else []:
-        report.figure(f"fig_router_flips_{_safe(model)}", lambda path, m=model: fig_router_flips(flips, m, path))
+        report.figure(f"fig_router_flips_{safe_name(model)}", lambda path, m=model: fig_router_flips(flips, m, path))
