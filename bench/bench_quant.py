@@ -1,6 +1,7 @@
 """Evaluation time of quantized settings relative to the unquantized model, in the same run.
 
-    python bench/bench_quant.py [--model PATH] [--settings W16A16 W4A16 W8A8] [--rounds 3] [--checkpoint DIR ...]
+    python bench/bench_quant.py [--model REF] [--settings W16A16 W4A16 W8A8] [--rounds 3] [--checkpoint DIR ...]
+                                [--calibrate W4A16-g32-gptq W4A16-g32-awq] [--calib-samples 32]
 
 Loads the model once, evaluates WikiText-2 perplexity under every setting in interleaved rounds
 (so machine noise hits all settings alike) and prints the median paired ratio (and best-of-N), tokens/s, the ratio to
@@ -8,6 +9,14 @@ W16A16 and, on a GPU, the model FLOPs utilisation 2·params·tokens / time / pea
 (``--checkpoint``; by default one GPTQ 4-bit g32 checkpoint of the model, written first) run as
 ``ckpt:<folder name>``: their patch time is the read and dequantization of every layer, their
 evaluation a weight-only setting's.
+
+``--model`` takes whatever a sweep takes (a registry name, a Hugging Face folder or id, a ``.gguf``
+file: resolved and converted as the sweep's download task does; default: the shared tiny-opt).
+Calibrated settings (GPTQ / AWQ: ``--calibrate``, and any ``-gptq`` / ``-awq`` name in ``--settings``)
+are calibrated once, uncached, on ``--calib-samples`` windows of the bench's length — the windows
+after the evaluated ones, as a sweep's calibration is disjoint from its evaluation — and the time is
+printed in seconds and as a ratio to one W16A16 evaluation of the bench's windows (median over the
+rounds). Those named in ``--settings`` are then evaluated with their calibrated weights like any other.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quantlens.evaluation.data import perplexity_windows  # noqa: E402
 from quantlens.evaluation.evaluate import perplexity  # noqa: E402
-from quantlens.model.loading import load_model  # noqa: E402
+from quantlens.model.loading import download, load_model, resolve_model  # noqa: E402
 from quantlens.quantize.patch import quantize_, restore_  # noqa: E402
 
 SHARED = Path(os.environ.get("QUANTLENS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -54,22 +63,40 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--checkpoint", nargs="*", default=None, help="released checkpoints of the model (default: one GPTQ W4 g32 written here)")
+    ap.add_argument("--calibrate", nargs="*", default=["W4A16-g32-gptq", "W4A16-g32-awq"],
+                    help="calibrated settings (GPTQ / AWQ) whose calibration is timed, not evaluated (none: --calibrate alone)")
+    ap.add_argument("--calib-samples", type=int, default=32, help="calibration windows (of --seqlen tokens), after the evaluated ones")
     args = ap.parse_args()
     if args.settings[0] != "W16A16":
         args.settings.insert(0, "W16A16")
 
-    model, tok = load_model(args.model, device=args.device)
-    windows = perplexity_windows(tok, "wikitext2", args.seqlen, path=args.text, max_windows=args.max_windows)
+    from quantlens.quantize.settings import resolve_setting
+
+    calibrate = list(dict.fromkeys([s for s in args.settings if resolve_setting(s).calibrated] + args.calibrate))
+    for s in calibrate:
+        if not resolve_setting(s).calibrated:
+            ap.error(f"--calibrate {s}: not a calibrated setting (GPTQ / AWQ)")
+
+    snapshot = download(resolve_model(args.model))  # as a sweep: registry name, folder, hub id, .gguf (converted once, cached)
+    model, tok = load_model(snapshot, device=args.device)
+    n_calib = args.calib_samples if calibrate else 0
+    windows = perplexity_windows(tok, "wikitext2", args.seqlen, path=args.text, max_windows=args.max_windows + n_calib)
+    calib_windows = windows[args.max_windows:args.max_windows + n_calib]
+    windows = windows[:args.max_windows]
+    if calibrate and calib_windows.shape[0] < args.calib_samples:
+        sys.exit(f"calibration: {args.calib_samples} windows asked, {calib_windows.shape[0]} left after the {windows.shape[0]} "
+                 "evaluated ones (lower --max-windows or --calib-samples)")
     n_params = sum(p.numel() for p in model.parameters())
     dev = next(model.parameters()).device
-    print(f"model {args.model} ({n_params/1e6:.2f}M params) on {dev} "
-          f"{torch.cuda.get_device_name() if dev.type == 'cuda' else ''}; {windows.shape[0]} windows × {args.seqlen} tokens")
+    print(f"model {args.model} ({n_params/1e6:.2f}M params; {snapshot.path}) on {dev} "
+          f"{torch.cuda.get_device_name() if dev.type == 'cuda' else ''}; {windows.shape[0]} windows × {args.seqlen} tokens"
+          f"; torch threads {torch.get_num_threads()}")
 
     import tempfile
 
     from quantlens.model.export import write_quantized
     from quantlens.model.released import describe, released_weights
-    from quantlens.quantize.settings import resolve_setting
+    from quantlens.quantize.calibrate import calibrate_model
 
     folders = args.checkpoint if args.checkpoint is not None else [
         str(write_quantized(model, Path(tempfile.mkdtemp()) / "gptq-w4g32", "gptq", bits=4, group_size=32, sym=False))]
@@ -85,14 +112,26 @@ def main() -> None:
             r, setting = released[s]
             weights, overrides, _ = released_weights(model, r)
             quantize_(model, setting, calibrated=weights, overrides=overrides)
+        elif s in calibrated:
+            quantize_(model, s, calibrated=calibrated[s])
         else:
             quantize_(model, s)
 
     perplexity(model, windows[:16], batch_size=args.batch_size)  # warm-up
+    # Calibration, once per calibrated setting, uncached (calibrate_model, not calibrated_weights: the
+    # sweep's cache would make a second run free), on the unpatched model, before the timed rounds.
+    calibrated: dict[str, dict[str, torch.Tensor]] = {}
+    calib_s: dict[str, float] = {}
+    for s in calibrate:
+        t = time.perf_counter()
+        calibrated[s] = calibrate_model(model, resolve_setting(s), calib_windows, batch_size=args.batch_size or 8)
+        calib_s[s] = time.perf_counter() - t
+        print(f"  calibrated {s} in {calib_s[s]:.1f} s", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {s: [] for s in args.settings}
     patch_s: dict[str, float] = {}
     ppl: dict[str, float] = {}
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
+        print(f"  round {i + 1}/{args.rounds}", file=sys.stderr, flush=True)
         for s in args.settings:
             t = time.perf_counter()
             patch(s)
@@ -121,6 +160,13 @@ def main() -> None:
             line += f"   {2 * n_params * tps / peak:>5.1%}"
         print(line)
     print("every budget met" if not over else f"over budget: {', '.join(over)}")
+    if calibrate:
+        eval_s = statistics.median(times["W16A16"])
+        print(f"calibration, once per setting: {calib_windows.shape[0]} windows × {args.seqlen} tokens (after the evaluated ones), "
+              f"not cached; ratio to one W16A16 evaluation of the {windows.shape[0]} windows ({eval_s:.3f} s, median)")
+        print(f"{'setting':<20}{'seconds':>10}{'× W16A16 eval':>15}")
+        for s in calibrate:
+            print(f"{s:<20}{calib_s[s]:>10.2f}{calib_s[s] / eval_s:>15.2f}")
 
 
 if __name__ == "__main__":
