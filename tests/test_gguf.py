@@ -166,3 +166,19 @@ def test_an_architecture_transformers_cannot_load_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"GGUF architecture 'no-such-arch' is not one transformers' GGUF loader reads"):
         gguf.read_header(f)
     assert not gguf.folder_for(f).exists()
+
+
+def test_stream_reads_the_converted_folder_as_single_does(converted):
+    """placement: stream reads each block from the converted safetensors: the same numbers as the model
+    loaded whole (the embedding is stored under its own name, the tied head with it)."""
+    from quantlens.evaluation.evaluate import evaluate_dataset
+    from quantlens.model.loading import load_model
+    from quantlens.quantize.patch import quantize_
+
+    _, snap = converted
+    got = {}
+    for placement in ("single", "stream"):
+        model, tok = load_model(snap, device="cpu", dtype="float32", placement=placement)
+        quantize_(model, "W4A16-g32")
+        got[placement] = evaluate_dataset(model, tok, "wikitext2", seqlen=128, max_windows=2, batch_size=2, path=str(WIKI))["ppl"]
+    assert got["stream"] == got["single"]

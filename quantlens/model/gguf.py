@@ -35,6 +35,7 @@ from typing import Any, Callable
 from quantlens.quantize.settings import ConfigError
 
 MAGIC = b"GGUF"
+LAYOUT = 1  # of a converted folder: a change to what convert() writes makes new folders, never reads old ones
 INFO_FILE = "gguf.json"  # in a converted folder: what it was made from
 WEIGHTS_FILE = "model.safetensors"
 
@@ -96,7 +97,7 @@ def revision(path: str | Path) -> str:
 
 
 def folder_for(path: str | Path) -> Path:
-    return cache_root() / file_sha256(path)[:16]
+    return cache_root() / f"{file_sha256(path)[:16]}-v{LAYOUT}"
 
 
 def read_header(path: str | Path, what: str | None = None) -> GGUFHeader:
