@@ -117,7 +117,7 @@ def legend_outside(ax, fontsize: float = 7, title: str | None = None, sources: S
 
 
 def log_ticks(axis) -> None:
-    """Plain numbers (40, 100, 1,000) on a log axis; more ticks per decade where it spans less than two."""
+    """Plain numbers (40, 100, 1,000) on a log axis; 1, 2, 3 and 5 of each decade where it spans less than two."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     lo, hi = sorted(axis.get_view_interval())

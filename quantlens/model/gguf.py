@@ -169,8 +169,9 @@ def stage(path: str | Path, what: str | None = None) -> tuple[Path, GGUFHeader]:
         return folder, header
     header = read_header(path, what)
     with _lock(folder):
-        if staged(path) is not None:
-            return folder, staged(path)  # type: ignore[return-value]
+        done = staged(path)  # by another process while this one waited
+        if done is not None:
+            return folder, done
         tmp = _fresh(folder.with_name(folder.name + ".staging"))
         p = Path(header.path)
         try:

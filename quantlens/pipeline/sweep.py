@@ -241,19 +241,15 @@ class SweepConfig(_Strict):
         """The settings model ``entry`` runs: the grid's (those its ``settings`` names, where it names
         some), a checkpoint setting with one checkpoint per model as this model's (left out where the
         model has none: :meth:`Setting.for_model`)."""
-        chosen = self._chosen(entry)
-        return [x for x in (s.for_model(*_model_names(entry)) for s in self.expanded_settings()
+        grid, aliases = self._expand()
+        chosen = None if entry.settings is None else {aliases.get(n, n) for n in entry.settings}
+        return [x for x in (s.for_model(*_model_names(entry)) for s in grid
                             if chosen is None or s.name in chosen or s.is_reference) if x is not None]
-
-    def _chosen(self, entry: "ModelEntry") -> set[str] | None:
-        if entry.settings is None:
-            return None
-        aliases = self.aliases()
-        return {aliases.get(n, n) for n in entry.settings}
 
     def check_model_settings(self) -> None:
         """Every setting a model's ``settings`` names is one of the grid (a misspelt one would run nothing)."""
-        known = {s.name for s in self.expanded_settings()} | set(self.aliases())
+        grid, aliases = self._expand()
+        known = {s.name for s in grid} | set(aliases)
         for m in self.models:
             unknown = [n for n in m.settings or [] if n not in known]
             if unknown:
