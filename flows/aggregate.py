@@ -19,7 +19,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from quantlens.analysis.aggregate import method_runs, reference_settings, tidy, write_report
+from quantlens.analysis.aggregate import reference_settings, run_methods, tidy, write_report
 from quantlens.analysis.links import runs_link
 from quantlens.analysis.paired import BootstrapSpec
 from quantlens.analysis.mechanism_report import write_mechanism_report
@@ -95,13 +95,6 @@ def read_run_tables(tracker: Tracker, runs: pd.DataFrame) -> RunTables:
                      cat(routing))
 
 
-def setting_methods_of(runs: pd.DataFrame) -> dict[str, str]:
-    """Setting → the method that made its weights (gptq, awq, a released checkpoint's), from the runs' params."""
-    made = method_runs(runs)
-    method = runs["method"] if "method" in runs else pd.Series("checkpoint", index=runs.index)
-    return {s: str(m) for s, m, x in zip(runs["setting"], method.fillna("checkpoint"), made) if x}
-
-
 def build_report(
     experiment: str = "quantlens",
     sweep_id: str | None = None,
@@ -131,7 +124,7 @@ def build_report(
         if not tables.examples.empty:
             write_per_example_report(tables.examples, tables.residual, tables.tokens, tables.reference, out_dir, tables.families,
                                      report=report, bases=dict(zip(runs["setting"], runs["base"])), spec=spec,
-                                     methods=setting_methods_of(runs),
+                                     methods=run_methods(runs),
                                      links=lambda model, settings: runs_link(runs[(runs["model"] == model) & runs["setting"].isin(settings)]))
         write_mechanism_report(tables.mechanisms, out_dir, report=report)
         routing_report.write(tables.routing, tables.reference, report)

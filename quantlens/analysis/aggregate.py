@@ -95,6 +95,13 @@ def method_runs(df: pd.DataFrame) -> pd.Series:
     return ~method.isin(["rtn", "none", "nan", ""]) | ~ckpt.isin(["", "nan", "none"]) | fmt.isin(["gptq", "awq"])
 
 
+def run_methods(df: pd.DataFrame) -> dict[str, str]:
+    """Setting → the method that made its weights (gptq, awq, a released checkpoint's), for the runs
+    :func:`method_runs` says a method made, from their ``method`` param."""
+    method = df["method"] if "method" in df else pd.Series("checkpoint", index=df.index)
+    return {s: str(m) for s, m, x in zip(df["setting"], method.fillna("checkpoint"), method_runs(df)) if x}
+
+
 def native_runs(df: pd.DataFrame) -> pd.DataFrame:
     """Native quantization runs: no artificial perturbation, no clipping."""
     return df[(df.get("perturbation", "none") == "none") & (df.get("clip_k", 0).fillna(0) == 0)]
