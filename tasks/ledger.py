@@ -25,8 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from quantlens.model.loading import local_revision
-from quantlens.pipeline.sweep import ModelEntry, SweepConfig, run_key
+from quantlens.pipeline.sweep_plan import SweepPlan
 from quantlens.tasks.tracking import KIND_TAG, Heartbeat, Tracker, heartbeat_interval, sweep_tag
 
 State = Literal["done", "todo", "running", "failed"]
@@ -82,31 +81,24 @@ class RunLedger:
 
     # --- identity ---------------------------------------------------------------------------------
     @staticmethod
-    def keys(cfg: SweepConfig, entry: ModelEntry, revision: str) -> dict[str, str]:
-        """setting name → run key of one model at one revision."""
-        return {s.name: run_key(revision, entry.ref, s, cfg) for s in cfg.settings_for(entry)}
-
-    @staticmethod
     def narrow(revision: str) -> str:
         return f"params.revision = '{revision}'"
 
     # --- planning ---------------------------------------------------------------------------------
-    def plan(self, cfg: SweepConfig) -> list[PlannedRun]:
-        """The whole grid without downloading anything: revisions of local folders and of cached
-        hub snapshots are known, others are ``todo`` with no key yet."""
+    def plan(self, plan: SweepPlan) -> list[PlannedRun]:
+        """The whole grid's state without downloading anything: revisions of local folders and of
+        cached hub snapshots are known (the plan holds them), others are ``todo`` with no key yet."""
         out: list[PlannedRun] = []
-        for entry in cfg.models:
-            settings = cfg.settings_for(entry)
-            info = entry.info()
-            rev = local_revision(info, entry.revision)
-            if rev is None:
-                out += [PlannedRun(info.name, entry.ref, s.name, None, "todo") for s in settings]
+        for mp in plan.models:
+            name = mp.entry.info().name
+            if mp.revision is None:
+                out += [PlannedRun(name, mp.ref, s.name, None, "todo") for s in mp.settings]
                 continue
-            keys = self.keys(cfg, entry, rev)
-            states = self.states(list(keys.values()), rev)
-            for s in settings:
+            keys = mp.keys(plan.config, mp.revision)
+            states = self.states(list(keys.values()), mp.revision)
+            for s in mp.settings:
                 state, run_id = states.get(keys[s.name], ("todo", None))
-                out.append(PlannedRun(info.name, entry.ref, s.name, keys[s.name], state, run_id))
+                out.append(PlannedRun(name, mp.ref, s.name, keys[s.name], state, run_id))
         return out
 
     def states(self, keys: list[str], revision: str | None = None) -> dict[str, tuple[State, str]]:

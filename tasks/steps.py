@@ -55,12 +55,18 @@ def load_model(snapshot: qm.Snapshot, hw: Hardware) -> tuple[Any, Any]:
     return qm.load_model(snapshot, device=hw.device, dtype=hw.dtype, placement=hw.placement)
 
 
-def plan_params(cfg: Any, info: qm.ModelInfo, snapshot: qm.Snapshot, model: Any) -> dict[str, Any]:
+def plan_params(cfg: Any, info: qm.ModelInfo, snapshot: qm.Snapshot, model: Any, planned: Any = None) -> dict[str, Any]:
     """The plan a model runs under, as run params: the placement it got, and the plan's estimate of
-    its peak GPU memory and time (checked against ``peak_gpu_gib`` / ``eval_seconds``)."""
+    its peak GPU memory and time (checked against ``peak_gpu_gib`` / ``eval_seconds``): the sweep
+    plan's (``planned``), else made here from the downloaded checkpoint (a model known only after
+    download, or a worker planning for its own device)."""
+    import dataclasses
+
     from quantlens.pipeline import plan as P
 
     placement = getattr(model, "_quantlens_placement", cfg.hardware.placement)
+    if planned is not None and planned.cached:  # (one planned from the registry: the checkpoint's own shape now)
+        return dataclasses.replace(planned, placement=placement).params()
     try:
         est = P.estimate(info.name, P.shape_from_checkpoint(snapshot.path), P.detected_target(cfg.hardware.device),
                          P.workload(cfg))
@@ -114,6 +120,16 @@ def download_checkpoint(setting: Setting) -> tuple[Setting, str, str]:
         raise qm.ModelUnavailable(f"setting {setting.name}: {str(err).replace('model ', 'checkpoint ', 1)}") from None
     r = describe(snap.path, f"setting {setting.name}: checkpoint {spec.source}")
     return setting.described(r.weights(), r.method, r.layout), snap.path, snap.revision
+
+
+def planned_checkpoint(setting: Setting, released: Any) -> tuple[Setting, str, str]:
+    """A checkpoint setting whose checkpoint the sweep's checks already read (``released``: a local
+    folder or a cached hub snapshot): what :func:`download_checkpoint` returns, with nothing read again."""
+    info = qm.resolve_model(setting.checkpoint.source)
+    revision = qm.local_revision(info, setting.checkpoint.revision)
+    if revision is None:  # (gone since the checks: fetch it as usual)
+        return download_checkpoint(setting)
+    return setting.described(released.weights(), released.method, released.layout), released.folder, revision
 
 
 def released(model: Any, setting: Setting, folder: str) -> tuple[dict, dict, dict[str, Any]]:

@@ -32,15 +32,6 @@ def _print_plan(plan: list[Any], header: str) -> None:
     print(f"{n_done} done, {len(plan) - n_done} to run")
 
 
-def _target_of(estimates: list[Any], cfg: Any) -> Any:
-    known = [e for e in estimates if e is not None]
-    if known:
-        return known[0].target
-    from quantlens.pipeline.plan import detected_target
-
-    return detected_target(cfg.hardware.device)
-
-
 def _check_prefect() -> None:
     """A Prefect API named by PREFECT_API_URL must answer and accept our credentials before the
     flow starts (unset: Prefect's local ephemeral server, nothing to check)."""
@@ -51,60 +42,67 @@ def _check_prefect() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from quantlens.pipeline.preflight import preflight
-    from quantlens.pipeline.sweep import load_config, sweep_id
+    from quantlens.pipeline.sweep_plan import build_plan
     from quantlens.tasks.ledger import RunLedger
     from quantlens.tasks.tracking import Tracker
 
-    from quantlens.pipeline.plan import format_plan, planned_target
-
-    cfg = load_config(args.config)
-    settings = cfg.expanded_settings()
-    target = None
-    if args.gpu or args.gpu_memory or args.gpus:
-        if not args.dry_run:
-            raise ConfigError("--gpu / --gpu-memory / --gpus plan for another machine: use them with --dry-run")
-        if args.gpus and not (args.gpu or args.gpu_memory):
-            raise ConfigError("--gpus: say which GPU with --gpu NAME or --gpu-memory GiB")
-        target = planned_target(args.gpu, args.gpu_memory, args.gpus)
-    # the device, models, group sizes, placement memory, data files, disk: one line, seconds
-    estimates = preflight(cfg, target, planning=args.dry_run)
-    plan_lines = format_plan(estimates, [m.ref for m in cfg.models], target or _target_of(estimates, cfg))
-    tracker = Tracker(cfg.experiment)  # an unreachable store fails here, before Prefect starts
-    sid = sweep_id(cfg)
-    ledger = RunLedger(tracker, sid, attempt="plan", force=args.force)
-    plan = ledger.plan(cfg)
-    for alias, kept in cfg.aliases().items():
+    # the config, the grid, the device, models, group sizes, placement memory, data files, disk: one line, seconds
+    plan = build_plan(args.config, _planned_target(args), planning=args.dry_run)
+    tracker = Tracker(plan.config.experiment)  # an unreachable store fails here, before Prefect starts
+    runs = RunLedger(tracker, plan.sweep_id, attempt="plan", force=args.force).plan(plan)
+    for alias, kept in plan.aliases.items():
         print(f"{alias}: the same computation as {kept}, evaluated once as {kept}", file=sys.stderr)
     if args.dry_run:
-        print("\n".join(plan_lines))
-        per = "" if len(plan) == len(cfg.models) * len(settings) else "up to "
-        _print_plan(plan, f"sweep {sid}: {len(cfg.models)} model(s) × {per}{len(settings)} setting(s) = {len(plan)} run(s); "
-                          f"datasets: {', '.join(d.name for d in cfg.datasets)}")
+        print("\n".join(plan.lines()))
+        per = "" if len(runs) == len(plan.models) * len(plan.settings) else "up to "
+        _print_plan(runs, f"sweep {plan.sweep_id}: {len(plan.models)} model(s) × {per}{len(plan.settings)} setting(s) = "
+                          f"{len(runs)} run(s); datasets: {', '.join(d.name for d in plan.config.datasets)}")
         return 0
     _check_prefect()  # the dry run needs no Prefect
-    report = os.path.join(args.results, sid)
+    if not args.force and _nothing_to_do(plan, runs, tracker, os.path.join(args.results, plan.sweep_id)):
+        return 0
+    todo = sum(1 for r in runs if r.state != "done")
+    print("\n".join(plan.lines()), file=sys.stderr)
+    print(f"sweep {plan.sweep_id}: {len(runs)} run(s), {len(runs) - todo} already done, {todo} to evaluate", file=sys.stderr)
+    return _run_sweep(plan, args)
+
+
+def _planned_target(args: argparse.Namespace) -> Any:
+    """The machine ``--gpu`` / ``--gpu-memory`` / ``--gpus`` plan for (a dry run only); None: this one."""
+    if not (args.gpu or args.gpu_memory or args.gpus):
+        return None
+    if not args.dry_run:
+        raise ConfigError("--gpu / --gpu-memory / --gpus plan for another machine: use them with --dry-run")
+    if args.gpus and not (args.gpu or args.gpu_memory):
+        raise ConfigError("--gpus: say which GPU with --gpu NAME or --gpu-memory GiB")
+    from quantlens.pipeline.plan import planned_target
+
+    return planned_target(args.gpu, args.gpu_memory, args.gpus)
+
+
+def _nothing_to_do(plan: Any, runs: list[Any], tracker: Any, report: str) -> bool:
+    """Every run FINISHED, the report complete and no mechanism analysis missing: said in one line,
+    without starting Prefect (seconds instead of ~15 s). A missing, failed or outdated report is made again."""
     from quantlens.analysis.report import report_is_complete
 
-    if (not args.force and all(r.state == "done" for r in plan)
-            and report_is_complete(report, [r.run_id for r in plan if r.run_id])):
-        # Nothing to orchestrate: answer without starting Prefect (seconds instead of ~15 s), unless
-        # mechanism analyses are still missing. A missing, failed or outdated report is made again.
-        per_model: dict[str, dict[str, str]] = {}
-        for r in plan:
-            per_model.setdefault(r.model, {})[r.setting] = r.key
-        if not any(tracker.analysis_plan(cfg, keys, None) for keys in per_model.values()):
-            print(f"sweep {sid}: all {len(plan)} run(s) already FINISHED, nothing to evaluate "
-                  f"(--force redoes them); report in {report}/")
-            return 0
-    from quantlens.pipeline.errors import SweepIncomplete
-    from quantlens.flows.sweep import sweep_flow
+    if not all(r.state == "done" for r in runs) or not report_is_complete(report, [r.run_id for r in runs if r.run_id]):
+        return False
+    per_model: dict[str, dict[str, str]] = {}
+    for r in runs:
+        per_model.setdefault(r.model, {})[r.setting] = r.key
+    if any(tracker.analysis_plan(plan.config, keys, None) for keys in per_model.values()):
+        return False
+    print(f"sweep {plan.sweep_id}: all {len(runs)} run(s) already FINISHED, nothing to evaluate "
+          f"(--force redoes them); report in {report}/")
+    return True
 
-    todo = sum(1 for r in plan if r.state != "done")
-    print("\n".join(plan_lines), file=sys.stderr)
-    print(f"sweep {sid}: {len(plan)} run(s), {len(plan) - todo} already done, {todo} to evaluate", file=sys.stderr)
+
+def _run_sweep(plan: Any, args: argparse.Namespace) -> int:
+    from quantlens.flows.sweep import sweep_flow
+    from quantlens.pipeline.errors import SweepIncomplete
+
     try:
-        summary = sweep_flow(args.config, force=args.force, results_dir=args.results)
+        summary = sweep_flow(plan, force=args.force, results_dir=args.results)
     except SweepIncomplete as err:
         print(f"quantlens: {err}", file=sys.stderr)
         return 3
@@ -120,16 +118,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from quantlens.pipeline.errors import NotEvaluated
     from quantlens.flows.sweep import explain_flow
-    from quantlens.pipeline.sweep import load_config
+    from quantlens.pipeline.errors import NotEvaluated
+    from quantlens.pipeline.sweep_plan import build_plan
     from quantlens.tasks.tracking import Tracker
 
-    cfg = load_config(args.config)
-    Tracker(cfg.experiment)  # an unreachable store fails here, before Prefect starts
+    plan = build_plan(args.config)
+    Tracker(plan.config.experiment)  # an unreachable store fails here, before Prefect starts
     _check_prefect()
     try:
-        out = explain_flow(args.config, force=args.force, results_dir=args.results)
+        out = explain_flow(plan, force=args.force, results_dir=args.results)
     except NotEvaluated as err:
         print(f"quantlens: {err}", file=sys.stderr)
         return 2

@@ -52,6 +52,16 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelCheck:
+    """What the checks found of one model: its estimate (None: size known only after download), its
+    revision where known without network, and the released checkpoints they read (setting → Released)."""
+
+    estimate: P.Estimate | None
+    revision: str | None
+    checkpoints: dict[str, Any]
+
+
 def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool = False) -> list[P.Estimate | None]:
     """Raise one :class:`PreflightError` / :class:`ModelUnavailable` naming the first problem; else
     the plan, one estimate per model (None: its size is known only after download).
@@ -59,13 +69,56 @@ def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool =
     ``target``: plan for another machine (``--gpu`` / ``--gpu-memory``; this machine's device is
     then not checked). ``planning`` (a dry run): uncached models offline are planned from the
     registry instead of refused."""
+    return [c.estimate for c in check_sweep(cfg, target, planning)]
+
+
+def check_sweep(cfg: SweepConfig, target: P.Target | None = None, planning: bool = False) -> list[ModelCheck]:
+    """Every check of the module, once; one :class:`ModelCheck` per model (see :func:`preflight`)."""
     settings = cfg.expanded_settings()
-    needs_kv = any(s.kv is not None for s in settings)
+    target = check_target(cfg, target)
+    token_rows, tasks = check_datasets(cfg)
+    check_calibration(cfg, settings)
+    work = P.workload(cfg)
+    out: list[ModelCheck] = []
+    to_download = 0.0
+    refusals: list[str] = []  # every model checked: the sweep lists every refusal at once
+    read: dict[tuple[str, str], Any] = {}  # (setting, source) → Released or None (a refusal already listed)
+    for m in cfg.models:
+        mine = cfg.settings_for(m)
+        released = check_checkpoint_sources(mine, planning, refusals, read)
+        work_m = dataclasses.replace(work, settings=len(mine), released=sum(s.checkpoint is not None for s in mine),
+                                     released_bits=max((r.bits for r in released.values()), default=4))
+        try:
+            est, download, revision = _check_model(m, cfg, settings, target, work_m, token_rows, tasks, planning)
+            if released:
+                check_checkpoints_fit(m, released)
+        except ModelUnavailable:
+            raise
+        except PreflightError as err:
+            refusals.append(str(err))
+            continue
+        to_download += download
+        out.append(ModelCheck(est, revision, released))
+    if refusals:
+        raise PreflightError("\n".join(refusals))
+    if to_download and not hub_offline() and not planning:
+        check_disk(to_download)
+    return out
+
+
+def check_target(cfg: SweepConfig, target: P.Target | None) -> P.Target:
+    """The machine planned for: this one (its device checked) unless another is named."""
     if target is None:
         check_device(cfg.hardware.device)
         target = P.detected_target(cfg.hardware.device)
     if target.kind == "cuda" and cfg.hardware.dtype == "bfloat16" and not target.bf16:
         raise PreflightError(f"hardware.dtype: bfloat16 is not supported by {target.name}: use float16 (or dtype: auto)")
+    return target
+
+
+def check_datasets(cfg: SweepConfig) -> tuple[dict[str, tuple[int, int]], Any]:
+    """Every dataset's local files, and lm-eval's tasks: (token-id datasets → (largest id, tokens per
+    row), the lm-eval entry or None)."""
     token_rows: dict[str, tuple[int, int]] = {}  # qerror datasets: (largest id, tokens per row)
     for d in cfg.datasets:
         if d.name == "qerror":
@@ -87,6 +140,11 @@ def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool =
         check_tasks(tasks)
         if cfg.hardware.placement == "stream":
             raise PreflightError(STREAM_TASKS)
+    return token_rows, tasks
+
+
+def check_calibration(cfg: SweepConfig, settings: list) -> None:
+    """Every calibrated setting has calibration data, and a calibration file given reads as text."""
     for spec in {id(cfg.calibration_for(s)): cfg.calibration_for(s) for s in settings if s.calibrated}.values():
         try:
             _, path, _ = cfg.calibration_source(spec)
@@ -95,37 +153,12 @@ def preflight(cfg: SweepConfig, target: P.Target | None = None, planning: bool =
         if path and spec.path:
             for f in _expand(path):
                 check_text(f)
-    work = P.workload(cfg)
-    out: list[P.Estimate | None] = []
-    to_download = 0.0
-    refusals: list[str] = []  # every model checked: the sweep lists every refusal at once
-    read: dict[tuple[str, str], Any] = {}  # (setting, source) → Released or None (a refusal already listed)
-    for m in cfg.models:
-        mine = cfg.settings_for(m)
-        released = check_checkpoint_sources(mine, planning, refusals, read)
-        work_m = dataclasses.replace(work, settings=len(mine), released=sum(s.checkpoint is not None for s in mine),
-                                     released_bits=max((r.bits for r in released.values()), default=4))
-        try:
-            est, download = _check_model(m, cfg, settings, needs_kv, target, work_m, token_rows, tasks, planning)
-            if released:
-                check_checkpoints_fit(m, released)
-        except ModelUnavailable:
-            raise
-        except PreflightError as err:
-            refusals.append(str(err))
-            continue
-        to_download += download
-        out.append(est)
-    if refusals:
-        raise PreflightError("\n".join(refusals))
-    if to_download and not hub_offline() and not planning:
-        check_disk(to_download)
-    return out
 
 
-def _check_model(m: Any, cfg: Any, settings: list, needs_kv: bool, target: Any, work: Any, token_rows: dict, tasks: Any,
-                 planning: bool) -> tuple[P.Estimate | None, float]:
-    """One model's preflight: (its estimate or None when its shape is unknown, bytes to download)."""
+def _check_model(m: Any, cfg: Any, settings: list, target: Any, work: Any, token_rows: dict, tasks: Any,
+                 planning: bool) -> tuple[P.Estimate | None, float, str | None]:
+    """One model's preflight: (its estimate or None when its shape is unknown, bytes to download, its
+    revision where known without network)."""
     to_download = 0.0
     if target.kind == "cuda" and m.gpus > target.count:
         raise PreflightError(f"model {m.ref}: gpus: {m.gpus}, but {'this node' if target.here else 'the planned node'} "
@@ -140,7 +173,7 @@ def _check_model(m: Any, cfg: Any, settings: list, needs_kv: bool, target: Any, 
         )
     shape = None
     if cached:
-        check_anatomy(info.hf_id, m.ref, needs_kv, m.revision)
+        check_anatomy(info.hf_id, m.ref, any(s.kv is not None for s in settings), m.revision)
     positions = _max_positions(info, m.revision, cached)
     check_windows(m.ref, positions, cfg)
     for name, (_, tokens) in token_rows.items():
@@ -155,7 +188,7 @@ def _check_model(m: Any, cfg: Any, settings: list, needs_kv: bool, target: Any, 
     elif info.name in P.REGISTRY_CONFIGS:
         shape = P.shape_from_config(P.REGISTRY_CONFIGS[info.name], source="registry")
     if shape is None:
-        return None, to_download
+        return None, to_download, revision
     if not cached:
         to_download += shape.checkpoint_bytes or 2 * shape.params
     check_group_sizes(m.ref, shape, settings)
@@ -169,7 +202,7 @@ def _check_model(m: Any, cfg: Any, settings: list, needs_kv: bool, target: Any, 
         raise PreflightError(problem)
     if tasks is not None and est.placement == "stream":
         raise PreflightError(f"model {m.ref}: needs placement: stream here ({est.why}); {STREAM_TASKS}")
-    return est, to_download
+    return est, to_download, revision
 
 
 def check_checkpoint_sources(settings: list, planning: bool, refusals: list[str], read: dict | None = None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from quantlens import __version__
 from quantlens.evaluation.data import DATASETS, DOCUMENTS
@@ -172,6 +172,7 @@ class SweepConfig(_Strict):
     analysis: AnalysisOptions = AnalysisOptions()
     calibration: CalibrationSpec = Field(CalibrationSpec(), description="the data of calibrated settings (GPTQ), unless a "
                                          "setting gives its own")
+    _grid: tuple[str, list[Setting], dict[str, str]] | None = PrivateAttr(None)  # the expanded grid, made once per config
 
     @field_validator("models", "datasets", mode="before")
     @classmethod
@@ -278,6 +279,14 @@ class SweepConfig(_Strict):
         return self._expand()[1]
 
     def _expand(self) -> tuple[list[Setting], dict[str, str]]:
+        """(the grid's settings, aliases), expanded and checked once per config object (copies are shared:
+        Settings are immutable values)."""
+        what = json.dumps([self.settings, self.analysis.mechanisms], sort_keys=True, default=str)  # (a copy with other settings)
+        if self._grid is None or self._grid[0] != what:
+            self._grid = (what, *self._expand_grid())
+        return list(self._grid[1]), dict(self._grid[2])
+
+    def _expand_grid(self) -> tuple[list[Setting], dict[str, str]]:
         out: list[Setting] = []
         for i, entry in enumerate(self.settings):
             try:

@@ -1,0 +1,106 @@
+"""A sweep's plan, made once: config → grid → checks → :class:`SweepPlan`.
+
+:func:`build_plan` is the one way a sweep is understood: the YAML is loaded and validated
+(:func:`~quantlens.pipeline.sweep.load_config`: expansion, names, aliases), every check of
+:mod:`~quantlens.pipeline.preflight` runs, and what they found — per model its settings, the
+revision known before any download, the estimate, the released checkpoints already read — is kept
+in typed, frozen records. The CLI builds it, prints it and hands it to the sweep flow; the flows
+only run it. A model flow on a remote worker receives its :meth:`SweepPlan.payload` (plain JSON:
+the sweep's options, the model entry, its settings), not the YAML to re-derive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantlens.pipeline import plan as P
+from quantlens.pipeline.preflight import ModelCheck, check_sweep
+from quantlens.pipeline.sweep import ModelEntry, SweepConfig, load_config, run_key, sweep_id
+from quantlens.quantize.settings import Setting
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """One model of the sweep as planned: what its model flow needs and nothing it must re-derive."""
+
+    index: int
+    entry: ModelEntry
+    settings: tuple[Setting, ...]  # the grid's settings this model runs (its `settings:` subset; the reference first in the grid)
+    revision: str | None = None  # known without network (local folder, cached snapshot, GGUF file); None: after download
+    estimate: P.Estimate | None = None  # None: its size is known only after download (or a remote worker plans itself)
+    checkpoints: dict[str, Any] = field(default_factory=dict)  # checkpoint setting → Released, read by the checks
+
+    @property
+    def ref(self) -> str:
+        return self.entry.ref
+
+    def keys(self, config: SweepConfig, revision: str) -> dict[str, str]:
+        """setting name → run key of this model at ``revision``."""
+        return {s.name: run_key(revision, self.entry.ref, s, config) for s in self.settings}
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    config: SweepConfig
+    sweep_id: str
+    settings: tuple[Setting, ...]  # the grid: one setting per computation
+    aliases: dict[str, str]  # a setting name left out → the one it computes the same as
+    models: tuple[ModelPlan, ...]
+    target: P.Target | None = None  # the machine planned for (None: a remote worker's own)
+
+    @property
+    def grid_size(self) -> int:
+        """How many (model, setting) runs the sweep holds."""
+        return sum(len(m.settings) for m in self.models)
+
+    @property
+    def reference(self) -> Setting:
+        return next(s for s in self.settings if s.is_reference)
+
+    def lines(self) -> list[str]:
+        """The plan as ``--dry-run`` prints it and every run shows first."""
+        estimates = [m.estimate for m in self.models]
+        target = self.target or next((e.target for e in estimates if e is not None), None) \
+            or P.detected_target(self.config.hardware.device)
+        return P.format_plan(estimates, [m.ref for m in self.models], target)
+
+    def description(self) -> str:
+        """The sweep's MLflow parent-run description."""
+        cfg = self.config
+        return (f"**{cfg.name}** (sweep `{self.sweep_id}`): {len(cfg.models)} model(s) × {len(self.settings)} setting(s) on "
+                f"{', '.join(d.name for d in cfg.datasets)}.\n\nModels: {', '.join(m.ref for m in cfg.models)}\n\n"
+                f"Settings: {', '.join(s.name for s in self.settings)}\n\nThe resolved config is the artifact "
+                "`sweep_config.yaml`; tables and figures are under `report/`.")
+
+    def payload(self, index: int) -> dict[str, Any]:
+        """What a model flow on another machine needs, as JSON: the sweep's options, the sweep id, the
+        model and its settings. Paths read here (checkpoint folders) and this machine's estimate stay
+        here: the worker downloads and plans on its own device."""
+        m = self.models[index]
+        return {"config": self.config.model_dump(mode="json"), "sweep_id": self.sweep_id, "index": index,
+                "settings": [s.model_dump(mode="json") for s in m.settings]}
+
+
+def from_payload(payload: dict[str, Any]) -> tuple[SweepConfig, str, ModelPlan]:
+    """A model flow's plan from :meth:`SweepPlan.payload` (on the worker: validated once there, the
+    settings taken as planned — not expanded from names again)."""
+    cfg = SweepConfig.model_validate(payload["config"])
+    i = payload["index"]
+    settings = tuple(Setting.model_validate(s) for s in payload["settings"])
+    return cfg, payload["sweep_id"], ModelPlan(i, cfg.models[i], settings)
+
+
+def build_plan(source: str | Path | dict[str, Any] | SweepConfig, target: P.Target | None = None,
+               planning: bool = False) -> SweepPlan:
+    """Load (unless given a config), check and plan a sweep. Raises one ConfigError /
+    PreflightError / ModelUnavailable naming the first problem, before any store is opened."""
+    cfg = source if isinstance(source, SweepConfig) else load_config(source)
+    checks = check_sweep(cfg, target, planning)
+    models = tuple(_model_plan(i, m, cfg, c) for i, (m, c) in enumerate(zip(cfg.models, checks)))
+    return SweepPlan(cfg, sweep_id(cfg), tuple(cfg.expanded_settings()), cfg.aliases(), models, target)
+
+
+def _model_plan(i: int, entry: ModelEntry, cfg: SweepConfig, check: ModelCheck) -> ModelPlan:
+    return ModelPlan(i, entry, tuple(cfg.settings_for(entry)), check.revision, check.estimate, check.checkpoints)
