@@ -16,7 +16,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from quantlens.evaluation import evaluate as ev
-from quantlens.evaluation.data import DOCUMENTS, cache_dir
+from quantlens.evaluation.data import DOCUMENTS
+from quantlens.paths import cache_dir
 from quantlens.model import loading as qm
 from quantlens.quantize.patch import full_report, quantize_, restore_
 from quantlens.quantize.settings import ConfigError, Setting

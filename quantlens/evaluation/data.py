@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where it is used: planning a sweep must not pay for it
     import torch
 
-from quantlens.quantize.settings import ConfigError
+from quantlens.errors import ConfigError
+from quantlens.paths import cache_dir  # noqa: F401  (importable from here as before)
 
 
 DOCUMENTS = ("documents", "paper2")  # example units that are documents (paper2: the second paper's protocol)
@@ -199,12 +200,6 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 # --- Tokenization and windows --------------------------------------------------------------
-def cache_dir() -> Path:
-    d = Path(os.environ.get("QUANTLENS_CACHE", Path.home() / ".cache" / "quantlens"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     blob = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"

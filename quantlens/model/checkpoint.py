@@ -25,7 +25,7 @@ from typing import Union
 
 import torch
 
-from quantlens.quantize.settings import ConfigError
+from quantlens.errors import ConfigError
 
 _PREFIXES = ("model.", "transformer.", "model.decoder.")
 

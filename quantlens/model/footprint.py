@@ -470,7 +470,7 @@ class Target:
 
 def calibration_file() -> Path:
     """Where ``bench/gpu_check.py`` records the share of peak each GPU reached (quantlens' cache)."""
-    from quantlens.evaluation.data import cache_dir
+    from quantlens.paths import cache_dir
 
     return cache_dir() / "gpu_calibration.json"
 
@@ -521,7 +521,7 @@ def host_ram_gib() -> float:
 
 def planned_target(gpu: str | None = None, gpu_memory: float | None = None, gpus: int | None = None) -> Target:
     """The machine named by ``--gpu`` / ``--gpu-memory`` / ``--gpus`` (a machine other than this one)."""
-    from quantlens.quantize.settings import ConfigError
+    from quantlens.errors import ConfigError
 
     if gpu is not None:
         found = gpu_by_name(gpu)

@@ -32,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from quantlens.quantize.settings import ConfigError
+from quantlens.errors import ConfigError
 
 MAGIC = b"GGUF"
 LAYOUT = 1  # of a converted folder: a change to what convert() writes makes new folders, never reads old ones

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: planning a sweep must n
     import torch
 
 from quantlens.model import gguf
-from quantlens.quantize.settings import ConfigError
+from quantlens.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import torch
 
 from quantlens.model.checkpoint import Checkpoint
 from quantlens.quantize import packed as P
-from quantlens.quantize.settings import ConfigError
+from quantlens.errors import ConfigError
 
 READS = "GPTQ (v1/v2), AWQ (GEMM), compressed-tensors (pack-quantized, float-quantized, nvfp4-pack-quantized), bitsandbytes 4-bit"
 _COMPARED = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",

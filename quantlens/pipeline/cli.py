@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from quantlens.quantize.settings import ConfigError
+from quantlens.errors import ConfigError
 
 
 def _print_plan(plan: list[Any], header: str) -> None:

@@ -5,7 +5,7 @@ Light on purpose (no MLflow, no Prefect): the CLI catches these by class before 
 
 from __future__ import annotations
 
-from quantlens.quantize.settings import ConfigError
+from quantlens.errors import ConfigError
 
 
 class TrackingUnavailable(RuntimeError):

@@ -45,7 +45,7 @@ from quantlens.model.loading import TOKENIZER_FILES, ModelInfo, ModelUnavailable
 from quantlens.pipeline import plan as P
 from quantlens.pipeline.errors import PreflightError
 from quantlens.pipeline.sweep import LM_EVAL, SweepConfig
-from quantlens.quantize.settings import ConfigError
+from quantlens.errors import ConfigError
 
 
 def hub_offline() -> bool:
@@ -499,7 +499,7 @@ def check_anatomy(model_id: str, ref: str, needs_kv: bool, revision: str | None 
     from importlib.metadata import version
 
     from quantlens import __version__
-    from quantlens.evaluation.data import cache_dir
+    from quantlens.paths import cache_dir
 
     cfg_file = _config_file(model_id, revision)
     if cfg_file is None:

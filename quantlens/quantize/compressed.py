@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from quantlens.quantize.settings import ConfigError
+from quantlens.errors import ConfigError
 
 __all__ = ["describe", "packed_modules", "dequantize", "READABLE_FORMATS"]
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from quantlens.errors import ConfigError  # noqa: F401  (raised here; importable from here as before)
+
 Granularity = Literal["tensor", "channel", "group", "token"]
 KVGranularity = Literal["token", "head", "channel"]
 Distribution = Literal["gaussian", "uniform", "binary"]
@@ -20,10 +22,6 @@ MagnitudeRule = Literal["additive", "proportional", "inverse"]
 Target = Literal["weights", "activations", "both", "kv"]
 
 NONUNIFORM_P = 1.0 / 3.0  # the paper's cube-root transform
-
-
-class ConfigError(ValueError):
-    """An invalid setting or config; the message names the field."""
 
 
 def format_validation_error(err: ValidationError, what: str) -> str:
