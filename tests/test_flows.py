@@ -266,6 +266,20 @@ def test_force_redoes_everything(env):
     assert sweep_flow(cfg, force=True, aggregate=False)["evaluated"] == 2
 
 
+def test_the_config_is_validated_once_per_sweep(env, monkeypatch):
+    """One plan, built once: the sweep flow, its model flows and their steps run the plan; none
+    re-validates the config (issue 35)."""
+    from quantlens.flows.sweep import sweep_flow
+    from quantlens.pipeline.sweep import SweepConfig
+
+    validate, calls = SweepConfig.model_validate, []
+    monkeypatch.setattr(SweepConfig, "model_validate", classmethod(lambda cls, *a, **k: calls.append(1) or validate(*a, **k)))
+    cfg = config(name="once", models=[str(MODELS / "tiny-opt")], settings=["W16A16", "W4A16"],
+                 datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 2}])
+    assert sweep_flow(cfg, force=True)["evaluated"] == 2
+    assert len(calls) == 1
+
+
 def _cli(*args, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "quantlens.pipeline.cli", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
