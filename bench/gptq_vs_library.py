@@ -172,15 +172,15 @@ def compare(args: argparse.Namespace) -> None:
 # --- report (project venv) -----------------------------------------------------------------------
 def _libgrid():
     """Replacements for quantlens.quantize.gptq._params / _round with the libraries' grid (module doc)."""
-    from quantlens.quantize.quant import _MIN_SCALE
+    from quantlens.quantize.quant import MIN_SCALE
 
     def params(w, spec):
         lo = w.amin(dim=1).clamp(max=0)
         hi = w.amax(dim=1).clamp(min=0)
         if spec.symmetric:
             amax = torch.maximum(-lo, hi)
-            return (2 * amax / (2**spec.bits - 1)).clamp_min(_MIN_SCALE), None
-        scale = ((hi - lo) / (2**spec.bits - 1)).clamp_min(_MIN_SCALE)
+            return (2 * amax / (2**spec.bits - 1)).clamp_min(MIN_SCALE), None
+        scale = ((hi - lo) / (2**spec.bits - 1)).clamp_min(MIN_SCALE)
         return scale, torch.round(-lo / scale)
 
     def rnd(w, scale, zero, spec):

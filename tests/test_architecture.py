@@ -37,9 +37,6 @@ KNOWN: dict[str, set[str]] = {
         'quantlens.pipeline.plan imports quantlens.evaluation.data._expand',
         'quantlens.pipeline.plan imports quantlens.model.footprint._dur',
         'quantlens.pipeline.preflight imports quantlens.evaluation.data._expand',
-        'quantlens.quantize.calibrate imports quantlens.model.layerwise._hidden',
-        'quantlens.quantize.calibrate imports quantlens.model.layerwise._with_hidden',
-        'quantlens.quantize.gptq imports quantlens.quantize.quant._MIN_SCALE',
     },
     "long": {
         'quantlens/analysis/aggregate.py fig_uniform_vs_nonuniform',

@@ -67,11 +67,11 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, inputs: dict[str, t
     return seen["args"], seen["kwargs"]
 
 
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
+def with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (h, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": h}
@@ -145,7 +145,7 @@ def run(
     for b in batches:
         b.enter()
         by_kind = capture_by_kind(model, blocks[0], b.inputs, kinds)
-        h = _hidden(*by_kind[kinds[0]])
+        h = hidden_of(*by_kind[kinds[0]])
         held += h.numel() * h.element_size()
         spill = spill or held > budget  # from here on, hidden states wait in (pinned) host memory
         states.append(_to_host(h) if spill else h)
@@ -157,7 +157,7 @@ def run(
                 b.enter()
                 h = states[j]
                 on_host = h.device != device
-                args, kwargs = _with_hidden(*contexts[j][kinds[i]], h.to(device, non_blocking=True) if on_host else h)
+                args, kwargs = with_hidden(*contexts[j][kinds[i]], h.to(device, non_blocking=True) if on_host else h)
                 out = block(*args, **kwargs)
                 out = out[0] if isinstance(out, tuple) else out
                 states[j] = _to_host(out) if on_host else out

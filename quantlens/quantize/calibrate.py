@@ -27,7 +27,7 @@ from torch import nn
 
 from quantlens.model import streaming
 from quantlens.model.anatomy import anatomy, in_features, is_conv1d
-from quantlens.model.layerwise import _hidden, _with_hidden, capture_by_kind, layer_kinds
+from quantlens.model.layerwise import hidden_of, with_hidden, capture_by_kind, layer_kinds
 from quantlens.quantize.awq import awq_quantize
 from quantlens.quantize.gptq import HessianAccumulator, gptq_quantize
 from quantlens.quantize.settings import ConfigError, Setting, resolve_setting
@@ -89,14 +89,14 @@ def calibrate_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *
     streamed = streaming.streaming_device(model) is not None  # its blocks come to the device one at a time
     batches = [samples[s:s + batch_size] for s in range(0, samples.shape[0], batch_size)]
     contexts = [capture_by_kind(model, blocks[0], {"input_ids": b.to(device)}, kinds) for b in batches]
-    states = [_hidden(*c[kinds[0]]) for c in contexts]
+    states = [hidden_of(*c[kinds[0]]) for c in contexts]
     out: dict[str, torch.Tensor] = {}
 
     def through(block: nn.Module, i: int) -> list[torch.Tensor]:
         """Every calibration batch through block ``i``: its outputs, in order."""
         ys = []
         for j, h in enumerate(states):
-            a, kw = _with_hidden(*contexts[j][kinds[i]], h)
+            a, kw = with_hidden(*contexts[j][kinds[i]], h)
             y = block(*a, **kw)
             ys.append(y[0] if isinstance(y, tuple) else y)
         return ys

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from quantlens.quantize.quant import _MIN_SCALE, qmax_symmetric
+from quantlens.quantize.quant import MIN_SCALE, qmax_symmetric
 from quantlens.quantize.settings import QuantSpec
 
 
@@ -45,9 +45,9 @@ def supported(spec: QuantSpec) -> str | None:
 def _params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row scale (and zero point) of the columns ``w`` [rows, cols], as round-to-nearest finds them."""
     if spec.symmetric:
-        return (w.abs().amax(dim=1) / qmax_symmetric(spec.bits)).clamp_min(_MIN_SCALE), None
+        return (w.abs().amax(dim=1) / qmax_symmetric(spec.bits)).clamp_min(MIN_SCALE), None
     lo, hi = w.amin(dim=1), w.amax(dim=1)
-    scale = ((hi - lo) / (2**spec.bits - 1)).clamp_min(_MIN_SCALE)
+    scale = ((hi - lo) / (2**spec.bits - 1)).clamp_min(MIN_SCALE)
     return scale, torch.round(-lo / scale)
 
 

@@ -27,7 +27,7 @@ from quantlens.quantize import formats
 from quantlens.quantize.settings import QuantSpec
 
 # A scale of zero (an all-zero group) would divide by zero; any positive value gives Q(0) = 0.
-_MIN_SCALE = formats._MIN_SCALE
+MIN_SCALE = formats._MIN_SCALE
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def _uniform(
         else:
             n_clipped = torch.zeros((), dtype=torch.long, device=xg.device)
         q = qmax_symmetric(spec.bits)
-        scale = (alpha / q).clamp_min(_MIN_SCALE)
+        scale = (alpha / q).clamp_min(MIN_SCALE)
         xq = torch.round(xg / scale).clamp_(-q, q).mul_(scale)
         return xq, scale, alpha, n_clipped
 
@@ -110,7 +110,7 @@ def _uniform(
     else:
         n_clipped = torch.zeros((), dtype=torch.long, device=xg.device)
     levels = 2**spec.bits - 1
-    scale = ((hi - lo) / levels).clamp_min(_MIN_SCALE)
+    scale = ((hi - lo) / levels).clamp_min(MIN_SCALE)
     zero = torch.round(-lo / scale)
     xq = (torch.round(xg / scale) + zero).clamp_(0, levels).sub_(zero).mul_(scale)
     alpha = (hi - lo) / 2
@@ -190,7 +190,7 @@ def _fast_symmetric(xg: torch.Tensor, bits: int) -> torch.Tensor:
     (``abs().amax`` is ~6× faster on CPU than ``aminmax`` along a dim, measured on torch 2.13.)"""
     alpha = xg.abs().amax(dim=-1, keepdim=True)
     q = qmax_symmetric(bits)
-    scale = (alpha / q).clamp_min_(_MIN_SCALE)
+    scale = (alpha / q).clamp_min_(MIN_SCALE)
     return (xg * scale.reciprocal()).round_().mul_(scale)
 
 
