@@ -31,7 +31,6 @@ KNOWN: dict[str, set[str]] = {
     },
     "cycles": {
         'quantlens.analysis.aggregate -> quantlens.analysis.calibrated_report -> quantlens.analysis.format_report -> quantlens.analysis.paired_report -> quantlens.analysis.report',
-        'quantlens.quantize.gptq -> quantlens.quantize.quant -> quantlens.quantize.settings',
     },
     "private": {
         'quantlens.pipeline.plan imports quantlens.evaluation.data._expand',

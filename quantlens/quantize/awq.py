@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from quantlens.quantize.quant import quantize
-from quantlens.quantize.settings import QuantSpec
+from quantlens.quantize.spec import QuantSpec
 
 
 def scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from quantlens.quantize.quant import MIN_SCALE, qmax_symmetric
-from quantlens.quantize.settings import QuantSpec
+from quantlens.quantize.spec import QuantSpec
 
 
 def supported(spec: QuantSpec) -> str | None:

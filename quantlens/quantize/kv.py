@@ -29,7 +29,7 @@ from torch import nn
 from quantlens.model.anatomy import Anatomy, ModelNotUnderstood, anatomy
 from quantlens.quantize.perturb import make_generator, shaped_noise_rows
 from quantlens.quantize.quant import fake_quantize
-from quantlens.quantize.settings import KVSpec, PerturbSpec
+from quantlens.quantize.spec import KVSpec, PerturbSpec
 
 _STATE = "_quantlens_kv"
 _WRAPPED = "_quantlens_kv_wrapped"

@@ -21,7 +21,7 @@ import zlib
 import torch
 
 from quantlens.quantize.quant import fake_quantize
-from quantlens.quantize.settings import PerturbSpec, QuantSpec
+from quantlens.quantize.spec import PerturbSpec, QuantSpec
 
 _SQRT3 = 3.0**0.5
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from quantlens.quantize import formats
-from quantlens.quantize.settings import QuantSpec
+from quantlens.quantize.spec import QuantSpec
 
 # A scale of zero (an all-zero group) would divide by zero; any positive value gives Q(0) = 0.
 MIN_SCALE = formats._MIN_SCALE

@@ -1,0 +1,147 @@
+"""The name grammar of settings: names such as ``W8A8``, ``W4A16-g128-nu`` or ``W4A16-gptq`` parsed
+into a :class:`~quantlens.quantize.setting.Setting` (:func:`setting_from_name`, :func:`resolve_setting`),
+and the paper's presets (:data:`PRESETS`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from quantlens.errors import ConfigError
+from quantlens.quantize.setting import Setting, validated
+from quantlens.quantize.spec import NO_FP, NONUNIFORM_P
+
+
+# --- Names --------------------------------------------------------------------------------------
+# W{wbits}A{abits}[KV{kvbits}][-g{group}][-nu][-p{exp}][-{format}[{bits}][{element}]][-clip{k}], e.g. W8A8,
+# W4A16-g128, W4A16-nu, W3A16-clip3, W16A16KV4, W4A16KV4-nu, W4A16-nf4, W8A8-fp8, W8A8-fp8e5m2, W4A4-mxfp4,
+# W4A16-nvfp4, W3A16-km, W4A16-gptq / W4A16-awq (GPTQ, AWQ: groups of 128 unless -g). -g is the weights' group size; -nu / -p / -clip and the format apply to every
+# quantized part (weights, activations, KV cache), each at its own bits (W4A8-fp: FP4 weights, FP8
+# activations; digits after the format must then be every quantized part's bits); 16 bits means "not quantized".
+_NAME = re.compile(
+    r"^W(?P<w>\d+)A(?P<a>\d+)(?:KV(?P<kv>\d+))?(?:-g(?P<g>\d+))?(?P<nu>-nu)?(?:-p(?P<p>[0-9.]+))?"
+    r"(?:-(?P<fmt>nf|fp|mxfp|mxint|nvfp|km)(?P<fb>\d+)?(?P<el>e\dm\d)?)?(?:-clip(?P<k>[0-9.]+))?(?P<calib>-gptq|-awq)?$"
+)
+PRESET_NAMES = ("W16A16", "W8A8", "W4A16", "W4A8", "W8A8-nu", "W4A16-nu", "W4A8-nu")
+FORMAT_NAMES = ("W4A16-nf4", "W3A16-nf3", "W4A16-fp4", "W8A8-fp8", "W4A16-mxfp4", "W4A4-mxfp4", "W8A8-mxfp8",
+                "W4A16-nvfp4", "W4A4-nvfp4", "W3A16-km", "W4A16-km", "W16A16KV8-fp8", "W16A16KV4-nvfp4")
+CALIBRATED_NAMES = ("W4A16-gptq", "W3A16-gptq", "W4A16-awq", "W3A16-awq")
+MX_BLOCK, NVFP_BLOCK, NF_BLOCK, FP_GROUP, GPTQ_GROUP = 32, 16, 64, 32, 128
+
+
+def _format_part(fmt: str, part: str, bits: int, element: str | None, group: int | None) -> dict[str, Any]:
+    """The fields a format suffix means for one quantized part (``weights``, ``activations``, ``kv``)
+    at ``bits``: its grid, scale rule and the block it is defined with."""
+    rows = {"weights": "channel", "activations": "token", "kv": "token"}[part]
+
+    def blocks(n: int) -> dict[str, Any]:
+        return {"granularity": "token", "group_size": n} if part == "kv" else {"granularity": "group", "group_size": n}
+
+    default = {"granularity": rows} if group is None else blocks(group)
+    if fmt == "nf":  # bitsandbytes: blockwise absmax, blocks of 64 (KV: per token and head)
+        return {"format": "nf", **(default if group or part == "kv" else blocks(NF_BLOCK))}
+    if fmt == "km":
+        return {"format": "km", **default}
+    if fmt == "fp":  # FP8 per channel / token; narrower FP per group of 32 with an fp16 scale
+        if bits not in (4, 6, 8) and element is None:
+            raise ValueError(f"{part}: " + NO_FP.format(bits=bits))
+        wide = bits == 8 or part == "kv"
+        return {"format": "fp", "element": element, **(default if wide or group else blocks(FP_GROUP)),
+                **({} if bits == 8 else {"scale": "fp16"})}
+    if group is not None:
+        raise ValueError(f"-g{group}: the {fmt} block size is fixed by its definition ({MX_BLOCK if fmt != 'nvfp' else NVFP_BLOCK}); "
+                         "give another block in the long form (group_size)")
+    if fmt == "mxint":
+        return {"format": "int", "scale": "e8m0", **blocks(MX_BLOCK)}
+    if fmt == "mxfp":
+        if bits not in (4, 6, 8) and element is None:
+            raise ValueError(f"{part}: " + NO_FP.format(bits=bits))
+        return {"format": "fp", "element": element, "scale": "e8m0", **blocks(MX_BLOCK)}
+    if bits != 4:  # nvfp
+        raise ValueError(f"{part}: NVFP4 has 4 bits, not {bits}")
+    return {"format": "fp", "element": "e2m1", "scale": "e4m3", "global_scale": "tensor" if part == "weights" else "token",
+            **blocks(NVFP_BLOCK)}
+
+
+def setting_from_name(name: str) -> Setting:
+    """Parse a setting name; 16 bits means 'not quantized' (W16A16 is the baseline)."""
+    m = _NAME.match(name)
+    if m is None:
+        raise ConfigError(
+            f"unknown setting {name!r}: expected a preset ({', '.join(PRESET_NAMES)}), a format "
+            f"({', '.join(FORMAT_NAMES[:6])}, …) or a name of the form "
+            "W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]][-clip<k>][-gptq|-awq], "
+            "e.g. W3A16-g64-nu, W16A16KV4, W4A16-nf4"
+        )
+    wb, ab = int(m["w"]), int(m["a"])
+    kvb = int(m["kv"]) if m["kv"] else 16
+    for field, bits in (("weights.bits", wb), ("activations.bits", ab), ("kv.bits", kvb)):
+        if not 2 <= bits <= 16:
+            raise ConfigError(f"invalid setting {name!r}: {field}: must be between 2 and 16 (16 = not quantized), got {bits}")
+    if m["nu"] and m["p"]:
+        raise ConfigError(f"unknown setting {name!r}: use either -nu (p=1/3) or -p<exp>, not both")
+    fmt = m["fmt"]
+    if fmt and (m["nu"] or m["p"]):
+        raise ConfigError(f"invalid setting {name!r}: the power transform (-nu / -p) is a grid of integers; "
+                          f"it does not combine with -{fmt}")
+    p = NONUNIFORM_P if m["nu"] else float(m["p"]) if m["p"] else 1.0
+    k = float(m["k"]) if m["k"] else None
+    group = int(m["g"]) if m["g"] else None
+    if group is not None and wb == 16:
+        raise ConfigError(f"invalid setting {name!r}: weights.group_size given but weights are not quantized (16 bits)")
+    parts = {"weights": wb, "activations": ab, "kv": kvb}
+    quantized = {part: bits for part, bits in parts.items() if bits < 16}
+    if fmt and m["fb"]:
+        wrong = {part: bits for part, bits in quantized.items() if bits != int(m["fb"])}
+        if wrong:
+            said = ", ".join(f"{part} {bits}" for part, bits in wrong.items())
+            raise ConfigError(f"invalid setting {name!r}: -{fmt}{m['fb']} names {m['fb']} bits but {said} bits are quantized: "
+                              f"write -{fmt} (each part in {fmt} at its own bits)")
+    data: dict[str, Any] = {"name": name}
+    if m["calib"]:  # GPTQ / AWQ as the second paper runs them: groups of 128 unless -g says otherwise (GPTQ: act-order, damp 0.01)
+        if wb == 16:
+            raise ConfigError(f"invalid setting {name!r}: {m['calib']} quantizes weights, and weights are at 16 bits")
+        group = group or GPTQ_GROUP
+        data[m["calib"][1:]] = {}
+    for part, bits in quantized.items():
+        if fmt:
+            try:
+                spec = _format_part(fmt, part, bits, m["el"], group if part == "weights" else None)
+            except ValueError as err:
+                raise ConfigError(f"invalid setting {name!r}: {err}") from None
+        else:
+            gran = {"granularity": "group", "group_size": group} if group and part == "weights" else \
+                   {"granularity": "channel" if part == "weights" else "token"}
+            spec = {**gran, "transform_p": p}
+        data[part] = {"bits": bits, **spec, **({"clip_k": k} if k is not None else {})}
+    if m["el"] and not fmt:
+        raise ConfigError(f"invalid setting {name!r}: an element type needs a format")
+    return validated(Setting, data, f"setting {name!r}")
+
+
+PRESETS: dict[str, Setting] = {n: setting_from_name(n) for n in PRESET_NAMES}
+
+
+def resolve_setting(spec: str | dict[str, Any] | Setting) -> Setting:
+    """A preset/name string, a full dict definition, or a Setting → a validated Setting.
+
+    A dict may start from a name with ``base: W8A8`` and override or add fields, e.g.
+    ``{"name": "gauss-W8A8", "base": "W8A8", "perturbation": {"distribution": "gaussian"}}``.
+    """
+    if isinstance(spec, Setting):
+        return spec
+    if isinstance(spec, str):
+        return setting_from_name(spec)
+    if not isinstance(spec, dict):
+        raise ConfigError(f"invalid setting: expected a name or a mapping, got {type(spec).__name__}")
+    data = dict(spec)
+    base = data.pop("base", None)
+    if base is not None:
+        merged = setting_from_name(str(base)).model_dump(exclude_none=True)
+        merged.update(data)
+        data = merged
+        data.setdefault("name", base)
+        data["base"] = str(base)
+    what = f"setting {data.get('name')!r}" if data.get("name") else "setting"
+    return validated(Setting, data, what)
