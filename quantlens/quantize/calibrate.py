@@ -3,7 +3,8 @@
 As GPTQ's own pipeline: the calibration windows run up to the first block (its inputs are captured,
 :mod:`quantlens.model.layerwise`); then for each block, every linear's input Hessian is accumulated
 over all windows (forward pre-hooks), each linear is quantized by :func:`quantlens.quantize.gptq.gptq_quantize`
-(or, for AWQ, :func:`quantlens.quantize.awq.awq_quantize`, linears reading one input sharing one scale),
+(or, for AWQ, :func:`quantlens.quantize.awq.awq_quantize`, linears reading one input sharing one scale:
+the setting's method, :mod:`quantlens.quantize.methods`),
 and the windows run through the block again *with its quantized weights*, so that the next block
 calibrates on what it will see. A streamed model (``placement: stream``) reads each block from its
 checkpoint once, so a 70B model calibrates on one GPU.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,8 +30,9 @@ from torch import nn
 from quantlens.model import streaming
 from quantlens.model.anatomy import anatomy, in_features, is_conv1d
 from quantlens.model.layerwise import hidden_of, with_hidden, capture_by_kind, layer_kinds
-from quantlens.quantize.awq import awq_quantize
-from quantlens.quantize.gptq import HessianAccumulator, gptq_quantize
+from quantlens.quantize.gptq import HessianAccumulator
+from quantlens.quantize.methods import registry
+from quantlens.quantize.methods.base import CalibratedMethod
 from quantlens.quantize.settings import ConfigError, Setting, resolve_setting
 
 Progress = Callable[[int, int], None]
@@ -47,6 +50,8 @@ def cache_key(model: nn.Module, setting: Setting, samples: torch.Tensor) -> str:
             files.append((f.name, st.st_size, int(st.st_mtime)))
     ident = setting.identity()
     what = {k: ident.get(k) for k in ("weights", "gptq", "awq")}  # (noise matched to it: the same calibration)
+    for m in registry.chosen(setting):  # a method registered since: its options too
+        what.setdefault(m.option, ident.get(m.option))
     ident = {"source": str(source), "files": files, "type": type(model).__name__, "setting": what,
              "tokens": hashlib.sha256(samples.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -73,82 +78,126 @@ def calibrated_weights(model: nn.Module, setting: Setting | str | dict, samples:
     return out, False
 
 
+@dataclass
+class _Windows:
+    """The calibration batches at the current block: each one's captured call context (per layer kind)
+    and hidden states, which :meth:`through` runs through a block."""
+
+    contexts: list[dict]
+    kinds: list[str | None]
+    states: list[torch.Tensor]
+
+    def through(self, block: nn.Module, i: int) -> list[torch.Tensor]:
+        """Every calibration batch through block ``i``: its outputs, in order."""
+        ys = []
+        for j, h in enumerate(self.states):
+            a, kw = with_hidden(*self.contexts[j][self.kinds[i]], h)
+            y = block(*a, **kw)
+            ys.append(y[0] if isinstance(y, tuple) else y)
+        return ys
+
+
+@dataclass
+class _BlockInputs:
+    """What one block's linears and experts read over every calibration batch: each linear's input
+    statistics, the first input tensor each read (who shares an input: AWQ's groups), each expert's."""
+
+    acc: dict[str, HessianAccumulator]
+    reads: dict[str, torch.Tensor]
+    experts: dict[str, "_ExpertHessians"]
+
+
 @torch.no_grad()
 def calibrate_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *, batch_size: int = 8,
                progress: Progress | None = None) -> dict[str, torch.Tensor]:
-    """GPTQ (or AWQ) on every linear and expert of every decoder block, sequentially (module doc)."""
+    """GPTQ (or AWQ: the setting's registered method) on every linear and expert of every decoder block,
+    sequentially (module doc)."""
     from quantlens.quantize.patch import current_setting
 
     if current_setting(model) is not None:
         raise ValueError("calibrate an unpatched model (restore_ first)")
+    method = registry.method(setting.method)
     body = anatomy(model)
-    spec, g = setting.weights, setting.gptq
     device = model.get_input_embeddings().weight.device
     blocks = body.blocks
     kinds = layer_kinds(model, blocks)
     streamed = streaming.streaming_device(model) is not None  # its blocks come to the device one at a time
     batches = [samples[s:s + batch_size] for s in range(0, samples.shape[0], batch_size)]
     contexts = [capture_by_kind(model, blocks[0], {"input_ids": b.to(device)}, kinds) for b in batches]
-    states = [hidden_of(*c[kinds[0]]) for c in contexts]
+    windows = _Windows(contexts, kinds, [hidden_of(*c[kinds[0]]) for c in contexts])
     out: dict[str, torch.Tensor] = {}
-
-    def through(block: nn.Module, i: int) -> list[torch.Tensor]:
-        """Every calibration batch through block ``i``: its outputs, in order."""
-        ys = []
-        for j, h in enumerate(states):
-            a, kw = with_hidden(*contexts[j][kinds[i]], h)
-            y = block(*a, **kw)
-            ys.append(y[0] if isinstance(y, tuple) else y)
-        return ys
-
     for i, part in enumerate(body.parts):
         with streaming.resident(model, i) if streamed else contextlib.nullcontext(blocks[i]) as block:
-            linears = part.linears()
-            acc = {n: HessianAccumulator(in_features(m), device) for n, m in linears}
-            reads: dict[str, torch.Tensor] = {}  # linear → the first input it read (kept alive): who shares an input (AWQ's groups)
-
-            def seen(n: str, x: torch.Tensor) -> None:
-                reads.setdefault(n, x)
-                acc[n].add(x)
-
-            hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen(n, args[0])) for n, m in linears]
-            experts = {e.name: _ExpertHessians(e, device) for e in part.experts}  # per expert: its routed tokens
-            for ex in experts.values():
-                hooks.append(ex.attach())
-            try:
-                through(block, i)
-            finally:
-                for hk in hooks:
-                    hk.remove()
-            originals = {}
-            for ex in experts.values():
-                for attr in ex.e.params:
-                    p = getattr(ex.e.module, attr)
-                    originals[ex.e.qualified(attr)] = (p, p.data)
-                    q = ex.quantized(attr, spec, setting)
-                    p.data = q
-                    out[ex.e.qualified(attr)] = q.to("cpu")
-            mods = dict(linears)
-            for group in _input_groups([n for n, _ in linears], reads, setting.awq is not None):
-                mats = [(mods[n].weight.data.t() if is_conv1d(mods[n]) else mods[n].weight.data) for n in group]
-                if setting.awq is not None:
-                    a = setting.awq
-                    qs, _ = awq_quantize(mats, acc[group[0]].h, acc[group[0]].abs_mean, spec, grid=a.grid,
-                                         clip=[a.clip and not _query_or_key(n) for n in group], max_shrink=a.max_shrink)
-                else:
-                    qs = [gptq_quantize(mats[0], acc[group[0]].h, spec, damp=g.damp, block=g.block, act_order=g.act_order)]
-                for n, q in zip(group, qs):
-                    m = mods[n]
-                    q = q.t().contiguous() if is_conv1d(m) else q
-                    originals[n] = (m.weight, m.weight.data)
-                    m.weight.data = q
-                    out[n] = q.to("cpu")
-            states = through(block, i)  # the next block sees what the quantized block gives
-            for p, w in originals.values():
-                p.data = w
+            out.update(_calibrate_block(windows, block, i, part, method, setting, device))
         if progress:
             progress(i + 1, len(body.parts))
     return out
+
+
+def _calibrate_block(windows: _Windows, block: nn.Module, i: int, part: Any, method: CalibratedMethod, setting: Setting,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+    """Block ``i`` calibrated: its inputs read, its experts then linears quantized (in place while the
+    windows run through it again, so that ``windows`` hold what the next block sees), then restored."""
+    linears = part.linears()
+    seen = _read_inputs(windows, block, i, part, linears, device)
+    out: dict[str, torch.Tensor] = {}
+    originals: dict[str, tuple[Any, torch.Tensor]] = {}
+    _quantize_experts(seen, method, setting, originals, out)
+    _quantize_linears(linears, seen, method, setting, originals, out)
+    windows.states = windows.through(block, i)  # the next block sees what the quantized block gives
+    for p, w in originals.values():
+        p.data = w
+    return out
+
+
+def _read_inputs(windows: _Windows, block: nn.Module, i: int, part: Any, linears: list[tuple[str, nn.Module]],
+                 device: torch.device) -> _BlockInputs:
+    """Every calibration batch through block ``i`` with hooks that record what each linear and expert reads."""
+    seen = _BlockInputs({n: HessianAccumulator(in_features(m), device) for n, m in linears}, {},
+                        {e.name: _ExpertHessians(e, device) for e in part.experts})  # per expert: its routed tokens
+
+    def record(n: str, x: torch.Tensor) -> None:
+        seen.reads.setdefault(n, x)  # (kept alive: who shares an input)
+        seen.acc[n].add(x)
+
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: record(n, args[0])) for n, m in linears]
+    for ex in seen.experts.values():
+        hooks.append(ex.attach())
+    try:
+        windows.through(block, i)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return seen
+
+
+def _quantize_experts(seen: _BlockInputs, method: CalibratedMethod, setting: Setting,
+                      originals: dict[str, tuple[Any, torch.Tensor]], out: dict[str, torch.Tensor]) -> None:
+    """Each expert tensor quantized in place (its original kept in ``originals``, its result in ``out``)."""
+    for ex in seen.experts.values():
+        for attr in ex.e.params:
+            p = getattr(ex.e.module, attr)
+            originals[ex.e.qualified(attr)] = (p, p.data)
+            q = ex.quantized(attr, setting.weights, method, method.options_of(setting))
+            p.data = q
+            out[ex.e.qualified(attr)] = q.to("cpu")
+
+
+def _quantize_linears(linears: list[tuple[str, nn.Module]], seen: _BlockInputs, method: CalibratedMethod, setting: Setting,
+                      originals: dict[str, tuple[Any, torch.Tensor]], out: dict[str, torch.Tensor]) -> None:
+    """Each linear quantized in place by ``method`` — alone, or with those reading its input when the
+    method shares one (its original kept in ``originals``, its result in ``out``)."""
+    mods = dict(linears)
+    options = method.options_of(setting)
+    for group in _input_groups([n for n, _ in linears], seen.reads, method.shares_input):
+        mats = [(mods[n].weight.data.t() if is_conv1d(mods[n]) else mods[n].weight.data) for n in group]
+        qs = method.calibrate(mats, seen.acc[group[0]], setting.weights, options, [not _query_or_key(n) for n in group]).weights
+        for n, q in zip(group, qs):
+            m = mods[n]
+            q = q.t().contiguous() if is_conv1d(m) else q
+            originals[n] = (m.weight, m.weight.data)
+            m.weight.data = q
+            out[n] = q.to("cpu")
 
 
 class _ExpertHessians:
@@ -169,13 +218,13 @@ class _ExpertHessians:
 
         return moe.run_per_expert(self.e, lambda n, x: x, set(), self.record)
 
-    def quantized(self, attr: str, spec: Any, setting: Setting) -> torch.Tensor:
+    def quantized(self, attr: str, spec: Any, method: CalibratedMethod, options: Any) -> torch.Tensor:
         """The tensor ``attr`` with every expert matrix GPTQ- (or AWQ-) quantized on its own routed tokens
         (an expert's gate and up matrices read one input: one AWQ scale); an expert no calibration token
         reached is rounded to nearest (its Hessian is empty)."""
         from quantlens.quantize.quant import quantize
 
-        e, g = self.e, setting.gptq
+        e = self.e
         mats = e.matrices(attr, getattr(e.module, attr).data)
         parts = e.parts(attr)
         out = torch.empty_like(mats)
@@ -185,15 +234,11 @@ class _ExpertHessians:
             if acc is None or acc.n == 0:
                 for i in sl:
                     out[i] = quantize(mats[i], spec).xq
-            elif setting.awq is not None:
-                a = setting.awq
-                qs, _ = awq_quantize([mats[i] for i in sl], acc.h, acc.abs_mean, spec, grid=a.grid, clip=[a.clip] * len(sl),
-                                     max_shrink=a.max_shrink)
-                for i, q in zip(sl, qs):
+                continue
+            for idx in [list(sl)] if method.shares_input else [[i] for i in sl]:
+                qs = method.calibrate([mats[i] for i in idx], acc, spec, options, [True] * len(idx)).weights
+                for i, q in zip(idx, qs):
                     out[i] = q
-            else:
-                for i in sl:
-                    out[i] = gptq_quantize(mats[i], acc.h, spec, damp=g.damp, block=g.block, act_order=g.act_order)
         return e.from_matrices(attr, out)
 
 

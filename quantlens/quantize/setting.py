@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from quantlens.errors import ConfigError
 from quantlens.quantize import params
+from quantlens.quantize.methods import registry
 from quantlens.quantize.spec import (GRID_DEFAULTS, AWQSpec, CalibrationSpec, CheckpointSpec, GPTQSpec, KVSpec,
                                      PerturbSpec, QuantSpec, Strict)
 
@@ -54,10 +55,11 @@ class Setting(Strict):
 
     @model_validator(mode="after")
     def _calibrated_has_a_grid(self) -> "Setting":
-        if self.gptq is not None and self.awq is not None:
-            raise ValueError("gptq and awq: one calibrated method per setting")
+        methods = registry.chosen(self)
+        if len(methods) > 1:
+            raise ValueError(f"{' and '.join(m.option for m in methods)}: one calibrated method per setting")
         if self.checkpoint is not None:
-            if self.gptq is not None or self.awq is not None or self.calibration is not None:
+            if methods or self.calibration is not None:
                 raise ValueError("checkpoint: the weights are the checkpoint's; gptq, awq and calibration do not apply")
             if self.weights is not None and self.checkpoint.layout is None:
                 raise ValueError("checkpoint: the weights spec is read from the checkpoint; leave weights out")
@@ -65,18 +67,16 @@ class Setting(Strict):
                 raise ValueError("checkpoint: what is quantized is the checkpoint's; include_lm_head / include_embeddings / "
                                  "include_routers do not apply")
             return self
-        method = self.method
-        if method == "rtn":
+        if not methods:
             if self.calibration is not None:
                 raise ValueError("calibration: only a calibrated method (gptq, awq) uses calibration data")
             return self
+        method = methods[0].name
         if self.weights is None:
             raise ValueError(f"{method}: needs quantized weights (a weights spec)")
-        from quantlens.quantize.gptq import supported
-
-        why = supported(self.weights)
+        why = methods[0].supported(self.weights)
         if why:
-            raise ValueError(f"{method}: {why.replace('GPTQ', method.upper())}")
+            raise ValueError(f"{method}: {why}")
         return self  # (a weight perturbation of a calibrated setting is noise matched to the method's own Δ, layer by layer)
 
     @property
@@ -85,12 +85,14 @@ class Setting(Strict):
         or a released checkpoint's method (``checkpoint`` until it is read)."""
         if self.checkpoint is not None:
             return self.checkpoint.method or "checkpoint"
-        return "gptq" if self.gptq is not None else "awq" if self.awq is not None else "rtn"
+        methods = registry.chosen(self)
+        return methods[0].name if methods else "rtn"
 
     @property
     def calibrated(self) -> bool:
-        """GPTQ or AWQ calibrated in the sweep (a released checkpoint is not: it is read, see :attr:`external_weights`)."""
-        return self.gptq is not None or self.awq is not None
+        """GPTQ or AWQ (a registered calibrated method, :mod:`quantlens.quantize.methods`) calibrated in the sweep
+        (a released checkpoint is not: it is read, see :attr:`external_weights`)."""
+        return bool(registry.chosen(self))
 
     @property
     def external_weights(self) -> bool:
