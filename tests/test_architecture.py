@@ -46,7 +46,6 @@ KNOWN: dict[str, set[str]] = {
         'quantlens/model/footprint.py shape_from_config',
         'quantlens/model/streaming.py load_streaming',
         'quantlens/quantize/compressed.py _parse_cached',
-        'quantlens/quantize/patch.py quantize_',
         'tasks/steps.py evaluate',
     },
     "datasets": {

@@ -441,16 +441,42 @@ def quantize_(
     if setting.kv is not None:
         kv.check_supported(model)  # an attention that is not understood fails before any weight changes
     report = PatchReport(setting=setting.name)
-    originals: dict[str, tuple[nn.Parameter, torch.Tensor | _Stored]] = {}
-    ckpt = None
-    if keep_originals_on == "checkpoint":
-        ckpt = model_checkpoint(model)
-        if ckpt is None:
-            raise ConfigError("originals: checkpoint needs a model loaded from a folder with safetensors (load_model); "
-                              "use originals: memory")
-
-    weight_targets: list[Target] = list(layers) if setting.weights else []
+    ckpt = _originals_checkpoint(model) if keep_originals_on == "checkpoint" else None
     params = dict(model.named_parameters()) if overrides else {}
+    weight_targets = _weight_targets(model, setting, layers, calibrated, overrides, params)
+    streamed = _streaming_device(model)
+    with torch.no_grad():
+        originals, deferred = _rewrite_weights(model, setting, weight_targets, calibrated, ckpt, keep_originals_on, streamed,
+                                               report)
+        overridden = _override(params, overrides)
+    handles, act_state = _attach_activations(setting, layers, streamed, activation_stats_forwards)
+    if deferred:  # the streamed blocks' weights get the setting as they arrive on the device
+        streaming.on_arrival(model, apply_deferred)
+    kv_states = []
+    if setting.kv is not None:
+        kv_states = kv.attach(model, setting.kv, setting.perturbation if setting.perturbs_kv() else None, activation_stats_forwards)
+    state = _PatchState(setting, originals, handles, act_state, report, kv_states, deferred, calibrated=calibrated,
+                        overridden=overridden)
+    state.coverage = _Coverage.of(model, setting, layers, originals, deferred)
+    report.coverage = state.coverage.metrics()
+    setattr(model, _STATE_ATTR, state)
+    return report
+
+
+def _originals_checkpoint(model: nn.Module) -> Any:
+    """The checkpoint :func:`restore_` reads the originals from (``keep_originals_on="checkpoint"``)."""
+    ckpt = model_checkpoint(model)
+    if ckpt is None:
+        raise ConfigError("originals: checkpoint needs a model loaded from a folder with safetensors (load_model); "
+                          "use originals: memory")
+    return ckpt
+
+
+def _weight_targets(model: nn.Module, setting: Setting, layers: list[Target], calibrated: dict[str, torch.Tensor] | None,
+                    overrides: dict[str, torch.Tensor] | None, params: dict[str, nn.Parameter]) -> list[Target]:
+    """The weights ``setting`` rewrites: its targets, a checkpoint's own layers, the embeddings; every
+    override, a checkpoint's weights and every calibrated weight checked before anything changes."""
+    weight_targets: list[Target] = list(layers) if setting.weights else []
     for name, value in (overrides or {}).items():  # checked before anything changes
         if name not in params or tuple(params[name].shape) != tuple(value.shape):
             raise ConfigError(f"{setting.name}: no parameter {name} {tuple(value.shape)} in the model to override")
@@ -474,38 +500,59 @@ def quantize_(
         if missing:
             raise ConfigError(f"{setting.name}: no calibrated weights for {len(missing)} layer(s) ({missing[0]}, …): calibrate the "
                               "model first (quantlens.quantize.calibrate.calibrated_weights) and pass calibrated=")
-    streamed = _streaming_device(model)
-    deferred: dict[int, Target] = {}
-    with torch.no_grad():
-        for t in weight_targets:
-            param = t.param
-            if any(param is p for p, _ in originals.values()):
-                continue  # tied weight already done
-            if streamed is not None and param.numel() == 0:
-                deferred[id(param)] = t  # read from the checkpoint when its block runs: patched then
-                continue
-            w = param.data
-            wq, stats = _new_tensor(t, w, setting, calibrated)
-            if ckpt is not None:
-                kinds = (type(model).__name__, str(getattr(model.config, "model_type", "")))
-                source = ckpt.source(f"{t.name}.weight" if t.kind != "experts" else t.name, kinds, tuple(w.shape)) or \
-                    ckpt.source(_param_name(model, param), kinds, tuple(w.shape))  # (a tied head: its embedding)
-                if source is None:
-                    raise ConfigError(f"originals: checkpoint: {t.name} is not in {ckpt.folder}")
-                originals[t.name] = (param, _Stored(ckpt, source))
-            else:
-                keep = "cpu" if keep_originals_on == "cpu" or (keep_originals_on == "auto" and w.device.type != "cpu") else "same"
-                originals[t.name] = (param, w.to("cpu") if keep == "cpu" else w)
-            report.add_lens("weight", w, wq)
-            param.data = wq
-            report.layers.extend(stats)
-        overridden = []
-        if overrides:
-            for name, value in overrides.items():  # (names and shapes checked above)
-                param = params[name]
-                overridden.append((param, param.data))
-                param.data = value.to(param.device, param.dtype)
+    return weight_targets
 
+
+def _rewrite_weights(model: nn.Module, setting: Setting, weight_targets: list[Target], calibrated: dict[str, torch.Tensor] | None,
+                     ckpt: Any, keep_originals_on: str, streamed: torch.device | None, report: PatchReport
+                     ) -> tuple[dict[str, tuple[nn.Parameter, "torch.Tensor | _Stored"]], dict[int, Target]]:
+    """Each target weight rewritten in place (its statistics in ``report``): (originals by name, the
+    streamed weights deferred until their block arrives, by id of the parameter)."""
+    originals: dict[str, tuple[nn.Parameter, torch.Tensor | _Stored]] = {}
+    deferred: dict[int, Target] = {}
+    for t in weight_targets:
+        param = t.param
+        if any(param is p for p, _ in originals.values()):
+            continue  # tied weight already done
+        if streamed is not None and param.numel() == 0:
+            deferred[id(param)] = t  # read from the checkpoint when its block runs: patched then
+            continue
+        w = param.data
+        wq, stats = _new_tensor(t, w, setting, calibrated)
+        originals[t.name] = (param, _kept_original(model, t, w, ckpt, keep_originals_on))
+        report.add_lens("weight", w, wq)
+        param.data = wq
+        report.layers.extend(stats)
+    return originals, deferred
+
+
+def _kept_original(model: nn.Module, t: Target, w: torch.Tensor, ckpt: Any, keep_originals_on: str) -> "torch.Tensor | _Stored":
+    """Where target ``t``'s original weight ``w`` is kept for :func:`restore_` (``keep_originals_on``)."""
+    if ckpt is not None:
+        kinds = (type(model).__name__, str(getattr(model.config, "model_type", "")))
+        source = ckpt.source(f"{t.name}.weight" if t.kind != "experts" else t.name, kinds, tuple(w.shape)) or \
+            ckpt.source(_param_name(model, t.param), kinds, tuple(w.shape))  # (a tied head: its embedding)
+        if source is None:
+            raise ConfigError(f"originals: checkpoint: {t.name} is not in {ckpt.folder}")
+        return _Stored(ckpt, source)
+    keep = "cpu" if keep_originals_on == "cpu" or (keep_originals_on == "auto" and w.device.type != "cpu") else "same"
+    return w.to("cpu") if keep == "cpu" else w
+
+
+def _override(params: dict[str, nn.Parameter], overrides: dict[str, torch.Tensor] | None) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """The ``overrides`` set in place (names and shapes checked before): each parameter and its own data."""
+    overridden = []
+    if overrides:
+        for name, value in overrides.items():  # (names and shapes checked above)
+            param = params[name]
+            overridden.append((param, param.data))
+            param.data = value.to(param.device, param.dtype)
+    return overridden
+
+
+def _attach_activations(setting: Setting, layers: list[Target], streamed: torch.device | None,
+                        activation_stats_forwards: int) -> tuple[list[Any], _ActivationState | None]:
+    """The activation quantization / perturbation hooks on every target layer: (handles, their state)."""
     handles: list[Any] = []
     act_state = None
     if setting.activations is not None:
@@ -521,18 +568,7 @@ def quantize_(
                                           moe.needs_per_expert(setting)))
             else:
                 handles.append(t.module.register_forward_pre_hook(_make_hook(act_state, t.name, gen)))
-
-    if deferred:  # the streamed blocks' weights get the setting as they arrive on the device
-        streaming.on_arrival(model, apply_deferred)
-    kv_states = []
-    if setting.kv is not None:
-        kv_states = kv.attach(model, setting.kv, setting.perturbation if setting.perturbs_kv() else None, activation_stats_forwards)
-    state = _PatchState(setting, originals, handles, act_state, report, kv_states, deferred, calibrated=calibrated,
-                        overridden=overridden)
-    state.coverage = _Coverage.of(model, setting, layers, originals, deferred)
-    report.coverage = state.coverage.metrics()
-    setattr(model, _STATE_ATTR, state)
-    return report
+    return handles, act_state
 
 
 def _device_of(module: nn.Module) -> torch.device:
