@@ -94,8 +94,8 @@ def main() -> None:
 
     import tempfile
 
-    from quantlens.model.export import write_quantized
-    from quantlens.model.released import describe, released_weights
+    from quantlens.checkpoints.export import write_quantized
+    from quantlens.checkpoints.released import describe, released_weights
     from quantlens.quantize.calibrate import calibrate_model
 
     folders = args.checkpoint if args.checkpoint is not None else [

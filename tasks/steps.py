@@ -108,7 +108,7 @@ def download_checkpoint(setting: Setting) -> tuple[Setting, str, str]:
     """A checkpoint setting's released checkpoint, fetched (or found in the Hugging Face cache, or a
     local folder) like a model, and read: (the setting with what the checkpoint holds, its folder,
     its revision — the hub commit or a local folder's fingerprint)."""
-    from quantlens.model.released import describe
+    from quantlens.checkpoints.released import describe
 
     spec = setting.checkpoint
     try:
@@ -136,7 +136,7 @@ def planned_checkpoint(setting: Setting, released: Any) -> tuple[Setting, str, s
 def released(model: Any, setting: Setting, folder: str) -> tuple[dict, dict, dict[str, Any]]:
     """A checkpoint setting's weights for this model: (quantized weights by target name, float
     tensors the checkpoint changes, params)."""
-    from quantlens.model.released import describe, released_weights
+    from quantlens.checkpoints.released import describe, released_weights
 
     t0 = time.perf_counter()
     weights, overrides, params = released_weights(model, describe(folder))

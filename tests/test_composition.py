@@ -325,8 +325,8 @@ def test_released_checkpoints_on_every_architecture(arch, folders, tmp_path):
     writes; GPT-2's Conv1D as its [out, in] matrix) read into the single and the streamed model alike,
     alone and with A8 on top: every layer the checkpoint packs is read (experts fused back through the
     conversion mapping), stream == single bit for bit, restore exact."""
-    from quantlens.model.export import write_quantized
-    from quantlens.model.released import describe, released_weights
+    from quantlens.checkpoints.export import write_quantized
+    from quantlens.checkpoints.released import describe, released_weights
 
     path = folders[arch]
     single, _ = load_model(path, device="cpu", dtype="float32", placement="single")

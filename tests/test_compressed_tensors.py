@@ -1,4 +1,4 @@
-"""compressed-tensors checkpoints (quantlens.quantize.compressed), against the library's own packer.
+"""compressed-tensors checkpoints (quantlens.checkpoints.compressed), against the library's own packer.
 
 Each case quantizes a tiny random Llama with the library (``apply_quantization_config``; scales and
 zero points from min/max by the library's ``calculate_qparams`` / ``generate_gparam``, the observers'
@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from quantlens.quantize.compressed import dequantize, describe, packed_modules
+from quantlens.checkpoints.compressed import dequantize, describe, packed_modules
 from quantlens.quantize.settings import ConfigError
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -355,9 +355,9 @@ def test_nvfp4_is_decompressed_to_bf16_by_the_library():
 
 
 def test_a_compressed_tensors_checkpoint_is_a_setting_of_its_base_model(checkpoint):
-    """The same checkpoint through quantlens.model.released: described, checked against the model it
+    """The same checkpoint through quantlens.checkpoints.released: described, checked against the model it
     was made from, read into it (each weight the library's fake-quantized one, exactly), patched."""
-    from quantlens.model import released as R
+    from quantlens.checkpoints import released as R
     from quantlens.quantize.patch import quantize_, restore_
     from quantlens.quantize.settings import resolve_setting
 

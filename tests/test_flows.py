@@ -586,7 +586,7 @@ def test_gptq_calibrated_in_the_sweep_and_cached(env, tmp_path):
 def released_checkpoints(tmp_path_factory):
     """GPTQ (4-bit, g32, act-order) checkpoints of tiny-llama and tiny-opt and an AWQ one of tiny-llama
     with its scales folded into the norms, in the layouts checked against AutoGPTQ / AutoAWQ (test_released)."""
-    from quantlens.model.export import write_quantized
+    from quantlens.checkpoints.export import write_quantized
     from quantlens.model.loading import load_model
 
     d = tmp_path_factory.mktemp("released")

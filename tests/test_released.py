@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import FAMILIES, MODELS
-from quantlens.model import released as R
-from quantlens.model.export import grid_ints, write_packed, write_quantized
-from quantlens.quantize import packed as P
+from quantlens.checkpoints import released as R
+from quantlens.checkpoints.export import grid_ints, write_packed, write_quantized
+from quantlens.checkpoints import packing as P
 from quantlens.quantize.patch import full_precision, quantize_, restore_
 from quantlens.quantize.settings import ConfigError, resolve_setting
 

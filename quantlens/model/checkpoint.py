@@ -186,3 +186,14 @@ class Checkpoint:
                         t = t.to(dtype)
                     out[k] = t
         return out
+
+
+def model_checkpoint(model: "torch.nn.Module") -> Checkpoint | None:
+    """The safetensors checkpoint a model was loaded from (``quantlens.model.loading.load_model``), or None."""
+    source = getattr(model, "_quantlens_source", None)
+    if source is None:
+        return None
+    try:
+        return Checkpoint(source)
+    except ConfigError:
+        return None

@@ -325,7 +325,7 @@ def choose_originals(model: Any, choice: str = "auto") -> str:
     the ``keep_originals_on`` value to pass (``auto`` for memory)."""
     import os
 
-    from quantlens.quantize.patch import model_checkpoint
+    from quantlens.model.checkpoint import model_checkpoint
 
     if choice == "memory":
         return "auto"

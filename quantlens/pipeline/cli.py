@@ -252,9 +252,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
-    from quantlens.model.export import write_quantized
+    from quantlens.checkpoints.export import write_quantized
     from quantlens.model.loading import TOKENIZER_FILES, download, load_model, resolve_model
-    from quantlens.model.released import describe
+    from quantlens.checkpoints.released import describe
 
     info = resolve_model(args.model)
     snap = download(info)

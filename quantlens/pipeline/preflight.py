@@ -209,7 +209,7 @@ def check_checkpoint_sources(settings: list, planning: bool, refusals: list[str]
     """Each checkpoint setting's checkpoint, where it is here (a local folder or the Hugging Face cache):
     read (format, grid) and its safetensors headers checked. Returns setting name → Released; the
     problems go to ``refusals``, one line each. One not here is read after its download (offline: refused)."""
-    from quantlens.model.released import QuantizedCheckpoint, describe
+    from quantlens.checkpoints.released import QuantizedCheckpoint, describe
 
     found: dict[str, Any] = {}
     read = {} if read is None else read
@@ -254,7 +254,7 @@ def check_checkpoints_fit(m: Any, released: dict[str, Any]) -> None:
         return  # the model is known only after download: the model flow checks it then
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from quantlens.model.released import check
+    from quantlens.checkpoints.released import check
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(os.path.dirname(cfg_file)))

@@ -20,6 +20,7 @@ from torch import nn
 
 from quantlens.model import streaming
 from quantlens.model.anatomy import Experts, ModelNotUnderstood, anatomy, in_features, is_conv1d
+from quantlens.model.checkpoint import model_checkpoint
 from quantlens.quantize import moe
 from quantlens.quantize import kv, lens
 from quantlens.quantize.perturb import make_generator, perturb, shaped_noise, shaped_noise_rows
@@ -255,19 +256,6 @@ def _original(orig: "torch.Tensor | _Stored", like: torch.Tensor) -> torch.Tenso
     return orig if orig.device == like.device else orig.to(like.device)
 
 
-def model_checkpoint(model: nn.Module) -> Any:
-    """The safetensors checkpoint a model was loaded from (``quantlens.model.loading.load_model``), or None."""
-    source = getattr(model, "_quantlens_source", None)
-    if source is None:
-        return None
-    from quantlens.model.checkpoint import Checkpoint
-
-    try:
-        return Checkpoint(source)
-    except ConfigError:
-        return None
-
-
 @dataclass
 class _PatchState:
     setting: Setting
@@ -366,7 +354,7 @@ def _new_tensor(t: Target, w: torch.Tensor, setting: Setting, calibrated: dict[s
     dense MLP's linears would be (rows and groups along each matrix's input features, one tensor
     scale per matrix); statistics are per expert (``<experts>.<tensor>.<e>``). A calibrated setting
     (GPTQ, AWQ) or a released checkpoint takes its weights from ``calibrated``
-    (:mod:`quantlens.quantize.calibrate`, :mod:`quantlens.model.released`)."""
+    (:mod:`quantlens.quantize.calibrate`, :mod:`quantlens.checkpoints.released`)."""
     if setting.external_weights:
         if calibrated is None or t.name not in calibrated:
             raise ConfigError(f"{setting.name}: no calibrated weight for {t.name} (calibrate the model first: "

@@ -221,7 +221,7 @@ class CalibrationSpec(Strict):
 
 
 class CheckpointSpec(Strict):
-    """A released quantized checkpoint of the sweep's model (:mod:`quantlens.model.released`): a hub id
+    """A released quantized checkpoint of the sweep's model (:mod:`quantlens.checkpoints.released`): a hub id
     or a local folder, and the hub revision (None: the default branch) — or, for a sweep of several
     models, ``models``: each model's checkpoint (by the model's ref or name; a model without one does
     not run the setting). What it holds (method, bits, groups) is read from the checkpoint once it is

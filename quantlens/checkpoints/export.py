@@ -1,7 +1,7 @@
 """Write a model's decoder-block linears as a released quantized checkpoint (GPTQ or AWQ layout),
 round to nearest on the format's own grid: what the tests and the offline demo make released
 checkpoints with (the hub's are made by the methods' own libraries; the layouts are the same, see
-:mod:`quantlens.quantize.packed`).
+:mod:`quantlens.checkpoints.packing`).
 
 GPTQ's grid: integers 0 … 2^b − 1 with a zero point per group — ``sym`` puts it at 2^(b−1) with
 scale 2·max|w| / (2^b − 1), as GPTQ's quantizer does; otherwise min/max (zero included). AWQ's:
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlens.quantize import packed as P
+from quantlens.checkpoints import packing as P
 
 
 def grid_ints(w: torch.Tensor, bits: int, g_idx: torch.Tensor, groups: int, sym: bool, min_zero: int = 0) -> tuple[torch.Tensor, ...]:

@@ -112,6 +112,26 @@ def _parse(qconfig: dict) -> _Parsed:
 @functools.lru_cache(maxsize=16)
 def _parse_cached(key: str) -> _Parsed:
     qconfig = json.loads(key)
+    _refuse_unreadable(qconfig)
+    top = qconfig.get("format")
+    from compressed_tensors.quantization import QuantizationArgs
+
+    config_groups = qconfig.get("config_groups")
+    if not isinstance(config_groups, dict) or not config_groups:
+        raise ConfigError("quantization_config.config_groups is missing or empty")
+    groups = [g for name, raw in config_groups.items() if (g := _group(name, raw, top)) is not None]
+    if not groups:
+        raise ConfigError("quantization_config quantizes no weights (only activations / KV cache): nothing to dequantize")
+    kv = qconfig.get("kv_cache_scheme")
+    try:
+        kv = QuantizationArgs.model_validate(kv) if kv else None
+    except Exception as e:
+        raise ConfigError(f"quantization_config.kv_cache_scheme: {_line(e)}") from None
+    return _Parsed(tuple(groups), tuple(qconfig.get("ignore") or ()), kv)
+
+
+def _refuse_unreadable(qconfig: dict) -> None:
+    """What the whole checkpoint cannot be read as: another method, sparsity, rotations, pruned experts, a format."""
     method = qconfig.get("quant_method", "compressed-tensors")
     if method != "compressed-tensors":
         raise ConfigError(f"quantization_config.quant_method is {method!r}, not 'compressed-tensors'")
@@ -135,50 +155,40 @@ def _parse_cached(key: str) -> _Parsed:
     if top not in READABLE_FORMATS and top != _MIXED:
         raise _refuse(top, _WHY_NOT.get(top, f"unknown (readable: {', '.join(READABLE_FORMATS)})"))
 
+
+def _group(name: str, raw: Any, top: str | None) -> "_Group | None":
+    """One config group as a readable weight scheme; None for an activation-only group."""
     from compressed_tensors.compressors.format import infer_module_format
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization import QuantizationScheme
     from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
 
-    config_groups = qconfig.get("config_groups")
-    if not isinstance(config_groups, dict) or not config_groups:
-        raise ConfigError("quantization_config.config_groups is missing or empty")
-    groups = []
-    for name, raw in config_groups.items():
-        act_order = False
-        try:
-            if isinstance(raw, list):  # a preset name mapped to its targets
-                scheme = preset_name_to_scheme(name, raw)
-            else:
-                raw = json.loads(json.dumps(raw))
-                weights = raw.get("weights")
-                if isinstance(weights, dict) and (weights.get("actorder") is True
-                                                  or str(weights.get("actorder")).lower() in ("group", "dynamic")):
-                    act_order = True  # removed from the library in 0.20: g_idx is handled here (module doc)
-                    weights["actorder"] = None
-                scheme = QuantizationScheme.model_validate(raw)
-        except Exception as e:  # pydantic ValidationError, KeyError of an unknown preset, ValueError
-            fmt = raw.get("format", top) if isinstance(raw, dict) else top
-            raise _refuse(fmt, f"config group {name!r} does not validate: {_line(e)}") from None
-        if scheme.weights is None:
-            continue  # activation-only group
-        fmt = scheme.format if scheme.format is not None else (None if top == _MIXED else top)
-        if fmt is None:
-            import torch.nn as nn
-
-            fmt = infer_module_format(nn.Linear, scheme)
-        fmt = getattr(fmt, "value", fmt)
-        if fmt not in READABLE_FORMATS:
-            raise _refuse(fmt, _WHY_NOT.get(fmt, f"unknown (readable: {', '.join(READABLE_FORMATS)})"))
-        _check(name, fmt, scheme.weights, act_order)
-        groups.append(_Group(name, scheme, fmt, act_order))
-    if not groups:
-        raise ConfigError("quantization_config quantizes no weights (only activations / KV cache): nothing to dequantize")
-    kv = qconfig.get("kv_cache_scheme")
+    act_order = False
     try:
-        kv = QuantizationArgs.model_validate(kv) if kv else None
-    except Exception as e:
-        raise ConfigError(f"quantization_config.kv_cache_scheme: {_line(e)}") from None
-    return _Parsed(tuple(groups), tuple(qconfig.get("ignore") or ()), kv)
+        if isinstance(raw, list):  # a preset name mapped to its targets
+            scheme = preset_name_to_scheme(name, raw)
+        else:
+            raw = json.loads(json.dumps(raw))
+            weights = raw.get("weights")
+            if isinstance(weights, dict) and (weights.get("actorder") is True
+                                              or str(weights.get("actorder")).lower() in ("group", "dynamic")):
+                act_order = True  # removed from the library in 0.20: g_idx is handled here (module doc)
+                weights["actorder"] = None
+            scheme = QuantizationScheme.model_validate(raw)
+    except Exception as e:  # pydantic ValidationError, KeyError of an unknown preset, ValueError
+        fmt = raw.get("format", top) if isinstance(raw, dict) else top
+        raise _refuse(fmt, f"config group {name!r} does not validate: {_line(e)}") from None
+    if scheme.weights is None:
+        return None  # activation-only group
+    fmt = scheme.format if scheme.format is not None else (None if top == _MIXED else top)
+    if fmt is None:
+        import torch.nn as nn
+
+        fmt = infer_module_format(nn.Linear, scheme)
+    fmt = getattr(fmt, "value", fmt)
+    if fmt not in READABLE_FORMATS:
+        raise _refuse(fmt, _WHY_NOT.get(fmt, f"unknown (readable: {', '.join(READABLE_FORMATS)})"))
+    _check(name, fmt, scheme.weights, act_order)
+    return _Group(name, scheme, fmt, act_order)
 
 
 def _check(name: str, fmt: str, w: Any, act_order: bool) -> None:

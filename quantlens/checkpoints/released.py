@@ -9,8 +9,8 @@ other setting of the sweep (one model load per sweep; restored bit-exactly after
   layout, bits, groups, symmetry and act-order — the run's params and its weights spec. A format
   quantlens does not read is one line (:class:`ConfigError`).
 - :class:`QuantizedCheckpoint` is the checkpoint with every packed linear visible as a float
-  ``<module>.weight``, dequantized on read (:mod:`quantlens.quantize.packed` for GPTQ, AWQ and
-  bitsandbytes by their documented layouts; :mod:`quantlens.quantize.compressed` through the
+  ``<module>.weight``, dequantized on read (:mod:`quantlens.checkpoints.packing` for GPTQ, AWQ and
+  bitsandbytes by their documented layouts; :mod:`quantlens.checkpoints.compressed` through the
   compressed-tensors library). Per-expert checkpoints of an MoE are fused through transformers'
   conversion mapping, as a float checkpoint is (:class:`~quantlens.model.checkpoint.Checkpoint`).
 - :func:`check` compares a checkpoint with the model it is meant for — config, every quantized
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from quantlens.model.checkpoint import Checkpoint
-from quantlens.quantize import packed as P
+from quantlens.checkpoints import packing as P
 from quantlens.errors import ConfigError
 
 READS = "GPTQ (v1/v2), AWQ (GEMM), compressed-tensors (pack-quantized, float-quantized, nvfp4-pack-quantized), bitsandbytes 4-bit"
@@ -107,7 +107,7 @@ def describe(folder: str | Path, what: str | None = None) -> Released:
     elif method == "bitsandbytes":
         r = _bnb(q, what)
     elif method == "compressed-tensors":
-        from quantlens.quantize import compressed
+        from quantlens.checkpoints import compressed
 
         d = compressed.describe(q)
         gran = d.get("granularity")
@@ -173,7 +173,7 @@ def _packed_modules(r: Released, keys: set[str]) -> dict[str, list[str]]:
                 w = k[: -len(".absmax")]
                 out[w[: -len(".weight")]] = sorted(x for x in keys if x == w or x.startswith(w + "."))
     else:
-        from quantlens.quantize import compressed
+        from quantlens.checkpoints import compressed
 
         out = compressed.packed_modules(keys, r.qconfig)
     return out
@@ -224,7 +224,7 @@ class QuantizedCheckpoint(Checkpoint):
                 return P.awq_dequantize(parts[prefix + ".qweight"], parts[prefix + ".qzeros"], parts[prefix + ".scales"])
             if r.method == "bnb":
                 return _bnb_weight(prefix + ".weight", parts)
-            from quantlens.quantize import compressed
+            from quantlens.checkpoints import compressed
 
             return compressed.dequantize(prefix, parts, r.qconfig).to(torch.float32)
         except (ValueError, KeyError, RuntimeError, StopIteration, TypeError) as err:
@@ -408,7 +408,7 @@ def released_weights(model: Any, released: Released) -> tuple["CheckpointWeights
     lazy = is_lazy(model)
     base_ckpt = None
     if lazy:
-        from quantlens.quantize.patch import model_checkpoint
+        from quantlens.model.checkpoint import model_checkpoint
 
         base_ckpt = model_checkpoint(model)
     for name, param in model.named_parameters():
