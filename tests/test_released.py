@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, MODELS
+from quantlens.checkpoints import bnb
 from quantlens.checkpoints import released as R
 from quantlens.checkpoints.export import grid_ints, write_packed, write_quantized
 from quantlens.checkpoints import packing as P
@@ -137,7 +138,7 @@ def test_bitsandbytes_4bit_state_is_read_as_bitsandbytes_dequantizes(reference):
         for kind in ("nf4", "fp4", "nf4-nested", "fp4-nested"):
             lib = ref[f"bnb-{kind}|{name}"]
             parts = {f"x.{k}": v for k, v in lib.items() if k != "dequantized"}
-            assert torch.equal(R._bnb_weight("x.weight", parts), lib["dequantized"]), (kind, name)
+            assert torch.equal(bnb.weight("x.weight", parts), lib["dequantized"]), (kind, name)
 
 
 # --- checkpoints of the shared trained model, written from the libraries' own tensors ----------------

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from quantlens.errors import ConfigError
+from quantlens.checkpoints.layouts import Layout
 
 __all__ = ["describe", "packed_modules", "dequantize", "READABLE_FORMATS"]
 
@@ -385,3 +386,27 @@ def dequantize(prefix: str, tensors: dict[str, torch.Tensor], qconfig: dict) -> 
         restored[:, perm] = weight
         weight = restored
     return weight.to(torch.float32)
+
+
+# --- as a released-checkpoint layout (quantlens.checkpoints.layouts) -------------------------------
+def released_fields(q: dict, what: str) -> dict:
+    """The :class:`~quantlens.checkpoints.released.Released` fields of a compressed-tensors checkpoint."""
+    d = describe(q)
+    gran = d.get("granularity")
+    r = dict(method="compressed-tensors", layout=f"ct-{d['format']}" + ("+mixed" if d.get("mixed") else ""), bits=int(d["bits"]),
+             group_size=d.get("group_size") if gran == "group" else None, symmetric=bool(d.get("symmetric", True)),
+             act_order=bool(d.get("act_order", False)), num_format=d.get("num_format", "int"), element=d.get("element"))
+    if gran == "tensor" and r["num_format"] == "int":
+        raise ConfigError(f"{what}: compressed-tensors with one integer scale per tensor is not a grid quantlens describes")
+    return r
+
+
+def _weight_shape(prefix: str, shapes: dict, load, r) -> tuple[int, ...] | None:
+    """From the stored ``weight_shape`` tensor where the format keeps one, else the stored weight's."""
+    ws = next(iter(load(lambda k: k.endswith("weight_shape")).values()), None)
+    return tuple(int(d) for d in ws.tolist()) if ws is not None else shapes.get(prefix + ".weight")
+
+
+LAYOUT = Layout("compressed-tensors", "compressed-tensors (pack-quantized, float-quantized, nvfp4-pack-quantized)",
+                released_fields, lambda keys, r: packed_modules(keys, r.qconfig),
+                lambda prefix, parts, r: dequantize(prefix, parts, r.qconfig).to(torch.float32), _weight_shape, order=2)

@@ -34,10 +34,9 @@ from typing import Any
 import torch
 
 from quantlens.model.checkpoint import Checkpoint
-from quantlens.checkpoints import packing as P
+from quantlens.checkpoints import layouts as L
 from quantlens.errors import ConfigError
 
-READS = "GPTQ (v1/v2), AWQ (GEMM), compressed-tensors (pack-quantized, float-quantized, nvfp4-pack-quantized), bitsandbytes 4-bit"
 _COMPARED = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
              "vocab_size", "num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size", "head_dim",
              "ffn_dim", "n_embed", "n_layer", "n_head", "d_model")
@@ -92,91 +91,20 @@ def describe(folder: str | Path, what: str | None = None) -> Released:
         raise ConfigError(f"{what}: no config.json (not a Hugging Face model folder)")
     config = _read_json(folder / "config.json", what)
     q = config.get("quantization_config")
-    for legacy in ("quantize_config.json", "quant_config.json"):  # AutoGPTQ's and AutoAWQ's own files
-        if q is None and (folder / legacy).is_file():
-            q = _read_json(folder / legacy, what)
-            q.setdefault("quant_method", "gptq" if legacy.startswith("quantize") else "awq")
+    for lay in L.layouts().values():  # a library's own file (AutoGPTQ's, AutoAWQ's) stands for quantization_config
+        if q is None and lay.legacy_file and (folder / lay.legacy_file).is_file():
+            q = _read_json(folder / lay.legacy_file, what)
+            q.setdefault("quant_method", lay.quant_method)
     if not isinstance(q, dict):
         raise ConfigError(f"{what}: its config has no quantization_config: not a quantized checkpoint "
                           "(a full-precision model is a sweep model, not a setting)")
-    method = str(q.get("quant_method", "")).lower()
-    if method == "gptq":
-        r = _gptq(q, what)
-    elif method == "awq":
-        r = _awq(q, what)
-    elif method == "bitsandbytes":
-        r = _bnb(q, what)
-    elif method == "compressed-tensors":
-        from quantlens.checkpoints import compressed
-
-        d = compressed.describe(q)
-        gran = d.get("granularity")
-        r = dict(method="compressed-tensors", layout=f"ct-{d['format']}" + ("+mixed" if d.get("mixed") else ""), bits=int(d["bits"]),
-                 group_size=d.get("group_size") if gran == "group" else None, symmetric=bool(d.get("symmetric", True)),
-                 act_order=bool(d.get("act_order", False)), num_format=d.get("num_format", "int"), element=d.get("element"))
-        if gran == "tensor" and r["num_format"] == "int":
-            raise ConfigError(f"{what}: compressed-tensors with one integer scale per tensor is not a grid quantlens describes")
-    else:
-        raise ConfigError(f"{what}: quantization format {method or '(none)'!r} is not one quantlens reads ({READS})")
+    r = L.layout(str(q.get("quant_method", "")).lower(), what).describe(q, what)
     return Released(str(folder), qconfig=q, config=config, **r)
 
 
-def _gptq(q: dict, what: str) -> dict:
-    bits = int(q.get("bits", 4))
-    if bits not in P.PACK_BITS:
-        raise ConfigError(f"{what}: GPTQ with {bits} bits (quantlens reads 2, 3, 4 and 8)")
-    fmt = str(q.get("checkpoint_format", q.get("format", "gptq"))).lower()
-    if fmt not in ("gptq", "gptq_v2"):
-        raise ConfigError(f"{what}: GPTQ checkpoint_format {fmt!r} is repacked for a kernel (quantlens reads 'gptq' and 'gptq_v2')")
-    group = int(q.get("group_size", 128))
-    return dict(method="gptq", layout="gptq-v2" if fmt == "gptq_v2" else "gptq-v1", bits=bits,
-                group_size=None if group in (-1, 0) else group, symmetric=bool(q.get("sym", True)),
-                act_order=bool(q.get("desc_act", False)))
-
-
-def _awq(q: dict, what: str) -> dict:
-    version = str(q.get("version", "gemm")).lower()
-    if version != "gemm":
-        raise ConfigError(f"{what}: AWQ version {version!r} (quantlens reads the GEMM packing)")
-    bits = int(q.get("bits", q.get("w_bit", 4)))
-    if bits != 4:
-        raise ConfigError(f"{what}: AWQ GEMM with {bits} bits (its packing holds 4)")
-    group = int(q.get("group_size", q.get("q_group_size", 128)))
-    return dict(method="awq", layout="awq-gemm", bits=4, group_size=None if group in (-1, 0) else group,
-                symmetric=not bool(q.get("zero_point", True)), act_order=False)
-
-
-def _bnb(q: dict, what: str) -> dict:
-    if not q.get("load_in_4bit"):
-        raise ConfigError(f"{what}: bitsandbytes 8-bit (LLM.int8()) mixes int8 and fp16 per outlier column at run time; "
-                          "quantlens reads bitsandbytes 4-bit checkpoints")
-    kind = str(q.get("bnb_4bit_quant_type", "fp4")).lower()
-    if kind not in ("nf4", "fp4"):
-        raise ConfigError(f"{what}: bitsandbytes 4-bit type {kind!r} (nf4 or fp4)")
-    return dict(method="bnb", layout=f"bnb-{kind}", bits=4, group_size=64, symmetric=True, act_order=False,
-                num_format="nf" if kind == "nf4" else "fp", element=None if kind == "nf4" else "e2m1")
-
-
 # --- the checkpoint, its packed linears seen as float weights --------------------------------------
-def _packed_modules(r: Released, keys: set[str]) -> dict[str, list[str]]:
-    """Module prefix → the stored keys its weight is rebuilt from."""
-    out: dict[str, list[str]] = {}
-    if r.method in ("gptq", "awq"):
-        for k in keys:
-            if k.endswith(".qweight"):
-                p = k[: -len(".qweight")]
-                parts = [k, p + ".qzeros", p + ".scales"] + ([p + ".g_idx"] if r.method == "gptq" and p + ".g_idx" in keys else [])
-                out[p] = parts
-    elif r.method == "bnb":
-        for k in keys:
-            if k.endswith(".weight.absmax"):
-                w = k[: -len(".absmax")]
-                out[w[: -len(".weight")]] = sorted(x for x in keys if x == w or x.startswith(w + "."))
-    else:
-        from quantlens.checkpoints import compressed
-
-        out = compressed.packed_modules(keys, r.qconfig)
-    return out
+def layout_of(r: Released) -> L.Layout:
+    return L.layout(str(r.qconfig.get("quant_method", "")).lower(), f"checkpoint {r.folder}")
 
 
 class QuantizedCheckpoint(Checkpoint):
@@ -192,7 +120,8 @@ class QuantizedCheckpoint(Checkpoint):
             raise ConfigError(f"checkpoint {released.folder}: model.safetensors is not a readable safetensors file "
                               f"({' '.join(str(err).split())[:160]})") from None
         self.released = released
-        self.packed = _packed_modules(released, set(self.weight_map))
+        self.layout = layout_of(released)
+        self.packed = self.layout.packed_modules(set(self.weight_map), released)
         for prefix, parts in self.packed.items():
             missing = [p for p in parts if p not in self.weight_map]
             if missing:
@@ -217,16 +146,7 @@ class QuantizedCheckpoint(Checkpoint):
         """The float32 weight [out, in] of the packed module ``prefix`` from its stored tensors."""
         r = self.released
         try:
-            if r.method == "gptq":
-                return P.gptq_dequantize(parts[prefix + ".qweight"], parts[prefix + ".qzeros"], parts[prefix + ".scales"],
-                                         parts.get(prefix + ".g_idx"), r.bits, v1=r.layout == "gptq-v1")
-            if r.method == "awq":
-                return P.awq_dequantize(parts[prefix + ".qweight"], parts[prefix + ".qzeros"], parts[prefix + ".scales"])
-            if r.method == "bnb":
-                return _bnb_weight(prefix + ".weight", parts)
-            from quantlens.checkpoints import compressed
-
-            return compressed.dequantize(prefix, parts, r.qconfig).to(torch.float32)
+            return self.layout.dequantize(prefix, parts, r)
         except (ValueError, KeyError, RuntimeError, StopIteration, TypeError) as err:
             raise ConfigError(f"checkpoint {r.folder}: {prefix} cannot be unpacked as {r.layout}: "
                               f"{' '.join(str(err).split())[:160] or type(err).__name__}") from None
@@ -256,32 +176,8 @@ class QuantizedCheckpoint(Checkpoint):
     def weight_shape(self, prefix: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
         """The [out, in] shape a packed module's weight unpacks to, from header shapes (and, for
         bitsandbytes and compressed-tensors, a tiny stored tensor that records it)."""
-        r = self.released
-        if r.method == "gptq":
-            return (shapes[prefix + ".scales"][1], shapes[prefix + ".qweight"][0] * 32 // r.bits)
-        if r.method == "awq":
-            return (shapes[prefix + ".qweight"][1] * 8, shapes[prefix + ".qweight"][0])
-        parts = super().load([k for k in self.packed[prefix] if ".quant_state." in k or k.endswith("weight_shape")], "cpu")
-        if r.method == "bnb":
-            state = next((v for k, v in parts.items() if ".quant_state." in k), None)
-            try:
-                return tuple(_unpack_json(state)["shape"]) if state is not None else None
-            except (ValueError, KeyError, TypeError) as err:
-                raise ConfigError(f"checkpoint {self.folder}: {prefix}'s bitsandbytes quant_state is not readable ({err})") from None
-        ws = next((v for k, v in parts.items() if k.endswith("weight_shape")), None)
-        return tuple(int(d) for d in ws.tolist()) if ws is not None else shapes.get(prefix + ".weight")
-
-
-def _unpack_json(t: torch.Tensor) -> dict:
-    return json.loads(bytes(t.to(torch.uint8).cpu().numpy()).decode("utf-8"))
-
-
-def _bnb_weight(key: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    state_key = next(k for k in parts if k.startswith(key + ".quant_state.bitsandbytes__"))
-    st = _unpack_json(parts[state_key])
-    absmax = P.bnb_absmax(parts[key + ".absmax"], parts.get(key + ".nested_absmax"), parts.get(key + ".nested_quant_map"),
-                          int(st.get("nested_blocksize", 256)), float(st.get("nested_offset", 0.0)))
-    return P.bnb4_dequantize(parts[key], absmax, parts[key + ".quant_map"], int(st["blocksize"]), tuple(st["shape"]))
+        return self.layout.weight_shape(prefix, shapes, lambda which: Checkpoint.load(self, [k for k in self.packed[prefix] if which(k)], "cpu"),
+                                        self.released)
 
 
 # --- the checkpoint against its model --------------------------------------------------------------
