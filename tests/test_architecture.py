@@ -35,7 +35,6 @@ KNOWN: dict[str, set[str]] = {
     },
     "private": {
         'quantlens.pipeline.plan imports quantlens.evaluation.data._expand',
-        'quantlens.pipeline.plan imports quantlens.model.footprint._dur',
         'quantlens.pipeline.preflight imports quantlens.evaluation.data._expand',
         'quantlens.quantize.calibrate imports quantlens.model.layerwise._hidden',
         'quantlens.quantize.calibrate imports quantlens.model.layerwise._with_hidden',

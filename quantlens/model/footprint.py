@@ -690,7 +690,7 @@ def estimate(model: str, shape: Shape, target: Target, work: Workload, cached: b
         notes.append(f"stream reads {W / 1e9:.0f} GB per setting (at {DISK_GBPS:g} GB/s)")
     calib = calibration_seconds(shape, target, work, placement == "stream")
     if work.calibrated:
-        notes.append(f"calibration ({work.methods}, {work.calibration_tokens:,.0f} tokens): ≈ {_dur(calib)} per calibrated setting "
+        notes.append(f"calibration ({work.methods}, {work.calibration_tokens:,.0f} tokens): ≈ {format_duration(calib)} per calibrated setting "
                      f"× {work.calibrated}, once (then cached)")
     if work.released:
         packed = shape.params * work.released_bits / 8
@@ -749,7 +749,7 @@ def placement_error(e: Estimate) -> str | None:
             f"and {where} {e.target.name} has {e.target.memory_gib:g} GiB: {hint}")
 
 
-def _dur(s: float) -> str:
+def format_duration(s: float) -> str:
     if not math.isfinite(s):
         return "?"
     if s < 90:
@@ -775,7 +775,7 @@ def format_estimate(e: Estimate) -> list[str]:
         mark = "" if e.fits[p] else " ✗"
         parts.append(f"{p} {e.peak_gib[p]:.1f} GiB (batch {e.batch[p]}){mark}")
     line2 = (f"  peak {' · '.join(parts)} → {e.placement}: {e.why}; host RAM ≈ {e.host_gib[e.placement]:.1f} GiB; "
-             f"≈ {_dur(e.seconds_per_setting)} per setting, {_dur(e.seconds)} for {e.settings}")
+             f"≈ {format_duration(e.seconds_per_setting)} per setting, {format_duration(e.seconds)} for {e.settings}")
     return [head, line2] + [f"  note: {n}" for n in e.notes]
 
 
