@@ -30,7 +30,6 @@ KNOWN: dict[str, set[str]] = {
         'quantlens.model.released imports quantlens.quantize.settings (quantlens.quantize is above quantlens.model)',
     },
     "cycles": {
-        'quantlens.analysis.aggregate -> quantlens.analysis.calibrated_report -> quantlens.analysis.format_report -> quantlens.analysis.paired_report -> quantlens.analysis.report',
         'quantlens.quantize.gptq -> quantlens.quantize.quant -> quantlens.quantize.settings',
     },
     "private": {

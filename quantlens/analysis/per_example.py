@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from quantlens.analysis.aggregate import to_markdown
+from quantlens.analysis.rendering import to_markdown
 from quantlens.analysis.paired import LEVEL, BootstrapSpec, fisher_interval, mcnemar_exact
 from quantlens.analysis.plotting import pyplot, save_figure
-from quantlens.analysis.report import safe_name
+from quantlens.analysis.rendering import safe_name
 
 if TYPE_CHECKING:
     from quantlens.analysis.report import Report
