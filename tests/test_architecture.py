@@ -45,7 +45,6 @@ KNOWN: dict[str, set[str]] = {
         'quantlens/analysis/per_example.py write_per_example_report',
         'quantlens/evaluation/evaluate.py lambada',
         'quantlens/evaluation/evaluate.py perplexity',
-        'quantlens/model/footprint.py shape_from_config',
         'quantlens/model/streaming.py load_streaming',
         'quantlens/quantize/calibrate.py calibrate_model',
         'quantlens/quantize/compressed.py _parse_cached',
