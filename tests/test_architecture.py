@@ -40,7 +40,6 @@ KNOWN: dict[str, set[str]] = {
         'quantlens.quantize.gptq imports quantlens.quantize.quant._MIN_SCALE',
     },
     "long": {
-        'quantlens/analysis/aggregate.py fig_uniform_vs_nonuniform',
         'quantlens/analysis/mechanisms.py explain',
         'quantlens/analysis/per_example.py write_per_example_report',
         'quantlens/evaluation/evaluate.py lambada',

@@ -192,6 +192,62 @@ def fig_alpha_vs_delta(df: pd.DataFrame, path: Path) -> Path | None:
     return save_figure(fig, path, "α vs perturbation intensity (Figure 3)", fontsize=10)
 
 
+def _uniform_panel(ax, table: pd.DataFrame, m: str, labels: list[str], cu: np.ndarray, cf: np.ndarray, first: bool) -> bool:
+    """One metric's panel of :func:`fig_uniform_vs_nonuniform`; whether it ringed a collapsed run."""
+    from matplotlib.transforms import blended_transform_factory
+
+    u, f = table[f"{m} INT"].to_numpy(dtype=float), table[f"{m} format"].to_numpy(dtype=float)
+    lo = hi = None
+    if f"{m} ratio lo" in table:
+        lo, hi = u * table[f"{m} ratio lo"].to_numpy(dtype=float), u * table[f"{m} ratio hi"].to_numpy(dtype=float)
+    elif f"{m} Δ lo" in table:
+        lo, hi = u + table[f"{m} Δ lo"].to_numpy(dtype=float), u + table[f"{m} Δ hi"].to_numpy(dtype=float)
+    extent = [] if lo is None else [x for a, b, c in zip(lo, hi, cf) if not c for x in (a, b)]
+    axis = ValueAxis(np.concatenate([u, f]), np.concatenate([cu, cf]), unbounded=not higher_is_better(m), extent=extent)
+    y = row_axis(ax, labels)
+    if not first:
+        ax.tick_params(labelleft=False)
+    pu, pf = axis.pos(u, cu), axis.pos(f, cf)
+    better = (f > u) if higher_is_better(m) else (f < u)
+    for yi, a, b, good, same in zip(y, pu, pf, better, f == u):
+        ax.plot([a, b], [yi, yi], color="0.6" if same else "tab:green" if good else "tab:red", lw=2, alpha=0.55, zorder=2)
+    ax.scatter(pu, y, marker="o", color="0.4", s=24, zorder=3)
+    ax.scatter(pf, y, marker="D", color="tab:blue", s=22, zorder=4)
+    if lo is not None:
+        ok = ~np.isnan(lo) & ~cf
+        lo_c, hi_c = axis.clip(lo), axis.clip(hi)
+        ax.errorbar((lo_c[ok] + hi_c[ok]) / 2, y[ok] - 0.22, xerr=(hi_c[ok] - lo_c[ok]) / 2, fmt="none", ecolor="black",
+                    capsize=2, lw=0.8, zorder=3)
+    rings = [axis.mark(ax, y, u, cu, axis="x"), axis.mark(ax, y, f, cf, axis="x")]
+    axis.apply(ax, "x")
+    for sep in [i for i in range(1, len(table)) if table["model"].iloc[i] != table["model"].iloc[i - 1]]:
+        ax.axhline(y[sep] + 0.5, color="0.75", lw=0.8)
+    right = blended_transform_factory(ax.transAxes, ax.transData)
+    ax.text(1.02, len(table) - 0.45, "Δ", transform=right, fontsize=7, ha="left", va="bottom", weight="bold")
+    d = table[f"{m} Δ"].to_numpy(dtype=float)
+    zero = (table[f"{m} Δ lo"] <= 0) & (table[f"{m} Δ hi"] >= 0) if f"{m} Δ lo" in table else pd.Series(False, index=table.index)
+    for yi, dv, z in zip(y, d, zero):
+        ax.text(1.02, yi, _signed(dv) + (" ≈0" if z else ""), transform=right, fontsize=6.5, ha="left", va="center")
+    ax.set_xlabel(m + (" (log scale)" if axis.log else ""))
+    ax.set_title(m, fontsize=9)
+    return any(r is not None for r in rings)
+
+
+def _uniform_legend(ringed: bool) -> list:
+    """The legend handles of :func:`fig_uniform_vs_nonuniform`."""
+    from matplotlib.lines import Line2D
+
+    keys = [Line2D([], [], marker="o", color="0.4", ls="", label="INT at the same bits"),
+            Line2D([], [], marker="D", color="tab:blue", ls="", label="non-uniform format"),
+            Line2D([], [], color="black", lw=0.8, label="paired interval of the format (against INT)"),
+            Line2D([], [], color="tab:green", lw=2, alpha=0.55, label="format better"),
+            Line2D([], [], color="tab:red", lw=2, alpha=0.55, label="format worse")]
+    if ringed:
+        keys.append(Line2D([], [], marker="o", ls="", markersize=9, markerfacecolor="none", markeredgecolor=COLLAPSED_COLOR,
+                           label=RING_LABEL))
+    return keys
+
+
 def fig_uniform_vs_nonuniform(table: pd.DataFrame, path: Path) -> Path | None:
     """Each format against INT at the same bits, one row per (model, format) and one panel per metric:
     INT (grey circle) and the format (blue diamond) joined by a line, green where the format is better;
@@ -206,9 +262,6 @@ def fig_uniform_vs_nonuniform(table: pd.DataFrame, path: Path) -> Path | None:
     if not metrics:
         return None
     plt = pyplot()
-    from matplotlib.lines import Line2D
-    from matplotlib.transforms import blended_transform_factory
-
     cu = table["INT collapsed"].fillna(False).astype(bool).to_numpy() if "INT collapsed" in table else np.zeros(len(table), bool)
     cf = table["format collapsed"].fillna(False).astype(bool).to_numpy() if "format collapsed" in table else np.zeros(len(table), bool)
     note = ["" if not (a or b) else " (both collapsed)" if a and b else " (INT collapsed)" if a else " (collapsed)" for a, b in zip(cu, cf)]
@@ -217,49 +270,8 @@ def fig_uniform_vs_nonuniform(table: pd.DataFrame, path: Path) -> Path | None:
                              squeeze=False, sharey=True)
     ringed = False
     for j, (ax, m) in enumerate(zip(axes[0], metrics)):
-        u, f = table[f"{m} INT"].to_numpy(dtype=float), table[f"{m} format"].to_numpy(dtype=float)
-        lo = hi = None
-        if f"{m} ratio lo" in table:
-            lo, hi = u * table[f"{m} ratio lo"].to_numpy(dtype=float), u * table[f"{m} ratio hi"].to_numpy(dtype=float)
-        elif f"{m} Δ lo" in table:
-            lo, hi = u + table[f"{m} Δ lo"].to_numpy(dtype=float), u + table[f"{m} Δ hi"].to_numpy(dtype=float)
-        extent = [] if lo is None else [x for a, b, c in zip(lo, hi, cf) if not c for x in (a, b)]
-        axis = ValueAxis(np.concatenate([u, f]), np.concatenate([cu, cf]), unbounded=not higher_is_better(m), extent=extent)
-        y = row_axis(ax, labels)
-        if j:
-            ax.tick_params(labelleft=False)
-        pu, pf = axis.pos(u, cu), axis.pos(f, cf)
-        better = (f > u) if higher_is_better(m) else (f < u)
-        for yi, a, b, good, same in zip(y, pu, pf, better, f == u):
-            ax.plot([a, b], [yi, yi], color="0.6" if same else "tab:green" if good else "tab:red", lw=2, alpha=0.55, zorder=2)
-        ax.scatter(pu, y, marker="o", color="0.4", s=24, zorder=3)
-        ax.scatter(pf, y, marker="D", color="tab:blue", s=22, zorder=4)
-        if lo is not None:
-            ok = ~np.isnan(lo) & ~cf
-            lo_c, hi_c = axis.clip(lo), axis.clip(hi)
-            ax.errorbar((lo_c[ok] + hi_c[ok]) / 2, y[ok] - 0.22, xerr=(hi_c[ok] - lo_c[ok]) / 2, fmt="none", ecolor="black",
-                        capsize=2, lw=0.8, zorder=3)
-        rings = [axis.mark(ax, y, u, cu, axis="x"), axis.mark(ax, y, f, cf, axis="x")]
-        ringed = ringed or any(r is not None for r in rings)
-        axis.apply(ax, "x")
-        for sep in [i for i in range(1, len(table)) if table["model"].iloc[i] != table["model"].iloc[i - 1]]:
-            ax.axhline(y[sep] + 0.5, color="0.75", lw=0.8)
-        right = blended_transform_factory(ax.transAxes, ax.transData)
-        ax.text(1.02, len(table) - 0.45, "Δ", transform=right, fontsize=7, ha="left", va="bottom", weight="bold")
-        d = table[f"{m} Δ"].to_numpy(dtype=float)
-        zero = (table[f"{m} Δ lo"] <= 0) & (table[f"{m} Δ hi"] >= 0) if f"{m} Δ lo" in table else pd.Series(False, index=table.index)
-        for yi, dv, z in zip(y, d, zero):
-            ax.text(1.02, yi, _signed(dv) + (" ≈0" if z else ""), transform=right, fontsize=6.5, ha="left", va="center")
-        ax.set_xlabel(m + (" (log scale)" if axis.log else ""))
-        ax.set_title(m, fontsize=9)
-    keys = [Line2D([], [], marker="o", color="0.4", ls="", label="INT at the same bits"),
-            Line2D([], [], marker="D", color="tab:blue", ls="", label="non-uniform format"),
-            Line2D([], [], color="black", lw=0.8, label="paired interval of the format (against INT)"),
-            Line2D([], [], color="tab:green", lw=2, alpha=0.55, label="format better"),
-            Line2D([], [], color="tab:red", lw=2, alpha=0.55, label="format worse")]
-    if ringed:
-        keys.append(Line2D([], [], marker="o", ls="", markersize=9, markerfacecolor="none", markeredgecolor=COLLAPSED_COLOR,
-                           label=RING_LABEL))
+        ringed = _uniform_panel(ax, table, m, labels, cu, cf, first=not j) or ringed
+    keys = _uniform_legend(ringed)
     fig.legend(handles=keys, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=7, frameon=False)
     return save_figure(fig, path, "Number formats vs INT at the same bits (Δ = format − INT; ≈0: the paired interval covers 0)",
                        fontsize=10)
