@@ -48,10 +48,12 @@ import json
 import math
 import os
 import re
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from quantlens.model.shape import ModelShape
 
 CONTEXT_GIB = 0.75  # CUDA context + allocator slack outside torch's counted peak
 USABLE = 0.95  # share of a GPU's memory a plan may fill
@@ -213,6 +215,13 @@ def dims(cfg: dict[str, Any]) -> dict[str, Any]:
         "max_pos": _get(cfg, "max_position_embeddings", "n_positions"),
         "type": str(cfg.get("model_type", "")),
     }
+
+
+def model_shape(cfg: dict[str, Any]) -> ModelShape:
+    """The model's shape read from its config (what :meth:`quantlens.model.anatomy.Anatomy.shape`
+    reads from its modules)."""
+    d, moe = dims(cfg), moe_dims(cfg)
+    return ModelShape(layers=d["layers"], hidden=d["hidden"], vocab=d["vocab"], experts=moe["experts"] if moe else 0)
 
 
 LAYER_NORM_TYPES = ("opt", "bloom", "gpt2", "gpt_neox", "falcon")  # LayerNorm (weight + bias), biased linears
