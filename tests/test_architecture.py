@@ -41,7 +41,6 @@ KNOWN: dict[str, set[str]] = {
     },
     "long": {
         'quantlens/analysis/mechanisms.py explain',
-        'quantlens/analysis/per_example.py write_per_example_report',
         'quantlens/evaluation/evaluate.py lambada',
         'quantlens/evaluation/evaluate.py perplexity',
         'quantlens/model/streaming.py load_streaming',
