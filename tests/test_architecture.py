@@ -43,7 +43,6 @@ KNOWN: dict[str, set[str]] = {
         'quantlens/analysis/mechanisms.py explain',
         'quantlens/evaluation/evaluate.py lambada',
         'quantlens/evaluation/evaluate.py perplexity',
-        'quantlens/model/streaming.py load_streaming',
         'quantlens/quantize/calibrate.py calibrate_model',
         'quantlens/quantize/compressed.py _parse_cached',
         'quantlens/quantize/patch.py quantize_',
