@@ -40,7 +40,6 @@ KNOWN: dict[str, set[str]] = {
         'quantlens.quantize.gptq imports quantlens.quantize.quant._MIN_SCALE',
     },
     "long": {
-        'quantlens/analysis/mechanisms.py explain',
         'quantlens/evaluation/evaluate.py lambada',
         'quantlens/evaluation/evaluate.py perplexity',
         'quantlens/quantize/calibrate.py calibrate_model',
