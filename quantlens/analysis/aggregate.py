@@ -13,111 +13,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from quantlens.analysis.links import md_link, runs_link
-from quantlens.analysis.plotting import (COLLAPSED_COLOR, RING_LABEL, ValueAxis, collapsed_ppl, fmt_value, higher_is_better, is_perplexity,
+from quantlens.analysis.links import runs_link
+from quantlens.analysis.plotting import (COLLAPSED_COLOR, RING_LABEL, ValueAxis, fmt_value, higher_is_better,
                                          legend_outside, pyplot, row_axis, rows_height, save_figure, styles)
+from quantlens.analysis.rendering import to_markdown
+from quantlens.analysis.runs import (NUMERIC, QUALITY, collapsed_runs, method_runs, metrics_present, native_runs,  # noqa: F401 (re-exported)
+                                     reference_mask, reference_settings, results_table, run_families, run_methods, tidy)
 
 if TYPE_CHECKING:
     from quantlens.analysis.paired import BootstrapSpec
     from quantlens.analysis.report import Report
-
-NUMERIC = ("size_b", "w_bits", "a_bits", "kv_bits", "w_group_size", "transform_p", "clip_k", "seed", "seqlen")
-QUALITY = ("lambada_acc", "wikitext2_ppl", "c4_ppl", "fineweb_ppl", "qerror_ppl", "lambada_nll")
-
-
-def tidy(df: pd.DataFrame) -> pd.DataFrame:
-    """Strip the ``params.``/``metrics.``/``tags.`` prefixes, type the numbers, sort by model size."""
-    if df.empty:
-        return df
-    out = df.rename(columns=lambda c: c.split(".", 1)[1] if c.startswith(("params.", "metrics.")) else c)
-    out = out.rename(columns=lambda c: "tag_" + c[5:] if c.startswith("tags.") else c)
-    for c in NUMERIC:
-        if c in out:
-            out[c] = pd.to_numeric(out[c], errors="coerce")
-    if "base" not in out and "setting" in out:
-        out["base"] = out["setting"]
-    out["reference"] = reference_mask(out)
-    if "end_time" in out:  # several sweeps may hold the same (model, setting): keep the newest
-        out = out.sort_values("end_time").drop_duplicates(["model", "setting"], keep="last")
-    out = out.sort_values(["family", "size_b", "model", "setting"]).reset_index(drop=True)
-    out["collapsed"] = collapsed_runs(out)
-    return out
-
-
-def reference_mask(df: pd.DataFrame) -> pd.Series:
-    """Which runs are the full-precision model: the ``reference`` param each run logs
-    (:attr:`quantlens.quantize.settings.Setting.is_reference`). Runs logged before it existed: nothing
-    quantized — weights, activations *and KV cache* at 16 bits — and nothing perturbed."""
-    logged = df["reference"].astype(str).str.lower().map({"true": True, "false": False}) if "reference" in df else pd.Series(None, index=df.index, dtype=object)
-    bits = lambda c: pd.to_numeric(df[c], errors="coerce").fillna(16) if c in df else pd.Series(16, index=df.index)  # noqa: E731
-    pert = df["perturbation"].fillna("none") if "perturbation" in df else pd.Series("none", index=df.index)
-    derived = (bits("w_bits") == 16) & (bits("a_bits") == 16) & (bits("kv_bits") == 16) & (pert == "none")
-    return logged.where(logged.notna(), derived).astype(bool)
-
-
-def reference_settings(df: pd.DataFrame) -> dict[str, str]:
-    """model → the setting of its reference run (tidy frame): ``W16A16`` where several names of the
-    full-precision model ran (runs of older versions), else the first by name."""
-    out = {}
-    for model, g in df[df["reference"]].groupby("model"):
-        names = sorted(g["setting"])
-        out[model] = "W16A16" if "W16A16" in names else names[0]
-    return out
-
-
-def metrics_present(df: pd.DataFrame) -> list[str]:
-    return [m for m in QUALITY if m in df and df[m].notna().any()]
-
-
-def collapsed_runs(df: pd.DataFrame) -> pd.Series:
-    """Which runs have collapsed (:data:`quantlens.analysis.plotting.COLLAPSE_RATIO`): a perplexity more
-    than 10× that of its model's full-precision run on the same dataset, on any perplexity dataset."""
-    out = pd.Series(False, index=df.index)
-    if "reference" not in df or "model" not in df:
-        return out
-    refs = reference_settings(df)
-    ref_rows = df[df["setting"] == df["model"].map(refs)].drop_duplicates("model").set_index("model")
-    for m in (m for m in metrics_present(df) if is_perplexity(m)):
-        out |= collapsed_ppl(df[m], df["model"].map(ref_rows[m]))
-    return out
-
-
-def method_runs(df: pd.DataFrame) -> pd.Series:
-    """Runs whose weights a *method* made — calibrated in the sweep (GPTQ, AWQ) or read from a released
-    checkpoint — rather than round-to-nearest onto a number format: the ``method`` param (anything but
-    ``rtn`` / ``none``) or a ``checkpoint`` param; runs logged before ``method`` existed: the ``format``
-    param ``gptq`` / ``awq``. A method is compared with its round-to-nearest twin (``calibrated_lens``),
-    a format with INT at the same bits (``uniform_vs_nonuniform``): the one place that tells them apart."""
-    none = pd.Series("none", index=df.index)
-    method = df["method"].fillna("none").astype(str) if "method" in df else none
-    ckpt = df["checkpoint"].fillna("").astype(str) if "checkpoint" in df else pd.Series("", index=df.index)
-    fmt = df["format"].fillna("none").astype(str) if "format" in df else none
-    return ~method.isin(["rtn", "none", "nan", ""]) | ~ckpt.isin(["", "nan", "none"]) | fmt.isin(["gptq", "awq"])
-
-
-def run_methods(df: pd.DataFrame) -> dict[str, str]:
-    """Setting → the method that made its weights (gptq, awq, a released checkpoint's), for the runs
-    :func:`method_runs` says a method made, from their ``method`` param."""
-    method = df["method"] if "method" in df else pd.Series("checkpoint", index=df.index)
-    return {s: str(m) for s, m, x in zip(df["setting"], method.fillna("checkpoint"), method_runs(df)) if x}
-
-
-def native_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """Native quantization runs: no artificial perturbation, no clipping."""
-    return df[(df.get("perturbation", "none") == "none") & (df.get("clip_k", 0).fillna(0) == 0)]
-
-
-def to_markdown(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, row in df.iterrows():
-        cells = [floatfmt.format(v) if isinstance(v, float) else md_link(v) if _is_url(v) else str(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _is_url(v: object) -> bool:
-    return isinstance(v, str) and v.startswith(("http://", "https://"))
 
 
 def _link(*frames: pd.DataFrame | pd.Series) -> str | None:
@@ -127,23 +32,6 @@ def _link(*frames: pd.DataFrame | pd.Series) -> str | None:
 
 
 # --- Tables ---------------------------------------------------------------------------------------
-def results_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Every run: model × setting with its quality metrics and perturbation statistics, and whether it
-    collapsed (perplexity > 10× the full-precision model's: :func:`collapsed_runs`)."""
-    cols = ["model", "family", "size_b", "setting"] + metrics_present(df)
-    cols += [c for c in ("weight_rel_error_mean", "activation_rel_error_mean", "weight_clipped_fraction", "collapsed") if c in df]
-    return df[cols].copy()
-
-
-def run_families(df: pd.DataFrame) -> pd.Series:
-    """The format family of each run (``format`` param: int, cuberoot, power, nf, fp, mxfp, mxint, nvfp,
-    km, mixed, none); runs logged before formats existed: int, or the power transform's twin."""
-    p = pd.to_numeric(df["transform_p"], errors="coerce").fillna(1.0) if "transform_p" in df else pd.Series(1.0, index=df.index)
-    derived = p.map(lambda v: "int" if v == 1.0 else "cuberoot" if abs(v - 1 / 3) < 1e-6 else "power")
-    logged = df["format"] if "format" in df else pd.Series(None, index=df.index, dtype=object)
-    return logged.where(logged.notna() & (logged != "none"), derived)
-
-
 _MATCH = ("w_granularity", "a_granularity", "kv_granularity", "w_group_size")
 
 
@@ -304,6 +192,62 @@ def fig_alpha_vs_delta(df: pd.DataFrame, path: Path) -> Path | None:
     return save_figure(fig, path, "α vs perturbation intensity (Figure 3)", fontsize=10)
 
 
+def _uniform_panel(ax, table: pd.DataFrame, m: str, labels: list[str], cu: np.ndarray, cf: np.ndarray, first: bool) -> bool:
+    """One metric's panel of :func:`fig_uniform_vs_nonuniform`; whether it ringed a collapsed run."""
+    from matplotlib.transforms import blended_transform_factory
+
+    u, f = table[f"{m} INT"].to_numpy(dtype=float), table[f"{m} format"].to_numpy(dtype=float)
+    lo = hi = None
+    if f"{m} ratio lo" in table:
+        lo, hi = u * table[f"{m} ratio lo"].to_numpy(dtype=float), u * table[f"{m} ratio hi"].to_numpy(dtype=float)
+    elif f"{m} Δ lo" in table:
+        lo, hi = u + table[f"{m} Δ lo"].to_numpy(dtype=float), u + table[f"{m} Δ hi"].to_numpy(dtype=float)
+    extent = [] if lo is None else [x for a, b, c in zip(lo, hi, cf) if not c for x in (a, b)]
+    axis = ValueAxis(np.concatenate([u, f]), np.concatenate([cu, cf]), unbounded=not higher_is_better(m), extent=extent)
+    y = row_axis(ax, labels)
+    if not first:
+        ax.tick_params(labelleft=False)
+    pu, pf = axis.pos(u, cu), axis.pos(f, cf)
+    better = (f > u) if higher_is_better(m) else (f < u)
+    for yi, a, b, good, same in zip(y, pu, pf, better, f == u):
+        ax.plot([a, b], [yi, yi], color="0.6" if same else "tab:green" if good else "tab:red", lw=2, alpha=0.55, zorder=2)
+    ax.scatter(pu, y, marker="o", color="0.4", s=24, zorder=3)
+    ax.scatter(pf, y, marker="D", color="tab:blue", s=22, zorder=4)
+    if lo is not None:
+        ok = ~np.isnan(lo) & ~cf
+        lo_c, hi_c = axis.clip(lo), axis.clip(hi)
+        ax.errorbar((lo_c[ok] + hi_c[ok]) / 2, y[ok] - 0.22, xerr=(hi_c[ok] - lo_c[ok]) / 2, fmt="none", ecolor="black",
+                    capsize=2, lw=0.8, zorder=3)
+    rings = [axis.mark(ax, y, u, cu, axis="x"), axis.mark(ax, y, f, cf, axis="x")]
+    axis.apply(ax, "x")
+    for sep in [i for i in range(1, len(table)) if table["model"].iloc[i] != table["model"].iloc[i - 1]]:
+        ax.axhline(y[sep] + 0.5, color="0.75", lw=0.8)
+    right = blended_transform_factory(ax.transAxes, ax.transData)
+    ax.text(1.02, len(table) - 0.45, "Δ", transform=right, fontsize=7, ha="left", va="bottom", weight="bold")
+    d = table[f"{m} Δ"].to_numpy(dtype=float)
+    zero = (table[f"{m} Δ lo"] <= 0) & (table[f"{m} Δ hi"] >= 0) if f"{m} Δ lo" in table else pd.Series(False, index=table.index)
+    for yi, dv, z in zip(y, d, zero):
+        ax.text(1.02, yi, _signed(dv) + (" ≈0" if z else ""), transform=right, fontsize=6.5, ha="left", va="center")
+    ax.set_xlabel(m + (" (log scale)" if axis.log else ""))
+    ax.set_title(m, fontsize=9)
+    return any(r is not None for r in rings)
+
+
+def _uniform_legend(ringed: bool) -> list:
+    """The legend handles of :func:`fig_uniform_vs_nonuniform`."""
+    from matplotlib.lines import Line2D
+
+    keys = [Line2D([], [], marker="o", color="0.4", ls="", label="INT at the same bits"),
+            Line2D([], [], marker="D", color="tab:blue", ls="", label="non-uniform format"),
+            Line2D([], [], color="black", lw=0.8, label="paired interval of the format (against INT)"),
+            Line2D([], [], color="tab:green", lw=2, alpha=0.55, label="format better"),
+            Line2D([], [], color="tab:red", lw=2, alpha=0.55, label="format worse")]
+    if ringed:
+        keys.append(Line2D([], [], marker="o", ls="", markersize=9, markerfacecolor="none", markeredgecolor=COLLAPSED_COLOR,
+                           label=RING_LABEL))
+    return keys
+
+
 def fig_uniform_vs_nonuniform(table: pd.DataFrame, path: Path) -> Path | None:
     """Each format against INT at the same bits, one row per (model, format) and one panel per metric:
     INT (grey circle) and the format (blue diamond) joined by a line, green where the format is better;
@@ -318,9 +262,6 @@ def fig_uniform_vs_nonuniform(table: pd.DataFrame, path: Path) -> Path | None:
     if not metrics:
         return None
     plt = pyplot()
-    from matplotlib.lines import Line2D
-    from matplotlib.transforms import blended_transform_factory
-
     cu = table["INT collapsed"].fillna(False).astype(bool).to_numpy() if "INT collapsed" in table else np.zeros(len(table), bool)
     cf = table["format collapsed"].fillna(False).astype(bool).to_numpy() if "format collapsed" in table else np.zeros(len(table), bool)
     note = ["" if not (a or b) else " (both collapsed)" if a and b else " (INT collapsed)" if a else " (collapsed)" for a, b in zip(cu, cf)]
@@ -329,49 +270,8 @@ def fig_uniform_vs_nonuniform(table: pd.DataFrame, path: Path) -> Path | None:
                              squeeze=False, sharey=True)
     ringed = False
     for j, (ax, m) in enumerate(zip(axes[0], metrics)):
-        u, f = table[f"{m} INT"].to_numpy(dtype=float), table[f"{m} format"].to_numpy(dtype=float)
-        lo = hi = None
-        if f"{m} ratio lo" in table:
-            lo, hi = u * table[f"{m} ratio lo"].to_numpy(dtype=float), u * table[f"{m} ratio hi"].to_numpy(dtype=float)
-        elif f"{m} Δ lo" in table:
-            lo, hi = u + table[f"{m} Δ lo"].to_numpy(dtype=float), u + table[f"{m} Δ hi"].to_numpy(dtype=float)
-        extent = [] if lo is None else [x for a, b, c in zip(lo, hi, cf) if not c for x in (a, b)]
-        axis = ValueAxis(np.concatenate([u, f]), np.concatenate([cu, cf]), unbounded=not higher_is_better(m), extent=extent)
-        y = row_axis(ax, labels)
-        if j:
-            ax.tick_params(labelleft=False)
-        pu, pf = axis.pos(u, cu), axis.pos(f, cf)
-        better = (f > u) if higher_is_better(m) else (f < u)
-        for yi, a, b, good, same in zip(y, pu, pf, better, f == u):
-            ax.plot([a, b], [yi, yi], color="0.6" if same else "tab:green" if good else "tab:red", lw=2, alpha=0.55, zorder=2)
-        ax.scatter(pu, y, marker="o", color="0.4", s=24, zorder=3)
-        ax.scatter(pf, y, marker="D", color="tab:blue", s=22, zorder=4)
-        if lo is not None:
-            ok = ~np.isnan(lo) & ~cf
-            lo_c, hi_c = axis.clip(lo), axis.clip(hi)
-            ax.errorbar((lo_c[ok] + hi_c[ok]) / 2, y[ok] - 0.22, xerr=(hi_c[ok] - lo_c[ok]) / 2, fmt="none", ecolor="black",
-                        capsize=2, lw=0.8, zorder=3)
-        rings = [axis.mark(ax, y, u, cu, axis="x"), axis.mark(ax, y, f, cf, axis="x")]
-        ringed = ringed or any(r is not None for r in rings)
-        axis.apply(ax, "x")
-        for sep in [i for i in range(1, len(table)) if table["model"].iloc[i] != table["model"].iloc[i - 1]]:
-            ax.axhline(y[sep] + 0.5, color="0.75", lw=0.8)
-        right = blended_transform_factory(ax.transAxes, ax.transData)
-        ax.text(1.02, len(table) - 0.45, "Δ", transform=right, fontsize=7, ha="left", va="bottom", weight="bold")
-        d = table[f"{m} Δ"].to_numpy(dtype=float)
-        zero = (table[f"{m} Δ lo"] <= 0) & (table[f"{m} Δ hi"] >= 0) if f"{m} Δ lo" in table else pd.Series(False, index=table.index)
-        for yi, dv, z in zip(y, d, zero):
-            ax.text(1.02, yi, _signed(dv) + (" ≈0" if z else ""), transform=right, fontsize=6.5, ha="left", va="center")
-        ax.set_xlabel(m + (" (log scale)" if axis.log else ""))
-        ax.set_title(m, fontsize=9)
-    keys = [Line2D([], [], marker="o", color="0.4", ls="", label="INT at the same bits"),
-            Line2D([], [], marker="D", color="tab:blue", ls="", label="non-uniform format"),
-            Line2D([], [], color="black", lw=0.8, label="paired interval of the format (against INT)"),
-            Line2D([], [], color="tab:green", lw=2, alpha=0.55, label="format better"),
-            Line2D([], [], color="tab:red", lw=2, alpha=0.55, label="format worse")]
-    if ringed:
-        keys.append(Line2D([], [], marker="o", ls="", markersize=9, markerfacecolor="none", markeredgecolor=COLLAPSED_COLOR,
-                           label=RING_LABEL))
+        ringed = _uniform_panel(ax, table, m, labels, cu, cf, first=not j) or ringed
+    keys = _uniform_legend(ringed)
     fig.legend(handles=keys, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=7, frameon=False)
     return save_figure(fig, path, "Number formats vs INT at the same bits (Δ = format − INT; ≈0: the paired interval covers 0)",
                        fontsize=10)

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from quantlens.analysis.aggregate import method_runs, metrics_present, to_markdown
+from quantlens.analysis.rendering import to_markdown
+from quantlens.analysis.runs import method_runs, metrics_present
 from quantlens.analysis.plotting import ValueAxis, fmt_value, higher_is_better, pyplot, row_axis, rows_height, save_figure
 
 _GRID = ("w_bits", "w_group_size", "w_symmetric", "a_bits", "a_granularity", "kv_bits")

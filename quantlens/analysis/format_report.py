@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from quantlens.analysis.aggregate import method_runs, metrics_present, native_runs, run_families
+from quantlens.analysis.runs import method_runs, metrics_present, native_runs, run_families
 from quantlens.analysis.plotting import ValueAxis, higher_is_better, legend_outside, pyplot, save_figure, styles
-from quantlens.analysis.report import safe_name
+from quantlens.analysis.rendering import safe_name
 
 if TYPE_CHECKING:
     from quantlens.analysis.report import Report

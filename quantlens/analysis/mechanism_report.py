@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from quantlens.analysis.plotting import ValueAxis, fmt_value, pyplot, row_axis, rows_height, save_figure
-from quantlens.analysis.report import safe_name
+from quantlens.analysis.rendering import safe_name
 
 if TYPE_CHECKING:
     from quantlens.analysis.report import Report

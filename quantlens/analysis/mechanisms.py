@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlens.model.anatomy import Block, anatomy
+from quantlens.model.anatomy import Anatomy, Block, anatomy
 from quantlens.quantize.patch import full_precision, patched_layers
 
 UPPER_K_FRACTION = 0.18  # the paper keeps the top 18 % of layers in 16 bits
@@ -147,6 +147,55 @@ def patch_variants(parts: tuple[Block, ...], rng: range) -> list[str]:
 
 
 @torch.inference_mode()
+def _full_precision_pass(model: nn.Module, body: Anatomy, rng: range, ids: torch.Tensor, cache: dict, record: Callable,
+                         shape: Callable) -> torch.Tensor:
+    """Full precision: cache the range's module values, record the norms, kurtosis and early exits; the NLLs."""
+    parts, decode, blocks, n_layers = body.parts, body.decode, body.blocks, len(body.parts)
+    with full_precision(model), _Hooks() as hk:
+        for layer in rng:
+            p = parts[layer]
+            hk.output(p.attention_out, lambda x, l=layer: cache.__setitem__((l, "attention"), shape(x).clone()))
+            for k, lin in p.mlp.items():
+                hk.output(lin, lambda x, l=layer, k=k: cache.__setitem__((l, f"mlp.{k}"), shape(x).clone()))
+            hk.output(p.mlp_out, lambda x, l=layer: cache.__setitem__((l, "mlp_out"), shape(x).clone()))  # (Falcon adds to it in place)
+            hk.input(p.first_mlp[1], lambda x, l=layer: cache.__setitem__((l, "first_input"), shape(x).clone()))
+        for layer in range(n_layers):
+            p = parts[layer]
+            (hk.output if p.h_site[1] == "output" else hk.input)(p.h_site[0], lambda x, l=layer: (record("h_norm", l, shape(x).float().norm(dim=-1).mean(-1)), None)[1])
+            hk.input(p.residual_site, lambda x, l=layer: (record("r_kurtosis", l, _kurtosis(shape(x))), None)[1])
+            if layer in rng:
+                hk.input(p.residual_site, lambda x, l=layer: (record("exit_full_r", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
+                hk.output(blocks[layer], lambda x, l=layer: (record("exit_full_z", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
+        return _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
+
+
+def _quantized_pass(model: nn.Module, body: Anatomy, rng: range, ids: torch.Tensor, cache: dict, record: Callable,
+                    shape: Callable) -> torch.Tensor:
+    """Quantized: each module's error against the full-precision cache, early exits; the NLLs."""
+    parts, decode, blocks = body.parts, body.decode, body.blocks
+    with _Hooks() as hk:
+        for layer in rng:
+            p = parts[layer]
+            mse = lambda x, key, l: (record(key, l, (shape(x).float() - cache[(l, key[4:])].float()).square().mean((1, 2))), None)[1]  # noqa: E731
+            hk.output(p.attention_out, lambda x, l=layer: mse(x, "mse_attention", l))
+            hk.output(p.mlp_out, lambda x, l=layer: (record("mse_mlp", l, (shape(x).float() - cache[(l, "mlp_out")].float()).square().mean((1, 2))), None)[1])
+            hk.input(p.residual_site, lambda x, l=layer: (record("exit_quant_r", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
+            hk.output(blocks[layer], lambda x, l=layer: (record("exit_quant_z", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
+        return _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
+
+
+def _example_rows(set_name: str, idx: list[int], n_pred: int, nll_full: torch.Tensor, nll_quant: torch.Tensor,
+                  per: dict[str, torch.Tensor], n_layers: int, rows_ex: list[dict], rows_err: list[dict]) -> None:
+    """The batch's per-example NLLs (``rows_ex``) and per-(example, layer) numbers (``rows_err``)."""
+    for j, i in enumerate(idx):
+        rows_ex.append({"set": set_name, "example": i, "n_tokens": n_pred, "nll_full": float(nll_full[j]) / n_pred, "nll_quantized": float(nll_quant[j]) / n_pred})
+        for layer in range(n_layers):
+            row = {"set": set_name, "example": i, "layer": layer, "n_tokens": n_pred}
+            for key, tab in per.items():
+                row[key] = float(tab[j, layer])
+            rows_err.append(row)
+
+
 def explain(
     model: nn.Module,
     sets: dict[str, list[list[int]]],
@@ -166,13 +215,11 @@ def explain(
     parts = body.parts
     n_layers = len(parts)
     rng = layer_range(layers, n_layers)
-    decode = body.decode
     device = model.get_input_embeddings().weight.device
     variants = patch_variants(parts, rng)
     rows_err, rows_exit, rows_patch, rows_ex = [], [], [], []
     total = sum(len(v) for v in sets.values())
     done = 0
-    blocks = body.blocks
 
     for set_name, seqs in sets.items():
         if not seqs:
@@ -187,43 +234,10 @@ def explain(
             def record(key: str, layer: int, v: torch.Tensor) -> None:
                 per.setdefault(key, torch.full((b, n_layers), float("nan"), dtype=torch.float64, device=device))[:, layer] = v.double()
 
-            # 1. full precision: cache the range's module values, reduce the rest
-            with full_precision(model), _Hooks() as hk:
-                for layer in rng:
-                    p = parts[layer]
-                    hk.output(p.attention_out, lambda x, l=layer: cache.__setitem__((l, "attention"), shape(x).clone()))
-                    for k, lin in p.mlp.items():
-                        hk.output(lin, lambda x, l=layer, k=k: cache.__setitem__((l, f"mlp.{k}"), shape(x).clone()))
-                    hk.output(p.mlp_out, lambda x, l=layer: cache.__setitem__((l, "mlp_out"), shape(x).clone()))  # (Falcon adds to it in place)
-                    hk.input(p.first_mlp[1], lambda x, l=layer: cache.__setitem__((l, "first_input"), shape(x).clone()))
-                for layer in range(n_layers):
-                    p = parts[layer]
-                    (hk.output if p.h_site[1] == "output" else hk.input)(p.h_site[0], lambda x, l=layer: (record("h_norm", l, shape(x).float().norm(dim=-1).mean(-1)), None)[1])
-                    hk.input(p.residual_site, lambda x, l=layer: (record("r_kurtosis", l, _kurtosis(shape(x))), None)[1])
-                    if layer in rng:
-                        hk.input(p.residual_site, lambda x, l=layer: (record("exit_full_r", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
-                        hk.output(blocks[layer], lambda x, l=layer: (record("exit_full_z", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
-                nll_full = _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
-
-            # 2. quantized: error against the cache, early exit
-            with _Hooks() as hk:
-                for layer in rng:
-                    p = parts[layer]
-                    mse = lambda x, key, l: (record(key, l, (shape(x).float() - cache[(l, key[4:])].float()).square().mean((1, 2))), None)[1]  # noqa: E731
-                    hk.output(p.attention_out, lambda x, l=layer: mse(x, "mse_attention", l))
-                    hk.output(p.mlp_out, lambda x, l=layer: (record("mse_mlp", l, (shape(x).float() - cache[(l, "mlp_out")].float()).square().mean((1, 2))), None)[1])
-                    hk.input(p.residual_site, lambda x, l=layer: (record("exit_quant_r", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
-                    hk.output(blocks[layer], lambda x, l=layer: (record("exit_quant_z", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
-                nll_quant = _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
-
+            nll_full = _full_precision_pass(model, body, rng, ids, cache, record, shape)
+            nll_quant = _quantized_pass(model, body, rng, ids, cache, record, shape)
             n_pred = t - 1
-            for j, i in enumerate(idx):
-                rows_ex.append({"set": set_name, "example": i, "n_tokens": n_pred, "nll_full": float(nll_full[j]) / n_pred, "nll_quantized": float(nll_quant[j]) / n_pred})
-                for layer in range(n_layers):
-                    row = {"set": set_name, "example": i, "layer": layer, "n_tokens": n_pred}
-                    for key, tab in per.items():
-                        row[key] = float(tab[j, layer])
-                    rows_err.append(row)
+            _example_rows(set_name, idx, n_pred, nll_full, nll_quant, per, n_layers, rows_ex, rows_err)
 
             # 3. activation patching on the set that breaks
             if set_name == patch_set:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from quantlens.analysis.paired import BootstrapSpec, covers_zero, mcnemar_exact, paired_bootstrap
+from quantlens.analysis.rendering import to_markdown
 from quantlens.analysis.plotting import ValueAxis, collapsed_nll, pyplot, row_axis, rows_height, save_figure
 
 PAIRED_COLUMNS = ["model", "dataset", "setting", "against", "n_examples", "delta_nll", "delta_nll_lo", "delta_nll_hi",
@@ -91,7 +92,6 @@ def _interval(v: float, lo: float, hi: float, fmt: str = "{:+.4g}") -> str:
 
 def paired_markdown(table: pd.DataFrame, spec: BootstrapSpec) -> str:
     """``paired.md``: Δ with its interval per setting; ``≈0`` marks an interval that covers 0."""
-    from quantlens.analysis.aggregate import to_markdown
 
     head = ["# Each setting against the full-precision model, on the same examples", "",
             f"Δ = setting − reference over the same examples, with the {spec.level:.0%} paired bootstrap interval "

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from quantlens.analysis.aggregate import to_markdown
+from quantlens.analysis.rendering import to_markdown
 from quantlens.analysis.paired import LEVEL, BootstrapSpec, fisher_interval, mcnemar_exact
 from quantlens.analysis.plotting import pyplot, save_figure
-from quantlens.analysis.report import safe_name
+from quantlens.analysis.rendering import safe_name
 
 if TYPE_CHECKING:
     from quantlens.analysis.report import Report
@@ -702,6 +702,35 @@ def fig_error_vs_norm(err: pd.DataFrame, residual: pd.DataFrame, model: str, pat
 
 
 # --- Report -------------------------------------------------------------------------------------------
+def _write_paired(report: "Report", examples: pd.DataFrame, reference: dict[str, str], spec: BootstrapSpec) -> pd.DataFrame:
+    """The paired comparisons against the reference: table, summary and one figure per (model, dataset)."""
+    from quantlens.analysis.paired_report import paired_markdown, paired_vs_reference
+
+    paired = report.table("paired", lambda: paired_vs_reference(examples, reference, spec), md=False)
+    report.file("paired.md", lambda path: path.write_text(paired_markdown(paired, spec)))
+    from quantlens.analysis.paired_report import fig_paired
+
+    for (model, dataset) in (paired[["model", "dataset"]].drop_duplicates().itertuples(index=False) if not paired.empty else []):
+        report.figure(f"fig_paired_{safe_name(model)}_{safe_name(dataset)}", lambda path, m=model, d=dataset: fig_paired(paired, m, d, spec, path))
+    return paired
+
+
+def _write_d_sets(report: "Report", examples: pd.DataFrame, err: pd.DataFrame, tokens: pd.DataFrame | None, seed: int) -> None:
+    """D_large / D_ctrl: their overlap with the paper's release and one id list per (model, dataset)."""
+    sets = report.compute("d_sets", lambda: d_sets(err, tokens, seed), pd.DataFrame())
+    report.table("released_overlap", lambda: released_overlap(examples, err, sets))  # our D_large against the paper's release
+    for (model, dataset), g in (sets.groupby(["model", "dataset"], sort=True) if not sets.empty else []):
+        report.table(f"d_large_{safe_name(model)}_{safe_name(dataset)}", lambda g=g: g.drop(columns=["model", "dataset"]), md=False)
+
+
+def _linked_headline(corr: pd.DataFrame, pred: pd.DataFrame, links: Links | None) -> pd.DataFrame:
+    h = headline(corr, pred)
+    if links and not h.empty:  # every setting of the model that entered the pairs, side by side in MLflow
+        h["compare"] = [links(m, sorted(set(c["setting_a"]) | set(c["setting_b"])))
+                        for m, c in ((m, corr[(corr["model"] == m) & (corr["dataset"] == d)]) for m, d in zip(h["model"], h["dataset"]))]
+    return h
+
+
 def write_per_example_report(
     examples: pd.DataFrame,
     residual: pd.DataFrame,
@@ -731,14 +760,7 @@ def write_per_example_report(
         return report.files
     spec = spec or BootstrapSpec()
     corr = report.table("error_correlation", lambda: error_correlation(err, spec.level), md=False)
-    from quantlens.analysis.paired_report import paired_markdown, paired_vs_reference
-
-    paired = report.table("paired", lambda: paired_vs_reference(examples, reference, spec), md=False)
-    report.file("paired.md", lambda path: path.write_text(paired_markdown(paired, spec)))
-    from quantlens.analysis.paired_report import fig_paired
-
-    for (model, dataset) in (paired[["model", "dataset"]].drop_duplicates().itertuples(index=False) if not paired.empty else []):
-        report.figure(f"fig_paired_{safe_name(model)}_{safe_name(dataset)}", lambda path, m=model, d=dataset: fig_paired(paired, m, d, spec, path))
+    paired = _write_paired(report, examples, reference, spec)
     report.table("flips", lambda: flips(examples, reference))
     report.table("kl_error", lambda: kl_error(examples, err))  # the KL error beside the NLL error, per setting  # correct at the reference, wrong under the setting, and back  # every pair: a file to load, not to read
     report.file("error_correlation.md", lambda path: path.write_text(correlation_summary(corr, bases, links=links)))
@@ -746,18 +768,8 @@ def write_per_example_report(
     report.file("residual_predictor.md", lambda path: path.write_text(
         "# ρ(S(L), e) at the last layer (every layer: residual_predictor.csv)\n\n"
         + to_markdown(pred[pred["layer"] == pred.groupby(["model", "dataset"])["layer"].transform("max")])))
-    sets = report.compute("d_sets", lambda: d_sets(err, tokens, seed), pd.DataFrame())
-    report.table("released_overlap", lambda: released_overlap(examples, err, sets))  # our D_large against the paper's release
-    for (model, dataset), g in (sets.groupby(["model", "dataset"], sort=True) if not sets.empty else []):
-        report.table(f"d_large_{safe_name(model)}_{safe_name(dataset)}", lambda g=g: g.drop(columns=["model", "dataset"]), md=False)
-    def linked_headline() -> pd.DataFrame:
-        h = headline(corr, pred)
-        if links and not h.empty:  # every setting of the model that entered the pairs, side by side in MLflow
-            h["compare"] = [links(m, sorted(set(c["setting_a"]) | set(c["setting_b"])))
-                            for m, c in ((m, corr[(corr["model"] == m) & (corr["dataset"] == d)]) for m, d in zip(h["model"], h["dataset"]))]
-        return h
-
-    head = report.table("per_example_headline", linked_headline, md=False)
+    _write_d_sets(report, examples, err, tokens, seed)
+    head = report.table("per_example_headline", lambda: _linked_headline(corr, pred, links), md=False)
     from_names = methods is None
     methods = setting_methods(err["setting"].unique()) if from_names else methods
     report.file("per_example.md", lambda path: path.write_text(per_example_markdown(head, corr, methods, from_names)))

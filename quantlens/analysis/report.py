@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from quantlens.analysis.rendering import safe_name, to_markdown  # noqa: F401 (safe_name re-exported)
+
 MANIFEST = "report.json"
 
 
@@ -49,7 +51,6 @@ class Report:
 
     def table(self, stem: str, make: Callable[[], pd.DataFrame], md: bool = True) -> pd.DataFrame:
         """``make()`` → ``<stem>.csv`` (and ``.md``); returns the frame (empty when it failed or is empty)."""
-        from quantlens.analysis.aggregate import to_markdown
 
         def write() -> pd.DataFrame:
             frame = make()
@@ -90,11 +91,6 @@ class Report:
         path.write_text(json.dumps({"complete": self.complete, "failed": self.failed, "runs": sorted(runs),
                                     "files": [p.name for p in self.files]}, indent=1))
         return path
-
-
-def safe_name(name: str) -> str:
-    """A model or dataset name as part of a report file's name (``fig_paired_<model>_<dataset>.png``)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def report_is_complete(out_dir: str | Path, runs: list[str]) -> bool:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from quantlens.analysis.plotting import legend_outside, pyplot, save_figure, styles
-from quantlens.analysis.report import safe_name
+from quantlens.analysis.rendering import safe_name
 
 if TYPE_CHECKING:
     from quantlens.analysis.report import Report

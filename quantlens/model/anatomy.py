@@ -58,6 +58,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from quantlens.model.shape import ModelShape
+
 KVRoute = Literal["interface", "bloom"]
 Layout = Literal["pre-LN", "post-LN", "sandwich", "post-sublayer", "parallel"]
 
@@ -388,6 +390,15 @@ class Anatomy:
     @property
     def is_moe(self) -> bool:
         return any(b.is_moe for b in self.parts)
+
+    def shape(self) -> ModelShape:
+        """The model's shape read from its modules (what :func:`quantlens.model.footprint.model_shape`
+        reads from its config): blocks, the width the attention's first projection reads, the head's
+        rows, the routed experts of the largest MoE block."""
+        head = self.lm_head.weight
+        return ModelShape(layers=len(self.parts), hidden=in_features(self.parts[0].attention_linears[0][1]),
+                          vocab=int(shape_of(head)[1] if is_conv1d(self.lm_head) else shape_of(head)[0]),
+                          experts=max((e.num_experts for b in self.parts for e in b.experts), default=0))
 
     def decode(self, h: torch.Tensor) -> torch.Tensor:
         """hidden state → logits as the model does it: final norm (if any), project_out (if any),

@@ -49,8 +49,11 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from quantlens.model.shape import ModelShape
 
 CONTEXT_GIB = 0.75  # CUDA context + allocator slack outside torch's counted peak
 USABLE = 0.95  # share of a GPU's memory a plan may fill
@@ -214,6 +217,13 @@ def dims(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def model_shape(cfg: dict[str, Any]) -> ModelShape:
+    """The model's shape read from its config (what :meth:`quantlens.model.anatomy.Anatomy.shape`
+    reads from its modules)."""
+    d, moe = dims(cfg), moe_dims(cfg)
+    return ModelShape(layers=d["layers"], hidden=d["hidden"], vocab=d["vocab"], experts=moe["experts"] if moe else 0)
+
+
 LAYER_NORM_TYPES = ("opt", "bloom", "gpt2", "gpt_neox", "falcon")  # LayerNorm (weight + bias), biased linears
 GATED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2",
                "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
@@ -282,6 +292,35 @@ def _attention(cfg: dict[str, Any], d: dict[str, Any]) -> tuple[dict[str, tuple[
     return lin, extra, d["head_dim"]
 
 
+def _dense_mlp(t: str, H: int, gated: bool, biased: bool, width: int, prefix: str = "") -> tuple[dict[str, tuple[int, int]], int]:
+    """A dense MLP of this width: its linears (name → (out, in)) and its parameter count."""
+    if t == "gpt_neox":
+        lin = {"dense_h_to_4h": (width, H), "dense_4h_to_h": (H, width)}
+    elif gated:
+        lin = {"gate": (width, H), "up": (width, H), "down": (H, width)}
+    else:
+        lin = {"fc1": (width, H), "fc2": (H, width)}
+    bias = sum(o for o, _ in lin.values()) if biased else 0
+    return {prefix + k: v for k, v in lin.items()}, sum(o * i for o, i in lin.values()) + bias
+
+
+def _outside_params(cfg: dict[str, Any], d: dict[str, Any], norm: int) -> int:
+    """Parameters outside the blocks: embeddings, final norm, OPT's positions and projections, BLOOM's
+    embedding norm, an untied LM head."""
+    H, V, t = d["hidden"], d["vocab"], d["type"]
+    E_ = int(cfg.get("word_embed_proj_dim") or H) if t == "opt" else H
+    outside = V * E_ + norm  # embeddings, final norm
+    if t == "opt":
+        outside += (int(d["max_pos"] or 2048) + 2) * H + (2 * E_ * H if E_ != H else 0)
+        if cfg.get("do_layer_norm_before") is False or cfg.get("_remove_final_layer_norm"):
+            outside -= norm  # OPT-350m: post-LN, no final norm
+    if t == "bloom":
+        outside += norm  # word_embeddings_layernorm
+    if not cfg.get("tie_word_embeddings", t in ("opt", "bloom", "gpt2")):
+        outside += V * E_  # an untied LM head (Pythia's embed_out)
+    return outside
+
+
 def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
     """Counts computed from a config's dimensions: exact (``tests/test_plan.py`` checks them against
     transformers' own models) for OPT, BLOOM, the LLaMA-likes, GPT-NeoX / Pythia and the mixtures of
@@ -296,16 +335,7 @@ def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
     norm = 2 * H if layer_norm else H  # LayerNorm: weight + bias
     attn, attn_extra, head_dim = _attention(cfg, d)
     attn_params = sum(o * i for o, i in attn.values()) + attn_extra + 2 * norm  # + the block's two norms
-
-    def dense_mlp(width: int, prefix: str = "") -> tuple[dict[str, tuple[int, int]], int]:
-        if t == "gpt_neox":
-            lin = {"dense_h_to_4h": (width, H), "dense_4h_to_h": (H, width)}
-        elif gated:
-            lin = {"gate": (width, H), "up": (width, H), "down": (H, width)}
-        else:
-            lin = {"fc1": (width, H), "fc2": (H, width)}
-        bias = sum(o for o, _ in lin.values()) if biased else 0
-        return {prefix + k: v for k, v in lin.items()}, sum(o * i for o, i in lin.values()) + bias
+    dense_mlp = partial(_dense_mlp, t, H, gated, biased)
 
     moe = moe_dims(cfg)
     linears = {f"layers.*.{k}": v for k, v in attn.items()}
@@ -339,16 +369,7 @@ def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
             ffn = max(ffn, F)
             largest = max(largest, *(o * i for o, i in dense_lin.values()))
     linears = {n: (v if isinstance(v, int) else v[1]) for n, v in linears.items()}
-    E_ = int(cfg.get("word_embed_proj_dim") or H) if t == "opt" else H
-    outside = V * E_ + norm  # embeddings, final norm
-    if t == "opt":
-        outside += (int(d["max_pos"] or 2048) + 2) * H + (2 * E_ * H if E_ != H else 0)
-        if cfg.get("do_layer_norm_before") is False or cfg.get("_remove_final_layer_norm"):
-            outside -= norm  # OPT-350m: post-LN, no final norm
-    if t == "bloom":
-        outside += norm  # word_embeddings_layernorm
-    if not cfg.get("tie_word_embeddings", t in ("opt", "bloom", "gpt2")):
-        outside += V * E_  # an untied LM head (Pythia's embed_out)
+    outside = _outside_params(cfg, d, norm)
     return Shape(params=sum(blocks) + outside, layers=L, hidden=H, ffn=ffn, vocab=V, heads=d["heads"], model_type=t,
                  max_positions=int(d["max_pos"]) if d["max_pos"] else None, block_params=max(blocks),
                  largest_linear=largest, linears=linears, source=source, head_dim=head_dim,
@@ -690,7 +711,7 @@ def estimate(model: str, shape: Shape, target: Target, work: Workload, cached: b
         notes.append(f"stream reads {W / 1e9:.0f} GB per setting (at {DISK_GBPS:g} GB/s)")
     calib = calibration_seconds(shape, target, work, placement == "stream")
     if work.calibrated:
-        notes.append(f"calibration ({work.methods}, {work.calibration_tokens:,.0f} tokens): ≈ {_dur(calib)} per calibrated setting "
+        notes.append(f"calibration ({work.methods}, {work.calibration_tokens:,.0f} tokens): ≈ {format_duration(calib)} per calibrated setting "
                      f"× {work.calibrated}, once (then cached)")
     if work.released:
         packed = shape.params * work.released_bits / 8
@@ -749,7 +770,7 @@ def placement_error(e: Estimate) -> str | None:
             f"and {where} {e.target.name} has {e.target.memory_gib:g} GiB: {hint}")
 
 
-def _dur(s: float) -> str:
+def format_duration(s: float) -> str:
     if not math.isfinite(s):
         return "?"
     if s < 90:
@@ -775,7 +796,7 @@ def format_estimate(e: Estimate) -> list[str]:
         mark = "" if e.fits[p] else " ✗"
         parts.append(f"{p} {e.peak_gib[p]:.1f} GiB (batch {e.batch[p]}){mark}")
     line2 = (f"  peak {' · '.join(parts)} → {e.placement}: {e.why}; host RAM ≈ {e.host_gib[e.placement]:.1f} GiB; "
-             f"≈ {_dur(e.seconds_per_setting)} per setting, {_dur(e.seconds)} for {e.settings}")
+             f"≈ {format_duration(e.seconds_per_setting)} per setting, {format_duration(e.seconds)} for {e.settings}")
     return [head, line2] + [f"  note: {n}" for n in e.notes]
 
 

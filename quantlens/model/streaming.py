@@ -143,6 +143,37 @@ def enable_streaming(model: nn.Module, device: torch.device | str) -> None:
     setattr(model, _ATTR, state)
 
 
+def _empty_blocks(path: str, ckpt: Any, state: _Stream, blocks: nn.ModuleList, prefix: str, kinds: tuple[str, str]) -> None:
+    """Every block tensor becomes an empty placeholder; ``state.keys`` records, per block, where in the
+    checkpoint each is read from when the block runs."""
+    for i, block in enumerate(blocks):
+        keys = []
+        for mname, mod in block.named_modules():
+            for attr, p in list(mod._parameters.items()):
+                if p is None:
+                    continue
+                qual = f"{prefix}.{i}.{mname + '.' if mname else ''}{attr}"
+                key = ckpt.source(qual, kinds, tuple(p.shape))
+                if key is None:
+                    raise ValueError(f"{path}: block tensor {qual!r} is not in the checkpoint")
+                holder = nn.Parameter(torch.empty(0, dtype=p.dtype), requires_grad=False)
+                mod._parameters[attr] = holder
+                state.empty[id(holder)] = holder.data
+                setattr(holder, SHAPE_ATTR, p.shape)
+                keys.append((mod, attr, key, True))
+            for attr, b in list(mod._buffers.items()):
+                if b is None:
+                    continue
+                qual = f"{prefix}.{i}.{mname + '.' if mname else ''}{attr}"
+                key = ckpt.source(qual, kinds)  # a persistent buffer (DeepSeek's e_score_correction_bias): read like a weight
+                if key is None:
+                    raise NotImplementedError(f"placement: stream: block buffer {qual} is not in the checkpoint")
+                mod._buffers[attr] = torch.empty(0, dtype=b.dtype)
+                state.empty[id(mod._buffers[attr])] = mod._buffers[attr]
+                keys.append((mod, attr, key, False))
+        state.keys.append(keys)
+
+
 def load_streaming(path: str, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
     """A model whose blocks are read from ``path``'s safetensors when they run (see module doc).
 
@@ -183,32 +214,7 @@ def load_streaming(path: str, device: torch.device | str, dtype: torch.dtype) ->
                     _set(model, mname, type(mod)(config))  # rotary embeddings: inv_freq computed from the config
             except TypeError:
                 _materialize_buffers(model, mname, mod, device)
-    for i, block in enumerate(blocks):
-        keys = []
-        for mname, mod in block.named_modules():
-            for attr, p in list(mod._parameters.items()):
-                if p is None:
-                    continue
-                qual = f"{prefix}.{i}.{mname + '.' if mname else ''}{attr}"
-                key = ckpt.source(qual, kinds, tuple(p.shape))
-                if key is None:
-                    raise ValueError(f"{path}: block tensor {qual!r} is not in the checkpoint")
-                holder = nn.Parameter(torch.empty(0, dtype=p.dtype), requires_grad=False)
-                mod._parameters[attr] = holder
-                state.empty[id(holder)] = holder.data
-                setattr(holder, SHAPE_ATTR, p.shape)
-                keys.append((mod, attr, key, True))
-            for attr, b in list(mod._buffers.items()):
-                if b is None:
-                    continue
-                qual = f"{prefix}.{i}.{mname + '.' if mname else ''}{attr}"
-                key = ckpt.source(qual, kinds)  # a persistent buffer (DeepSeek's e_score_correction_bias): read like a weight
-                if key is None:
-                    raise NotImplementedError(f"placement: stream: block buffer {qual} is not in the checkpoint")
-                mod._buffers[attr] = torch.empty(0, dtype=b.dtype)
-                state.empty[id(mod._buffers[attr])] = mod._buffers[attr]
-                keys.append((mod, attr, key, False))
-        state.keys.append(keys)
+    _empty_blocks(path, ckpt, state, blocks, prefix, kinds)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise NotImplementedError(f"placement: stream: tensors left on the meta device: {leftover[:5]}")

@@ -91,7 +91,7 @@ def format_plan(estimates: list[Estimate | None], refs: list[str], target: Targe
         lines += format_estimate(e)
         total += e.seconds
     if len([e for e in estimates if e]) > 1:
-        from quantlens.model.footprint import _dur
+        from quantlens.model.footprint import format_duration
 
-        lines.append(f"grid: ≈ {_dur(total)} of evaluation in all (one model at a time)")
+        lines.append(f"grid: ≈ {format_duration(total)} of evaluation in all (one model at a time)")
     return lines

@@ -42,6 +42,7 @@ from typing import Any
 
 from quantlens.evaluation.data import DOCUMENTS, _expand, load_token_rows
 from quantlens.model.loading import TOKENIZER_FILES, ModelInfo, ModelUnavailable, local_revision, resolve_model
+from quantlens.model.shape import group_misfit
 from quantlens.pipeline import plan as P
 from quantlens.pipeline.errors import PreflightError
 from quantlens.pipeline.sweep import LM_EVAL, SweepConfig
@@ -334,10 +335,11 @@ def check_group_sizes(ref: str, shape: P.Shape, settings: list) -> None:
             g = getattr(spec, "group_size", None) if spec is not None else None
             if not g:
                 continue
-            for name, n_in in shape.linears.items():
-                if n_in % g:
-                    raise PreflightError(f"setting {s.name}: {part} group size {g} does not divide the {n_in} input "
-                                         f"features of {name} (model {ref}); {hint}")
+            misfit = group_misfit(g, shape.linears.items())
+            if misfit is not None:
+                name, n_in = misfit
+                raise PreflightError(f"setting {s.name}: {part} group size {g} does not divide the {n_in} input "
+                                     f"features of {name} (model {ref}); {hint}")
         g = s.kv.group_size if s.kv is not None and s.kv.granularity == "token" else None
         if g and shape.head_dim and shape.head_dim % g:
             raise PreflightError(f"setting {s.name}: kv group size {g} does not divide the head_dim {shape.head_dim} of the "

@@ -128,12 +128,15 @@ def _check_compatible(layers: list[Target], setting: Setting) -> None:
     for kind, spec in (("weights", setting.weights), ("activations", setting.activations)):
         if spec is None or spec.granularity != "group" or (kind == "weights" and setting.checkpoint is not None):
             continue  # (a checkpoint's weights spec describes it: its own blocks were checked against the model when read)
-        for t in layers:
-            if t.in_features % spec.group_size:
-                raise ConfigError(
-                    f"invalid setting {setting.name!r}: {kind}.group_size: {spec.group_size} does not divide "
-                    f"in_features={t.in_features} of layer {t.name!r}"
-                )
+        from quantlens.model.shape import group_misfit
+
+        misfit = group_misfit(spec.group_size, ((t.name, t.in_features) for t in layers))
+        if misfit is not None:
+            name, n_in = misfit
+            raise ConfigError(
+                f"invalid setting {setting.name!r}: {kind}.group_size: {spec.group_size} does not divide "
+                f"in_features={n_in} of layer {name!r}"
+            )
 
 
 # --- Activation hook --------------------------------------------------------------------------
