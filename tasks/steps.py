@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from quantlens.evaluation import evaluate as ev
-from quantlens.evaluation.data import DOCUMENTS
+from quantlens.evaluation.data import DATASETS, DOCUMENTS
 from quantlens.paths import cache_dir
 from quantlens.model import loading as qm
 from quantlens.quantize.patch import full_report, quantize_, restore_
@@ -228,7 +228,7 @@ def _evaluate_tasks(model: Any, tokenizer: Any, d: DatasetEntry, opts: EvalOptio
 
 def dataset_inputs(d: DatasetEntry, opts: EvalOptions, metrics: dict[str, float]) -> list[dict[str, Any]]:
     """The MLflow dataset inputs of one entry: the dataset, or each lm-eval task with its protocol."""
-    if d.name != LM_EVAL:
+    if not DATASETS[d.name].harness:
         return [dataset_input(d, opts, metrics)]
     import json
 
@@ -251,10 +251,11 @@ def dataset_input(d: DatasetEntry, opts: EvalOptions, metrics: dict[str, float])
     """One dataset as an MLflow dataset input: the protocol that makes two runs comparable."""
     import json
 
-    from quantlens.evaluation.data import DATASETS, source_fingerprint
+    from quantlens.evaluation.data import source_fingerprint
 
+    info = DATASETS[d.name]
     examples = int(metrics.get(f"{d.name}_examples", 0))
-    profile = {"examples": examples, "unit": "passage" if d.name == "lambada" else "released rows" if d.name == "qerror" else d.examples,
+    profile = {"examples": examples, "unit": info.unit or d.examples,
                "seqlen": d.seqlen or opts.seqlen, "limit": d.limit, "max_windows": d.max_windows,
                "example_len": d.example_len if d.examples in DOCUMENTS else None}
     fingerprint = source_fingerprint(d.name, d.path)
@@ -262,8 +263,7 @@ def dataset_input(d: DatasetEntry, opts: EvalOptions, metrics: dict[str, float])
     return {"name": d.name, "digest": digest, "source_type": "local" if d.path else "hub",
             "source": json.dumps({"uri": d.path or DATASETS[d.name].doc, "fingerprint": fingerprint}),
             "profile": json.dumps({k: v for k, v in profile.items() if v is not None}),
-            "schema": json.dumps({"columns": ["example_id", "n_tokens", "nll"] + (["correct"] if d.name == "lambada" else [])
-                                  + (["released"] if d.name == "qerror" else [])})}
+            "schema": json.dumps({"columns": ["example_id", "n_tokens", "nll", *info.columns]})}
 
 
 class KLReference:
@@ -312,14 +312,15 @@ def evaluate(
     datasets, ``kl_reference/<dataset>.pt`` (each token's top-k log-probabilities: the KL error of
     the other settings, a ``kl`` column and the ``<dataset>_kl`` metric, is computed against it)."""
     inject_fault(model_name, setting.name, dataset.name)
-    if dataset.name == LM_EVAL:
+    info = DATASETS[dataset.name]
+    if info.harness:
         return _evaluate_tasks(model, tokenizer, dataset, opts, residual=setting.is_reference)
     reference = setting.is_reference
     kw: dict[str, Any] = {"path": dataset.path, "batch_size": opts.batch_size, "residual": reference,
                           "progress": _progress_logger(f"{model_name}/{setting.name}/{dataset.name}")}
-    if dataset.name == "lambada":
+    if info.kind == "last-word":
         kw.update(limit=dataset.limit, seqlen=dataset.seqlen)
-    elif dataset.name == "qerror":
+    elif info.token_ids:
         kw.update(limit=dataset.limit)
         if kl is not None:
             from quantlens.evaluation.kl import TOP_K
@@ -334,12 +335,12 @@ def evaluate(
             kw["topk"] = TOP_K
         elif kl is not None:
             kw["kl_reference"] = kl.get(dataset.name)
-    if kl is not None and dataset.name != "lambada":  # an MoE's router flips against the reference's expert sets
+    if kl is not None and info.per_token:  # an MoE's router flips against the reference's expert sets
         kw.update({"routing": True} if reference else {"routing_reference": kl.get_routing(dataset.name)})
     r = ev.evaluate_dataset(model, tokenizer, dataset.name, **kw)
     prefix = dataset.name
-    if dataset.name == "lambada":
-        out = {"lambada_acc": r["acc"], "lambada_nll": r["nll"]}
+    if info.kind == "last-word":  # accuracy and the word's NLL, no perplexity
+        out = {f"{prefix}_acc": r["acc"], f"{prefix}_nll": r["nll"]}
     else:
         out = {f"{prefix}_ppl": r["ppl"], f"{prefix}_nll": r["nll"]}
     out.update({f"{prefix}_seconds": r["seconds"], f"{prefix}_tokens": r["tokens"], f"{prefix}_examples": float(len(r["per_example"]))})

@@ -23,37 +23,13 @@ MAX_LINES = 60
 KNOWN: dict[str, set[str]] = {
     "layers": set(),
     "cycles": set(),
-    "private": {
-        'quantlens.pipeline.plan imports quantlens.evaluation.data._expand',
-        'quantlens.pipeline.preflight imports quantlens.evaluation.data._expand',
-    },
+    "private": set(),
     "long": {
         'quantlens/evaluation/evaluate.py lambada',
         'quantlens/evaluation/evaluate.py perplexity',
         'tasks/steps.py evaluate',
     },
-    "datasets": {
-        "quantlens/analysis/aggregate.py _with_intervals compares with 'lambada'",
-        "quantlens/evaluation/evaluate.py evaluate_dataset compares with 'lambada'",
-        "quantlens/pipeline/plan.py dataset_tokens compares with 'lambada'",
-        "quantlens/pipeline/plan.py dataset_tokens compares with 'lm-eval'",
-        "quantlens/pipeline/plan.py dataset_tokens compares with 'qerror'",
-        "quantlens/pipeline/plan.py workload compares with 'lambada'",
-        "quantlens/pipeline/plan.py workload compares with 'lm-eval'",
-        "quantlens/pipeline/plan.py workload compares with 'qerror'",
-        "quantlens/pipeline/preflight.py _windows_of compares with 'lambada'",
-        "quantlens/pipeline/preflight.py _windows_of compares with 'qerror'",
-        "quantlens/pipeline/preflight.py check_datasets compares with 'qerror'",
-        "quantlens/pipeline/preflight.py check_tokenizer compares with 'qerror'",
-        "quantlens/pipeline/preflight.py check_windows compares with 'lambada'",
-        "quantlens/pipeline/preflight.py check_windows compares with 'qerror'",
-        "quantlens/pipeline/sweep.py _token_ids_are_rows compares with 'qerror'",
-        "quantlens/pipeline/sweep.py analysis_datasets compares with 'lambada'",
-        "tasks/steps.py dataset_input compares with 'lambada'",
-        "tasks/steps.py dataset_input compares with 'qerror'",
-        "tasks/steps.py evaluate compares with 'lambada'",
-        "tasks/steps.py evaluate compares with 'qerror'",
-    },
+    "datasets": set(),
 }
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from quantlens.evaluation.data import DATASETS
 from quantlens.analysis.links import runs_link
 from quantlens.analysis.plotting import (COLLAPSED_COLOR, RING_LABEL, ValueAxis, fmt_value, higher_is_better,
                                          legend_outside, pyplot, row_axis, rows_height, save_figure, styles)
@@ -101,7 +102,7 @@ def _with_intervals(table: pd.DataFrame, examples: pd.DataFrame, spec: "Bootstra
         get = lambda col: [key[col].get(i, float("nan")) for i in idx]  # noqa: E731
         # each metric's own statistic: perplexity datasets log the token-weighted NLL, Lambada the mean
         # over passages of the target word's summed NLL
-        nll_stat = "delta_example_nll" if dataset == "lambada" else "delta_nll"
+        nll_stat = DATASETS[dataset].paired_nll if dataset in DATASETS else "delta_nll"
         for metric, stat in ((f"{dataset}_ppl", "delta_ppl"), (f"{dataset}_nll", nll_stat)):
             if f"{metric} Δ" in out:
                 out[f"{metric} Δ lo"], out[f"{metric} Δ hi"] = get(f"{stat}_lo"), get(f"{stat}_hi")

@@ -34,25 +34,85 @@ from quantlens.paths import cache_dir  # noqa: F401  (importable from here as be
 DOCUMENTS = ("documents", "paper2")  # example units that are documents (paper2: the second paper's protocol)
 
 
+LM_EVAL = "lm-eval"  # the dataset entry of lm-evaluation-harness tasks
+HARNESS_FIELDS = ("tasks", "num_fewshot", "include_path")  # DatasetEntry fields only lm-eval takes
+BYTES_PER_TOKEN = 4.0  # English text, BPE
+LAMBADA_TOKENS = 90  # tokens of a Lambada passage, on average
+HUB_LAMBADA = 5153  # passages of the hub's Lambada (OpenAI) test split
+RELEASED_ROW = 512  # tokens of a released qerror row
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
+    """One dataset, declared: a new dataset is one row of :data:`DATASETS` (callers ask the
+    declaration — never the name — what an example is, what it needs and what it writes).
+
+    ``kind`` is how its examples are scored: ``perplexity`` (text cut into windows or documents,
+    token-level NLL), ``last-word`` (Lambada: the target word's NLL and accuracy), ``tokens``
+    (released token-id rows, no tokenizer), ``tasks`` (lm-evaluation-harness)."""
+
     name: str
-    kind: str  # "perplexity" or "lambada"
-    loader: Callable[..., Any]
+    kind: str
+    loader: Callable[..., Any] | None
     doc: str
     documents: Callable[[str | None], Iterator[str]] | None = None  # for ``examples: documents``
+    estimate: Callable[[Any, int], tuple[float, int]] | None = None  # (entry, eval seqlen) → (tokens, examples), not tokenized
+    hub_tokens: int = 500_000  # tokens of its hub split (the estimate without a local path)
+    unit: str | None = None  # an example's unit in the MLflow dataset profile; None: the entry's ``examples``
+    columns: tuple[str, ...] = ()  # per-example columns beyond example_id, n_tokens, nll
+    metrics: tuple[tuple[str, bool], ...] = (("ppl", False), ("nll", False))  # <name>_<metric>, higher is better
+    paired_nll: str = "delta_nll"  # the paired statistic of its <name>_nll (token-weighted; Lambada: per passage)
+    check: Callable[[Any], None] | None = None  # more rules on a DatasetEntry (ValueError, one line)
+
+    @property
+    def windowed(self) -> bool:
+        """Text cut into windows (or documents) of a seqlen the sweep sets."""
+        return self.kind == "perplexity"
+
+    @property
+    def takes_seqlen(self) -> bool:
+        """A length the user may set (windows; Lambada's passages, capped)."""
+        return self.kind in ("perplexity", "last-word")
+
+    @property
+    def text(self) -> bool:
+        """Needs a tokenizer (released token ids do not)."""
+        return self.kind != "tokens"
+
+    @property
+    def token_ids(self) -> bool:
+        return self.kind == "tokens"
+
+    @property
+    def harness(self) -> bool:
+        return self.kind == "tasks"
+
+    @property
+    def per_token(self) -> bool:
+        """Scored token by token against the reference (KL error, router flips); not Lambada's last word."""
+        return self.kind in ("perplexity", "tokens")
+
+    @property
+    def per_example_analysis(self) -> bool:
+        """In the second paper's per-example analysis by default."""
+        return self.kind in ("perplexity", "tokens")
+
+    @property
+    def row_tokens(self) -> int | None:
+        """Tokens of every example where they are fixed (released rows)."""
+        return RELEASED_ROW if self.kind == "tokens" else None
 
 
 def _load_json_records(path: str | list[str]) -> list[dict[str, Any]]:
     from datasets import load_dataset
 
-    files = [str(p) for p in (path if isinstance(path, list) else _expand(path))]
+    files = [str(p) for p in (path if isinstance(path, list) else expand(path))]
     if all(f.endswith(".parquet") for f in files):
         return list(load_dataset("parquet", data_files=files, split="train"))
     return list(load_dataset("json", data_files=files, split="train"))
 
 
-def _expand(path: str) -> list[Path]:
+def expand(path: str) -> list[Path]:
     p = Path(path).expanduser()
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix in (".jsonl", ".json", ".gz", ".txt", ".raw", ".parquet"))
@@ -74,7 +134,7 @@ def load_wikitext2_text(path: str | None = None) -> str:
 
         rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
         return "\n\n".join(rows)
-    return "".join(f.read_text(encoding="utf-8") for f in _expand(path))
+    return "".join(f.read_text(encoding="utf-8") for f in expand(path))
 
 
 def load_c4_text(path: str | None = None, n_docs: int = 1100) -> str:
@@ -183,14 +243,71 @@ def load_token_rows(path: str, limit: int | None = None) -> tuple["torch.Tensor"
     return torch.cat(rows), tags
 
 
+def _text_estimate(d: Any, seqlen: int) -> tuple[float, int]:
+    T = d.seqlen or seqlen
+    total = sum(f.stat().st_size for f in expand(d.path)) / BYTES_PER_TOKEN if d.path else DATASETS[d.name].hub_tokens
+    if d.examples in DOCUMENTS:
+        T = (d.example_len or 512) + 1
+    n = max(1, int(total // T))
+    if d.max_windows:
+        n = min(n, d.max_windows)
+    return float(n * T), n
+
+
+def _passages_estimate(d: Any, seqlen: int) -> tuple[float, int]:
+    n = sum(sum(1 for _ in open(f, "rb")) for f in expand(d.path)) if d.path else HUB_LAMBADA
+    n = min(n, d.limit or n)
+    return float(n * LAMBADA_TOKENS), n
+
+
+def _rows_estimate(d: Any, seqlen: int) -> tuple[float, int]:
+    """Released rows: [rows, tokens] int64 files, their sizes say how many (8 bytes a token)."""
+    total = sum(f.stat().st_size for f in token_files(d.path)) / 8
+    rows = d.limit * len(token_files(d.path)) if d.limit else int(total // RELEASED_ROW)
+    return float(min(total, rows * RELEASED_ROW)), max(1, rows)
+
+
+def _tasks_estimate(d: Any, seqlen: int) -> tuple[float, int]:
+    """Each task's documents × its choices, ~100 tokens each (an estimate)."""
+    n = (d.limit or 1000) * len(d.tasks or [])
+    return float(n * 4 * 100), 0
+
+
+def _check_rows(d: Any) -> None:
+    if not d.path:
+        raise ValueError(f"{d.name}: give path: a .pt file (or a folder of them) of the released token ids "
+                         "(terarachang/QError data/<model>/<method>-{large,nonlarge}_error_seqs-10.pt)")
+    wrong = [k for k in ("seqlen", "max_windows", "example_len") if getattr(d, k) is not None]
+    if wrong or d.examples != "windows":
+        raise ValueError(f"{d.name}: {', '.join(wrong or ['examples'])} do not apply: each row is one example as released "
+                         "(limit takes the first N rows of each file)")
+
+
+def _check_tasks(d: Any) -> None:
+    if not d.tasks:
+        raise ValueError(f"{d.name}: give tasks: [task or group names]")
+    wrong = [k for k in ("path", "seqlen", "max_windows", "example_len") if getattr(d, k) is not None]
+    if wrong:
+        raise ValueError(f"{d.name}: {', '.join(wrong)} do not apply to lm-eval tasks (limit, num_fewshot, include_path do)")
+
+
 DATASETS: dict[str, DatasetInfo] = {
-    "wikitext2": DatasetInfo("wikitext2", "perplexity", load_wikitext2_text, "WikiText-2 raw test, perplexity", iter_wikitext2_docs),
-    "c4": DatasetInfo("c4", "perplexity", load_c4_text, "C4 en validation subset, perplexity", iter_c4_docs),
-    "fineweb": DatasetInfo("fineweb", "perplexity", load_fineweb_text, "FineWeb (sample-10BT) documents, perplexity", iter_fineweb_docs),
-    "lambada": DatasetInfo("lambada", "lambada", load_lambada, "Lambada (OpenAI) last-word accuracy"),
+    "wikitext2": DatasetInfo("wikitext2", "perplexity", load_wikitext2_text, "WikiText-2 raw test, perplexity", iter_wikitext2_docs,
+                             _text_estimate, hub_tokens=290_000),  # test text, tokens (OPT tokenizer)
+    "c4": DatasetInfo("c4", "perplexity", load_c4_text, "C4 en validation subset, perplexity", iter_c4_docs,
+                      _text_estimate, hub_tokens=550_000),
+    "fineweb": DatasetInfo("fineweb", "perplexity", load_fineweb_text, "FineWeb (sample-10BT) documents, perplexity", iter_fineweb_docs,
+                           _text_estimate, hub_tokens=900_000),
+    "lambada": DatasetInfo("lambada", "last-word", load_lambada, "Lambada (OpenAI) last-word accuracy", None, _passages_estimate,
+                           unit="passage", columns=("correct",), metrics=(("acc", True), ("nll", False)),
+                           paired_nll="delta_example_nll"),
     "qerror": DatasetInfo("qerror", "tokens", load_token_rows,
-                          "the second paper's released D_large / D_ctrl token ids (terarachang/QError), perplexity per row"),
+                          "the second paper's released D_large / D_ctrl token ids (terarachang/QError), perplexity per row",
+                          None, _rows_estimate, unit="released rows", columns=("released",), check=_check_rows),
+    LM_EVAL: DatasetInfo(LM_EVAL, "tasks", None, "lm-evaluation-harness tasks (quantlens.evaluation.harness)", None,
+                         _tasks_estimate, check=_check_tasks),
 }
+HUB_TOKENS = {name: info.hub_tokens for name, info in DATASETS.items() if info.windowed}
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -209,7 +326,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def source_fingerprint(name: str, path: str | None) -> str:
     if path is None:
         return f"hub:{name}"
-    files = token_files(path) if dataset_info(name).kind == "tokens" else _expand(path)
+    files = token_files(path) if dataset_info(name).kind == "tokens" else expand(path)
     parts = [f"{f.resolve()}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 

@@ -307,7 +307,7 @@ def evaluate_dataset(model: nn.Module, tokenizer: Any, name: str, **kw: Any) -> 
     info = dataset_info(name)
     progress = kw.get("progress")
     residual = bool(kw.get("residual", False))
-    if info.kind == "lambada":
+    if info.kind == "last-word":
         key = (id(tokenizer), kw.get("path"), kw.get("limit"))
         if key not in _LAMBADA_CACHE:  # a sweep evaluates the same passages under every setting
             _LAMBADA_CACHE.clear()

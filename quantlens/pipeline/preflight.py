@@ -40,12 +40,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from quantlens.evaluation.data import DOCUMENTS, _expand, load_token_rows
+from quantlens.evaluation.data import DATASETS, DOCUMENTS, expand, load_token_rows
 from quantlens.model.loading import TOKENIZER_FILES, ModelInfo, ModelUnavailable, local_revision, resolve_model
 from quantlens.model.shape import group_misfit
 from quantlens.pipeline import plan as P
 from quantlens.pipeline.errors import PreflightError
-from quantlens.pipeline.sweep import LM_EVAL, SweepConfig
+from quantlens.pipeline.sweep import SweepConfig
 from quantlens.errors import ConfigError
 
 
@@ -122,7 +122,7 @@ def check_datasets(cfg: SweepConfig) -> tuple[dict[str, tuple[int, int]], Any]:
     row), the lm-eval entry or None)."""
     token_rows: dict[str, tuple[int, int]] = {}  # qerror datasets: (largest id, tokens per row)
     for d in cfg.datasets:
-        if d.name == "qerror":
+        if DATASETS[d.name].token_ids:
             try:
                 rows, _ = load_token_rows(d.path, d.limit)
             except ConfigError as err:
@@ -130,13 +130,13 @@ def check_datasets(cfg: SweepConfig) -> tuple[dict[str, tuple[int, int]], Any]:
             token_rows[d.name] = (int(rows.max()), int(rows.shape[1]))
         elif d.path:
             try:
-                for f in _expand(d.path):
+                for f in expand(d.path):
                     check_text(f)
             except PreflightError as err:
                 raise PreflightError(f"dataset {d.name}: {err}") from None
             except Exception as err:
                 raise PreflightError(f"dataset {d.name}: {err}") from None
-    tasks = next((d for d in cfg.datasets if d.name == LM_EVAL), None)
+    tasks = next((d for d in cfg.datasets if DATASETS[d.name].harness), None)
     if tasks is not None:
         check_tasks(tasks)
         if cfg.hardware.placement == "stream":
@@ -152,7 +152,7 @@ def check_calibration(cfg: SweepConfig, settings: list) -> None:
         except ConfigError as err:
             raise PreflightError(str(err)) from None
         if path and spec.path:
-            for f in _expand(path):
+            for f in expand(path):
                 check_text(f)
 
 
@@ -319,7 +319,7 @@ def check_tokenizer(ref: str, folder: str, cfg: SweepConfig) -> None:
     """A model folder without a tokenizer evaluates only token-id datasets (qerror): one line otherwise."""
     if any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES):
         return
-    text = [d.name for d in cfg.datasets if d.name != "qerror"]
+    text = [d.name for d in cfg.datasets if DATASETS[d.name].text]
     if text:
         raise PreflightError(f"model {ref}: no tokenizer in {folder}, and dataset {text[0]} is text: add the tokenizer's files "
                              "(only qerror, released token ids, evaluates without one)")
@@ -373,14 +373,15 @@ def _max_positions(info: ModelInfo, revision: str | None, cached: bool) -> tuple
 def _windows_of(d: Any, cfg: SweepConfig) -> tuple[int, str] | None:
     """(tokens per window, what sets it) of a dataset entry as the sweep evaluates it; None where
     nothing the user gave sets a length (lm-eval tasks, lambada without seqlen, the default seqlen)."""
-    if d.name in (LM_EVAL, "qerror"):  # qerror: the rows' own length, checked against the positions apart
+    info = DATASETS[d.name]
+    if not info.takes_seqlen:  # lm-eval; released rows: their own length, checked against the positions apart
         return None
     if d.examples in DOCUMENTS:
         n = d.example_len or 512
         return n + 1, f"example_len {n} + BOS"
     if d.seqlen is not None:
         return d.seqlen, f"seqlen {d.seqlen}"
-    if d.name == "lambada" or "seqlen" not in cfg.eval.model_fields_set:
+    if not info.windowed or "seqlen" not in cfg.eval.model_fields_set:
         return None  # lambada: passages as they are; the default eval.seqlen is capped at the model's positions
     return cfg.eval.seqlen, f"seqlen {cfg.eval.seqlen} (eval.seqlen)"
 
@@ -395,7 +396,7 @@ def check_windows(ref: str, positions: tuple[int, str] | None, cfg: SweepConfig)
             fix = f"a seqlen of at most {limit}" if d.examples == "windows" else f"an example_len of at most {limit - 1}"
             raise PreflightError(f"dataset {d.name}: {window[1]} is longer than model {ref} can take "
                                  f"(its {key} is {limit}): use {fix}")
-        if not d.path or d.name in ("lambada", LM_EVAL, "qerror") or d.examples != "windows":
+        if not d.path or not DATASETS[d.name].windowed or d.examples != "windows":
             continue
         if window is None and positions is None:
             continue  # the default seqlen, capped at positions known only after download
@@ -411,7 +412,7 @@ def check_text_holds(name: str, path: str, T: int, what: str) -> None:
     byte-level BPE or SentencePiece tokenizer covers at least one byte (one character) of the text,
     and the loaders read at most the files' bytes, so fewer bytes than ``T`` (less the special
     tokens) cannot make one window; compressed files (.gz, .parquet) are not sized here."""
-    files = _expand(path)
+    files = expand(path)
     if any(f.suffix in (".gz", ".parquet") for f in files):
         return
     size = sum(f.stat().st_size for f in files)

@@ -19,15 +19,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from quantlens import __version__
-from quantlens.evaluation.data import DATASETS, DOCUMENTS
+from quantlens.evaluation.data import DATASETS, DOCUMENTS, HARNESS_FIELDS, LM_EVAL  # noqa: F401  (LM_EVAL: importable from here)
 from quantlens.quantize.settings import CalibrationSpec, ConfigError, Setting, format_validation_error, resolve_setting
 
 # Bump when a change alters the numbers an evaluation produces: it is part of every run key,
 # so finished runs of an older protocol are not taken as done.
 EVAL_PROTOCOL = "3"  # 2: per-example NLL and residual statistics stored with every run; 3: keys of the canonical setting
-
-
-LM_EVAL = "lm-eval"  # the dataset entry of lm-evaluation-harness tasks
 
 
 class _Strict(BaseModel):
@@ -73,40 +70,24 @@ class DatasetEntry(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in DATASETS and v != LM_EVAL:
-            raise ValueError(f"unknown dataset {v!r} (known: {', '.join([*DATASETS, LM_EVAL])})")
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r} (known: {', '.join(DATASETS)})")
         return v
 
     @model_validator(mode="after")
-    def _tasks_only_for_lm_eval(self) -> "DatasetEntry":
-        harness = ("tasks", "num_fewshot", "include_path")
-        if self.name == LM_EVAL:
-            if not self.tasks:
-                raise ValueError("lm-eval: give tasks: [task or group names]")
-            wrong = [k for k in ("path", "seqlen", "max_windows", "example_len") if getattr(self, k) is not None]
-            if wrong:
-                raise ValueError(f"lm-eval: {', '.join(wrong)} do not apply to lm-eval tasks (limit, num_fewshot, include_path do)")
-        else:
-            given = [k for k in harness if getattr(self, k) is not None]
-            if given:
-                raise ValueError(f"{', '.join(given)}: only with name: {LM_EVAL}")
-        return self
-
-    @model_validator(mode="after")
-    def _token_ids_are_rows(self) -> "DatasetEntry":
-        if self.name == "qerror":
-            if not self.path:
-                raise ValueError("qerror: give path: a .pt file (or a folder of them) of the released token ids "
-                                 "(terarachang/QError data/<model>/<method>-{large,nonlarge}_error_seqs-10.pt)")
-            wrong = [k for k in ("seqlen", "max_windows", "example_len") if getattr(self, k) is not None]
-            if wrong or self.examples != "windows":
-                raise ValueError(f"qerror: {', '.join(wrong or ['examples'])} do not apply: each row is one example as released "
-                                 "(limit takes the first N rows of each file)")
+    def _as_declared(self) -> "DatasetEntry":
+        """The harness' fields only where the dataset is lm-eval's; then the declaration's own rules."""
+        info = DATASETS[self.name]
+        given = [k for k in HARNESS_FIELDS if getattr(self, k) is not None]
+        if given and not info.harness:
+            raise ValueError(f"{', '.join(given)}: only with name: {LM_EVAL}")
+        if info.check is not None:
+            info.check(self)
         return self
 
     @model_validator(mode="after")
     def _documents_need_documents(self) -> "DatasetEntry":
-        if self.examples in DOCUMENTS and (self.name == LM_EVAL or DATASETS[self.name].documents is None):
+        if self.examples in DOCUMENTS and DATASETS[self.name].documents is None:
             with_docs = ", ".join(n for n, d in DATASETS.items() if d.documents)
             raise ValueError(f"examples: {self.name!r} has no documents (documents work for {with_docs})")
         if self.example_len is not None and self.examples not in DOCUMENTS:
@@ -230,7 +211,7 @@ class SweepConfig(_Strict):
     def analysis_datasets(self) -> list[str]:
         if self.analysis.datasets is not None:
             return list(self.analysis.datasets)
-        return [d.name for d in self.datasets if d.name not in ("lambada", LM_EVAL)]
+        return [d.name for d in self.datasets if DATASETS[d.name].per_example_analysis]
 
     def expanded_settings(self) -> list[Setting]:
         """The grid's settings, one per computation: a setting that computes the same as an earlier

@@ -475,7 +475,7 @@ def _weight_targets(model: nn.Module, setting: Setting, layers: list[Target], ca
         wide = targets(model, setting.model_copy(update={"include_routers": True, "include_lm_head": True}))
         weight_targets = [t for t in wide if calibrated is not None and t.name in calibrated]
         if not weight_targets:
-            raise ConfigError(f"{setting.name}: no weights of the checkpoint given (model.released.released_weights)")
+            raise ConfigError(f"{setting.name}: no weights of the checkpoint given (checkpoints.released.released_weights)")
         if overrides and setting.perturbs_weights():
             raise ConfigError(f"{setting.name}: the checkpoint changes {len(overrides)} float tensor(s) besides its quantized "
                               f"weights ({next(iter(overrides))}: AWQ folds its scales into them), so Ŵ − W is not its weight "

@@ -1,0 +1,59 @@
+"""Datasets are declarations (quantlens.evaluation.data.DATASETS): what an example is, what it
+needs, what it writes and how big it is are asked of the declaration, never of the name; a new
+dataset is one declaration (here: one made in the test, nothing else touched)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import MODELS, WIKI_TEST
+
+from quantlens.evaluation import data as D
+from quantlens.evaluation.evaluate import evaluate_dataset
+from quantlens.pipeline.plan import dataset_tokens
+from quantlens.pipeline.sweep import DatasetEntry, SweepConfig
+
+
+def test_every_shipped_dataset_is_declared_with_its_metrics():
+    assert list(D.DATASETS) == ["wikitext2", "c4", "fineweb", "lambada", "qerror", "lm-eval"]
+    for name, info in D.DATASETS.items():
+        assert info.name == name and info.estimate is not None
+        assert all(isinstance(m, str) and isinstance(hib, bool) for m, hib in info.metrics)
+    assert dict(D.DATASETS["lambada"].metrics) == {"acc": True, "nll": False}
+    assert [n for n, i in D.DATASETS.items() if i.per_example_analysis] == ["wikitext2", "c4", "fineweb", "qerror"]
+    assert [n for n, i in D.DATASETS.items() if not i.text] == ["qerror"]
+
+
+def test_an_unknown_dataset_is_one_line_naming_the_known():
+    with pytest.raises(ValueError) as err:
+        DatasetEntry(name="hellaswag")
+    assert "unknown dataset 'hellaswag' (known: wikitext2, c4, fineweb, lambada, qerror, lm-eval)" in str(err.value)
+
+
+def test_a_declarations_own_rules_and_the_harness_fields():
+    with pytest.raises(ValueError, match="qerror: give path"):
+        DatasetEntry(name="qerror")
+    with pytest.raises(ValueError, match="lm-eval: give tasks"):
+        DatasetEntry(name="lm-eval")
+    with pytest.raises(ValueError, match="tasks: only with name: lm-eval"):
+        DatasetEntry(name="wikitext2", tasks=["arc_easy"])
+
+
+def test_a_new_dataset_is_one_declaration(monkeypatch, tmp_path, trained):
+    """A toy corpus declared in this test: validated by the config, estimated by the plan, in the
+    per-example analysis, and evaluated through the same windows and scoring as WikiText-2."""
+    text = tmp_path / "toy.txt"
+    text.write_text(WIKI_TEST.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    toy = D.DatasetInfo("toy", "perplexity", D.load_wikitext2_text, "a toy corpus (test)", None, D.DATASETS["wikitext2"].estimate)
+    monkeypatch.setitem(D.DATASETS, "toy", toy)
+
+    cfg = SweepConfig.model_validate({"name": "toy", "models": [str(MODELS / "tiny-llama")], "settings": ["W16A16"],
+                                      "datasets": [{"name": "toy", "path": str(text), "seqlen": 64, "max_windows": 3}]})
+    assert cfg.analysis_datasets() == ["toy"]
+    assert dataset_tokens(cfg.datasets[0], 128) == (3 * 64.0, 3)
+    model, tok = trained("llama")
+    r = evaluate_dataset(model, tok, "toy", path=str(text), seqlen=64, max_windows=3)
+    w = evaluate_dataset(model, tok, "wikitext2", path=str(text), seqlen=64, max_windows=3)
+    assert len(r["per_example"]) == 3 and math.isfinite(r["ppl"])
+    assert r["ppl"] == w["ppl"] and list(r["per_example"]["nll"]) == list(w["per_example"]["nll"])
