@@ -299,6 +299,26 @@ class KLReference:
         return self.store.get(dataset)
 
 
+def _dataset_options(info: Any, dataset: DatasetEntry, opts: EvalOptions, kl: "KLReference | None", reference: bool) -> dict[str, Any]:
+    """evaluate_dataset's options for one entry as its declaration scores it: the entry's own
+    options, and where it is scored token by token the KL reference (or its top-k, in the reference
+    run) and an MoE's router flips against the reference's expert sets."""
+    kw: dict[str, Any] = {"path": dataset.path, "batch_size": opts.batch_size}
+    if info.kind == "last-word":
+        kw.update(limit=dataset.limit, seqlen=dataset.seqlen)
+    elif info.token_ids:
+        kw.update(limit=dataset.limit)
+    else:
+        kw.update(seqlen=dataset.seqlen or opts.seqlen, max_windows=dataset.max_windows,
+                  examples=dataset.examples, example_len=dataset.example_len)
+    if kl is not None and info.per_token:
+        from quantlens.evaluation.kl import TOP_K
+
+        kw.update({"topk": TOP_K, "routing": True} if reference
+                  else {"kl_reference": kl.get(dataset.name), "routing_reference": kl.get_routing(dataset.name)})
+    return kw
+
+
 # Retrying an evaluation cannot help (deterministic code, same inputs): no retries. The tag lets a
 # Prefect tag concurrency limit cap evaluations (`prefect concurrency-limit create quantlens-eval 8`).
 @task(name="evaluate", cache_policy=NONE, persist_result=False, retries=0, tags=["quantlens-eval"])
@@ -316,28 +336,9 @@ def evaluate(
     if info.harness:
         return _evaluate_tasks(model, tokenizer, dataset, opts, residual=setting.is_reference)
     reference = setting.is_reference
-    kw: dict[str, Any] = {"path": dataset.path, "batch_size": opts.batch_size, "residual": reference,
-                          "progress": _progress_logger(f"{model_name}/{setting.name}/{dataset.name}")}
-    if info.kind == "last-word":
-        kw.update(limit=dataset.limit, seqlen=dataset.seqlen)
-    elif info.token_ids:
-        kw.update(limit=dataset.limit)
-        if kl is not None:
-            from quantlens.evaluation.kl import TOP_K
-
-            kw.update({"topk": TOP_K} if reference else {"kl_reference": kl.get(dataset.name)})
-    else:
-        kw.update(seqlen=dataset.seqlen or opts.seqlen, max_windows=dataset.max_windows,
-                  examples=dataset.examples, example_len=dataset.example_len)
-        if kl is not None and reference:
-            from quantlens.evaluation.kl import TOP_K
-
-            kw["topk"] = TOP_K
-        elif kl is not None:
-            kw["kl_reference"] = kl.get(dataset.name)
-    if kl is not None and info.per_token:  # an MoE's router flips against the reference's expert sets
-        kw.update({"routing": True} if reference else {"routing_reference": kl.get_routing(dataset.name)})
-    r = ev.evaluate_dataset(model, tokenizer, dataset.name, **kw)
+    kw = _dataset_options(info, dataset, opts, kl, reference)
+    r = ev.evaluate_dataset(model, tokenizer, dataset.name, residual=reference,
+                            progress=_progress_logger(f"{model_name}/{setting.name}/{dataset.name}"), **kw)
     prefix = dataset.name
     if info.kind == "last-word":  # accuracy and the word's NLL, no perplexity
         out = {f"{prefix}_acc": r["acc"], f"{prefix}_nll": r["nll"]}

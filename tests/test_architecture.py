@@ -27,7 +27,6 @@ KNOWN: dict[str, set[str]] = {
     "long": {
         'quantlens/evaluation/evaluate.py lambada',
         'quantlens/evaluation/evaluate.py perplexity',
-        'tasks/steps.py evaluate',
     },
     "datasets": set(),
 }
