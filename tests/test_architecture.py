@@ -24,10 +24,7 @@ KNOWN: dict[str, set[str]] = {
     "layers": set(),
     "cycles": set(),
     "private": set(),
-    "long": {
-        'quantlens/evaluation/evaluate.py lambada',
-        'quantlens/evaluation/evaluate.py perplexity',
-    },
+    "long": set(),
     "datasets": set(),
 }
 

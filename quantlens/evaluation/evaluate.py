@@ -117,18 +117,14 @@ def perplexity(
         raise ValueError(f"windows: expected a non-empty [n, seqlen] tensor, got shape {tuple(windows.shape)}")
     device = input_device(model)
     n, seqlen = windows.shape
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and seqlen > max_pos:
+    if (max_pos := getattr(model.config, "max_position_embeddings", None)) and seqlen > max_pos:
         raise ValueError(f"seqlen: {seqlen} exceeds the model's max_position_embeddings {max_pos}")
     bs = batch_size or _auto_batch(model, seqlen, device)
     ex_nll = torch.zeros(n, dtype=torch.float64, device=device)  # summed NLL of each window
     recorder = ResidualRecorder(model, n) if residual else None
     router = RoutingRecorder(model, n, seqlen, routing_reference) if routing or routing_reference is not None else None
     router = router if router is not None and router.active else None
-    if kl_reference is not None and tuple(kl_reference.ids.shape[:2]) != (n, seqlen - 1):
-        raise ValueError(f"kl_reference: top-k of {tuple(kl_reference.ids.shape[:2])} tokens, not of these {n} × {seqlen - 1}")
-    top = (torch.zeros(n, seqlen - 1, topk, dtype=torch.int32), torch.zeros(n, seqlen - 1, topk), torch.zeros(n, seqlen - 1)) if topk else None
-    ex_kl = torch.zeros(n, dtype=torch.float64, device=device) if kl_reference is not None else None
+    top, ex_kl = _kl_buffers(n, seqlen, topk, kl_reference, device)
     t0 = time.perf_counter()
 
     def prepare(s: int, e: int) -> Batch:
@@ -139,17 +135,6 @@ def perplexity(
 
         return Batch(s, e, {"input_ids": windows[s:e].to(device, non_blocking=True)}, enter)
 
-    def kl_parts(logits: torch.Tensor, s: int, e: int) -> None:
-        """Top-k of the reference / truncated KL against it, one example at a time (memory: one [T, V])."""
-        for i in range(e - s):
-            lg = logits[i, :-1]
-            if top is not None:
-                ids, lp, lt = reference_topk(lg, topk)
-                top[0][s + i], top[1][s + i], top[2][s + i] = ids.cpu(), lp.cpu(), lt.cpu()
-            if kl_reference is not None:
-                ids, lp, lt = kl_reference.rows(s + i, s + i + 1, lg.device)
-                ex_kl[s + i] = truncated_kl(lg, ids[0], lp[0], lt[0]).double().sum()
-
     def score(b: Batch, logits: torch.Tensor) -> None:
         ids, s, e = b.inputs["input_ids"], b.start, b.end
         flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
@@ -159,13 +144,43 @@ def perplexity(
         else:
             ex_nll[s] += F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="sum").double()
         if top is not None or ex_kl is not None:
-            kl_parts(logits, s, e)
+            _kl_parts(logits, s, e, top, topk, kl_reference, ex_kl)
 
     with recorder if recorder is not None else contextlib.nullcontext(), router if router is not None else contextlib.nullcontext():
         used = _drive(model, n, bs, prepare, score, progress)
+    return _perplexity_result(windows, ex_nll, ex_kl, top, recorder, router, routing_reference, keep_examples, used,
+                              time.perf_counter() - t0)
+
+
+def _kl_buffers(n: int, seqlen: int, topk: int, kl_reference: "TopK | None", device: torch.device) -> tuple:
+    """The reference's top-k store ([n, T-1, k] ids and log-probs, [n, T-1] tail) and the per-example KL sums."""
+    if kl_reference is not None and tuple(kl_reference.ids.shape[:2]) != (n, seqlen - 1):
+        raise ValueError(f"kl_reference: top-k of {tuple(kl_reference.ids.shape[:2])} tokens, not of these {n} × {seqlen - 1}")
+    top = (torch.zeros(n, seqlen - 1, topk, dtype=torch.int32), torch.zeros(n, seqlen - 1, topk), torch.zeros(n, seqlen - 1)) if topk else None
+    ex_kl = torch.zeros(n, dtype=torch.float64, device=device) if kl_reference is not None else None
+    return top, ex_kl
+
+
+def _kl_parts(logits: torch.Tensor, s: int, e: int, top: tuple | None, topk: int, kl_reference: "TopK | None",
+              ex_kl: torch.Tensor | None) -> None:
+    """Top-k of the reference / truncated KL against it, one example at a time (memory: one [T, V])."""
+    for i in range(e - s):
+        lg = logits[i, :-1]
+        if top is not None:
+            ids, lp, lt = reference_topk(lg, topk)
+            top[0][s + i], top[1][s + i], top[2][s + i] = ids.cpu(), lp.cpu(), lt.cpu()
+        if kl_reference is not None:
+            ids, lp, lt = kl_reference.rows(s + i, s + i + 1, lg.device)
+            ex_kl[s + i] = truncated_kl(lg, ids[0], lp[0], lt[0]).double().sum()
+
+
+def _perplexity_result(windows: torch.Tensor, ex_nll: torch.Tensor, ex_kl: torch.Tensor | None, top: tuple | None,
+                       recorder: Any, router: Any, routing_reference: Any, keep_examples: bool, used: int,
+                       secs: float) -> dict[str, Any]:
+    """:func:`perplexity`'s result from its per-window sums and recorders."""
+    n, seqlen = windows.shape
     n_pred = n * (seqlen - 1)
     mean_nll = float(ex_nll.sum()) / n_pred
-    secs = time.perf_counter() - t0
     out: dict[str, Any] = {
         "ppl": math.exp(mean_nll),
         "nll": mean_nll,
@@ -218,34 +233,16 @@ def lambada(
         raise ValueError("lambada: no examples")
     device = input_device(model)
     max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
-    seqs = []
-    for ctx, tgt in requests:
-        full = (ctx + tgt)[:-1][-max_length:]  # inputs: everything but the last target token
-        seqs.append((full, tgt))
+    seqs = [((ctx + tgt)[:-1][-max_length:], tgt) for ctx, tgt in requests]  # inputs: all but the last target token
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-    correct = torch.zeros(len(seqs), dtype=torch.bool)
-    nll = torch.zeros(len(seqs), dtype=torch.float64)
+    correct, nll = torch.zeros(len(seqs), dtype=torch.bool), torch.zeros(len(seqs), dtype=torch.float64)
     bs = batch_size or (_auto_batch(model, len(seqs[order[0]][0]), device) * 2)
     recorder = ResidualRecorder(model, len(seqs)) if residual else None
     t0 = time.perf_counter()
 
     def prepare(s: int, e: int) -> Batch:
         idx = order[s:e]
-        L = max(len(seqs[i][0]) for i in idx)
-        T = max(len(seqs[i][1]) for i in idx)
-        ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), L), dtype=torch.long)
-        tgt = torch.zeros((len(idx), T), dtype=torch.long)
-        pos = torch.zeros((len(idx), T), dtype=torch.long)
-        valid = torch.zeros((len(idx), T), dtype=torch.bool)
-        for r, i in enumerate(idx):
-            inp, t = seqs[i]
-            ids[r, : len(inp)] = torch.tensor(inp)
-            mask[r, : len(inp)] = 1
-            tgt[r, : len(t)] = torch.tensor(t)
-            # target token j is predicted at input position len(inp) - len(t) + j
-            pos[r, : len(t)] = torch.arange(len(inp) - len(t), len(inp))
-            valid[r, : len(t)] = True
+        ids, mask, tgt, pos, valid = _padded([seqs[i] for i in idx], pad_id)
         cpu_mask = mask
         ids, mask, tgt, pos, valid = (x.to(device) for x in (ids, mask, tgt, pos, valid))
 
@@ -271,7 +268,33 @@ def lambada(
             used = _drive(model, len(seqs), bs, prepare, score, progress)
     finally:
         set_valid_tokens(model, None)
-    secs = time.perf_counter() - t0
+    out = _lambada_result(requests, seqs, correct, nll, used, time.perf_counter() - t0)
+    if recorder is not None:
+        out["residual"] = pd.DataFrame(recorder.rows(example_ids(out["example_tokens"])))
+    return out
+
+
+def _padded(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded inputs, their mask, and per target token: its id, the input position predicting it, valid."""
+    L = max(len(inp) for inp, _ in batch)
+    T = max(len(t) for _, t in batch)
+    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), L), dtype=torch.long)
+    tgt = torch.zeros((len(batch), T), dtype=torch.long)
+    pos = torch.zeros((len(batch), T), dtype=torch.long)
+    valid = torch.zeros((len(batch), T), dtype=torch.bool)
+    for r, (inp, t) in enumerate(batch):
+        ids[r, : len(inp)] = torch.tensor(inp)
+        mask[r, : len(inp)] = 1
+        tgt[r, : len(t)] = torch.tensor(t)
+        # target token j is predicted at input position len(inp) - len(t) + j
+        pos[r, : len(t)] = torch.arange(len(inp) - len(t), len(inp))
+        valid[r, : len(t)] = True
+    return ids, mask, tgt, pos, valid
+
+
+def _lambada_result(requests: list, seqs: list, correct: torch.Tensor, nll: torch.Tensor, used: int, secs: float) -> dict[str, Any]:
+    """:func:`lambada`'s result: accuracy, mean NLL, and one row per passage."""
     n_tokens = sum(len(s[0]) for s in seqs)
     passages = [ctx + tgt for ctx, tgt in requests]
     ids = example_ids(passages)
@@ -289,8 +312,6 @@ def lambada(
         ),
         "example_tokens": passages,
     }
-    if recorder is not None:
-        out["residual"] = pd.DataFrame(recorder.rows(ids))
     return out
 
 
