@@ -303,14 +303,9 @@ def _dataset_options(info: Any, dataset: DatasetEntry, opts: EvalOptions, kl: "K
     """evaluate_dataset's options for one entry as its declaration scores it: the entry's own
     options, and where it is scored token by token the KL reference (or its top-k, in the reference
     run) and an MoE's router flips against the reference's expert sets."""
-    kw: dict[str, Any] = {"path": dataset.path, "batch_size": opts.batch_size}
-    if info.kind == "last-word":
-        kw.update(limit=dataset.limit, seqlen=dataset.seqlen)
-    elif info.token_ids:
-        kw.update(limit=dataset.limit)
-    else:
-        kw.update(seqlen=dataset.seqlen or opts.seqlen, max_windows=dataset.max_windows,
-                  examples=dataset.examples, example_len=dataset.example_len)
+    kw: dict[str, Any] = {"path": dataset.path, "batch_size": opts.batch_size, "limit": dataset.limit,
+                          "seqlen": dataset.seqlen or opts.seqlen if info.windowed else dataset.seqlen,
+                          "max_windows": dataset.max_windows, "examples": dataset.examples, "example_len": dataset.example_len}
     if kl is not None and info.per_token:
         from quantlens.evaluation.kl import TOP_K
 
@@ -340,10 +335,7 @@ def evaluate(
     r = ev.evaluate_dataset(model, tokenizer, dataset.name, residual=reference,
                             progress=_progress_logger(f"{model_name}/{setting.name}/{dataset.name}"), **kw)
     prefix = dataset.name
-    if info.kind == "last-word":  # accuracy and the word's NLL, no perplexity
-        out = {f"{prefix}_acc": r["acc"], f"{prefix}_nll": r["nll"]}
-    else:
-        out = {f"{prefix}_ppl": r["ppl"], f"{prefix}_nll": r["nll"]}
+    out = {f"{prefix}_{m}": r[m] for m in info.metric_names()}  # Lambada: accuracy and the word's NLL, no perplexity
     out.update({f"{prefix}_seconds": r["seconds"], f"{prefix}_tokens": r["tokens"], f"{prefix}_examples": float(len(r["per_example"]))})
     examples = r["per_example"]
     frames: dict[str, Any] = {}

@@ -40,13 +40,30 @@ def test_a_declarations_own_rules_and_the_harness_fields():
         DatasetEntry(name="wikitext2", tasks=["arc_easy"])
 
 
-def test_a_new_dataset_is_one_declaration(monkeypatch, tmp_path, trained):
-    """A toy corpus declared in this test: validated by the config, estimated by the plan, in the
-    per-example analysis, and evaluated through the same windows and scoring as WikiText-2."""
+TOY_MODULE = '''"""A toy corpus: a dataset of its own, one module (written by the test)."""
+from quantlens.evaluation.corpus import text_requests
+from quantlens.evaluation.datasets.wikitext2 import load_wikitext2_text
+from quantlens.evaluation.sources import DatasetInfo, text_estimate
+
+DATASET = DatasetInfo("toy", "perplexity", load_wikitext2_text, "a toy corpus (test)", None, text_estimate(1000),
+                      requests=text_requests)
+'''
+
+
+def test_a_new_dataset_is_one_module(monkeypatch, tmp_path, trained):
+    """A toy corpus declared in a module dropped beside the shipped ones: found by listing the
+    package, validated by the config, estimated by the plan, in the per-example analysis, and
+    evaluated through the same windows and scoring as WikiText-2."""
+    from quantlens.evaluation import datasets
+
     text = tmp_path / "toy.txt"
     text.write_text(WIKI_TEST.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    toy = D.DatasetInfo("toy", "perplexity", D.load_wikitext2_text, "a toy corpus (test)", None, D.DATASETS["wikitext2"].estimate)
-    monkeypatch.setitem(D.DATASETS, "toy", toy)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "toy.py").write_text(TOY_MODULE, encoding="utf-8")
+    monkeypatch.setattr(datasets, "__path__", [*datasets.__path__, str(tmp_path / "pkg")])
+    found = D.discover()
+    assert list(found) == [*D.DATASETS, "toy"]
+    monkeypatch.setitem(D.DATASETS, "toy", found["toy"])  # the registry every layer reads
 
     cfg = SweepConfig.model_validate({"name": "toy", "models": [str(MODELS / "tiny-llama")], "settings": ["W16A16"],
                                       "datasets": [{"name": "toy", "path": str(text), "seqlen": 64, "max_windows": 3}]})
@@ -57,3 +74,24 @@ def test_a_new_dataset_is_one_declaration(monkeypatch, tmp_path, trained):
     w = evaluate_dataset(model, tok, "wikitext2", path=str(text), seqlen=64, max_windows=3)
     assert len(r["per_example"]) == 3 and math.isfinite(r["ppl"])
     assert r["ppl"] == w["ppl"] and list(r["per_example"]["nll"]) == list(w["per_example"]["nll"])
+
+
+def test_every_request_builder_goes_through_one_scoring_primitive(monkeypatch, trained, tmp_path):
+    """Windows, documents, Lambada and released rows are request builders: each evaluation is one
+    call of scoring.loglikelihood."""
+    import torch
+
+    from quantlens.evaluation import evaluate, scoring
+    from conftest import LAMBADA
+
+    calls = []
+    real = scoring.loglikelihood
+    monkeypatch.setattr(evaluate, "loglikelihood", lambda *a, **k: calls.append(type(a[1]).__name__) or real(*a, **k))
+    model, tok = trained("llama")
+    rows = tmp_path / "rows.pt"
+    torch.save(torch.randint(0, 100, (2, 16)), rows)
+    evaluate_dataset(model, tok, "wikitext2", path=str(WIKI_TEST), seqlen=32, max_windows=2)
+    evaluate_dataset(model, tok, "wikitext2", path=str(WIKI_TEST), examples="documents", example_len=16, max_windows=2)
+    evaluate_dataset(model, tok, "lambada", path=str(LAMBADA), limit=3)
+    evaluate_dataset(model, tok, "qerror", path=str(rows))
+    assert calls == ["Windows", "Windows", "Continuations", "Windows"]
