@@ -105,3 +105,49 @@ def test_a_toy_method_runs_through_calibration_and_quantize_(toy):
     restore_(model)
     with pytest.raises(ConfigError, match="no calibrated weights"):
         quantize_(model, setting)  # a calibrated setting without its weights fails before any change
+
+
+TOY_MODULE = '''"""Round to nearest through the calibrated path: a method of its own, one module (written by the test)."""
+from quantlens.quantize.methods.base import Calibrated, CalibratedMethod
+from quantlens.quantize.spec import Strict
+
+
+class Options(Strict):
+    """Round to nearest has no options."""
+
+
+def calibrate(weights, inputs, spec, options, clippable):
+    from quantlens.quantize.quant import quantize
+
+    return Calibrated([quantize(w, spec).xq for w in weights])
+
+
+METHOD = CalibratedMethod(name="rtncal", option="rtncal", options=Options, supported=lambda spec: None,
+                          calibrate=calibrate, names=("W4A16-rtncal",), group=32)
+'''
+
+CHECK = '''
+import json, sys
+from quantlens.quantize import methods
+methods.__path__.append(sys.argv[1])
+from quantlens.quantize.settings import CALIBRATED_NAMES, resolve_setting
+s = resolve_setting("W4A16-rtncal")
+print(json.dumps({"method": s.method, "calibrated": s.calibrated, "group": s.weights.group_size,
+                  "names": list(CALIBRATED_NAMES), "params": s.flat_params()["method"], "identity": sorted(s.identity())}))
+'''
+
+
+def test_a_new_method_is_one_module_of_the_package(tmp_path):
+    """A method module dropped beside GPTQ and AWQ (a fresh process: the Setting model is built from
+    the registry when it is imported) is a Setting field, a name suffix with its own group size, a
+    listed name and a run identity, with nothing else told."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "rtncal.py").write_text(TOY_MODULE, encoding="utf-8")
+    out = subprocess.run([sys.executable, "-c", CHECK, str(tmp_path)], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["method"] == got["params"] == "rtncal" and got["calibrated"] and got["group"] == 32
+    assert got["names"] == ["W4A16-gptq", "W3A16-gptq", "W4A16-awq", "W3A16-awq", "W4A16-rtncal"]
+    assert "rtncal" in got["identity"]

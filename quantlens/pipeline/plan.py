@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from quantlens.evaluation.data import BYTES_PER_TOKEN, DATASETS, DOCUMENTS, HUB_LAMBADA, HUB_TOKENS, LAMBADA_TOKENS  # noqa: F401
+from quantlens.quantize.methods import registry
 from quantlens.model.footprint import (  # noqa: F401  (the plan's vocabulary, one import for callers)
     GIB, REGISTRY_CONFIGS, Estimate, Shape, Target, Workload, detected_target, estimate, format_estimate,
     placement_error, planned_target, shape_from_checkpoint, shape_from_config,
@@ -36,7 +37,7 @@ def workload(cfg: Any) -> Workload:
         elif info.windowed:
             examples = max(examples, n)
             seqlens.append((d.example_len or 512) + 1 if d.examples in DOCUMENTS else d.seqlen or cfg.eval.seqlen)
-    calibrated = list({repr((s.weights, s.gptq, s.awq, cfg.calibration_for(s))): s for s in settings if s.calibrated}.values())  # one calibration each
+    calibrated = list({repr((s.weights, registry.options(s), cfg.calibration_for(s))): s for s in settings if s.calibrated}.values())  # one calibration each
     calib_tokens = max((cfg.calibration_for(s).samples * cfg.calibration_for(s).seqlen for s in calibrated), default=0)
     methods = " / ".join(m.upper() for m in dict.fromkeys(s.method for s in calibrated)) or "GPTQ"
     released = [s for s in settings if s.checkpoint is not None]

@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 from quantlens.errors import ConfigError
+from quantlens.quantize.methods import registry
 from quantlens.quantize.setting import Setting, validated
 from quantlens.quantize.spec import NO_FP, NONUNIFORM_P
 
@@ -21,12 +22,12 @@ from quantlens.quantize.spec import NO_FP, NONUNIFORM_P
 # activations; digits after the format must then be every quantized part's bits); 16 bits means "not quantized".
 _NAME = re.compile(
     r"^W(?P<w>\d+)A(?P<a>\d+)(?:KV(?P<kv>\d+))?(?:-g(?P<g>\d+))?(?P<nu>-nu)?(?:-p(?P<p>[0-9.]+))?"
-    r"(?:-(?P<fmt>nf|fp|mxfp|mxint|nvfp|km)(?P<fb>\d+)?(?P<el>e\dm\d)?)?(?:-clip(?P<k>[0-9.]+))?(?P<calib>-gptq|-awq)?$"
+    r"(?:-(?P<fmt>nf|fp|mxfp|mxint|nvfp|km)(?P<fb>\d+)?(?P<el>e\dm\d)?)?(?:-clip(?P<k>[0-9.]+))?(?:-(?P<calib>[a-z][a-z0-9]*))?$"
 )
 PRESET_NAMES = ("W16A16", "W8A8", "W4A16", "W4A8", "W8A8-nu", "W4A16-nu", "W4A8-nu")
 FORMAT_NAMES = ("W4A16-nf4", "W3A16-nf3", "W4A16-fp4", "W8A8-fp8", "W4A16-mxfp4", "W4A4-mxfp4", "W8A8-mxfp8",
                 "W4A16-nvfp4", "W4A4-nvfp4", "W3A16-km", "W4A16-km", "W16A16KV8-fp8", "W16A16KV4-nvfp4")
-CALIBRATED_NAMES = ("W4A16-gptq", "W3A16-gptq", "W4A16-awq", "W3A16-awq")
+CALIBRATED_NAMES = tuple(n for m in registry.ranked() for n in m.names)  # W4A16-gptq, W3A16-gptq, W4A16-awq, W3A16-awq
 MX_BLOCK, NVFP_BLOCK, NF_BLOCK, FP_GROUP, GPTQ_GROUP = 32, 16, 64, 32, 128
 
 
@@ -64,6 +65,14 @@ def _format_part(fmt: str, part: str, bits: int, element: str | None, group: int
             **blocks(NVFP_BLOCK)}
 
 
+def _calibrated(name: str, suffix: str) -> Any:
+    methods = registry.known()
+    if suffix not in methods:
+        raise ConfigError(f"unknown setting {name!r}: -{suffix} is neither a format nor a calibrated method "
+                          f"(calibrated: {', '.join('-' + m.name for m in registry.ranked())})")
+    return methods[suffix]
+
+
 def setting_from_name(name: str) -> Setting:
     """Parse a setting name; 16 bits means 'not quantized' (W16A16 is the baseline)."""
     m = _NAME.match(name)
@@ -71,7 +80,7 @@ def setting_from_name(name: str) -> Setting:
         raise ConfigError(
             f"unknown setting {name!r}: expected a preset ({', '.join(PRESET_NAMES)}), a format "
             f"({', '.join(FORMAT_NAMES[:6])}, …) or a name of the form "
-            "W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]][-clip<k>][-gptq|-awq], "
+            "W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]][-clip<k>][-<calibrated method: gptq, awq, …>], "
             "e.g. W3A16-g64-nu, W16A16KV4, W4A16-nf4"
         )
     wb, ab = int(m["w"]), int(m["a"])
@@ -99,11 +108,12 @@ def setting_from_name(name: str) -> Setting:
             raise ConfigError(f"invalid setting {name!r}: -{fmt}{m['fb']} names {m['fb']} bits but {said} bits are quantized: "
                               f"write -{fmt} (each part in {fmt} at its own bits)")
     data: dict[str, Any] = {"name": name}
-    if m["calib"]:  # GPTQ / AWQ as the second paper runs them: groups of 128 unless -g says otherwise (GPTQ: act-order, damp 0.01)
+    if m["calib"]:  # a calibrated method (GPTQ, AWQ as the second paper runs them: groups of 128 unless -g says otherwise)
+        method = _calibrated(name, m["calib"])
         if wb == 16:
-            raise ConfigError(f"invalid setting {name!r}: {m['calib']} quantizes weights, and weights are at 16 bits")
-        group = group or GPTQ_GROUP
-        data[m["calib"][1:]] = {}
+            raise ConfigError(f"invalid setting {name!r}: -{method.name} quantizes weights, and weights are at 16 bits")
+        group = group or method.group
+        data[method.option] = {}
     for part, bits in quantized.items():
         if fmt:
             try:

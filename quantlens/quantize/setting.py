@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
 from quantlens.errors import ConfigError
 from quantlens.quantize import params
 from quantlens.quantize.methods import registry
-from quantlens.quantize.spec import (GRID_DEFAULTS, AWQSpec, CalibrationSpec, CheckpointSpec, GPTQSpec, KVSpec,
-                                     PerturbSpec, QuantSpec, Strict)
+from quantlens.quantize.spec import GRID_DEFAULTS, CalibrationSpec, CheckpointSpec, KVSpec, PerturbSpec, QuantSpec, Strict
 
 
 def format_validation_error(err: ValidationError, what: str) -> str:
@@ -27,8 +26,10 @@ def format_validation_error(err: ValidationError, what: str) -> str:
     return f"invalid {what}: " + "; ".join(parts)
 
 
-class Setting(Strict):
-    """One point of a sweep: what happens to the decoder-block linear layers."""
+class SettingFields(Strict):
+    """One point of a sweep: what happens to the decoder-block linear layers. :class:`Setting` is this
+    model with one more field per registered calibrated method (``gptq``, ``awq``, …: its options,
+    None unless the setting uses it), so a new method is one module of :mod:`quantlens.quantize.methods`."""
 
     name: str = Field(min_length=1)
     base: str | None = Field(None, description="the setting this one was derived from (groups seeds/k in figures)")
@@ -40,8 +41,6 @@ class Setting(Strict):
     include_embeddings: bool = False
     include_routers: bool = Field(False, description="MoE routers (and Qwen2-MoE's shared-expert gate) quantized too; "
                                   "by default they stay 16-bit, as deployed MoE quantization leaves them")
-    gptq: GPTQSpec | None = Field(None, description="weights quantized by GPTQ on calibration data (the -gptq suffix)")
-    awq: AWQSpec | None = Field(None, description="weights quantized by AWQ's activation-aware scales (the -awq suffix)")
     calibration: CalibrationSpec | None = Field(None, description="this setting's calibration data (else the sweep's)")
     checkpoint: CheckpointSpec | None = Field(None, description="the weights of a released quantized checkpoint "
                                               "(hub id or folder), dequantized into the loaded model")
@@ -60,7 +59,7 @@ class Setting(Strict):
             raise ValueError(f"{' and '.join(m.option for m in methods)}: one calibrated method per setting")
         if self.checkpoint is not None:
             if methods or self.calibration is not None:
-                raise ValueError("checkpoint: the weights are the checkpoint's; gptq, awq and calibration do not apply")
+                raise ValueError(f"checkpoint: the weights are the checkpoint's; {_method_list()} and calibration do not apply")
             if self.weights is not None and self.checkpoint.layout is None:
                 raise ValueError("checkpoint: the weights spec is read from the checkpoint; leave weights out")
             if self.include_lm_head or self.include_embeddings or self.include_routers:
@@ -69,7 +68,7 @@ class Setting(Strict):
             return self
         if not methods:
             if self.calibration is not None:
-                raise ValueError("calibration: only a calibrated method (gptq, awq) uses calibration data")
+                raise ValueError(f"calibration: only a calibrated method ({_method_list()}) uses calibration data")
             return self
         method = methods[0].name
         if self.weights is None:
@@ -164,8 +163,11 @@ class Setting(Strict):
             ident.pop("weights", None)
             ident["checkpoint"] = {"source": self.checkpoint.source, "revision": self.checkpoint.revision,
                                    **({"models": self.checkpoint.models} if self.checkpoint.models else {})}
-        for k in ("include_routers", "gptq", "awq", "calibration", "checkpoint"):  # (fields newer than most runs: absent at their defaults)
+        for k in ("include_routers", "calibration", "checkpoint"):  # (fields newer than most runs: absent at their defaults)
             if not ident.get(k):
+                ident.pop(k, None)
+        for k in registry.options(self):  # a method's options: absent unless used (options of none are still the method)
+            if ident.get(k) is None:
                 ident.pop(k, None)
         for part in ("weights", "activations", "kv"):  # format fields at their defaults: the keys of runs made before they existed
             if ident.get(part):
@@ -209,6 +211,14 @@ class Setting(Strict):
     def flat_params(self) -> dict[str, Any]:
         """Flat, stable key/values: the MLflow params schema (:func:`quantlens.quantize.params.flat_params`)."""
         return params.flat_params(self)
+
+
+Setting = create_model("Setting", __base__=SettingFields, __module__=__name__, **registry.option_fields())
+Setting.__doc__ = "One point of a sweep: what happens to the decoder-block linear layers (and, per calibrated method, its options)."
+
+
+def _method_list() -> str:
+    return ", ".join(m.option for m in registry.ranked())
 
 
 def validated(cls: type[BaseModel], data: dict[str, Any], what: str) -> Any:

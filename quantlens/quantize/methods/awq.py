@@ -34,4 +34,5 @@ def calibrate(weights: list["torch.Tensor"], inputs: Captured, spec: QuantSpec, 
 
 
 METHOD = CalibratedMethod(name="awq", option="awq", options=AWQSpec, supported=supported, calibrate=calibrate,
-                          shares_input=True)
+                          shares_input=True, describe="weights quantized by AWQ's activation-aware scales (the -awq suffix)",
+                          names=("W4A16-awq", "W3A16-awq"), rank=1)

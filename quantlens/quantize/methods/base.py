@@ -54,7 +54,10 @@ class CalibratedMethod:
     ``calibrate``: (weights [out, in] reading one input, their captured inputs, the weights spec, the
     options, per weight whether it may be clipped) → :class:`Calibrated`;
     ``shares_input``: linears that read one input tensor are calibrated together (AWQ's one scale);
-    otherwise each weight alone."""
+    otherwise each weight alone;
+    ``describe``: the Setting field's description (``quantlens list-settings``, errors);
+    ``names``: setting names listed as examples (``W4A16-<name>``); ``group``: the weights' group size
+    a ``-<name>`` setting name takes unless ``-g`` says otherwise; ``rank``: its place in listings."""
 
     name: str
     option: str
@@ -62,6 +65,10 @@ class CalibratedMethod:
     supported: Callable[[QuantSpec], str | None]
     calibrate: Calibrate
     shares_input: bool = False
+    describe: str = ""
+    names: tuple[str, ...] = ()
+    group: int = 128
+    rank: int = 100
 
     def options_of(self, setting: Any) -> Any:
         """This method's options in ``setting`` (None: the setting does not use it)."""

@@ -28,4 +28,6 @@ def calibrate(weights: list["torch.Tensor"], inputs: Captured, spec: QuantSpec, 
     return Calibrated([gptq_quantize(w, inputs.h, spec, damp=o.damp, block=o.block, act_order=o.act_order) for w in weights])
 
 
-METHOD = CalibratedMethod(name="gptq", option="gptq", options=GPTQSpec, supported=supported, calibrate=calibrate)
+METHOD = CalibratedMethod(name="gptq", option="gptq", options=GPTQSpec, supported=supported, calibrate=calibrate,
+                          describe="weights quantized by GPTQ on calibration data (the -gptq suffix)",
+                          names=("W4A16-gptq", "W3A16-gptq"), rank=0)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from pathlib import Path
 from typing import Any
 
 from quantlens.errors import ConfigError
@@ -30,12 +29,33 @@ def known() -> dict[str, CalibratedMethod]:
     global _found
     if not _found:
         _found = True
-        for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        from quantlens.quantize import methods as package  # (its __path__: the folders listed)
+
+        for info in pkgutil.iter_modules(package.__path__):
             if info.name not in _NOT_METHODS:
                 mod = importlib.import_module(f"{__package__}.{info.name}")
                 if isinstance(getattr(mod, "METHOD", None), CalibratedMethod):
                     METHODS.setdefault(mod.METHOD.name, mod.METHOD)
     return METHODS
+
+
+def ranked() -> list[CalibratedMethod]:
+    """Every registered method in listing order."""
+    return sorted(known().values(), key=lambda m: (m.rank, m.name))
+
+
+def option_fields() -> dict[str, tuple[Any, Any]]:
+    """The :class:`~quantlens.quantize.setting.Setting` fields of the registered methods' options
+    (``create_model`` form): a method's options are a field of every setting, None unless it is used."""
+    from pydantic import Field
+
+    return {m.option: (m.options | None, Field(None, description=m.describe or f"weights quantized by {m.name}"))
+            for m in ranked()}
+
+
+def options(setting: Any) -> dict[str, Any]:
+    """Each registered method's options in ``setting`` (None where unused), by option field."""
+    return {m.option: m.options_of(setting) for m in ranked()}
 
 
 def method(name: str) -> CalibratedMethod:
