@@ -22,7 +22,7 @@ ARCHS = ("opt", "opt-350m-shape", "bloom", "llama", "qwen2", "gpt2", "gpt-neox",
 def test_the_anatomy_reads_the_shape_the_config_states(arch):
     cfg = _configs()[arch]
     model = AutoModelForCausalLM.from_config(cfg)
-    assert anatomy(model).shape() == model_shape(cfg.to_dict())
+    assert anatomy(model).shape() == model_shape(cfg.to_dict()) == shape_from_config(cfg.to_dict()).model_shape
 
 
 def test_an_moe_shape_counts_its_experts():

@@ -174,6 +174,12 @@ class Shape:
     active_params: int = 0  # used per token: an MoE's top-k experts, shared experts and the rest (0: = params, dense)
     outside: int | None = None  # parameters outside the blocks (None: params − layers·block_params, equal blocks)
     largest_experts: int = 0  # elements of a block's largest fused experts tensor (transformers 5: gate_up_proj)
+    experts: int = 0  # routed experts of an MoE block (0: a dense model)
+
+    @property
+    def model_shape(self) -> ModelShape:
+        """The dimensions this shares with the built modules (:meth:`quantlens.model.anatomy.Anatomy.shape`)."""
+        return ModelShape(layers=self.layers, hidden=self.hidden, vocab=self.vocab, experts=self.experts)
 
     def __post_init__(self) -> None:
         if not self.active_params:
@@ -374,7 +380,7 @@ def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
                  max_positions=int(d["max_pos"]) if d["max_pos"] else None, block_params=max(blocks),
                  largest_linear=largest, linears=linears, source=source, head_dim=head_dim,
                  active_params=sum(active) + outside, outside=outside,
-                 largest_experts=moe["experts"] * 2 * moe["inter"] * H if moe else 0)
+                 largest_experts=moe["experts"] * 2 * moe["inter"] * H if moe else 0, experts=moe["experts"] if moe else 0)
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
@@ -463,7 +469,7 @@ def shape_from_checkpoint(folder: str | Path) -> Shape:
                  block_params=block, largest_linear=largest or computed.largest_linear,
                  linears=linears or computed.linears, source="checkpoint", checkpoint_bytes=nbytes, head_dim=computed.head_dim,
                  active_params=max(1, total - (computed.params - computed.active_params)), outside=outside,
-                 largest_experts=computed.largest_experts)  # transformers 5 fuses per-expert keys: the config's size
+                 largest_experts=computed.largest_experts, experts=computed.experts)  # transformers 5 fuses per-expert keys: the config's size
 
 
 # --- Targets --------------------------------------------------------------------------------------
