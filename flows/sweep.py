@@ -109,6 +109,8 @@ class _ModelRun:
 
 def _note_done_elsewhere(mr: _ModelRun, s: Setting, run_id: str) -> None:
     mr.result.already_finished(s.name, run_id)
+    if s.is_reference:  # finished by another attempt or shard: the KL error of the others is read from its run
+        mr.kl = steps.KLReference(mr.ledger.tracker, run_id)
     line = f"{mr.progress.tick(False)} {mr.info.name}/{s.name}: FINISHED by another attempt (run {run_id})"
     get_run_logger().info(line)
     say(line)
@@ -220,12 +222,13 @@ def _note_failed(mr: _ModelRun, s: Setting, lease: Any, err: Exception) -> None:
 
 @flow(name="quantlens-model", log_prints=True, validate_parameters=False)
 def model_flow(plan: SweepPlan | dict[str, Any], model_index: int, parent_run_id: str, attempt: str,
-               force: bool = False) -> ModelResult:
+               force: bool = False, shard: int | None = None) -> ModelResult:
     """Download → load once → for each setting: lease, patch, evaluate, log, restore → explain.
 
     ``plan``: the sweep's :class:`SweepPlan` (in this process), or its :meth:`SweepPlan.payload` for
-    this model (a worker of the ``quantlens-model`` deployment)."""
-    cfg, sid, mp = _model_plan(plan, model_index)
+    this model (a worker of the ``quantlens-model`` deployment). ``shard``: run only that shard of the
+    model's settings (:meth:`ModelPlan.shard`)."""
+    cfg, sid, mp = _model_plan(plan, model_index, shard)
     ledger = RunLedger(Tracker(cfg.experiment), sid, attempt, force)
     progress = progress_for(attempt, len(mp.settings))
     info, snap = steps.download_model(mp.entry)
@@ -251,12 +254,13 @@ def model_flow(plan: SweepPlan | dict[str, Any], model_index: int, parent_run_id
     return result
 
 
-def _model_plan(plan: SweepPlan | dict[str, Any], index: int) -> tuple[SweepConfig, str, ModelPlan]:
+def _model_plan(plan: SweepPlan | dict[str, Any], index: int, shard: int | None = None) -> tuple[SweepConfig, str, ModelPlan]:
     if isinstance(plan, SweepPlan):
-        return plan.config, plan.sweep_id, plan.models[index]
+        mp = plan.models[index]
+        return plan.config, plan.sweep_id, mp if shard is None else mp.shard(shard)
     cfg, sid, mp = from_payload(plan)
-    if mp.index != index:
-        raise ConfigError(f"model_flow: the plan is of model {mp.index}, not {index}")
+    if mp.index != index or mp.shard_index != shard:
+        raise ConfigError(f"model_flow: the plan is of model {mp.index} shard {mp.shard_index}, not {index} shard {shard}")
     return cfg, sid, mp
 
 
@@ -278,6 +282,8 @@ def _evaluate_all(mr: _ModelRun, model: Any, tokenizer: Any, todo: list[Setting]
     waiting = []
     for s in todo:
         owner = evaluate_setting(mr, model, tokenizer, s, keys[s.name])
+        if owner is not None and s.is_reference:  # the others need it (their KL error, the analyses): wait for it first
+            owner = _await_reference(mr, model, tokenizer, s, keys[s.name], owner)
         if owner is not None:
             waiting.append((s, owner))
             get_run_logger().info("%s/%s: being evaluated by another attempt (run %s): waiting for it at the end",
@@ -296,6 +302,22 @@ def _evaluate_all(mr: _ModelRun, model: Any, tokenizer: Any, todo: list[Setting]
                 if new_owner is not None:
                     still.append((s, new_owner))
         waiting = still
+
+
+def _await_reference(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key: str, owner: str) -> str | None:
+    """The reference held by another attempt or shard: wait until it finishes (then read back), or
+    take it over if that attempt dies or fails. Returns None once it is done."""
+    get_run_logger().info("%s/%s: being evaluated by another attempt or shard (run %s): the others wait for it",
+                          mr.info.name, s.name, owner)
+    while owner is not None:
+        time.sleep(mr.ledger.poll_interval())
+        state = mr.ledger.wait(owner)
+        if state == "done":
+            _note_done_elsewhere(mr, s, owner)
+            return None
+        if state != "busy":
+            owner = evaluate_setting(mr, model, tokenizer, s, key)
+    return None
 
 
 def _read_checkpoints(mp: ModelPlan, model_name: str) -> tuple[dict[str, Setting], dict[str, Any]]:
@@ -388,7 +410,7 @@ def sweep_flow(
     parent = tracker.parent_run(sid, cfg.name, {"config_name": cfg.name, "n_models": len(cfg.models), "n_settings": len(plan.settings)})
     tracker.describe_sweep(parent, cfg.model_dump(mode="json"), plan.description(), git_commit())
     attempt = _attempt_id()
-    start_attempt(attempt, plan.grid_size)
+    start_attempt(attempt, plan.steps)
     model_failures = _run_models(plan, dispatch, parent, attempt, force)
     summary = _summary(tracker, sid, parent, attempt, plan.grid_size, model_failures)
     summary["report_failed"] = []
@@ -415,10 +437,10 @@ def _run_models(plan: SweepPlan, dispatch: str | None, parent: str, attempt: str
     if dispatch:
         return _dispatch(plan, dispatch, parent, attempt, force)
     failures = []
-    for mp in plan.models:
-        state = model_flow(plan, mp.index, parent, attempt, force, return_state=True)
+    for part in (p for mp in plan.models for p in mp.parts()):  # shards here run in turn
+        state = model_flow(plan, part.index, parent, attempt, force, part.shard_index, return_state=True)
         if not state.is_completed():
-            failures.append(f"{mp.ref}: (model flow) {state.message}")
+            failures.append(f"{part.label}: (model flow) {state.message}")
     return failures
 
 
@@ -440,18 +462,19 @@ def _dispatch(plan: SweepPlan, deployment: str, parent: str, attempt: str, force
 
     log = get_run_logger()
     runs: list[tuple[str, Any]] = []
-    for mp in plan.models:
+    for mp in (p for m in plan.models for p in m.parts()):  # a sharded model: one flow run per shard
+        shard = {"shard": mp.shard_index} if mp.shard_index is not None else {}
         fr = run_deployment(
             name=deployment,
-            parameters={"plan": plan.payload(mp.index), "model_index": mp.index, "parent_run_id": parent, "attempt": attempt,
-                        "force": force},
+            parameters={"plan": plan.payload(mp.index, mp.shard_index), "model_index": mp.index, "parent_run_id": parent,
+                        "attempt": attempt, "force": force, **shard},
             job_variables={"gpus": mp.entry.gpus} if mp.entry.gpus > 1 else None,  # big models ask for more GPUs
             tags=["quantlens", f"gpus-{mp.entry.gpus}"],
             timeout=0,  # submit all, then wait: the pool runs as many as it has GPUs for
             as_subflow=True,
         )
-        log.info("dispatched %s to %s (flow run %s)", mp.ref, deployment, fr.id)
-        runs.append((mp.ref, fr.id))
+        log.info("dispatched %s to %s (flow run %s)", mp.label, deployment, fr.id)
+        runs.append((mp.label, fr.id))
     return _wait_for(dict(runs))
 
 

@@ -10,8 +10,12 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from postgres import Databases
 
 BIN = Path(sys.executable).parent
 REAPER = Path(__file__).with_name("reaper.py")
@@ -57,10 +61,13 @@ def kill_tree(proc: subprocess.Popen | None, sig: int = signal.SIGKILL) -> None:
 
 
 class Servers:
-    """A Prefect server and an MLflow server (SQLite backend) on free loopback ports."""
+    """A Prefect server and an MLflow server on free loopback ports: on PostgreSQL (``pg``: the
+    databases of :mod:`postgres`, one per store, as infra/ runs them) or, without ``pg``, on SQLite."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, pg: "Databases | None" = None):
         self.root = root
+        self.pg = pg
+        self.stores: dict[str, str] = {}  # store name → its URL (a server restarted on a store finds it again)
         self.procs: list[subprocess.Popen] = []
         self.prefect_port, self.mlflow_port = free_port(), free_port()
         self.prefect_url = f"http://127.0.0.1:{self.prefect_port}/api"
@@ -84,9 +91,28 @@ class Servers:
         self.procs.append(p)
         return p
 
-    def start_prefect(self) -> None:
+    def store(self, name: str, driver: str = "") -> str:
+        """The URL of store ``name`` (``mlflow.db``, ``auth.db``, ``prefect``): a PostgreSQL database of
+        its own when the servers run on PostgreSQL, else a SQLite file under ``root``."""
+        if name not in self.stores:
+            if self.pg is None:
+                self.stores[name] = f"sqlite:///{self.root / name}"
+            else:
+                from postgres import database_url
+
+                self.stores[name] = database_url(self.pg.create(name.removesuffix(".db")), driver)
+        return self.stores[name]
+
+    def prefect_env(self) -> dict[str, str]:
+        """The Prefect server's environment: its home, and its database when on PostgreSQL (asyncpg)."""
         env = {**self.env, "PREFECT_HOME": str(self.root / "prefect-server")}
-        env.pop("PREFECT_API_URL")
+        env.pop("PREFECT_API_URL", None)
+        if self.pg is not None:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.store("prefect", "asyncpg")
+        return env
+
+    def start_prefect(self) -> None:
+        env = self.prefect_env()
         p = self.start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.prefect_port)], "prefect-server.log", env)
         wait_http(self.prefect_url + "/health", 180, p)
 
@@ -94,7 +120,7 @@ class Servers:
         port = port or self.mlflow_port
         p = self.start(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / db}", "--artifacts-destination", str(self.root / "artifacts")],
+             "--backend-store-uri", self.store(db), "--artifacts-destination", str(self.root / "artifacts")],
             f"mlflow-{port}.log",
         )
         wait_http(f"http://127.0.0.1:{port}/health", 180, p)
@@ -102,15 +128,15 @@ class Servers:
 
     def start_prefect_auth(self, auth: str) -> subprocess.Popen:
         """A Prefect server whose API wants ``auth`` (user:password); not waited for (see wait_http)."""
-        env = {**self.env, "PREFECT_HOME": str(self.root / "prefect-server"), "PREFECT_SERVER_API_AUTH_STRING": auth}
-        env.pop("PREFECT_API_URL", None)
+        env = {**self.prefect_env(), "PREFECT_SERVER_API_AUTH_STRING": auth}
         return self.start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.prefect_port)],
                           "prefect-server.log", env)
 
     def start_mlflow_auth(self, admin_password: str) -> subprocess.Popen:
         """MLflow with its authentication app, through infra/mlflow-server.sh as the compose stack
-        runs it (SQLite stores and local artifacts instead of PostgreSQL and S3); not waited for."""
-        env = {**self.env, "BACKEND_URI": f"sqlite:///{self.root / 'mlflow.db'}", "AUTH_DB_URI": f"sqlite:///{self.root / 'auth.db'}",
+        runs it (its tracking and auth stores on PostgreSQL where the servers are, local artifacts
+        instead of S3); not waited for."""
+        env = {**self.env, "BACKEND_URI": self.store("mlflow.db"), "AUTH_DB_URI": self.store("auth.db"),
                "ARTIFACTS_DESTINATION": str(self.root / "artifacts"), "MLFLOW_ADMIN_PASSWORD": admin_password,
                "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key", "MLFLOW_BIND": "127.0.0.1", "MLFLOW_PORT": str(self.mlflow_port),
                "TMPDIR": str(self.root)}
@@ -133,6 +159,21 @@ class Servers:
             kill_tree(p, signal.SIGTERM)
             kill_tree(p)
         self.procs.clear()
+        if self.pg is not None:
+            self.pg.drop_all()
+
+
+def on_postgres(prefix: str) -> "Databases":
+    """The databases of one test module on the test PostgreSQL (:mod:`postgres`); the test skips,
+    saying how to point it at one, where none answers."""
+    import pytest
+
+    from postgres import Databases, unreachable
+
+    why = unreachable()
+    if why:
+        pytest.skip(why)
+    return Databases(prefix)
 
 
 def mlflow_runs(url: str, experiment: str, flt: str = "", view: str = "ACTIVE_ONLY") -> list[dict]:

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import MODELS, SHARED, WIKI_TEST, require_tool
-from servers import INFRA, Servers, wait_http
+from servers import INFRA, Servers, on_postgres, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def request(url: str, *, auth: str | None = None, body: dict | None = None, ca=N
 def plane(tmp_path_factory):
     require_tool("caddy")
     root = tmp_path_factory.mktemp("control-plane")
-    s = Servers(root)
+    s = Servers(root, on_postgres("plane"))  # MLflow's tracking and auth stores and Prefect's, as infra/ runs them
     for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         s.env.pop(var)
     try:

@@ -669,3 +669,35 @@ def test_preflight_refuses_a_checkpoint_of_another_model_a_corrupt_one_and_an_un
     with pytest.raises(Exception, match="not a model of this sweep"):
         load_config(config(name="typo", models=[str(MODELS / "tiny-llama")],
                            settings=["W16A16", {"name": "x", "checkpoint": {"tiny-lama": str(released_checkpoints["gptq-llama"])}}]))
+
+
+def test_a_sharded_model_evaluates_the_reference_once_and_equals_the_unsharded_sweep(env):
+    """`shards: 2`: the model's settings over two model flow runs (here in turn), each loading the
+    model once; the reference runs once and the other shard reads its top-k back for the KL error.
+    The sweep and its run keys are the unsharded sweep's: its numbers equal, bit for bit."""
+    from quantlens.flows.sweep import sweep_flow
+    from quantlens.pipeline.sweep import load_config, sweep_id
+    from quantlens.pipeline.sweep_plan import build_plan
+
+    settings = ["W16A16", "W4A16", "W8A8", "W3A16"]
+    cfg = config(name="sharded", models=[str(MODELS / "tiny-opt")], settings=settings,
+                 datasets=[{"name": "wikitext2", "path": str(WIKI_TEST), "max_windows": 5}], shards=2)
+    plan = build_plan(cfg)
+    parts = plan.models[0].parts()
+    assert [[s.name for s in p.settings] for p in parts] == [["W16A16", "W4A16", "W3A16"], ["W16A16", "W8A8"]]
+    assert any("2 shards" in line for line in plan.lines()) and any(line.startswith("critical path") for line in plan.lines())
+
+    summary = sweep_flow(cfg, aggregate=False)
+    assert summary["evaluated"] == 4 and summary["failed"] == []
+    sid = sweep_id(load_config(cfg))
+    fin = runs("FINISHED", sid).set_index("params.setting")
+    assert sorted(fin.index) == sorted(settings)  # each once, the reference too
+    assert (fin.drop(index="W16A16")["metrics.wikitext2_kl"] > 0).all()  # shard 2 read the reference back
+
+    plain = {k: v for k, v in cfg.items() if k != "shards"}
+    assert sweep_id(load_config(plain)) == sid and sweep_flow(plain, aggregate=False)["evaluated"] == 0  # one sweep, same runs
+    assert sweep_flow(plain, force=True, aggregate=False)["evaluated"] == 4
+    again = runs("FINISHED", sid)
+    again = again[~again["run_id"].isin(fin["run_id"])].set_index("params.setting")
+    for m in ("metrics.wikitext2_ppl", "metrics.wikitext2_kl"):
+        assert again[m].drop(index="W16A16", errors="ignore").to_dict() == fin[m].drop(index="W16A16").to_dict(), m

@@ -1,4 +1,5 @@
-"""Real servers on loopback: a Prefect server with a process worker, MLflow tracking servers.
+"""Real servers on loopback, on the backend users deploy: a Prefect server (PostgreSQL, asyncpg) with
+process workers, MLflow tracking servers (PostgreSQL), each store a database of its own.
 
 Deploys infra/prefect.yaml (pointed at a local process pool), runs configs/demo.yaml (one setting of
 each kind, less data) through the worker with the models fanned out as separate flow runs, and checks the runs through MLflow's REST
@@ -17,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import MODELS, REPO, SHARED, WIKI_TEST
-from servers import BIN, Servers, free_port, kill_tree, mlflow_runs, params, tags
+from servers import BIN, Servers, free_port, kill_tree, mlflow_runs, on_postgres, params, tags
 
 pytestmark = pytest.mark.slow
 EVAL = "tags.`quantlens.kind` = 'eval'"
@@ -26,7 +27,7 @@ EVAL = "tags.`quantlens.kind` = 'eval'"
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     root = tmp_path_factory.mktemp("servers")
-    s = Servers(root)
+    s = Servers(root, on_postgres("servers"))
     s.env.update({"QUANTLENS_CACHE": str(root / "cache"), "QUANTLENS_SHARED_DATA": str(SHARED),
                   "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     try:
@@ -129,6 +130,12 @@ def test_demo_through_worker_with_fan_out(srv):
     with urllib.request.urlopen(req, timeout=30) as r:
         assert json.load(r) == 3
     assert any(f.name == "fig1_wikitext2_ppl_vs_size.png" for f in (srv.root / "results").rglob("*.png"))
+    # and all of it is in PostgreSQL: the runs in MLflow's database, the flow runs in Prefect's
+    from postgres import scalar
+
+    assert srv.stores["mlflow.db"].startswith("postgresql://") and srv.stores["prefect"].startswith("postgresql+asyncpg://")
+    assert scalar(srv.stores["mlflow.db"], "SELECT count(*) FROM runs WHERE status = 'FINISHED'") >= 3 * 7
+    assert scalar(srv.stores["prefect"], "SELECT count(*) FROM flow_run WHERE state_type = 'COMPLETED'") >= 4
 
 
 def test_worker_killed_mid_sweep_then_rerun_completes(srv):

@@ -6,6 +6,7 @@ Torch-free: planning a 66B grid on a laptop imports neither torch nor transforme
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,18 +49,46 @@ def workload(cfg: Any) -> Workload:
                     released=len(released))
 
 
-def format_plan(estimates: list[Estimate | None], refs: list[str], target: Target) -> list[str]:
-    """The plan as printed by ``--dry-run`` and first by every run."""
+def format_plan(estimates: list[Estimate | None], refs: list[str], target: Target, shards: list[int] | None = None) -> list[str]:
+    """The plan as printed by ``--dry-run`` and first by every run; ``shards``: each model's model flow runs."""
+    from quantlens.model.footprint import format_duration
+
+    shards = shards or [1] * len(refs)
     lines = [f"plan for {target.describe()}:"]
     total = 0.0
-    for ref, e in zip(refs, estimates):
+    for ref, e, k in zip(refs, estimates, shards):
         if e is None:
             lines.append(f"{ref}: size not known before download / loading (not cached, or its config lacks dimensions)")
             continue
         lines += format_estimate(e)
+        if k > 1:
+            lines.append(f"  {k} shards (model flow runs, each loading the model once): ≈ {format_duration(shard_seconds(e, k))} "
+                         f"each at most, the reference once (the others wait for it)")
         total += e.seconds
-    if len([e for e in estimates if e]) > 1:
-        from quantlens.model.footprint import format_duration
-
+    known = [(e, k) for e, k in zip(estimates, shards) if e is not None]
+    if len(known) > 1 or any(k > 1 for _, k in known):
         lines.append(f"grid: ≈ {format_duration(total)} of evaluation in all (one model at a time)")
+        lines.append(critical_path_line(known))
     return lines
+
+
+def shard_seconds(e: Estimate, k: int) -> float:
+    """The longest of ``k`` shards of a model's settings: the reference (which every shard needs
+    first), then its share of the others and of their calibration."""
+    others = max(0, e.settings - 1)
+    calib = e.calibration_seconds if math.isfinite(e.calibration_seconds) else 0.0
+    return e.seconds_per_setting * (1 + math.ceil(others / k)) + calib / k
+
+
+def critical_path_line(known: list[tuple[Estimate, int]]) -> str:
+    """The grid's critical path with every model flow run on a GPU of its own: its longest shard
+    (the largest model's, unsharded, whatever the cluster's size)."""
+    from quantlens.model.footprint import format_duration
+
+    sharded = max(shard_seconds(e, k) for e, k in known)
+    plain = max(e.seconds for e, _ in known)
+    longest = max(known, key=lambda ek: shard_seconds(*ek))[0]
+    line = f"critical path: ≈ {format_duration(sharded)} with a GPU per model flow run ({longest.model}"
+    if sharded < plain:
+        return line + f"; unsharded ≈ {format_duration(plain)})"
+    return line + "; `shards: N` on it splits its settings over N GPUs)"

@@ -39,6 +39,8 @@ class ModelEntry(_Strict):
     gpus: int = Field(1, ge=1, description="GPUs this model asks for on a cluster")
     settings: list[str] | None = Field(None, min_length=1, description="run only these settings of the grid on this model "
                                        "(names as the grid names them; the reference W16A16 always runs); default: all")
+    shards: int | None = Field(None, ge=1, description="split this model's settings over N model flow runs (N GPU jobs), "
+                               "each loading the model once; the reference runs once, before the others (default: the sweep's shards)")
 
     def info(self) -> Any:
         """The model this entry names (:func:`quantlens.model.loading.resolve_model`)."""
@@ -153,6 +155,8 @@ class SweepConfig(_Strict):
     analysis: AnalysisOptions = AnalysisOptions()
     calibration: CalibrationSpec = Field(CalibrationSpec(), description="the data of calibrated settings (GPTQ), unless a "
                                          "setting gives its own")
+    shards: int = Field(1, ge=1, description="every model's settings split over N model flow runs (a model's own "
+                        "`shards` overrides it); how the work is spread, not what it computes: runs and the sweep id are the same")
     _grid: tuple[str, list[Setting], dict[str, str]] | None = PrivateAttr(None)  # the expanded grid, made once per config
 
     @field_validator("models", "datasets", mode="before")
@@ -218,6 +222,11 @@ class SweepConfig(_Strict):
         one (``W16A16KV16`` after ``W16A16``, :meth:`Setting.same_computation`) is left out — it is
         that run (:meth:`aliases` lists them)."""
         return self._expand()[0]
+
+    def shards_for(self, entry: "ModelEntry") -> int:
+        """How many model flow runs share ``entry``'s settings (never more than the settings besides the reference)."""
+        n = entry.shards if entry.shards is not None else self.shards
+        return max(1, min(n, sum(1 for s in self.settings_for(entry) if not s.is_reference)))
 
     def settings_for(self, entry: "ModelEntry") -> list[Setting]:
         """The settings model ``entry`` runs: the grid's (those its ``settings`` names, where it names
@@ -502,7 +511,7 @@ def run_key(revision: str, model_ref: str, setting: Setting, cfg: SweepConfig) -
 
 def sweep_id(cfg: SweepConfig) -> str:
     """Stable id of a sweep definition: reruns of the same config share their parent MLflow run."""
-    dump = cfg.model_dump()
+    dump = cfg.model_dump(exclude={"shards": True, "models": {"__all__": {"shards"}}})  # how work is spread, not what
     if dump["analysis"]["statistics"] == StatisticsOptions().model_dump():
         del dump["analysis"]["statistics"]  # (the sweeps of configs written before it keep their ids)
     if dump["calibration"] == CalibrationSpec().model_dump():
