@@ -25,22 +25,20 @@ def admin_url() -> str:
 def unreachable() -> str | None:
     """Why no PostgreSQL can be used (one line), or None when one answers."""
     try:
-        import psycopg2
+        import psycopg
     except ImportError:
-        return HOW.format(url=admin_url(), why="psycopg2 is not installed: pip install -e '.[dev]'")
+        return HOW.format(url=admin_url(), why="psycopg is not installed: pip install -e '.[dev]'")
     try:
-        psycopg2.connect(admin_url(), connect_timeout=3).close()
+        psycopg.connect(admin_url(), connect_timeout=3).close()
     except Exception as err:  # noqa: BLE001 — any failure means: not usable here
         return HOW.format(url=admin_url(), why=str(err).strip().splitlines()[0])
     return None
 
 
 def _admin():
-    import psycopg2
+    import psycopg
 
-    conn = psycopg2.connect(admin_url(), connect_timeout=5)
-    conn.autocommit = True  # CREATE / DROP DATABASE cannot run in a transaction
-    return conn
+    return psycopg.connect(admin_url(), connect_timeout=5, autocommit=True)  # CREATE / DROP DATABASE: not in a transaction
 
 
 def database_url(name: str, driver: str = "") -> str:
@@ -82,10 +80,10 @@ class Databases:
 
 def scalar(url: str, sql: str) -> object:
     """One value of one query on the database at ``url`` (a driver suffix such as ``+asyncpg`` is dropped)."""
-    import psycopg2
+    import psycopg
 
     u = urlsplit(url)
-    conn = psycopg2.connect(urlunsplit(("postgresql", u.netloc, u.path, u.query, "")), connect_timeout=5)
+    conn = psycopg.connect(urlunsplit(("postgresql", u.netloc, u.path, u.query, "")), connect_timeout=5)
     try:
         with conn.cursor() as cur:
             cur.execute(sql)
