@@ -8,6 +8,7 @@ failed step redoes only what did not finish. Runs left RUNNING by a dead attempt
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -229,7 +230,8 @@ def model_flow(plan: SweepPlan | dict[str, Any], model_index: int, parent_run_id
     this model (a worker of the ``quantlens-model`` deployment). ``shard``: run only that shard of the
     model's settings (:meth:`ModelPlan.shard`)."""
     cfg, sid, mp = _model_plan(plan, model_index, shard)
-    ledger = RunLedger(Tracker(cfg.experiment), sid, attempt, force)
+    # a model flow on a worker outlives a tracking server's restart: it asks again for a while
+    ledger = RunLedger(Tracker(cfg.experiment, wait=float(os.environ.get("QUANTLENS_MLFLOW_WAIT_S", "120"))), sid, attempt, force)
     progress = progress_for(attempt, len(mp.settings))
     info, snap = steps.download_model(mp.entry)
     described, checkpoints = _read_checkpoints(mp, info.name)  # (their revisions key the runs)

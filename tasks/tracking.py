@@ -92,12 +92,22 @@ def _retry(fn: Callable[[], T], what: str, also: tuple[str, ...] = ()) -> T:
     raise AssertionError("unreachable")
 
 
-def _check_server(uri: str, experiment: str) -> None:
+def _check_server(uri: str, experiment: str, wait: float = 0.0) -> None:
     """Fail fast (seconds, not MLflow's minutes of HTTP retries) when the server is down, unhealthy,
-    refuses our credentials, or would not let us write to the experiment: one request."""
+    refuses our credentials, or would not let us write to the experiment: one request. ``wait`` > 0:
+    a server that cannot be reached is asked again for that many seconds (one being restarted)
+    before failing; refused credentials fail at once."""
     from quantlens.pipeline.credentials import check_mlflow
+    from quantlens.pipeline.errors import TrackingUnavailable
 
-    check_mlflow(uri, experiment, timeout=float(os.environ.get("QUANTLENS_MLFLOW_HEALTH_TIMEOUT", "10")))
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return check_mlflow(uri, experiment, timeout=float(os.environ.get("QUANTLENS_MLFLOW_HEALTH_TIMEOUT", "10")))
+        except TrackingUnavailable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(2.0)
 
 
 def _user_tag() -> dict[str, str]:
@@ -114,13 +124,13 @@ def _user_tag() -> dict[str, str]:
 
 
 class Tracker:
-    def __init__(self, experiment: str, uri: str | None = None):
+    def __init__(self, experiment: str, uri: str | None = None, wait: float = 0.0):
         import mlflow
         from mlflow.tracking import MlflowClient
 
         self.uri = uri or tracking_uri()
         if self.uri.startswith(("http://", "https://")):
-            _check_server(self.uri, experiment)
+            _check_server(self.uri, experiment, wait)
         if self.uri.startswith("sqlite:///"):
             Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)

@@ -53,11 +53,11 @@ def srv(tmp_path_factory):
         s.stop()
 
 
-def start_worker(s, **extra_env):
+def start_worker(s, limit=None, **extra_env):
     # one torch thread per flow-run process: three models at once on a 2-core machine
     extra_env.setdefault("OMP_NUM_THREADS", "1")
-    return s.start([str(BIN / "prefect"), "worker", "start", "--pool", "test-pool", "--type", "process"],
-                   "worker.log", {**s.env, **extra_env}, cwd=REPO)
+    return s.start([str(BIN / "prefect"), "worker", "start", "--pool", "test-pool", "--type", "process",
+                    *(["--limit", str(limit)] if limit else [])], "worker.log", {**s.env, **extra_env}, cwd=REPO)
 
 
 RUNNER = textwrap.dedent("""
@@ -138,35 +138,113 @@ def test_demo_through_worker_with_fan_out(srv):
     assert scalar(srv.stores["prefect"], "SELECT count(*) FROM flow_run WHERE state_type = 'COMPLETED'") >= 4
 
 
-def test_worker_killed_mid_sweep_then_rerun_completes(srv):
-    cfg = small_config(srv.root, "killed", "faults")
-    kill_tree(srv.worker)
-    faulty = start_worker(srv, QUANTLENS_INJECT_FAULT="tiny-opt:W8A8:sleep")
-    sweep = run_deployment(srv, "quantlens-sweep/on-demand", {"config": str(cfg), "aggregate": False})
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:  # wait until the worker is stuck inside W8A8
+def flow_run_parameters(s, flow_run_id: str) -> dict:
+    with urllib.request.urlopen(f"{s.prefect_url}/flow_runs/{flow_run_id}", timeout=30) as r:
+        return json.load(r)["parameters"]
+
+
+def worker_running(s, workers, model_index: int, shard: int):
+    """The worker whose flow-run process runs that model's shard (a flow-run process carries its id)."""
+    import psutil
+
+    for w in workers:
+        for p in psutil.Process(w.pid).children(recursive=True):
+            try:
+                fid = p.environ().get("PREFECT__FLOW_RUN_ID")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if fid:
+                par = flow_run_parameters(s, fid)
+                if par.get("model_index") == model_index and par.get("shard") == shard:
+                    return w
+    return None
+
+
+def model_flow_runs(s, op: str = "not_any_", states: list[str] | None = None) -> int:
+    """quantlens-model flow runs on the server (``op`` over state types: any_ / not_any_)."""
+    body = {"flows": {"name": {"any_": ["quantlens-model"]}}}
+    if states is not None:
+        body["flow_runs"] = {"state": {"type": {op: states}}}
+    req = urllib.request.Request(s.prefect_url + "/flow_runs/count", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)
+
+
+def wait_until(what, check, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         try:
-            running = mlflow_runs(srv.mlflow_url, "faults", f"{EVAL} and attributes.status = 'RUNNING'")
+            if check():
+                return
         except OSError:
-            running = []
-        if any(params(r).get("setting") == "W8A8" for r in running):
-            break
+            pass
         time.sleep(1)
-    else:
-        pytest.fail("the sweep never reached W8A8")
-    kill_tree(faulty)  # the worker and its flow-run processes die mid-evaluation
-    kill_tree(sweep)
-    assert len(mlflow_runs(srv.mlflow_url, "faults", f"{EVAL} and attributes.status = 'FINISHED'")) == 2
+    pytest.fail(f"never: {what}")
+
+
+def test_four_workers_then_a_worker_killed_and_mlflow_restarted_mid_sweep(srv, monkeypatch):
+    """Load and faults on the PostgreSQL-backed servers: 3 models × 2 shards fanned out to 4 process
+    workers of one pool at once. MLflow is restarted once mid-sweep; the worker evaluating
+    tiny-llama/W8A8 is SIGKILLed mid-evaluation. Every other run FINISHES once; the rerun evaluates
+    only W8A8; nothing that finished is lost or doubled; every per-example artifact reads back."""
+    import pandas as pd
+
+    settings = ("W16A16", "W4A16", "W8A8", "W3A16")  # shards: [W16A16, W4A16, W3A16], [W16A16, W8A8]
+    cfg = yaml.safe_load(small_config(srv.root, "drill", "drill", settings=settings).read_text())
+    cfg["models"] = [str(MODELS / m) for m in ("tiny-opt", "tiny-bloom", "tiny-llama")]
+    cfg["shards"] = 2
+    f = srv.root / "drill.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    kill_tree(srv.worker)
+    base = model_flow_runs(srv)  # (those of earlier tests on this server)
+    # one flow run per worker at a time (a GPU node's job): killing one kills only what it runs
+    workers = [start_worker(srv, limit=1, QUANTLENS_INJECT_FAULT="tiny-llama:W8A8:sleep") for _ in range(4)]
+    t0 = time.monotonic()
+    sweep = run_deployment(srv, "quantlens-sweep/on-demand", {"config": str(f), "aggregate": False})
+    finished = lambda: mlflow_runs(srv.mlflow_url, "drill", f"{EVAL} and attributes.status = 'FINISHED'")  # noqa: E731
+    wait_until("a first run FINISHED", lambda: len(finished()) >= 1)
+    mlflow = next(p for p in srv.procs if "mlflow" in " ".join(map(str, p.args)) and str(srv.mlflow_port) in " ".join(map(str, p.args)))
+    srv.procs.remove(mlflow)
+    kill_tree(mlflow)  # the tracking server restarted once, mid-sweep, on the same address and database
+    time.sleep(3)
+    srv.start_mlflow()
+    wait_until("tiny-llama/W8A8 RUNNING", lambda: any(
+        params(r).get("setting") == "W8A8" and params(r).get("model") == "tiny-llama"
+        for r in mlflow_runs(srv.mlflow_url, "drill", f"{EVAL} and attributes.status = 'RUNNING'")))
+    busy = [w for w in workers if w.poll() is None and worker_running(srv, [w], 2, 1)]
+    assert len(busy) == 1, "no single worker holds tiny-llama's second shard"
+    kill_tree(busy[0])  # SIGKILL: the worker and its flow-run process die mid-evaluation
+    # every other model flow run ends (one starting while MLflow restarted waits for it); the killed
+    # one stays RUNNING in Prefect, its MLflow run stale
+    wait_until("the other model flow runs final", lambda: model_flow_runs(srv, "any_", ["RUNNING", "PENDING", "SCHEDULED"]) == 1
+               and model_flow_runs(srv) == base + 6, 900)
+    first = time.monotonic() - t0
+    before = {r["info"]["run_id"] for r in finished()}
+    kill_tree(sweep)  # the sweep waits on the dead model flow run: stop it, and the workers
+    for w in workers:
+        kill_tree(w)
     srv.worker = start_worker(srv)
-    p = run_deployment(srv, "quantlens-sweep/on-demand", {"config": str(cfg), "aggregate": False})
+    p = run_deployment(srv, "quantlens-sweep/on-demand", {"config": str(f), "aggregate": False})
     out, err = p.communicate(timeout=900)
     assert json.loads(out.strip().splitlines()[-1])["state"] == "COMPLETED", err[-3000:]
-    finished_unique(srv.mlflow_url, "faults", 4)  # nothing lost, nothing duplicated
-    # the dead attempt's run: FAILED as stale, then out of the default view once its key finished
-    assert mlflow_runs(srv.mlflow_url, "faults", f"{EVAL} and attributes.status = 'FAILED'") == []
-    failed = mlflow_runs(srv.mlflow_url, "faults", f"{EVAL} and attributes.status = 'FAILED'", view="DELETED_ONLY")
-    assert [params(r)["setting"] for r in failed] == ["W8A8"]
-    assert "stale" in tags(failed[0])["quantlens.failure"] and tags(failed[0])["quantlens.superseded_by"]
+    fin = finished_unique(srv.mlflow_url, "drill", 3 * len(settings))  # nothing lost, nothing doubled
+    assert sorted((params(r)["model"], params(r)["setting"]) for r in fin) == sorted(
+        (m, s) for m in ("tiny-opt", "tiny-bloom", "tiny-llama") for s in settings)
+    assert before <= {r["info"]["run_id"] for r in fin}
+    redone = [r for r in fin if r["info"]["run_id"] not in before]
+    assert [(params(r)["model"], params(r)["setting"]) for r in redone] == [("tiny-llama", "W8A8")]  # only what did not finish
+    failed = mlflow_runs(srv.mlflow_url, "drill", f"{EVAL} and attributes.status = 'FAILED'", view="DELETED_ONLY")
+    assert [params(r)["setting"] for r in failed] == ["W8A8"] and "stale" in tags(failed[0])["quantlens.failure"]
+    from quantlens.tasks.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.mlflow_url)
+    tracker = Tracker("drill")
+    for r in fin:  # every per-example artifact reads back
+        frames = tracker.read_frames(r["info"]["run_id"], "per_example")
+        assert isinstance(frames.get("wikitext2"), pd.DataFrame) and len(frames["wikitext2"]) == 4
+    print(f"drill: {len(fin)} runs over 6 model flow runs on 4 workers, first pass {first:.0f}s "
+          f"(MLflow restarted once, a worker SIGKILLed), rerun redid {len(redone)}")
 
 
 def test_mlflow_down_at_start_fails_fast_without_evaluating(srv):
