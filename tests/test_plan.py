@@ -332,6 +332,30 @@ def test_paper_grid_is_planned_offline_for_an_80_gib_gpu(tmp_path, store):
     assert "→ device_map:" in r.stdout.splitlines()[i + 1]
 
 
+def test_a_sharded_figure_1_grid_has_a_shorter_critical_path(tmp_path, store):
+    """The 66B model's settings over 3 shards: its longest shard, and the grid's critical path with a
+    GPU per model flow run, against the unsharded one (planned offline, from the registry)."""
+    env = {**store, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    cfg = yaml.safe_load((REPO / "configs" / "paper-fig1-sizes.yaml").read_text())
+    plain = cli("run", "configs/paper-fig1-sizes.yaml", "--dry-run", "--gpu", "H100", env=env).stdout.splitlines()
+    cfg["models"] = [{"ref": m, "shards": 3} if m in ("opt-66b", "llama-65b") else m for m in cfg["models"]]
+    f = tmp_path / "fig1-sharded.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    r = cli("run", str(f), "--dry-run", "--gpu", "H100", env=env)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    i = next(i for i, line in enumerate(out) if line.startswith("opt-66b:"))
+    assert any(line.strip().startswith("3 shards (model flow runs") for line in out[i:i + 4])
+
+    def minutes(lines):
+        line = next(x for x in lines if x.startswith("critical path: "))
+        v, unit = re.search(r"≈ ([\d.]+) (min|h)", line).groups()
+        return line, float(v) * (60 if unit == "h" else 1)
+
+    (sharded_line, sharded), (_, plain_path) = minutes(out), minutes(plain)
+    assert sharded < plain_path and "unsharded ≈" in sharded_line
+
+
 def test_released_token_ids_of_another_tokenizer_and_a_model_without_one_are_one_line(tmp_path, store):
     import shutil
 
