@@ -16,19 +16,19 @@ from quantlens.pipeline.sweep import DatasetEntry, SweepConfig
 
 
 def test_every_shipped_dataset_is_declared_with_its_metrics():
-    assert list(D.DATASETS) == ["wikitext2", "c4", "fineweb", "lambada", "qerror", "lm-eval"]
+    assert list(D.DATASETS) == ["wikitext2", "c4", "fineweb", "lambada", "qerror", "lm-eval", "ptb"]
     for name, info in D.DATASETS.items():
         assert info.name == name and info.estimate is not None
         assert all(isinstance(m, str) and isinstance(hib, bool) for m, hib in info.metrics)
     assert dict(D.DATASETS["lambada"].metrics) == {"acc": True, "nll": False}
-    assert [n for n, i in D.DATASETS.items() if i.per_example_analysis] == ["wikitext2", "c4", "fineweb", "qerror"]
+    assert [n for n, i in D.DATASETS.items() if i.per_example_analysis] == ["wikitext2", "c4", "fineweb", "qerror", "ptb"]
     assert [n for n, i in D.DATASETS.items() if not i.text] == ["qerror"]
 
 
 def test_an_unknown_dataset_is_one_line_naming_the_known():
     with pytest.raises(ValueError) as err:
         DatasetEntry(name="hellaswag")
-    assert "unknown dataset 'hellaswag' (known: wikitext2, c4, fineweb, lambada, qerror, lm-eval)" in str(err.value)
+    assert "unknown dataset 'hellaswag' (known: wikitext2, c4, fineweb, lambada, qerror, lm-eval, ptb)" in str(err.value)
 
 
 def test_a_declarations_own_rules_and_the_harness_fields():
@@ -95,3 +95,22 @@ def test_every_request_builder_goes_through_one_scoring_primitive(monkeypatch, t
     evaluate_dataset(model, tok, "lambada", path=str(LAMBADA), limit=3)
     evaluate_dataset(model, tok, "qerror", path=str(rows))
     assert calls == ["Windows", "Windows", "Continuations", "Windows"]
+
+
+def test_penn_treebank_is_its_sentences_joined_by_spaces_in_windows(tmp_path, trained):
+    """PTB (datasets/ptb.py, GPTQ's third corpus), added as one module: a local ptb.test.txt (one
+    sentence a line) is scored as the windows of its sentences joined by spaces."""
+    import torch
+
+    from quantlens.evaluation.evaluate import perplexity
+
+    lines = [line.strip() for line in WIKI_TEST.read_text(encoding="utf-8").splitlines() if line.strip()][:200]
+    f = tmp_path / "ptb.test.txt"
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = SweepConfig.model_validate({"name": "ptb", "models": [str(MODELS / "tiny-llama")], "settings": ["W16A16"],
+                                      "datasets": [{"name": "ptb", "path": str(f), "seqlen": 64, "max_windows": 3}]})
+    assert cfg.analysis_datasets() == ["ptb"] and dataset_tokens(cfg.datasets[0], 128) == (3 * 64.0, 3)
+    model, tok = trained("llama")
+    r = evaluate_dataset(model, tok, "ptb", path=str(f), seqlen=64, max_windows=3)
+    ids = torch.tensor(tok(" ".join(lines))["input_ids"][: 3 * 64]).view(3, 64)
+    assert r["ppl"] == perplexity(model, ids)["ppl"] and len(r["per_example"]) == 3
