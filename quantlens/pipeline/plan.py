@@ -66,8 +66,9 @@ def format_plan(estimates: list[Estimate | None], refs: list[str], target: Targe
                          f"each at most, the reference once (the others wait for it)")
         total += e.seconds
     known = [(e, k) for e, k in zip(estimates, shards) if e is not None]
-    if len(known) > 1 or any(k > 1 for _, k in known):
+    if len(known) > 1:
         lines.append(f"grid: ≈ {format_duration(total)} of evaluation in all (one model at a time)")
+    if any(k > 1 for _, k in known) or (len(known) > 1 and target.kind != "cpu"):  # what fanning out to GPUs buys
         lines.append(critical_path_line(known))
     return lines
 
