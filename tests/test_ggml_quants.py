@@ -149,3 +149,17 @@ def test_a_row_not_a_multiple_of_32_is_refused_before_any_weight_changes():
     with pytest.raises(ConfigError, match=r"^invalid setting 'W4A16-q4_0': weights.group_size: 32 does not divide in_features=48"):
         quantize_(m, "W4A16-q4_0")
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+
+
+def test_the_report_places_each_type_at_its_bits_per_weight():
+    import pandas as pd
+
+    from quantlens.analysis.format_report import formats_vs_bits
+    from quantlens.quantize.settings import resolve_setting
+
+    rows = [{**resolve_setting(n).flat_params(), "model": "m", "wikitext2_ppl": 10.0}
+            for n in ("W16A16", "W4A16", *NAMES.values())]
+    t = formats_vs_bits(pd.DataFrame(rows)).set_index("setting")
+    assert {s: t.loc[s, "bits"] for s in NAMES.values()} == {NAMES[k]: v for k, v in BPW.items()}
+    assert t.loc["W4A16-q4_0", "family"] == "llama.cpp q_0" and t.loc["W4A16-q4_1", "family"] == "llama.cpp q_1"
+    assert t.loc["W4A16", "bits"] == 4
