@@ -61,7 +61,7 @@ def weights(trained):
     return out
 
 
-@pytest.mark.parametrize("kind", list(GGML_TYPES))
+@pytest.mark.parametrize("kind", list(NAMES))
 def test_equals_gguf_reference_on_trained_weights(kind, weights):
     assert len(weights) > 20
     for name, w in weights.items():
@@ -70,7 +70,7 @@ def test_equals_gguf_reference_on_trained_weights(kind, weights):
         assert torch.equal(fake_quantize(w, setting_from_name(NAMES[kind]).weights), got), name
 
 
-@pytest.mark.parametrize("kind", list(GGML_TYPES))
+@pytest.mark.parametrize("kind", list(NAMES))
 @pytest.mark.parametrize("case", list(_edge_blocks()))
 def test_equals_gguf_reference_on_edge_blocks(kind, case):
     x = _edge_blocks()[case]
@@ -86,7 +86,7 @@ def test_equals_gguf_reference_on_edge_blocks(kind, case):
 
 def test_bf16_weights_round_through_float32():
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    for kind in GGML_TYPES:
+    for kind in NAMES:
         got = quantize(w, setting_from_name(NAMES[kind]).weights).xq
         assert got.dtype == torch.bfloat16
         assert torch.equal(got, reference(w.float(), kind).to(torch.bfloat16)), kind
@@ -158,8 +158,46 @@ def test_the_report_places_each_type_at_its_bits_per_weight():
     from quantlens.quantize.settings import resolve_setting
 
     rows = [{**resolve_setting(n).flat_params(), "model": "m", "wikitext2_ppl": 10.0}
-            for n in ("W16A16", "W4A16", *NAMES.values())]
+            for n in ("W16A16", "W4A16", "W4A16-iq4nl", *NAMES.values())]
     t = formats_vs_bits(pd.DataFrame(rows)).set_index("setting")
     assert {s: t.loc[s, "bits"] for s in NAMES.values()} == {NAMES[k]: v for k, v in BPW.items()}
     assert t.loc["W4A16-q4_0", "family"] == "llama.cpp q_0" and t.loc["W4A16-q4_1", "family"] == "llama.cpp q_1"
-    assert t.loc["W4A16", "bits"] == 4
+    assert t.loc["W4A16", "bits"] == 4 and t.loc["W4A16-iq4nl", "bits"] == 4.5 and t.loc["W4A16-iq4nl", "family"] == "iq4nl"
+
+
+# --- IQ4_NL: our codes and fp16 scale, packed as llama.cpp stores them, dequantized by gguf -------------
+def _iq4_nl_packed(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    from quantlens.quantize.ggml import quantize_blocks
+
+    xg = x.float().reshape(-1, x.shape[-1] // 32, 32)
+    xq, codes, d = quantize_blocks(xg, GGML_TYPES["iq4_nl"])
+    codes = codes.to(torch.uint8).reshape(-1, 32).numpy()
+    qs = codes[:, :16] | (codes[:, 16:] << 4)  # q4[j] = L[j] | L[16 + j] << 4
+    blocks = np.concatenate([d.reshape(-1, 1).to(torch.float16).numpy().view(np.uint8), qs], axis=1)
+    return xq.reshape(x.shape), blocks
+
+
+def test_iq4_nl_codes_dequantize_in_gguf_to_our_values(weights):
+    cases = {**weights, **{k: v for k, v in _edge_blocks().items() if k != "outlier"}}
+    for name, x in cases.items():
+        xq, blocks = _iq4_nl_packed(x)
+        ref = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.IQ4_NL).reshape(tuple(x.shape))
+        assert torch.equal(xq, torch.from_numpy(np.ascontiguousarray(ref))), name
+        assert torch.equal(quantize(x, setting_from_name("W4A16-iq4nl").weights).xq, xq), name
+
+
+def test_iq4_nl_follows_the_reference_rule():
+    """Codes from d0 = max/−127 (nearest entry, ties up), then the x²-weighted least-squares d in fp16."""
+    from quantlens.quantize.ggml import KVALUES_IQ4NL
+
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    xq, _ = _iq4_nl_packed(x.float())
+    v = torch.tensor(KVALUES_IQ4NL, dtype=torch.float64)
+    mx = x.gather(1, x.abs().argmax(1, keepdim=True))
+    q = v[((x / (mx / -127)).unsqueeze(-1) - v).abs().argmin(-1)]
+    d = ((x**3 * q).sum(1, keepdim=True) / (x**2 * q**2).sum(1, keepdim=True)).float().half().float()
+    close = (xq - q.float() * d).abs() <= 1e-6 * x.abs().amax()
+    assert close.float().mean() > 0.999  # the float32 sums may move d by an ulp
+    s = setting_from_name("W4A16-iq4nl")
+    assert (s.weights.label, s.weights.bits_per_weight, s.weights.nonuniform) == ("iq4_nl", 4.5, True)
+    assert torch.equal(quantize(torch.zeros(2, 32), s.weights).xq, torch.zeros(2, 32))

@@ -56,12 +56,13 @@ def _ggml_at_bpw(sub: pd.DataFrame, families: pd.Series) -> dict[str, pd.Series]
     """llama.cpp's types (family ``ggml``) as two lines, q*_0 and q*_1, each at its stored bits per
     weight (its ``w_format`` q4_0 … in :data:`GGML_TYPES`: Q4_0 4.5 … Q8_0 8.5), so Q4_0 and Q4_1 are two
     points; other families keep ``w_bits``."""
-    ggml = families == "ggml"
-    if not ggml.any() or "w_format" not in sub:
+    if not families.isin(["ggml", "iq4nl"]).any() or "w_format" not in sub:
         return {"family": families}
+    ggml = families == "ggml"
     variant = sub["w_format"].astype(str).str.extract(r"(_[01])$", expand=False).fillna("")
     bpw = sub["w_format"].map(lambda f: GGML_TYPES[f].bits_per_weight if f in GGML_TYPES else None)
-    return {"family": families.where(~ggml, "llama.cpp q" + variant), "w_bits": sub["w_bits"].where(~ggml, bpw)}
+    at_bpw = families.isin(["ggml", "iq4nl"])
+    return {"family": families.where(~ggml, "llama.cpp q" + variant), "w_bits": sub["w_bits"].where(~at_bpw, bpw)}
 
 
 def fig_formats_vs_bits(table: pd.DataFrame, df: pd.DataFrame, metric: str, path: Path) -> Path | None:

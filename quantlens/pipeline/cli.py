@@ -184,10 +184,10 @@ def cmd_list_settings(args: argparse.Namespace) -> int:
     def desc(q) -> str:  # noqa: ANN001
         if q is None:
             return "16-bit (untouched)"
-        if q.format == "ggml":  # llama.cpp's legacy types: the scale rule and the stored bits per weight
+        if q.format in ("ggml", "iq4nl"):  # llama.cpp's types: the scale rule and the stored bits per weight
             from quantlens.quantize.ggml import ggml_type
 
-            return f"{q.label} blocks of {q.group_size}, {ggml_type(q.bits, q.symmetric).scale_rule}, {q.bits_per_weight:g} bpw"
+            return f"{q.label} blocks of {q.group_size}, {ggml_type(q.bits, q.symmetric, q.format).scale_rule}, {q.bits_per_weight:g} bpw"
         t = f", p={q.transform_p:.3g}" if q.transform_p != 1.0 else ""
         where = f"blocks of {q.group_size}" if q.group_size else f"per-{q.granularity}"
         scale = "" if q.scale == "fp32" or q.format == "km" else f", {q.scale}" + (f"×fp32/{q.global_scale}" if q.global_scale else "") + " scale"

@@ -51,7 +51,8 @@ class GGMLType:
     @property
     def scale_rule(self) -> str:
         return {"absmax": "d=max|x|/127", "signed_max": f"d=max/-{2 ** (self.bits - 1)}",
-                "minmax": f"d=(max-min)/{2 ** self.bits - 1},m=min"}[self.rule] + " fp16"
+                "minmax": f"d=(max-min)/{2 ** self.bits - 1},m=min",
+                "iq4nl": "kvalues, d=lsq"}[self.rule] + " fp16"
 
 
 GGML_TYPES: dict[str, GGMLType] = {
@@ -62,13 +63,18 @@ GGML_TYPES: dict[str, GGMLType] = {
         GGMLType("q4_1", 4, "minmax", "quantize_row_q4_1_ref"),
         GGMLType("q5_0", 5, "signed_max", "quantize_row_q5_0_ref"),
         GGMLType("q5_1", 5, "minmax", "quantize_row_q5_1_ref"),
+        GGMLType("iq4_nl", 4, "iq4nl", "quantize_row_iq4_nl_ref"),
     )
 }
+# IQ4_NL's non-uniform 16-value codebook (ggml-common.h's kvalues_iq4nl), in the unit of d
+KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a block with max|x| below this is all zero (d = 0)
 
 
-def ggml_type(bits: int, symmetric: bool) -> GGMLType:
-    """The type a spec (format ``ggml``, ``bits``, ``symmetric``) means: q{bits}_0 or q{bits}_1."""
-    name = f"q{bits}_{0 if symmetric else 1}"
+def ggml_type(bits: int, symmetric: bool, fmt: str = "ggml") -> GGMLType:
+    """The type a spec (format ``ggml``, ``bits``, ``symmetric``) means: q{bits}_0 or q{bits}_1;
+    format ``iq4nl``: IQ4_NL."""
+    name = "iq4_nl" if fmt == "iq4nl" else f"q{bits}_{0 if symmetric else 1}"
     if name not in GGML_TYPES:
         raise ValueError(f"llama.cpp has no type {name} (legacy types: {', '.join(GGML_TYPES)})")
     return GGML_TYPES[name]
@@ -99,6 +105,8 @@ def _signed_max(xg: torch.Tensor) -> torch.Tensor:
 def quantize_blocks(xg: torch.Tensor, t: GGMLType) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dequantized float32 ``xg`` [rows, groups, 32] under llama.cpp's type ``t``, its integer codes
     (as stored: unsigned for q4/q5, int8 values for q8_0, as float32) and the fp16 ``d`` per block."""
+    if t.rule == "iq4nl":
+        return _iq4_nl(xg)
     if t.rule == "absmax":
         d = xg.abs().amax(dim=-1, keepdim=True) / 127
         q = _roundf(xg * _inverse(d))
@@ -112,3 +120,30 @@ def quantize_blocks(xg: torch.Tensor, t: GGMLType) -> tuple[torch.Tensor, torch.
     d = (hi - lo) / top
     q = (xg - lo).mul_(_inverse(d)).add_(0.5).trunc_().clamp_(0, top)
     return (q * _fp16(d)).add_(_fp16(lo)), q, _fp16(d)
+
+
+def _best_index(al: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """ggml-quants.c's ``best_index_int8``: the nearest codebook entry, a tie going to the upper one."""
+    mu = torch.searchsorted(values, al, right=True).clamp_(1, len(values) - 1)
+    return torch.where(al - values[mu - 1] < values[mu] - al, mu - 1, mu)
+
+
+def _iq4_nl(xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_row_iq4_nl_ref`` (``quantize_row_iq4_nl_impl`` with no importance weights and
+    ``ntry = -1``): codes from ``d0 = max / −127`` (``max`` the signed value of largest magnitude), then
+    the least-squares scale ``d = Σ w·q·x / Σ w·q²`` with ``w = x²``, summed in float32 in the
+    source's order (no fused multiply-add), stored fp16; the codes are not recomputed from ``d``."""
+    values = torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=xg.device)
+    mx = _signed_max(xg)
+    empty = mx.abs() < GROUP_MAX_EPS
+    idx = _best_index(xg * (mx / values[0]).where(~empty, torch.ones_like(mx)).reciprocal(), values)
+    q = values[idx]
+    sumqx = torch.zeros_like(mx)
+    sumq2 = torch.zeros_like(mx)
+    for j in range(xg.shape[-1]):
+        x, qj = xg[..., j : j + 1], q[..., j : j + 1]
+        w = x * x
+        sumqx = sumqx + w * qj * x
+        sumq2 = sumq2 + w * qj * qj
+    d = _fp16(torch.where(empty, torch.zeros_like(mx), sumqx / sumq2))
+    return q * d, idx.to(torch.float32), d

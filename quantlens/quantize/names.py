@@ -21,12 +21,12 @@ from quantlens.quantize.spec import GGML_BLOCK, NO_FP, NONUNIFORM_P
 # activations; digits after the format must then be every quantized part's bits); 16 bits means "not quantized".
 _NAME = re.compile(
     r"^W(?P<w>\d+)A(?P<a>\d+)(?:KV(?P<kv>\d+))?(?:-g(?P<g>\d+))?(?P<nu>-nu)?(?:-p(?P<p>[0-9.]+))?"
-    r"(?:-(?P<fmt>nf|fp|mxfp|mxint|nvfp|km|q(?=\d_[01]))(?P<fb>\d+)?(?P<qv>_[01])?(?P<el>e\dm\d)?)?(?:-clip(?P<k>[0-9.]+))?(?P<calib>-gptq|-awq)?$"
+    r"(?:-(?P<fmt>nf|fp|mxfp|mxint|nvfp|km|q(?=\d_[01])|iq4nl)(?P<fb>\d+)?(?P<qv>_[01])?(?P<el>e\dm\d)?)?(?:-clip(?P<k>[0-9.]+))?(?P<calib>-gptq|-awq)?$"
 )
 PRESET_NAMES = ("W16A16", "W8A8", "W4A16", "W4A8", "W8A8-nu", "W4A16-nu", "W4A8-nu")
 FORMAT_NAMES = ("W4A16-nf4", "W3A16-nf3", "W4A16-fp4", "W8A8-fp8", "W4A16-mxfp4", "W4A4-mxfp4", "W8A8-mxfp8",
                 "W4A16-nvfp4", "W4A4-nvfp4", "W3A16-km", "W4A16-km", "W16A16KV8-fp8", "W16A16KV4-nvfp4",
-                "W8A16-q8_0", "W4A16-q4_0", "W4A16-q4_1", "W5A16-q5_0", "W5A16-q5_1")
+                "W8A16-q8_0", "W4A16-q4_0", "W4A16-q4_1", "W5A16-q5_0", "W5A16-q5_1", "W4A16-iq4nl")
 CALIBRATED_NAMES = ("W4A16-gptq", "W3A16-gptq", "W4A16-awq", "W3A16-awq")
 MX_BLOCK, NVFP_BLOCK, NF_BLOCK, FP_GROUP, GPTQ_GROUP = 32, 16, 64, 32, 128
 
@@ -50,6 +50,10 @@ def _format_part(fmt: str, part: str, bits: int, element: str | None, group: int
         wide = bits == 8 or part == "kv"
         return {"format": "fp", "element": element, **(default if wide or group else blocks(FP_GROUP)),
                 **({} if bits == 8 else {"scale": "fp16"})}
+    if fmt == "iq4nl":  # llama.cpp's IQ4_NL: a 16-value codebook, blocks of 32, fp16 scale
+        if part != "weights" or bits != 4 or group not in (None, GGML_BLOCK):
+            raise ValueError(f"{part}: llama.cpp's iq4_nl quantizes weights at 4 bits in blocks of {GGML_BLOCK} (write W4A16-iq4nl)")
+        return {"format": "iq4nl", "scale": "fp16", **blocks(GGML_BLOCK)}
     if fmt in ("q_0", "q_1"):  # llama.cpp's legacy types (quantlens.quantize.ggml): weights in blocks of 32, fp16 scale
         if part != "weights":
             raise ValueError(f"{part}: llama.cpp's q{bits}{fmt[1:]} is a weight type (write W{bits}A16-q{bits}{fmt[1:]})")

@@ -26,7 +26,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-Format = Literal["int", "fp", "nf", "km", "ggml"]
+Format = Literal["int", "fp", "nf", "km", "ggml", "iq4nl"]
 Element = Literal["e4m3", "e5m2", "e2m3", "e3m2", "e2m1"]
 ScaleType = Literal["fp32", "fp16", "e8m0", "e4m3"]
 _ELEMENT_BITS = {"e4m3": 8, "e5m2": 8, "e2m3": 6, "e3m2": 6, "e2m1": 4}
@@ -81,7 +81,7 @@ class _Grid(Strict):
             raise ValueError(f"format {f!r}: at most 8 bits (a codebook of 2^bits entries), got {self.bits}")
         if f != "int" and self.transform_p != 1.0:
             raise ValueError(f"transform_p (the power transform) is only valid with format 'int' (format is {f!r})")
-        if f == "ggml":
+        if f in ("ggml", "iq4nl"):
             self._ggml_is_consistent()
         elif not self.symmetric and (f != "int" or self.scale != "fp32"):
             raise ValueError("symmetric: false is only valid with format 'int' and scale 'fp32' (or format 'ggml')")
@@ -102,14 +102,16 @@ class _Grid(Strict):
         """llama.cpp's legacy types: q{4,5}_{0,1} and q8_0, an fp16 scale, no clipping."""
         from quantlens.quantize.ggml import ggml_type
 
-        ggml_type(self.bits, self.symmetric)
+        ggml_type(self.bits, self.symmetric, self.format)
+        if self.format == "iq4nl" and (self.bits != 4 or not self.symmetric):
+            raise ValueError("format 'iq4nl': IQ4_NL has 4 bits and one symmetric scale")
         if self.scale != "fp16" or self.clip_k is not None:
-            raise ValueError("format 'ggml': llama.cpp's block scale is fp16 (scale: fp16) and is never clipped (no clip_k)")
+            raise ValueError(f"format {self.format!r}: llama.cpp's block scale is fp16 (scale: fp16) and is never clipped (no clip_k)")
 
     @property
     def nonuniform(self) -> bool:
         """Levels not evenly spaced: the power transform, a minifloat, NormalFloat or a codebook."""
-        return self.transform_p != 1.0 or self.format in ("fp", "nf", "km")
+        return self.transform_p != 1.0 or self.format in ("fp", "nf", "km", "iq4nl")
 
     @property
     def family(self) -> str:
@@ -128,6 +130,8 @@ class _Grid(Strict):
     def label(self) -> str:
         """A short name of the format at its width: int4, cuberoot4, fp4-e2m1, mxfp4-e2m1, nvfp4, nf4, km3."""
         fam = self.family
+        if fam == "iq4nl":
+            return "iq4_nl"
         if fam == "ggml":
             return f"q{self.bits}_{0 if self.symmetric else 1}"
         return f"{fam}{self.bits}-{self.element}" if fam in ("fp", "mxfp") else f"{fam}{self.bits}"
@@ -147,8 +151,8 @@ class QuantSpec(_Grid):
             raise ValueError(f"group_size is only valid with granularity 'group' (granularity is {self.granularity!r})")
         if self.global_scale is not None and self.granularity != "group":
             raise ValueError("global_scale needs granularity 'group' (blocks under one tensor/token scale)")
-        if self.format == "ggml" and (self.granularity, self.group_size) != ("group", GGML_BLOCK):
-            raise ValueError(f"format 'ggml': llama.cpp's legacy types are blocks of {GGML_BLOCK} (granularity 'group', "
+        if self.format in ("ggml", "iq4nl") and (self.granularity, self.group_size) != ("group", GGML_BLOCK):
+            raise ValueError(f"format {self.format!r}: llama.cpp's types are blocks of {GGML_BLOCK} (granularity 'group', "
                              f"group_size {GGML_BLOCK})")
         return self
 
