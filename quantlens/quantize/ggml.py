@@ -1,4 +1,4 @@
-"""llama.cpp's legacy block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) as data, and their rounding, bit for bit.
+"""llama.cpp's legacy block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) and IQ4_NL as data, and their rounding, bit for bit.
 
 Each type is one row of :data:`GGML_TYPES`: blocks of 32 weights along a row, an fp16 scale ``d``
 (and for the ``_1`` types an fp16 minimum ``m``), and the integer codes llama.cpp stores. The
@@ -15,6 +15,8 @@ not from the fp16-rounded ``d``, as in llama.cpp. The rules, per ``rule``:
   with no positive twin;
 - ``minmax`` (``quantize_row_q4_1_ref``, ``quantize_row_q5_1_ref``): ``d = (max − min) / (2^b − 1)``,
   ``m = min``, ``q = min(2^b − 1, (int)((x − min) · id + ½))``.
+
+IQ4_NL (``quantize_row_iq4_nl_ref``): see :func:`_iq4_nl`.
 
 Bits per weight count the stored codes and the fp16 ``d`` (and ``m``) of each block: Q4_0 4.5,
 Q4_1 5.0, Q5_0 5.5, Q5_1 6.0, Q8_0 8.5. tests/test_ggml_quants.py checks every type against the
