@@ -23,6 +23,7 @@ import pandas as pd
 from quantlens.analysis.runs import method_runs, metrics_present, native_runs, run_families
 from quantlens.analysis.plotting import ValueAxis, higher_is_better, legend_outside, pyplot, save_figure, styles
 from quantlens.analysis.rendering import safe_name
+from quantlens.quantize.ggml import GGML_TYPES
 
 if TYPE_CHECKING:
     from quantlens.analysis.report import Report
@@ -39,7 +40,7 @@ def formats_vs_bits(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     kv = plain["kv_bits"].fillna(16) if "kv_bits" in plain else 16
     sub = plain[(~plain["reference"]) & (kv == 16) & (plain["w_bits"] < 16) & ~method_runs(plain)]
-    sub = sub.assign(family=run_families(sub))
+    sub = sub.assign(**_ggml_at_bpw(sub, run_families(sub)))
     a = sub["a_bits"].fillna(16)
     sub = sub.assign(regime=a.where(a == 16, -1).map({16: "weights", -1: "weights+activations"}))
     sub = sub[(a == 16) | (a == sub["w_bits"])]
@@ -49,6 +50,19 @@ def formats_vs_bits(df: pd.DataFrame) -> pd.DataFrame:
     sub = sub.drop_duplicates(["model", "family", "regime", "w_bits"]).rename(columns={"w_bits": "bits"})
     cols = ["model", "family", "regime", "bits", "setting"] + metrics_present(sub) + (["collapsed"] if "collapsed" in sub else [])
     return sub[cols].sort_values(["model", "regime", "family", "bits"]).reset_index(drop=True)
+
+
+def _ggml_at_bpw(sub: pd.DataFrame, families: pd.Series) -> dict[str, pd.Series]:
+    """llama.cpp's types (family ``ggml``) as two lines, q*_0 and q*_1, each at its stored bits per
+    weight (its ``w_format`` q4_0 … in :data:`GGML_TYPES`: Q4_0 4.5 … Q8_0 8.5), so Q4_0 and Q4_1 are two
+    points; other families keep ``w_bits``."""
+    if not families.isin(["ggml", "iq4nl"]).any() or "w_format" not in sub:
+        return {"family": families}
+    ggml = families == "ggml"
+    variant = sub["w_format"].astype(str).str.extract(r"(_[01])$", expand=False).fillna("")
+    bpw = sub["w_format"].map(lambda f: GGML_TYPES[f].bits_per_weight if f in GGML_TYPES else None)
+    at_bpw = families.isin(["ggml", "iq4nl"])
+    return {"family": families.where(~ggml, "llama.cpp q" + variant), "w_bits": sub["w_bits"].where(~at_bpw, bpw)}
 
 
 def fig_formats_vs_bits(table: pd.DataFrame, df: pd.DataFrame, metric: str, path: Path) -> Path | None:

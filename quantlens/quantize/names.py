@@ -11,22 +11,23 @@ from typing import Any
 from quantlens.errors import ConfigError
 from quantlens.quantize.methods import registry
 from quantlens.quantize.setting import Setting, validated
-from quantlens.quantize.spec import NO_FP, NONUNIFORM_P
+from quantlens.quantize.spec import GGML_BLOCK, NO_FP, NONUNIFORM_P
 
 
 # --- Names --------------------------------------------------------------------------------------
 # W{wbits}A{abits}[KV{kvbits}][-g{group}][-nu][-p{exp}][-{format}[{bits}][{element}]][-clip{k}], e.g. W8A8,
 # W4A16-g128, W4A16-nu, W3A16-clip3, W16A16KV4, W4A16KV4-nu, W4A16-nf4, W8A8-fp8, W8A8-fp8e5m2, W4A4-mxfp4,
-# W4A16-nvfp4, W3A16-km, W4A16-gptq / W4A16-awq (GPTQ, AWQ: groups of 128 unless -g). -g is the weights' group size; -nu / -p / -clip and the format apply to every
+# W4A16-nvfp4, W3A16-km, W4A16-q4_0 (llama.cpp's Q4_0; q8_0, q4_1, q5_0, q5_1 too: weights only, blocks of 32), W4A16-gptq / W4A16-awq (GPTQ, AWQ: groups of 128 unless -g). -g is the weights' group size; -nu / -p / -clip and the format apply to every
 # quantized part (weights, activations, KV cache), each at its own bits (W4A8-fp: FP4 weights, FP8
 # activations; digits after the format must then be every quantized part's bits); 16 bits means "not quantized".
 _NAME = re.compile(
     r"^W(?P<w>\d+)A(?P<a>\d+)(?:KV(?P<kv>\d+))?(?:-g(?P<g>\d+))?(?P<nu>-nu)?(?:-p(?P<p>[0-9.]+))?"
-    r"(?:-(?P<fmt>nf|fp|mxfp|mxint|nvfp|km)(?P<fb>\d+)?(?P<el>e\dm\d)?)?(?:-clip(?P<k>[0-9.]+))?(?:-(?P<calib>[a-z][a-z0-9]*))?$"
+    r"(?:-(?P<fmt>nf|fp|mxfp|mxint|nvfp|km|q(?=\d_[01])|iq4nl)(?P<fb>\d+)?(?P<qv>_[01])?(?P<el>e\dm\d)?)?(?:-clip(?P<k>[0-9.]+))?(?:-(?P<calib>[a-z][a-z0-9]*))?$"
 )
 PRESET_NAMES = ("W16A16", "W8A8", "W4A16", "W4A8", "W8A8-nu", "W4A16-nu", "W4A8-nu")
 FORMAT_NAMES = ("W4A16-nf4", "W3A16-nf3", "W4A16-fp4", "W8A8-fp8", "W4A16-mxfp4", "W4A4-mxfp4", "W8A8-mxfp8",
-                "W4A16-nvfp4", "W4A4-nvfp4", "W3A16-km", "W4A16-km", "W16A16KV8-fp8", "W16A16KV4-nvfp4")
+                "W4A16-nvfp4", "W4A4-nvfp4", "W3A16-km", "W4A16-km", "W16A16KV8-fp8", "W16A16KV4-nvfp4",
+                "W8A16-q8_0", "W4A16-q4_0", "W4A16-q4_1", "W5A16-q5_0", "W5A16-q5_1", "W4A16-iq4nl")
 CALIBRATED_NAMES = tuple(n for m in registry.ranked() for n in m.names)  # W4A16-gptq, W3A16-gptq, W4A16-awq, W3A16-awq
 MX_BLOCK, NVFP_BLOCK, NF_BLOCK, FP_GROUP, GPTQ_GROUP = 32, 16, 64, 32, 128
 
@@ -50,6 +51,16 @@ def _format_part(fmt: str, part: str, bits: int, element: str | None, group: int
         wide = bits == 8 or part == "kv"
         return {"format": "fp", "element": element, **(default if wide or group else blocks(FP_GROUP)),
                 **({} if bits == 8 else {"scale": "fp16"})}
+    if fmt == "iq4nl":  # llama.cpp's IQ4_NL: a 16-value codebook, blocks of 32, fp16 scale
+        if part != "weights" or bits != 4 or group not in (None, GGML_BLOCK):
+            raise ValueError(f"{part}: llama.cpp's iq4_nl quantizes weights at 4 bits in blocks of {GGML_BLOCK} (write W4A16-iq4nl)")
+        return {"format": "iq4nl", "scale": "fp16", **blocks(GGML_BLOCK)}
+    if fmt in ("q_0", "q_1"):  # llama.cpp's legacy types (quantlens.quantize.ggml): weights in blocks of 32, fp16 scale
+        if part != "weights":
+            raise ValueError(f"{part}: llama.cpp's q{bits}{fmt[1:]} is a weight type (write W{bits}A16-q{bits}{fmt[1:]})")
+        if group is not None and group != GGML_BLOCK:
+            raise ValueError(f"-g{group}: llama.cpp's q{bits}{fmt[1:]} is defined on blocks of {GGML_BLOCK}")
+        return {"format": "ggml", "symmetric": fmt == "q_0", "scale": "fp16", **blocks(GGML_BLOCK)}
     if group is not None:
         raise ValueError(f"-g{group}: the {fmt} block size is fixed by its definition ({MX_BLOCK if fmt != 'nvfp' else NVFP_BLOCK}); "
                          "give another block in the long form (group_size)")
@@ -80,7 +91,7 @@ def setting_from_name(name: str) -> Setting:
         raise ConfigError(
             f"unknown setting {name!r}: expected a preset ({', '.join(PRESET_NAMES)}), a format "
             f"({', '.join(FORMAT_NAMES[:6])}, …) or a name of the form "
-            "W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]][-clip<k>][-<calibrated method: gptq, awq, …>], "
+            "W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]|-q<bits>_<0|1>][-clip<k>][-<calibrated method: gptq, awq, …>], "
             "e.g. W3A16-g64-nu, W16A16KV4, W4A16-nf4"
         )
     wb, ab = int(m["w"]), int(m["a"])
@@ -103,6 +114,9 @@ def setting_from_name(name: str) -> Setting:
     quantized = {part: bits for part, bits in parts.items() if bits < 16}
     if fmt and m["fb"]:
         wrong = {part: bits for part, bits in quantized.items() if bits != int(m["fb"])}
+        if wrong and fmt == "q":
+            raise ConfigError(f"invalid setting {name!r}: llama.cpp's q{m['fb']}{m['qv']} quantizes weights only: "
+                              f"write W{m['fb']}A16-q{m['fb']}{m['qv']}")
         if wrong:
             said = ", ".join(f"{part} {bits}" for part, bits in wrong.items())
             raise ConfigError(f"invalid setting {name!r}: -{fmt}{m['fb']} names {m['fb']} bits but {said} bits are quantized: "
@@ -117,7 +131,7 @@ def setting_from_name(name: str) -> Setting:
     for part, bits in quantized.items():
         if fmt:
             try:
-                spec = _format_part(fmt, part, bits, m["el"], group if part == "weights" else None)
+                spec = _format_part(fmt + (m["qv"] or ""), part, bits, m["el"], group if part == "weights" else None)
             except ValueError as err:
                 raise ConfigError(f"invalid setting {name!r}: {err}") from None
         else:

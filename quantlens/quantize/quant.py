@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantlens.quantize import formats
+from quantlens.quantize import formats, ggml
 from quantlens.quantize.spec import QuantSpec
 
 # A scale of zero (an all-zero group) would divide by zero; any positive value gives Q(0) = 0.
@@ -141,6 +141,9 @@ def _grid_quantize(xf: torch.Tensor, xg: torch.Tensor, spec: QuantSpec) -> tuple
         xq = formats.round_to_rows(rows, c).reshape(xg.shape)
         alpha = xg.abs().amax(dim=-1, keepdim=True)
         return xq, alpha, alpha, zero
+    if spec.format in ("ggml", "iq4nl"):  # llama.cpp's own rounding (trunc(x/d + 8.5), the signed-max scale): ggml.py
+        xq, _, d = ggml.quantize_blocks(xg, ggml.ggml_type(spec.bits, spec.symmetric, spec.format))
+        return xq, d, xg.abs().amax(dim=-1, keepdim=True), zero
     grid = formats.grid_for(spec.format, spec.bits, spec.element)
     alpha = xg.abs().amax(dim=-1, keepdim=True)
     n_clipped = zero

@@ -26,11 +26,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-Format = Literal["int", "fp", "nf", "km"]
+Format = Literal["int", "fp", "nf", "km", "ggml", "iq4nl"]
 Element = Literal["e4m3", "e5m2", "e2m3", "e3m2", "e2m1"]
 ScaleType = Literal["fp32", "fp16", "e8m0", "e4m3"]
 _ELEMENT_BITS = {"e4m3": 8, "e5m2": 8, "e2m3": 6, "e3m2": 6, "e2m1": 4}
 _DEFAULT_ELEMENT = {8: "e4m3", 6: "e2m3", 4: "e2m1"}
+_SCALE_BITS = {"fp32": 32, "fp16": 16, "e8m0": 8, "e4m3": 8}
+GGML_BLOCK = 32  # llama.cpp's QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0
 GRID_DEFAULTS = {"format": "int", "element": None, "scale": "fp32", "global_scale": None}
 NO_FP = "no FP format has {bits} bits (FP8 e4m3/e5m2, FP6 e2m3/e3m2, FP4 e2m1)"
 
@@ -43,7 +45,8 @@ class _Grid(Strict):
     ``fp``: a minifloat ``element`` (default by bits: 8 → e4m3, 6 → e2m3, 4 → e2m1); ``nf``:
     NormalFloat (2^b quantiles of a normal, blockwise absmax); ``km``: 2^b centroids per row/group
     by k-means on the values (no scale). ``scale``: fp32, fp16, ``e8m0`` (OCP MX power of two) or
-    ``e4m3`` (NVFP4); ``global_scale``: NVFP4's second fp32 scale, over the whole ``tensor`` or per
+    ``e4m3`` (NVFP4); ``ggml``: llama.cpp's legacy block types (:mod:`quantlens.quantize.ggml`: bits 8
+    symmetric is Q8_0, bits 4/5 symmetric Q4_0/Q5_0, asymmetric Q4_1/Q5_1; blocks of 32, fp16 scale); ``global_scale``: NVFP4's second fp32 scale, over the whole ``tensor`` or per
     ``token`` (each row: activations and KV, so a token never depends on its batch)."""
 
     bits: int = Field(8, ge=2, le=16, description="bit width, 2..16")
@@ -78,8 +81,10 @@ class _Grid(Strict):
             raise ValueError(f"format {f!r}: at most 8 bits (a codebook of 2^bits entries), got {self.bits}")
         if f != "int" and self.transform_p != 1.0:
             raise ValueError(f"transform_p (the power transform) is only valid with format 'int' (format is {f!r})")
-        if not self.symmetric and (f != "int" or self.scale != "fp32"):
-            raise ValueError("symmetric: false is only valid with format 'int' and scale 'fp32'")
+        if f in ("ggml", "iq4nl"):
+            self._ggml_is_consistent()
+        elif not self.symmetric and (f != "int" or self.scale != "fp32"):
+            raise ValueError("symmetric: false is only valid with format 'int' and scale 'fp32' (or format 'ggml')")
         if f == "km" and self.scale != "fp32":
             raise ValueError("format 'km': a k-means codebook has no scale (leave scale at fp32)")
         if self.scale == "e8m0" and f not in ("int", "fp"):
@@ -93,10 +98,20 @@ class _Grid(Strict):
             raise ValueError("global_scale (NVFP4's second-level fp32 scale) needs scale 'e4m3'")
         return self
 
+    def _ggml_is_consistent(self) -> None:
+        """llama.cpp's legacy types: q{4,5}_{0,1} and q8_0, an fp16 scale, no clipping."""
+        from quantlens.quantize.ggml import ggml_type
+
+        ggml_type(self.bits, self.symmetric, self.format)
+        if self.format == "iq4nl" and (self.bits != 4 or not self.symmetric):
+            raise ValueError("format 'iq4nl': IQ4_NL has 4 bits and one symmetric scale")
+        if self.scale != "fp16" or self.clip_k is not None:
+            raise ValueError(f"format {self.format!r}: llama.cpp's block scale is fp16 (scale: fp16) and is never clipped (no clip_k)")
+
     @property
     def nonuniform(self) -> bool:
         """Levels not evenly spaced: the power transform, a minifloat, NormalFloat or a codebook."""
-        return self.transform_p != 1.0 or self.format in ("fp", "nf", "km")
+        return self.transform_p != 1.0 or self.format in ("fp", "nf", "km", "iq4nl")
 
     @property
     def family(self) -> str:
@@ -115,6 +130,10 @@ class _Grid(Strict):
     def label(self) -> str:
         """A short name of the format at its width: int4, cuberoot4, fp4-e2m1, mxfp4-e2m1, nvfp4, nf4, km3."""
         fam = self.family
+        if fam == "iq4nl":
+            return "iq4_nl"
+        if fam == "ggml":
+            return f"q{self.bits}_{0 if self.symmetric else 1}"
         return f"{fam}{self.bits}-{self.element}" if fam in ("fp", "mxfp") else f"{fam}{self.bits}"
 
 
@@ -132,7 +151,20 @@ class QuantSpec(_Grid):
             raise ValueError(f"group_size is only valid with granularity 'group' (granularity is {self.granularity!r})")
         if self.global_scale is not None and self.granularity != "group":
             raise ValueError("global_scale needs granularity 'group' (blocks under one tensor/token scale)")
+        if self.format in ("ggml", "iq4nl") and (self.granularity, self.group_size) != ("group", GGML_BLOCK):
+            raise ValueError(f"format {self.format!r}: llama.cpp's types are blocks of {GGML_BLOCK} (granularity 'group', "
+                             f"group_size {GGML_BLOCK})")
         return self
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight: the codes plus each block's scale (and zero point / minimum) spread
+        over its ``group_size`` (llama.cpp: Q4_0 4.5, Q4_1 5.0, Q5_0 5.5, Q5_1 6.0, Q8_0 8.5). Per-channel,
+        per-tensor scales and NVFP4's one fp32 tensor scale count as free (they amortise over a row or more)."""
+        if self.granularity != "group" or self.format == "km":
+            return float(self.bits)
+        per_block = _SCALE_BITS[self.scale] * (1 if self.symmetric else 2)
+        return self.bits + per_block / self.group_size
 
     def grid_fields(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _Grid.model_fields}
