@@ -68,11 +68,16 @@ def _configs() -> dict[str, object]:
         "deepseek-v3": T.DeepseekV3Config(**mla, q_lora_rank=32, n_group=1, topk_group=1),
         "olmoe": T.OlmoeConfig(**moe, intermediate_size=32, num_experts=4, num_key_value_heads=4),
         "gpt-oss": T.GptOssConfig(**moe, intermediate_size=32, num_local_experts=4, num_key_value_heads=2, head_dim=8),
+        # the router is mlp.gate.wg: a Linear inside a gate module that owns no weight
+        "hunyuan-moe": T.HunYuanMoEV1Config(**two, intermediate_size=32, num_experts=4, moe_topk=2, num_key_value_heads=2, head_dim=8),
+        # a dense first block; the router's per-expert e_score_correction_bias stored [1, experts]: a vector
+        "ernie-4.5-moe": T.Ernie4_5_MoeConfig(**two, intermediate_size=64, moe_intermediate_size=32, moe_num_experts=4, moe_k=2,
+                                              num_key_value_heads=2),
     }
 
 
 ARCHS = list(_configs())
-MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss")
+MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe")
 LAYOUT = {"opt-350m-shape": "post-LN", "gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post-sublayer",
           "gpt-neox": "parallel", "falcon": "parallel"}
 KV_REFUSED = {"deepseek-v2": "multi-head latent attention", "deepseek-v3": "multi-head latent attention"}
@@ -353,3 +358,45 @@ def test_released_checkpoints_on_every_architecture(arch, folders, tmp_path):
         s = resolve_setting(setting).described(r.weights(), r.method, r.layout)
         _stream_equals_single(single, stream, s, {p: read[p][0] for p in read}, windows, f"{arch}/{s.name}")
     assert all(torch.equal(v, single.state_dict()[k]) for k, v in before.items())
+
+
+def _measured_coverage(before: dict[str, torch.Tensor], model) -> float:
+    """coverage_block measured from the weights: the elements of the block matrices that changed tensors hold."""
+    mats = anatomy(model).block_matrix_params()
+    changed = sum(p.numel() for n, p in mats.items() if not torch.equal(before[n], p.detach()))
+    return changed / sum(p.numel() for p in mats.values())
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_routers_stay_16_bit_unless_included(arch):
+    """Every MoE's routers (found by what they are: the modules producing the routing scores) keep
+    their 16-bit weights under W4A16 while every linear and expert tensor is quantized, and take
+    ≤ 2^4 values a row with include_routers; coverage_block is what the weights show."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_configs()[arch]).eval()
+    body = anatomy(model)
+    routers = body.routers()
+    assert routers and all(n.startswith(b.moe_name) for b in body.parts if b.is_moe for n, _ in b.routers)
+    before = {n: p.detach().clone() for n, p in body.block_matrix_params().items()}
+    for include in (False, True):
+        s = resolve_setting({"name": "w4", "weights": {"bits": 4}, "include_routers": include})
+        report = quantize_(model, s)
+        try:
+            for n, m in routers:
+                w = m.weight.detach()
+                assert torch.equal(w, before[f"{n}.weight"]) != include, f"{arch}: router {n}"
+                if include:
+                    assert max(len(torch.unique(r)) for r in w.reshape(w.shape[0], -1)) <= 16, n
+            for n, m in body.block_linears():
+                assert not torch.equal(m.weight.detach(), before[f"{n}.weight"]), f"{arch}: linear {n} not quantized"
+            for e in body.experts():
+                for a in e.params:
+                    assert not torch.equal(getattr(e.module, a).detach(), before[e.qualified(a)]), f"{arch}: {e.qualified(a)}"
+            cov = report.coverage
+            assert cov["coverage_targeted"] == 1.0
+            assert cov["coverage_block"] == pytest.approx(_measured_coverage(before, model), abs=1e-12)
+            assert (cov["coverage_block"] == 1.0) == include, cov
+        finally:
+            restore_(model)

@@ -25,7 +25,9 @@ parameters; the attention is the child named ``*attn*`` / ``*attention*`` that h
 (``nn.Linear`` or GPT-2's transposed ``Conv1D``); an experts module is one holding 3-D
 ``down_proj`` and ``gate_up_proj`` / ``up_proj`` parameters *and* declaring its layout
 (``is_transposed``, ``has_gate``, ``is_concatenated``, ``has_bias``: transformers'
-``use_experts_implementation``) — a layout is never guessed from shapes. Every matrix (≥ 2-D
+``use_experts_implementation``) — a layout is never guessed from
+shapes. The routers are the MoE's children that project the hidden state to
+the routing scores (:func:`_routers`). Every matrix (≥ 2-D
 parameter) of a block must be in one role, or the block is refused naming the tensor.
 
 **Where the residual stream is** (:data:`LAYOUTS`, by the block's norm children). r(l) is the
@@ -325,12 +327,7 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
         moe = block.get_submodule(moe_name[len(name) + 1:])
         if any(e.name.rsplit(".", 1)[0] != moe_name for e in experts) or len(experts) > 1:
             raise ModelNotUnderstood(f"{model_name}: block {kind} has {len(experts)} experts modules; expected one")
-        for cn, child in moe.named_children():
-            if child is experts[0].module:
-                continue
-            n_lin = sum(1 for x in child.modules() if is_linear(x))
-            if n_lin < 2 and isinstance(getattr(child, "weight", None), torch.Tensor) and len(shape_of(child.weight)) == 2:
-                routers.append((f"{moe_name}.{cn}", child))  # the gate / router, Qwen2-MoE's shared_expert_gate
+        routers = _routers(moe_name, moe, experts[0])
     router_ids = {id(m) for _, m in routers}
     mlp_linears = [(f"{name}.{n}", m) for n, m in block.named_modules()
                    if is_linear(m) and id(m) not in attn_ids and id(m) not in router_ids]
@@ -356,13 +353,45 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
                  mlp, mlp_module, mlp_input, tuple(experts), tuple(routers), moe_name, names)
 
 
+def _own_matrix(m: nn.Module) -> torch.Tensor | None:
+    w = m._parameters.get("weight")
+    return w if w is not None and len(shape_of(w)) == 2 else None
+
+
+def _routers(moe_name: str, moe: nn.Module, experts: Experts) -> list[tuple[str, nn.Module]]:
+    """The modules of an MoE block that produce routing scores, found by what they are: beside the
+    experts module, a child whose only matrix projects the hidden state to one score per expert (the
+    router: Mixtral's ``gate``, gpt-oss' ``router``, Llama-4's ``router``, HunYuan's ``gate.wg`` — a
+    linear inside a gate module with no weight of its own) or to one score (Qwen2-MoE's
+    ``shared_expert_gate``, which weighs the shared expert). A child with several matrices is a
+    shared expert (an MLP), never a router."""
+    out = []
+    for cn, child in moe.named_children():
+        if child is experts.module:
+            continue
+        scorers = [(n, m) for n, m in child.named_modules() if _own_matrix(m) is not None]
+        if len(scorers) != 1:
+            continue
+        n, m = scorers[0]
+        rows = int(shape_of(_own_matrix(m))[1 if is_conv1d(m) else 0])
+        if rows in (experts.num_experts, 1):
+            out.append((f"{moe_name}.{cn}" + (f".{n}" if n else ""), m))
+    return out
+
+
+def is_vector(name: str, p: torch.Tensor) -> bool:
+    """A bias stored with unit dimensions is a vector, not a matrix to quantize (Ernie-4.5-MoE's
+    per-expert ``e_score_correction_bias`` [1, experts]): at most one dimension longer than 1."""
+    return name.endswith("bias") and sum(1 for d in shape_of(p) if d > 1) <= 1
+
+
 def _check_accounted(model_name: str, name: str, block: nn.Module, attn_linears, mlp_linears, experts, routers) -> None:
     """Every matrix of the block is a linear's weight, an expert tensor or a router's weight."""
     known = {id(m.weight) for _, m in (*attn_linears, *mlp_linears, *routers)}
     known |= {id(getattr(e.module, a)) for e in experts for a in e.params}
     known |= {id(b) for e in experts if e.has_bias for a in e.params if (b := getattr(e.module, f"{a}_bias", None)) is not None}  # [experts, out]
     for pname, p in block.named_parameters(prefix=name):
-        if len(shape_of(p)) >= 2 and id(p) not in known:
+        if len(shape_of(p)) >= 2 and id(p) not in known and not is_vector(pname, p):
             raise ModelNotUnderstood(f"{model_name}: block tensor {pname} {tuple(shape_of(p))} is neither a linear's weight, an "
                                      "expert tensor nor a router's weight: quantlens cannot account for it")
 
@@ -429,7 +458,7 @@ class Anatomy:
         biases = {id(getattr(e.module, f"{a}_bias")) for b in self.parts for e in b.experts if e.has_bias for a in e.params
                   if getattr(e.module, f"{a}_bias", None) is not None}
         return {f"{b.name}.{n}": p for b in self.parts for n, p in b.module.named_parameters()
-                if len(shape_of(p)) >= 2 and id(p) not in biases}
+                if len(shape_of(p)) >= 2 and id(p) not in biases and not is_vector(n, p)}
 
     def block_matrices(self) -> dict[str, int]:
         """:meth:`block_matrix_params` as qualified name → elements (a streamed skeleton's too)."""
