@@ -73,11 +73,14 @@ def _configs() -> dict[str, object]:
         # a dense first block; the router's per-expert e_score_correction_bias stored [1, experts]: a vector
         "ernie-4.5-moe": T.Ernie4_5_MoeConfig(**two, intermediate_size=64, moe_intermediate_size=32, moe_num_experts=4, moe_k=2,
                                               num_key_value_heads=2),
+        # experts that do not declare their layout (anatomy.KNOWN_EXPERTS): transposed, every token's row to every expert
+        "llama4": T.Llama4TextConfig(**two, intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1,
+                                     num_key_value_heads=2, head_dim=8),
     }
 
 
 ARCHS = list(_configs())
-MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe")
+MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe", "llama4")
 LAYOUT = {"opt-350m-shape": "post-LN", "gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post-sublayer",
           "gpt-neox": "parallel", "falcon": "parallel"}
 KV_REFUSED = {"deepseek-v2": "multi-head latent attention", "deepseek-v3": "multi-head latent attention"}
@@ -344,7 +347,7 @@ def test_released_checkpoints_on_every_architecture(arch, folders, tmp_path):
     assert weights.keys() == read["stream"][0].keys() and all(torch.equal(weights[k], read["stream"][0][k]) for k in weights)
     body = anatomy(single)
     experts = {e.qualified(a) for e in body.experts() for a in e.params}
-    fused_on_disk = arch == "gpt-oss"  # (its checkpoints hold the fused 3-D tensors: no per-expert matrix to pack)
+    fused_on_disk = arch in ("gpt-oss", "llama4")  # (their checkpoints hold the fused 3-D tensors: no per-expert matrix to pack)
     expected = {n for n, _ in body.block_linears()} | (set() if fused_on_disk else experts)
     assert set(weights) == expected, set(expected) ^ set(weights)  # every linear and every expert tensor, from the checkpoint
     assert params["checkpoint_full_precision_layers"] == (len(experts) if fused_on_disk else 0)

@@ -25,8 +25,8 @@ parameters; the attention is the child named ``*attn*`` / ``*attention*`` that h
 (``nn.Linear`` or GPT-2's transposed ``Conv1D``); an experts module is one holding 3-D
 ``down_proj`` and ``gate_up_proj`` / ``up_proj`` parameters *and* declaring its layout
 (``is_transposed``, ``has_gate``, ``is_concatenated``, ``has_bias``: transformers'
-``use_experts_implementation``) — a layout is never guessed from
-shapes. The routers are the MoE's children that project the hidden state to
+``use_experts_implementation``) or listed by class in :data:`KNOWN_EXPERTS` (Llama-4's) — a layout
+is never guessed from shapes. The routers are the MoE's children that project the hidden state to
 the routing scores (:func:`_routers`). Every matrix (≥ 2-D
 parameter) of a block must be in one role, or the block is refused naming the tensor.
 
@@ -157,6 +157,7 @@ class Experts:
     has_gate: bool
     is_concatenated: bool
     has_bias: bool
+    dense: bool = False  # forward(rows): every expert gets every token's row, scaled by its score (Llama-4); else forward(hidden, top_k_index, top_k_weights)
 
     @property
     def params(self) -> tuple[str, str]:
@@ -193,23 +194,35 @@ class Experts:
         return (m.transpose(-1, -2) if self.is_transposed else m).contiguous()
 
 
+LAYOUT_FLAGS = ("is_transposed", "has_gate", "is_concatenated", "has_bias")
+
+# Experts modules that hold fused tensors without declaring their layout (no
+# use_experts_implementation), by class → their layout flags, read from their forward in transformers:
+# Llama-4's bmm(rows [E, T, H], gate_up_proj [E, H, 2I]).chunk(2) — transposed, gate then up —, then
+# down_proj [E, I, H]; every token's row reaches every expert, scaled by its router score (0 if not routed).
+KNOWN_EXPERTS: dict[str, dict[str, bool]] = {
+    "Llama4TextExperts": dict(is_transposed=True, has_gate=True, is_concatenated=True, has_bias=False, dense=True),
+}
+
+
 def _experts_of(model_name: str, name: str, mod: nn.Module) -> Experts | None:
     """The :class:`Experts` of a module holding fused expert tensors, None for any other module,
-    :class:`ModelNotUnderstood` for fused tensors without a declared layout."""
+    :class:`ModelNotUnderstood` for fused tensors without a layout (declared, or in :data:`KNOWN_EXPERTS`)."""
     own = dict(mod.named_parameters(recurse=False))
     down = own.get("down_proj")
     first = "gate_up_proj" if "gate_up_proj" in own else "up_proj" if "up_proj" in own else None
     if down is None or first is None or len(shape_of(down)) != 3 or len(shape_of(own[first])) != 3:
         return None
-    missing = [f for f in ("is_transposed", "has_gate", "is_concatenated", "has_bias") if not hasattr(mod, f)]
+    layout = KNOWN_EXPERTS.get(type(mod).__name__) or {f: getattr(mod, f) for f in LAYOUT_FLAGS if hasattr(mod, f)}
+    missing = [f for f in LAYOUT_FLAGS if f not in layout]
     if missing:
         raise ModelNotUnderstood(
             f"{model_name}: experts module {name} ({type(mod).__name__}) holds fused 3-D expert tensors but does not declare "
-            f"their layout ({', '.join(missing)}; transformers' use_experts_implementation): quantlens does not guess it from shapes")
-    if bool(mod.has_gate) != (first == "gate_up_proj"):
-        raise ModelNotUnderstood(f"{model_name}: experts module {name} declares has_gate={mod.has_gate} but holds {first}")
-    return Experts(name, mod, int(shape_of(down)[0]), first, bool(mod.is_transposed), bool(mod.has_gate),
-                   bool(mod.is_concatenated), bool(mod.has_bias))
+            f"their layout ({', '.join(missing)}; transformers' use_experts_implementation) and is not in anatomy.KNOWN_EXPERTS: "
+            "quantlens does not guess it from shapes")
+    if bool(layout["has_gate"]) != (first == "gate_up_proj"):
+        raise ModelNotUnderstood(f"{model_name}: experts module {name} declares has_gate={layout['has_gate']} but holds {first}")
+    return Experts(name, mod, int(shape_of(down)[0]), first, *(bool(layout[f]) for f in LAYOUT_FLAGS), bool(layout.get("dense", False)))
 
 
 # --- one block --------------------------------------------------------------------------------------
