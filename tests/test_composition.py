@@ -59,6 +59,17 @@ def _configs() -> dict[str, object]:
         "gpt2": T.GPT2Config(vocab_size=96, n_embd=32, n_head=4, n_positions=64, n_layer=2),
         "falcon": T.FalconConfig(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=2),
         "phi3": T.Phi3Config(**two, intermediate_size=64, num_key_value_heads=2, pad_token_id=0),
+        # norm layouts read from the layout table's rows (one small shape each)
+        "gpt-j": T.GPTJConfig(vocab_size=96, n_embd=32, n_head=4, n_layer=2, n_positions=64, rotary_dim=4, bos_token_id=1,
+                              eos_token_id=2),  # one norm, parallel
+        "phi": T.PhiConfig(**two, intermediate_size=64),  # phi-2: one norm, parallel, no config flag
+        "cohere": T.CohereConfig(**two, intermediate_size=64, num_key_value_heads=2, eos_token_id=2),  # the same
+        "cohere2": T.Cohere2Config(**two, intermediate_size=64, num_key_value_heads=2, sliding_window=8, eos_token_id=2),
+        "glm4": T.Glm4Config(**two, intermediate_size=64, num_key_value_heads=2, head_dim=8, pad_token_id=0),  # four norms
+        "xglm": T.XGLMConfig(vocab_size=96, d_model=32, attention_heads=4, num_layers=2, ffn_dim=64, max_position_embeddings=64),
+        "nemotron": T.NemotronConfig(**two, intermediate_size=64, num_key_value_heads=2),  # LayerNorm1P
+        "apertus": T.ApertusConfig(**two, intermediate_size=64, num_key_value_heads=2),
+        "vaultgemma": T.VaultGemmaConfig(**two, intermediate_size=64, num_key_value_heads=2, head_dim=8, sliding_window=8),
         # mixtures of experts (transformers 5: fused 3-D expert tensors)
         "mixtral": T.MixtralConfig(**moe, intermediate_size=32, num_key_value_heads=2, num_local_experts=4),
         "qwen2-moe": T.Qwen2MoeConfig(**moe, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64,
@@ -82,8 +93,10 @@ def _configs() -> dict[str, object]:
 ARCHS = list(_configs())
 MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe", "llama4")
 LAYOUT = {"opt-350m-shape": "post-LN", "gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post-sublayer",
-          "gpt-neox": "parallel", "falcon": "parallel"}
-KV_REFUSED = {"deepseek-v2": "multi-head latent attention", "deepseek-v3": "multi-head latent attention"}
+          "gpt-neox": "parallel", "falcon": "parallel", "gpt-j": "parallel", "phi": "parallel", "cohere": "parallel",
+          "cohere2": "parallel", "glm4": "sandwich"}
+KV_REFUSED = {"deepseek-v2": "multi-head latent attention", "deepseek-v3": "multi-head latent attention",
+              "xglm": "computes K/V in code quantlens cannot reach"}  # (XGLM's attention is not on the shared interface)
 # the only refusals: KV settings, in one line. Falcon computed K/V in its own attention code until
 # transformers 5.25, which routes it through the shared attention interface the KV cache reaches.
 if Version(transformers.__version__) < Version("5.25"):

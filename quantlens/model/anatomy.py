@@ -18,7 +18,8 @@ definitions: the anatomy is data, everything generic reads it). For any supporte
   Falcon computes its own attention): weights and activations work, KV-cache settings are refused;
 - ``final_norm`` (or None: OPT-350m has none), ``project_out`` (or None) and ``lm_head``;
   :meth:`Anatomy.decode` maps a hidden state to logits as the model itself does: final norm if
-  any, then ``project_out`` if any, then the head, then Gemma's logit soft-capping if configured.
+  any, then ``project_out`` if any, then the head, then Cohere's logit scale and Gemma's logit
+  soft-capping if configured.
 
 Found generically: blocks are the ``nn.ModuleList`` of same-typed modules holding the most
 parameters; the attention is the child named ``*attn*`` / ``*attention*`` that holds linears
@@ -34,19 +35,22 @@ parameter) of a block must be in one role, or the block is refused naming the te
 residual state the MLP reads, read at the input of :attr:`Block.residual_site`; h(l) is what the
 MLP's first layer sees (:attr:`Block.h_site`):
 
-- ``pre-LN`` (LLaMA, BLOOM, OPT ≥ 1.3B, GPT-2, Qwen, Mistral, Phi-3, the MoEs): r(l) = z(l−1) +
+- ``pre-LN`` (LLaMA, BLOOM, OPT ≥ 1.3B, GPT-2, Qwen, Mistral, Phi-3, Nemotron, XGLM, Apertus,
+  VaultGemma, the MoEs): r(l) = z(l−1) +
   Attn(·), the un-normalised stream at the input of the MLP's norm; h(l) its output (arXiv 2506.12044);
 - ``post-LN`` (OPT-350m, ``do_layer_norm_before=False``): r(l) is z(l−1) + Attn(z(l−1)) at the
   input of the norm that *follows* the attention's residual addition (the block's first norm); the
   stream the next block sees is normalised, so ‖r(l)‖ and ‖z(l)‖ are on other scales than in pre-LN
   models and the early exit of r(l) decodes an un-normalised state (no final norm to undo it);
-- ``sandwich`` (Gemma-2, Gemma-3: norms before *and* after each sublayer): r(l) = z(l−1) +
-  norm(Attn(·)) at the input of ``pre_feedforward_layernorm``;
+- ``sandwich`` (Gemma-2, Gemma-3, GLM-4: norms before *and* after each sublayer): r(l) = z(l−1) +
+  norm(Attn(·)) at the input of the MLP's norm (``pre_feedforward_layernorm``; GLM-4's
+  ``post_attention_layernorm``);
 - ``post-sublayer`` (OLMo-2: norms after attention and MLP, none before): r(l) = z(l−1) +
   norm(Attn(z(l−1))) is the MLP's input itself (h(l) = r(l));
-- ``parallel`` (GPT-NeoX / Pythia with ``use_parallel_residual``, Falcon with ``parallel_attn``):
+- ``parallel`` (GPT-NeoX / Pythia with ``use_parallel_residual``, Falcon with ``parallel_attn``;
+  GPT-J, Phi, Cohere, Cohere2 with one norm and no flag: their rows name the block classes):
   attention and MLP both read the block input, z(l) = z(l−1) + Attn(n₁(z)) + MLP(n₂(z)): r(l) *is*
-  z(l−1), read at the input of the MLP's norm (Falcon-7B's single shared norm, NeoX's second).
+  z(l−1), read at the input of the MLP's norm (a single shared norm, NeoX's second).
 
 This module imports nothing else of quantlens: it is the bottom of the model side.
 """
@@ -65,24 +69,48 @@ from quantlens.model.shape import ModelShape
 KVRoute = Literal["interface", "bloom"]
 Layout = Literal["pre-LN", "post-LN", "sandwich", "post-sublayer", "parallel"]
 
-FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
+FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f", "layer_norm")  # (XGLM: layer_norm)
 OUTPUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
 BLOCKS_ATTR = "_quantlens_blocks"  # a streamed skeleton names its block list (its blocks hold no weights)
 SHAPE_ATTR = "_quantlens_shape"  # ... and each placeholder parameter its shape in the checkpoint
 
-# The block's norm children (by name) → (layout, the norm whose input is r(l) or None: the MLP's input).
-# A pair that is pre-LN here becomes post-LN (OPT's do_layer_norm_before=False) or parallel (the
-# config's use_parallel_residual / parallel_attn) by :func:`_layout`.
-LAYOUTS: dict[frozenset[str], tuple[Layout, str | None]] = {
-    frozenset({"input_layernorm", "post_attention_layernorm"}): ("pre-LN", "post_attention_layernorm"),
-    frozenset({"self_attn_layer_norm", "final_layer_norm"}): ("pre-LN", "final_layer_norm"),
-    frozenset({"ln_1", "ln_2"}): ("pre-LN", "ln_2"),
-    frozenset({"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"}):
-        ("sandwich", "pre_feedforward_layernorm"),
-    frozenset({"post_attention_layernorm", "post_feedforward_layernorm"}): ("post-sublayer", None),
-    frozenset({"input_layernorm"}): ("parallel", "input_layernorm"),  # Falcon-7B: one norm for both
-    frozenset({"ln_attn", "ln_mlp"}): ("parallel", "ln_mlp"),  # Falcon-40B's new decoder architecture
-}
+@dataclass(frozen=True)
+class LayoutRow:
+    """One residual layout: the block's norm children (by name), the layout, the norm whose input is
+    r(l) (None: the MLP's input), and the block classes it is for when the norm names alone do not
+    say it (a parallel block with one norm and no config flag: its forward is read once, here)."""
+
+    norms: frozenset[str]
+    layout: Layout
+    site: str | None
+    families: str
+    blocks: frozenset[str] = frozenset()  # empty: any block with these norms
+
+
+def _row(norms: set[str], layout: Layout, site: str | None, families: str, blocks: tuple[str, ...] = ()) -> LayoutRow:
+    return LayoutRow(frozenset(norms), layout, site, families, frozenset(blocks))
+
+
+# A pre-LN row becomes post-LN (OPT's do_layer_norm_before=False) or parallel (the config's
+# use_parallel_residual / parallel_attn) by :func:`_layout`; a row with block classes is taken as it is.
+LAYOUTS: tuple[LayoutRow, ...] = (
+    _row({"input_layernorm", "post_attention_layernorm"}, "pre-LN", "post_attention_layernorm",
+         "LLaMA, Qwen, Mistral, Phi-3, Nemotron, the MoEs"),
+    _row({"self_attn_layer_norm", "final_layer_norm"}, "pre-LN", "final_layer_norm", "OPT, XGLM"),
+    _row({"ln_1", "ln_2"}, "pre-LN", "ln_2", "GPT-2"),
+    _row({"attention_layernorm", "feedforward_layernorm"}, "pre-LN", "feedforward_layernorm", "Apertus"),
+    _row({"input_layernorm", "pre_feedforward_layernorm"}, "pre-LN", "pre_feedforward_layernorm", "VaultGemma"),
+    _row({"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"},
+         "sandwich", "pre_feedforward_layernorm", "Gemma-2, Gemma-3"),
+    _row({"input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"},
+         "sandwich", "post_attention_layernorm", "GLM-4 (post_attention_layernorm is the MLP's pre-norm)"),
+    _row({"post_attention_layernorm", "post_feedforward_layernorm"}, "post-sublayer", None, "OLMo-2"),
+    _row({"input_layernorm"}, "parallel", "input_layernorm", "Phi (phi-2), Cohere, Cohere2: one norm, no config flag",
+         ("PhiDecoderLayer", "CohereDecoderLayer", "Cohere2DecoderLayer")),
+    _row({"input_layernorm"}, "parallel", "input_layernorm", "Falcon-7B: one norm for both, parallel_attn"),
+    _row({"ln_1"}, "parallel", "ln_1", "GPT-J: one norm for both", ("GPTJBlock",)),
+    _row({"ln_attn", "ln_mlp"}, "parallel", "ln_mlp", "Falcon-40B's new decoder architecture"),
+)
 PARALLEL_FLAGS = ("use_parallel_residual", "parallel_attn")
 
 
@@ -132,7 +160,8 @@ def shape_of(p: torch.Tensor) -> torch.Size:
 
 
 def _is_norm(m: nn.Module) -> bool:
-    return type(m).__name__.endswith("Norm")
+    """A norm: its class name ends in Norm, or it is a LayerNorm (Nemotron's LayerNorm1P)."""
+    return type(m).__name__.endswith("Norm") or isinstance(m, nn.LayerNorm)
 
 
 # --- experts ----------------------------------------------------------------------------------------
@@ -295,13 +324,22 @@ class Block:
         return f"MLP [{mlp}]"
 
 
+def layout_row(kind: str, norm_names: list[str]) -> LayoutRow | None:
+    """The row of :data:`LAYOUTS` for a block class with these norm children: one naming the class
+    first, else one for any class."""
+    rows = [r for r in LAYOUTS if r.norms == frozenset(norm_names) and (not r.blocks or kind in r.blocks)]
+    return min(rows, key=lambda r: not r.blocks, default=None)
+
+
 def _layout(model_name: str, kind: str, norm_names: list[str], config: Any) -> tuple[Layout, str | None]:
-    key = frozenset(norm_names)
-    if key not in LAYOUTS:
+    row = layout_row(kind, norm_names)
+    if row is None:
         raise ModelNotUnderstood(
             f"{model_name}: block {kind} has norms [{', '.join(norm_names) or 'none'}]: not a layout quantlens knows "
             f"(pre-LN, post-LN, sandwich, post-sublayer, parallel), so the residual stream r(l) cannot be located")
-    layout, site = LAYOUTS[key]
+    layout, site = row.layout, row.site
+    if row.blocks:
+        return layout, site
     if layout == "pre-LN":
         if getattr(config, "do_layer_norm_before", True) is False:
             return "post-LN", norm_names[0]  # the norm after the attention's residual addition (OPT-350m)
@@ -424,6 +462,7 @@ class Anatomy:
     kv_route: KVRoute | None  # None: the KV cache of this attention cannot be quantized (kv_refusal says why)
     kv_refusal: str | None = None
     logit_softcap: float | None = None  # Gemma-2's final_logit_softcapping
+    logit_scale: float | None = None  # Cohere's logit_scale: the head's logits are multiplied by it
 
     @property
     def post_ln(self) -> bool:
@@ -444,12 +483,14 @@ class Anatomy:
 
     def decode(self, h: torch.Tensor) -> torch.Tensor:
         """hidden state → logits as the model does it: final norm (if any), project_out (if any),
-        the head, Gemma's soft-capping (if configured)."""
+        the head, Cohere's logit scale and Gemma's soft-capping (if configured)."""
         if self.final_norm is not None:
             h = self.final_norm(h)
         if self.project_out is not None:
             h = self.project_out(h)
         logits = self.lm_head(h)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
@@ -482,7 +523,7 @@ class Anatomy:
         norm = "none" if self.final_norm is None else type(self.final_norm).__name__
         mlps = list(dict.fromkeys(p.describe() for p in self.parts))
         r = {"pre-LN": "r(l) = the stream at the MLP's norm", "post-LN": "r(l) = z(l−1) + Attn before the norm that follows it",
-             "sandwich": "r(l) = the stream at pre_feedforward_layernorm", "post-sublayer": "r(l) = the MLP's input (no norm before it)",
+             "sandwich": "r(l) = the stream at the MLP's norm, after the attention's post-norm", "post-sublayer": "r(l) = the MLP's input (no norm before it)",
              "parallel": "r(l) = z(l−1): attention and MLP read the block input"}[b.layout]
         dense = sum(1 for p in self.parts if not p.is_moe)
         mix = f" ({dense} dense, {len(self.parts) - dense} MoE)" if self.is_moe and dense else ""
@@ -539,7 +580,7 @@ def anatomy(model: nn.Module) -> Anatomy:
         route = None
     return Anatomy(model_type, blocks_name, blocks, parts, model.get_input_embeddings(), getattr(parent, "project_in", None),
                    final_norm, getattr(parent, "project_out", None), head, route, refusal,
-                   getattr(config, "final_logit_softcapping", None))
+                   getattr(config, "final_logit_softcapping", None), getattr(model, "logit_scale", None))
 
 
 def check_config(config: Any) -> Anatomy:
