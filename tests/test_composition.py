@@ -416,3 +416,36 @@ def test_routers_stay_16_bit_unless_included(arch):
             assert (cov["coverage_block"] == 1.0) == include, cov
         finally:
             restore_(model)
+
+
+def _hybrids() -> dict[str, tuple[object, str]]:
+    import transformers as T
+
+    c = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=4, num_key_value_heads=2)
+    return {
+        "jamba": (T.JambaConfig(**c, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, num_experts=2),
+                  r"JambaForCausalLM: hybrid blocks \(mamba, attention\) are not supported yet: layers 0,2 are mamba$"),
+        "zamba2": (T.Zamba2Config(**c, layer_types=["mamba", "hybrid", "mamba", "hybrid"], mamba_headdim=8, n_mamba_heads=8),
+                   r"Zamba2ForCausalLM: hybrid blocks \(mamba, mamba\+attention\) are not supported yet: layers 0,2 are mamba; "
+                   r"layers 1,3 are mamba\+attention$"),
+        "bamba": (T.BambaConfig(**c, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, attn_layer_indices=[1, 3]),
+                  r"BambaForCausalLM: hybrid blocks \(mamba, attention\) .*: layers 0,2 are mamba$"),
+        "nemotron-h": (T.NemotronHConfig(**c), r"NemotronHForCausalLM: hybrid blocks \(mamba, MLP only, attention\) .*: layer 0 is mamba"),
+        "qwen3-next": (T.Qwen3NextConfig(**c), r"hybrid blocks \(linear attention, attention\) .*: layers 0,1,2 are linear attention$"),
+        "lfm2": (T.Lfm2Config(**c, layer_types=["conv", "full_attention", "conv", "full_attention"]),
+                 r"Lfm2ForCausalLM: hybrid blocks \(conv, attention\) .*: layers 0,2 are conv$"),
+        "falcon-h1": (T.FalconH1Config(vocab_size=96, num_hidden_layers=2),
+                      r"FalconH1ForCausalLM: mamba\+attention blocks are not supported yet: layers 0,1 are mamba\+attention$"),
+        "mamba": (T.MambaConfig(**c), r"MambaForCausalLM: mamba blocks are not supported yet: layers 0,1,2,3 are mamba$"),
+    }
+
+
+@pytest.mark.parametrize("arch", list(_hybrids()))
+def test_hybrid_models_are_refused_naming_their_layer_types(arch):
+    """A block list mixing tokens otherwise than by attention (mamba, linear attention, short
+    convolutions) is refused in preflight in one line naming the layers, not a norm or block-list
+    symptom (Zamba2's adapter list taken for its blocks; Jamba's "no decoder block list")."""
+    cfg, message = _hybrids()[arch]
+    with pytest.raises(ModelNotUnderstood, match=f"^{message}" if not message.startswith("hybrid") else message) as err:
+        check_config(cfg)
+    assert "\n" not in str(err.value)

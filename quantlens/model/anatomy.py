@@ -154,6 +154,45 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
+# What mixes tokens in a block, by the class names of its modules (first match wins): quantlens
+# understands blocks whose only token mixer is attention; a block list with any other is refused
+# naming its layers (hybrid support is not built yet).
+MIXERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("linear attention", ("GatedDeltaNet", "LinearAttention")),  # Qwen3-Next, Qwen3.5
+    ("mamba", ("Mamba", "Mixer")),  # Mamba, Mamba2, Falcon-Mamba, Jamba, Bamba, Zamba2, Nemotron-H, Falcon-H1, Granite-4
+    ("conv", ("ShortConv",)),  # LFM2
+    ("attention", ("Attention",)),
+)
+
+
+def _mixers(block: nn.Module) -> str:
+    """The token mixers of one block (``mamba``, ``attention``, ``mamba+attention``, …; ``MLP only``)."""
+    kinds = set()
+    for m in block.modules():
+        name = type(m).__name__
+        kinds |= {next((k for k, marks in MIXERS if any(x in name for x in marks)), "")} - {""}
+    return "+".join(k for k, _ in MIXERS if k in kinds) or "MLP only"
+
+
+def _refuse_hybrid(model: nn.Module) -> None:
+    """:class:`ModelNotUnderstood` naming the real cause when the model's largest block list (of any
+    classes: Jamba's attention and mamba layers are two) has a block mixing tokens otherwise than by
+    attention: ``Jamba…: hybrid blocks (mamba, attention) are not supported yet: layers 0,2 are mamba``."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        return
+    _, blocks = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+    kinds = [_mixers(b) for b in blocks]
+    if set(kinds) <= {"attention"}:
+        return
+    order = list(dict.fromkeys(kinds))
+    layers = {k: [i for i, x in enumerate(kinds) if x == k] for k in order if k != "attention"}
+    where = "; ".join(f"layer{'s' if len(ix) > 1 else ''} {','.join(map(str, ix[:12]))}{',…' if len(ix) > 12 else ''} "
+                      f"{'are' if len(ix) > 1 else 'is'} {k}" for k, ix in layers.items())
+    what = f"hybrid blocks ({', '.join(order)})" if len(order) > 1 else f"{order[0]} blocks"
+    raise ModelNotUnderstood(f"{type(model).__name__}: {what} are not supported yet: {where}")
+
+
 def shape_of(p: torch.Tensor) -> torch.Size:
     """A parameter's shape, also for a streamed skeleton's empty placeholders (their checkpoint shape)."""
     return getattr(p, SHAPE_ATTR, p.shape)
@@ -559,6 +598,8 @@ def anatomy(model: nn.Module) -> Anatomy:
     what = type(model).__name__
     config = getattr(model, "config", None)
     model_type = str(getattr(config, "model_type", "") or what)
+    if getattr(model, BLOCKS_ATTR, None) is None:
+        _refuse_hybrid(model)
     blocks_name, blocks = find_decoder_blocks(model)
     parts = tuple(_block(what, i, f"{blocks_name}.{i}", b, config) for i, b in enumerate(blocks))
     parent = model.get_submodule(blocks_name.rsplit(".", 1)[0]) if "." in blocks_name else model
