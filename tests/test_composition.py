@@ -84,6 +84,12 @@ def _configs() -> dict[str, object]:
         # a dense first block; the router's per-expert e_score_correction_bias stored [1, experts]: a vector
         "ernie-4.5-moe": T.Ernie4_5_MoeConfig(**two, intermediate_size=64, moe_intermediate_size=32, moe_num_experts=4, moe_k=2,
                                               num_key_value_heads=2),
+        # four norms (a sandwich read at pre_mlp_layernorm), gated attention, the router a Linear inside a router module
+        "afmoe": T.AfmoeConfig(**moe, intermediate_size=64, moe_intermediate_size=32, num_experts=4, num_dense_layers=1,
+                               num_key_value_heads=2, head_dim=8),
+        # one norm, parallel attention and MoE, no config flag
+        "cohere2-moe": T.Cohere2MoeConfig(**moe, intermediate_size=64, num_experts=4, num_key_value_heads=2, sliding_window=8,
+                                          eos_token_id=2),
         # experts that do not declare their layout (anatomy.KNOWN_EXPERTS): transposed, every token's row to every expert
         "llama4": T.Llama4TextConfig(**two, intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1,
                                      num_key_value_heads=2, head_dim=8),
@@ -91,10 +97,10 @@ def _configs() -> dict[str, object]:
 
 
 ARCHS = list(_configs())
-MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe", "llama4")
+MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe", "afmoe", "cohere2-moe", "llama4")
 LAYOUT = {"opt-350m-shape": "post-LN", "gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post-sublayer",
           "gpt-neox": "parallel", "falcon": "parallel", "gpt-j": "parallel", "phi": "parallel", "cohere": "parallel",
-          "cohere2": "parallel", "glm4": "sandwich"}
+          "cohere2": "parallel", "glm4": "sandwich", "afmoe": "sandwich", "cohere2-moe": "parallel"}
 KV_REFUSED = {"deepseek-v2": "multi-head latent attention", "deepseek-v3": "multi-head latent attention",
               "xglm": "computes K/V in code quantlens cannot reach"}  # (XGLM's attention is not on the shared interface)
 # the only refusals: KV settings, in one line. Falcon computed K/V in its own attention code until
@@ -394,6 +400,9 @@ def test_routers_stay_16_bit_unless_included(arch):
     model = AutoModelForCausalLM.from_config(_configs()[arch]).eval()
     body = anatomy(model)
     routers = body.routers()
+    with torch.no_grad():  # (AfMoE initialises its router to zeros: nothing to see a 4-bit grid on)
+        for _, m in routers:
+            m.weight.normal_(0, 0.1)
     assert routers and all(n.startswith(b.moe_name) for b in body.parts if b.is_moe for n, _ in b.routers)
     before = {n: p.detach().clone() for n, p in body.block_matrix_params().items()}
     for include in (False, True):

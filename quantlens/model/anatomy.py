@@ -104,9 +104,11 @@ LAYOUTS: tuple[LayoutRow, ...] = (
          "sandwich", "pre_feedforward_layernorm", "Gemma-2, Gemma-3"),
     _row({"input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"},
          "sandwich", "post_attention_layernorm", "GLM-4 (post_attention_layernorm is the MLP's pre-norm)"),
+    _row({"input_layernorm", "post_attention_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm"},
+         "sandwich", "pre_mlp_layernorm", "AfMoE"),
     _row({"post_attention_layernorm", "post_feedforward_layernorm"}, "post-sublayer", None, "OLMo-2"),
-    _row({"input_layernorm"}, "parallel", "input_layernorm", "Phi (phi-2), Cohere, Cohere2: one norm, no config flag",
-         ("PhiDecoderLayer", "CohereDecoderLayer", "Cohere2DecoderLayer")),
+    _row({"input_layernorm"}, "parallel", "input_layernorm", "Phi (phi-2), Cohere, Cohere2, Cohere2-MoE: one norm, no config flag",
+         ("PhiDecoderLayer", "CohereDecoderLayer", "Cohere2DecoderLayer", "Cohere2MoeDecoderLayer")),
     _row({"input_layernorm"}, "parallel", "input_layernorm", "Falcon-7B: one norm for both, parallel_attn"),
     _row({"ln_1"}, "parallel", "ln_1", "GPT-J: one norm for both", ("GPTJBlock",)),
     _row({"ln_attn", "ln_mlp"}, "parallel", "ln_mlp", "Falcon-40B's new decoder architecture"),
@@ -183,7 +185,8 @@ def _refuse_hybrid(model: nn.Module) -> None:
         return
     _, blocks = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
     kinds = [_mixers(b) for b in blocks]
-    if set(kinds) <= {"attention"}:
+    others = {k for k, _ in MIXERS if k != "attention"}
+    if not any(set(k.split("+")) & others for k in kinds):  # (attention not recognised by name is not this refusal's to say)
         return
     order = list(dict.fromkeys(kinds))
     layers = {k: [i for i, x in enumerate(kinds) if x == k] for k in order if k != "attention"}
