@@ -160,7 +160,7 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 # understands blocks whose only token mixer is attention; a block list with any other is refused
 # naming its layers (hybrid support is not built yet).
 MIXERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("linear attention", ("GatedDeltaNet", "LinearAttention")),  # Qwen3-Next, Qwen3.5
+    ("linear attention", ("DeltaNet", "DeltaAttention")),  # Qwen3-Next, Qwen3.5, OLMo-hybrid, Kimi Linear
     ("mamba", ("Mamba", "Mixer")),  # Mamba, Mamba2, Falcon-Mamba, Jamba, Bamba, Zamba2, Nemotron-H, Falcon-H1, Granite-4
     ("conv", ("ShortConv",)),  # LFM2
     ("attention", ("Attention",)),
@@ -168,9 +168,10 @@ MIXERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def _mixers(block: nn.Module) -> str:
-    """The token mixers of one block (``mamba``, ``attention``, ``mamba+attention``, …; ``MLP only``)."""
+    """The token mixers of one block (``mamba``, ``attention``, ``mamba+attention``, …; ``MLP only``),
+    read from the modules inside it (not the block's own class: OLMo-hybrid's LinearAttentionDecoderLayer)."""
     kinds = set()
-    for m in block.modules():
+    for m in list(block.modules())[1:]:
         name = type(m).__name__
         kinds |= {next((k for k, marks in MIXERS if any(x in name for x in marks)), "")} - {""}
     return "+".join(k for k, _ in MIXERS if k in kinds) or "MLP only"
