@@ -70,6 +70,7 @@ def _configs() -> dict[str, object]:
         "nemotron": T.NemotronConfig(**two, intermediate_size=64, num_key_value_heads=2),  # LayerNorm1P
         "apertus": T.ApertusConfig(**two, intermediate_size=64, num_key_value_heads=2),
         "vaultgemma": T.VaultGemmaConfig(**two, intermediate_size=64, num_key_value_heads=2, head_dim=8, sliding_window=8),
+        "biogpt": T.BioGptConfig(**two, intermediate_size=64),  # OPT's norm names, its final norm is layer_norm
         # mixtures of experts (transformers 5: fused 3-D expert tensors)
         "mixtral": T.MixtralConfig(**moe, intermediate_size=32, num_key_value_heads=2, num_local_experts=4),
         "qwen2-moe": T.Qwen2MoeConfig(**moe, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64,
