@@ -461,3 +461,22 @@ def test_hybrid_models_are_refused_naming_their_layer_types(arch):
     with pytest.raises(ModelNotUnderstood, match=f"^{message}" if not message.startswith("hybrid") else message) as err:
         check_config(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_blocks_of_other_shapes_are_refused_naming_why():
+    """A block of several sublayers (LongCat-Flash: norms, attentions and MLPs in lists) or one whose
+    norms sit inside a sublayer (DBRX's norm_attn_norm) is refused saying so, in one line."""
+    import transformers as T
+
+    longcat = T.LongcatFlashConfig(vocab_size=96, hidden_size=32, num_attention_heads=4, num_layers=2, num_key_value_heads=2,
+                                   ffn_hidden_size=64, expert_ffn_hidden_size=32, n_routed_experts=4, kv_lora_rank=16,
+                                   q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+    with pytest.raises(ModelNotUnderstood, match=r"^LongcatFlashForCausalLM: block LongcatFlashDecoderLayer holds its norms in "
+                                                 r"lists \(input_layernorm: 2, post_attention_layernorm: 2\): blocks of several"):
+        check_config(longcat)
+    dbrx = T.DbrxConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=96,
+                        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
+                        ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2})
+    with pytest.raises(ModelNotUnderstood, match=r"^DbrxForCausalLM: block DbrxBlock holds its norms inside a sublayer "
+                                                 r"\(norm_attn_norm.norm_1, norm_attn_norm.norm_2\)"):
+        check_config(dbrx)

@@ -203,8 +203,24 @@ def shape_of(p: torch.Tensor) -> torch.Size:
 
 
 def _is_norm(m: nn.Module) -> bool:
-    """A norm: its class name ends in Norm, or it is a LayerNorm (Nemotron's LayerNorm1P)."""
-    return type(m).__name__.endswith("Norm") or isinstance(m, nn.LayerNorm)
+    """A norm: its class name ends in Norm, or it is a LayerNorm (Nemotron's LayerNorm1P); never a
+    module holding linears (DBRX's NormAttentionNorm wraps its attention)."""
+    return (type(m).__name__.endswith("Norm") or isinstance(m, nn.LayerNorm)) and not any(is_linear(x) for x in m.modules())
+
+
+def _norm_children(model_name: str, kind: str, children: list[tuple[str, nn.Module]]) -> list[str]:
+    """The names of a block's norm children; a block holding its norms in lists (several sublayers
+    per block: LongCat-Flash's two attentions and two MLPs) is refused saying so."""
+    lists = [(n, len(m)) for n, m in children if isinstance(m, nn.ModuleList) and len(m) and all(_is_norm(x) for x in m)]
+    if lists:
+        raise ModelNotUnderstood(f"{model_name}: block {kind} holds its norms in lists ({', '.join(f'{n}: {k}' for n, k in lists)}): "
+                                 "blocks of several attention / MLP sublayers are not supported yet")
+    norms = [n for n, m in children if _is_norm(m)]
+    nested = [f"{n}.{c}" for n, m in children for c, x in m.named_children() if _is_norm(x) and any(is_linear(y) for y in m.modules())]
+    if not norms and nested:  # (DBRX: norm_attn_norm holds norm_1, the attention and norm_2)
+        raise ModelNotUnderstood(f"{model_name}: block {kind} holds its norms inside a sublayer ({', '.join(nested)}): "
+                                 "not a layout quantlens knows yet, so the residual stream r(l) cannot be located")
+    return norms
 
 
 # --- experts ----------------------------------------------------------------------------------------
@@ -397,7 +413,7 @@ def _layout(model_name: str, kind: str, norm_names: list[str], config: Any) -> t
 def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any) -> Block:
     kind = type(block).__name__
     children = list(block.named_children())
-    norm_names = [n for n, m in children if _is_norm(m)]
+    norm_names = _norm_children(model_name, kind, children)
     layout, site_name = _layout(model_name, kind, norm_names, config)
     attn = [(n, m) for n, m in children if ("attn" in n.lower() or "attention" in n.lower()) and any(is_linear(x) for x in m.modules())]
     if len(attn) != 1:
