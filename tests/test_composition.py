@@ -93,6 +93,7 @@ def _configs() -> dict[str, object]:
                                           eos_token_id=2),
         # experts that do not declare their layout (anatomy.KNOWN_EXPERTS): transposed, every token's row to every expert
         "llama4": T.Llama4TextConfig(**two, intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1,
+                                     interleave_moe_layer_step=2,  # Maverick's shape: a dense block, then an MoE one
                                      num_key_value_heads=2, head_dim=8),
     }
 
