@@ -74,6 +74,7 @@ OUTPUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
 BLOCKS_ATTR = "_quantlens_blocks"  # a streamed skeleton names its block list (its blocks hold no weights)
 SHAPE_ATTR = "_quantlens_shape"  # ... and each placeholder parameter its shape in the checkpoint
 
+
 @dataclass(frozen=True)
 class LayoutRow:
     """One residual layout: the block's norm children (by name), the layout, the norm whose input is
