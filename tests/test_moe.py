@@ -29,6 +29,8 @@ def _model(kind: str, seed: int = 0):
                                                   n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=32,
                                                   q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4),
         "gpt-oss": lambda: T.GptOssConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_key_value_heads=2, head_dim=8),
+        "llama4": lambda: T.Llama4TextConfig(**COMMON, intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4,
+                                             num_key_value_heads=2, head_dim=8),
     }[kind]()
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).eval()
@@ -205,3 +207,30 @@ def test_preflight_lists_every_refused_model_at_once(tmp_path):
     with pytest.raises(PreflightError, match=r"^model .*dsv3: the sweep has KV-cache settings, which it cannot take: .*multi-head latent attention"):
         preflight(load_config({**cfg, "models": [folders[2]], "settings": ["W16A16KV8"]}))
     preflight(load_config({**cfg, "models": [folders[2]]}))  # the MoE itself is understood
+
+
+def test_llama4_experts_are_read_from_the_table_and_its_loop_is_the_models_forward():
+    """Llama4TextExperts declares no layout: anatomy.KNOWN_EXPERTS gives it (transposed, gate then up,
+    every token's row to every expert). quantlens' loop over the rows routed to each expert computes
+    the model's own bmm; each expert matrix of W4 is the dense quantizer's on that matrix."""
+    m = _model("llama4")
+    w = _windows()
+    e = anatomy(m).experts()[0]
+    assert (e.is_transposed, e.has_gate, e.is_concatenated, e.has_bias, e.dense) == (True, True, True, False, True)
+    assert not moe.uses_kernel(e)
+    own = m(w).logits
+    handles = [moe.run_per_expert(x, lambda n, t: t, set()) for x in anatomy(m).experts()]
+    try:
+        loop = m(w).logits
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(loop, own, rtol=1e-5, atol=1e-5)
+    gate_up = e.module.gate_up_proj.detach().clone()
+    quantize_(m, "W4A16")
+    try:  # expert 1's gate matrix is gate_up_proj[1][:, :I]ᵀ, quantized on its own
+        gate = gate_up[1][:, : gate_up.shape[-1] // 2].t()
+        want = fake_quantize(gate, resolve_setting("W4A16").weights)
+        assert torch.equal(e.module.gate_up_proj[1][:, : gate_up.shape[-1] // 2].t(), want)
+    finally:
+        restore_(m)

@@ -220,11 +220,12 @@ def check(released: Released, model: Any, ckpt: QuantizedCheckpoint | None = Non
     shapes = ckpt.header_shapes()
     kinds = _kinds(model)
     quantized, kept, used = {}, [], set()
+    head = model.get_output_embeddings()
     for t in _targets(model):
         shape = tuple(shape_of(t.param))
         src = ckpt.source(f"{t.name}.weight" if t.kind != "experts" else t.name, kinds, shape)
         if src is None:
-            if t.kind == "linear" and t.name.endswith(("lm_head", "embed_out")) or t.kind == "router":
+            if t.kind == "linear" and t.module is head or t.kind == "router":
                 continue  # (a tied head; a router the checkpoint stores otherwise is checked by the float pass)
             raise ConfigError(f"{what} has no weight for {t.name} {shape}: not a checkpoint of this model (or a layer it drops)")
         keys = Checkpoint.keys_of(src)
@@ -240,7 +241,7 @@ def check(released: Released, model: Any, ckpt: QuantizedCheckpoint | None = Non
             raise ConfigError(f"{what}: {t.name} is {tuple(got[0])} there, {want} in the model: a checkpoint of another model")
         if all(packed):
             quantized[t.name] = (t, src)
-        elif t.kind != "router":  # (routers stay 16-bit, as the field's quantizers leave them)
+        elif t.kind != "router" and t.module is not head:  # (routers stay 16-bit, as the field's quantizers leave them)
             kept.append(t.name)
     strays = sorted(p for p in ckpt.packed if p + ".weight" not in used)
     if strays:
@@ -248,8 +249,7 @@ def check(released: Released, model: Any, ckpt: QuantizedCheckpoint | None = Non
                           + (f" — and {len(strays) - 1} more" if len(strays) > 1 else ""))
     if not quantized:
         raise ConfigError(f"{what}: none of the model's decoder-block linears is quantized in it")
-    block = [n for n in kept if not n.endswith(("lm_head", "embed_out"))]
-    return {"quantized": quantized, "full_precision": block}
+    return {"quantized": quantized, "full_precision": kept}  # (the head, whatever its name — BioGPT's output_projection —, is not a block's)
 
 
 def _same_tensor(stored: torch.Tensor, base: torch.Tensor) -> bool:

@@ -18,33 +18,39 @@ definitions: the anatomy is data, everything generic reads it). For any supporte
   Falcon computes its own attention): weights and activations work, KV-cache settings are refused;
 - ``final_norm`` (or None: OPT-350m has none), ``project_out`` (or None) and ``lm_head``;
   :meth:`Anatomy.decode` maps a hidden state to logits as the model itself does: final norm if
-  any, then ``project_out`` if any, then the head, then Gemma's logit soft-capping if configured.
+  any, then ``project_out`` if any, then the head, then Cohere's logit scale and Gemma's logit
+  soft-capping if configured.
 
 Found generically: blocks are the ``nn.ModuleList`` of same-typed modules holding the most
 parameters; the attention is the child named ``*attn*`` / ``*attention*`` that holds linears
 (``nn.Linear`` or GPT-2's transposed ``Conv1D``); an experts module is one holding 3-D
 ``down_proj`` and ``gate_up_proj`` / ``up_proj`` parameters *and* declaring its layout
 (``is_transposed``, ``has_gate``, ``is_concatenated``, ``has_bias``: transformers'
-``use_experts_implementation``) — a layout is never guessed from shapes. Every matrix (≥ 2-D
+``use_experts_implementation``) or listed by class in :data:`KNOWN_EXPERTS` (Llama-4's) — a layout
+is never guessed from shapes. The routers are the MoE's children that project the hidden state to
+the routing scores (:func:`_routers`). Every matrix (≥ 2-D
 parameter) of a block must be in one role, or the block is refused naming the tensor.
 
 **Where the residual stream is** (:data:`LAYOUTS`, by the block's norm children). r(l) is the
 residual state the MLP reads, read at the input of :attr:`Block.residual_site`; h(l) is what the
 MLP's first layer sees (:attr:`Block.h_site`):
 
-- ``pre-LN`` (LLaMA, BLOOM, OPT ≥ 1.3B, GPT-2, Qwen, Mistral, Phi-3, the MoEs): r(l) = z(l−1) +
+- ``pre-LN`` (LLaMA, BLOOM, OPT ≥ 1.3B, GPT-2, Qwen, Mistral, Phi-3, Nemotron, XGLM, Apertus,
+  VaultGemma, the MoEs): r(l) = z(l−1) +
   Attn(·), the un-normalised stream at the input of the MLP's norm; h(l) its output (arXiv 2506.12044);
 - ``post-LN`` (OPT-350m, ``do_layer_norm_before=False``): r(l) is z(l−1) + Attn(z(l−1)) at the
   input of the norm that *follows* the attention's residual addition (the block's first norm); the
   stream the next block sees is normalised, so ‖r(l)‖ and ‖z(l)‖ are on other scales than in pre-LN
   models and the early exit of r(l) decodes an un-normalised state (no final norm to undo it);
-- ``sandwich`` (Gemma-2, Gemma-3: norms before *and* after each sublayer): r(l) = z(l−1) +
-  norm(Attn(·)) at the input of ``pre_feedforward_layernorm``;
+- ``sandwich`` (Gemma-2, Gemma-3, GLM-4: norms before *and* after each sublayer): r(l) = z(l−1) +
+  norm(Attn(·)) at the input of the MLP's norm (``pre_feedforward_layernorm``; GLM-4's
+  ``post_attention_layernorm``);
 - ``post-sublayer`` (OLMo-2: norms after attention and MLP, none before): r(l) = z(l−1) +
   norm(Attn(z(l−1))) is the MLP's input itself (h(l) = r(l));
-- ``parallel`` (GPT-NeoX / Pythia with ``use_parallel_residual``, Falcon with ``parallel_attn``):
+- ``parallel`` (GPT-NeoX / Pythia with ``use_parallel_residual``, Falcon with ``parallel_attn``;
+  GPT-J, Phi, Cohere, Cohere2 with one norm and no flag: their rows name the block classes):
   attention and MLP both read the block input, z(l) = z(l−1) + Attn(n₁(z)) + MLP(n₂(z)): r(l) *is*
-  z(l−1), read at the input of the MLP's norm (Falcon-7B's single shared norm, NeoX's second).
+  z(l−1), read at the input of the MLP's norm (a single shared norm, NeoX's second).
 
 This module imports nothing else of quantlens: it is the bottom of the model side.
 """
@@ -63,24 +69,51 @@ from quantlens.model.shape import ModelShape
 KVRoute = Literal["interface", "bloom"]
 Layout = Literal["pre-LN", "post-LN", "sandwich", "post-sublayer", "parallel"]
 
-FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
+FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f", "layer_norm")  # (XGLM: layer_norm)
 OUTPUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
 BLOCKS_ATTR = "_quantlens_blocks"  # a streamed skeleton names its block list (its blocks hold no weights)
 SHAPE_ATTR = "_quantlens_shape"  # ... and each placeholder parameter its shape in the checkpoint
 
-# The block's norm children (by name) → (layout, the norm whose input is r(l) or None: the MLP's input).
-# A pair that is pre-LN here becomes post-LN (OPT's do_layer_norm_before=False) or parallel (the
-# config's use_parallel_residual / parallel_attn) by :func:`_layout`.
-LAYOUTS: dict[frozenset[str], tuple[Layout, str | None]] = {
-    frozenset({"input_layernorm", "post_attention_layernorm"}): ("pre-LN", "post_attention_layernorm"),
-    frozenset({"self_attn_layer_norm", "final_layer_norm"}): ("pre-LN", "final_layer_norm"),
-    frozenset({"ln_1", "ln_2"}): ("pre-LN", "ln_2"),
-    frozenset({"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"}):
-        ("sandwich", "pre_feedforward_layernorm"),
-    frozenset({"post_attention_layernorm", "post_feedforward_layernorm"}): ("post-sublayer", None),
-    frozenset({"input_layernorm"}): ("parallel", "input_layernorm"),  # Falcon-7B: one norm for both
-    frozenset({"ln_attn", "ln_mlp"}): ("parallel", "ln_mlp"),  # Falcon-40B's new decoder architecture
-}
+
+@dataclass(frozen=True)
+class LayoutRow:
+    """One residual layout: the block's norm children (by name), the layout, the norm whose input is
+    r(l) (None: the MLP's input), and the block classes it is for when the norm names alone do not
+    say it (a parallel block with one norm and no config flag: its forward is read once, here)."""
+
+    norms: frozenset[str]
+    layout: Layout
+    site: str | None
+    families: str
+    blocks: frozenset[str] = frozenset()  # empty: any block with these norms
+
+
+def _row(norms: set[str], layout: Layout, site: str | None, families: str, blocks: tuple[str, ...] = ()) -> LayoutRow:
+    return LayoutRow(frozenset(norms), layout, site, families, frozenset(blocks))
+
+
+# A pre-LN row becomes post-LN (OPT's do_layer_norm_before=False) or parallel (the config's
+# use_parallel_residual / parallel_attn) by :func:`_layout`; a row with block classes is taken as it is.
+LAYOUTS: tuple[LayoutRow, ...] = (
+    _row({"input_layernorm", "post_attention_layernorm"}, "pre-LN", "post_attention_layernorm",
+         "LLaMA, Qwen, Mistral, Phi-3, Nemotron, the MoEs"),
+    _row({"self_attn_layer_norm", "final_layer_norm"}, "pre-LN", "final_layer_norm", "OPT, XGLM"),
+    _row({"ln_1", "ln_2"}, "pre-LN", "ln_2", "GPT-2"),
+    _row({"attention_layernorm", "feedforward_layernorm"}, "pre-LN", "feedforward_layernorm", "Apertus"),
+    _row({"input_layernorm", "pre_feedforward_layernorm"}, "pre-LN", "pre_feedforward_layernorm", "VaultGemma"),
+    _row({"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"},
+         "sandwich", "pre_feedforward_layernorm", "Gemma-2, Gemma-3"),
+    _row({"input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"},
+         "sandwich", "post_attention_layernorm", "GLM-4 (post_attention_layernorm is the MLP's pre-norm)"),
+    _row({"input_layernorm", "post_attention_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm"},
+         "sandwich", "pre_mlp_layernorm", "AfMoE"),
+    _row({"post_attention_layernorm", "post_feedforward_layernorm"}, "post-sublayer", None, "OLMo-2"),
+    _row({"input_layernorm"}, "parallel", "input_layernorm", "Phi (phi-2), Cohere, Cohere2, Cohere2-MoE: one norm, no config flag",
+         ("PhiDecoderLayer", "CohereDecoderLayer", "Cohere2DecoderLayer", "Cohere2MoeDecoderLayer")),
+    _row({"input_layernorm"}, "parallel", "input_layernorm", "Falcon-7B: one norm for both, parallel_attn"),
+    _row({"ln_1"}, "parallel", "ln_1", "GPT-J: one norm for both", ("GPTJBlock",)),
+    _row({"ln_attn", "ln_mlp"}, "parallel", "ln_mlp", "Falcon-40B's new decoder architecture"),
+)
 PARALLEL_FLAGS = ("use_parallel_residual", "parallel_attn")
 
 
@@ -124,13 +157,71 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
+# What mixes tokens in a block, by the class names of its modules (first match wins): quantlens
+# understands blocks whose only token mixer is attention; a block list with any other is refused
+# naming its layers (hybrid support is not built yet).
+MIXERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("linear attention", ("DeltaNet", "DeltaAttention")),  # Qwen3-Next, Qwen3.5, OLMo-hybrid, Kimi Linear
+    ("mamba", ("Mamba", "Mixer")),  # Mamba, Mamba2, Falcon-Mamba, Jamba, Bamba, Zamba2, Nemotron-H, Falcon-H1, Granite-4
+    ("conv", ("ShortConv",)),  # LFM2
+    ("attention", ("Attention",)),
+)
+
+
+def _mixers(block: nn.Module) -> str:
+    """The token mixers of one block (``mamba``, ``attention``, ``mamba+attention``, …; ``MLP only``),
+    read from the modules inside it (not the block's own class: OLMo-hybrid's LinearAttentionDecoderLayer)."""
+    kinds = set()
+    for m in list(block.modules())[1:]:
+        name = type(m).__name__
+        kinds |= {next((k for k, marks in MIXERS if any(x in name for x in marks)), "")} - {""}
+    return "+".join(k for k, _ in MIXERS if k in kinds) or "MLP only"
+
+
+def _refuse_hybrid(model: nn.Module) -> None:
+    """:class:`ModelNotUnderstood` naming the real cause when the model's largest block list (of any
+    classes: Jamba's attention and mamba layers are two) has a block mixing tokens otherwise than by
+    attention: ``Jamba…: hybrid blocks (mamba, attention) are not supported yet: layers 0,2 are mamba``."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        return
+    _, blocks = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+    kinds = [_mixers(b) for b in blocks]
+    others = {k for k, _ in MIXERS if k != "attention"}
+    if not any(set(k.split("+")) & others for k in kinds):  # (attention not recognised by name is not this refusal's to say)
+        return
+    order = list(dict.fromkeys(kinds))
+    layers = {k: [i for i, x in enumerate(kinds) if x == k] for k in order if k != "attention"}
+    where = "; ".join(f"layer{'s' if len(ix) > 1 else ''} {','.join(map(str, ix[:12]))}{',…' if len(ix) > 12 else ''} "
+                      f"{'are' if len(ix) > 1 else 'is'} {k}" for k, ix in layers.items())
+    what = f"hybrid blocks ({', '.join(order)})" if len(order) > 1 else f"{order[0]} blocks"
+    raise ModelNotUnderstood(f"{type(model).__name__}: {what} are not supported yet: {where}")
+
+
 def shape_of(p: torch.Tensor) -> torch.Size:
     """A parameter's shape, also for a streamed skeleton's empty placeholders (their checkpoint shape)."""
     return getattr(p, SHAPE_ATTR, p.shape)
 
 
 def _is_norm(m: nn.Module) -> bool:
-    return type(m).__name__.endswith("Norm")
+    """A norm: its class name ends in Norm, or it is a LayerNorm (Nemotron's LayerNorm1P); never a
+    module holding linears (DBRX's NormAttentionNorm wraps its attention)."""
+    return (type(m).__name__.endswith("Norm") or isinstance(m, nn.LayerNorm)) and not any(is_linear(x) for x in m.modules())
+
+
+def _norm_children(model_name: str, kind: str, children: list[tuple[str, nn.Module]]) -> list[str]:
+    """The names of a block's norm children; a block holding its norms in lists (several sublayers
+    per block: LongCat-Flash's two attentions and two MLPs) is refused saying so."""
+    lists = [(n, len(m)) for n, m in children if isinstance(m, nn.ModuleList) and len(m) and all(_is_norm(x) for x in m)]
+    if lists:
+        raise ModelNotUnderstood(f"{model_name}: block {kind} holds its norms in lists ({', '.join(f'{n}: {k}' for n, k in lists)}): "
+                                 "blocks of several attention / MLP sublayers are not supported yet")
+    norms = [n for n, m in children if _is_norm(m)]
+    nested = [f"{n}.{c}" for n, m in children for c, x in m.named_children() if _is_norm(x) and any(is_linear(y) for y in m.modules())]
+    if not norms and nested:  # (DBRX: norm_attn_norm holds norm_1, the attention and norm_2)
+        raise ModelNotUnderstood(f"{model_name}: block {kind} holds its norms inside a sublayer ({', '.join(nested)}): "
+                                 "not a layout quantlens knows yet, so the residual stream r(l) cannot be located")
+    return norms
 
 
 # --- experts ----------------------------------------------------------------------------------------
@@ -155,6 +246,7 @@ class Experts:
     has_gate: bool
     is_concatenated: bool
     has_bias: bool
+    dense: bool = False  # forward(rows): every expert gets every token's row, scaled by its score (Llama-4); else forward(hidden, top_k_index, top_k_weights)
 
     @property
     def params(self) -> tuple[str, str]:
@@ -191,23 +283,35 @@ class Experts:
         return (m.transpose(-1, -2) if self.is_transposed else m).contiguous()
 
 
+LAYOUT_FLAGS = ("is_transposed", "has_gate", "is_concatenated", "has_bias")
+
+# Experts modules that hold fused tensors without declaring their layout (no
+# use_experts_implementation), by class → their layout flags, read from their forward in transformers:
+# Llama-4's bmm(rows [E, T, H], gate_up_proj [E, H, 2I]).chunk(2) — transposed, gate then up —, then
+# down_proj [E, I, H]; every token's row reaches every expert, scaled by its router score (0 if not routed).
+KNOWN_EXPERTS: dict[str, dict[str, bool]] = {
+    "Llama4TextExperts": dict(is_transposed=True, has_gate=True, is_concatenated=True, has_bias=False, dense=True),
+}
+
+
 def _experts_of(model_name: str, name: str, mod: nn.Module) -> Experts | None:
     """The :class:`Experts` of a module holding fused expert tensors, None for any other module,
-    :class:`ModelNotUnderstood` for fused tensors without a declared layout."""
+    :class:`ModelNotUnderstood` for fused tensors without a layout (declared, or in :data:`KNOWN_EXPERTS`)."""
     own = dict(mod.named_parameters(recurse=False))
     down = own.get("down_proj")
     first = "gate_up_proj" if "gate_up_proj" in own else "up_proj" if "up_proj" in own else None
     if down is None or first is None or len(shape_of(down)) != 3 or len(shape_of(own[first])) != 3:
         return None
-    missing = [f for f in ("is_transposed", "has_gate", "is_concatenated", "has_bias") if not hasattr(mod, f)]
+    layout = KNOWN_EXPERTS.get(type(mod).__name__) or {f: getattr(mod, f) for f in LAYOUT_FLAGS if hasattr(mod, f)}
+    missing = [f for f in LAYOUT_FLAGS if f not in layout]
     if missing:
         raise ModelNotUnderstood(
             f"{model_name}: experts module {name} ({type(mod).__name__}) holds fused 3-D expert tensors but does not declare "
-            f"their layout ({', '.join(missing)}; transformers' use_experts_implementation): quantlens does not guess it from shapes")
-    if bool(mod.has_gate) != (first == "gate_up_proj"):
-        raise ModelNotUnderstood(f"{model_name}: experts module {name} declares has_gate={mod.has_gate} but holds {first}")
-    return Experts(name, mod, int(shape_of(down)[0]), first, bool(mod.is_transposed), bool(mod.has_gate),
-                   bool(mod.is_concatenated), bool(mod.has_bias))
+            f"their layout ({', '.join(missing)}; transformers' use_experts_implementation) and is not in anatomy.KNOWN_EXPERTS: "
+            "quantlens does not guess it from shapes")
+    if bool(layout["has_gate"]) != (first == "gate_up_proj"):
+        raise ModelNotUnderstood(f"{model_name}: experts module {name} declares has_gate={layout['has_gate']} but holds {first}")
+    return Experts(name, mod, int(shape_of(down)[0]), first, *(bool(layout[f]) for f in LAYOUT_FLAGS), bool(layout.get("dense", False)))
 
 
 # --- one block --------------------------------------------------------------------------------------
@@ -280,13 +384,22 @@ class Block:
         return f"MLP [{mlp}]"
 
 
+def layout_row(kind: str, norm_names: list[str]) -> LayoutRow | None:
+    """The row of :data:`LAYOUTS` for a block class with these norm children: one naming the class
+    first, else one for any class."""
+    rows = [r for r in LAYOUTS if r.norms == frozenset(norm_names) and (not r.blocks or kind in r.blocks)]
+    return min(rows, key=lambda r: not r.blocks, default=None)
+
+
 def _layout(model_name: str, kind: str, norm_names: list[str], config: Any) -> tuple[Layout, str | None]:
-    key = frozenset(norm_names)
-    if key not in LAYOUTS:
+    row = layout_row(kind, norm_names)
+    if row is None:
         raise ModelNotUnderstood(
             f"{model_name}: block {kind} has norms [{', '.join(norm_names) or 'none'}]: not a layout quantlens knows "
             f"(pre-LN, post-LN, sandwich, post-sublayer, parallel), so the residual stream r(l) cannot be located")
-    layout, site = LAYOUTS[key]
+    layout, site = row.layout, row.site
+    if row.blocks:
+        return layout, site
     if layout == "pre-LN":
         if getattr(config, "do_layer_norm_before", True) is False:
             return "post-LN", norm_names[0]  # the norm after the attention's residual addition (OPT-350m)
@@ -301,7 +414,7 @@ def _layout(model_name: str, kind: str, norm_names: list[str], config: Any) -> t
 def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any) -> Block:
     kind = type(block).__name__
     children = list(block.named_children())
-    norm_names = [n for n, m in children if _is_norm(m)]
+    norm_names = _norm_children(model_name, kind, children)
     layout, site_name = _layout(model_name, kind, norm_names, config)
     attn = [(n, m) for n, m in children if ("attn" in n.lower() or "attention" in n.lower()) and any(is_linear(x) for x in m.modules())]
     if len(attn) != 1:
@@ -325,12 +438,7 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
         moe = block.get_submodule(moe_name[len(name) + 1:])
         if any(e.name.rsplit(".", 1)[0] != moe_name for e in experts) or len(experts) > 1:
             raise ModelNotUnderstood(f"{model_name}: block {kind} has {len(experts)} experts modules; expected one")
-        for cn, child in moe.named_children():
-            if child is experts[0].module:
-                continue
-            n_lin = sum(1 for x in child.modules() if is_linear(x))
-            if n_lin < 2 and isinstance(getattr(child, "weight", None), torch.Tensor) and len(shape_of(child.weight)) == 2:
-                routers.append((f"{moe_name}.{cn}", child))  # the gate / router, Qwen2-MoE's shared_expert_gate
+        routers = _routers(moe_name, moe, experts[0])
     router_ids = {id(m) for _, m in routers}
     mlp_linears = [(f"{name}.{n}", m) for n, m in block.named_modules()
                    if is_linear(m) and id(m) not in attn_ids and id(m) not in router_ids]
@@ -356,13 +464,45 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
                  mlp, mlp_module, mlp_input, tuple(experts), tuple(routers), moe_name, names)
 
 
+def _own_matrix(m: nn.Module) -> torch.Tensor | None:
+    w = m._parameters.get("weight")
+    return w if w is not None and len(shape_of(w)) == 2 else None
+
+
+def _routers(moe_name: str, moe: nn.Module, experts: Experts) -> list[tuple[str, nn.Module]]:
+    """The modules of an MoE block that produce routing scores, found by what they are: beside the
+    experts module, a child whose only matrix projects the hidden state to one score per expert (the
+    router: Mixtral's ``gate``, gpt-oss' ``router``, Llama-4's ``router``, HunYuan's ``gate.wg`` — a
+    linear inside a gate module with no weight of its own) or to one score (Qwen2-MoE's
+    ``shared_expert_gate``, which weighs the shared expert). A child with several matrices is a
+    shared expert (an MLP), never a router."""
+    out = []
+    for cn, child in moe.named_children():
+        if child is experts.module:
+            continue
+        scorers = [(n, m) for n, m in child.named_modules() if _own_matrix(m) is not None]
+        if len(scorers) != 1:
+            continue
+        n, m = scorers[0]
+        rows = int(shape_of(_own_matrix(m))[1 if is_conv1d(m) else 0])
+        if rows in (experts.num_experts, 1):
+            out.append((f"{moe_name}.{cn}" + (f".{n}" if n else ""), m))
+    return out
+
+
+def is_vector(name: str, p: torch.Tensor) -> bool:
+    """A bias stored with unit dimensions is a vector, not a matrix to quantize (Ernie-4.5-MoE's
+    per-expert ``e_score_correction_bias`` [1, experts]): at most one dimension longer than 1."""
+    return name.endswith("bias") and sum(1 for d in shape_of(p) if d > 1) <= 1
+
+
 def _check_accounted(model_name: str, name: str, block: nn.Module, attn_linears, mlp_linears, experts, routers) -> None:
     """Every matrix of the block is a linear's weight, an expert tensor or a router's weight."""
     known = {id(m.weight) for _, m in (*attn_linears, *mlp_linears, *routers)}
     known |= {id(getattr(e.module, a)) for e in experts for a in e.params}
     known |= {id(b) for e in experts if e.has_bias for a in e.params if (b := getattr(e.module, f"{a}_bias", None)) is not None}  # [experts, out]
     for pname, p in block.named_parameters(prefix=name):
-        if len(shape_of(p)) >= 2 and id(p) not in known:
+        if len(shape_of(p)) >= 2 and id(p) not in known and not is_vector(pname, p):
             raise ModelNotUnderstood(f"{model_name}: block tensor {pname} {tuple(shape_of(p))} is neither a linear's weight, an "
                                      "expert tensor nor a router's weight: quantlens cannot account for it")
 
@@ -382,6 +522,7 @@ class Anatomy:
     kv_route: KVRoute | None  # None: the KV cache of this attention cannot be quantized (kv_refusal says why)
     kv_refusal: str | None = None
     logit_softcap: float | None = None  # Gemma-2's final_logit_softcapping
+    logit_scale: float | None = None  # Cohere's logit_scale: the head's logits are multiplied by it
 
     @property
     def post_ln(self) -> bool:
@@ -402,12 +543,14 @@ class Anatomy:
 
     def decode(self, h: torch.Tensor) -> torch.Tensor:
         """hidden state → logits as the model does it: final norm (if any), project_out (if any),
-        the head, Gemma's soft-capping (if configured)."""
+        the head, Cohere's logit scale and Gemma's soft-capping (if configured)."""
         if self.final_norm is not None:
             h = self.final_norm(h)
         if self.project_out is not None:
             h = self.project_out(h)
         logits = self.lm_head(h)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
@@ -429,7 +572,7 @@ class Anatomy:
         biases = {id(getattr(e.module, f"{a}_bias")) for b in self.parts for e in b.experts if e.has_bias for a in e.params
                   if getattr(e.module, f"{a}_bias", None) is not None}
         return {f"{b.name}.{n}": p for b in self.parts for n, p in b.module.named_parameters()
-                if len(shape_of(p)) >= 2 and id(p) not in biases}
+                if len(shape_of(p)) >= 2 and id(p) not in biases and not is_vector(n, p)}
 
     def block_matrices(self) -> dict[str, int]:
         """:meth:`block_matrix_params` as qualified name → elements (a streamed skeleton's too)."""
@@ -440,7 +583,7 @@ class Anatomy:
         norm = "none" if self.final_norm is None else type(self.final_norm).__name__
         mlps = list(dict.fromkeys(p.describe() for p in self.parts))
         r = {"pre-LN": "r(l) = the stream at the MLP's norm", "post-LN": "r(l) = z(l−1) + Attn before the norm that follows it",
-             "sandwich": "r(l) = the stream at pre_feedforward_layernorm", "post-sublayer": "r(l) = the MLP's input (no norm before it)",
+             "sandwich": "r(l) = the stream at the MLP's norm, after the attention's post-norm", "post-sublayer": "r(l) = the MLP's input (no norm before it)",
              "parallel": "r(l) = z(l−1): attention and MLP read the block input"}[b.layout]
         dense = sum(1 for p in self.parts if not p.is_moe)
         mix = f" ({dense} dense, {len(self.parts) - dense} MoE)" if self.is_moe and dense else ""
@@ -476,6 +619,8 @@ def anatomy(model: nn.Module) -> Anatomy:
     what = type(model).__name__
     config = getattr(model, "config", None)
     model_type = str(getattr(config, "model_type", "") or what)
+    if getattr(model, BLOCKS_ATTR, None) is None:
+        _refuse_hybrid(model)
     blocks_name, blocks = find_decoder_blocks(model)
     parts = tuple(_block(what, i, f"{blocks_name}.{i}", b, config) for i, b in enumerate(blocks))
     parent = model.get_submodule(blocks_name.rsplit(".", 1)[0]) if "." in blocks_name else model
@@ -497,7 +642,7 @@ def anatomy(model: nn.Module) -> Anatomy:
         route = None
     return Anatomy(model_type, blocks_name, blocks, parts, model.get_input_embeddings(), getattr(parent, "project_in", None),
                    final_norm, getattr(parent, "project_out", None), head, route, refusal,
-                   getattr(config, "final_logit_softcapping", None))
+                   getattr(config, "final_logit_softcapping", None), getattr(model, "logit_scale", None))
 
 
 def check_config(config: Any) -> Anatomy:

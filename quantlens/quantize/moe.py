@@ -16,6 +16,12 @@ intermediate activation entering ``down_proj``. Two routes, one meaning:
   loop (:func:`per_expert_forward`, the eager algorithm of transformers over the declared layout),
   which quantizes each expert's rows as one tensor.
 
+Experts modules that compute their gate inline, outside transformers' interface (Llama-4's
+``Llama4TextExperts``, listed in :data:`quantlens.model.anatomy.KNOWN_EXPERTS`: every token's row
+reaches every expert, scaled by its router score, 0 where not routed), always run quantlens' loop
+(:func:`dense_forward`: each expert over its non-zero rows) when their inputs are quantized; with no
+activation spec the model's own forward runs.
+
 Both are removed by the handles :func:`attach` returns; the weights are not touched here
 (:mod:`quantlens.quantize.patch` quantizes expert tensors once, slice by slice).
 """
@@ -60,7 +66,7 @@ def attach(target: Any, transform: Transform, bypass: set[str], per_expert: bool
     e: Experts = target.experts
     mod = e.module
     name = target.name
-    if per_expert:
+    if per_expert or not uses_kernel(e):
         if target.attr != e.first:
             return []  # the loop quantizes both inputs: installed once, with the first tensor
         return [run_per_expert(e, transform, bypass)]
@@ -87,13 +93,69 @@ def attach(target: Any, transform: Transform, bypass: set[str], per_expert: bool
     return [mod.act_fn.register_forward_hook(act)]
 
 
+def uses_kernel(e: Experts) -> bool:
+    """The module runs transformers' experts interface, whose rows the hooks reach (a gated one
+    through ``_apply_gate``); one that computes its gate inline (Llama-4's) runs quantlens' loop."""
+    return not e.dense and (not e.has_gate or hasattr(e.module, "_apply_gate"))
+
+
 def run_per_expert(e: Experts, transform: Transform, bypass: set[str],
                    record: Callable[[int, str, torch.Tensor], None] | None = None) -> _Handle:
-    """Make the experts module run :func:`per_expert_forward` until the handle is removed."""
+    """Make the experts module run :func:`per_expert_forward` (:func:`dense_forward` for experts
+    that take every token's row) until the handle is removed."""
     mod = e.module
     names = (e.qualified(e.first), e.qualified("down_proj"))
-    mod.forward = types.MethodType(lambda self, h, idx, w: per_expert_forward(e, h, idx, w, transform, names, bypass, record), mod)
+    if e.dense:
+        mod.forward = types.MethodType(lambda self, rows: dense_forward(e, rows, transform, names, bypass, record), mod)
+    else:
+        mod.forward = types.MethodType(lambda self, h, idx, w: per_expert_forward(e, h, idx, w, transform, names, bypass, record), mod)
     return _Handle(lambda: mod.__dict__.pop("forward", None))
+
+
+def _gate(e: Experts, y: torch.Tensor) -> torch.Tensor:
+    """act(gate) · up of a gated first projection's output: the module's own ``_apply_gate`` where it
+    has one, else the concatenated halves [gate; up] (the layouts :data:`KNOWN_EXPERTS` lists)."""
+    if hasattr(e.module, "_apply_gate"):
+        return e.module._apply_gate(y)
+    gate, up = y.chunk(2, dim=-1)
+    return up * e.module.act_fn(gate)
+
+
+def _expert(e: Experts, j: int, x: torch.Tensor, transform: Transform, names: tuple[str, str], bypass: set[str],
+            record: Callable[[int, str, torch.Tensor], None] | None) -> torch.Tensor:
+    """Expert ``j`` on its routed rows ``x``, both inputs through ``transform`` (biases, gate, post-norm as declared)."""
+    m = e.module
+    first_in, down_in = names
+    b1 = getattr(m, f"{e.first}_bias", None) if e.has_bias else None
+    b2 = getattr(m, "down_proj_bias", None) if e.has_bias else None
+    if first_in not in bypass:
+        x = transform(first_in, x)
+    if record is not None:
+        record(j, e.first, x)
+    y = _project(x, getattr(m, e.first)[j], None if b1 is None else b1[j], e.is_transposed)
+    y = _gate(e, y) if e.has_gate else m.act_fn(y)
+    if down_in not in bypass:
+        y = transform(down_in, y)
+    if record is not None:
+        record(j, "down_proj", y)
+    y = _project(y, m.down_proj[j], None if b2 is None else b2[j], e.is_transposed)
+    if getattr(m, "has_post_expert_norm", False):
+        y = m.post_expert_norm(y)
+    return y
+
+
+def dense_forward(e: Experts, rows: torch.Tensor, transform: Transform, names: tuple[str, str], bypass: set[str],
+                  record: Callable[[int, str, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Llama-4's experts forward (``rows``: [experts·tokens, hidden], each token's row scaled by its
+    router score, 0 where the token is not routed), one expert at a time over the rows routed to it
+    (the non-zero ones: a row the router did not send gives 0, as in the model's bmm)."""
+    x = rows.view(e.num_experts, -1, rows.shape[-1])
+    out = torch.zeros_like(x)
+    for j in range(e.num_experts):
+        routed = x[j].ne(0).any(-1).nonzero().squeeze(-1)
+        if len(routed):
+            out[j, routed] = _expert(e, j, x[j, routed], transform, names, bypass, record).to(out.dtype)
+    return out.view(-1, rows.shape[-1])
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -109,8 +171,6 @@ def per_expert_forward(e: Experts, hidden: torch.Tensor, top_k_index: torch.Tens
     two inputs passed through ``transform`` as one tensor (transformers' eager algorithm, read from
     the declared layout: gated or not, concatenated or interleaved, transposed, biased). ``record(j,
     tensor name, input)`` sees each expert's two inputs (GPTQ's per-expert Hessians)."""
-    m = e.module
-    first_in, down_in = names
     out = torch.zeros_like(hidden)
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
@@ -118,28 +178,12 @@ def per_expert_forward(e: Experts, hidden: torch.Tensor, top_k_index: torch.Tens
     counts = torch.bincount(flat, minlength=e.num_experts).tolist()
     tokens = order // k
     weights = top_k_weights.reshape(-1)[order]
-    w1 = getattr(m, e.first)
-    b1 = getattr(m, f"{e.first}_bias", None) if e.has_bias else None
-    b2 = getattr(m, "down_proj_bias", None) if e.has_bias else None
     start = 0
     for j, n in enumerate(counts[: e.num_experts]):
         if n == 0:
             continue
         rows = tokens[start:start + n]
-        x = hidden[rows]
-        if first_in not in bypass:
-            x = transform(first_in, x)
-        if record is not None:
-            record(j, e.first, x)
-        y = _project(x, w1[j], None if b1 is None else b1[j], e.is_transposed)
-        y = m._apply_gate(y) if e.has_gate else m.act_fn(y)
-        if down_in not in bypass:
-            y = transform(down_in, y)
-        if record is not None:
-            record(j, "down_proj", y)
-        y = _project(y, m.down_proj[j], None if b2 is None else b2[j], e.is_transposed)
-        if getattr(m, "has_post_expert_norm", False):
-            y = m.post_expert_norm(y)
+        y = _expert(e, j, hidden[rows], transform, names, bypass, record)
         out.index_add_(0, rows, (y * weights[start:start + n, None]).to(out.dtype))
         start += n
     return out
