@@ -158,6 +158,26 @@ def test_a_per_tensor_activation_scale_is_one_experts_routed_tokens():
     assert not torch.equal(own, one_scale)
 
 
+def test_llama4s_routing_is_read_from_its_router():
+    """Llama-4's experts module gets every token's row, not the top-k: its router's logits say which
+    experts each token went to (the model's own top-k), so the routing lens works on it too."""
+    m = _model("llama4")
+    w = _windows(4, 16)
+    seen = []
+    routers = [mod for name, mod in m.named_modules() if name.endswith("feed_forward.router")]
+    handles = [r.register_forward_hook(lambda mod, a, out: seen.append(out[1].topk(mod.top_k, dim=-1).indices)) for r in routers]
+    ref = perplexity(m, w, batch_size=4, routing=True)
+    for h in handles:
+        h.remove()
+    load = ref["routing"]
+    assert load.groupby("layer")["load"].sum().round(9).eq(1).all() and len(load) == len(routers) * 4
+    counts = torch.bincount(seen[0].reshape(-1), minlength=4).double()  # the first MoE layer's choices
+    first = load[load["layer"] == load["layer"].min()]["load"].to_numpy()
+    assert torch.allclose(torch.tensor(first), counts / counts.sum())
+    again = perplexity(m, w, batch_size=2, routing_reference=ref["routing_sets"])
+    assert (again["per_example"]["router_flips"] == 0).all()
+
+
 def test_router_flips_are_zero_for_the_reference_and_grow_as_bits_fall():
     m = _model("mixtral")
     w = _windows(8, 24)

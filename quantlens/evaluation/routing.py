@@ -48,6 +48,9 @@ class RoutingRecorder:
         body = anatomy(model)
         self.layers = [b.index for b in body.parts if b.is_moe]
         self.modules = [b.experts[0].module for b in body.parts if b.is_moe]
+        # an experts module that gets every token's row (Llama-4: dense) is not told the top-k: its router says
+        self.routers = [b.routers[0][1] if b.experts[0].dense and b.routers else None for b in body.parts if b.is_moe]
+        self.top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", 1) or 1
         self.num_experts = [b.experts[0].num_experts for b in body.parts if b.is_moe]
         self.n, self.t = n_examples, n_tokens
         if reference is not None and tuple(reference.shape) != (n_examples, n_tokens, len(self.layers)):
@@ -70,20 +73,27 @@ class RoutingRecorder:
     def __enter__(self) -> "RoutingRecorder":
         for j, mod in enumerate(self.modules):
             keys = expert_keys(self.num_experts[j])
-
-            def pre(module: nn.Module, args: tuple, j: int = j, keys: torch.Tensor = keys) -> None:
-                idx = args[1]
-                b = len(self._index)
-                k = idx.shape[-1]
-                self.load[j] += torch.bincount(idx.reshape(-1).long(), minlength=self.num_experts[j])[: self.num_experts[j]].double().cpu()
-                got = set_keys(idx.reshape(b, -1, k), keys).cpu()
-                if self.reference is None:
-                    self.sets[self._index, :, j] = got
-                else:
-                    self.flips[self._index, j] = (got != self.reference[self._index, :, j]).double().sum(-1)
-
-            self._handles.append(mod.register_forward_pre_hook(pre))
+            router = self.routers[j]
+            if router is None:  # forward(hidden, top_k_index, top_k_weights)
+                self._handles.append(mod.register_forward_pre_hook(
+                    lambda module, args, j=j, keys=keys: self._record(j, args[1], keys)))
+            else:  # the router's logits ([tokens, experts], its second output where it returns scores too)
+                k = getattr(router, "top_k", None) or self.top_k
+                self._handles.append(router.register_forward_hook(
+                    lambda module, args, out, j=j, keys=keys, k=k: self._record(
+                        j, (out[1] if isinstance(out, tuple) else out).topk(k, dim=-1).indices, keys)))
         return self
+
+    def _record(self, j: int, idx: torch.Tensor, keys: torch.Tensor) -> None:
+        """One MoE layer's chosen experts for this batch's tokens: their load, and each token's set (or its flips)."""
+        b = len(self._index)
+        k = idx.shape[-1]
+        self.load[j] += torch.bincount(idx.reshape(-1).long(), minlength=self.num_experts[j])[: self.num_experts[j]].double().cpu()
+        got = set_keys(idx.reshape(b, -1, k), keys).cpu()
+        if self.reference is None:
+            self.sets[self._index, :, j] = got
+        else:
+            self.flips[self._index, j] = (got != self.reference[self._index, :, j]).double().sum(-1)
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
