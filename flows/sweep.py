@@ -119,7 +119,8 @@ def _note_done_elsewhere(mr: _ModelRun, s: Setting, run_id: str) -> None:
 
 def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key: str) -> str | None:
     """Acquire the key, then patch → evaluate each dataset → log → restore. Returns the run that
-    holds the key when another live attempt is evaluating it (nothing done here), else None."""
+    holds the key when another live attempt owns it (at the start, or — a race the claim at the
+    finish settles — at the end: this run is then withdrawn), else None."""
     t0 = time.perf_counter()  # before acquiring: its cost counts as overhead
     got = mr.ledger.acquire(key, mr.parent_run_id, f"{s.name} · {mr.info.name}",
                             {**eval_params(mr.cfg, mr.info, mr.revision, s), **mr.plan}, mr.tags)
@@ -145,8 +146,13 @@ def evaluate_setting(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key:
             mr.ledger.tracker.log_rows(lease.run_id, rows, "layer_stats.csv")
             # wall time of the whole run (patch, evaluation, logging): minus eval_seconds = overhead
             mr.ledger.tracker.log(lease.run_id, metrics={"wall_seconds": time.perf_counter() - t0})
-        lease.finish()
-        _note_evaluated(mr, s, lease.run_id, metrics, pert, time.perf_counter() - t0)
+        ended = lease.finish()  # the key claimed again: a racing claimant that owns it keeps it
+        if ended.state == "busy":
+            return ended.run_id
+        if ended.state == "done":
+            _note_done_elsewhere(mr, s, ended.run_id)
+        else:
+            _note_evaluated(mr, s, lease.run_id, metrics, pert, time.perf_counter() - t0)
     except Exception as err:
         _note_failed(mr, s, lease, err)
     finally:
@@ -280,16 +286,24 @@ def _open_keys(ledger: RunLedger, keys: dict[str, str], revision: str, model: st
 
 def _evaluate_all(mr: _ModelRun, model: Any, tokenizer: Any, todo: list[Setting], keys: dict[str, str]) -> None:
     """Every setting to do, in turn; keys another live attempt was evaluating are waited for at the
-    end, and taken over if that attempt dies or fails."""
+    end — the reference at once, since the others need it (their KL error, the analyses) — and
+    taken over if that attempt dies or fails."""
     waiting = []
     for s in todo:
         owner = evaluate_setting(mr, model, tokenizer, s, keys[s.name])
-        if owner is not None and s.is_reference:  # the others need it (their KL error, the analyses): wait for it first
-            owner = _await_reference(mr, model, tokenizer, s, keys[s.name], owner)
         if owner is not None:
-            waiting.append((s, owner))
-            get_run_logger().info("%s/%s: being evaluated by another attempt (run %s): waiting for it at the end",
-                                  mr.info.name, s.name, owner)
+            get_run_logger().info("%s/%s: being evaluated by another attempt or shard (run %s): waiting for it %s",
+                                  mr.info.name, s.name, owner, "now" if s.is_reference else "at the end")
+            if s.is_reference:
+                _wait_for_owners(mr, model, tokenizer, [(s, owner)], keys)
+            else:
+                waiting.append((s, owner))
+    _wait_for_owners(mr, model, tokenizer, waiting, keys)
+
+
+def _wait_for_owners(mr: _ModelRun, model: Any, tokenizer: Any, waiting: list[tuple[Setting, str]], keys: dict[str, str]) -> None:
+    """Until every (setting, run holding its key) is done: read back when its owner finishes it,
+    evaluated here when its owner dies or fails."""
     while waiting:
         time.sleep(mr.ledger.poll_interval())
         still = []
@@ -304,22 +318,6 @@ def _evaluate_all(mr: _ModelRun, model: Any, tokenizer: Any, todo: list[Setting]
                 if new_owner is not None:
                     still.append((s, new_owner))
         waiting = still
-
-
-def _await_reference(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, key: str, owner: str) -> str | None:
-    """The reference held by another attempt or shard: wait until it finishes (then read back), or
-    take it over if that attempt dies or fails. Returns None once it is done."""
-    get_run_logger().info("%s/%s: being evaluated by another attempt or shard (run %s): the others wait for it",
-                          mr.info.name, s.name, owner)
-    while owner is not None:
-        time.sleep(mr.ledger.poll_interval())
-        state = mr.ledger.wait(owner)
-        if state == "done":
-            _note_done_elsewhere(mr, s, owner)
-            return None
-        if state != "busy":
-            owner = evaluate_setting(mr, model, tokenizer, s, key)
-    return None
 
 
 def _read_checkpoints(mp: ModelPlan, model_name: str) -> tuple[dict[str, Setting], dict[str, Any]]:

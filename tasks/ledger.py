@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from quantlens.pipeline.sweep_plan import SweepPlan
-from quantlens.tasks.tracking import KIND_TAG, Heartbeat, Tracker, heartbeat_interval, sweep_tag
+from quantlens.tasks.tracking import KIND_TAG, STALE_WHY, Heartbeat, Tracker, heartbeat_interval, sweep_tag
 
 State = Literal["done", "todo", "running", "failed"]
 
@@ -58,9 +58,17 @@ class Lease:
         if self._beat is not None:
             self._beat.__exit__(*exc)
 
-    def finish(self) -> None:
+    def finish(self) -> "Acquired":
+        """FINISHED, if this run still owns the key — else (another claimant raced it, or judged it
+        dead while the server was down and took the key over) withdrawn: ``done`` with the run that
+        finished the key, or ``busy`` with the live run that owns it."""
+        owner = self.ledger.tracker.claim(self.key, self.run_id, self.ledger.force)
+        if owner is not None:
+            self.ledger.tracker.withdraw(self.run_id, owner[1])
+            return Acquired("done" if owner[0] == "FINISHED" else "busy", owner[1])
         self.ledger.tracker.finish(self.run_id, "FINISHED")
         self.ledger.hide_superseded(self.key, self.run_id)
+        return Acquired("lease", self.run_id, self)
 
     def fail(self, why: str, log_text: str | None = None) -> None:
         if log_text:
@@ -152,14 +160,14 @@ class RunLedger:
     def wait(self, owner_run_id: str) -> Literal["done", "busy", "dead"]:
         """State of a key held by another attempt: finished, still live, or dead (failed, deleted
         or silent for 4 heartbeats — then marked FAILED and free to take over)."""
-        status, stale = self.tracker.run_status(owner_run_id)
+        status, live = self.tracker.run_status(owner_run_id)
         if status == "FINISHED":
             self.tracker.log(owner_run_id, tags={sweep_tag(self.sweep_id): "1"})
             return "done"
-        if status == "RUNNING" and not stale:
+        if live:
             return "busy"
         if status == "RUNNING":
-            self.tracker.mark_failed(owner_run_id, "stale: its attempt stopped (no heartbeat)")
+            self.tracker.mark_failed(owner_run_id, STALE_WHY)
         return "dead"
 
     @staticmethod

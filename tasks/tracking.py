@@ -38,6 +38,8 @@ KIND_TAG = "quantlens.kind"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI to choose the experiment's view
 MODEL_TRAINING = "custom_model_development"
 HEARTBEAT_TAG = "quantlens.heartbeat"
+STALE = "stale:"
+STALE_WHY = f"{STALE} its attempt stopped (no heartbeat)"
 
 
 def sweep_tag(sweep_id: str) -> str:
@@ -129,8 +131,13 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri or tracking_uri()
+        # until when this process last found the server silent (a call slower than a heartbeat: down,
+        # restarting): heartbeats others could not write meanwhile do not make their runs stale
+        self.silent_until = 0.0
         if self.uri.startswith(("http://", "https://")):
+            t0 = time.time()
             _check_server(self.uri, experiment, wait)
+            self.note_latency(t0)
         if self.uri.startswith("sqlite:///"):
             Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)
@@ -154,15 +161,27 @@ class Tracker:
         except Exception as err:
             raise TrackingUnavailable(f"MLflow tracking store {self.uri!r} is not reachable: {err}") from None
 
+    def note_latency(self, t0: float) -> None:
+        if time.time() - t0 > heartbeat_interval():
+            self.silent_until = time.time()
+
+    def _call(self, fn: Callable[[], T], what: str, also: tuple[str, ...] = ()) -> T:
+        """:func:`_retry`, noting when the server was silent (MLflow's client retries hide the errors)."""
+        t0 = time.time()
+        try:
+            return _retry(fn, what, also)
+        finally:
+            self.note_latency(t0)
+
     # --- sweeps --------------------------------------------------------------------------------
     def parent_run(self, sweep_id: str, name: str, params: dict[str, Any]) -> str:
         """The sweep's parent run: reused by reruns of the same sweep so children accumulate."""
         found = self._search(f"tags.sweep_id = '{sweep_id}' and tags.`{KIND_TAG}` = 'sweep'")
         if found:
             run_id = found[0].info.run_id
-            _retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen parent")
+            self._call(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen parent")
             return run_id
-        run = _retry(
+        run = self._call(
             lambda: self.client.create_run(
                 self.experiment_id, run_name=name, tags={"sweep_id": sweep_id, KIND_TAG: "sweep", **_user_tag()}
             ),
@@ -194,9 +213,18 @@ class Tracker:
         return out
 
     def is_stale(self, run: Any) -> bool:
-        """A RUNNING run whose attempt stopped beating: killed, crashed or cut off."""
+        """A run whose attempt stopped beating: killed, crashed or cut off — 4 beats missed while
+        the server was answering (beats missed while it was silent to us say nothing)."""
         beat = float(run.data.tags.get(HEARTBEAT_TAG, run.info.start_time / 1000))
-        return time.time() - beat > 4 * heartbeat_interval()
+        return time.time() - max(beat, self.silent_until) > 4 * heartbeat_interval()
+
+    def is_live(self, run: Any) -> bool:
+        """RUNNING and beating — or marked FAILED as stale by another attempt while it was in fact
+        alive (its beats did not reach the server, which was down): it still beats."""
+        st = run.info.status
+        if st == "FAILED" and not str(run.data.tags.get("quantlens.failure", "")).startswith(STALE):
+            return False
+        return st in ("RUNNING", "FAILED") and not self.is_stale(run)
 
     def fail_stale(self, keys: list[str], attempt: str, narrow: str | None = None) -> int:
         """Runs of these keys left RUNNING by a dead attempt (stale heartbeat) → FAILED."""
@@ -204,27 +232,30 @@ class Tracker:
         for r in self._runs_with_keys(keys, "RUNNING", narrow):
             if r.data.tags.get("attempt") == attempt or not self.is_stale(r):
                 continue
-            self.mark_failed(r.info.run_id, "stale: its attempt stopped (no heartbeat)")
+            self.mark_failed(r.info.run_id, STALE_WHY)
             n += 1
         return n
 
     def mark_failed(self, run_id: str, why: str) -> None:
-        _retry(lambda: self.client.set_tag(run_id, "quantlens.failure", why), "tag")
-        _retry(lambda: self.client.set_terminated(run_id, status="FAILED"), "fail")
+        self._call(lambda: self.client.set_tag(run_id, "quantlens.failure", why), "tag")
+        self._call(lambda: self.client.set_terminated(run_id, status="FAILED"), "fail")
 
     def claim(self, key: str, run_id: str, force: bool = False) -> tuple[str, str] | None:
         """Optimistic lock on a run key, for sweeps running at once against one store.
 
-        Call after creating ``run_id`` (RUNNING). Among live runs of the key, a FINISHED one wins,
-        else the earliest (start time, run id). Returns None when ``run_id`` owns the key, else
-        (status, run id) of the owner. Two claimants that race both see both and agree.
+        Call after creating ``run_id`` (RUNNING), and again before finishing it. Among live runs of
+        the key, a FINISHED one wins, else the earliest (start time, run id). Returns None when
+        ``run_id`` owns the key, else (status, run id) of the owner. Two claimants that race both
+        see both and agree — at the latest when they finish: a run created with an earlier start
+        time may become visible only after a later one claimed (the client sets the start time),
+        so the claim at the start is optimistic and the one at the finish decides.
         ``force``: FINISHED runs do not count (the user asked to redo them).
         """
         others = self._search(f"tags.run_key = '{key}' and tags.`{KIND_TAG}` = 'eval'")
         live = []
         for r in others:
             st = r.info.status
-            if (st == "FINISHED" and not force) or (st == "RUNNING" and (r.info.run_id == run_id or not self.is_stale(r))):
+            if (st == "FINISHED" and not force) or r.info.run_id == run_id or self.is_live(r):
                 live.append(r)
         finished = [r for r in live if r.info.status == "FINISHED"]
         if finished:
@@ -256,22 +287,22 @@ class Tracker:
         return plan
 
     def run_status(self, run_id: str) -> tuple[str, bool]:
-        """(status, stale) of a run; a deleted run reads as ("DELETED", False)."""
-        r = _retry(lambda: self.client.get_run(run_id), "get run")
+        """(status, live) of a run (:meth:`is_live`); a deleted run reads as ("DELETED", False)."""
+        r = self._call(lambda: self.client.get_run(run_id), "get run")
         if r.info.lifecycle_stage == "deleted":
             return "DELETED", False
-        return r.info.status, r.info.status == "RUNNING" and self.is_stale(r)
+        return r.info.status, self.is_live(r)
 
     def discard(self, run_id: str) -> None:
         """Delete a run that lost a claim: it never evaluated anything."""
-        _retry(lambda: self.client.delete_run(run_id), "delete")
+        self._call(lambda: self.client.delete_run(run_id), "delete")
 
     def heartbeat(self, run_id: str) -> "Heartbeat":
         return Heartbeat(self, run_id)
 
     # --- eval runs ------------------------------------------------------------------------------
     def start_eval(self, parent_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
-        run = _retry(
+        run = self._call(
             lambda: self.client.create_run(
                 self.experiment_id,
                 run_name=run_name,
@@ -290,7 +321,7 @@ class Tracker:
         ms = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
         ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         for i in range(0, max(len(ps), len(ms), len(ts), 1), 100):
-            _retry(
+            self._call(
                 lambda: self.client.log_batch(run_id, metrics=ms[i : i + 100], params=ps[i : i + 100], tags=ts[i : i + 100]),
                 "log",
             )
@@ -304,7 +335,7 @@ class Tracker:
                 w = csv.DictWriter(fh, fieldnames=list(rows[0]))
                 w.writeheader()
                 w.writerows(rows)
-            _retry(lambda: self.client.log_artifact(run_id, str(f)), "artifact")
+            self._call(lambda: self.client.log_artifact(run_id, str(f)), "artifact")
 
     def log_frames(self, run_id: str, frames: dict[str, Any]) -> None:
         """DataFrames as artifacts, keyed by artifact path: ``.parquet`` (``per_example/wikitext2.parquet``)
@@ -322,7 +353,7 @@ class Tracker:
                 else:
                     frame.to_parquet(f, index=False)
                 folder = str(Path(rel).parent) if Path(rel).parent != Path(".") else None
-                _retry(lambda: self.client.log_artifact(run_id, str(f), folder), "artifact")
+                self._call(lambda: self.client.log_artifact(run_id, str(f), folder), "artifact")
 
     def read_frames(self, run_id: str, folder: str) -> dict[str, pd.DataFrame]:
         """Every parquet / csv artifact directly under ``folder`` of a run: {file stem: DataFrame}; {} when none."""
@@ -332,7 +363,7 @@ class Tracker:
         out = {}
         with tempfile.TemporaryDirectory() as d:
             for name in names:
-                local = _retry(lambda: mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=d, tracking_uri=self.uri), "download")
+                local = self._call(lambda: mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=d, tracking_uri=self.uri), "download")
                 out[Path(name).stem] = pd.read_csv(local) if name.endswith(".csv") else pd.read_parquet(local)
         return out
 
@@ -345,7 +376,7 @@ class Tracker:
         if name not in {a.path for a in self.list_artifacts(run_id, folder)}:
             return None
         with tempfile.TemporaryDirectory() as d:
-            local = _retry(lambda: mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=d, tracking_uri=self.uri), "download")
+            local = self._call(lambda: mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=d, tracking_uri=self.uri), "download")
             return torch.load(local)
 
     def read_tables(self, artifact_uri: str, folders: list[str]) -> dict[str, dict[str, pd.DataFrame]]:
@@ -356,42 +387,53 @@ class Tracker:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         repo = get_artifact_repository(artifact_uri)
-        present = {a.path for a in _retry(lambda: repo.list_artifacts(), "list") if a.is_dir}
+        present = {a.path for a in self._call(lambda: repo.list_artifacts(), "list") if a.is_dir}
         todo = [(f, True) for f in folders if f in present]
         out: dict[str, dict[str, pd.DataFrame]] = {}
         with tempfile.TemporaryDirectory() as d:
             while todo:
                 folder, top = todo.pop()
-                for a in _retry(lambda: repo.list_artifacts(folder), "list"):
+                for a in self._call(lambda: repo.list_artifacts(folder), "list"):
                     if a.is_dir:
                         if top:
                             todo.append((a.path, False))
                     elif a.path.endswith((".parquet", ".csv")):
-                        local = _retry(lambda: repo.download_artifacts(a.path, d), "download")
+                        local = self._call(lambda: repo.download_artifacts(a.path, d), "download")
                         out.setdefault(folder, {})[Path(a.path).stem] = pd.read_csv(local) if a.path.endswith(".csv") else pd.read_parquet(local)
         return out
 
     def artifact_uri(self, run_id: str) -> str:
-        return _retry(lambda: self.client.get_run(run_id), "get run").info.artifact_uri
+        return self._call(lambda: self.client.get_run(run_id), "get run").info.artifact_uri
 
     def list_artifacts(self, run_id: str, folder: str) -> list[Any]:
-        return _retry(lambda: self.client.list_artifacts(run_id, folder), "list")
+        return self._call(lambda: self.client.list_artifacts(run_id, folder), "list")
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
-        _retry(lambda: self.client.log_text(run_id, text, name), "artifact")
+        self._call(lambda: self.client.log_text(run_id, text, name), "artifact")
 
     def log_files(self, run_id: str, files: list[Path], artifact_path: str | None = None) -> None:
         for f in files:
-            _retry(lambda: self.client.log_artifact(run_id, str(f), artifact_path), "artifact")
+            self._call(lambda: self.client.log_artifact(run_id, str(f), artifact_path), "artifact")
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        _retry(lambda: self.client.set_terminated(run_id, status=status), "terminate")
+        """End a run; a FINISHED one drops a "stale" failure another attempt gave it while it was alive."""
+        tags = self._call(lambda: self.client.get_run(run_id), "get run").data.tags if status == "FINISHED" else {}
+        if str(tags.get("quantlens.failure", "")).startswith(STALE):
+            self._call(lambda: self.client.delete_tag(run_id, "quantlens.failure"), "untag")
+        self._call(lambda: self.client.set_terminated(run_id, status=status), "terminate")
+
+    def withdraw(self, run_id: str, owner: str) -> None:
+        """A run that evaluated a key another run owns (both claimed it in a race, or this one was
+        judged dead while the server was down): KILLED and deleted, pointing at the owner."""
+        self._call(lambda: self.client.set_tag(run_id, "quantlens.superseded_by", owner), "tag")
+        self._call(lambda: self.client.set_terminated(run_id, status="KILLED"), "terminate")
+        self.discard(run_id)
 
     # --- reading --------------------------------------------------------------------------------
     def _search(self, filter_string: str) -> list[Any]:
         out, token = [], None
         while True:
-            page = _retry(
+            page = self._call(
                 lambda: self.client.search_runs([self.experiment_id], filter_string, max_results=1000, page_token=token),
                 "search",
             )
@@ -410,7 +452,7 @@ class Tracker:
             flt += " and attributes.status = 'FINISHED'"
         if sweep_id:
             flt += f" and tags.`{sweep_tag(sweep_id)}` = '1'"
-        df = _retry(lambda: mlflow.search_runs([self.experiment_id], filter_string=flt, max_results=100000), "search")
+        df = self._call(lambda: mlflow.search_runs([self.experiment_id], filter_string=flt, max_results=100000), "search")
         if finished_only and not df.empty and "tags.run_key" in df:
             df = df.sort_values("end_time").drop_duplicates("tags.run_key", keep="last")
         return df
@@ -439,7 +481,7 @@ class Tracker:
                                tags=[InputTag("mlflow.data.context", "evaluation")]) for d in datasets]
         # Runs evaluating the same dataset at the same moment (models fanned out to workers) race in
         # the server's get-or-create of the dataset row: the loser's retry finds it (SQLite / PostgreSQL).
-        _retry(lambda: self.client.log_inputs(run_id, datasets=inputs), "inputs",
+        self._call(lambda: self.client.log_inputs(run_id, datasets=inputs), "inputs",
                also=("UNIQUE constraint failed: datasets", "duplicate key value violates unique constraint"))
 
     def attempt_runs(self, attempt: str) -> list[Any]:
@@ -467,10 +509,12 @@ class Heartbeat:
 
     def _beat(self) -> None:
         while not self.stop.wait(heartbeat_interval()):
+            t0 = time.time()
             try:
                 self.tracker.client.set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
             except Exception:  # a missed beat is retried at the next interval
                 pass
+            self.tracker.note_latency(t0)
 
     def __enter__(self) -> "Heartbeat":
         self.thread.start()

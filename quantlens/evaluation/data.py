@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from quantlens.errors import ConfigError
 from quantlens.evaluation import datasets as _package
+from quantlens.evaluation import sources
 from quantlens.evaluation.datasets.lambada import lambada_requests, load_lambada  # noqa: F401  (importable from here)
 from quantlens.evaluation.datasets.lm_eval import HARNESS_FIELDS, LM_EVAL  # noqa: F401
 from quantlens.evaluation.datasets.qerror import load_token_rows  # noqa: F401
@@ -55,9 +56,8 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def source_fingerprint(name: str, path: str | None) -> str:
-    from quantlens.evaluation.sources import source_fingerprint as of
-
-    return of(dataset_info(name), path)
+    """What dataset ``name``'s examples were read from (:func:`quantlens.evaluation.sources.source_fingerprint`)."""
+    return sources.source_fingerprint(dataset_info(name), path)
 
 
 def perplexity_windows(tokenizer: Any, name: str, seqlen: int, *, path: str | None = None,

@@ -93,7 +93,7 @@ def evaluate_dataset(model: nn.Module, tokenizer: Any, name: str, **kw: Any) -> 
         raise ValueError(f"dataset {name}: scored by lm-evaluation-harness (quantlens.evaluation.harness), not here")
     reqs = info.requests(info, model, tokenizer, kw)
     score = {k: kw[k] for k in ("batch_size", "progress", "residual") if kw.get(k) is not None}
-    if isinstance(reqs, Windows):
+    if reqs.per_token:
         score.update({k: kw[k] for k in ("topk", "kl_reference", "routing", "routing_reference") if kw.get(k) is not None})
         return _windows(model, reqs, **score)
     return reqs.result(loglikelihood(model, reqs, greedy=True, **score))

@@ -59,6 +59,10 @@ class Scores:
 
 class Requests(Protocol):
     n: int
+    per_token: bool  # every next token a target, unpadded: the top-k, KL and router flips apply
+    input_tokens: int  # tokens run through the model
+
+    def default_batch(self, model: nn.Module, device: torch.device) -> int: ...
 
     def batch(self, s: int, e: int, device: torch.device) -> Batch: ...
     def targets(self, b: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
@@ -85,11 +89,17 @@ def auto_batch(model: nn.Module, seqlen: int, device: torch.device) -> int:
 class Windows:
     """``[n, T]`` token rows, each one example, every token after the first a target."""
 
+    per_token = True
+
     def __init__(self, rows: torch.Tensor, columns: dict[str, Any] | None = None):
         if rows.ndim != 2 or rows.shape[0] == 0:
             raise ValueError(f"windows: expected a non-empty [n, seqlen] tensor, got shape {tuple(rows.shape)}")
         self.rows, self.columns = rows, columns or {}
         self.n, self.seqlen = rows.shape
+        self.input_tokens = rows.numel()
+
+    def default_batch(self, model: nn.Module, device: torch.device) -> int:
+        return auto_batch(model, self.seqlen, device)
 
     def batch(self, s: int, e: int, device: torch.device) -> Batch:
         return Batch(s, e, {"input_ids": self.rows[s:e].to(device, non_blocking=True)}, state={"idx": torch.arange(s, e)})
@@ -121,16 +131,19 @@ class Continuations:
     """(context ids, target ids) pairs: the NLL of the target after its context, and whether every
     target token is the greedy argmax."""
 
+    per_token = False
+
     def __init__(self, pairs: list[tuple[list[int], list[int]]], *, pad_id: int = 0, max_length: int = 2048):
         if not pairs:
             raise ValueError("lambada: no examples")
         self.pairs, self.pad_id, self.n = pairs, pad_id, len(pairs)
         self.inputs = [((c + t)[:-1][-max_length:], t) for c, t in pairs]  # inputs: all but the last target token
         self.order = sorted(range(self.n), key=lambda i: -len(self.inputs[i][0]))
+        self.input_tokens = sum(len(inp) for inp, _ in self.inputs)
 
-    @property
-    def longest(self) -> int:
-        return len(self.inputs[self.order[0]][0])
+    def default_batch(self, model: nn.Module, device: torch.device) -> int:
+        """Twice the windows' batch at the longest input (most are shorter)."""
+        return auto_batch(model, len(self.inputs[self.order[0]][0]), device) * 2
 
     def batch(self, s: int, e: int, device: torch.device) -> Batch:
         idx = self.order[s:e]
@@ -148,13 +161,13 @@ class Continuations:
 
     def result(self, sc: Scores) -> dict[str, Any]:
         """Accuracy (every target token greedy), mean NLL per passage, and one row per passage."""
-        n_tokens = sum(len(inp) for inp, _ in self.inputs)
+        n_tokens = self.input_tokens
         passages = self.tokens()
         ids = example_ids(passages)
         n_tgt = sc.n_tokens.double()
         out: dict[str, Any] = {
             "acc": float(sc.greedy.double().mean()), "nll": float(sc.nll.mean()), "examples": float(self.n),
-            "tokens": float(n_tokens), **_timing(sc, n_tokens),
+            "tokens": float(n_tokens), **_timing(sc),
             "per_example": pd.DataFrame({"example_id": ids, "n_tokens": sc.n_tokens.numpy(), "nll": (sc.nll / n_tgt).numpy(),
                                          "correct": sc.greedy.numpy()}),
             "example_tokens": passages,
@@ -181,8 +194,8 @@ def padded(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch
     return ids, mask, tgt, pos, valid
 
 
-def _timing(sc: Scores, tokens: float | None = None) -> dict[str, float]:
-    t = float(sc.input_tokens if tokens is None else tokens)
+def _timing(sc: Scores) -> dict[str, float]:
+    t = float(sc.input_tokens)
     return {"seconds": sc.seconds, "tokens_per_s": t / sc.seconds if sc.seconds > 0 else float("inf"), "batch_size": float(sc.batch_size)}
 
 
@@ -220,10 +233,9 @@ def loglikelihood(
     windows) sums each example's truncated KL(p_ref ‖ p); ``routing`` records an MoE's expert load
     and the reference's expert sets, ``routing_reference`` the router flips against them."""
     device = input_device(model)
-    windows = isinstance(requests, Windows)
-    if not windows and (topk or kl_reference is not None or routing or routing_reference is not None):
+    if not requests.per_token and (topk or kl_reference is not None or routing or routing_reference is not None):
         raise ValueError("top-k, KL and router flips are scored on windows (every next token), not on continuations")
-    bs = batch_size or (auto_batch(model, requests.seqlen, device) if windows else auto_batch(model, requests.longest, device) * 2)
+    bs = batch_size or requests.default_batch(model, device)
     tally = _Tally(model, requests, device, greedy, residual, topk, kl_reference, routing, routing_reference)
     t0 = time.perf_counter()
     try:
@@ -239,7 +251,7 @@ class _Tally:
 
     def __init__(self, model: nn.Module, requests: Requests, device: torch.device, greedy: bool, residual: bool, topk: int,
                  kl_reference: TopK | None, routing: bool, routing_reference: torch.Tensor | None):
-        n, windows = requests.n, isinstance(requests, Windows)
+        n, windows = requests.n, requests.per_token
         self.model, self.requests, self.device, self.topk, self.kl_reference = model, requests, device, topk, kl_reference
         self.nll, self.n_tok = torch.zeros(n, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.long, device=device)
         self.ok = torch.zeros(n, dtype=torch.bool, device=device) if greedy else None
@@ -282,9 +294,8 @@ class _Tally:
             _kl_parts(logits, b.start, b.end, self.top, self.topk, self.kl_reference, self.ex_kl)
 
     def scores(self, used: int, seconds: float) -> Scores:
-        r = self.requests
-        inputs = r.rows.numel() if isinstance(r, Windows) else sum(len(i) for i, _ in r.inputs)
-        return Scores(self.nll.cpu(), self.n_tok.cpu(), self.ok.cpu() if self.ok is not None else None, inputs, used, seconds,
+        return Scores(self.nll.cpu(), self.n_tok.cpu(), self.ok.cpu() if self.ok is not None else None,
+                      self.requests.input_tokens, used, seconds,
                       self.ex_kl.cpu() if self.ex_kl is not None else None, TopK(*self.top) if self.top is not None else None,
                       self.recorder, self.router)
 
