@@ -166,29 +166,31 @@ def test_the_report_places_each_type_at_its_bits_per_weight():
 
 
 # --- IQ4_NL: our codes and fp16 scale, packed as llama.cpp stores them, dequantized by gguf -------------
-def _iq4_nl_packed(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    from quantlens.quantize.ggml import quantize_blocks
+def _iq4_nl_packed(x: torch.Tensor, ntry: int = -1) -> tuple[torch.Tensor, np.ndarray]:
+    """``quantize_row_iq4_nl_ref`` (ntry −1) or llama-quantize's search (ntry 7), packed as block_iq4_nl."""
+    from quantlens.quantize.kquants import iq4_nl
 
-    xg = x.float().reshape(-1, x.shape[-1] // 32, 32)
-    xq, codes, d = quantize_blocks(xg, GGML_TYPES["iq4_nl"])
-    codes = codes.to(torch.uint8).reshape(-1, 32).numpy()
+    xq, parts = iq4_nl(x.float().reshape(-1, 32), ntry)
+    codes = parts["q"].to(torch.uint8).reshape(-1, 32).numpy()
     qs = codes[:, :16] | (codes[:, 16:] << 4)  # q4[j] = L[j] | L[16 + j] << 4
-    blocks = np.concatenate([d.reshape(-1, 1).to(torch.float16).numpy().view(np.uint8), qs], axis=1)
+    blocks = np.concatenate([parts["d"].reshape(-1, 1).to(torch.float16).numpy().view(np.uint8), qs], axis=1)
     return xq.reshape(x.shape), blocks
 
 
 def test_iq4_nl_codes_dequantize_in_gguf_to_our_values(weights):
+    """Both paths decode in gguf to our values; the setting W4A16-iq4nl is llama-quantize's (the search)."""
     cases = {**weights, **{k: v for k, v in _edge_blocks().items() if k != "outlier"}}
     for name, x in cases.items():
-        xq, blocks = _iq4_nl_packed(x)
-        ref = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.IQ4_NL).reshape(tuple(x.shape))
-        assert torch.equal(xq, torch.from_numpy(np.ascontiguousarray(ref))), name
+        for ntry in (-1, 7):
+            xq, blocks = _iq4_nl_packed(x, ntry)
+            ref = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.IQ4_NL).reshape(tuple(x.shape))
+            assert torch.equal(xq, torch.from_numpy(np.ascontiguousarray(ref))), (name, ntry)
         assert torch.equal(quantize(x, setting_from_name("W4A16-iq4nl").weights).xq, xq), name
 
 
 def test_iq4_nl_follows_the_reference_rule():
     """Codes from d0 = max/−127 (nearest entry, ties up), then the x²-weighted least-squares d in fp16."""
-    from quantlens.quantize.ggml import KVALUES_IQ4NL
+    from quantlens.quantize.kquants import KVALUES_IQ4NL
 
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     xq, _ = _iq4_nl_packed(x.float())

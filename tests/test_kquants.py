@@ -132,3 +132,66 @@ def test_hand_checked_q6_k_and_iq4_nl():
     # all-zero blocks decode to zero under every type
     for kind, f in kquants.KQUANTS.items():
         assert torch.equal(f(torch.zeros(2, 256))[0], torch.zeros(2, 256)), kind
+
+
+# --- The k-quants as settings: each tensor as llama-quantize writes it -----------------------------------
+K_SETTINGS = {"W2A16-q2_k": "q2_k", "W3A16-q3_k": "q3_k", "W4A16-q4_k": "q4_k", "W5A16-q5_k": "q5_k", "W6A16-q6_k": "q6_k"}
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # llama_tensor_get_type
+BPW = {"q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625, "q4_0": 4.5, "q5_0": 5.5, "q5_1": 6.0, "q8_0": 8.5, "iq4_nl": 4.5}
+
+
+@pytest.mark.parametrize("name", list(K_SETTINGS))
+def test_a_k_quant_setting_writes_each_tensor_as_llama_quantize(name):
+    """tiny-llama: down_proj's 512-wide rows take the k-quant (bit for bit kquants' function); the
+    128-wide rows of the other linears its fallback type; the layer statistics say which, and the run's
+    bits per weight is what the tensors take."""
+    from transformers import AutoModelForCausalLM
+
+    from quantlens.quantize.ggml import GGML_TYPES
+    from quantlens.quantize.patch import full_report, quantize_, restore_, targets
+    from quantlens.quantize.settings import setting_from_name
+
+    kind = K_SETTINGS[name]
+    s = setting_from_name(name)
+    assert (s.weights.label, s.weights.group_size, s.weights.bits_per_weight) == (kind, 256, BPW[kind])
+    model = AutoModelForCausalLM.from_pretrained(MODELS / "tiny-llama").eval()
+    before = {t.name: t.param.detach().clone() for t in targets(model, s)}
+    quantize_(model, s)
+    try:
+        rows = {r.layer: r for r in full_report(model).layers if r.kind == "weight"}
+        for t in targets(model, s):
+            w = before[t.name]
+            want = kind if w.shape[1] % 256 == 0 else FALLBACK[kind]
+            assert torch.equal(t.param.detach(), GGML_TYPES[want].quantize(w)[0]), t.name
+            assert (rows[t.name].format, rows[t.name].bits_per_weight) == (want, BPW[want]), t.name
+        n = {t.name: before[t.name].numel() for t in targets(model, s)}
+        real = sum(BPW[rows[k].format] * v for k, v in n.items()) / sum(n.values())
+        assert full_report(model).summary()["weight_bits_per_weight"] == pytest.approx(real)
+        assert sum(r.format == kind for r in rows.values()) == 3  # the three down_proj
+    finally:
+        restore_(model)
+    assert all(torch.equal(t.param, before[t.name]) for t in targets(model, s))
+
+
+def test_a_row_neither_the_k_quant_nor_its_fallback_divides_is_refused_before_anything_changes():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantlens.errors import ConfigError
+    from quantlens.quantize.patch import quantize_
+
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=256, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=4)).eval()
+    with pytest.raises(ConfigError, match=r"'W4A16-q4_k': weights.group_size: 32 does not divide in_features=48"):
+        quantize_(m, "W4A16-q4_k")
+
+
+def test_k_quant_names_and_their_refusals():
+    from quantlens.errors import ConfigError
+    from quantlens.quantize.settings import FORMAT_NAMES, setting_from_name
+
+    assert set(K_SETTINGS) <= set(FORMAT_NAMES)
+    assert [setting_from_name(n).weights.symmetric for n in K_SETTINGS] == [False, True, False, False, True]
+    for bad, why in (("W4A4-q4_k", r"activations: llama.cpp.s q4_k is a weight type \(write W4A16-q4_k\)"), ("W4A16-g128-q4_k", "defined on blocks of 256"),
+                     ("W7A16-q7_k", r"llama.cpp has no type q7_k \(its types: q8_0, q4_0")):
+        with pytest.raises(ConfigError, match=why):
+            setting_from_name(bad)

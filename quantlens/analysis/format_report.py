@@ -53,14 +53,17 @@ def formats_vs_bits(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _ggml_at_bpw(sub: pd.DataFrame, families: pd.Series) -> dict[str, pd.Series]:
-    """llama.cpp's types (family ``ggml``) as two lines, q*_0 and q*_1, each at its stored bits per
-    weight (its ``w_format`` q4_0 … in :data:`GGML_TYPES`: Q4_0 4.5 … Q8_0 8.5), so Q4_0 and Q4_1 are two
-    points; other families keep ``w_bits``."""
+    """llama.cpp's types (family ``ggml``) as three lines, q*_0, q*_1 and the k-quants q*_k, each at
+    the bits per weight its run measured on the model (``weight_bits_per_weight``: a k-quant's
+    fallback rows and a mixture's higher types counted), else its type's (its ``w_format`` in
+    :data:`GGML_TYPES`: Q4_0 4.5 … Q8_0 8.5); other families keep ``w_bits``."""
     if not families.isin(["ggml", "iq4nl"]).any() or "w_format" not in sub:
         return {"family": families}
     ggml = families == "ggml"
-    variant = sub["w_format"].astype(str).str.extract(r"(_[01])$", expand=False).fillna("")
+    variant = sub["w_format"].astype(str).str.extract(r"(_[01k](?:_m)?)$", expand=False).fillna("")
     bpw = sub["w_format"].map(lambda f: GGML_TYPES[f].bits_per_weight if f in GGML_TYPES else None)
+    if "weight_bits_per_weight" in sub:
+        bpw = sub["weight_bits_per_weight"].where(sub["weight_bits_per_weight"].notna(), bpw)
     at_bpw = families.isin(["ggml", "iq4nl"])
     return {"family": families.where(~ggml, "llama.cpp q" + variant), "w_bits": sub["w_bits"].where(~at_bpw, bpw)}
 

@@ -335,10 +335,10 @@ def check_group_sizes(ref: str, shape: P.Shape, settings: list) -> None:
             g = getattr(spec, "group_size", None) if spec is not None else None
             if not g:
                 continue
-            misfit = group_misfit(g, shape.linears.items())
+            misfit = group_misfit(lambda n, spec=spec: spec.for_row(n).group_size, shape.linears.items())
             if misfit is not None:
                 name, n_in = misfit
-                raise PreflightError(f"setting {s.name}: {part} group size {g} does not divide the {n_in} input "
+                raise PreflightError(f"setting {s.name}: {part} group size {spec.for_row(n_in).group_size} does not divide the {n_in} input "
                                      f"features of {name} (model {ref}); {hint}")
         g = s.kv.group_size if s.kv is not None and s.kv.granularity == "token" else None
         if g and shape.head_dim and shape.head_dim % g:

@@ -11,7 +11,7 @@ from typing import Any
 from quantlens.errors import ConfigError
 from quantlens.quantize.methods import registry
 from quantlens.quantize.setting import Setting, validated
-from quantlens.quantize.spec import GGML_BLOCK, NO_FP, NONUNIFORM_P
+from quantlens.quantize.spec import GGML_BLOCK, NO_FP, NONUNIFORM_P, QK_K
 
 
 # --- Names --------------------------------------------------------------------------------------
@@ -22,12 +22,14 @@ from quantlens.quantize.spec import GGML_BLOCK, NO_FP, NONUNIFORM_P
 # activations; digits after the format must then be every quantized part's bits); 16 bits means "not quantized".
 _NAME = re.compile(
     r"^W(?P<w>\d+)A(?P<a>\d+)(?:KV(?P<kv>\d+))?(?:-g(?P<g>\d+))?(?P<nu>-nu)?(?:-p(?P<p>[0-9.]+))?"
-    r"(?:-(?P<fmt>nf|fp|mxfp|mxint|nvfp|km|q(?=\d_[01])|iq4nl)(?P<fb>\d+)?(?P<qv>_[01])?(?P<el>e\dm\d)?)?(?:-clip(?P<k>[0-9.]+))?(?:-(?P<calib>[a-z][a-z0-9]*))?$"
+    r"(?:-(?P<fmt>nf|fp|mxfp|mxint|nvfp|km|q(?=\d_[01k])|iq4nl)(?P<fb>\d+)?(?P<qv>_[01k](?:_m)?)?(?P<el>e\dm\d)?)?(?:-clip(?P<k>[0-9.]+))?(?:-(?P<calib>[a-z][a-z0-9]*))?$"
 )
 PRESET_NAMES = ("W16A16", "W8A8", "W4A16", "W4A8", "W8A8-nu", "W4A16-nu", "W4A8-nu")
 FORMAT_NAMES = ("W4A16-nf4", "W3A16-nf3", "W4A16-fp4", "W8A8-fp8", "W4A16-mxfp4", "W4A4-mxfp4", "W8A8-mxfp8",
                 "W4A16-nvfp4", "W4A4-nvfp4", "W3A16-km", "W4A16-km", "W16A16KV8-fp8", "W16A16KV4-nvfp4",
-                "W8A16-q8_0", "W4A16-q4_0", "W4A16-q4_1", "W5A16-q5_0", "W5A16-q5_1", "W4A16-iq4nl")
+                "W8A16-q8_0", "W4A16-q4_0", "W4A16-q4_1", "W5A16-q5_0", "W5A16-q5_1", "W4A16-iq4nl",
+                "W2A16-q2_k", "W3A16-q3_k", "W4A16-q4_k", "W5A16-q5_k", "W6A16-q6_k", "W3A16-q3_k_m", "W4A16-q4_k_m",
+                "W5A16-q5_k_m")
 CALIBRATED_NAMES = tuple(n for m in registry.ranked() for n in m.names)  # W4A16-gptq, W3A16-gptq, W4A16-awq, W3A16-awq
 MX_BLOCK, NVFP_BLOCK, NF_BLOCK, FP_GROUP, GPTQ_GROUP = 32, 16, 64, 32, 128
 
@@ -55,12 +57,24 @@ def _format_part(fmt: str, part: str, bits: int, element: str | None, group: int
         if part != "weights" or bits != 4 or group not in (None, GGML_BLOCK):
             raise ValueError(f"{part}: llama.cpp's iq4_nl quantizes weights at 4 bits in blocks of {GGML_BLOCK} (write W4A16-iq4nl)")
         return {"format": "iq4nl", "scale": "fp16", **blocks(GGML_BLOCK)}
-    if fmt in ("q_0", "q_1"):  # llama.cpp's legacy types (quantlens.quantize.ggml): weights in blocks of 32, fp16 scale
+    if fmt == "q_k_m":  # llama.cpp's mixture (quantlens.quantize.mixtures): per-tensor k-quants, the head too
+        from quantlens.quantize.mixtures import MIXTURES
+
+        if f"q{bits}_k_m" not in MIXTURES:
+            raise ValueError(f"llama.cpp has no mixture q{bits}_k_m (mixtures: {', '.join(MIXTURES)})")
+        return {**_format_part("q_k", part, bits, element, group), "mixture": f"q{bits}_k_m"}
+    if fmt in ("q_0", "q_1", "q_k"):  # llama.cpp's types (quantlens.quantize.ggml): weights in blocks of 32, k-quants of 256
         if part != "weights":
             raise ValueError(f"{part}: llama.cpp's q{bits}{fmt[1:]} is a weight type (write W{bits}A16-q{bits}{fmt[1:]})")
-        if group is not None and group != GGML_BLOCK:
-            raise ValueError(f"-g{group}: llama.cpp's q{bits}{fmt[1:]} is defined on blocks of {GGML_BLOCK}")
-        return {"format": "ggml", "symmetric": fmt == "q_0", "scale": "fp16", **blocks(GGML_BLOCK)}
+        from quantlens.quantize.ggml import GGML_TYPES
+
+        if f"q{bits}{fmt[1:]}" not in GGML_TYPES:
+            raise ValueError(f"llama.cpp has no type q{bits}{fmt[1:]} (its types: {', '.join(GGML_TYPES)})")
+        block = QK_K if fmt == "q_k" else GGML_BLOCK
+        if group is not None and group != block:
+            raise ValueError(f"-g{group}: llama.cpp's q{bits}{fmt[1:]} is defined on blocks of {block}")
+        symmetric = fmt == "q_0" or (fmt == "q_k" and bits in (3, 6))  # Q3_K, Q6_K: no minimum
+        return {"format": "ggml", "symmetric": symmetric, "scale": "fp16", **blocks(block)}
     if group is not None:
         raise ValueError(f"-g{group}: the {fmt} block size is fixed by its definition ({MX_BLOCK if fmt != 'nvfp' else NVFP_BLOCK}); "
                          "give another block in the long form (group_size)")
@@ -91,7 +105,7 @@ def setting_from_name(name: str) -> Setting:
         raise ConfigError(
             f"unknown setting {name!r}: expected a preset ({', '.join(PRESET_NAMES)}), a format "
             f"({', '.join(FORMAT_NAMES[:6])}, …) or a name of the form "
-            "W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]|-q<bits>_<0|1>][-clip<k>][-<calibrated method: gptq, awq, …>], "
+            "W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]|-q<bits>_<0|1|k|k_m>|-iq4nl][-clip<k>][-<calibrated method: gptq, awq, …>], "
             "e.g. W3A16-g64-nu, W16A16KV4, W4A16-nf4"
         )
     wb, ab = int(m["w"]), int(m["a"])
@@ -139,6 +153,8 @@ def setting_from_name(name: str) -> Setting:
                    {"granularity": "channel" if part == "weights" else "token"}
             spec = {**gran, "transform_p": p}
         data[part] = {"bits": bits, **spec, **({"clip_k": k} if k is not None else {})}
+        if spec.get("mixture"):  # as llama-quantize writes the file: the output head and embeddings too
+            data.update(include_lm_head=True, include_embeddings=True)
     if m["el"] and not fmt:
         raise ConfigError(f"invalid setting {name!r}: an element type needs a format")
     return validated(Setting, data, f"setting {name!r}")

@@ -12,7 +12,7 @@ a whole sweep.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -23,9 +23,11 @@ from quantlens.model.anatomy import Experts, ModelNotUnderstood, anatomy, in_fea
 from quantlens.model.checkpoint import model_checkpoint
 from quantlens.quantize import moe
 from quantlens.quantize import kv, lens
+from quantlens.quantize.mixtures import MIXTURES, block_roles
 from quantlens.quantize.perturb import make_generator, perturb, shaped_noise, shaped_noise_rows
 from quantlens.quantize.quant import fake_quantize, quantize
 from quantlens.quantize.settings import ConfigError, Setting, resolve_setting
+from quantlens.quantize.spec import QuantSpec
 
 _STATE_ATTR = "_quantlens_patch"
 
@@ -42,6 +44,8 @@ class LayerStats:
     alpha_mean: float  # mean range α over groups, in the quantizer's domain (after f for non-uniform); nan for noise
     alpha_max: float
     clipped_fraction: float
+    format: str = ""  # weights: the format the tensor is stored in (a llama.cpp k-quant's fallback type where it took one)
+    bits_per_weight: float = float("nan")  # weights: its stored bits per weight
 
 
 @dataclass
@@ -70,6 +74,9 @@ class PatchReport:
             out[f"{kind}_delta_l2_mean"] = sum(s.delta_l2 for s in rows) / len(rows)
             out[f"{kind}_rel_error_mean"] = sum(s.rel_error for s in rows) / len(rows)
             out[f"{kind}_clipped_fraction"] = sum(s.clipped_fraction * s.numel for s in rows) / max(n, 1)
+        stored = [s for s in self.layers if s.kind == "weight" and s.bits_per_weight == s.bits_per_weight]
+        if stored:  # what the quantized weights take: a mixture's or a fallback's real bits, not the name's
+            out["weight_bits_per_weight"] = sum(s.bits_per_weight * s.numel for s in stored) / sum(s.numel for s in stored)
         out.update(self.coverage)
         for kind, acc in self.lens.items():  # the lens: mean |Δ|/|x| by decile of |x| (d01 = smallest values)
             for i, v in enumerate(lens.bucket_means(acc), 1):
@@ -88,6 +95,7 @@ class Target:
     kind: str  # "linear" | "router" | "experts" | "embedding"
     experts: Experts | None = None
     attr: str = "weight"
+    spec: QuantSpec | None = None  # its own weights spec (a llama.cpp mixture's type for it); None: the setting's
 
     @property
     def param(self) -> nn.Parameter:
@@ -111,7 +119,24 @@ def targets(model: nn.Module, setting: Setting) -> list[Target]:
         out.append(Target(_qualified_name(model, body.lm_head), body.lm_head, "linear"))
     if not out:
         raise ModelNotUnderstood(f"{type(model).__name__}: no linear layers or experts inside the decoder blocks {body.blocks_name!r}")
+    if setting.weights is not None and setting.weights.mixture is not None:
+        return _mixed(model, body, setting.weights, out)
     return out
+
+
+def _mixed(model: nn.Module, body: Any, spec: QuantSpec, out: list[Target]) -> list[Target]:
+    """Each target with the type llama.cpp's mixture gives it (:mod:`quantlens.quantize.mixtures`)."""
+    mix = MIXTURES[spec.mixture]
+    roles = {_qualified_name(model, body.lm_head): ("output", 0)}
+    cfg = getattr(model, "config", None)
+    big_gqa = len(body.parts) == 80 and getattr(cfg, "num_key_value_heads", None) not in (None, getattr(cfg, "num_attention_heads", None))
+    for b in body.parts:
+        linears = b.linears()
+        attention = {id(m) for _, m in b.attention_linears}
+        block = block_roles([n for n, m in linears if id(m) in attention], b.names.get(id(b.attention_out), ""),
+                            [n for n, m in linears if id(m) not in attention], [e.qualified(e.params[-1]) for e in b.experts])
+        roles.update({n: (r, b.index) for n, r in block.items()})
+    return [replace(t, spec=spec.of_type(mix.type_of(*roles.get(t.name, ("other", 0)), len(body.parts), big_gqa))) for t in out]
 
 
 def target_linears(model: nn.Module, setting: Setting) -> list[tuple[str, nn.Module]]:
@@ -130,11 +155,11 @@ def _check_compatible(layers: list[Target], setting: Setting) -> None:
             continue  # (a checkpoint's weights spec describes it: its own blocks were checked against the model when read)
         from quantlens.model.shape import group_misfit
 
-        misfit = group_misfit(spec.group_size, ((t.name, t.in_features) for t in layers))
+        misfit = group_misfit(lambda n: spec.for_row(n).group_size, ((t.name, t.in_features) for t in layers))
         if misfit is not None:
             name, n_in = misfit
             raise ConfigError(
-                f"invalid setting {setting.name!r}: {kind}.group_size: {spec.group_size} does not divide "
+                f"invalid setting {setting.name!r}: {kind}.group_size: {spec.for_row(n_in).group_size} does not divide "
                 f"in_features={n_in} of layer {name!r}"
             )
 
@@ -320,8 +345,10 @@ class _Coverage:
 
 
 # --- Entry points -----------------------------------------------------------------------------
-def weight_stats(name: str, w: torch.Tensor, wq: torch.Tensor, alpha: torch.Tensor | None, clipped: float) -> LayerStats:
-    """‖Δ‖₂, ‖Δ‖/‖w‖, α and clipped fraction of one weight tensor and its quantized/perturbed copy."""
+def weight_stats(name: str, w: torch.Tensor, wq: torch.Tensor, alpha: torch.Tensor | None, clipped: float,
+                 spec: Any = None) -> LayerStats:
+    """‖Δ‖₂, ‖Δ‖/‖w‖, α and clipped fraction of one weight tensor and its quantized/perturbed copy,
+    and the format it was stored in (``spec``: its label and bits per weight)."""
     d = wq.to(torch.float32) - w.to(torch.float32)
     dn = float(d.norm())
     wn = float(w.to(torch.float32).norm())
@@ -334,18 +361,20 @@ def weight_stats(name: str, w: torch.Tensor, wq: torch.Tensor, alpha: torch.Tens
         alpha_mean=float(alpha.mean()) if alpha is not None else float("nan"),
         alpha_max=float(alpha.max()) if alpha is not None else float("nan"),
         clipped_fraction=clipped,
+        format=spec.label if spec is not None else "",
+        bits_per_weight=spec.bits_per_weight if spec is not None else float("nan"),
     )
 
 
-def _new_matrix(name: str, w: torch.Tensor, setting: Setting) -> tuple[torch.Tensor, LayerStats]:
-    """One [out, in] matrix quantized (or perturbed) under the setting's weight spec."""
-    spec = setting.weights
+def _new_matrix(name: str, w: torch.Tensor, setting: Setting, spec: QuantSpec | None = None) -> tuple[torch.Tensor, LayerStats]:
+    """One [out, in] matrix quantized (or perturbed) under ``spec`` (default: the setting's weight spec)."""
+    spec = spec or setting.weights
     if setting.perturbs_weights():
         p = setting.perturbation
         wq = perturb(w, spec, p, make_generator(p.seed, name))
         return wq, weight_stats(name, w, wq, None, 0.0)
     res = quantize(w, spec)
-    return res.xq, weight_stats(name, w, res.xq, res.alpha, res.clipped_fraction)
+    return res.xq, weight_stats(name, w, res.xq, res.alpha, res.clipped_fraction, res.spec)
 
 
 def _new_tensor(t: Target, w: torch.Tensor, setting: Setting, calibrated: dict[str, torch.Tensor] | None = None
@@ -377,14 +406,14 @@ def _new_tensor(t: Target, w: torch.Tensor, setting: Setting, calibrated: dict[s
         out = torch.empty_like(mats)
         per: list[LayerStats] = []
         for i in range(mats.shape[0]):
-            out[i], st = _new_matrix(f"{t.name}.{i // parts}" + (f".{('gate', 'up')[i % parts]}" if parts > 1 else ""), mats[i], setting)
+            out[i], st = _new_matrix(f"{t.name}.{i // parts}" + (f".{('gate', 'up')[i % parts]}" if parts > 1 else ""), mats[i], setting, t.spec)
             per.append(st)
         stats = [_merged(f"{t.name}.{j}", per[j * parts:(j + 1) * parts]) for j in range(e.num_experts)]
         return e.from_matrices(t.attr, out), stats
     if is_conv1d(t.module):
-        wq, st = _new_matrix(t.name, w.t().contiguous(), setting)
+        wq, st = _new_matrix(t.name, w.t().contiguous(), setting, t.spec)
         return wq.t().contiguous(), [st]
-    wq, st = _new_matrix(t.name, w, setting)
+    wq, st = _new_matrix(t.name, w, setting, t.spec)
     return wq, [st]
 
 
@@ -397,7 +426,9 @@ def _merged(name: str, parts: list[LayerStats]) -> LayerStats:
     n = sum(s.numel for s in parts)
     return LayerStats(layer=name, kind="weight", numel=n, delta_l2=d2 ** 0.5, rel_error=(d2 / w2) ** 0.5 if w2 > 0 else 0.0,
                       alpha_mean=sum(s.alpha_mean for s in parts) / len(parts), alpha_max=max(s.alpha_max for s in parts),
-                      clipped_fraction=sum(s.clipped_fraction * s.numel for s in parts) / max(n, 1))
+                      clipped_fraction=sum(s.clipped_fraction * s.numel for s in parts) / max(n, 1),
+                      format="+".join(dict.fromkeys(s.format for s in parts)),
+                      bits_per_weight=sum(s.bits_per_weight * s.numel for s in parts) / max(n, 1))
 
 
 def quantize_(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantlens.quantize import formats, ggml
+from quantlens.quantize import formats
 from quantlens.quantize.spec import QuantSpec
 
 # A scale of zero (an all-zero group) would divide by zero; any positive value gives Q(0) = 0.
@@ -38,6 +38,7 @@ class QuantResult:
     scale: torch.Tensor  # [rows] (tensor: [1]); group: [rows, n_groups]. Symmetric: α / qmax
     alpha: torch.Tensor  # clipping range actually used per group (max|x| unless clipped)
     clipped_fraction: float  # fraction of elements outside the range (0 without clipping)
+    spec: QuantSpec | None = None  # the spec applied (a llama.cpp k-quant's fallback type on rows it does not divide)
 
 
 def qmax_symmetric(bits: int) -> int:
@@ -141,9 +142,9 @@ def _grid_quantize(xf: torch.Tensor, xg: torch.Tensor, spec: QuantSpec) -> tuple
         xq = formats.round_to_rows(rows, c).reshape(xg.shape)
         alpha = xg.abs().amax(dim=-1, keepdim=True)
         return xq, alpha, alpha, zero
-    if spec.format in ("ggml", "iq4nl"):  # llama.cpp's own rounding (trunc(x/d + 8.5), the signed-max scale): ggml.py
-        xq, _, d = ggml.quantize_blocks(xg, ggml.ggml_type(spec.bits, spec.symmetric, spec.format))
-        return xq, d, xg.abs().amax(dim=-1, keepdim=True), zero
+    if spec.format in ("ggml", "iq4nl"):  # llama.cpp's own quantizers, bit for bit: ggml.py, kquants.py
+        xq, _, d = spec.ggml().quantize(xg.reshape(xg.shape[0], -1))
+        return xq.reshape(xg.shape), d, xg.abs().amax(dim=-1, keepdim=True), zero
     grid = formats.grid_for(spec.format, spec.bits, spec.element)
     alpha = xg.abs().amax(dim=-1, keepdim=True)
     n_clipped = zero
@@ -162,6 +163,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, alpha_ratio: float = 1.0) -> Quan
     bit-identical to plain uniform quantization. ``alpha_ratio``: see :func:`_uniform` (integers only).
     """
     shape, dtype = x.shape, x.dtype
+    spec = spec.for_row(x.shape[-1])
     xf = x.detach().to(torch.float32)
     if not _is_plain_int(spec):
         if alpha_ratio != 1.0:
@@ -184,6 +186,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, alpha_ratio: float = 1.0) -> Quan
         scale=per_group(scale),
         alpha=per_group(alpha),
         clipped_fraction=clipped,
+        spec=spec,
     )
 
 

@@ -171,7 +171,7 @@ class SettingFields(Strict):
                 ident.pop(k, None)
         for part in ("weights", "activations", "kv"):  # format fields at their defaults: the keys of runs made before they existed
             if ident.get(part):
-                for k, default in GRID_DEFAULTS.items():
+                for k, default in {**GRID_DEFAULTS, "mixture": None}.items():
                     if ident[part].get(k, default) == default:
                         ident[part].pop(k, None)
         return ident

@@ -33,6 +33,7 @@ _ELEMENT_BITS = {"e4m3": 8, "e5m2": 8, "e2m3": 6, "e3m2": 6, "e2m1": 4}
 _DEFAULT_ELEMENT = {8: "e4m3", 6: "e2m3", 4: "e2m1"}
 _SCALE_BITS = {"fp32": 32, "fp16": 16, "e8m0": 8, "e4m3": 8}
 GGML_BLOCK = 32  # llama.cpp's QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0
+QK_K = 256  # llama.cpp's k-quant super-block
 GRID_DEFAULTS = {"format": "int", "element": None, "scale": "fp32", "global_scale": None}
 NO_FP = "no FP format has {bits} bits (FP8 e4m3/e5m2, FP6 e2m3/e3m2, FP4 e2m1)"
 
@@ -99,14 +100,17 @@ class _Grid(Strict):
         return self
 
     def _ggml_is_consistent(self) -> None:
-        """llama.cpp's legacy types: q{4,5}_{0,1} and q8_0, an fp16 scale, no clipping."""
-        from quantlens.quantize.ggml import ggml_type
-
-        ggml_type(self.bits, self.symmetric, self.format)
+        """llama.cpp's types: an fp16 scale, no clipping (which type: :meth:`QuantSpec.ggml`)."""
         if self.format == "iq4nl" and (self.bits != 4 or not self.symmetric):
             raise ValueError("format 'iq4nl': IQ4_NL has 4 bits and one symmetric scale")
         if self.scale != "fp16" or self.clip_k is not None:
             raise ValueError(f"format {self.format!r}: llama.cpp's block scale is fp16 (scale: fp16) and is never clipped (no clip_k)")
+
+    def ggml(self) -> Any:
+        """The llama.cpp type (:class:`quantlens.quantize.ggml.GGMLType`) a ``ggml`` / ``iq4nl`` spec is."""
+        from quantlens.quantize.ggml import ggml_type
+
+        return ggml_type(self.bits, self.symmetric, self.format, getattr(self, "group_size", None) or GGML_BLOCK)
 
     @property
     def nonuniform(self) -> bool:
@@ -133,7 +137,7 @@ class _Grid(Strict):
         if fam == "iq4nl":
             return "iq4_nl"
         if fam == "ggml":
-            return f"q{self.bits}_{0 if self.symmetric else 1}"
+            return getattr(self, "mixture", None) or self.ggml().name
         return f"{fam}{self.bits}-{self.element}" if fam in ("fp", "mxfp") else f"{fam}{self.bits}"
 
 
@@ -142,6 +146,8 @@ class QuantSpec(_Grid):
 
     granularity: Granularity = "channel"
     group_size: int | None = Field(None, gt=0, description="only with granularity='group' (the block size)")
+    mixture: Literal["q3_k_m", "q4_k_m", "q5_k_m"] | None = Field(
+        None, description="llama.cpp's recipe of per-tensor types on this k-quant (quantlens.quantize.mixtures)")
 
     @model_validator(mode="after")
     def _group_size_matches_granularity(self) -> "QuantSpec":
@@ -151,16 +157,46 @@ class QuantSpec(_Grid):
             raise ValueError(f"group_size is only valid with granularity 'group' (granularity is {self.granularity!r})")
         if self.global_scale is not None and self.granularity != "group":
             raise ValueError("global_scale needs granularity 'group' (blocks under one tensor/token scale)")
-        if self.format in ("ggml", "iq4nl") and (self.granularity, self.group_size) != ("group", GGML_BLOCK):
-            raise ValueError(f"format {self.format!r}: llama.cpp's types are blocks of {GGML_BLOCK} (granularity 'group', "
-                             f"group_size {GGML_BLOCK})")
+        if self.format in ("ggml", "iq4nl"):
+            if self.granularity != "group":
+                raise ValueError(f"format {self.format!r}: llama.cpp's types are blocks (granularity 'group', group_size "
+                                 f"{GGML_BLOCK}, or {QK_K} for a k-quant)")
+            self.ggml()
+        if self.mixture is not None:
+            from quantlens.quantize.mixtures import MIXTURES
+
+            base = MIXTURES[self.mixture].default
+            if self.format != "ggml" or self.ggml().name != base:
+                raise ValueError(f"mixture {self.mixture}: llama.cpp's recipe on {base} (format ggml, bits {base[1]}, "
+                                 f"group_size {QK_K}), not on {self.label}")
         return self
+
+    def of_type(self, name: str) -> "QuantSpec":
+        """This spec as llama.cpp's type ``name`` (q6_k, q8_0 …): a mixture's choice for one tensor."""
+        from quantlens.quantize.ggml import GGML_TYPES
+
+        t = GGML_TYPES[name]
+        return self.model_copy(update={"bits": t.bits, "symmetric": t.symmetric, "format": "iq4nl" if t.rule == "iq4nl" else "ggml",
+                                       "group_size": t.block, "mixture": None})
+
+    def for_row(self, n: int) -> "QuantSpec":
+        """The spec a row of ``n`` values gets: this one — or, for a llama.cpp k-quant whose super-block
+        does not divide ``n``, the type llama-quantize writes instead (Q4_K → Q5_0, Q6_K → Q8_0 …)."""
+        if self.format != "ggml":
+            return self
+        from quantlens.quantize.ggml import type_for_row
+
+        t = type_for_row(self.ggml(), n)
+        return self if t.name == self.ggml().name and self.mixture is None else self.of_type(t.name)
 
     @property
     def bits_per_weight(self) -> float:
         """Stored bits per weight: the codes plus each block's scale (and zero point / minimum) spread
-        over its ``group_size`` (llama.cpp: Q4_0 4.5, Q4_1 5.0, Q5_0 5.5, Q5_1 6.0, Q8_0 8.5). Per-channel,
-        per-tensor scales and NVFP4's one fp32 tensor scale count as free (they amortise over a row or more)."""
+        over its ``group_size``; llama.cpp's types as ggml declares them (Q4_0 4.5, Q4_1 5.0, Q5_0 5.5,
+        Q5_1 6.0, Q8_0 8.5, Q4_K 4.5, Q6_K 6.5625). Per-channel, per-tensor scales and NVFP4's one fp32
+        tensor scale count as free (they amortise over a row or more)."""
+        if self.format in ("ggml", "iq4nl"):
+            return self.ggml().bits_per_weight
         if self.granularity != "group" or self.format == "km":
             return float(self.bits)
         per_block = _SCALE_BITS[self.scale] * (1 if self.symmetric else 2)
