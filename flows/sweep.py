@@ -195,11 +195,12 @@ def _evaluate_datasets(mr: _ModelRun, model: Any, tokenizer: Any, s: Setting, ru
 def _perturbation(mr: _ModelRun, model: Any, run_id: str, overrides: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The measured perturbation (weight / activation error, coverage) and its per-layer rows."""
     pert, rows = steps.perturbation_metrics(model)
-    if overrides:  # AWQ's folded norms: the checkpoint's weights are in a rescaled basis, Ŵ − W is not their error
+    folded = {k: v for k, v in (overrides or {}).items() if v.dim() == 1}  # (a GGUF's quantized embeddings are 2-D: not folded)
+    if folded:  # AWQ's folded norms: the checkpoint's weights are in a rescaled basis, Ŵ − W is not their error
         pert = {k: v for k, v in pert.items() if not k.startswith("weight_")}
         rows = [r for r in rows if r["kind"] != "weight"]
         mr.ledger.tracker.log(run_id, tags={"quantlens.weight_error": "not comparable: the checkpoint rescales "
-                                            f"{len(overrides)} norm(s) and the weights after them"})
+                                            f"{len(folded)} norm(s) and the weights after them"})
     return pert, rows
 
 

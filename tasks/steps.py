@@ -19,6 +19,7 @@ from quantlens.evaluation import evaluate as ev
 from quantlens.evaluation.data import DATASETS, DOCUMENTS
 from quantlens.paths import cache_dir
 from quantlens.model import loading as qm
+from quantlens.model import gguf
 from quantlens.quantize.patch import full_report, quantize_, restore_
 from quantlens.quantize.settings import ConfigError, Setting
 from quantlens.pipeline.console import console_enabled, status, verbose
@@ -128,8 +129,8 @@ def planned_checkpoint(setting: Setting, released: Any) -> tuple[Setting, str, s
     folder or a cached hub snapshot): what :func:`download_checkpoint` returns, with nothing read again."""
     info = qm.resolve_model(setting.checkpoint.source)
     revision = qm.local_revision(info, setting.checkpoint.revision)
-    if revision is None:  # (gone since the checks: fetch it as usual)
-        return download_checkpoint(setting)
+    if revision is None or (info.gguf is not None and not gguf.has_weights(released.folder)):
+        return download_checkpoint(setting)  # (gone since the checks, or a GGUF file read from its header: fetched, converted)
     return setting.described(released.weights(), released.method, released.layout), released.folder, revision
 
 

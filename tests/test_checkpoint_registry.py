@@ -16,7 +16,7 @@ from quantlens.errors import ConfigError
 
 
 def test_every_shipped_layout_is_registered_in_order():
-    assert list(L.layouts()) == ["gptq", "awq", "compressed-tensors", "bitsandbytes"]
+    assert list(L.layouts()) == ["gptq", "awq", "compressed-tensors", "bitsandbytes", "gguf"]
     assert L.reads().startswith("GPTQ (v1/v2), AWQ (GEMM), compressed-tensors")
 
 

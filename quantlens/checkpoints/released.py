@@ -1,4 +1,4 @@
-"""Released quantized checkpoints: read a GPTQ, AWQ, bitsandbytes 4-bit or compressed-tensors
+"""Released quantized checkpoints: read a GPTQ, AWQ, bitsandbytes 4-bit, compressed-tensors or GGUF
 checkpoint of a model into that model, already loaded in 16 bits.
 
 A setting ``{name: …, checkpoint: <hub id or folder>}`` evaluates such a checkpoint like any
@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from quantlens.model import gguf
 from quantlens.model.checkpoint import Checkpoint
 from quantlens.checkpoints import layouts as L
 from quantlens.errors import ConfigError
@@ -63,8 +64,10 @@ class Released:
         """The setting's weights spec (descriptive: the run's ``w_*`` params, group-size checks); the
         weights themselves are the checkpoint's, dequantized."""
         spec: dict[str, Any] = {"bits": self.bits, "format": self.num_format}
-        if self.num_format == "int":
+        if self.num_format in ("int", "ggml"):
             spec["symmetric"] = self.symmetric
+        if self.num_format in ("ggml", "iq4nl"):  # llama.cpp's: an fp16 block scale
+            spec["scale"] = "fp16"
         if self.element:
             spec["element"] = self.element
         if self.layout == "ct-nvfp4-pack-quantized":
@@ -95,6 +98,8 @@ def describe(folder: str | Path, what: str | None = None) -> Released:
         if q is None and lay.legacy_file and (folder / lay.legacy_file).is_file():
             q = _read_json(folder / lay.legacy_file, what)
             q.setdefault("quant_method", lay.quant_method)
+    if q is None and gguf.describe(folder) is not None:  # a GGUF file's folder: the file's own types say what is quantized
+        q = {"quant_method": "gguf", "tensor_types": gguf.tensor_types(folder)}
     if not isinstance(q, dict):
         raise ConfigError(f"{what}: its config has no quantization_config: not a quantized checkpoint "
                           "(a full-precision model is a sweep model, not a setting)")
@@ -216,6 +221,8 @@ def check(released: Released, model: Any, ckpt: QuantizedCheckpoint | None = Non
     problem = config_mismatch(released, model.config.to_dict())
     if problem:
         raise ConfigError(f"{what} is of another model: {problem}")
+    if gguf.describe(released.folder) is not None and not gguf.has_weights(released.folder):
+        return _check_gguf_header(released, model)
     ckpt = ckpt or QuantizedCheckpoint(released)
     shapes = ckpt.header_shapes()
     kinds = _kinds(model)
@@ -250,6 +257,16 @@ def check(released: Released, model: Any, ckpt: QuantizedCheckpoint | None = Non
     if not quantized:
         raise ConfigError(f"{what}: none of the model's decoder-block linears is quantized in it")
     return {"quantized": quantized, "full_precision": kept}  # (the head, whatever its name — BioGPT's output_projection —, is not a block's)
+
+
+def _check_gguf_header(released: Released, model: Any) -> dict[str, Any]:
+    """A GGUF file not yet dequantized, checked from its header: every weight it quantizes is one of the model's."""
+    params = dict(model.named_parameters())
+    layout = layout_of(released)
+    for prefix in layout.packed_modules(set(released.qconfig["tensor_types"]), released):
+        if prefix + ".weight" not in params:
+            raise ConfigError(f"checkpoint {released.folder} quantizes {prefix}, which the model does not have")
+    return {"quantized": {}, "full_precision": []}
 
 
 def _same_tensor(stored: torch.Tensor, base: torch.Tensor) -> bool:

@@ -194,7 +194,12 @@ def stage(path: str | Path, what: str | None = None) -> tuple[Path, GGUFHeader]:
 
 
 def converted(path: str | Path) -> bool:
-    return (folder_for(path) / WEIGHTS_FILE).is_file()
+    return has_weights(folder_for(path))
+
+
+def has_weights(folder: str | Path) -> bool:
+    """A GGUF file's folder whose weights are written (staged only: its header and config, no tensor)."""
+    return (Path(folder) / WEIGHTS_FILE).is_file()
 
 
 def convert(path: str | Path, log: Callable[[str], None] = lambda _: None) -> Path:
@@ -218,6 +223,38 @@ def convert(path: str | Path, log: Callable[[str], None] = lambda _: None) -> Pa
         tmp.rename(folder / WEIGHTS_FILE)
         del model
     return folder
+
+
+TYPES_FILE = "tensor_types.json"  # in a staged folder: each weight's llama.cpp type, by the model's parameter name
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def tensor_types(folder: str | Path) -> dict[str, tuple[str, str]]:
+    """The model's parameter name → (the llama.cpp type it is stored in, its GGUF name), for the GGUF
+    file a staged folder was made from: tensor names mapped as transformers' GGUF loader maps them
+    (``blk.0.attn_q.weight`` → ``model.layers.0.self_attn.q_proj.weight``). Read once from the
+    header (no tensor dequantized, the model built on the meta device), then kept in the folder."""
+    folder = Path(folder)
+    cached = folder / TYPES_FILE
+    if cached.is_file():
+        return {k: tuple(v) for k, v in json.loads(cached.read_text()).items()}
+    header = describe(folder)
+    if header is None:
+        raise ConfigError(f"{folder}: not a folder made from a GGUF file")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = get_gguf_hf_weights_map(model, TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=config.to_dict()))
+    reader = _reader(Path(header.path), f"GGUF file {header.path}")
+    types = {names[t.name]: (t.tensor_type.name, t.name) for t in reader.tensors if t.name in names}
+    tmp = folder / (TYPES_FILE + ".partial")
+    tmp.write_text(json.dumps(types, indent=0) + "\n")
+    tmp.rename(cached)
+    return types
 
 
 def _untied(state: dict[str, Any]) -> dict[str, Any]:

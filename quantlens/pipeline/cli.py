@@ -205,8 +205,10 @@ def cmd_list_settings(args: argparse.Namespace) -> int:
     print("\nAny name W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]|-q<bits>_<0|1|k|k_m>|-iq4nl][-clip<k>][-gptq|-awq] "
           "works too, e.g. W3A16-g64-nu, W8A8-clip3, W16A16KV4, W4A8-fp (FP4 weights, FP8 activations), W8A8-fp8e5m2, W3A16-g64-gptq.")
     print("Calibrated methods (gptq, awq) quantize on the sweep's calibration data (calibration: in the YAML).")
-    print("A released quantized checkpoint is a setting too: {name: <any>, checkpoint: <hub id or folder>} (or checkpoint: "
-          "{<model>: <its checkpoint>, …}); GPTQ, AWQ (GEMM), compressed-tensors and bitsandbytes 4-bit are read.")
+    from quantlens.checkpoints.layouts import reads
+
+    print("A released quantized checkpoint is a setting too: {name: <any>, checkpoint: <hub id, folder or .gguf file>} (or "
+          f"checkpoint: {{<model>: <its checkpoint>, …}}); read: {reads()}.")
     print("Perturbations, grids (seeds, clip_k, transform_p lists) and the long form of every format field "
           "(format, element, scale, global_scale, group_size) are defined in the sweep YAML.")
     return 0

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from quantlens.evaluation.data import DATASETS, DOCUMENTS, expand, load_token_rows
+from quantlens.model import gguf
 from quantlens.model.loading import TOKENIZER_FILES, ModelInfo, ModelUnavailable, local_revision, resolve_model
 from quantlens.model.shape import group_misfit
 from quantlens.pipeline import plan as P
@@ -236,7 +237,8 @@ def check_checkpoint_sources(settings: list, planning: bool, refusals: list[str]
             continue
         try:
             r = describe(folder, what)
-            QuantizedCheckpoint(r).header_shapes()
+            if r.method != "gguf" or gguf.has_weights(folder):  # (a GGUF file's is read from its header until converted)
+                QuantizedCheckpoint(r).header_shapes()
         except ConfigError as err:
             refusals.append(str(err) if str(err).startswith("setting ") else f"setting {s.name}: {err}")
             continue
