@@ -203,3 +203,21 @@ def test_iq4_nl_follows_the_reference_rule():
     s = setting_from_name("W4A16-iq4nl")
     assert (s.weights.label, s.weights.bits_per_weight, s.weights.nonuniform) == ("iq4_nl", 4.5, True)
     assert torch.equal(quantize(torch.zeros(2, 32), s.weights).xq, torch.zeros(2, 32))
+
+
+def test_runs_that_measured_their_bits_per_weight_are_placed_there():
+    """A run's weight_bits_per_weight (what its tensors take on the model: block scales, a k-quant's
+    fallback rows, a mixture's types) is its x in the formats-vs-bits table, for every family."""
+    import pandas as pd
+
+    from quantlens.analysis.format_report import formats_vs_bits
+    from quantlens.quantize.settings import resolve_setting
+
+    measured = {"W4A16-g32": 5.0, "W4A16-nf4": 4.5, "W4A16-q4_k": 5.25, "W4A16-q4_k_m": 6.159, "W3A16-q3_k_m": 5.448}
+    rows = [{**resolve_setting("W16A16").flat_params(), "model": "m", "wikitext2_ppl": 10.0}]
+    rows += [{**resolve_setting(n).flat_params(), "model": "m", "wikitext2_ppl": 12.0, "weight_bits_per_weight": b}
+             for n, b in measured.items()]
+    t = formats_vs_bits(pd.DataFrame(rows)).set_index("setting")
+    assert dict(t["bits"]) == measured
+    assert dict(t["family"]) == {"W4A16-g32": "int", "W4A16-nf4": "nf", "W4A16-q4_k": "llama.cpp q_k",
+                                 "W4A16-q4_k_m": "llama.cpp q_k_m", "W3A16-q3_k_m": "llama.cpp q_k_m"}

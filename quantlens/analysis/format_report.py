@@ -40,7 +40,7 @@ def formats_vs_bits(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     kv = plain["kv_bits"].fillna(16) if "kv_bits" in plain else 16
     sub = plain[(~plain["reference"]) & (kv == 16) & (plain["w_bits"] < 16) & ~method_runs(plain)]
-    sub = sub.assign(**_ggml_at_bpw(sub, run_families(sub)))
+    sub = sub.assign(**_at_stored_bits(sub, run_families(sub)))
     a = sub["a_bits"].fillna(16)
     sub = sub.assign(regime=a.where(a == 16, -1).map({16: "weights", -1: "weights+activations"}))
     sub = sub[(a == 16) | (a == sub["w_bits"])]
@@ -52,20 +52,23 @@ def formats_vs_bits(df: pd.DataFrame) -> pd.DataFrame:
     return sub[cols].sort_values(["model", "regime", "family", "bits"]).reset_index(drop=True)
 
 
-def _ggml_at_bpw(sub: pd.DataFrame, families: pd.Series) -> dict[str, pd.Series]:
-    """llama.cpp's types (family ``ggml``) as three lines, q*_0, q*_1 and the k-quants q*_k, each at
-    the bits per weight its run measured on the model (``weight_bits_per_weight``: a k-quant's
-    fallback rows and a mixture's higher types counted), else its type's (its ``w_format`` in
-    :data:`GGML_TYPES`: Q4_0 4.5 … Q8_0 8.5); other families keep ``w_bits``."""
-    if not families.isin(["ggml", "iq4nl"]).any() or "w_format" not in sub:
+def _at_stored_bits(sub: pd.DataFrame, families: pd.Series) -> dict[str, pd.Series]:
+    """Each run at the bits per weight it measured on the model (``weight_bits_per_weight``: block
+    scales, a k-quant's fallback rows and a mixture's higher types counted); runs logged before it:
+    llama.cpp's types at their type's (``w_format`` in :data:`GGML_TYPES`: Q4_0 4.5 … Q8_0 8.5), the
+    others at ``w_bits``. llama.cpp's types are four lines: q*_0, q*_1, the k-quants and the mixtures."""
+    if (not families.isin(["ggml", "iq4nl"]).any() or "w_format" not in sub) and "weight_bits_per_weight" not in sub:
         return {"family": families}
+    if "w_format" not in sub:
+        sub = sub.assign(w_format="")
     ggml = families == "ggml"
     variant = sub["w_format"].astype(str).str.extract(r"(_[01k](?:_m)?)$", expand=False).fillna("")
     bpw = sub["w_format"].map(lambda f: GGML_TYPES[f].bits_per_weight if f in GGML_TYPES else None)
-    if "weight_bits_per_weight" in sub:
-        bpw = sub["weight_bits_per_weight"].where(sub["weight_bits_per_weight"].notna(), bpw)
     at_bpw = families.isin(["ggml", "iq4nl"])
-    return {"family": families.where(~ggml, "llama.cpp q" + variant), "w_bits": sub["w_bits"].where(~at_bpw, bpw)}
+    bits = sub["w_bits"].where(~at_bpw, bpw)
+    if "weight_bits_per_weight" in sub:  # every family where its runs measured it (int4 in groups of 32 is 5.0)
+        bits = sub["weight_bits_per_weight"].round(3).where(sub["weight_bits_per_weight"].notna(), bits)
+    return {"family": families.where(~ggml, "llama.cpp q" + variant), "w_bits": bits}
 
 
 def fig_formats_vs_bits(table: pd.DataFrame, df: pd.DataFrame, metric: str, path: Path) -> Path | None:
@@ -99,8 +102,10 @@ def fig_formats_vs_bits(table: pd.DataFrame, df: pd.DataFrame, metric: str, path
         if ring is not None:
             handles.setdefault(ring.get_label(), ring)
         axis.apply(ax, "y")
-        ax.set_xticks(sorted(t["bits"].unique()))
-        ax.set_xlabel("bits (weights)")
+        ticks = sorted(t["bits"].unique())
+        if all(float(b).is_integer() for b in ticks):  # nominal widths: a tick each; stored bits per weight: a plain axis
+            ax.set_xticks(ticks)
+        ax.set_xlabel("bits per weight (stored)" if "weight_bits_per_weight" in df else "bits (weights)")
         ax.set_ylabel(metric + (" (log scale)" if axis.log else ""))
         ax.set_title(model)
         ax.grid(alpha=0.3)
