@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_random_model
+from conftest import MODELS, tiny_random_model
 from quantlens.quantize.ggml import GGML_TYPES
 from quantlens.quantize.patch import quantize_, restore_
 from quantlens.quantize.quant import fake_quantize, quantize
@@ -107,8 +107,8 @@ def test_names_parse_to_the_right_spec():
 
 
 @pytest.mark.parametrize("name,says", [
-    ("W4A8-q4_0", "q4_0 quantizes weights only: write W4A16-q4_0"), ("W16A16KV4-q4_0", "q4_0 is a weight type"),
-    ("W6A16-q6_0", "no type q6_0"), ("W8A16-q8_1", "no type q8_1"), ("W4A16-g64-q4_0", "blocks of 32"),
+    ("W4A8-q4_0", "q4_0 has 4 bits but activations 8 bits are quantized: write W4A16-q4_0"), ("W16A16KV4-q4_k", "q4_k is a weight type"), ("W4A4-mxfp4-q", "unknown setting"),
+    ("W6A16-q6_0", "no type q6_0"), ("W4A16KV8-q4_0", "q4_0 has 4 bits but kv 8 bits"), ("W8A16-q8_1", "no type q8_1"), ("W4A16-g64-q4_0", "blocks of 32"),
     ("W4A16-q4_0-clip3", "never clipped"), ("W4A16-q4_2", "unknown setting"), ("W4A16-q4", "unknown setting"),
 ])
 def test_names_that_do_not_exist_are_one_clear_line(name, says):
@@ -221,3 +221,45 @@ def test_runs_that_measured_their_bits_per_weight_are_placed_there():
     assert dict(t["bits"]) == measured
     assert dict(t["family"]) == {"W4A16-g32": "int", "W4A16-nf4": "nf", "W4A16-q4_k": "llama.cpp q_k",
                                  "W4A16-q4_k_m": "llama.cpp q_k_m", "W3A16-q3_k_m": "llama.cpp q_k_m"}
+
+
+# --- llama.cpp's KV cache types (--cache-type-k/-v) and its q8_0 activations --------------------------
+@pytest.mark.parametrize("name, kind", [("W16A16KV8-q8_0", "q8_0"), ("W16A16KV4-q4_0", "q4_0"), ("W16A16KV4-q4_1", "q4_1"),
+                                        ("W16A16KV5-q5_0", "q5_0"), ("W16A16KV5-q5_1", "q5_1"), ("W16A16KV4-iq4nl", "iq4_nl")])
+def test_the_kv_cache_in_llama_cpps_types_is_each_token_and_head_in_blocks_of_32(name, kind):
+    """llama.cpp stores a quantized K (and, with flash attention, V) cache row per token: the heads'
+    head_dim values side by side in blocks of 32 — a block never straddles two heads (head_dim % 32 == 0)."""
+    from quantlens.quantize.ggml import GGML_TYPES
+    from quantlens.quantize.kv import quantize_kv
+
+    x = torch.randn(2, 4, 5, 64, generator=torch.Generator().manual_seed(0))  # [batch, heads, tokens, head_dim]
+    got = quantize_kv(x, setting_from_name(name).kv)
+    assert torch.equal(got, GGML_TYPES[kind].quantize(x.reshape(-1, 64))[0].reshape(x.shape))
+
+
+def test_w8a8_q8_0_quantizes_activations_per_token_in_q8_0_blocks_as_llama_cpps_matmul():
+    """llama.cpp's CPU matmul for Q8_0 weights quantizes each activation row to Q8_0 (vec_dot_type)."""
+    from quantlens.quantize.ggml import GGML_TYPES
+    from quantlens.quantize.quant import fake_quantize
+
+    s = setting_from_name("W8A8-q8_0")
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(fake_quantize(x, s.activations), GGML_TYPES["q8_0"].quantize(x)[0])
+    assert (s.weights.label, s.activations.label) == ("q8_0", "q8_0")
+
+
+def test_a_kv_type_on_a_model_runs_and_is_measured():
+    from transformers import AutoModelForCausalLM
+
+    from quantlens.quantize.patch import full_report, quantize_, restore_
+
+    m = AutoModelForCausalLM.from_pretrained(MODELS / "tiny-llama").eval()
+    ids = torch.arange(1, 65).reshape(2, 32)
+    with torch.no_grad():
+        ref = m(ids).logits
+        quantize_(m, "W16A16KV4-q4_0")
+        got = m(ids).logits
+        err = {r.kind: r.rel_error for r in full_report(m).layers if r.kind in ("key", "value")}
+        restore_(m)
+        assert torch.equal(m(ids).logits, ref)
+    assert not torch.equal(got, ref) and 0 < err["key"] < 0.3 and 0 < err["value"] < 0.3

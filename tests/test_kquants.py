@@ -191,7 +191,7 @@ def test_k_quant_names_and_their_refusals():
 
     assert set(K_SETTINGS) <= set(FORMAT_NAMES)
     assert [setting_from_name(n).weights.symmetric for n in K_SETTINGS] == [False, True, False, False, True]
-    for bad, why in (("W4A4-q4_k", r"activations: llama.cpp.s q4_k is a weight type \(write W4A16-q4_k\)"), ("W4A16-g128-q4_k", "defined on blocks of 256"),
+    for bad, why in (("W4A4-q4_k", r"activations: llama.cpp.s q4_k is a weight type \(write W4A16-q4_k; llama.cpp quantizes activations to q8_0"), ("W4A16-g128-q4_k", "defined on blocks of 256"),
                      ("W7A16-q7_k", r"llama.cpp has no type q7_k \(its types: q8_0, q4_0")):
         with pytest.raises(ConfigError, match=why):
             setting_from_name(bad)

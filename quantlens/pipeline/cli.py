@@ -188,8 +188,8 @@ def cmd_list_settings(args: argparse.Namespace) -> int:
             from quantlens.quantize.mixtures import MIXTURES
 
             return f"{q.label}: {MIXTURES[q.mixture].describe()}"
-        if q.format in ("ggml", "iq4nl"):  # llama.cpp's types: the scale rule and the stored bits per weight
-            return f"{q.label} blocks of {q.group_size}, {q.ggml().scale_rule}, {q.bits_per_weight:g} bpw"
+        if q.format in ("ggml", "iq4nl"):  # llama.cpp's types: the scale rule and the stored bits per value
+            return f"{q.label} blocks of {q.group_size}, {q.ggml().scale_rule}, {q.ggml().bits_per_weight:g} bpw"
         t = f", p={q.transform_p:.3g}" if q.transform_p != 1.0 else ""
         where = f"blocks of {q.group_size}" if q.group_size else f"per-{q.granularity}"
         scale = "" if q.scale == "fp32" or q.format == "km" else f", {q.scale}" + (f"×fp32/{q.global_scale}" if q.global_scale else "") + " scale"
@@ -198,10 +198,10 @@ def cmd_list_settings(args: argparse.Namespace) -> int:
     def weights(s) -> str:  # noqa: ANN001
         return desc(s.weights) if not s.calibrated else f"{s.method.upper()} on {desc(s.weights)}"
 
-    print(f"{'name':<18}{'weights':<68}{'activations':<44}{'KV cache'}")
+    print(f"{'name':<18}{'weights':<68}{'activations':<48}{'KV cache'}")
     for name in (*PRESETS, *FORMAT_NAMES, *CALIBRATED_NAMES):
         s = setting_from_name(name)
-        print(f"{name:<18}{weights(s):<68}{desc(s.activations):<44}{desc(s.kv)}")
+        print(f"{name:<18}{weights(s):<68}{desc(s.activations):<48}{desc(s.kv)}")
     print("\nAny name W<bits>A<bits>[KV<bits>][-g<group>][-nu][-p<exp>][-<nf|fp|mxfp|mxint|nvfp|km>[bits][eXmY]|-q<bits>_<0|1|k|k_m>|-iq4nl][-clip<k>][-gptq|-awq] "
           "works too, e.g. W3A16-g64-nu, W8A8-clip3, W16A16KV4, W4A8-fp (FP4 weights, FP8 activations), W8A8-fp8e5m2, W3A16-g64-gptq.")
     print("Calibrated methods (gptq, awq) quantize on the sweep's calibration data (calibration: in the YAML).")

@@ -29,7 +29,7 @@ FORMAT_NAMES = ("W4A16-nf4", "W3A16-nf3", "W4A16-fp4", "W8A8-fp8", "W4A16-mxfp4"
                 "W4A16-nvfp4", "W4A4-nvfp4", "W3A16-km", "W4A16-km", "W16A16KV8-fp8", "W16A16KV4-nvfp4",
                 "W8A16-q8_0", "W4A16-q4_0", "W4A16-q4_1", "W5A16-q5_0", "W5A16-q5_1", "W4A16-iq4nl",
                 "W2A16-q2_k", "W3A16-q3_k", "W4A16-q4_k", "W5A16-q5_k", "W6A16-q6_k", "W3A16-q3_k_m", "W4A16-q4_k_m",
-                "W5A16-q5_k_m")
+                "W5A16-q5_k_m", "W8A8-q8_0", "W16A16KV8-q8_0", "W16A16KV4-q4_0")
 CALIBRATED_NAMES = tuple(n for m in registry.ranked() for n in m.names)  # W4A16-gptq, W3A16-gptq, W4A16-awq, W3A16-awq
 MX_BLOCK, NVFP_BLOCK, NF_BLOCK, FP_GROUP, GPTQ_GROUP = 32, 16, 64, 32, 128
 
@@ -53,9 +53,10 @@ def _format_part(fmt: str, part: str, bits: int, element: str | None, group: int
         wide = bits == 8 or part == "kv"
         return {"format": "fp", "element": element, **(default if wide or group else blocks(FP_GROUP)),
                 **({} if bits == 8 else {"scale": "fp16"})}
-    if fmt == "iq4nl":  # llama.cpp's IQ4_NL: a 16-value codebook, blocks of 32, fp16 scale
-        if part != "weights" or bits != 4 or group not in (None, GGML_BLOCK):
-            raise ValueError(f"{part}: llama.cpp's iq4_nl quantizes weights at 4 bits in blocks of {GGML_BLOCK} (write W4A16-iq4nl)")
+    if fmt == "iq4nl":  # llama.cpp's IQ4_NL: a 16-value codebook, blocks of 32, fp16 scale (weights, the KV cache)
+        if part == "activations" or bits != 4 or group not in (None, GGML_BLOCK):
+            raise ValueError(f"{part}: llama.cpp's iq4_nl quantizes weights and the KV cache at 4 bits in blocks of "
+                             f"{GGML_BLOCK} (write W4A16-iq4nl, W16A16KV4-iq4nl)")
         return {"format": "iq4nl", "scale": "fp16", **blocks(GGML_BLOCK)}
     if fmt == "q_k_m":  # llama.cpp's mixture (quantlens.quantize.mixtures): per-tensor k-quants, the head too
         from quantlens.quantize.mixtures import MIXTURES
@@ -64,8 +65,10 @@ def _format_part(fmt: str, part: str, bits: int, element: str | None, group: int
             raise ValueError(f"llama.cpp has no mixture q{bits}_k_m (mixtures: {', '.join(MIXTURES)})")
         return {**_format_part("q_k", part, bits, element, group), "mixture": f"q{bits}_k_m"}
     if fmt in ("q_0", "q_1", "q_k"):  # llama.cpp's types (quantlens.quantize.ggml): weights in blocks of 32, k-quants of 256
-        if part != "weights":
-            raise ValueError(f"{part}: llama.cpp's q{bits}{fmt[1:]} is a weight type (write W{bits}A16-q{bits}{fmt[1:]})")
+        name = f"q{bits}{fmt[1:]}"
+        if part == "kv" and fmt == "q_k" or part == "activations" and name != "q8_0":
+            raise ValueError(f"{part}: llama.cpp's {name} is a weight type (write W{bits}A16-{name}; llama.cpp quantizes "
+                             "activations to q8_0 — W8A8-q8_0 — and the KV cache to q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl)")
         from quantlens.quantize.ggml import GGML_TYPES
 
         if f"q{bits}{fmt[1:]}" not in GGML_TYPES:
@@ -129,8 +132,10 @@ def setting_from_name(name: str) -> Setting:
     if fmt and m["fb"]:
         wrong = {part: bits for part, bits in quantized.items() if bits != int(m["fb"])}
         if wrong and fmt == "q":
-            raise ConfigError(f"invalid setting {name!r}: llama.cpp's q{m['fb']}{m['qv']} quantizes weights only: "
-                              f"write W{m['fb']}A16-q{m['fb']}{m['qv']}")
+            said = ", ".join(f"{part} {bits}" for part, bits in wrong.items())
+            raise ConfigError(f"invalid setting {name!r}: llama.cpp's q{m['fb']}{m['qv']} has {m['fb']} bits but {said} bits "
+                              f"are quantized: write W{m['fb']}A16-q{m['fb']}{m['qv']} (weights only), or each part's type "
+                              "in the long form")
         if wrong:
             said = ", ".join(f"{part} {bits}" for part, bits in wrong.items())
             raise ConfigError(f"invalid setting {name!r}: -{fmt}{m['fb']} names {m['fb']} bits but {said} bits are quantized: "
