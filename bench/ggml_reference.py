@@ -114,10 +114,18 @@ def edge_cases(n: int) -> np.ndarray:
 
 
 def model_weights(name: str, max_rows: int) -> list[tuple[str, np.ndarray]]:
+    """Every 2-D weight of a shared model (its first ``max_rows`` rows): a trained tiny model's folder, or
+    a GGUF file's (SmolLM2: ``smollm2-135m``, converted once by quantlens as a sweep converts it)."""
     from safetensors.numpy import load_file
 
+    folder = SHARED / name
+    ggufs = sorted(folder.glob("*.gguf"))
+    if ggufs:
+        from quantlens.model import gguf
+
+        folder = gguf.convert(ggufs[0])
     out = []
-    for f in sorted((SHARED / name).glob("*.safetensors")):
+    for f in sorted(folder.glob("*.safetensors")):
         for k, v in load_file(str(f)).items():
             if v.ndim == 2:
                 out.append((k, v.astype(np.float32)[:max_rows]))
@@ -127,7 +135,7 @@ def model_weights(name: str, max_rows: int) -> list[tuple[str, np.ndarray]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ggml", type=Path, required=True, help="a ggml checkout (src/ggml-quants.c, include/)")
-    ap.add_argument("--models", default="tiny-llama,tiny-opt,tiny-bloom")
+    ap.add_argument("--models", default="tiny-llama,tiny-opt,tiny-bloom,smollm2-135m")
     ap.add_argument("--max-rows", type=int, default=2048, help="rows per matrix (the time is in the C reference)")
     ap.add_argument("--types", default="q2_k,q3_k,q4_k,q5_k,q6_k,iq4_nl,iq4_nl:ref")
     ap.add_argument("--out", type=Path, default=REPO / ".ref-libs" / "ggml-quants")
