@@ -12,8 +12,14 @@ definitions: the anatomy is data, everything generic reads it). For any supporte
   of transformers 5, with the layout the experts module declares), its **routers** (the MoE's gate,
   Qwen2-MoE's shared-expert gate), and its vectors (norms, biases, attention sinks, router score
   biases), plus where its residual stream is read (:attr:`Block.layout`);
-- ``kv_route``: how the attention computes K/V — ``interface`` (transformers'
-  ``ALL_ATTENTION_FUNCTIONS``: OPT, LLaMA, Qwen2, Mistral, …), ``bloom`` (BLOOM's fused QKV), or
+- each block's **mixer** (:attr:`Block.mixer`): attention, or — in a hybrid — a linear attention
+  of :data:`LINEAR_MIXERS` (Qwen3-Next's gated DeltaNet), named by the same ``attention_*`` fields:
+  its linears are attention linears (its output projection named), every other parameter of it
+  (Qwen3-Next's ``conv1d.weight``, ``A_log``, ``dt_bias``, gated ``norm``) a 16-bit state role
+  (:attr:`Block.mixer_states`, counted among the block's weights); it keeps no KV cache;
+- ``kv_route``: how the attention of the blocks that cache K/V (:meth:`Anatomy.kv_parts`) computes
+  them — ``interface`` (transformers' ``ALL_ATTENTION_FUNCTIONS``: OPT, LLaMA, Qwen2, Mistral, …),
+  ``bloom`` (BLOOM's fused QKV), or
   None with :attr:`Anatomy.kv_refusal` saying why (DeepSeek's MLA caches a compressed latent;
   Falcon computes its own attention): weights and activations work, KV-cache settings are refused;
 - ``final_norm`` (or None: OPT-350m has none), ``project_out`` (or None) and ``lm_head``;
@@ -159,8 +165,8 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 # What mixes tokens in a block, by the class names of its modules (first match wins): quantlens
-# understands blocks whose only token mixer is attention; a block list with any other is refused
-# naming its layers (hybrid support is not built yet).
+# understands blocks whose only token mixer is attention or a linear attention of LINEAR_MIXERS; a block
+# list with any other is refused naming its layers.
 MIXERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("linear attention", ("DeltaNet", "DeltaAttention")),  # Qwen3-Next, Qwen3.5, OLMo-hybrid, Kimi Linear
     ("mamba", ("Mamba", "Mixer")),  # Mamba, Mamba2, Falcon-Mamba, Jamba, Bamba, Zamba2, Nemotron-H, Falcon-H1, Granite-4
