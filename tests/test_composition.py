@@ -486,6 +486,23 @@ def test_hybrid_models_are_refused_naming_their_layer_types(arch):
     assert "\n" not in str(err.value)
 
 
+def test_kv_settings_on_a_hybrid_without_attention_blocks_are_refused_in_one_line():
+    """A linear attention caches no K/V: Qwen3-Next's blocks all linear attention leave a KV setting nothing to
+    quantize, and it is refused before a weight changes (weights and activations still work)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _configs()["qwen3_next"]
+    cfg.layer_types = ["linear_attention"] * cfg.num_hidden_layers
+    assert check_config(cfg).kv_route is None
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(ModelNotUnderstood, match=r"^KV-cache settings cannot be applied: Qwen3NextForCausalLM has no attention "
+                                                 r"block \(its 4 blocks mix tokens by linear attention\): no KV cache$"):
+        quantize_(model, "W4A8KV4")
+    assert current_setting(model) is None
+    quantize_(model, "W4A8")
+    restore_(model)
+
+
 def test_blocks_of_other_shapes_are_refused_naming_why():
     """A block of several sublayers (LongCat-Flash: norms, attentions and MLPs in lists) or one whose
     norms sit inside a sublayer (DBRX's norm_attn_norm) is refused saying so, in one line."""
