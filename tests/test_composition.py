@@ -95,11 +95,19 @@ def _configs() -> dict[str, object]:
         "llama4": T.Llama4TextConfig(**two, intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1,
                                      interleave_moe_layer_step=2,  # Maverick's shape: a dense block, then an MoE one
                                      num_key_value_heads=2, head_dim=8),
+        # a hybrid: gated DeltaNet (linear attention: no KV cache, conv1d / A_log / dt_bias / norm kept 16-bit) and
+        # gated full attention alternating, each block then an MoE with a shared expert and its gate
+        "qwen3_next": T.Qwen3NextConfig(**dict(moe, num_hidden_layers=4), layer_types=["linear_attention", "full_attention"] * 2,
+                                        num_key_value_heads=2, head_dim=8, intermediate_size=64, moe_intermediate_size=32,
+                                        shared_expert_intermediate_size=64, num_experts=4, linear_num_key_heads=2,
+                                        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
     }
 
 
 ARCHS = list(_configs())
-MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe", "afmoe", "cohere2-moe", "llama4")
+MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe", "afmoe", "cohere2-moe", "llama4",
+       "qwen3_next")
+HYBRID = {"qwen3_next": ("linear attention", "attention") * 2}  # arch → each block's mixer (all others: attention)
 LAYOUT = {"opt-350m-shape": "post-LN", "gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post-sublayer",
           "gpt-neox": "parallel", "falcon": "parallel", "gpt-j": "parallel", "phi": "parallel", "cohere": "parallel",
           "cohere2": "parallel", "glm4": "sandwich", "afmoe": "sandwich", "cohere2-moe": "parallel"}
@@ -198,6 +206,7 @@ def test_every_feature_on_every_architecture(arch, folders):
     else:
         assert not body.post_ln and body.final_norm is not None
     assert body.is_moe == (arch in MOE)
+    assert tuple(b.mixer for b in body.parts) == HYBRID.get(arch, ("attention",) * len(body.parts))
     kv_refused = KV_REFUSED.get(arch)
 
     # W16A16 is the model itself: its NLL is Hugging Face's own loss
@@ -220,6 +229,14 @@ def test_every_feature_on_every_architecture(arch, folders):
             assert (results[name]["nll"] != results["W16A16"]["nll"]).any(), f"{arch}/{name} changed nothing"
     if not kv_refused:
         _same(results["W16A16"], results["W16A16KV16"], f"{arch}: KV16 is W16A16")
+        # the KV cache of every attention block is quantized, and nothing else (a hybrid's linear attention caches no K/V)
+        quantize_(single, "W16A16KV4")
+        try:
+            perplexity(single, windows[:2], batch_size=2)
+            kv_layers = {s.layer for s in full_report(single).layers if s.kind in ("key", "value")}
+        finally:
+            restore_(single)
+        assert kv_layers == {f"{b.attention_name}.{w}" for b in body.parts if b.mixer == "attention" for w in ("key", "value")}
 
     # every weight the setting targets is quantized: on an MoE, every row of every expert slice takes ≤ 2^4 values
     for model in (single, stream):
@@ -423,10 +440,13 @@ def test_every_named_weight_is_quantized_and_routers_stay_16_bit_unless_included
             for e in body.experts():
                 for a in e.params:
                     assert not torch.equal(getattr(e.module, a).detach(), before[e.qualified(a)]), f"{arch}: {e.qualified(a)}"
+            for n, p in body.mixer_states():  # a linear attention's conv1d, A_log, dt_bias, norm: 16-bit, counted in the block
+                assert torch.equal(p.detach(), before[n]), f"{arch}: {n} changed"
+            assert bool(body.mixer_states()) == (arch in HYBRID)
             cov = report.coverage
             assert cov["coverage_targeted"] == 1.0
             assert cov["coverage_block"] == pytest.approx(_measured_coverage(before, model), abs=1e-12)
-            assert (cov["coverage_block"] == 1.0) == (include or arch not in MOE), cov
+            assert (cov["coverage_block"] == 1.0) == ((include or arch not in MOE) and arch not in HYBRID), cov
         finally:
             restore_(model)
 
@@ -444,7 +464,9 @@ def _hybrids() -> dict[str, tuple[object, str]]:
         "bamba": (T.BambaConfig(**c, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, attn_layer_indices=[1, 3]),
                   r"BambaForCausalLM: hybrid blocks \(mamba, attention\) .*: layers 0,2 are mamba$"),
         "nemotron-h": (T.NemotronHConfig(**c), r"NemotronHForCausalLM: hybrid blocks \(mamba, MLP only, attention\) .*: layer 0 is mamba"),
-        "qwen3-next": (T.Qwen3NextConfig(**c), r"hybrid blocks \(linear attention, attention\) .*: layers 0,1,2 are linear attention$"),
+        # (Qwen3-Next is understood: the composition matrix's qwen3_next; Qwen3.5's gated DeltaNet is not in anatomy.LINEAR_MIXERS yet)
+        "qwen3.5": (T.Qwen3_5TextConfig(**c), r"Qwen3_5ForCausalLM: hybrid blocks \(linear attention, attention\) .*: layers 0,1,2 are "
+                                              r"linear attention$"),
         "lfm2": (T.Lfm2Config(**c, layer_types=["conv", "full_attention", "conv", "full_attention"]),
                  r"Lfm2ForCausalLM: hybrid blocks \(conv, attention\) .*: layers 0,2 are conv$"),
         "falcon-h1": (T.FalconH1Config(vocab_size=96, num_hidden_layers=2),
@@ -462,6 +484,23 @@ def test_hybrid_models_are_refused_naming_their_layer_types(arch):
     with pytest.raises(ModelNotUnderstood, match=f"^{message}" if not message.startswith("hybrid") else message) as err:
         check_config(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_kv_settings_on_a_hybrid_without_attention_blocks_are_refused_in_one_line():
+    """A linear attention caches no K/V: Qwen3-Next's blocks all linear attention leave a KV setting nothing to
+    quantize, and it is refused before a weight changes (weights and activations still work)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _configs()["qwen3_next"]
+    cfg.layer_types = ["linear_attention"] * cfg.num_hidden_layers
+    assert check_config(cfg).kv_route is None
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(ModelNotUnderstood, match=r"^KV-cache settings cannot be applied: Qwen3NextForCausalLM has no attention "
+                                                 r"block \(its 4 blocks mix tokens by linear attention\): no KV cache$"):
+        quantize_(model, "W4A8KV4")
+    assert current_setting(model) is None
+    quantize_(model, "W4A8")
+    restore_(model)
 
 
 def test_blocks_of_other_shapes_are_refused_naming_why():

@@ -15,7 +15,8 @@ from quantlens.quantize.patch import quantize_
 from quantlens.quantize.settings import resolve_setting
 from test_composition import _configs
 
-ARCHS = ("opt", "opt-350m-shape", "bloom", "llama", "qwen2", "gpt2", "gpt-neox", "falcon", "mixtral", "qwen2-moe", "deepseek-v2", "gpt-oss")
+ARCHS = ("opt", "opt-350m-shape", "bloom", "llama", "qwen2", "gpt2", "gpt-neox", "falcon", "mixtral", "qwen2-moe", "deepseek-v2", "gpt-oss",
+         "qwen3_next")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

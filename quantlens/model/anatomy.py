@@ -12,8 +12,14 @@ definitions: the anatomy is data, everything generic reads it). For any supporte
   of transformers 5, with the layout the experts module declares), its **routers** (the MoE's gate,
   Qwen2-MoE's shared-expert gate), and its vectors (norms, biases, attention sinks, router score
   biases), plus where its residual stream is read (:attr:`Block.layout`);
-- ``kv_route``: how the attention computes K/V — ``interface`` (transformers'
-  ``ALL_ATTENTION_FUNCTIONS``: OPT, LLaMA, Qwen2, Mistral, …), ``bloom`` (BLOOM's fused QKV), or
+- each block's **mixer** (:attr:`Block.mixer`): attention, or — in a hybrid — a linear attention
+  of :data:`LINEAR_MIXERS` (Qwen3-Next's gated DeltaNet), named by the same ``attention_*`` fields:
+  its linears are attention linears (its output projection named), every other parameter of it
+  (Qwen3-Next's ``conv1d.weight``, ``A_log``, ``dt_bias``, gated ``norm``) a 16-bit state role
+  (:attr:`Block.mixer_states`, counted among the block's weights); it keeps no KV cache;
+- ``kv_route``: how the attention of the blocks that cache K/V (:meth:`Anatomy.kv_parts`) computes
+  them — ``interface`` (transformers' ``ALL_ATTENTION_FUNCTIONS``: OPT, LLaMA, Qwen2, Mistral, …),
+  ``bloom`` (BLOOM's fused QKV), or
   None with :attr:`Anatomy.kv_refusal` saying why (DeepSeek's MLA caches a compressed latent;
   Falcon computes its own attention): weights and activations work, KV-cache settings are refused;
 - ``final_norm`` (or None: OPT-350m has none), ``project_out`` (or None) and ``lm_head``;
@@ -68,6 +74,7 @@ from quantlens.model.shape import ModelShape
 
 KVRoute = Literal["interface", "bloom"]
 Layout = Literal["pre-LN", "post-LN", "sandwich", "post-sublayer", "parallel"]
+Mixer = Literal["attention", "linear attention"]
 
 FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f", "layer_norm")  # (XGLM: layer_norm)
 OUTPUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
@@ -158,8 +165,8 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 # What mixes tokens in a block, by the class names of its modules (first match wins): quantlens
-# understands blocks whose only token mixer is attention; a block list with any other is refused
-# naming its layers (hybrid support is not built yet).
+# understands blocks whose only token mixer is attention or a linear attention of LINEAR_MIXERS; a block
+# list with any other is refused naming its layers.
 MIXERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("linear attention", ("DeltaNet", "DeltaAttention")),  # Qwen3-Next, Qwen3.5, OLMo-hybrid, Kimi Linear
     ("mamba", ("Mamba", "Mixer")),  # Mamba, Mamba2, Falcon-Mamba, Jamba, Bamba, Zamba2, Nemotron-H, Falcon-H1, Granite-4
@@ -178,18 +185,36 @@ def _mixers(block: nn.Module) -> str:
     return "+".join(k for k, _ in MIXERS if k in kinds) or "MLP only"
 
 
+# The token mixers other than attention that quantlens understands, by class (each read from its
+# forward in transformers): its linears are quantized like attention's (weights, and activations at
+# their inputs); every other parameter of it is a 16-bit state role (Block.mixer_states); it keeps no
+# KV cache (a KV setting reaches the attention blocks only).
+LINEAR_MIXERS: dict[str, str] = {
+    # in_proj_qkvz, in_proj_ba → causal conv1d over q, k, v → gated delta rule (A_log, dt_bias) → gated
+    # RMSNorm (norm) → out_proj
+    "Qwen3NextGatedDeltaNet": "Qwen3-Next's gated DeltaNet",
+}
+
+
+def _understood_mixers(block: nn.Module) -> bool:
+    """Whether every linear-attention module of ``block`` is one of :data:`LINEAR_MIXERS` (and it holds no other mixer)."""
+    linear = [type(m).__name__ for m in block.modules() if any(x in type(m).__name__ for x in MIXERS[0][1])]
+    return _mixers(block) == "linear attention" and all(n in LINEAR_MIXERS for n in linear)
+
+
 def _refuse_hybrid(model: nn.Module) -> None:
     """:class:`ModelNotUnderstood` naming the real cause when the model's largest block list (of any
     classes: Jamba's attention and mamba layers are two) has a block mixing tokens otherwise than by
-    attention: ``Jamba…: hybrid blocks (mamba, attention) are not supported yet: layers 0,2 are mamba``."""
+    attention or a mixer of :data:`LINEAR_MIXERS`:
+    ``Jamba…: hybrid blocks (mamba, attention) are not supported yet: layers 0,2 are mamba``."""
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     if not lists:
         return
     _, blocks = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
     kinds = [_mixers(b) for b in blocks]
     others = {k for k, _ in MIXERS if k != "attention"}
-    if not any(set(k.split("+")) & others for k in kinds):  # (attention not recognised by name is not this refusal's to say)
-        return
+    if not any(set(k.split("+")) & others and not _understood_mixers(b) for k, b in zip(kinds, blocks)):
+        return  # (attention not recognised by name is not this refusal's to say)
     order = list(dict.fromkeys(kinds))
     layers = {k: [i for i, x in enumerate(kinds) if x == k] for k in order if k != "attention"}
     where = "; ".join(f"layer{'s' if len(ix) > 1 else ''} {','.join(map(str, ix[:12]))}{',…' if len(ix) > 12 else ''} "
@@ -336,10 +361,17 @@ class Block:
     routers: tuple[tuple[str, nn.Module], ...] = ()  # qualified name, module with a 2-D weight
     moe_name: str | None = None
     names: dict[int, str] = field(default_factory=dict)  # id(linear) → qualified name (attention, MLP)
+    mixer: Mixer = "attention"  # the token mixer the attention_* fields name: attention, or a linear attention (LINEAR_MIXERS)
+    mixer_states: tuple[tuple[str, nn.Parameter], ...] = ()  # a linear attention's parameters outside its linears: 16-bit
 
     @property
     def is_moe(self) -> bool:
         return bool(self.experts)
+
+    @property
+    def has_kv_cache(self) -> bool:
+        """Whether its mixer caches K/V (attention); a linear attention keeps a recurrent state instead."""
+        return self.mixer == "attention"
 
     @property
     def mlp(self) -> dict[str, nn.Module]:
@@ -422,6 +454,7 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
                                  f"(children: {', '.join(n for n, _ in children)}; found {len(attn)})")
     attn_name, attn_mod = attn[0]
     attn_linears = tuple((f"{name}.{attn_name}.{n}", m) for n, m in attn_mod.named_modules() if is_linear(m))
+    mixer, states = _mixer_of(f"{name}.{attn_name}", attn_mod, attn_linears)
     outs = [m for q, m in attn_linears if q.rsplit(".", 1)[-1] in OUTPUT_PROJ_NAMES]
     attn_out = outs[0] if len(outs) == 1 else attn_linears[-1][1]
 
@@ -459,9 +492,20 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
         residual_site = block.get_submodule(site_name)
         h_site = (residual_site, "output")
 
-    _check_accounted(model_name, name, block, attn_linears, mlp_linears, experts, routers)
+    _check_accounted(model_name, name, block, attn_linears, mlp_linears, experts, routers, states)
     return Block(index, name, block, layout, residual_site, h_site, f"{name}.{attn_name}", attn_mod, attn_linears, attn_out,
-                 mlp, mlp_module, mlp_input, tuple(experts), tuple(routers), moe_name, names)
+                 mlp, mlp_module, mlp_input, tuple(experts), tuple(routers), moe_name, names, mixer, states)
+
+
+def _mixer_of(qualified: str, mixer: nn.Module, linears: tuple[tuple[str, nn.Module], ...]
+              ) -> tuple[Mixer, tuple[tuple[str, nn.Parameter], ...]]:
+    """What kind of token mixer the block's ``*attn*`` child is, and (a linear attention of
+    :data:`LINEAR_MIXERS`) its parameters outside its linears — Qwen3-Next's conv1d.weight, A_log,
+    dt_bias, norm.weight — by qualified name: roles of their own, kept 16-bit."""
+    if type(mixer).__name__ not in LINEAR_MIXERS:
+        return "attention", ()
+    own = {id(p) for _, m in linears for p in m.parameters(recurse=False)}
+    return "linear attention", tuple((f"{qualified}.{n}", p) for n, p in mixer.named_parameters() if id(p) not in own)
 
 
 def _own_matrix(m: nn.Module) -> torch.Tensor | None:
@@ -496,9 +540,10 @@ def is_vector(name: str, p: torch.Tensor) -> bool:
     return name.endswith("bias") and sum(1 for d in shape_of(p) if d > 1) <= 1
 
 
-def _check_accounted(model_name: str, name: str, block: nn.Module, attn_linears, mlp_linears, experts, routers) -> None:
-    """Every matrix of the block is a linear's weight, an expert tensor or a router's weight."""
-    known = {id(m.weight) for _, m in (*attn_linears, *mlp_linears, *routers)}
+def _check_accounted(model_name: str, name: str, block: nn.Module, attn_linears, mlp_linears, experts, routers, states) -> None:
+    """Every matrix of the block is a linear's weight, an expert tensor, a router's weight or a linear
+    attention's state parameter (its conv1d)."""
+    known = {id(m.weight) for _, m in (*attn_linears, *mlp_linears, *routers)} | {id(p) for _, p in states}
     known |= {id(getattr(e.module, a)) for e in experts for a in e.params}
     known |= {id(b) for e in experts if e.has_bias for a in e.params if (b := getattr(e.module, f"{a}_bias", None)) is not None}  # [experts, out]
     for pname, p in block.named_parameters(prefix=name):
@@ -568,18 +613,39 @@ class Anatomy:
 
     def block_matrix_params(self) -> dict[str, nn.Parameter]:
         """Every weight matrix of the decoder blocks: each ≥ 2-D parameter but the experts' biases
-        (gpt-oss' [experts, out]: one bias vector per expert). Qualified name → parameter."""
+        (gpt-oss' [experts, out]: one bias vector per expert), and every state parameter of a linear
+        attention (:attr:`Block.mixer_states`, vectors too: what stays 16-bit there is counted).
+        Qualified name → parameter."""
         biases = {id(getattr(e.module, f"{a}_bias")) for b in self.parts for e in b.experts if e.has_bias for a in e.params
                   if getattr(e.module, f"{a}_bias", None) is not None}
         return {f"{b.name}.{n}": p for b in self.parts for n, p in b.module.named_parameters()
-                if len(shape_of(p)) >= 2 and id(p) not in biases and not is_vector(n, p)}
+                if len(shape_of(p)) >= 2 and id(p) not in biases and not is_vector(n, p)} | {
+            n: p for b in self.parts for n, p in b.mixer_states}
+
+    def kv_parts(self) -> tuple[Block, ...]:
+        """The blocks whose mixer caches K/V (attention): what a KV setting reaches."""
+        return tuple(b for b in self.parts if b.has_kv_cache)
+
+    def mixer_states(self) -> list[tuple[str, nn.Parameter]]:
+        """Every linear attention's state parameters (qualified name, parameter): kept 16-bit."""
+        return [s for b in self.parts for s in b.mixer_states]
 
     def block_matrices(self) -> dict[str, int]:
         """:meth:`block_matrix_params` as qualified name → elements (a streamed skeleton's too)."""
         return {n: shape_of(p).numel() for n, p in self.block_matrix_params().items()}
 
+    def _linear_mixers(self) -> str:
+        """A hybrid's linear-attention blocks, for :meth:`describe` ('' if none)."""
+        lin = [p for p in self.parts if not p.has_kv_cache]
+        if not lin:
+            return ""
+        p = lin[0]
+        return (f"linear attention {p.attention_name.rsplit('.', 1)[-1]} in blocks {','.join(str(x.index) for x in lin)} "
+                f"[{', '.join(n.rsplit('.', 1)[-1] for n, _ in p.attention_linears)}; 16-bit "
+                f"{', '.join(n[len(p.attention_name) + 1:] for n, _ in p.mixer_states)}], ")
+
     def describe(self) -> str:
-        b = self.parts[0]
+        b = (self.kv_parts() or self.parts)[0]
         norm = "none" if self.final_norm is None else type(self.final_norm).__name__
         mlps = list(dict.fromkeys(p.describe() for p in self.parts))
         r = {"pre-LN": "r(l) = the stream at the MLP's norm", "post-LN": "r(l) = z(l−1) + Attn before the norm that follows it",
@@ -589,7 +655,7 @@ class Anatomy:
         mix = f" ({dense} dense, {len(self.parts) - dense} MoE)" if self.is_moe and dense else ""
         return (f"{self.model_type}: {len(self.parts)} blocks{mix} at {self.blocks_name} ({b.layout}; {r}), "
                 f"attention {b.attention_name.rsplit('.', 1)[-1]} [{', '.join(n.rsplit('.', 1)[-1] for n, _ in b.attention_linears)}] "
-                f"via {self.kv_route or 'an attention the KV cache cannot reach'}, {'; '.join(mlps)}, final norm {norm}"
+                f"via {self.kv_route or 'an attention the KV cache cannot reach'}, {self._linear_mixers()}{'; '.join(mlps)}, final norm {norm}"
                 + (", project_in/out" if self.project_in is not None or self.project_out is not None else "")
                 + (f", logits soft-capped at {self.logit_softcap}" if self.logit_softcap else ""))
 
@@ -614,6 +680,20 @@ def _kv_refusal(attention: nn.Module, config: Any) -> str | None:
     return None
 
 
+def _kv(model_name: str, parts: tuple[Block, ...], config: Any) -> tuple[KVRoute | None, str | None]:
+    """The KV route of the attention blocks (a hybrid's linear-attention blocks keep no KV cache), or
+    None and why (None: KV-cache settings fail, :mod:`quantlens.quantize.kv`)."""
+    kv = [b for b in parts if b.has_kv_cache]
+    if not kv:
+        return None, f"{model_name} has no attention block (its {len(parts)} blocks mix tokens by linear attention): no KV cache"
+    routes = {kv_route(b.attention) for b in kv}
+    route = routes.pop() if len(routes) == 1 else None
+    refusal = _kv_refusal(kv[0].attention, config) if route is not None else (
+        f"{type(kv[0].attention).__name__} ({kv[0].attention_name}) computes K/V in code quantlens cannot reach "
+        "(neither transformers' attention interface nor BLOOM's)")
+    return (None, refusal) if refusal is not None else (route, None)
+
+
 def anatomy(model: nn.Module) -> Anatomy:
     """The anatomy of ``model`` (see the module doc), or :class:`ModelNotUnderstood`."""
     what = type(model).__name__
@@ -633,13 +713,7 @@ def anatomy(model: nn.Module) -> Anatomy:
     head = model.get_output_embeddings()
     if head is None:
         raise ModelNotUnderstood(f"{what}: no LM head (get_output_embeddings() is None)")
-    routes = {kv_route(b.attention) for b in parts}
-    route = routes.pop() if len(routes) == 1 else None  # None: KV-cache settings fail (quantlens.quantize.kv)
-    refusal = _kv_refusal(parts[0].attention, config) if route is not None else (
-        f"{type(parts[0].attention).__name__} ({parts[0].attention_name}) computes K/V in code quantlens cannot reach "
-        "(neither transformers' attention interface nor BLOOM's)")
-    if refusal is not None:
-        route = None
+    route, refusal = _kv(what, parts, config)
     return Anatomy(model_type, blocks_name, blocks, parts, model.get_input_embeddings(), getattr(parent, "project_in", None),
                    final_norm, getattr(parent, "project_out", None), head, route, refusal,
                    getattr(config, "final_logit_softcapping", None), getattr(model, "logit_scale", None))

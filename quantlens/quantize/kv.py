@@ -12,7 +12,8 @@ which the cache stores them: keys *after* the rotary embedding where the model a
 - BLOOM, which computes its own attention (fused ``query_key_value``, ALiBi): its ``_reshape``
   (fused QKV → query, key, value per head) is wrapped on each attention module.
 
-Any other attention raises :class:`AttentionNotUnderstood` before a weight changes.
+Any other attention raises :class:`AttentionNotUnderstood` before a weight changes. A hybrid's
+linear-attention blocks (Qwen3-Next's gated DeltaNet) cache no K/V: only its attention blocks are reached.
 Perturbations with ``target: kv`` replace the error by noise of the same std **per token and
 head** (each row of head_dim), so the magnitude never depends on what else is in the batch.
 """
@@ -137,8 +138,9 @@ def _wrap_bloom(module: nn.Module) -> None:
 
 # --- attach / detach -------------------------------------------------------------------------------------
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The attention module of each decoder block (qualified name, module), from the model's anatomy."""
-    return [(b.attention_name, b.attention) for b in anatomy(model).parts]
+    """The attention module of each decoder block that caches K/V (qualified name, module), from the
+    model's anatomy: a hybrid's linear-attention blocks keep none."""
+    return [(b.attention_name, b.attention) for b in anatomy(model).kv_parts()]
 
 
 def check_supported(model: nn.Module) -> Anatomy:
@@ -150,13 +152,14 @@ def check_supported(model: nn.Module) -> Anatomy:
 
 
 def attach(model: nn.Module, spec: KVSpec, perturbation: PerturbSpec | None = None, stats_forwards: int = 4) -> list[KVState]:
-    """Quantize (or perturb) the KV cache of every decoder block from the next forward on."""
+    """Quantize (or perturb) the KV cache of every attention block from the next forward on (a
+    hybrid's linear-attention blocks have none)."""
     body = check_supported(model)
     bloom = body.kv_route == "bloom"
     _install_interface_wrappers()
     _ensure_eager(model)
     states = []
-    for b in body.parts:
+    for b in body.kv_parts():
         name, m = b.attention_name, b.attention
         st = KVState(name, spec, perturbation, stats_forwards)
         setattr(m, _STATE, st)
