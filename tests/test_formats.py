@@ -200,7 +200,8 @@ def test_kmeans_codebook_per_channel_is_deterministic_and_fits_the_values():
 def test_format_names_parse_and_round_trip_through_the_long_form():
     for name in FORMAT_NAMES:
         s = setting_from_name(name)
-        long = {"name": "long", **{k: v.model_dump() for k, v in (("weights", s.weights), ("activations", s.activations), ("kv", s.kv)) if v}}
+        long = {"name": "long", **{k: v.model_dump() for k, v in (("weights", s.weights), ("activations", s.activations), ("kv", s.kv)) if v},
+                "include_lm_head": s.include_lm_head, "include_embeddings": s.include_embeddings}  # (a llama.cpp mixture's: true)
         from quantlens.quantize.settings import resolve_setting
 
         assert resolve_setting(long).same_computation(s), name

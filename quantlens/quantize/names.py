@@ -101,6 +101,19 @@ def _calibrated(name: str, suffix: str) -> Any:
     return methods[suffix]
 
 
+def _check_format_bits(name: str, fmt: str, fb: str, qv: str, quantized: dict[str, int]) -> None:
+    """Digits after a format (``-nf4``, ``-q4_0``) name every quantized part's bits: one line where they do not."""
+    wrong = {part: bits for part, bits in quantized.items() if bits != int(fb)}
+    if not wrong:
+        return
+    said = ", ".join(f"{part} {bits}" for part, bits in wrong.items())
+    if fmt == "q":
+        raise ConfigError(f"invalid setting {name!r}: llama.cpp's q{fb}{qv} has {fb} bits but {said} bits are quantized: "
+                          f"write W{fb}A16-q{fb}{qv} (weights only), or each part's type in the long form")
+    raise ConfigError(f"invalid setting {name!r}: -{fmt}{fb} names {fb} bits but {said} bits are quantized: "
+                      f"write -{fmt} (each part in {fmt} at its own bits)")
+
+
 def setting_from_name(name: str) -> Setting:
     """Parse a setting name; 16 bits means 'not quantized' (W16A16 is the baseline)."""
     m = _NAME.match(name)
@@ -130,16 +143,7 @@ def setting_from_name(name: str) -> Setting:
     parts = {"weights": wb, "activations": ab, "kv": kvb}
     quantized = {part: bits for part, bits in parts.items() if bits < 16}
     if fmt and m["fb"]:
-        wrong = {part: bits for part, bits in quantized.items() if bits != int(m["fb"])}
-        if wrong and fmt == "q":
-            said = ", ".join(f"{part} {bits}" for part, bits in wrong.items())
-            raise ConfigError(f"invalid setting {name!r}: llama.cpp's q{m['fb']}{m['qv']} has {m['fb']} bits but {said} bits "
-                              f"are quantized: write W{m['fb']}A16-q{m['fb']}{m['qv']} (weights only), or each part's type "
-                              "in the long form")
-        if wrong:
-            said = ", ".join(f"{part} {bits}" for part, bits in wrong.items())
-            raise ConfigError(f"invalid setting {name!r}: -{fmt}{m['fb']} names {m['fb']} bits but {said} bits are quantized: "
-                              f"write -{fmt} (each part in {fmt} at its own bits)")
+        _check_format_bits(name, fmt, m["fb"], m["qv"] or "", quantized)
     data: dict[str, Any] = {"name": name}
     if m["calib"]:  # a calibrated method (GPTQ, AWQ as the second paper runs them: groups of 128 unless -g says otherwise)
         method = _calibrated(name, m["calib"])
