@@ -179,13 +179,16 @@ def _iq4_nl_packed(x: torch.Tensor, ntry: int = -1) -> tuple[torch.Tensor, np.nd
 
 def test_iq4_nl_codes_dequantize_in_gguf_to_our_values(weights):
     """Both paths decode in gguf to our values; the setting W4A16-iq4nl is llama-quantize's (the search)."""
-    cases = {**weights, **{k: v for k, v in _edge_blocks().items() if k != "outlier"}}
-    for name, x in cases.items():
-        for ntry in (-1, 7):
+    edges = {k: v for k, v in _edge_blocks().items() if k != "outlier"}
+    searched = {**edges, **{k: v[:64] for k, v in list(weights.items())[::4]}}  # (the search is 15 fits: a sample of rows)
+    for name, x in {**weights, **edges}.items():
+        for ntry in (-1, 7) if name in searched else (-1,):
+            x = searched[name] if ntry == 7 else x
             xq, blocks = _iq4_nl_packed(x, ntry)
             ref = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.IQ4_NL).reshape(tuple(x.shape))
             assert torch.equal(xq, torch.from_numpy(np.ascontiguousarray(ref))), (name, ntry)
-        assert torch.equal(quantize(x, setting_from_name("W4A16-iq4nl").weights).xq, xq), name
+        if name in searched:
+            assert torch.equal(quantize(x, setting_from_name("W4A16-iq4nl").weights).xq, xq), name
 
 
 def test_iq4_nl_follows_the_reference_rule():
