@@ -1,7 +1,7 @@
 """GGUF files as released checkpoints of their base model (SmolLM2-135M-Instruct, shared): a file the
 ``gguf`` package writes — every block weight re-quantized to Q4_0 with gguf's own quantizer — reads back
 as a checkpoint setting with exactly the perplexity of quantlens' own W4A16-q4_0 (the two quantizers agree
-bit for bit); the model's own file read back as a checkpoint changes nothing; a type quantlens does not
+bit for bit); the model's own file, or a float export of it, read back as a checkpoint changes nothing; a type quantlens does not
 know, or another model's file, is one line before anything is evaluated."""
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ def rewrite(src: Path, dst: Path, qtype: str, only: str = "blk.") -> Path:
         shape = [int(d) for d in reversed(t.shape)]  # numpy order: rows, then the row's values
         if t.name.startswith(only) and len(shape) == 2 and t.tensor_type not in (gguf.GGMLQuantizationType.F32,):
             x = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+            if qtype == "F32":  # a float export of the same weights
+                w.add_tensor(t.name, x)
+                continue
             w.add_tensor(t.name, gguf.quants.quantize(x, target), raw_dtype=target)  # (bytes per row: the writer reads the shape)
         elif t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             w.add_tensor(t.name, np.asarray(t.data).reshape(shape))
@@ -58,7 +61,7 @@ def rewrite(src: Path, dst: Path, qtype: str, only: str = "blk.") -> Path:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("gguf")
-    return {"q4_0": rewrite(SMOL, d / "SmolLM2.Q4_0.gguf", "Q4_0"),
+    return {"q4_0": rewrite(SMOL, d / "SmolLM2.Q4_0.gguf", "Q4_0"), "f32": rewrite(SMOL, d / "SmolLM2.F32.gguf", "F32"),
             "tq2_0": rewrite(SMOL, d / "SmolLM2.TQ2_0.gguf", "TQ2_0", only="blk.0.ffn_down")}
 
 
@@ -75,7 +78,7 @@ def _run(tmp_path: Path, settings: list, extra_env: dict | None = None) -> subpr
 
 def test_a_gguf_file_reads_back_as_a_checkpoint_of_its_base(files, tmp_path):
     r = _run(tmp_path, ["W16A16", "W4A16-q4_0", {"name": "gguf-q4_0", "checkpoint": str(files["q4_0"])},
-                        {"name": "own-file", "checkpoint": str(SMOL)}])
+                        {"name": "own-file", "checkpoint": str(SMOL)}, {"name": "f32-export", "checkpoint": str(files["f32"])}])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:
         ppl = dict(db.execute("SELECT p.value, m.value FROM metrics m JOIN params p USING (run_uuid) "
@@ -89,6 +92,7 @@ def test_a_gguf_file_reads_back_as_a_checkpoint_of_its_base(files, tmp_path):
     assert (params["checkpoint_method"], params["checkpoint_layout"], params["w_format"]) == ("gguf", "gguf-q4_0", "q4_0")
     assert params["checkpoint_quantized_layers"] == str(30 * 7) and params["checkpoint_changed_tensors"] == "0"
     assert ppl["own-file"] == ppl["W16A16"] and err["own-file"] == 0.0  # its own file changes nothing
+    assert ppl["f32-export"] == ppl["W16A16"] and err["f32-export"] == 0.0  # nor a float export of its weights
 
 
 def test_an_unknown_type_or_another_models_file_is_one_line_before_anything_runs(files, tmp_path):

@@ -10,8 +10,9 @@ blocks) is compared with the model, a changed one set for the setting and restor
 model loaded from a GGUF file and its own file read back as a checkpoint change nothing.
 
 The run's weights spec is the type most of the quantized block weights are stored in (a Q4_K_M
-file: its mixture's types, listed in the layout); a type quantlens does not know (the IQ2/IQ3
-codebooks, ternary types) is one line before anything runs.
+file: its mixture's types, listed in the layout); a file that stores every weight in a float type (an
+F16 export) is read the same way, its matrices as its weights (16 bits). A type quantlens does not
+know (the IQ2/IQ3 codebooks, ternary types) is one line before anything runs.
 """
 
 from __future__ import annotations
@@ -27,22 +28,27 @@ EMBEDDINGS = ("token_embd.weight", "per_layer_token_embd.weight")  # GGUF names:
 
 
 def _quantized(q: dict) -> dict[str, str]:
-    """Parameter name → llama.cpp type of the weights stored quantized (embeddings left out)."""
-    return {name: t.lower() for name, (t, gguf_name) in q["tensor_types"].items()
-            if t not in FLOAT_TYPES and gguf_name not in EMBEDDINGS}
+    """Parameter name → llama.cpp type of the weights stored quantized (embeddings left out); a file
+    that stores none quantized (an F16 or F32 export): its matrices, in their float type."""
+    matrices = {name: t.lower() for name, (t, gguf_name, ndim) in q["tensor_types"].items()
+                if ndim >= 2 and gguf_name not in EMBEDDINGS}
+    quantized = {name: t for name, t in matrices.items() if t.upper() not in FLOAT_TYPES}
+    return quantized or matrices
 
 
 def describe(q: dict, what: str) -> dict:
     types = _quantized(q)
-    unknown = sorted({t for t in types.values() if t not in GGML_TYPES})
+    unknown = sorted({t for t in types.values() if t not in GGML_TYPES and t.upper() not in FLOAT_TYPES})
     if unknown:
         raise ConfigError(f"{what}: GGUF type {unknown[0].upper()} is not one quantlens reads "
                           f"(types: {', '.join(t.upper() for t in GGML_TYPES)}, and float)")
     if not types:
-        raise ConfigError(f"{what}: the GGUF file stores no weight in a quantized type: not a quantized checkpoint "
-                          "(a full-precision model is a sweep model, not a setting)")
+        raise ConfigError(f"{what}: the GGUF file holds no weight matrix a model of its architecture has")
     counts = Counter(types.values())
-    main = GGML_TYPES[counts.most_common(1)[0][0]]
+    top = counts.most_common(1)[0][0]
+    if top not in GGML_TYPES:  # a float export (F16, BF16, F32): its weights as they are, read back
+        return dict(method="gguf", layout=f"gguf-{top}", bits=16, group_size=None, symmetric=True, act_order=False)
+    main = GGML_TYPES[top]
     return dict(method="gguf", layout="gguf-" + "+".join(t for t, _ in counts.most_common()), bits=main.bits,
                 group_size=main.block, symmetric=main.symmetric, act_order=False,
                 num_format="iq4nl" if main.rule == "iq4nl" else "ggml")

@@ -225,12 +225,12 @@ def convert(path: str | Path, log: Callable[[str], None] = lambda _: None) -> Pa
     return folder
 
 
-TYPES_FILE = "tensor_types.json"  # in a staged folder: each weight's llama.cpp type, by the model's parameter name
+TYPES_FILE = "tensor_types-v2.json"  # in a staged folder: each weight's llama.cpp type, by the model's parameter name
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 
-def tensor_types(folder: str | Path) -> dict[str, tuple[str, str]]:
-    """The model's parameter name → (the llama.cpp type it is stored in, its GGUF name), for the GGUF
+def tensor_types(folder: str | Path) -> dict[str, tuple[str, str, int]]:
+    """The model's parameter name → (the llama.cpp type it is stored in, its GGUF name, its dimensions), for the GGUF
     file a staged folder was made from: tensor names mapped as transformers' GGUF loader maps them
     (``blk.0.attn_q.weight`` → ``model.layers.0.self_attn.q_proj.weight``). Read once from the
     header (no tensor dequantized, the model built on the meta device), then kept in the folder."""
@@ -250,7 +250,7 @@ def tensor_types(folder: str | Path) -> dict[str, tuple[str, str]]:
         model = AutoModelForCausalLM.from_config(config)
     names = get_gguf_hf_weights_map(model, TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=config.to_dict()))
     reader = _reader(Path(header.path), f"GGUF file {header.path}")
-    types = {names[t.name]: (t.tensor_type.name, t.name) for t in reader.tensors if t.name in names}
+    types = {names[t.name]: (t.tensor_type.name, t.name, len(t.shape)) for t in reader.tensors if t.name in names}
     tmp = folder / (TYPES_FILE + ".partial")
     tmp.write_text(json.dumps(types, indent=0) + "\n")
     tmp.rename(cached)
