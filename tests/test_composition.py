@@ -101,13 +101,17 @@ def _configs() -> dict[str, object]:
                                         num_key_value_heads=2, head_dim=8, intermediate_size=64, moe_intermediate_size=32,
                                         shared_expert_intermediate_size=64, num_experts=4, linear_num_key_heads=2,
                                         linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
+        # Qwen3.5: the same mixers, its DeltaNet's projections split otherwise (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a), dense MLPs
+        "qwen3.5": T.Qwen3_5TextConfig(**dict(common, num_hidden_layers=4), layer_types=["linear_attention", "full_attention"] * 2,
+                                       num_key_value_heads=2, head_dim=8, intermediate_size=64, linear_num_key_heads=2,
+                                       linear_num_value_heads=8, linear_key_head_dim=8, linear_value_head_dim=8),  # (in_proj_b/a: 8 rows, a GPTQ word)
     }
 
 
 ARCHS = list(_configs())
 MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe", "afmoe", "cohere2-moe", "llama4",
        "qwen3_next")
-HYBRID = {"qwen3_next": ("linear attention", "attention") * 2}  # arch → each block's mixer (all others: attention)
+HYBRID = {"qwen3_next": ("linear attention", "attention") * 2, "qwen3.5": ("linear attention", "attention") * 2}  # arch → each block's mixer (all others: attention)
 LAYOUT = {"opt-350m-shape": "post-LN", "gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post-sublayer",
           "gpt-neox": "parallel", "falcon": "parallel", "gpt-j": "parallel", "phi": "parallel", "cohere": "parallel",
           "cohere2": "parallel", "glm4": "sandwich", "afmoe": "sandwich", "cohere2-moe": "parallel"}
@@ -245,7 +249,7 @@ def test_every_feature_on_every_architecture(arch, folders):
             w4 = perplexity(model, windows, batch_size=4)["per_example"]["nll"].to_numpy()
             cov = full_report(model).summary()
             assert cov["coverage_targeted"] == 1.0, cov
-            assert (cov["coverage_block"] < 1.0) == (arch in MOE), cov  # the routers stay 16-bit
+            assert (cov["coverage_block"] < 1.0) == (arch in MOE or arch in HYBRID), cov  # routers, a linear attention's states: 16-bit
             if model is single and arch in MOE:
                 experts = [(e, a) for e in body.experts() for a in e.params]
                 assert len(experts) == 2 * sum(b.is_moe for b in body.parts)
@@ -464,9 +468,10 @@ def _hybrids() -> dict[str, tuple[object, str]]:
         "bamba": (T.BambaConfig(**c, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, attn_layer_indices=[1, 3]),
                   r"BambaForCausalLM: hybrid blocks \(mamba, attention\) .*: layers 0,2 are mamba$"),
         "nemotron-h": (T.NemotronHConfig(**c), r"NemotronHForCausalLM: hybrid blocks \(mamba, MLP only, attention\) .*: layer 0 is mamba"),
-        # (Qwen3-Next is understood: the composition matrix's qwen3_next; Qwen3.5's gated DeltaNet is not in anatomy.LINEAR_MIXERS yet)
-        "qwen3.5": (T.Qwen3_5TextConfig(**c), r"Qwen3_5ForCausalLM: hybrid blocks \(linear attention, attention\) .*: layers 0,1,2 are "
-                                              r"linear attention$"),
+        # (Qwen3-Next and Qwen3.5 are understood: the composition matrix's qwen3_next and qwen3.5; OLMo-hybrid's DeltaNet is not
+        # in anatomy.LINEAR_MIXERS yet)
+        "olmo-hybrid": (T.OlmoHybridConfig(**c, pad_token_id=0, eos_token_id=1),
+                        r"OlmoHybridForCausalLM: hybrid blocks \(linear attention, attention\) .*: layers 0,1,2 are linear attention$"),
         "lfm2": (T.Lfm2Config(**c, layer_types=["conv", "full_attention", "conv", "full_attention"]),
                  r"Lfm2ForCausalLM: hybrid blocks \(conv, attention\) .*: layers 0,2 are conv$"),
         "falcon-h1": (T.FalconH1Config(vocab_size=96, num_hidden_layers=2),

@@ -193,6 +193,9 @@ LINEAR_MIXERS: dict[str, str] = {
     # in_proj_qkvz, in_proj_ba → causal conv1d over q, k, v → gated delta rule (A_log, dt_bias) → gated
     # RMSNorm (norm) → out_proj
     "Qwen3NextGatedDeltaNet": "Qwen3-Next's gated DeltaNet",
+    # in_proj_qkv, in_proj_z, in_proj_b, in_proj_a → the same conv1d, delta rule and gated norm → out_proj
+    "Qwen3_5GatedDeltaNet": "Qwen3.5's gated DeltaNet",
+    "Qwen3_5MoeGatedDeltaNet": "Qwen3.5-MoE's gated DeltaNet",
 }
 
 
