@@ -45,3 +45,20 @@ def test_both_callers_refuse_a_misfit_in_their_own_words():
     with pytest.raises(PreflightError, match=r"^setting W4A16-g12: weights group size 12 does not divide the 32 input "
                                              r"features of layers\.\*\.q \(model tiny\); group sizes that divide every linear: 16, 32$"):
         check_group_sizes("tiny", shape, [resolve_setting("W4A16-g12")])
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3.5"])
+def test_a_hybrids_linear_attention_is_in_the_preflight_group_check(arch):
+    """The gated DeltaNet's output projection reads the value heads' width (here 48), not the hidden
+    size (32): a group of 32 that fits every attention and MLP linear is refused naming it, in
+    preflight as quantize_ would."""
+    cfg = _configs()[arch].to_dict()
+    cfg.update(linear_num_value_heads=6, linear_num_key_heads=2)  # value width 6 × 8 = 48
+    shape = shape_from_config(cfg)
+    assert shape.linears["layers.*.linear_attn.out_proj"] == 48
+    with pytest.raises(PreflightError, match=r"^setting W4A16-g32: weights group size 32 does not divide the 48 input "
+                                             r"features of layers\.\*\.linear_attn\.out_proj \(model hybrid\)"):
+        check_group_sizes("hybrid", shape, [resolve_setting("W4A16-g32")])
+    model = AutoModelForCausalLM.from_config(type(_configs()[arch])(**cfg))
+    with pytest.raises(ConfigError, match=r"does not divide in_features=48 of layer 'model\.layers\.0\.linear_attn\.out_proj'"):
+        quantize_(model, "W4A16-g32")

@@ -327,6 +327,20 @@ def _outside_params(cfg: dict[str, Any], d: dict[str, Any], norm: int) -> int:
     return outside
 
 
+def _linear_attention(cfg: dict[str, Any], H: int) -> dict[str, tuple[int, int]]:
+    """A hybrid's linear-attention linears (name → (out, in)) where its config has linear_attention
+    layers (Qwen3-Next's and Qwen3.5's gated DeltaNet): what the group-size check reads — the output
+    projection reads the value heads' width, not the hidden size. (Its parameters are counted as an
+    attention block's: an estimate, not exact, for these hybrids.)"""
+    if "linear_attention" not in (cfg.get("layer_types") or []):
+        return {}
+    nk, nv = int(cfg["linear_num_key_heads"]), int(cfg["linear_num_value_heads"])
+    kd, vd = nk * int(cfg["linear_key_head_dim"]), nv * int(cfg["linear_value_head_dim"])
+    if cfg.get("model_type") == "qwen3_next":
+        return {"in_proj_qkvz": (2 * kd + 2 * vd, H), "in_proj_ba": (2 * nv, H), "out_proj": (H, vd)}
+    return {"in_proj_qkv": (2 * kd + vd, H), "in_proj_z": (vd, H), "in_proj_b": (nv, H), "in_proj_a": (nv, H), "out_proj": (H, vd)}
+
+
 def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
     """Counts computed from a config's dimensions: exact (``tests/test_plan.py`` checks them against
     transformers' own models) for OPT, BLOOM, the LLaMA-likes, GPT-NeoX / Pythia and the mixtures of
@@ -374,6 +388,7 @@ def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
             linears.update({f"layers.{first}.{n}": i for n, (_, i) in dense_lin.items()})
             ffn = max(ffn, F)
             largest = max(largest, *(o * i for o, i in dense_lin.values()))
+    linears.update({f"layers.*.linear_attn.{n}": v for n, v in _linear_attention(cfg, H).items()})
     linears = {n: (v if isinstance(v, int) else v[1]) for n, v in linears.items()}
     outside = _outside_params(cfg, d, norm)
     return Shape(params=sum(blocks) + outside, layers=L, hidden=H, ffn=ffn, vocab=V, heads=d["heads"], model_type=t,
