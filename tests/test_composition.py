@@ -105,16 +105,39 @@ def _configs() -> dict[str, object]:
         "qwen3.5": T.Qwen3_5TextConfig(**dict(common, num_hidden_layers=4), layer_types=["linear_attention", "full_attention"] * 2,
                                        num_key_value_heads=2, head_dim=8, intermediate_size=64, linear_num_key_heads=2,
                                        linear_num_value_heads=8, linear_key_head_dim=8, linear_value_head_dim=8),  # (in_proj_b/a: 8 rows, a GPTQ word)
+        # state-space hybrids: Jamba (blocks of two classes: Mamba-1 with its dt_proj applied by weight, attention; MoE every
+        # second block), Granite-4 (Mamba-2 and attention, an MoE with a shared MLP, logits divided by logits_scaling),
+        # Falcon-H1 (Mamba-2 beside the attention in every block, muP multipliers on the head); LFM2-MoE's short convolutions
+        "jamba": T.JambaConfig(**dict(common, num_hidden_layers=4), intermediate_size=64, num_key_value_heads=2, num_experts=4,
+                               num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
+                               attn_layer_offset=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
+        "granite-4": T.GraniteMoeHybridConfig(**two, intermediate_size=32, shared_intermediate_size=64, num_local_experts=4,
+                                              num_experts_per_tok=2, num_key_value_heads=2, layer_types=["mamba", "attention"],
+                                              mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1, mamba_expand=2,
+                                              mamba_chunk_size=16, logits_scaling=2.0),  # (in_proj: 152 rows, whole GPTQ words)
+        "falcon-h1": T.FalconH1Config(**two, intermediate_size=64, num_key_value_heads=2, head_dim=8, mamba_n_heads=8, mamba_d_head=8,
+                                      mamba_d_ssm=64, mamba_d_state=8, mamba_n_groups=1, mamba_expand=2, mamba_chunk_size=16,
+                                      lm_head_multiplier=0.5, embedding_multiplier=2.0),
+        "lfm2-moe": T.Lfm2MoeConfig(**dict(common, num_hidden_layers=3), intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                    num_experts_per_tok=2, num_dense_layers=1, num_key_value_heads=2,
+                                    layer_types=["conv", "full_attention", "conv"], conv_L_cache=3),
     }
 
 
 ARCHS = list(_configs())
 MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe", "afmoe", "cohere2-moe", "llama4",
-       "qwen3_next")
-HYBRID = {"qwen3_next": ("linear attention", "attention") * 2, "qwen3.5": ("linear attention", "attention") * 2}  # arch → each block's mixer (all others: attention)
+       "qwen3_next", "jamba", "granite-4", "lfm2-moe")
+# arch → each block's (main) token mixer (all others: attention); a hybrid keeps its mixers' states 16-bit
+HYBRID = {"qwen3_next": ("linear attention", "attention") * 2, "qwen3.5": ("linear attention", "attention") * 2,
+          "jamba": ("ssm", "attention") * 2, "granite-4": ("ssm", "attention"), "falcon-h1": ("attention",) * 2,  # (its Mamba-2: a side mixer)
+          "lfm2-moe": ("short conv", "attention", "short conv")}
 LAYOUT = {"opt-350m-shape": "post-LN", "gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post-sublayer",
           "gpt-neox": "parallel", "falcon": "parallel", "gpt-j": "parallel", "phi": "parallel", "cohere": "parallel",
           "cohere2": "parallel", "glm4": "sandwich", "afmoe": "sandwich", "cohere2-moe": "parallel"}
+# Models whose stream and single runs agree to float32 rounding, not bit for bit: Jamba's Mamba-1 computes
+# dt_proj.weight @ x, a broadcast matmul whose CPU result depends on where its operands sit in memory
+# (measured: 4 different results over 16 offsets of the same tensors), and a streamed block's tensors sit elsewhere
+ALIGNMENT_SENSITIVE = {"jamba"}
 KV_REFUSED = {"deepseek-v2": "multi-head latent attention", "deepseek-v3": "multi-head latent attention",
               "xglm": "computes K/V in code quantlens cannot reach"}  # (XGLM's attention is not on the shared interface)
 # the only refusals: KV settings, in one line. Falcon computed K/V in its own attention code until
@@ -186,14 +209,15 @@ def _evaluate(model, setting, windows, reqs) -> dict[str, object]:
     return out
 
 
-def _same(a: dict, b: dict, what: str) -> None:
+def _same(a: dict, b: dict, what: str, exact: bool = True) -> None:
+    """Bit for bit; ``exact=False``: to float32 rounding (rel 1e-5), for a model whose CPU kernels round by memory alignment."""
     for k in a:
         if isinstance(a[k], pd.DataFrame):
-            pd.testing.assert_frame_equal(a[k], b[k], check_exact=True, obj=f"{what} {k}")
+            pd.testing.assert_frame_equal(a[k], b[k], check_exact=exact, rtol=1e-5, obj=f"{what} {k}")
         elif isinstance(a[k], float):
-            assert a[k] == b[k], f"{what} {k}: {a[k]} != {b[k]}"
+            assert a[k] == (b[k] if exact else pytest.approx(b[k], rel=1e-5)), f"{what} {k}: {a[k]} != {b[k]}"
         else:
-            assert (a[k] == b[k]).all(), f"{what} {k}"
+            assert (a[k] == b[k]).all() if exact else a[k] == pytest.approx(b[k], rel=1e-5), f"{what} {k}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -225,7 +249,7 @@ def test_every_feature_on_every_architecture(arch, folders):
             assert current_setting(single) is None
             continue
         results[s.name] = r = _evaluate(single, setting, windows, reqs)
-        _same(r, _evaluate(stream, setting, windows, reqs), f"{arch}/{s.name} stream vs single")
+        _same(r, _evaluate(stream, setting, windows, reqs), f"{arch}/{s.name} stream vs single", exact=arch not in ALIGNMENT_SENSITIVE)
         assert torch.isfinite(torch.tensor(r["nll"])).all()
     assert results["W16A16"]["nll"].mean() == pytest.approx(hf, rel=1e-6)
     for name in ("W4A8", "W16A16KV4", "W4A8+noise", "W16A16KV4+noise", "W3A16-g16-nu", *FORMATS):
@@ -263,7 +287,7 @@ def test_every_feature_on_every_architecture(arch, folders):
             restore_(model)
         if model is single:
             w4_single = w4
-    assert (w4 == w4_single).all()
+    assert (w4 == w4_single).all() if arch not in ALIGNMENT_SENSITIVE else w4 == pytest.approx(w4_single, rel=1e-5)
 
     # residual statistics: every layer, every example, finite
     res = results["W16A16"]["residual"]
@@ -279,7 +303,8 @@ def test_every_feature_on_every_architecture(arch, folders):
         finally:
             restore_(model)
     for table in ("layer_error", "early_exit", "patching"):
-        pd.testing.assert_frame_equal(getattr(explained["single"], table), getattr(explained["stream"], table), check_exact=True)
+        pd.testing.assert_frame_equal(getattr(explained["single"], table), getattr(explained["stream"], table),
+                                      check_exact=arch not in ALIGNMENT_SENSITIVE, rtol=1e-5)
     patching = explained["single"].patching.set_index("patched")["nll"]
     ex = explained["single"].per_example
     full = (ex[ex["set"] == "large"]["nll_full"]).mean()
@@ -299,7 +324,7 @@ def test_every_feature_on_every_architecture(arch, folders):
     # device_map on CPU computes what single computes
     dm, _ = load_model(path, device="cpu", dtype="float32", placement="device_map")
     for setting in ("W16A16", "W4A8"):
-        _same(results[setting], _evaluate(dm, setting, windows, reqs), f"{arch}/{setting} device_map")
+        _same(results[setting], _evaluate(dm, setting, windows, reqs), f"{arch}/{setting} device_map", exact=arch not in ALIGNMENT_SENSITIVE)
 
 
 def test_a_model_outside_the_anatomy_fails_in_one_line():
@@ -331,7 +356,7 @@ def test_fused_experts_without_a_declared_layout_are_refused():
 
 def _stream_equals_single(single, stream, setting, weights: dict, windows, what: str) -> None:
     """``setting`` with its given weights (``weights[placement]``) on the single and the streamed
-    model: every targeted weight quantized, the per-window NLLs bit for bit equal."""
+    model: every targeted weight quantized, the per-window NLLs bit for bit equal (``what``: arch/setting)."""
     results = {}
     for p, m in (("single", single), ("stream", stream)):
         quantize_(m, setting, calibrated=weights[p])
@@ -340,7 +365,7 @@ def _stream_equals_single(single, stream, setting, weights: dict, windows, what:
             assert full_report(m).summary()["coverage_targeted"] == 1.0
         finally:
             restore_(m)
-    _same(results["single"], results["stream"], f"{what} stream vs single")
+    _same(results["single"], results["stream"], f"{what} stream vs single", exact=what.split("/")[0] not in ALIGNMENT_SENSITIVE)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -389,7 +414,7 @@ def test_released_checkpoints_on_every_architecture(arch, folders, tmp_path):
     assert weights.keys() == read["stream"][0].keys() and all(torch.equal(weights[k], read["stream"][0][k]) for k in weights)
     body = anatomy(single)
     experts = {e.qualified(a) for e in body.experts() for a in e.params}
-    fused_on_disk = arch in ("gpt-oss", "llama4")  # (their checkpoints hold the fused 3-D tensors: no per-expert matrix to pack)
+    fused_on_disk = arch in ("gpt-oss", "llama4", "granite-4")  # (their checkpoints hold the fused 3-D tensors: no per-expert matrix to pack)
     expected = {n for n, _ in body.block_linears()} | (set() if fused_on_disk else experts)
     assert set(weights) == expected, set(expected) ^ set(weights)  # every linear and every expert tensor, from the checkpoint
     assert params["checkpoint_full_precision_layers"] == (len(experts) if fused_on_disk else 0)
@@ -460,24 +485,32 @@ def _hybrids() -> dict[str, tuple[object, str]]:
 
     c = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=4, num_key_value_heads=2)
     return {
-        "jamba": (T.JambaConfig(**c, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, num_experts=2),
-                  r"JambaForCausalLM: hybrid blocks \(mamba, attention\) are not supported yet: layers 0,2 are mamba$"),
         "zamba2": (T.Zamba2Config(**c, layer_types=["mamba", "hybrid", "mamba", "hybrid"], mamba_headdim=8, n_mamba_heads=8),
-                   r"Zamba2ForCausalLM: hybrid blocks \(mamba, mamba\+attention\) are not supported yet: layers 0,2 are mamba; "
-                   r"layers 1,3 are mamba\+attention$"),
-        "bamba": (T.BambaConfig(**c, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, attn_layer_indices=[1, 3]),
-                  r"BambaForCausalLM: hybrid blocks \(mamba, attention\) .*: layers 0,2 are mamba$"),
-        "nemotron-h": (T.NemotronHConfig(**c), r"NemotronHForCausalLM: hybrid blocks \(mamba, MLP only, attention\) .*: layer 0 is mamba"),
-        # (Qwen3-Next and Qwen3.5 are understood: the composition matrix's qwen3_next and qwen3.5; OLMo-hybrid's DeltaNet is not
-        # in anatomy.LINEAR_MIXERS yet)
+                   r"Zamba2ForCausalLM: hybrid blocks \(ssm, ssm\+attention\) are not supported yet: layers 0,2 are ssm; "
+                   r"layers 1,3 are ssm\+attention \(Zamba2MambaDecoderLayer, Zamba2MambaMixer: not in anatomy.TOKEN_MIXERS\)$"),
+        "nemotron-h": (T.NemotronHConfig(**c), r"NemotronHForCausalLM: hybrid blocks \(ssm, MLP only, attention\) .*: layer 0 is ssm"),
+        # (Qwen3-Next, Qwen3.5, Jamba, Granite-4, Falcon-H1, LFM2-MoE are understood: the composition matrix; Bamba and LFM2 below;
+        # OLMo-hybrid's DeltaNet is not in anatomy.TOKEN_MIXERS yet)
         "olmo-hybrid": (T.OlmoHybridConfig(**c, pad_token_id=0, eos_token_id=1),
-                        r"OlmoHybridForCausalLM: hybrid blocks \(linear attention, attention\) .*: layers 0,1,2 are linear attention$"),
-        "lfm2": (T.Lfm2Config(**c, layer_types=["conv", "full_attention", "conv", "full_attention"]),
-                 r"Lfm2ForCausalLM: hybrid blocks \(conv, attention\) .*: layers 0,2 are conv$"),
-        "falcon-h1": (T.FalconH1Config(vocab_size=96, num_hidden_layers=2),
-                      r"FalconH1ForCausalLM: mamba\+attention blocks are not supported yet: layers 0,1 are mamba\+attention$"),
-        "mamba": (T.MambaConfig(**c), r"MambaForCausalLM: mamba blocks are not supported yet: layers 0,1,2,3 are mamba$"),
+                        r"OlmoHybridForCausalLM: hybrid blocks \(linear attention, attention\) .*: layers 0,1,2 are linear attention "
+                        r"\(OlmoHybridGatedDeltaNet: not in anatomy.TOKEN_MIXERS\)$"),
+        "mamba": (T.MambaConfig(**c), r"MambaForCausalLM: ssm blocks are not supported yet: layers 0,1,2,3 are ssm \(MambaMixer: not in"),
     }
+
+
+def test_more_hybrids_are_understood():
+    """Bamba (Mamba-2 and attention: the mixer of Granite-4, config-derived layer types) and LFM2
+    (dense, its final norm named embedding_norm): each mixer's linears quantized, its states 16-bit."""
+    import transformers as T
+
+    c = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=4, num_key_value_heads=2)
+    bamba = check_config(T.BambaConfig(**c, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, attn_layer_indices=[1, 3]))
+    assert [b.mixer for b in bamba.parts] == ["ssm", "attention"] * 2 and len(bamba.kv_parts()) == 2
+    assert {n.rsplit(".", 1)[-1] for n, _ in bamba.parts[0].attention_linears} == {"in_proj", "out_proj"}
+    assert {n.split("mamba.")[-1] for n, _ in bamba.parts[0].mixer_states} == {"A_log", "D", "dt_bias", "conv1d.weight", "conv1d.bias", "norm.weight"}
+    lfm2 = check_config(T.Lfm2Config(**c, layer_types=["conv", "full_attention", "conv", "full_attention"]))
+    assert [b.mixer for b in lfm2.parts] == ["short conv", "attention"] * 2 and lfm2.final_norm is not None
+    assert [n.split("conv.", 1)[-1] for n, _ in lfm2.parts[0].mixer_states] == ["conv.weight"]
 
 
 @pytest.mark.parametrize("arch", list(_hybrids()))

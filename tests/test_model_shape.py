@@ -16,7 +16,7 @@ from quantlens.quantize.settings import resolve_setting
 from test_composition import _configs
 
 ARCHS = ("opt", "opt-350m-shape", "bloom", "llama", "qwen2", "gpt2", "gpt-neox", "falcon", "mixtral", "qwen2-moe", "deepseek-v2", "gpt-oss",
-         "qwen3_next")
+         "qwen3_next", "jamba", "granite-4", "falcon-h1", "lfm2-moe")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -61,4 +61,22 @@ def test_a_hybrids_linear_attention_is_in_the_preflight_group_check(arch):
         check_group_sizes("hybrid", shape, [resolve_setting("W4A16-g32")])
     model = AutoModelForCausalLM.from_config(type(_configs()[arch])(**cfg))
     with pytest.raises(ConfigError, match=r"does not divide in_features=48 of layer 'model\.layers\.0\.linear_attn\.out_proj'"):
+        quantize_(model, "W4A16-g32")
+
+
+def test_a_hybrids_state_space_mixer_is_in_the_preflight_group_check():
+    """A Mamba mixer's out_proj reads its inner width (Falcon-H1's mamba_d_ssm, here 48; else
+    mamba_expand × hidden), not the hidden size: a group of 32 is refused naming it, in preflight as
+    quantize_ would."""
+    assert {k: v for k, v in shape_from_config(_configs()["jamba"].to_dict()).linears.items() if ".mamba." in k} == {
+        "layers.*.mamba.in_proj": 32, "layers.*.mamba.out_proj": 64, "layers.*.mamba.x_proj": 64}
+    cfg = _configs()["falcon-h1"].to_dict()
+    cfg.update(mamba_d_ssm=48, mamba_n_heads=6)
+    shape = shape_from_config(cfg)
+    assert shape.linears["layers.*.mamba.out_proj"] == 48
+    with pytest.raises(PreflightError, match=r"^setting W4A16-g32: weights group size 32 does not divide the 48 input "
+                                             r"features of layers\.\*\.mamba\.out_proj \(model hybrid\)"):
+        check_group_sizes("hybrid", shape, [resolve_setting("W4A16-g32")])
+    model = AutoModelForCausalLM.from_config(type(_configs()["falcon-h1"])(**cfg))
+    with pytest.raises(ConfigError, match=r"does not divide in_features=48 of layer 'model\.layers\.0\.mamba\.out_proj'"):
         quantize_(model, "W4A16-g32")

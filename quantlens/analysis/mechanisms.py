@@ -154,10 +154,10 @@ def _full_precision_pass(model: nn.Module, body: Anatomy, rng: range, ids: torch
     with full_precision(model), _Hooks() as hk:
         for layer in rng:
             p = parts[layer]
-            hk.output(p.attention_out, lambda x, l=layer: cache.__setitem__((l, "attention"), shape(x).clone()))
+            for key, m in _sum_parts(p):
+                hk.output(m, lambda x, l=layer, key=key: cache.__setitem__((l, key), shape(x).clone()))  # (Falcon adds to mlp_out in place)
             for k, lin in p.mlp.items():
                 hk.output(lin, lambda x, l=layer, k=k: cache.__setitem__((l, f"mlp.{k}"), shape(x).clone()))
-            hk.output(p.mlp_out, lambda x, l=layer: cache.__setitem__((l, "mlp_out"), shape(x).clone()))  # (Falcon adds to it in place)
             hk.input(p.first_mlp[1], lambda x, l=layer: cache.__setitem__((l, "first_input"), shape(x).clone()))
         for layer in range(n_layers):
             p = parts[layer]
@@ -176,12 +176,37 @@ def _quantized_pass(model: nn.Module, body: Anatomy, rng: range, ids: torch.Tens
     with _Hooks() as hk:
         for layer in rng:
             p = parts[layer]
-            mse = lambda x, key, l: (record(key, l, (shape(x).float() - cache[(l, key[4:])].float()).square().mean((1, 2))), None)[1]  # noqa: E731
-            hk.output(p.attention_out, lambda x, l=layer: mse(x, "mse_attention", l))
-            hk.output(p.mlp_out, lambda x, l=layer: (record("mse_mlp", l, (shape(x).float() - cache[(l, "mlp_out")].float()).square().mean((1, 2))), None)[1])
+            _summed_error(hk, p.mixer_outs, "attention", "mse_attention", layer, cache, record, shape)
+            _summed_error(hk, p.mlp_outs, "mlp_out", "mse_mlp", layer, cache, record, shape)
             hk.input(p.residual_site, lambda x, l=layer: (record("exit_quant_r", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
             hk.output(blocks[layer], lambda x, l=layer: (record("exit_quant_z", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
         return _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
+
+
+def _sum_parts(p: Block) -> list[tuple[str, nn.Module]]:
+    """(cache key, module) of the outputs that sum to a block's token-mixer and MLP contributions:
+    ``attention``, ``attention1`` (Falcon-H1's Mamba-2 beside it), ``mlp_out``, ``mlp_out1`` (Granite-4's shared MLP)."""
+    return [(f"{base}{j or ''}", m) for base, mods in (("attention", p.mixer_outs), ("mlp_out", p.mlp_outs)) for j, m in enumerate(mods)]
+
+
+def _summed_error(hk: "_Hooks", modules: tuple[nn.Module, ...], base: str, key: str, layer: int, cache: dict, record: Callable,
+                  shape: Callable) -> None:
+    """Record ``key``: the mean squared error of the summed outputs of ``modules`` (one contribution
+    to the stream) against their full-precision cache, once the last of them has run."""
+    acc: dict[str, Any] = {}
+
+    def on(j: int) -> Callable[[torch.Tensor], None]:
+        def f(x: torch.Tensor) -> None:
+            d = shape(x).float() - cache[(layer, f"{base}{j or ''}")].float()
+            acc["d"] = d if "d" not in acc else acc["d"] + d
+            acc["n"] = acc.get("n", 0) + 1
+            if acc["n"] == len(modules):
+                record(key, layer, acc.pop("d").square().mean((1, 2)))
+                acc["n"] = 0
+        return f
+
+    for j, m in enumerate(modules):
+        hk.output(m, on(j))
 
 
 def _example_rows(set_name: str, idx: list[int], n_pred: int, nll_full: torch.Tensor, nll_quant: torch.Tensor,
@@ -282,10 +307,9 @@ def _patched_nll(model: nn.Module, ids: torch.Tensor, parts: tuple[Block, ...], 
         for layer in layers:
             p = parts[layer]
             replace = lambda key, l: (lambda x: cache[(l, key)].reshape(x.shape).to(x.dtype, copy=True))  # noqa: E731 — a copy: models edit outputs in place
-            if variant in ("attention", "all"):
-                hk.output(p.attention_out, replace("attention", layer))
-            if variant in ("mlp", "all"):
-                hk.output(p.mlp_out, replace("mlp_out", layer))
+            for key, m in _sum_parts(p):
+                if variant == "all" or variant == ("attention" if key.startswith("attention") else "mlp"):
+                    hk.output(m, replace(key, layer))
             if variant.startswith("mlp.") and variant != "mlp":
                 hk.output(p.mlp[variant[4:]], replace(variant, layer))
             if variant == f"{first}.input":
@@ -299,13 +323,13 @@ def _all_layers_patched(model: nn.Module, ids: torch.Tensor, parts: tuple[Block,
     cache: dict[tuple[int, str], torch.Tensor] = {}
     with full_precision(model), _Hooks() as hk:
         for layer, p in enumerate(parts):
-            hk.output(p.attention_out, lambda x, l=layer: cache.__setitem__((l, "attention"), x.clone()))
-            hk.output(p.mlp_out, lambda x, l=layer: cache.__setitem__((l, "mlp"), x.clone()))
+            for key, m in _sum_parts(p):
+                hk.output(m, lambda x, l=layer, key=key: cache.__setitem__((l, key), x.clone()))
         model(input_ids=ids, use_cache=False)
     with _Hooks() as hk:
         for layer, p in enumerate(parts):
-            hk.output(p.attention_out, lambda x, l=layer: cache[(l, "attention")].to(x.dtype, copy=True))
-            hk.output(p.mlp_out, lambda x, l=layer: cache[(l, "mlp")].to(x.dtype, copy=True))
+            for key, m in _sum_parts(p):
+                hk.output(m, lambda x, l=layer, key=key: cache[(l, key)].to(x.dtype, copy=True))
         return _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
 
 

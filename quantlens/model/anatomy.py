@@ -12,11 +12,14 @@ definitions: the anatomy is data, everything generic reads it). For any supporte
   of transformers 5, with the layout the experts module declares), its **routers** (the MoE's gate,
   Qwen2-MoE's shared-expert gate), and its vectors (norms, biases, attention sinks, router score
   biases), plus where its residual stream is read (:attr:`Block.layout`);
-- each block's **mixer** (:attr:`Block.mixer`): attention, or — in a hybrid — a linear attention
-  of :data:`LINEAR_MIXERS` (Qwen3-Next's gated DeltaNet), named by the same ``attention_*`` fields:
-  its linears are attention linears (its output projection named), every other parameter of it
-  (Qwen3-Next's ``conv1d.weight``, ``A_log``, ``dt_bias``, gated ``norm``) a 16-bit state role
-  (:attr:`Block.mixer_states`, counted among the block's weights); it keeps no KV cache;
+- each block's **mixer** (:attr:`Block.mixer`): attention, or — in a hybrid — a token mixer of
+  :data:`TOKEN_MIXERS` (a linear attention: Qwen3-Next's gated DeltaNet; a state-space model:
+  Jamba's Mamba, the Mamba-2 of Bamba, Granite-4 and Falcon-H1; a short convolution: LFM2), named by
+  the same ``attention_*`` fields; Falcon-H1's Mamba-2 runs beside its attention in every block
+  (:attr:`Block.side_mixers`). A mixer's linears are quantized like attention linears (its output
+  projection named), every other parameter of it (conv kernels, ``A_log``, ``D``, ``dt_bias``, gated
+  norms, Mamba-1's ``dt_proj`` applied by its weight) a 16-bit state role (:attr:`Block.mixer_states`,
+  counted among the block's weights); only attention keeps a KV cache;
 - ``kv_route``: how the attention of the blocks that cache K/V (:meth:`Anatomy.kv_parts`) computes
   them — ``interface`` (transformers' ``ALL_ATTENTION_FUNCTIONS``: OPT, LLaMA, Qwen2, Mistral, …),
   ``bloom`` (BLOOM's fused QKV), or
@@ -24,11 +27,11 @@ definitions: the anatomy is data, everything generic reads it). For any supporte
   Falcon computes its own attention): weights and activations work, KV-cache settings are refused;
 - ``final_norm`` (or None: OPT-350m has none), ``project_out`` (or None) and ``lm_head``;
   :meth:`Anatomy.decode` maps a hidden state to logits as the model itself does: final norm if
-  any, then ``project_out`` if any, then the head, then Cohere's logit scale and Gemma's logit
+  any, then ``project_out`` if any, then the head, then its logit scaling (Cohere, Falcon-H1, Granite) and Gemma's logit
   soft-capping if configured.
 
-Found generically: blocks are the ``nn.ModuleList`` of same-typed modules holding the most
-parameters; the attention is the child named ``*attn*`` / ``*attention*`` that holds linears
+Found generically: blocks are the ``nn.ModuleList`` of same-typed modules (or one per
+``config.layer_types`` entry: Jamba) holding the most parameters; the attention is the child named ``*attn*`` / ``*attention*`` that holds linears
 (``nn.Linear`` or GPT-2's transposed ``Conv1D``); an experts module is one holding 3-D
 ``down_proj`` and ``gate_up_proj`` / ``up_proj`` parameters *and* declaring its layout
 (``is_transposed``, ``has_gate``, ``is_concatenated``, ``has_bias``: transformers'
@@ -74,9 +77,10 @@ from quantlens.model.shape import ModelShape
 
 KVRoute = Literal["interface", "bloom"]
 Layout = Literal["pre-LN", "post-LN", "sandwich", "post-sublayer", "parallel"]
-Mixer = Literal["attention", "linear attention"]
+Mixer = Literal["attention", "linear attention", "ssm", "short conv"]
 
-FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f", "layer_norm")  # (XGLM: layer_norm)
+# (XGLM: layer_norm; LFM2: embedding_norm, which its forward applies after the blocks despite the name)
+FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f", "layer_norm", "embedding_norm")
 OUTPUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
 BLOCKS_ATTR = "_quantlens_blocks"  # a streamed skeleton names its block list (its blocks hold no weights)
 SHAPE_ATTR = "_quantlens_shape"  # ... and each placeholder parameter its shape in the checkpoint
@@ -107,6 +111,8 @@ LAYOUTS: tuple[LayoutRow, ...] = (
     _row({"self_attn_layer_norm", "final_layer_norm"}, "pre-LN", "final_layer_norm", "OPT, XGLM"),
     _row({"ln_1", "ln_2"}, "pre-LN", "ln_2", "GPT-2"),
     _row({"attention_layernorm", "feedforward_layernorm"}, "pre-LN", "feedforward_layernorm", "Apertus"),
+    _row({"input_layernorm", "pre_ff_layernorm"}, "pre-LN", "pre_ff_layernorm", "Jamba, Bamba, Falcon-H1"),
+    _row({"operator_norm", "ffn_norm"}, "pre-LN", "ffn_norm", "LFM2, LFM2-MoE"),
     _row({"input_layernorm", "pre_feedforward_layernorm"}, "pre-LN", "pre_feedforward_layernorm", "VaultGemma"),
     _row({"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"},
          "sandwich", "pre_feedforward_layernorm", "Gemma-2, Gemma-3"),
@@ -148,14 +154,16 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
     OPT: ``model.decoder.layers``; BLOOM, GPT-2, Falcon: ``transformer.h``; GPT-NeoX:
     ``gpt_neox.layers``; the LLaMA-likes and MoEs: ``model.layers``. DeepSeek's dense first blocks
-    and its MoE blocks are one class: one list.
+    and its MoE blocks are one class: one list; a list of several classes is blocks when the config
+    lists one type per entry (Jamba's mamba and attention layers: ``config.layer_types``).
     """
     known = getattr(model, BLOCKS_ATTR, None)
     if known is not None:
         return known, model.get_submodule(known)
     best: tuple[int, str, nn.ModuleList] | None = None
+    types = getattr(getattr(model, "config", None), "layer_types", None) or ()
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) and all(type(b) is type(mod[0]) for b in mod):
+        if isinstance(mod, nn.ModuleList) and len(mod) and (all(type(b) is type(mod[0]) for b in mod) or len(types) == len(mod)):
             n = sum(p.numel() for p in mod.parameters())
             if best is None or n > best[0]:
                 best = (n, name, mod)
@@ -164,66 +172,94 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
-# What mixes tokens in a block, by the class names of its modules (first match wins): quantlens
-# understands blocks whose only token mixer is attention or a linear attention of LINEAR_MIXERS; a block
-# list with any other is refused naming its layers.
+# What mixes tokens in a block, by the class names of its modules that hold linears (first match
+# wins): quantlens understands blocks whose token mixers are attention or rows of TOKEN_MIXERS; a
+# block list with any other is refused naming its layers.
 MIXERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("linear attention", ("DeltaNet", "DeltaAttention")),  # Qwen3-Next, Qwen3.5, OLMo-hybrid, Kimi Linear
-    ("mamba", ("Mamba", "Mixer")),  # Mamba, Mamba2, Falcon-Mamba, Jamba, Bamba, Zamba2, Nemotron-H, Falcon-H1, Granite-4
-    ("conv", ("ShortConv",)),  # LFM2
+    ("ssm", ("Mamba", "Mixer")),  # Mamba, Mamba2, Falcon-Mamba, Jamba, Bamba, Zamba2, Nemotron-H, Falcon-H1, Granite-4
+    ("short conv", ("ShortConv",)),  # LFM2
     ("attention", ("Attention",)),
 )
 
 
-def _mixers(block: nn.Module) -> str:
-    """The token mixers of one block (``mamba``, ``attention``, ``mamba+attention``, …; ``MLP only``),
-    read from the modules inside it (not the block's own class: OLMo-hybrid's LinearAttentionDecoderLayer)."""
-    kinds = set()
+def _mixer_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(kind, module) of every token mixer inside ``block`` (not the block itself: OLMo-hybrid's
+    LinearAttentionDecoderLayer, Jamba's JambaMambaDecoderLayer), by class name; a module holding no
+    linear is no mixer (MambaRMSNorm)."""
+    out = []
     for m in list(block.modules())[1:]:
         name = type(m).__name__
-        kinds |= {next((k for k, marks in MIXERS if any(x in name for x in marks)), "")} - {""}
+        kind = next((k for k, marks in MIXERS if any(x in name for x in marks)), None)
+        if kind is not None and any(is_linear(x) for x in m.modules()):
+            out.append((kind, m))
+    return out
+
+
+def _mixers(block: nn.Module) -> str:
+    """The token mixers of one block (``ssm``, ``attention``, ``ssm+attention``, …; ``MLP only``)."""
+    kinds = {k for k, _ in _mixer_modules(block)}
     return "+".join(k for k, _ in MIXERS if k in kinds) or "MLP only"
 
 
-# The token mixers other than attention that quantlens understands, by class (each read from its
-# forward in transformers): its linears are quantized like attention's (weights, and activations at
-# their inputs); every other parameter of it is a 16-bit state role (Block.mixer_states); it keeps no
-# KV cache (a KV setting reaches the attention blocks only).
-LINEAR_MIXERS: dict[str, str] = {
+@dataclass(frozen=True)
+class MixerRow:
+    """A token mixer other than attention that quantlens understands (read from its forward in
+    transformers): its linears are quantized like attention's (weights, and activations at their
+    inputs) but for ``state_linears`` — linears its forward applies by their weight, never calling
+    the module (Mamba-1's ``dt_proj``: ``dt_proj.weight @ dt``, its bias the scan's dt bias), whose
+    input no hook can reach; those and every other parameter of it (convolution kernels, ``A_log``,
+    ``D``, ``dt_bias``, gated norms) are 16-bit state roles (Block.mixer_states). It keeps no KV cache."""
+
+    kind: str
+    what: str
+    state_linears: tuple[str, ...] = ()
+
+
+_MAMBA1 = "in_proj → causal conv1d → x_proj → dt_proj (by its weight) → selective scan (A_log, D) → out_proj"
+_MAMBA2 = "in_proj → causal conv1d → SSD scan (A_log, D, dt_bias) → gated RMSNorm (norm) → out_proj"
+TOKEN_MIXERS: dict[str, MixerRow] = {
     # in_proj_qkvz, in_proj_ba → causal conv1d over q, k, v → gated delta rule (A_log, dt_bias) → gated
     # RMSNorm (norm) → out_proj
-    "Qwen3NextGatedDeltaNet": "Qwen3-Next's gated DeltaNet",
+    "Qwen3NextGatedDeltaNet": MixerRow("linear attention", "Qwen3-Next's gated DeltaNet"),
     # in_proj_qkv, in_proj_z, in_proj_b, in_proj_a → the same conv1d, delta rule and gated norm → out_proj
-    "Qwen3_5GatedDeltaNet": "Qwen3.5's gated DeltaNet",
-    "Qwen3_5MoeGatedDeltaNet": "Qwen3.5-MoE's gated DeltaNet",
+    "Qwen3_5GatedDeltaNet": MixerRow("linear attention", "Qwen3.5's gated DeltaNet"),
+    "Qwen3_5MoeGatedDeltaNet": MixerRow("linear attention", "Qwen3.5-MoE's gated DeltaNet"),
+    "BambaMixer": MixerRow("ssm", f"Bamba's Mamba-2: {_MAMBA2}"),
+    "GraniteMoeHybridMambaLayer": MixerRow("ssm", f"Granite-4's Mamba-2: {_MAMBA2}"),
+    "FalconH1Mixer": MixerRow("ssm", f"Falcon-H1's Mamba-2 (beside its attention): {_MAMBA2}"),
+    "JambaMambaMixer": MixerRow("ssm", f"Jamba's Mamba: {_MAMBA1}, dt/B/C RMSNorms", ("dt_proj",)),
+    # in_proj → B·x gated → short causal conv (conv) → C· gated → out_proj
+    "Lfm2ShortConv": MixerRow("short conv", "LFM2's gated short convolution: in_proj → conv → out_proj"),
+    "Lfm2MoeShortConv": MixerRow("short conv", "LFM2-MoE's gated short convolution: in_proj → conv → out_proj"),
 }
 
 
 def _understood_mixers(block: nn.Module) -> bool:
-    """Whether every linear-attention module of ``block`` is one of :data:`LINEAR_MIXERS` (and it holds no other mixer)."""
-    linear = [type(m).__name__ for m in block.modules() if any(x in type(m).__name__ for x in MIXERS[0][1])]
-    return _mixers(block) == "linear attention" and all(n in LINEAR_MIXERS for n in linear)
+    """Whether every token mixer of ``block`` other than attention is a row of :data:`TOKEN_MIXERS`."""
+    return all(type(m).__name__ in TOKEN_MIXERS for k, m in _mixer_modules(block) if k != "attention")
 
 
 def _refuse_hybrid(model: nn.Module) -> None:
     """:class:`ModelNotUnderstood` naming the real cause when the model's largest block list (of any
     classes: Jamba's attention and mamba layers are two) has a block mixing tokens otherwise than by
-    attention or a mixer of :data:`LINEAR_MIXERS`:
-    ``Jamba…: hybrid blocks (mamba, attention) are not supported yet: layers 0,2 are mamba``."""
+    attention or a mixer of :data:`TOKEN_MIXERS`:
+    ``OlmoHybrid…: hybrid blocks (linear attention, attention) are not supported yet: layers 0,2 are linear attention``."""
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     if not lists:
         return
     _, blocks = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
     kinds = [_mixers(b) for b in blocks]
-    others = {k for k, _ in MIXERS if k != "attention"}
-    if not any(set(k.split("+")) & others and not _understood_mixers(b) for k, b in zip(kinds, blocks)):
+    if all(_understood_mixers(b) for b in blocks):
         return  # (attention not recognised by name is not this refusal's to say)
     order = list(dict.fromkeys(kinds))
     layers = {k: [i for i, x in enumerate(kinds) if x == k] for k in order if k != "attention"}
     where = "; ".join(f"layer{'s' if len(ix) > 1 else ''} {','.join(map(str, ix[:12]))}{',…' if len(ix) > 12 else ''} "
                       f"{'are' if len(ix) > 1 else 'is'} {k}" for k, ix in layers.items())
+    unknown = sorted({type(m).__name__ for b in blocks for k, m in _mixer_modules(b) if k != "attention" and type(m).__name__ not in TOKEN_MIXERS})
     what = f"hybrid blocks ({', '.join(order)})" if len(order) > 1 else f"{order[0]} blocks"
-    raise ModelNotUnderstood(f"{type(model).__name__}: {what} are not supported yet: {where}")
+    raise ModelNotUnderstood(f"{type(model).__name__}: {what} are not supported yet: {where} "
+                             f"({', '.join(unknown)}: not in anatomy.TOKEN_MIXERS)")
 
 
 def shape_of(p: torch.Tensor) -> torch.Size:
@@ -344,6 +380,18 @@ def _experts_of(model_name: str, name: str, mod: nn.Module) -> Experts | None:
 
 # --- one block --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class SideMixer:
+    """A token mixer running beside the block's main one on the same normalised input (Falcon-H1's
+    Mamba-2 beside its attention: the block adds both outputs to the stream)."""
+
+    kind: Mixer
+    name: str
+    module: nn.Module
+    linears: tuple[tuple[str, nn.Module], ...]
+    out: nn.Module
+
+
+@dataclass(frozen=True)
 class Block:
     """One decoder block's parts (qualified names are the model's ``named_modules`` names)."""
 
@@ -364,8 +412,10 @@ class Block:
     routers: tuple[tuple[str, nn.Module], ...] = ()  # qualified name, module with a 2-D weight
     moe_name: str | None = None
     names: dict[int, str] = field(default_factory=dict)  # id(linear) → qualified name (attention, MLP)
-    mixer: Mixer = "attention"  # the token mixer the attention_* fields name: attention, or a linear attention (LINEAR_MIXERS)
-    mixer_states: tuple[tuple[str, nn.Parameter], ...] = ()  # a linear attention's parameters outside its linears: 16-bit
+    mixer: Mixer = "attention"  # the token mixer the attention_* fields name: attention, or a row of TOKEN_MIXERS
+    mixer_states: tuple[tuple[str, nn.Parameter], ...] = ()  # the mixers' parameters outside their quantized linears: 16-bit
+    side_mixers: tuple["SideMixer", ...] = ()  # token mixers beside the main one (Falcon-H1's Mamba-2 beside its attention)
+    mlp_side: tuple[nn.Module, ...] = ()  # MLPs beside the MoE block, their outputs added to its (Granite-4's shared_mlp)
 
     @property
     def is_moe(self) -> bool:
@@ -381,8 +431,16 @@ class Block:
         return dict(self.mlp_linears)
 
     @property
-    def mlp_out(self) -> nn.Module:
-        return self.mlp_module
+    def mixer_outs(self) -> tuple[nn.Module, ...]:
+        """The modules whose outputs sum to what the token mixers add to the stream: the main mixer's
+        output projection, then each side mixer's (Falcon-H1: attention's o_proj, Mamba-2's out_proj)."""
+        return (self.attention_out, *(s.out for s in self.side_mixers))
+
+    @property
+    def mlp_outs(self) -> tuple[nn.Module, ...]:
+        """The modules whose outputs sum to what the MLP adds to the stream: the MLP (the MoE block),
+        then any MLP beside it (Granite-4's shared_mlp)."""
+        return (self.mlp_module, *self.mlp_side)
 
     @property
     def first_mlp(self) -> tuple[str, nn.Module]:
@@ -399,10 +457,15 @@ class Block:
             return [e.qualified(e.first) for e in self.experts]
         return [self.names[id(self.first_mlp[1])]]
 
+    @property
+    def mixer_linears(self) -> tuple[tuple[str, nn.Module], ...]:
+        """Every token mixer's quantized linears (qualified name, module): the main one's, then the side mixers'."""
+        return (*self.attention_linears, *(nl for s in self.side_mixers for nl in s.linears))
+
     def linears(self) -> list[tuple[str, nn.Module]]:
-        """Attention then MLP linears (qualified names), in model order."""
+        """Token-mixer then MLP linears (qualified names), in model order."""
         order = {id(m): i for i, m in enumerate(self.module.modules())}
-        both = [*self.attention_linears, *((self.names[id(m)], m) for _, m in self.mlp_linears)]
+        both = [*self.mixer_linears, *((self.names[id(m)], m) for _, m in self.mlp_linears)]
         return sorted(both, key=lambda nm: order[id(nm[1])])
 
     def weight_names(self) -> list[str]:
@@ -451,22 +514,17 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
     children = list(block.named_children())
     norm_names = _norm_children(model_name, kind, children)
     layout, site_name = _layout(model_name, kind, norm_names, config)
-    attn = [(n, m) for n, m in children if ("attn" in n.lower() or "attention" in n.lower()) and any(is_linear(x) for x in m.modules())]
-    if len(attn) != 1:
-        raise ModelNotUnderstood(f"{model_name}: block {kind} has no attention child holding linear layers "
-                                 f"(children: {', '.join(n for n, _ in children)}; found {len(attn)})")
-    attn_name, attn_mod = attn[0]
-    attn_linears = tuple((f"{name}.{attn_name}.{n}", m) for n, m in attn_mod.named_modules() if is_linear(m))
-    mixer, states = _mixer_of(f"{name}.{attn_name}", attn_mod, attn_linears)
-    outs = [m for q, m in attn_linears if q.rsplit(".", 1)[-1] in OUTPUT_PROJ_NAMES]
-    attn_out = outs[0] if len(outs) == 1 else attn_linears[-1][1]
+    mixers = _mixer_children(model_name, kind, name, children)
+    (mixer, attn_name, attn_mod, attn_linears, attn_out, states), side = mixers[0], mixers[1:]
+    states = (*states, *(x for *_, st in side for x in st))
+    sides = tuple(SideMixer(k, f"{name}.{n}", m, lin, out) for k, n, m, lin, out, _ in side)
 
     experts: list[Experts] = []
     for n, m in block.named_modules(prefix=name):
         e = _experts_of(model_name, n, m)
         if e is not None:
             experts.append(e)
-    attn_ids = {id(m) for _, m in attn_linears}
+    attn_ids = {id(x) for _, _, mod, *_ in mixers for x in mod.modules() if is_linear(x)}  # (state linears too: not the MLP's)
     routers: list[tuple[str, nn.Module]] = []
     moe_name = moe = None
     if experts:
@@ -481,10 +539,14 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
     if not mlp_linears and not experts:
         raise ModelNotUnderstood(f"{model_name}: block {kind} has no MLP linears outside its attention and no experts")
     mlp = tuple((q.rsplit(".", 1)[-1], m) for q, m in mlp_linears)
-    names = {id(m): q for q, m in (*attn_linears, *mlp_linears)}
+    names = {id(m): q for q, m in (*attn_linears, *(nl for s in sides for nl in s.linears), *mlp_linears)}
 
+    mlp_side: tuple[nn.Module, ...] = ()
     if moe is not None:
         mlp_module = mlp_input = moe
+        inside = {id(x) for x in moe.modules()}
+        mlp_side = tuple(m for _, m in children if id(m) not in inside and moe not in set(m.modules())
+                         and any(id(x) in names for x in m.modules() if is_linear(x) and id(x) not in attn_ids))
     else:  # the last MLP linear's output is the MLP's output (BLOOM's MLP module adds the residual itself)
         gate = [m for k, m in mlp if "gate" in k]
         mlp_input, mlp_module = (gate[0] if gate else mlp[0][1]), mlp[-1][1]
@@ -495,20 +557,45 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
         residual_site = block.get_submodule(site_name)
         h_site = (residual_site, "output")
 
-    _check_accounted(model_name, name, block, attn_linears, mlp_linears, experts, routers, states)
+    _check_accounted(model_name, name, block, (*attn_linears, *(nl for s in sides for nl in s.linears)), mlp_linears, experts, routers, states)
     return Block(index, name, block, layout, residual_site, h_site, f"{name}.{attn_name}", attn_mod, attn_linears, attn_out,
-                 mlp, mlp_module, mlp_input, tuple(experts), tuple(routers), moe_name, names, mixer, states)
+                 mlp, mlp_module, mlp_input, tuple(experts), tuple(routers), moe_name, names, mixer, states, sides, mlp_side)
 
 
-def _mixer_of(qualified: str, mixer: nn.Module, linears: tuple[tuple[str, nn.Module], ...]
-              ) -> tuple[Mixer, tuple[tuple[str, nn.Parameter], ...]]:
-    """What kind of token mixer the block's ``*attn*`` child is, and (a linear attention of
-    :data:`LINEAR_MIXERS`) its parameters outside its linears — Qwen3-Next's conv1d.weight, A_log,
-    dt_bias, norm.weight — by qualified name: roles of their own, kept 16-bit."""
-    if type(mixer).__name__ not in LINEAR_MIXERS:
-        return "attention", ()
+_MixerParts = tuple[Mixer, str, nn.Module, tuple[tuple[str, nn.Module], ...], nn.Module, tuple[tuple[str, nn.Parameter], ...]]
+
+
+def _mixer_children(model_name: str, kind: str, name: str, children: list[tuple[str, nn.Module]]) -> list[_MixerParts]:
+    """The block's token mixers — its ``*attn*`` / ``*attention*`` children holding linears and its
+    children of :data:`TOKEN_MIXERS` — attention first (the one a KV cache reaches): each as (kind,
+    child name, module, quantized linears by qualified name, output projection, 16-bit states)."""
+    found = [(n, m) for n, m in children if (type(m).__name__ in TOKEN_MIXERS or "attn" in n.lower() or "attention" in n.lower())
+             and any(is_linear(x) for x in m.modules())]
+    if not found:
+        raise ModelNotUnderstood(f"{model_name}: block {kind} has no attention child holding linear layers "
+                                 f"(children: {', '.join(n for n, _ in children)}; found 0)")
+    out = [(*_mixer_of(f"{name}.{n}", m), n, m) for n, m in found]
+    if sum(1 for k, *_ in out if k == "attention") > 1:
+        raise ModelNotUnderstood(f"{model_name}: block {kind} has {len(found)} attention children ({', '.join(n for n, _ in found)}); expected one")
+    out.sort(key=lambda o: o[0] != "attention")
+    parts = []
+    for k, linears, states, n, m in out:
+        outs = [x for q, x in linears if q.rsplit(".", 1)[-1] in OUTPUT_PROJ_NAMES]
+        parts.append((k, n, m, linears, outs[0] if len(outs) == 1 else linears[-1][1], states))
+    return parts
+
+
+def _mixer_of(qualified: str, mixer: nn.Module) -> tuple[Mixer, tuple[tuple[str, nn.Module], ...], tuple[tuple[str, nn.Parameter], ...]]:
+    """A token mixer's kind, its quantized linears (qualified names) and — a row of
+    :data:`TOKEN_MIXERS` — its 16-bit state parameters (conv kernels, A_log, D, dt_bias, gated norms,
+    its state linears' weights) by qualified name."""
+    row = TOKEN_MIXERS.get(type(mixer).__name__)
+    state_linears = set(row.state_linears) if row else set()
+    linears = tuple((f"{qualified}.{n}", m) for n, m in mixer.named_modules() if is_linear(m) and n not in state_linears)
+    if row is None:
+        return "attention", linears, ()
     own = {id(p) for _, m in linears for p in m.parameters(recurse=False)}
-    return "linear attention", tuple((f"{qualified}.{n}", p) for n, p in mixer.named_parameters() if id(p) not in own)
+    return row.kind, linears, tuple((f"{qualified}.{n}", p) for n, p in mixer.named_parameters() if id(p) not in own)
 
 
 def _own_matrix(m: nn.Module) -> torch.Tensor | None:
@@ -570,7 +657,8 @@ class Anatomy:
     kv_route: KVRoute | None  # None: the KV cache of this attention cannot be quantized (kv_refusal says why)
     kv_refusal: str | None = None
     logit_softcap: float | None = None  # Gemma-2's final_logit_softcapping
-    logit_scale: float | None = None  # Cohere's logit_scale: the head's logits are multiplied by it
+    logit_scale: float | None = None  # the head's logits are multiplied by it: Cohere's logit_scale, Falcon-H1's lm_head_multiplier
+    logit_divisor: float | None = None  # ... divided by it: Granite's logits_scaling
 
     @property
     def post_ln(self) -> bool:
@@ -591,7 +679,7 @@ class Anatomy:
 
     def decode(self, h: torch.Tensor) -> torch.Tensor:
         """hidden state → logits as the model does it: final norm (if any), project_out (if any),
-        the head, Cohere's logit scale and Gemma's soft-capping (if configured)."""
+        the head, its logit scaling (Cohere, Falcon-H1, Granite) and Gemma's soft-capping (if configured)."""
         if self.final_norm is not None:
             h = self.final_norm(h)
         if self.project_out is not None:
@@ -599,6 +687,8 @@ class Anatomy:
         logits = self.lm_head(h)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
+        if self.logit_divisor is not None:
+            logits = logits / self.logit_divisor
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
@@ -637,15 +727,19 @@ class Anatomy:
         """:meth:`block_matrix_params` as qualified name → elements (a streamed skeleton's too)."""
         return {n: shape_of(p).numel() for n, p in self.block_matrix_params().items()}
 
-    def _linear_mixers(self) -> str:
-        """A hybrid's linear-attention blocks, for :meth:`describe` ('' if none)."""
-        lin = [p for p in self.parts if not p.has_kv_cache]
-        if not lin:
-            return ""
-        p = lin[0]
-        return (f"linear attention {p.attention_name.rsplit('.', 1)[-1]} in blocks {','.join(str(x.index) for x in lin)} "
-                f"[{', '.join(n.rsplit('.', 1)[-1] for n, _ in p.attention_linears)}; 16-bit "
-                f"{', '.join(n[len(p.attention_name) + 1:] for n, _ in p.mixer_states)}], ")
+    def _other_mixers(self) -> str:
+        """A hybrid's token mixers other than attention, for :meth:`describe` ('' if none)."""
+        out = []
+        for kind in ("linear attention", "ssm", "short conv"):
+            mains = [(p, p.attention_name, p.attention_linears) for p in self.parts if p.mixer == kind]
+            sides = [(p, s.name, s.linears) for p in self.parts for s in p.side_mixers if s.kind == kind]
+            if not mains + sides:
+                continue
+            p, name, linears = (mains + sides)[0]
+            states = sorted({n[len(name) + 1:] for n, _ in p.mixer_states if n.startswith(name + ".")})
+            out.append(f"{kind} {name.rsplit('.', 1)[-1]} in blocks {','.join(str(x[0].index) for x in mains + sides)} "
+                       f"[{', '.join(n.rsplit('.', 1)[-1] for n, _ in linears)}; 16-bit {', '.join(states)}], ")
+        return "".join(out)
 
     def describe(self) -> str:
         b = (self.kv_parts() or self.parts)[0]
@@ -658,7 +752,7 @@ class Anatomy:
         mix = f" ({dense} dense, {len(self.parts) - dense} MoE)" if self.is_moe and dense else ""
         return (f"{self.model_type}: {len(self.parts)} blocks{mix} at {self.blocks_name} ({b.layout}; {r}), "
                 f"attention {b.attention_name.rsplit('.', 1)[-1]} [{', '.join(n.rsplit('.', 1)[-1] for n, _ in b.attention_linears)}] "
-                f"via {self.kv_route or 'an attention the KV cache cannot reach'}, {self._linear_mixers()}{'; '.join(mlps)}, final norm {norm}"
+                f"via {self.kv_route or 'an attention the KV cache cannot reach'}, {self._other_mixers()}{'; '.join(mlps)}, final norm {norm}"
                 + (", project_in/out" if self.project_in is not None or self.project_out is not None else "")
                 + (f", logits soft-capped at {self.logit_softcap}" if self.logit_softcap else ""))
 
@@ -719,7 +813,17 @@ def anatomy(model: nn.Module) -> Anatomy:
     route, refusal = _kv(what, parts, config)
     return Anatomy(model_type, blocks_name, blocks, parts, model.get_input_embeddings(), getattr(parent, "project_in", None),
                    final_norm, getattr(parent, "project_out", None), head, route, refusal,
-                   getattr(config, "final_logit_softcapping", None), getattr(model, "logit_scale", None))
+                   getattr(config, "final_logit_softcapping", None), *_logit_scaling(model, config))
+
+
+def _logit_scaling(model: nn.Module, config: Any) -> tuple[float | None, float | None]:
+    """What the model's forward does to its head's logits, as it does it: multiplied by Cohere's
+    ``logit_scale`` or Falcon-H1's ``lm_head_multiplier``; divided by Granite's ``logits_scaling``."""
+    scale = getattr(model, "logit_scale", None)
+    if scale is None and getattr(config, "model_type", "") == "falcon_h1":
+        scale = config.lm_head_multiplier
+    divisor = getattr(config, "logits_scaling", None) if "granite" in str(getattr(config, "model_type", "")) else None
+    return scale, divisor
 
 
 def check_config(config: Any) -> Anatomy:

@@ -332,13 +332,24 @@ def _linear_attention(cfg: dict[str, Any], H: int) -> dict[str, tuple[int, int]]
     layers (Qwen3-Next's and Qwen3.5's gated DeltaNet): what the group-size check reads — the output
     projection reads the value heads' width, not the hidden size. (Its parameters are counted as an
     attention block's: an estimate, not exact, for these hybrids.)"""
-    if "linear_attention" not in (cfg.get("layer_types") or []):
-        return {}
+    if "linear_attention" not in (cfg.get("layer_types") or []) or "linear_num_key_heads" not in cfg:
+        return {}  # (Granite-4's Mamba layers are linear_attention too: _state_space)
     nk, nv = int(cfg["linear_num_key_heads"]), int(cfg["linear_num_value_heads"])
     kd, vd = nk * int(cfg["linear_key_head_dim"]), nv * int(cfg["linear_value_head_dim"])
     if cfg.get("model_type") == "qwen3_next":
         return {"in_proj_qkvz": (2 * kd + 2 * vd, H), "in_proj_ba": (2 * nv, H), "out_proj": (H, vd)}
     return {"in_proj_qkv": (2 * kd + vd, H), "in_proj_z": (vd, H), "in_proj_b": (nv, H), "in_proj_a": (nv, H), "out_proj": (H, vd)}
+
+
+def _state_space(cfg: dict[str, Any], H: int) -> dict[str, int]:
+    """A hybrid's Mamba mixer linears (name → input features) where its config has them (Jamba,
+    Bamba, Granite-4, Falcon-H1: ``mamba_*`` fields): in_proj reads the hidden state, out_proj (and
+    Mamba-1's x_proj) the inner width, ``mamba_d_ssm`` or ``mamba_expand`` × hidden — what the
+    group-size check reads. (Their parameters are counted as an attention block's: an estimate.)"""
+    if "mamba_expand" not in cfg:
+        return {}
+    inner = int(cfg.get("mamba_d_ssm") or cfg["mamba_expand"] * H)
+    return {"in_proj": H, "out_proj": inner} | ({"x_proj": inner} if cfg.get("model_type") == "jamba" else {})
 
 
 def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
@@ -389,6 +400,7 @@ def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
             ffn = max(ffn, F)
             largest = max(largest, *(o * i for o, i in dense_lin.values()))
     linears.update({f"layers.*.linear_attn.{n}": v for n, v in _linear_attention(cfg, H).items()})
+    linears.update({f"layers.*.mamba.{n}": v for n, v in _state_space(cfg, H).items()})
     linears = {n: (v if isinstance(v, int) else v[1]) for n, v in linears.items()}
     outside = _outside_params(cfg, d, norm)
     return Shape(params=sum(blocks) + outside, layers=L, hidden=H, ffn=ffn, vocab=V, heads=d["heads"], model_type=t,

@@ -22,8 +22,9 @@ recorder's example index) before every block call.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -99,16 +100,35 @@ def capture_by_kind(model: nn.Module, block: nn.Module, inputs: dict[str, torch.
     with ``config.layer_types[0]`` set to it for the capture (the model's own mask and rotary choice)."""
     if kinds[0] is None:
         return {None: capture_block_inputs(model, block, inputs)}
-    types = model.config.layer_types
-    first = types[0]
     out = {}
-    try:
-        for kind in dict.fromkeys(kinds):
-            types[0] = kind
+    for kind in dict.fromkeys(kinds):
+        with _first_layer_type(model.config, kind):
             out[kind] = capture_block_inputs(model, block, inputs)
-    finally:
-        types[0] = first
     return out
+
+
+@contextmanager
+def _first_layer_type(config: Any, kind: str) -> Iterator[None]:
+    """``config.layer_types[0]`` reads ``kind`` for one capture: set in the stored list (Gemma-2/3,
+    Qwen3-Next), or — a config that derives its layer types from other fields (Jamba, Bamba: a
+    property) — read from a subclass of the config's class whose ``layer_types`` (and the name the
+    config's ``attribute_map`` reads it by) is that list, for as long as the capture runs."""
+    types = list(config.layer_types)
+    cls = type(config)
+    names = {"layer_types", getattr(cls, "attribute_map", {}).get("layer_types", "layer_types")}
+    if not any(isinstance(getattr(cls, n, None), property) for n in names):
+        stored, first = config.layer_types, config.layer_types[0]
+        stored[0] = kind
+        try:
+            yield
+        finally:
+            stored[0] = first
+        return
+    config.__class__ = type(cls.__name__, (cls,), {n: property(lambda self, t=[kind, *types[1:]]: t) for n in names})
+    try:
+        yield
+    finally:
+        config.__class__ = cls
 
 
 def _budget(device: torch.device) -> float:

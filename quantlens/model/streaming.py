@@ -143,9 +143,13 @@ def enable_streaming(model: nn.Module, device: torch.device | str) -> None:
     setattr(model, _ATTR, state)
 
 
-def _empty_blocks(path: str, ckpt: Any, state: _Stream, blocks: nn.ModuleList, prefix: str, kinds: tuple[str, str]) -> None:
+def _empty_blocks(path: str, ckpt: Any, state: _Stream, blocks: nn.ModuleList, prefix: str, kinds: tuple[str, str]
+                  ) -> list[tuple[str, nn.Module, str]]:
     """Every block tensor becomes an empty placeholder; ``state.keys`` records, per block, where in the
-    checkpoint each is read from when the block runs."""
+    checkpoint each is read from when the block runs. Returns the block buffers no checkpoint holds
+    because the model computes them (non-persistent: Falcon-H1's ``mup_vector``), as (module name,
+    module, attribute), left for :func:`_compute_block_buffers`."""
+    computed = []
     for i, block in enumerate(blocks):
         keys = []
         for mname, mod in block.named_modules():
@@ -166,12 +170,41 @@ def _empty_blocks(path: str, ckpt: Any, state: _Stream, blocks: nn.ModuleList, p
                     continue
                 qual = f"{prefix}.{i}.{mname + '.' if mname else ''}{attr}"
                 key = ckpt.source(qual, kinds)  # a persistent buffer (DeepSeek's e_score_correction_bias): read like a weight
+                if key is None and attr in mod._non_persistent_buffers_set:
+                    computed.append((qual.rsplit(".", 1)[0], mod, attr))
+                    continue
                 if key is None:
                     raise NotImplementedError(f"placement: stream: block buffer {qual} is not in the checkpoint")
                 mod._buffers[attr] = torch.empty(0, dtype=b.dtype)
                 state.empty[id(mod._buffers[attr])] = mod._buffers[attr]
                 keys.append((mod, attr, key, False))
         state.keys.append(keys)
+    return computed
+
+
+def _compute_block_buffers(model: nn.Module, computed: list[tuple[str, nn.Module, str]], device: torch.device) -> None:
+    """The block buffers the model computes from its config, made once on ``device`` by its own
+    ``_init_weights`` — called on each buffer's module and its ancestors (Falcon-H1's model fills every
+    layer's ``mup_vector``), every parameter marked initialised so nothing else changes — and kept
+    there: a few values per block, never streamed."""
+    if not computed:
+        return
+    for _, mod, attr in computed:
+        mod._buffers[attr] = torch.full_like(mod._buffers[attr], float("nan"), device=device)  # what init leaves untouched shows
+    flagged = [p for p in model.parameters() if not getattr(p, "_is_hf_initialized", False)]
+    for p in flagged:
+        p._is_hf_initialized = True
+    owners = {".".join(name.split(".")[:k]) for name, _, _ in computed for k in range(name.count(".") + 1, 0, -1)}
+    try:
+        with torch.no_grad():
+            for name in sorted(owners, key=lambda n: -n.count(".")):  # the buffer's own module first, the model last
+                model._init_weights(model.get_submodule(name))
+    finally:
+        for p in flagged:
+            del p._is_hf_initialized
+    left = [f"{name}.{attr}" for name, mod, attr in computed if mod._buffers[attr].is_floating_point() and mod._buffers[attr].isnan().any()]
+    if left:
+        raise NotImplementedError(f"placement: stream: the model's init does not compute block buffers {left[:3]} (not in the checkpoint)")
 
 
 def load_streaming(path: str, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
@@ -214,7 +247,7 @@ def load_streaming(path: str, device: torch.device | str, dtype: torch.dtype) ->
                     _set(model, mname, type(mod)(config))  # rotary embeddings: inv_freq computed from the config
             except TypeError:
                 _materialize_buffers(model, mname, mod, device)
-    _empty_blocks(path, ckpt, state, blocks, prefix, kinds)
+    _compute_block_buffers(model, _empty_blocks(path, ckpt, state, blocks, prefix, kinds), device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise NotImplementedError(f"placement: stream: tensors left on the meta device: {leftover[:5]}")
