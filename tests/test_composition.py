@@ -118,6 +118,14 @@ def _configs() -> dict[str, object]:
         "falcon-h1": T.FalconH1Config(**two, intermediate_size=64, num_key_value_heads=2, head_dim=8, mamba_n_heads=8, mamba_d_head=8,
                                       mamba_d_ssm=64, mamba_d_state=8, mamba_n_groups=1, mamba_expand=2, mamba_chunk_size=16,
                                       lm_head_multiplier=0.5, embedding_multiplier=2.0),
+        # state-space models without MLPs: Mamba (each block its norm and a Mamba-1 mixer), Nemotron-H (each block one sublayer:
+        # Mamba-2, attention, an MLP, an MoE)
+        "mamba": T.MambaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
+                               time_step_rank=8),  # (x_proj: 24 rows, whole GPTQ words)
+        "nemotron-h": T.NemotronHConfig(**dict(common, num_hidden_layers=4), intermediate_size=64, num_key_value_heads=2, head_dim=8,
+                                        hybrid_override_pattern="M*-E", mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=8, n_groups=1,
+                                        expand=2, chunk_size=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                        moe_shared_expert_intermediate_size=32, n_group=1, topk_group=1),
         "lfm2-moe": T.Lfm2MoeConfig(**dict(common, num_hidden_layers=3), intermediate_size=64, moe_intermediate_size=32, num_experts=4,
                                     num_experts_per_tok=2, num_dense_layers=1, num_key_value_heads=2,
                                     layer_types=["conv", "full_attention", "conv"], conv_L_cache=3),
@@ -126,20 +134,21 @@ def _configs() -> dict[str, object]:
 
 ARCHS = list(_configs())
 MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe", "afmoe", "cohere2-moe", "llama4",
-       "qwen3_next", "jamba", "granite-4", "lfm2-moe")
+       "qwen3_next", "jamba", "granite-4", "lfm2-moe", "nemotron-h")
 # arch → each block's (main) token mixer (all others: attention); a hybrid keeps its mixers' states 16-bit
 HYBRID = {"qwen3_next": ("linear attention", "attention") * 2, "qwen3.5": ("linear attention", "attention") * 2,
           "jamba": ("ssm", "attention") * 2, "granite-4": ("ssm", "attention"), "falcon-h1": ("attention",) * 2,  # (its Mamba-2: a side mixer)
-          "lfm2-moe": ("short conv", "attention", "short conv")}
+          "lfm2-moe": ("short conv", "attention", "short conv"), "mamba": ("ssm", "ssm"),
+          "nemotron-h": ("ssm", "attention", "none", "none")}  # (its MLP and MoE blocks mix no tokens)
 LAYOUT = {"opt-350m-shape": "post-LN", "gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post-sublayer",
           "gpt-neox": "parallel", "falcon": "parallel", "gpt-j": "parallel", "phi": "parallel", "cohere": "parallel",
           "cohere2": "parallel", "glm4": "sandwich", "afmoe": "sandwich", "cohere2-moe": "parallel"}
 # Models whose stream and single runs agree to float32 rounding, not bit for bit: Jamba's Mamba-1 computes
 # dt_proj.weight @ x, a broadcast matmul whose CPU result depends on where its operands sit in memory
 # (measured: 4 different results over 16 offsets of the same tensors), and a streamed block's tensors sit elsewhere
-ALIGNMENT_SENSITIVE = {"jamba"}
+ALIGNMENT_SENSITIVE = {"jamba", "mamba"}
 KV_REFUSED = {"deepseek-v2": "multi-head latent attention", "deepseek-v3": "multi-head latent attention",
-              "xglm": "computes K/V in code quantlens cannot reach"}  # (XGLM's attention is not on the shared interface)
+              "xglm": "computes K/V in code quantlens cannot reach", "mamba": "has no attention block"}  # (XGLM's attention is not on the shared interface)
 # the only refusals: KV settings, in one line. Falcon computed K/V in its own attention code until
 # transformers 5.25, which routes it through the shared attention interface the KV cache reaches.
 if Version(transformers.__version__) < Version("5.25"):
@@ -488,13 +497,11 @@ def _hybrids() -> dict[str, tuple[object, str]]:
         "zamba2": (T.Zamba2Config(**c, layer_types=["mamba", "hybrid", "mamba", "hybrid"], mamba_headdim=8, n_mamba_heads=8),
                    r"Zamba2ForCausalLM: hybrid blocks \(ssm, ssm\+attention\) are not supported yet: layers 0,2 are ssm; "
                    r"layers 1,3 are ssm\+attention \(Zamba2MambaDecoderLayer, Zamba2MambaMixer: not in anatomy.TOKEN_MIXERS\)$"),
-        "nemotron-h": (T.NemotronHConfig(**c), r"NemotronHForCausalLM: hybrid blocks \(ssm, MLP only, attention\) .*: layer 0 is ssm"),
         # (Qwen3-Next, Qwen3.5, Jamba, Granite-4, Falcon-H1, LFM2-MoE are understood: the composition matrix; Bamba and LFM2 below;
         # OLMo-hybrid's DeltaNet is not in anatomy.TOKEN_MIXERS yet)
         "olmo-hybrid": (T.OlmoHybridConfig(**c, pad_token_id=0, eos_token_id=1),
                         r"OlmoHybridForCausalLM: hybrid blocks \(linear attention, attention\) .*: layers 0,1,2 are linear attention "
                         r"\(OlmoHybridGatedDeltaNet: not in anatomy.TOKEN_MIXERS\)$"),
-        "mamba": (T.MambaConfig(**c), r"MambaForCausalLM: ssm blocks are not supported yet: layers 0,1,2,3 are ssm \(MambaMixer: not in"),
     }
 
 

@@ -139,9 +139,25 @@ class Explanation:
     per_example: pd.DataFrame  # set, example index, precision, nll (final) — for exactness checks
 
 
+def _with_mlp(parts: tuple[Block, ...], rng: range) -> list[int]:
+    """The layers of ``rng`` whose block has an MLP (all but a hybrid's blocks of one token mixer:
+    Mamba's, Nemotron-H's mixer blocks)."""
+    return [layer for layer in rng if parts[layer].has_mlp]
+
+
+def _first_mlp_name(parts: tuple[Block, ...], rng: range) -> str | None:
+    """The leaf name of the range's first MLP layer (each layer patches its own: an MoE block's is its experts), None without MLPs."""
+    layers = _with_mlp(parts, rng)
+    return parts[layers[0]].first_mlp[0] if layers else None
+
+
 def patch_variants(parts: tuple[Block, ...], rng: range) -> list[str]:
-    first, _ = parts[rng.start].first_mlp  # (each layer's own first MLP layer: an MoE block's is its experts)
-    common = [k for k in parts[rng.start].mlp if all(k in parts[layer].mlp for layer in rng)]
+    """The activation-patching variants for ``rng``; a model without MLPs (Mamba) patches its mixers only."""
+    layers = _with_mlp(parts, rng)
+    if not layers:
+        return ["none", "all", "attention", "upper_k_16bit"]
+    first = _first_mlp_name(parts, rng)
+    common = [k for k in parts[layers[0]].mlp if all(k in parts[layer].mlp for layer in layers)]
     names = ["none", "all", "attention", "mlp"] + [f"mlp.{k}" for k in common]
     return names + [f"{first}.input", f"{first}.weights_16bit", "upper_k_16bit"]
 
@@ -158,7 +174,8 @@ def _full_precision_pass(model: nn.Module, body: Anatomy, rng: range, ids: torch
                 hk.output(m, lambda x, l=layer, key=key: cache.__setitem__((l, key), shape(x).clone()))  # (Falcon adds to mlp_out in place)
             for k, lin in p.mlp.items():
                 hk.output(lin, lambda x, l=layer, k=k: cache.__setitem__((l, f"mlp.{k}"), shape(x).clone()))
-            hk.input(p.first_mlp[1], lambda x, l=layer: cache.__setitem__((l, "first_input"), shape(x).clone()))
+            if p.has_mlp:
+                hk.input(p.first_mlp[1], lambda x, l=layer: cache.__setitem__((l, "first_input"), shape(x).clone()))
         for layer in range(n_layers):
             p = parts[layer]
             (hk.output if p.h_site[1] == "output" else hk.input)(p.h_site[0], lambda x, l=layer: (record("h_norm", l, shape(x).float().norm(dim=-1).mean(-1)), None)[1])
@@ -275,6 +292,9 @@ def explain(
                 progress(done, total)
 
     per_layer = pd.DataFrame(rows_err)
+    for key in ("mse_mlp", "mse_attention"):  # (a model without MLPs — Mamba — records no MLP error)
+        if key not in per_layer:
+            per_layer[key] = float("nan")
     return Explanation(
         layer_error=_layer_error(per_layer, rng),
         early_exit=_early_exit(per_layer, rng),
@@ -288,18 +308,18 @@ def _patched_nll(model: nn.Module, ids: torch.Tensor, parts: tuple[Block, ...], 
     if variant == "none":
         return nll_quant
     n_layers = len(parts)
-    first = parts[rng.start].first_mlp[0]
+    first = _first_mlp_name(parts, rng)
     if variant == "upper_k_16bit":
         top = range(n_layers - upper_k(n_layers), n_layers)
         names = [n for layer in top for n in parts[layer].weight_names()]  # every weight of those blocks
         with full_precision(model, _patched_names(model, names)):
             return _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
     if variant == f"{first}.weights_16bit":
-        names = [n for layer in rng for n in parts[layer].first_mlp_weights()]
+        names = [n for layer in _with_mlp(parts, rng) for n in parts[layer].first_mlp_weights()]
         with full_precision(model, _patched_names(model, names), activations=False):
             return _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
     layers = range(n_layers) if variant == "all" else rng
-    if variant == "all" and any((layer, "attention") not in cache for layer in layers):
+    if variant == "all" and any((layer, key) not in cache for layer in layers for key, _ in _sum_parts(parts[layer])):
         # the cache holds the range only: patching every layer is the full-precision model by definition
         # only if we can replace every layer; recompute with a full-range cache
         return _all_layers_patched(model, ids, parts, shape)
@@ -310,9 +330,9 @@ def _patched_nll(model: nn.Module, ids: torch.Tensor, parts: tuple[Block, ...], 
             for key, m in _sum_parts(p):
                 if variant == "all" or variant == ("attention" if key.startswith("attention") else "mlp"):
                     hk.output(m, replace(key, layer))
-            if variant.startswith("mlp.") and variant != "mlp":
+            if variant.startswith("mlp.") and variant != "mlp" and p.has_mlp:
                 hk.output(p.mlp[variant[4:]], replace(variant, layer))
-            if variant == f"{first}.input":
+            if variant == f"{first}.input" and p.has_mlp:
                 hk.input(p.first_mlp[1], replace("first_input", layer))
         return _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
 

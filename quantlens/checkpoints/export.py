@@ -87,8 +87,10 @@ def write_quantized(model: nn.Module, folder: str | Path, method: str = "gptq", 
             for name, _ in readers:
                 state[name + ".weight"] *= s
     ckpt_state = _as_saved(model, state)  # the checkpoint's names: one matrix per expert, as save_pretrained writes
-    linears = {n for n, _ in anatomy(model).block_linears()}
-    conv1d = {n for n, m in anatomy(model).block_linears() if type(m).__name__ == "Conv1D"}
+    body = anatomy(model)
+    saved = lambda names: {k[: -len(".weight")] for k in _as_saved(model, {f"{n}.weight": state[f"{n}.weight"] for n in names})}  # noqa: E731
+    linears = saved(n for n, _ in body.block_linears())  # (under the checkpoint's names: Nemotron-H's backbone.layers…)
+    conv1d = saved(n for n, m in body.block_linears() if type(m).__name__ == "Conv1D")
     packed: dict[str, dict[str, torch.Tensor]] = {}
     for key in sorted(ckpt_state):
         name = key[: -len(".weight")] if key.endswith(".weight") else None

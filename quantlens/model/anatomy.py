@@ -77,7 +77,7 @@ from quantlens.model.shape import ModelShape
 
 KVRoute = Literal["interface", "bloom"]
 Layout = Literal["pre-LN", "post-LN", "sandwich", "post-sublayer", "parallel"]
-Mixer = Literal["attention", "linear attention", "ssm", "short conv"]
+Mixer = Literal["attention", "linear attention", "ssm", "short conv", "none"]
 
 # (XGLM: layer_norm; LFM2: embedding_norm, which its forward applies after the blocks despite the name)
 FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f", "layer_norm", "embedding_norm")
@@ -113,6 +113,7 @@ LAYOUTS: tuple[LayoutRow, ...] = (
     _row({"attention_layernorm", "feedforward_layernorm"}, "pre-LN", "feedforward_layernorm", "Apertus"),
     _row({"input_layernorm", "pre_ff_layernorm"}, "pre-LN", "pre_ff_layernorm", "Jamba, Bamba, Falcon-H1"),
     _row({"operator_norm", "ffn_norm"}, "pre-LN", "ffn_norm", "LFM2, LFM2-MoE"),
+    _row({"norm"}, "pre-LN", "norm", "Mamba, Mamba-2, Falcon-Mamba, Nemotron-H: one sublayer a block, r(l) the stream it reads"),
     _row({"input_layernorm", "pre_feedforward_layernorm"}, "pre-LN", "pre_feedforward_layernorm", "VaultGemma"),
     _row({"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"},
          "sandwich", "pre_feedforward_layernorm", "Gemma-2, Gemma-3"),
@@ -229,6 +230,10 @@ TOKEN_MIXERS: dict[str, MixerRow] = {
     "GraniteMoeHybridMambaLayer": MixerRow("ssm", f"Granite-4's Mamba-2: {_MAMBA2}"),
     "FalconH1Mixer": MixerRow("ssm", f"Falcon-H1's Mamba-2 (beside its attention): {_MAMBA2}"),
     "JambaMambaMixer": MixerRow("ssm", f"Jamba's Mamba: {_MAMBA1}, dt/B/C RMSNorms", ("dt_proj",)),
+    "MambaMixer": MixerRow("ssm", f"Mamba: {_MAMBA1}", ("dt_proj",)),
+    "FalconMambaMixer": MixerRow("ssm", f"Falcon-Mamba: {_MAMBA1}, B/C/dt RMS-normalised", ("dt_proj",)),
+    "Mamba2Mixer": MixerRow("ssm", f"Mamba-2: {_MAMBA2}"),
+    "NemotronHMamba2Mixer": MixerRow("ssm", f"Nemotron-H's Mamba-2: {_MAMBA2}"),
     # in_proj → B·x gated → short causal conv (conv) → C· gated → out_proj
     "Lfm2ShortConv": MixerRow("short conv", "LFM2's gated short convolution: in_proj → conv → out_proj"),
     "Lfm2MoeShortConv": MixerRow("short conv", "LFM2-MoE's gated short convolution: in_proj → conv → out_proj"),
@@ -401,13 +406,13 @@ class Block:
     layout: Layout
     residual_site: nn.Module  # its input is r(l) (module doc)
     h_site: tuple[nn.Module, Literal["input", "output"]]  # where h(l), the MLP's input, is read
-    attention_name: str
-    attention: nn.Module
+    attention_name: str  # ("" and None below: a block of one MLP, Nemotron-H's; mixer "none")
+    attention: nn.Module | None
     attention_linears: tuple[tuple[str, nn.Module], ...]  # qualified name, module (registration order)
-    attention_out: nn.Module  # the output projection
+    attention_out: nn.Module | None  # the output projection
     mlp_linears: tuple[tuple[str, nn.Module], ...]  # (leaf name, module): a dense MLP's, or an MoE's shared experts'
-    mlp_module: nn.Module  # its output is the MLP's (the MoE block's) output
-    mlp_input: nn.Module  # its input is h(l): the first MLP linear, or the MoE block
+    mlp_module: nn.Module | None  # its output is the MLP's (the MoE block's) output (None: a block of one mixer, Mamba's)
+    mlp_input: nn.Module | None  # its input is h(l): the first MLP linear, or the MoE block
     experts: tuple[Experts, ...] = ()
     routers: tuple[tuple[str, nn.Module], ...] = ()  # qualified name, module with a 2-D weight
     moe_name: str | None = None
@@ -434,13 +439,17 @@ class Block:
     def mixer_outs(self) -> tuple[nn.Module, ...]:
         """The modules whose outputs sum to what the token mixers add to the stream: the main mixer's
         output projection, then each side mixer's (Falcon-H1: attention's o_proj, Mamba-2's out_proj)."""
-        return (self.attention_out, *(s.out for s in self.side_mixers))
+        return tuple(m for m in (self.attention_out, *(s.out for s in self.side_mixers)) if m is not None)
 
     @property
     def mlp_outs(self) -> tuple[nn.Module, ...]:
         """The modules whose outputs sum to what the MLP adds to the stream: the MLP (the MoE block),
         then any MLP beside it (Granite-4's shared_mlp)."""
-        return (self.mlp_module, *self.mlp_side)
+        return tuple(m for m in (self.mlp_module, *self.mlp_side) if m is not None)
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.mlp_module is not None
 
     @property
     def first_mlp(self) -> tuple[str, nn.Module]:
@@ -474,6 +483,8 @@ class Block:
 
     def describe(self) -> str:
         mlp = ", ".join(k for k, _ in self.mlp_linears)
+        if not self.has_mlp:
+            return "no MLP"
         if self.is_moe:
             e = self.experts[0]
             lay = f"{'transposed ' if e.is_transposed else ''}{'gated ' + ('concatenated' if e.is_concatenated else 'interleaved') if e.has_gate else 'ungated'}"
@@ -515,7 +526,7 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
     norm_names = _norm_children(model_name, kind, children)
     layout, site_name = _layout(model_name, kind, norm_names, config)
     mixers = _mixer_children(model_name, kind, name, children)
-    (mixer, attn_name, attn_mod, attn_linears, attn_out, states), side = mixers[0], mixers[1:]
+    (mixer, attn_name, attn_mod, attn_linears, attn_out, states), side = (mixers[0] if mixers else NO_MIXER), mixers[1:]
     states = (*states, *(x for *_, st in side for x in st))
     sides = tuple(SideMixer(k, f"{name}.{n}", m, lin, out) for k, n, m, lin, out, _ in side)
 
@@ -536,8 +547,9 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
     router_ids = {id(m) for _, m in routers}
     mlp_linears = [(f"{name}.{n}", m) for n, m in block.named_modules()
                    if is_linear(m) and id(m) not in attn_ids and id(m) not in router_ids]
-    if not mlp_linears and not experts:
-        raise ModelNotUnderstood(f"{model_name}: block {kind} has no MLP linears outside its attention and no experts")
+    if not mlp_linears and not experts and not mixers:
+        raise ModelNotUnderstood(f"{model_name}: block {kind} has neither a token mixer (an attention child holding linear layers, "
+                                 f"a mixer of anatomy.TOKEN_MIXERS) nor an MLP (children: {', '.join(n for n, _ in children)})")
     mlp = tuple((q.rsplit(".", 1)[-1], m) for q, m in mlp_linears)
     names = {id(m): q for q, m in (*attn_linears, *(nl for s in sides for nl in s.linears), *mlp_linears)}
 
@@ -547,9 +559,13 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
         inside = {id(x) for x in moe.modules()}
         mlp_side = tuple(m for _, m in children if id(m) not in inside and moe not in set(m.modules())
                          and any(id(x) in names for x in m.modules() if is_linear(x) and id(x) not in attn_ids))
-    else:  # the last MLP linear's output is the MLP's output (BLOOM's MLP module adds the residual itself)
+    elif mlp:  # the last MLP linear's output is the MLP's output (BLOOM's MLP module adds the residual itself)
         gate = [m for k, m in mlp if "gate" in k]
         mlp_input, mlp_module = (gate[0] if gate else mlp[0][1]), mlp[-1][1]
+    else:  # a block of one token mixer (Mamba; Nemotron-H's mixer blocks)
+        mlp_input = mlp_module = None
+    if site_name is None and mlp_input is None:
+        raise ModelNotUnderstood(f"{model_name}: block {kind} has no MLP and norms after its sublayers only: r(l) cannot be located")
     if site_name is None:  # post-sublayer: r(l) is the MLP's (the MoE block's) input
         residual_site = mlp_input
         h_site: tuple[nn.Module, Literal["input", "output"]] = (mlp_input, "input")
@@ -558,22 +574,21 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
         h_site = (residual_site, "output")
 
     _check_accounted(model_name, name, block, (*attn_linears, *(nl for s in sides for nl in s.linears)), mlp_linears, experts, routers, states)
-    return Block(index, name, block, layout, residual_site, h_site, f"{name}.{attn_name}", attn_mod, attn_linears, attn_out,
+    return Block(index, name, block, layout, residual_site, h_site, f"{name}.{attn_name}" if attn_name else "", attn_mod, attn_linears, attn_out,
                  mlp, mlp_module, mlp_input, tuple(experts), tuple(routers), moe_name, names, mixer, states, sides, mlp_side)
 
 
-_MixerParts = tuple[Mixer, str, nn.Module, tuple[tuple[str, nn.Module], ...], nn.Module, tuple[tuple[str, nn.Parameter], ...]]
+_MixerParts = tuple[Mixer, str, Any, tuple[tuple[str, nn.Module], ...], Any, tuple[tuple[str, nn.Parameter], ...]]
+NO_MIXER: _MixerParts = ("none", "", None, (), None, ())  # a block of one MLP (Nemotron-H's MLP and MoE blocks)
 
 
 def _mixer_children(model_name: str, kind: str, name: str, children: list[tuple[str, nn.Module]]) -> list[_MixerParts]:
     """The block's token mixers — its ``*attn*`` / ``*attention*`` children holding linears and its
     children of :data:`TOKEN_MIXERS` — attention first (the one a KV cache reaches): each as (kind,
     child name, module, quantized linears by qualified name, output projection, 16-bit states)."""
-    found = [(n, m) for n, m in children if (type(m).__name__ in TOKEN_MIXERS or "attn" in n.lower() or "attention" in n.lower())
+    found = [(n, m) for n, m in children if (type(m).__name__ in TOKEN_MIXERS or type(m).__name__.endswith("Attention")
+                                                 or "attn" in n.lower() or "attention" in n.lower())
              and any(is_linear(x) for x in m.modules())]
-    if not found:
-        raise ModelNotUnderstood(f"{model_name}: block {kind} has no attention child holding linear layers "
-                                 f"(children: {', '.join(n for n, _ in children)}; found 0)")
     out = [(*_mixer_of(f"{name}.{n}", m), n, m) for n, m in found]
     if sum(1 for k, *_ in out if k == "attention") > 1:
         raise ModelNotUnderstood(f"{model_name}: block {kind} has {len(found)} attention children ({', '.join(n for n, _ in found)}); expected one")
@@ -673,7 +688,8 @@ class Anatomy:
         reads from its config): blocks, the width the attention's first projection reads, the head's
         rows, the routed experts of the largest MoE block."""
         head = self.lm_head.weight
-        return ModelShape(layers=len(self.parts), hidden=in_features(self.parts[0].attention_linears[0][1]),
+        first = (self.parts[0].attention_linears or tuple(self.parts[0].linears()))[0][1]
+        return ModelShape(layers=len(self.parts), hidden=in_features(first),
                           vocab=int(shape_of(head)[1] if is_conv1d(self.lm_head) else shape_of(head)[0]),
                           experts=max((e.num_experts for b in self.parts for e in b.experts), default=0))
 
@@ -751,8 +767,9 @@ class Anatomy:
         dense = sum(1 for p in self.parts if not p.is_moe)
         mix = f" ({dense} dense, {len(self.parts) - dense} MoE)" if self.is_moe and dense else ""
         return (f"{self.model_type}: {len(self.parts)} blocks{mix} at {self.blocks_name} ({b.layout}; {r}), "
-                f"attention {b.attention_name.rsplit('.', 1)[-1]} [{', '.join(n.rsplit('.', 1)[-1] for n, _ in b.attention_linears)}] "
-                f"via {self.kv_route or 'an attention the KV cache cannot reach'}, {self._other_mixers()}{'; '.join(mlps)}, final norm {norm}"
+                + (f"attention {b.attention_name.rsplit('.', 1)[-1]} [{', '.join(n.rsplit('.', 1)[-1] for n, _ in b.attention_linears)}] "
+                   f"via {self.kv_route or 'an attention the KV cache cannot reach'}, " if b.mixer == "attention" else "no attention, ")
+                + f"{self._other_mixers()}{'; '.join(mlps)}, final norm {norm}"
                 + (", project_in/out" if self.project_in is not None or self.project_out is not None else "")
                 + (f", logits soft-capped at {self.logit_softcap}" if self.logit_softcap else ""))
 
@@ -782,7 +799,8 @@ def _kv(model_name: str, parts: tuple[Block, ...], config: Any) -> tuple[KVRoute
     None and why (None: KV-cache settings fail, :mod:`quantlens.quantize.kv`)."""
     kv = [b for b in parts if b.has_kv_cache]
     if not kv:
-        return None, f"{model_name} has no attention block (its {len(parts)} blocks mix tokens by linear attention): no KV cache"
+        kinds = " and ".join(dict.fromkeys(b.mixer for b in parts if b.mixer != "none"))
+        return None, f"{model_name} has no attention block (its {len(parts)} blocks mix tokens by {kinds}): no KV cache"
     routes = {kv_route(b.attention) for b in kv}
     route = routes.pop() if len(routes) == 1 else None
     refusal = _kv_refusal(kv[0].attention, config) if route is not None else (

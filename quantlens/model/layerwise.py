@@ -102,9 +102,24 @@ def capture_by_kind(model: nn.Module, block: nn.Module, inputs: dict[str, torch.
         return {None: capture_block_inputs(model, block, inputs)}
     out = {}
     for kind in dict.fromkeys(kinds):
-        with _first_layer_type(model.config, kind):
+        with _first_layer_type(model.config, kind), _block_type(block, kind):
             out[kind] = capture_block_inputs(model, block, inputs)
     return out
+
+
+@contextmanager
+def _block_type(block: nn.Module, kind: str) -> Iterator[None]:
+    """Block 0's own ``block_type`` reads ``kind`` for one capture, where the model picks a block's mask
+    by it (Nemotron-H: ``mask_mapping.get(block.block_type)``); the capture stops before the block runs."""
+    if not hasattr(block, "block_type"):
+        yield
+        return
+    first = block.block_type
+    block.block_type = kind
+    try:
+        yield
+    finally:
+        block.block_type = first
 
 
 @contextmanager
