@@ -226,6 +226,12 @@ TOKEN_MIXERS: dict[str, MixerRow] = {
     # in_proj_qkv, in_proj_z, in_proj_b, in_proj_a → the same conv1d, delta rule and gated norm → out_proj
     "Qwen3_5GatedDeltaNet": MixerRow("linear attention", "Qwen3.5's gated DeltaNet"),
     "Qwen3_5MoeGatedDeltaNet": MixerRow("linear attention", "Qwen3.5-MoE's gated DeltaNet"),
+    # q/k/v_proj → one causal conv1d over q, k, v → gated delta rule (a_proj, b_proj; A_log, dt_bias) → gated RMSNorm
+    # (o_norm, gate g_proj) → o_proj
+    "OlmoHybridGatedDeltaNet": MixerRow("linear attention", "OLMo-hybrid's gated DeltaNet"),
+    # q/k/v_proj → one causal conv1d → Kimi Delta Attention (b_proj; forget gate: A_log, dt_bias) → gated RMSNorm (o_norm,
+    # gate g_a_proj → g_b_proj) → o_proj
+    "KimiLinearDeltaAttention": MixerRow("linear attention", "Kimi Linear's delta attention (KDA)"),
     "BambaMixer": MixerRow("ssm", f"Bamba's Mamba-2: {_MAMBA2}"),
     "GraniteMoeHybridMambaLayer": MixerRow("ssm", f"Granite-4's Mamba-2: {_MAMBA2}"),
     "FalconH1Mixer": MixerRow("ssm", f"Falcon-H1's Mamba-2 (beside its attention): {_MAMBA2}"),

@@ -33,10 +33,12 @@ _PREFIXES = ("model.", "transformer.", "model.decoder.")
 @dataclass(frozen=True)
 class Fused:
     """A fused tensor read from per-expert matrices: ``parts`` (one list of keys per source pattern,
-    expert by expert) each stacked along a new dim 0, then concatenated along ``dim``."""
+    expert by expert) each stacked along a new dim 0, then concatenated along ``dim``; or, ``merge``
+    False, one key per source pattern concatenated (OLMo-hybrid's and Kimi Linear's q/k/v_conv1d → conv1d)."""
 
     parts: tuple[tuple[str, ...], ...]
     dim: int
+    merge: bool = True
 
     @property
     def keys(self) -> list[str]:
@@ -125,8 +127,6 @@ class Checkpoint:
         for alias in _renamed(name, convs):
             if (key := self.resolve(alias)) is not None:
                 return key
-        if not shape:
-            return None
         for c in convs:
             if type(c).__name__ != "WeightConverter" or len(c.target_patterns) != 1:
                 continue
@@ -134,14 +134,17 @@ class Checkpoint:
             if not name.endswith(target.lstrip("^")):
                 continue
             ops = [(type(o).__name__, getattr(o, "dim", None)) for o in c.operations]
-            if not ops or ops[0] != ("MergeModulelist", 0) or any(op != "Concatenate" for op, _ in ops[1:]) or len(ops) > 2:
-                return None  # an operation quantlens does not replay
             stem = name[: len(name) - len(target.lstrip("^"))]
+            if len(ops) == 1 and ops[0][0] == "Concatenate":  # several tensors of one module joined (q/k/v_conv1d → conv1d)
+                keys = [self.resolve(stem + pattern.lstrip("^").replace("\\", "")) for pattern in c.source_patterns]
+                return None if None in keys else Fused(tuple((k,) for k in keys), ops[0][1], merge=False)
+            if not ops or ops[0] != ("MergeModulelist", 0) or any(op != "Concatenate" for op, _ in ops[1:]) or len(ops) > 2 or not shape:
+                return None  # an operation quantlens does not replay (or experts whose number is not given)
             parts = []
             for pattern in c.source_patterns:
                 keys = []
                 for e in range(int(shape[0])):
-                    cand = stem + pattern.lstrip("^").replace("*", str(e), 1)
+                    cand = stem + pattern.lstrip("^").replace("\\.", ".").replace("*", str(e), 1)
                     k = self.resolve(cand)
                     for alias in _renamed(cand, convs):  # the checkpoint's own names (Mixtral: block_sparse_moe)
                         k = k if k is not None else self.resolve(alias)
@@ -166,7 +169,7 @@ class Checkpoint:
         """The tensor of ``source`` from loaded checkpoint tensors (a Fused recipe: stacked, then joined)."""
         if isinstance(source, str):
             return loaded[source]
-        stacked = [torch.stack([loaded[k] for k in keys]) for keys in source.parts]
+        stacked = [torch.stack([loaded[k] for k in keys]) if source.merge else loaded[keys[0]] for keys in source.parts]
         return stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=source.dim)
 
     def load(self, keys: list[str], device: torch.device | str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
