@@ -291,10 +291,7 @@ def explain(
             if progress:
                 progress(done, total)
 
-    per_layer = pd.DataFrame(rows_err)
-    for key in ("mse_mlp", "mse_attention"):  # (a model without MLPs — Mamba — records no MLP error)
-        if key not in per_layer:
-            per_layer[key] = float("nan")
+    per_layer = _per_layer(rows_err)
     return Explanation(
         layer_error=_layer_error(per_layer, rng),
         early_exit=_early_exit(per_layer, rng),
@@ -363,6 +360,15 @@ def _pearson(a: pd.Series, b: pd.Series) -> float:
     from quantlens.analysis.per_example import pearson
 
     return pearson(a.to_numpy(), b.to_numpy())
+
+
+def _per_layer(rows: list[dict]) -> pd.DataFrame:
+    """The per-(example, layer) rows as a frame, with every error column (a model without MLPs — Mamba — records no MLP error)."""
+    per = pd.DataFrame(rows)
+    for key in ("mse_mlp", "mse_attention"):
+        if key not in per:
+            per[key] = float("nan")
+    return per
 
 
 def _layer_error(per: pd.DataFrame, rng: range) -> pd.DataFrame:
