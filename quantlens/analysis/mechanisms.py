@@ -156,7 +156,7 @@ def patch_variants(parts: tuple[Block, ...], rng: range) -> list[str]:
     layers = _with_mlp(parts, rng)
     if not layers:
         return ["none", "all", "attention", "upper_k_16bit"]
-    first = _first_mlp_name(parts, rng)
+    first = parts[layers[0]].first_mlp[0]
     common = [k for k in parts[layers[0]].mlp if all(k in parts[layer].mlp for layer in layers)]
     names = ["none", "all", "attention", "mlp"] + [f"mlp.{k}" for k in common]
     return names + [f"{first}.input", f"{first}.weights_16bit", "upper_k_16bit"]

@@ -61,10 +61,15 @@ def _conversions(kinds: tuple[str, ...]) -> list:
     return []
 
 
+def _unescaped(pattern: str) -> str:
+    """A conversion pattern without its start anchor and with its escaped dots as dots."""
+    return pattern.lstrip("^").replace("\\.", ".")
+
+
 def _literal(pattern: str) -> tuple[str, bool] | None:
     """A renaming pattern as plain text and whether it is anchored at the start, or None (a real regex)."""
     anchored = pattern.startswith("^")
-    text = pattern.lstrip("^").replace("\\.", ".")
+    text = _unescaped(pattern)
     return (text, anchored) if re.fullmatch(r"[\w.]+", text) else None
 
 
@@ -136,7 +141,8 @@ class Checkpoint:
             ops = [(type(o).__name__, getattr(o, "dim", None)) for o in c.operations]
             stem = name[: len(name) - len(target.lstrip("^"))]
             if len(ops) == 1 and ops[0][0] == "Concatenate":  # several tensors of one module joined (q/k/v_conv1d → conv1d)
-                keys = [self.resolve(stem + pattern.lstrip("^").replace("\\", "")) for pattern in c.source_patterns]
+                texts = [_literal(pattern) for pattern in c.source_patterns]
+                keys = [self.resolve(stem + t[0]) if t is not None else None for t in texts]
                 return None if None in keys else Fused(tuple((k,) for k in keys), ops[0][1], merge=False)
             if not ops or ops[0] != ("MergeModulelist", 0) or any(op != "Concatenate" for op, _ in ops[1:]) or len(ops) > 2 or not shape:
                 return None  # an operation quantlens does not replay (or experts whose number is not given)
@@ -144,7 +150,7 @@ class Checkpoint:
             for pattern in c.source_patterns:
                 keys = []
                 for e in range(int(shape[0])):
-                    cand = stem + pattern.lstrip("^").replace("\\.", ".").replace("*", str(e), 1)
+                    cand = stem + _unescaped(pattern).replace("*", str(e), 1)
                     k = self.resolve(cand)
                     for alias in _renamed(cand, convs):  # the checkpoint's own names (Mixtral: block_sparse_moe)
                         k = k if k is not None else self.resolve(alias)

@@ -191,17 +191,10 @@ def _compute_block_buffers(model: nn.Module, computed: list[tuple[str, nn.Module
         return
     for _, mod, attr in computed:
         mod._buffers[attr] = torch.full_like(mod._buffers[attr], float("nan"), device=device)  # what init leaves untouched shows
-    flagged = [p for p in model.parameters() if not getattr(p, "_is_hf_initialized", False)]
-    for p in flagged:
-        p._is_hf_initialized = True
     owners = {".".join(name.split(".")[:k]) for name, _, _ in computed for k in range(name.count(".") + 1, 0, -1)}
-    try:
-        with torch.no_grad():
-            for name in sorted(owners, key=lambda n: -n.count(".")):  # the buffer's own module first, the model last
-                model._init_weights(model.get_submodule(name))
-    finally:
-        for p in flagged:
-            del p._is_hf_initialized
+    with _parameters_left_alone(model.parameters()):
+        for name in sorted(owners, key=lambda n: -n.count(".")):  # the buffer's own module first, the model last
+            model._init_weights(model.get_submodule(name))
     left = [f"{name}.{attr}" for name, mod, attr in computed if mod._buffers[attr].is_floating_point() and mod._buffers[attr].isnan().any()]
     if left:
         raise NotImplementedError(f"placement: stream: the model's init does not compute block buffers {left[:3]} (not in the checkpoint)")
@@ -264,21 +257,30 @@ def _materialize_buffers(model: nn.Module, name: str, mod: nn.Module, device: to
     for attr, b in list(mod._buffers.items()):
         if b is not None and b.is_meta:
             mod._buffers[attr] = torch.full_like(b, float("nan"), device=device)  # what init leaves untouched shows
-    flagged = [p for p in mod.parameters(recurse=False) if not getattr(p, "_is_hf_initialized", False)]
-    for p in flagged:
-        p._is_hf_initialized = True
     try:
-        with torch.no_grad():
+        with _parameters_left_alone(mod.parameters(recurse=False)):
             model._init_weights(mod)
     except Exception as err:  # noqa: BLE001 — any failure: one line naming the module
         raise NotImplementedError(f"placement: stream: cannot compute the buffers of {name} ({type(mod).__name__}) "
                                   f"off the meta device: {err}") from None
-    finally:
-        for p in flagged:
-            del p._is_hf_initialized
     left = [a for a, b in mod._buffers.items() if b is not None and b.is_floating_point() and b.isnan().any()]
     if left:
         raise NotImplementedError(f"placement: stream: the model's init does not compute buffers {left} of {name}")
+
+
+@contextmanager
+def _parameters_left_alone(params: Iterator[nn.Parameter]) -> Iterator[None]:
+    """``params`` marked initialised (``_is_hf_initialized``) for the duration, gradients off: the
+    model's ``_init_weights`` then computes buffers and touches none of them."""
+    flagged = [p for p in params if not getattr(p, "_is_hf_initialized", False)]
+    for p in flagged:
+        p._is_hf_initialized = True
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for p in flagged:
+            del p._is_hf_initialized
 
 
 def _set(model: nn.Module, qualified: str, value: Any) -> None:
