@@ -382,7 +382,14 @@ def test_released_token_ids_of_another_tokenizer_and_a_model_without_one_are_one
 PUBLISHED_MOE = {
     "mixtral-8x7b": (46.7e9, 12.9e9, True), "qwen3-30b-a3b": (30.5e9, 3.3e9, True),
     "deepseek-v2-lite": (15.7e9, 2.4e9, False), "olmoe-1b-7b": (6.9e9, 1.3e9, True), "gpt-oss-20b": (21e9, 3.6e9, False),
+    # Meta's 109B / 400B total, 17B active (its totals count the vision encoder, ≈1B, that AutoModelForCausalLM
+    # does not load); Qwen's 35B, 3B active (the text model: the count 34.7B; 2.9B active without the embedding)
+    "llama-4-scout-17b-16e": (109e9, 17e9, True), "llama-4-maverick-17b-128e": (400e9, 17e9, True),
+    "qwen3.5-35b-a3b": (35e9, 3e9, False),
 }
+# The hybrids' published totals (model cards: Nemotron-H 8B, dense; Granite-4.0-H-Tiny 7B, whose "1B
+# active" is rounded: the count gives 1.3B without the embedding, so only its total is checked)
+PUBLISHED_HYBRID = {"nemotron-h-8b": 8e9, "granite-4.0-h-tiny": 7e9}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_MOE))
@@ -392,6 +399,16 @@ def test_moe_registry_counts_land_on_the_published_total_and_active_sizes(name):
     assert s.params == pytest.approx(total, rel=0.03)
     assert s.active_params - (0 if with_embedding else s.vocab * s.hidden) == pytest.approx(active, rel=0.03)
     assert s.active_params < s.params / 3  # time counts the experts a token uses, memory all of them
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_HYBRID))
+def test_hybrid_registry_counts_land_on_the_published_totals(name):
+    cfg = P.REGISTRY_CONFIGS[name]
+    s = P.shape_from_config(cfg)
+    assert s.params == pytest.approx(PUBLISHED_HYBRID[name], rel=0.03)
+    assert {"linear_attention", "full_attention"} <= set(F.layer_kinds(cfg))  # Mamba-2 blocks and attention ones
+    assert (s.active_params == s.params) == (s.experts == 0)
+    assert s.block_params > (s.params - s.outside_params) / s.layers  # blocks of several sizes: the largest held
 
 
 def _hf_config(model_type: str, **kw):
@@ -405,6 +422,11 @@ def _hf_config(model_type: str, **kw):
 
 MLA = dict(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=48,
            n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1)
+DELTANET = dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"], head_dim=16,
+                linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=24)
+MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=2)
+NEMOTRON = dict(mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, head_dim=16, n_routed_experts=4,
+                num_experts_per_tok=2, moe_intermediate_size=48, moe_shared_expert_intermediate_size=80, n_group=1, topk_group=1)
 SMALL = {  # small configs of each family, every feature the count reads switched on
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
@@ -416,6 +438,31 @@ SMALL = {  # small configs of each family, every feature the count reads switche
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16),
     "gpt_neox": dict(),
     "gpt_neox-tied": dict(tie_word_embeddings=True),
+    # Llama-4: routed experts ([E, in, out]) and a shared one in every block (Scout), between dense blocks of
+    # intermediate_size_mlp (Maverick)
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=48, intermediate_size_mlp=96, head_dim=16),
+    "llama4_text-maverick": dict(num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=1, intermediate_size=48,
+                                 intermediate_size_mlp=96, head_dim=16, interleave_moe_layer_step=2, use_qk_norm=False),
+    # hybrids: each block counted as its kind (gated DeltaNet, Mamba-1 / Mamba-2, short convolution, attention)
+    "qwen3_next": dict(DELTANET, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                       mlp_only_layers=[1], attention_bias=True),
+    "qwen3_5_text": dict(DELTANET),
+    "qwen3_5_moe_text": dict(DELTANET, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80),
+    "granitemoehybrid": dict(MAMBA2, num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"], num_local_experts=4,
+                             num_experts_per_tok=2, shared_intermediate_size=80, attention_bias=True, mamba_proj_bias=True),
+    "granitemoehybrid-dense": dict(MAMBA2, num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"], num_local_experts=0,
+                                   num_experts_per_tok=0, shared_intermediate_size=80),
+    "bamba": dict(MAMBA2, attn_layer_indices=[1], mlp_bias=True, attention_bias=True),
+    "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, mamba_rms_norm=True,
+                      projectors_bias=True, head_dim=16),  # Mamba-2 beside the attention in every block
+    "nemotron_h": dict(NEMOTRON, num_hidden_layers=4, hybrid_override_pattern="M*-E", mlp_bias=True, use_bias=True, use_conv_bias=False),
+    "nemotron_h-latent": dict(NEMOTRON, num_hidden_layers=3, hybrid_override_pattern="ME*", moe_latent_size=32),
+    "nemotron_h-dense": dict(NEMOTRON, num_hidden_layers=3, hybrid_override_pattern="M*-"),  # n_routed_experts, no moe block
+    "jamba": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                  num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_dt_rank=8, mamba_expand=2, mamba_proj_bias=True),
+    "lfm2": dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], conv_bias=True, block_multiple_of=16),
+    "lfm2_moe": dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=48, num_dense_layers=1),
 }
 
 
@@ -442,20 +489,26 @@ def test_counts_from_a_config_equal_the_transformers_model(case):
         if _block_of(n) is not None:
             blocks[_block_of(n)] = blocks.get(_block_of(n), 0) + p.numel()
     assert s.block_params == max(blocks.values()) and s.outside_params == s.params - sum(blocks.values())
-    E, k = (getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0), getattr(cfg, "num_experts_per_tok", 0)
+    fused_experts = [p for n, p in params.items() if ".experts." in n and p.dim() == 3]
+    E, k = (fused_experts[0].shape[0] if fused_experts else 0), getattr(cfg, "num_experts_per_tok", 0)
     idle = sum(p.numel() * (E - k) // E for n, p in params.items() if ".experts." in n)  # routed experts a token skips
-    assert s.active_params == s.params - idle and (idle > 0) == (E > 0)
+    assert s.active_params == s.params - idle and s.experts == E and (idle > 0) == (E > 0)
     ins, matrices, fused = set(), [], [0]
     for name, mod in model.named_modules():
         if _block_of(name + ".") is None:
             continue
         if isinstance(mod, torch.nn.Linear):
+            if name.endswith("dt_proj"):
+                continue  # Mamba-1's, applied by its weight: a state the patcher keeps, not a linear it quantizes
             ins.add(mod.in_features)
             matrices.append(mod.weight.numel())
-        elif hasattr(mod, "gate_up_proj"):  # fused experts, [E, out, in] or (gpt-oss) [E, in, out]
-            for attr in ("gate_up_proj", "down_proj"):
-                w = getattr(mod, attr)
-                ins.add(w.shape[1] if getattr(mod, "is_transposed", False) else w.shape[2])
+        elif isinstance(getattr(mod, "down_proj", None), torch.nn.Parameter):  # fused experts [E, out, in]
+            transposed = getattr(mod, "is_transposed", False) or type(mod).__name__ == "Llama4TextExperts"  # [E, in, out]
+            for attr in ("gate_up_proj", "up_proj", "down_proj"):  # (Nemotron-H's: up and down, no gate)
+                w = getattr(mod, attr, None)
+                if w is None:
+                    continue
+                ins.add(w.shape[1] if transposed else w.shape[2])
                 matrices.append(w.numel() // w.shape[0] // (2 if attr == "gate_up_proj" else 1))
                 fused.append(w.numel())
         elif hasattr(mod, "weight") and mod.weight.dim() == 2 and "embed" not in name:  # routers
@@ -464,13 +517,15 @@ def test_counts_from_a_config_equal_the_transformers_model(case):
     assert s.largest_linear == max(matrices) and s.largest_experts == max(fused)
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "deepseek_v2", "gpt_oss", "gpt_neox"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "deepseek_v2", "gpt_oss", "gpt_neox", "llama4_text-maverick", "qwen3_next",
+                                  "granitemoehybrid", "nemotron_h", "jamba"])
 def test_checkpoint_headers_of_an_moe_give_its_counts_and_input_features(case, tmp_path):
     """A small model saved by transformers (per-expert keys for Mixtral's w1/w2/w3 and DeepSeek's
-    experts.<j>.gate_proj, fused [E, in, out] for gpt-oss): the headers alone give what the config does."""
+    experts.<j>.gate_proj, fused [E, in, out] for gpt-oss and Llama-4; the hybrids' conv1d kernels and
+    Mamba-1's dt_proj, states and no linears): the headers alone give what the config does."""
     from transformers import AutoModelForCausalLM
 
-    cfg = _hf_config(case, num_hidden_layers=2, **SMALL[case])
+    cfg = _hf_config(case.split("-")[0], **{"num_hidden_layers": 2, **SMALL[case]})
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(tmp_path)
     header, computed = P.shape_from_checkpoint(tmp_path), P.shape_from_config(json.loads((tmp_path / "config.json").read_text()))
@@ -505,7 +560,7 @@ def test_gpt_oss_mxfp4_blocks_count_as_the_weights_they_hold(tmp_path):
     assert s.checkpoint_bytes == offset
 
 
-def _dry_plan(config: str, target, monkeypatch):
+def _dry_plan(config: str | Path, target, monkeypatch):
     """The plan ``quantlens run CONFIG --dry-run`` prints: preflight's estimates, the models planned
     from the registry as on a machine that has none of them cached."""
     from quantlens.pipeline import preflight as pf
@@ -513,7 +568,7 @@ def _dry_plan(config: str, target, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(pf, "local_revision", lambda info, revision=None: None)
-    cfg = load_config(REPO / "configs" / config)
+    cfg = load_config(config if isinstance(config, Path) else REPO / "configs" / config)
     estimates = pf.preflight(cfg, target, planning=True)
     assert [e.model for e in estimates] == [m.ref for m in cfg.models]  # every model planned, none "known after download"
     assert all(e.shape.source == "registry" and not e.cached for e in estimates)
@@ -538,6 +593,32 @@ def test_moe_sweep_is_planned_with_every_expert_in_memory_and_the_top_k_in_time(
     assert ds.block_params > (ds.params - ds.outside_params) / ds.layers
     node, _ = _dry_plan("moe.yaml", P.planned_target("H100", gpus=8), monkeypatch)
     assert node["mixtral-8x7b"].placement == "device_map" and node["olmoe-1b-7b"].placement == "single"
+
+
+def test_llama4_and_hybrid_registry_models_are_planned_offline(tmp_path, monkeypatch):
+    """Llama-4, Qwen3.5, Nemotron-H and Granite-4 planned from the registry alone: the group check
+    passes their DeltaNet / Mamba linears, memory holds every expert (stream the largest blocks),
+    time counts the experts a token uses."""
+    models = ["llama-4-scout-17b-16e", "llama-4-maverick-17b-128e", "qwen3.5-35b-a3b", "nemotron-h-8b", "granite-4.0-h-tiny"]
+    f = tmp_path / "hybrids.yaml"
+    f.write_text(yaml.safe_dump({"name": "hybrids", "experiment": "hybrids", "models": models, "settings": ["W16A16", "W4A16-g128"],
+                                 "datasets": [{"name": "wikitext2", "seqlen": 2048}]}))
+    plan, cfg = _dry_plan(f, P.planned_target("H200", gpus=8), monkeypatch)
+    assert {m: e.placement for m, e in plan.items()} == {  # Scout: 216 GB over 8 GPUs; Maverick's 801 GB do not fit them
+        "llama-4-scout-17b-16e": "device_map", "llama-4-maverick-17b-128e": "stream", "qwen3.5-35b-a3b": "single",
+        "nemotron-h-8b": "single", "granite-4.0-h-tiny": "single"}
+    from quantlens.model.loading import registry
+
+    for name, e in plan.items():
+        assert e.weight_gb == pytest.approx(2 * registry()[name].size_b, rel=0.01), name  # every expert, in bf16
+        flops = 2 * e.shape.active_params * P.workload(cfg).tokens / (e.target.tflops * 1e12 * e.target.mfu)
+        disk = e.shape.params * 2 / (F.DISK_GBPS * 1e9) if e.placement == "stream" else 0.0
+        assert e.seconds_per_setting == pytest.approx(flops + disk), name
+    maverick = plan["llama-4-maverick-17b-128e"].shape  # stream holds two MoE blocks (16.3B each), not dense ones
+    assert maverick.block_params > (maverick.params - maverick.outside_params) / maverick.layers
+    assert maverick.active_params == pytest.approx(plan["llama-4-scout-17b-16e"].shape.active_params, rel=0.01)  # both 17B active
+    h100s = P.planned_target("H100", gpus=8)  # two 33 GB MoE blocks and a 21 GB experts tensor being quantized: no 80 GiB GPU
+    assert P.placement_error(_plan("llama-4-maverick-17b-128e", h100s)).endswith("no placement fits this GPU")
 
 
 def test_pythia_ladder_is_planned_size_by_size(monkeypatch):

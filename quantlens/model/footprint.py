@@ -34,7 +34,9 @@ the CUDA context (:data:`CONTEXT_GIB`), stays under 95 % of the GPU.
 
 A mixture of experts holds all its experts (``W`` counts every one; ``stream``'s two blocks are the
 largest blocks, e.g. DeepSeek's MoE blocks rather than its dense first one); its MLP intermediate
-``F`` is that of the top-k experts a token is routed to, plus the shared experts.
+``F`` is that of the top-k experts a token is routed to, plus the shared experts. A hybrid's blocks
+are of several kinds (Qwen3.5's DeltaNet and attention blocks; Nemotron-H's Mamba-2, attention, MLP
+and MoE ones), each counted as its kind.
 
 Time: ``2·N·tokens`` FLOPs per setting (``N`` the parameters a token uses: an MoE's top-k experts,
 shared experts and everything outside the experts) at :data:`DEFAULT_MFU` of the GPU's dense bf16
@@ -110,6 +112,18 @@ def _pythia(layers: int, hidden: int, heads: int, vocab: int = 50304) -> dict[st
             "use_parallel_residual": True, "tie_word_embeddings": False}
 
 
+def _llama4(experts: int, moe_step: int, max_pos: int) -> dict[str, Any]:
+    """Llama-4's text model (its config.json's text_config): routed experts and one shared expert of
+    8,192, the blocks between MoE blocks dense MLPs of 16,384."""
+    return {**_llama(48, 5120, 8192, 40, 8, 202048, "llama4_text", max_pos, head_dim=128), "intermediate_size_mlp": 16384,
+            "num_local_experts": experts, "num_experts_per_tok": 1, "interleave_moe_layer_step": moe_step, "attention_bias": False}
+
+
+def _mamba_and_attention(layers: int, attention_at: tuple[int, ...]) -> list[str]:
+    """A hybrid's layer_types as Granite-4's config.json lists them: Mamba blocks, attention at these."""
+    return ["attention" if i in attention_at else "mamba" for i in range(layers)]
+
+
 # The registry's models, by their published configs: planning needs no download.
 REGISTRY_CONFIGS: dict[str, dict[str, Any]] = {
     "opt-350m": {**_opt(24, 1024, 16, proj=512), "do_layer_norm_before": False},
@@ -141,6 +155,31 @@ REGISTRY_CONFIGS: dict[str, dict[str, Any]] = {
                     "num_experts": 64, "num_experts_per_tok": 8, "attention_bias": False},
     "gpt-oss-20b": {**_llama(24, 2880, 2880, 64, 8, 201088, "gpt_oss", 131072, head_dim=64),
                     "num_local_experts": 32, "num_experts_per_tok": 4, "attention_bias": True, "sliding_window": 128},
+    # Hybrids and Llama-4 (their config.json, the text model of the multimodal ones). Llama-4: Scout's
+    # 16 experts in every block, Maverick's 128 in every second one, a shared expert beside them. The
+    # least certain figures: Llama-4's max_position_embeddings (Scout's 10M, Maverick's 1M context),
+    # Nemotron-H's n_groups (8) and Granite-4.0-H-Tiny's attention indices (5, 15, 25, 35); the
+    # Qwen3.5 and Granite ones are quoted from configs re-published by others, not read from the hub.
+    "llama-4-scout-17b-16e": _llama4(16, 1, 10485760),
+    "llama-4-maverick-17b-128e": _llama4(128, 2, 1048576),
+    "qwen3.5-35b-a3b": {"model_type": "qwen3_5_moe_text", "num_hidden_layers": 40, "hidden_size": 2048, "num_attention_heads": 16,
+                        "num_key_value_heads": 2, "head_dim": 256, "vocab_size": 248320, "max_position_embeddings": 262144,
+                        "tie_word_embeddings": False, "attention_bias": False, "num_experts": 256, "num_experts_per_tok": 8,
+                        "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "full_attention_interval": 4,
+                        "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+                        "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4},
+    "nemotron-h-8b": {"model_type": "nemotron_h", "num_hidden_layers": 52, "hidden_size": 4096, "intermediate_size": 21504,
+                      "hybrid_override_pattern": "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
+                      "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 131072,
+                      "max_position_embeddings": 8192, "tie_word_embeddings": False, "mamba_num_heads": 128, "mamba_head_dim": 64,
+                      "ssm_state_size": 128, "n_groups": 8, "conv_kernel": 4, "expand": 2, "use_conv_bias": True, "use_bias": False,
+                      "mlp_bias": False},
+    "granite-4.0-h-tiny": {"model_type": "granitemoehybrid", "num_hidden_layers": 40, "hidden_size": 1536, "num_attention_heads": 12,
+                           "num_key_value_heads": 4, "vocab_size": 100352, "max_position_embeddings": 131072,
+                           "tie_word_embeddings": True, "attention_bias": False, "num_local_experts": 64, "num_experts_per_tok": 6,
+                           "intermediate_size": 512, "shared_intermediate_size": 1024, "mamba_n_heads": 48, "mamba_d_head": 64,
+                           "mamba_d_state": 128, "mamba_n_groups": 1, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_conv_bias": True,
+                           "mamba_proj_bias": False, "layer_types": _mamba_and_attention(40, (5, 15, 25, 35))},
     # The Pythia ladder (GPT-NeoX: fused query_key_value, biased linears and LayerNorms, untied
     # embed_out, rotary on a quarter of each head). Vocabularies padded: 50304, 50432 for 6.9b,
     # 50688 for 12b (these eight match the Pythia paper's parameter counts exactly); the 14m and 31m
@@ -206,58 +245,161 @@ def _get(cfg: dict[str, Any], *names: str, default: Any = None) -> Any:
     return default
 
 
+def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal config's language model (Llama-4's and Qwen3.5's ``text_config``, of model type
+    ``<model_type>_text``), else the config itself: the plan counts the text model."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict) or "hidden_size" in cfg:
+        return cfg
+    tied = {"tie_word_embeddings": cfg["tie_word_embeddings"]} if "tie_word_embeddings" in cfg else {}
+    return {**tied, **text, "model_type": text.get("model_type") or f"{cfg.get('model_type')}_text"}
+
+
+# the field of the dense MLP's width where it is not intermediate_size: Llama-4's intermediate_size is
+# an expert's, Granite-4's blocks without experts hold only their shared MLP
+_DENSE_WIDTH = {"llama4_text": "intermediate_size_mlp", "granitemoehybrid": "shared_intermediate_size"}
+
+
+def _dense_width(cfg: dict[str, Any], t: str, hidden: int) -> int:
+    """The dense MLP's intermediate width (LFM2 takes 2/3 of its configured one, × its multiplier,
+    rounded up to block_multiple_of)."""
+    if t in _DENSE_WIDTH:
+        return int(_get(cfg, _DENSE_WIDTH[t], "intermediate_size"))
+    F = int(_get(cfg, "ffn_dim", "intermediate_size", "n_inner", "block_ff_dim", default=4 * hidden))
+    if t == "lfm2" and cfg.get("block_auto_adjust_ff_dim", True):
+        F = int(2 * F / 3)
+        if cfg.get("block_ffn_dim_multiplier", 1.0) is not None:
+            F, m = int(cfg.get("block_ffn_dim_multiplier", 1.0) * F), int(cfg.get("block_multiple_of", 256))
+            F = m * ((F + m - 1) // m)
+    return F
+
+
 def dims(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A config's dimensions under one set of names (OPT, BLOOM, LLaMA-likes, GPT-style names)."""
+    """A config's dimensions under one set of names (OPT, BLOOM, LLaMA-likes, GPT-style names);
+    ``ffn``: the dense MLP's width."""
     hidden = int(_get(cfg, "hidden_size", "n_embd", "d_model"))
     heads = int(_get(cfg, "num_attention_heads", "n_head", "num_heads"))
+    layers = _get(cfg, "num_hidden_layers", "n_layer", "num_layers")
+    t = str(cfg.get("model_type", ""))
     return {
-        "layers": int(_get(cfg, "num_hidden_layers", "n_layer", "num_layers")),
+        "layers": int(layers) if layers is not None else len(_get(cfg, "layers_block_type", "hybrid_override_pattern")),
         "hidden": hidden,
         "heads": heads,
         "kv_heads": int(_get(cfg, "num_key_value_heads", default=heads)),
         "head_dim": int(_get(cfg, "head_dim", default=hidden // heads)),
-        "ffn": int(_get(cfg, "ffn_dim", "intermediate_size", "n_inner", default=4 * hidden)),
+        "ffn": _dense_width(cfg, t, hidden),
         "vocab": int(_get(cfg, "vocab_size")),
         "max_pos": _get(cfg, "max_position_embeddings", "n_positions"),
-        "type": str(cfg.get("model_type", "")),
+        "type": t,
     }
 
 
 def model_shape(cfg: dict[str, Any]) -> ModelShape:
     """The model's shape read from its config (what :meth:`quantlens.model.anatomy.Anatomy.shape`
     reads from its modules)."""
+    cfg = text_config(cfg)
     d, moe = dims(cfg), moe_dims(cfg)
     return ModelShape(layers=d["layers"], hidden=d["hidden"], vocab=d["vocab"], experts=moe["experts"] if moe else 0)
 
 
 LAYER_NORM_TYPES = ("opt", "bloom", "gpt2", "gpt_neox", "falcon")  # LayerNorm (weight + bias), biased linears
 GATED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2",
-               "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
+               "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
+               "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "granitemoehybrid", "jamba", "bamba",
+               "falcon_h1", "lfm2", "lfm2_moe")
+UNGATED_EXPERT_TYPES = ("nemotron_h",)  # relu² experts (and MLPs): up and down only; every other MoE's gated
+# Qwen3-Next, Qwen3.5: gated DeltaNet blocks beside gated attention (q_proj also yields the output gate: 2× rows)
+QWEN_HYBRID_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+HEAD_NORM_TYPES = ("qwen3", "qwen3_moe", *QWEN_HYBRID_TYPES, "lfm2", "lfm2_moe")  # q_norm, k_norm over one head
+UNBIASED_ATTENTION_TYPES = ("mistral", "mixtral", "nemotron_h")  # attention_bias in the config, not read
+TRANSPOSED_EXPERTS = ("gpt_oss", "llama4_text")  # fused experts stored [E, in, out]
+ONE_NORM_TYPES = ("nemotron_h",)  # blocks of one sublayer (a mixer, an MLP or an MoE): one norm
+LATENT_MOE_TYPES = ("nemotron_h",)  # experts may read a moe_latent_size projection of the hidden state
+
+# Block kinds by transformers 5's names, the legacy ones of published config.json files mapped onto
+# them (Granite-4's layer_types, Nemotron-H's hybrid_override_pattern letters): linear_attention is a
+# DeltaNet or a Mamba, conv LFM2's short convolution, hybrid Falcon-H1's attention beside a Mamba,
+# mlp / moe Nemotron-H's blocks without a token mixer; every other kind (full, sliding, chunked) an
+# attention block.
+_KIND_NAMES = {"mamba": "linear_attention", "attention": "full_attention", "M": "linear_attention",
+               "*": "full_attention", "-": "mlp", "E": "moe"}
+# configs that list their attention blocks instead, every other block the model's other mixer
+_ATTENTION_AT = (("attn_layer_indices", "linear_attention"), ("full_attn_idxs", "conv"))  # Bamba, LFM2
+
+
+def layer_kinds(cfg: dict[str, Any]) -> list[str]:
+    """Each block's kind: the config's list (layer_types, layers_block_type, hybrid_override_pattern),
+    else Jamba's attention period, Bamba's and LFM2's attention indices, Qwen3-Next's
+    full_attention_interval, Falcon-H1's hybrid blocks; an attention block each otherwise."""
+    L = dims(cfg)["layers"]
+    listed = _get(cfg, "layers_block_type", "hybrid_override_pattern", "layer_types")
+    if listed:
+        return [_KIND_NAMES.get(k, k) for k in listed]
+    if "attn_layer_period" in cfg:  # Jamba
+        p, o = int(cfg["attn_layer_period"]), int(cfg.get("attn_layer_offset") or 0)
+        return ["full_attention" if i % p == o else "linear_attention" for i in range(L)]
+    for field_, other in _ATTENTION_AT:
+        if field_ in cfg:
+            at = set(cfg[field_] or [])
+            return ["full_attention" if i in at else other for i in range(L)]
+    if "linear_num_value_heads" in cfg:  # Qwen3-Next: every full_attention_interval-th block attends
+        n = int(cfg.get("full_attention_interval") or 4)
+        return ["linear_attention" if (i + 1) % n else "full_attention" for i in range(L)]
+    return ["hybrid" if cfg.get("model_type") == "falcon_h1" else "full_attention"] * L
+
+
+def _moe_layers(cfg: dict[str, Any], t: str, L: int) -> list[bool]:
+    """Which blocks hold experts: DeepSeek's after first_k_dense_replace dense ones, LFM2-MoE's after
+    num_dense_layers, Jamba's every expert_layer_period-th (from expert_layer_offset), Llama-4's
+    moe_layers (else every interleave_moe_layer_step-th), Qwen-MoE's every decoder_sparse_step-th
+    but its mlp_only_layers, Nemotron-H's moe blocks; Mixtral, OLMoE, gpt-oss, Granite-4: every one."""
+    if t.startswith("deepseek"):
+        return [i >= int(cfg.get("first_k_dense_replace") or 0) for i in range(L)]
+    if t == "nemotron_h":
+        return [k == "moe" for k in layer_kinds(cfg)]
+    if "num_dense_layers" in cfg:
+        return [i >= int(cfg["num_dense_layers"]) for i in range(L)]
+    if "expert_layer_period" in cfg:
+        p, o = int(cfg["expert_layer_period"]), int(cfg.get("expert_layer_offset") or 0)
+        return [i % p == o for i in range(L)]
+    if cfg.get("moe_layers") is not None:
+        return [i in set(cfg["moe_layers"]) for i in range(L)]
+    step = int(_get(cfg, "decoder_sparse_step", "interleave_moe_layer_step", default=1) or 1)
+    dense = set(cfg.get("mlp_only_layers") or [])
+    return [i not in dense and (i + 1) % step == 0 for i in range(L)]
+
+
+def _shared_width(cfg: dict[str, Any], t: str, inter: int) -> int:
+    """The shared experts' width, as one MLP: Nemotron-H's (its n_shared_experts names no width),
+    Qwen's shared expert (with its 1-output gate), Granite-4's shared MLP, DeepSeek's n_shared
+    experts, Llama-4's one shared expert as wide as a routed one."""
+    for name in ("moe_shared_expert_intermediate_size", "shared_expert_intermediate_size", "shared_intermediate_size"):
+        if cfg.get(name):
+            return int(cfg[name])
+    if cfg.get("n_shared_experts"):
+        return int(cfg["n_shared_experts"]) * inter
+    return inter if t == "llama4_text" else 0
 
 
 def moe_dims(cfg: dict[str, Any]) -> dict[str, Any] | None:
     """A mixture of experts' dimensions (None: a dense model): routed experts, top-k, their
-    intermediate size, the shared experts' (Qwen2-MoE's one shared expert, DeepSeek's n_shared
-    experts fused into one MLP), and which layers are MoE blocks."""
+    intermediate size and input width (Nemotron-H's latent projection), the shared experts' width,
+    which layers are MoE blocks, and the experts' layout (gated; gpt-oss' biased)."""
+    cfg = text_config(cfg)
     experts = int(_get(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0)
     if experts <= 0:
         return None
     d = dims(cfg)
     t, L = d["type"], d["layers"]
-    inter = int(_get(cfg, "moe_intermediate_size", default=d["ffn"]))
-    shared = 0
-    if cfg.get("shared_expert_intermediate_size"):
-        shared = int(cfg["shared_expert_intermediate_size"])  # Qwen2-MoE (with its 1-output shared_expert_gate)
-    elif cfg.get("n_shared_experts"):
-        shared = int(cfg["n_shared_experts"]) * inter  # DeepSeek: the shared experts as one MLP
-    if t.startswith("deepseek"):
-        moe_layers = [i >= int(cfg.get("first_k_dense_replace") or 0) for i in range(L)]
-    else:  # Qwen-MoE's sparse step and dense-only layers; Mixtral, OLMoE, gpt-oss: every block
-        step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or [])
-        moe_layers = [i not in dense and (i + 1) % step == 0 for i in range(L)]
+    moe_layers = _moe_layers(cfg, t, L)
+    if not any(moe_layers):
+        return None  # Nemotron-H without moe blocks: its config names experts all the same
+    inter = int(_get(cfg, "moe_intermediate_size", "intermediate_size", default=d["ffn"]))
+    latent = cfg.get("moe_latent_size") if t in LATENT_MOE_TYPES else None
     return {"experts": experts, "top_k": int(_get(cfg, "num_experts_per_tok", "experts_per_token", default=experts)),
-            "inter": inter, "shared": shared, "shared_gate": bool(cfg.get("shared_expert_intermediate_size")),
-            "biased": t == "gpt_oss", "moe_layers": moe_layers}
+            "inter": inter, "shared": _shared_width(cfg, t, inter), "shared_gate": bool(cfg.get("shared_expert_intermediate_size")),
+            "biased": t == "gpt_oss", "gated": t not in UNGATED_EXPERT_TYPES, "expert_in": int(latent or d["hidden"]),
+            "latent": int(latent or 0), "moe_layers": moe_layers}
 
 
 def _attention(cfg: dict[str, Any], d: dict[str, Any]) -> tuple[dict[str, tuple[int, int]], int, int]:
@@ -281,15 +423,15 @@ def _attention(cfg: dict[str, Any], d: dict[str, Any]) -> tuple[dict[str, tuple[
     if t == "gpt_neox":  # fused query_key_value, then dense
         lin = {"query_key_value": (q + 2 * kv, H), "dense": (H, q)}
         return lin, (q + 2 * kv + H) if cfg.get("attention_bias", True) else 0, d["head_dim"]
-    lin = {"q": (q, H), "k": (kv, H), "v": (kv, H), "o": (H, q)}
+    lin = {"q": (2 * q if t in QWEN_HYBRID_TYPES else q, H), "k": (kv, H), "v": (kv, H), "o": (H, q)}
     extra = 0
     if t in LAYER_NORM_TYPES and cfg.get("enable_bias", True):
         extra += q + 2 * kv + H
     elif t in ("qwen2", "qwen2_moe") or cfg.get("qkv_bias"):  # Qwen2(-MoE): q, k, v biased, o not
         extra += q + 2 * kv if cfg.get("qkv_bias", True) else 0
-    elif cfg.get("attention_bias") and t not in ("mistral", "mixtral"):  # llama, qwen3(-moe), olmoe, gpt-oss: all four
-        extra += q + 2 * kv + H
-    if t in ("qwen3", "qwen3_moe"):
+    elif cfg.get("attention_bias") and t not in UNBIASED_ATTENTION_TYPES:  # llama, qwen3(-moe), olmoe, gpt-oss: all four
+        extra += sum(o for o, _ in lin.values())
+    if t in HEAD_NORM_TYPES:
         extra += 2 * d["head_dim"]  # q_norm, k_norm over one head
     elif t in ("olmoe", "olmo2"):
         extra += q + kv  # q_norm, k_norm over all heads
@@ -298,10 +440,88 @@ def _attention(cfg: dict[str, Any], d: dict[str, Any]) -> tuple[dict[str, tuple[
     return lin, extra, d["head_dim"]
 
 
+def _deltanet(cfg: dict[str, Any], H: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """Qwen3-Next's and Qwen3.5's gated DeltaNet: its linears (the output projection reads the value
+    heads' width) and its other parameters: the causal conv1d over q, k, v, dt_bias, A_log, the gated
+    norm over one value head."""
+    nk, nv, vh = int(cfg["linear_num_key_heads"]), int(cfg["linear_num_value_heads"]), int(cfg["linear_value_head_dim"])
+    kd, vd = nk * int(cfg["linear_key_head_dim"]), nv * vh
+    if cfg.get("model_type") == "qwen3_next":
+        lin = {"in_proj_qkvz": (2 * kd + 2 * vd, H), "in_proj_ba": (2 * nv, H), "out_proj": (H, vd)}
+    else:
+        lin = {"in_proj_qkv": (2 * kd + vd, H), "in_proj_z": (vd, H), "in_proj_b": (nv, H), "in_proj_a": (nv, H), "out_proj": (H, vd)}
+    return lin, (2 * kd + vd) * int(cfg.get("linear_conv_kernel_dim") or 4) + 2 * nv + vh
+
+
+# Mamba-2 fields: Granite-4's, Bamba's and Falcon-H1's mamba_* names, else Nemotron-H's
+_MAMBA2_FIELDS = {"heads": ("mamba_n_heads", "mamba_num_heads"), "head_dim": ("mamba_d_head", "mamba_head_dim"),
+                  "groups": ("mamba_n_groups", "n_groups"), "state": ("mamba_d_state", "ssm_state_size"),
+                  "kernel": ("mamba_d_conv", "conv_kernel"), "expand": ("mamba_expand", "expand")}
+# the flags of a Mamba-2's in_proj bias, out_proj bias and gated norm (None: always there), by model type
+_MAMBA2_FLAGS = {"nemotron_h": ("use_bias", "use_bias", None), "falcon_h1": ("mamba_proj_bias", "projectors_bias", "mamba_rms_norm")}
+_MAMBA2_DEFAULT_FLAGS = ("mamba_proj_bias", "mamba_proj_bias", None)
+
+
+def _mamba2(cfg: dict[str, Any], H: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """A Mamba-2 mixer: in_proj (z, x, B, C, dt), out_proj from the inner width (Falcon-H1's
+    mamba_d_ssm, else heads × head dim, else expand × hidden); the depthwise conv1d over x, B, C,
+    dt_bias, A_log, D a head each, the gated norm over the inner width."""
+    f = {k: _get(cfg, *names) for k, names in _MAMBA2_FIELDS.items()}
+    nh, g, N = int(f["heads"]), int(f["groups"] or 1), int(f["state"])
+    head_dim = f["head_dim"] if isinstance(f["head_dim"], int) else None  # (Granite's "auto" before transformers reads it)
+    inner = int(cfg.get("mamba_d_ssm") or (nh * head_dim if head_dim else f["expand"] * H))
+    conv = inner + 2 * g * N
+    lin = {"in_proj": (inner + conv + nh, H), "out_proj": (H, inner)}
+    in_bias, out_bias, norm = _MAMBA2_FLAGS.get(str(cfg.get("model_type")), _MAMBA2_DEFAULT_FLAGS)
+    conv_bias = _get(cfg, "mamba_conv_bias", "use_conv_bias", default=True)
+    extra = conv * int(f["kernel"] or 4) + (conv if conv_bias else 0) + 3 * nh + (inner if norm is None or cfg.get(norm) else 0)
+    return lin, extra + (inner + conv + nh if cfg.get(in_bias) else 0) + (H if cfg.get(out_bias) else 0)
+
+
+def _mamba1(cfg: dict[str, Any], H: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """Jamba's Mamba-1 mixer: in_proj (x, z), x_proj (dt, B, C), out_proj; the conv1d, dt_proj (applied
+    by its weight: a state, not a linear the patcher quantizes), A_log, D, the dt / B / C norms."""
+    inner, N, R = int(cfg["mamba_expand"]) * H, int(cfg["mamba_d_state"]), cfg.get("mamba_dt_rank", "auto")
+    R = math.ceil(H / 16) if R == "auto" else int(R)
+    lin = {"in_proj": (2 * inner, H), "x_proj": (R + 2 * N, inner), "out_proj": (H, inner)}
+    extra = inner * int(cfg.get("mamba_d_conv") or 4) + (inner if cfg.get("mamba_conv_bias", True) else 0)
+    extra += inner * R + inner + inner * N + inner + R + 2 * N  # dt_proj and its bias, A_log, D, norms
+    return lin, extra + (2 * inner + H if cfg.get("mamba_proj_bias") else 0)
+
+
+def _short_conv(cfg: dict[str, Any], H: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """LFM2's gated short convolution: in_proj (B, C, x), out_proj, the depthwise conv."""
+    bias = bool(cfg.get("conv_bias"))
+    return {"in_proj": (3 * H, H), "out_proj": (H, H)}, H * int(cfg.get("conv_L_cache") or 3) + (5 * H if bias else 0)
+
+
+def _mixer(cfg: dict[str, Any], d: dict[str, Any], kind: str) -> tuple[dict[str, tuple[int, int]], int]:
+    """A block's token mixer of this kind: its linears (name → (out, in), under the module's name)
+    and all its parameters."""
+    H, t = d["hidden"], d["type"]
+    if kind == "hybrid":  # Falcon-H1: attention and a Mamba-2 side by side
+        (a, n_a), (m, n_m) = _mixer(cfg, d, "full_attention"), _mixer(cfg, d, "linear_attention")
+        return a | m, n_a + n_m
+    if kind in ("mlp", "moe"):
+        return {}, 0
+    if kind == "conv":
+        prefix, (lin, extra) = "conv.", _short_conv(cfg, H)
+    elif kind == "linear_attention" and "linear_num_value_heads" in cfg:
+        prefix, (lin, extra) = "linear_attn.", _deltanet(cfg, H)
+    elif kind == "linear_attention" and (t == "jamba" or _get(cfg, "mamba_n_heads", "mamba_num_heads") is not None):
+        prefix = "mixer." if t == "nemotron_h" else "mamba."
+        lin, extra = _mamba1(cfg, H) if t == "jamba" else _mamba2(cfg, H)
+    else:  # (a linear attention of another layout: counted as an attention, an estimate)
+        prefix, (lin, extra, _) = "", _attention(cfg, d)
+    return {prefix + k: v for k, v in lin.items()}, sum(o * i for o, i in lin.values()) + extra
+
+
 def _dense_mlp(t: str, H: int, gated: bool, biased: bool, width: int, prefix: str = "") -> tuple[dict[str, tuple[int, int]], int]:
     """A dense MLP of this width: its linears (name → (out, in)) and its parameter count."""
     if t == "gpt_neox":
         lin = {"dense_h_to_4h": (width, H), "dense_4h_to_h": (H, width)}
+    elif t == "granitemoehybrid":  # gate and up fused
+        lin = {"input_linear": (2 * width, H), "output_linear": (H, width)}
     elif gated:
         lin = {"gate": (width, H), "up": (width, H), "down": (H, width)}
     else:
@@ -322,92 +542,92 @@ def _outside_params(cfg: dict[str, Any], d: dict[str, Any], norm: int) -> int:
             outside -= norm  # OPT-350m: post-LN, no final norm
     if t == "bloom":
         outside += norm  # word_embeddings_layernorm
-    if not cfg.get("tie_word_embeddings", t in ("opt", "bloom", "gpt2")):
+    if not _get(cfg, "tie_word_embeddings", "tie_embedding", default=t in ("opt", "bloom", "gpt2", "lfm2", "lfm2_moe")):
         outside += V * E_  # an untied LM head (Pythia's embed_out)
     return outside
 
 
-def _linear_attention(cfg: dict[str, Any], H: int) -> dict[str, tuple[int, int]]:
-    """A hybrid's linear-attention linears (name → (out, in)) where its config has linear_attention
-    layers (Qwen3-Next's and Qwen3.5's gated DeltaNet): what the group-size check reads — the output
-    projection reads the value heads' width, not the hidden size. (Its parameters are counted as an
-    attention block's: an estimate, not exact, for these hybrids.)"""
-    if "linear_attention" not in (cfg.get("layer_types") or []) or "linear_num_key_heads" not in cfg:
-        return {}  # (Granite-4's Mamba layers are linear_attention too: _state_space)
-    nk, nv = int(cfg["linear_num_key_heads"]), int(cfg["linear_num_value_heads"])
-    kd, vd = nk * int(cfg["linear_key_head_dim"]), nv * int(cfg["linear_value_head_dim"])
-    if cfg.get("model_type") == "qwen3_next":
-        return {"in_proj_qkvz": (2 * kd + 2 * vd, H), "in_proj_ba": (2 * nv, H), "out_proj": (H, vd)}
-    return {"in_proj_qkv": (2 * kd + vd, H), "in_proj_z": (vd, H), "in_proj_b": (nv, H), "in_proj_a": (nv, H), "out_proj": (H, vd)}
+@dataclass(frozen=True)
+class _Mlp:
+    """One kind of block MLP: its linears (name → (out, in)), parameters, those a token uses, the
+    intermediate width a token's forward holds, its largest matrix, its largest fused experts tensor."""
+
+    linears: dict[str, Any]
+    params: int
+    active: int
+    ffn: int
+    largest: int
+    experts_tensor: int = 0
 
 
-def _state_space(cfg: dict[str, Any], H: int) -> dict[str, int]:
-    """A hybrid's Mamba mixer linears (name → input features) where its config has them (Jamba,
-    Bamba, Granite-4, Falcon-H1: ``mamba_*`` fields): in_proj reads the hidden state, out_proj (and
-    Mamba-1's x_proj) the inner width, ``mamba_d_ssm`` or ``mamba_expand`` × hidden — what the
-    group-size check reads. (Their parameters are counted as an attention block's: an estimate.)"""
-    if "mamba_expand" not in cfg:
-        return {}
-    inner = int(cfg.get("mamba_d_ssm") or cfg["mamba_expand"] * H)
-    return {"in_proj": H, "out_proj": inner} | ({"x_proj": inner} if cfg.get("model_type") == "jamba" else {})
+def _moe_mlp(H: int, moe: dict[str, Any], dense_mlp: Any, biased: bool) -> _Mlp:
+    """An MoE block's MLP: the routed experts (gated: gate and up fused, then down; Nemotron-H's up
+    and down, through its latent projections), the router, the shared experts."""
+    E, k, Fm, Fs, Hin = moe["experts"], moe["top_k"], moe["inter"], moe["shared"], moe["expert_in"]
+    up = 2 * Fm if moe["gated"] else Fm
+    expert = (up + Fm) * Hin + ((up + Hin) if moe["biased"] else 0)  # gpt-oss: with biases
+    router = E * H + (E if moe["biased"] else 0)
+    shared_lin, shared = dense_mlp(Fs, "shared_experts.") if Fs else ({}, 0)
+    if moe["shared_gate"]:
+        shared += H  # Qwen's shared_expert_gate: one output
+        shared_lin["shared_expert_gate"] = (1, H)
+    lat = moe["latent"]
+    if lat:  # Nemotron-H: the experts read a projection of the hidden state, and write one back
+        latent_lin = {"fc1_latent_proj": (lat, H), "fc2_latent_proj": (H, lat)}
+        shared_lin.update(latent_lin)
+        shared += 2 * lat * H + ((lat + H) if biased else 0)
+    names = ("gate_up_proj", "down_proj") if moe["gated"] else ("up_proj", "down_proj")
+    linears = {f"experts.{names[0]}": Hin, f"experts.{names[1]}": Fm, "router": H} | {n: i for n, (_, i) in shared_lin.items()}
+    return _Mlp(linears, E * expert + router + shared, k * expert + router + shared, k * Fm + Fs,
+                max([Fm * Hin] + [o * i for o, i in shared_lin.values()]), E * up * Hin)
 
 
 def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
     """Counts computed from a config's dimensions: exact (``tests/test_plan.py`` checks them against
-    transformers' own models) for OPT, BLOOM, the LLaMA-likes, GPT-NeoX / Pythia and the mixtures of
+    transformers' own models) for OPT, BLOOM, the LLaMA-likes, GPT-NeoX / Pythia, the mixtures of
     experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3 with their latent attention and
-    dense first blocks, gpt-oss). An MoE's experts all count in ``params`` (memory), its top-k in
+    dense first blocks, gpt-oss, Llama-4's routed and shared experts between dense blocks) and the
+    hybrids (Qwen3-Next's and Qwen3.5's DeltaNet, the Mamba-2 of Granite-4, Bamba, Falcon-H1 and
+    Nemotron-H's one-sublayer blocks, Jamba's Mamba-1, LFM2's short convolutions), each block
+    counted as its kind. An MoE's experts all count in ``params`` (memory), its top-k in
     ``active_params`` (time); ``block_params`` is the largest block."""
+    cfg = text_config(cfg)
     d = dims(cfg)
     H, F, V, L, t = d["hidden"], d["ffn"], d["vocab"], d["layers"], d["type"]
     layer_norm = t in LAYER_NORM_TYPES
-    gated = t in GATED_TYPES
-    biased = layer_norm and cfg.get("enable_bias", True)
+    biased = bool(layer_norm and cfg.get("enable_bias", True) or cfg.get("mlp_bias"))
     norm = 2 * H if layer_norm else H  # LayerNorm: weight + bias
-    attn, attn_extra, head_dim = _attention(cfg, d)
-    attn_params = sum(o * i for o, i in attn.values()) + attn_extra + 2 * norm  # + the block's two norms
-    dense_mlp = partial(_dense_mlp, t, H, gated, biased)
+    norms = norm * (1 if t in ONE_NORM_TYPES else 2)  # a block's norms
+    head_dim = _attention(cfg, d)[2]
+    dense_mlp = partial(_dense_mlp, t, H, t in GATED_TYPES, biased)
 
+    kinds = layer_kinds(cfg)
+    mixers = {k: _mixer(cfg, d, k) for k in dict.fromkeys(kinds)}
     moe = moe_dims(cfg)
-    linears = {f"layers.*.{k}": v for k, v in attn.items()}
-    blocks, active, ffn, largest = [], [], 0, max(o * i for o, i in attn.values())
-    if moe is None:
-        lin, mlp = dense_mlp(F)
-        linears.update({f"layers.*.{k}": v for k, v in lin.items()})
-        blocks, active, ffn = [attn_params + mlp] * L, [attn_params + mlp] * L, F
-        largest = max(largest, *(o * i for o, i in lin.values()))
+    dense_lin, dense = dense_mlp(F)
+    mlps = {"dense": _Mlp(dense_lin, dense, dense, F, max(o * i for o, i in dense_lin.values())), None: _Mlp({}, 0, 0, 0, 0)}
+    if moe is not None:
+        mlps["moe"] = _moe_mlp(H, moe, dense_mlp, biased)
+    if t == "nemotron_h":  # one sublayer a block: its kind says which MLP, if any
+        per_layer = [{"mlp": "dense", "moe": "moe"}.get(k) for k in kinds]
     else:
-        E, k, Fm, Fs = moe["experts"], moe["top_k"], moe["inter"], moe["shared"]
-        expert = 3 * H * Fm + ((2 * Fm + H) if moe["biased"] else 0)  # gated: gate, up, down (gpt-oss: with biases)
-        router = E * H + (E if moe["biased"] else 0)
-        shared_lin, shared = dense_mlp(Fs, "shared_experts.") if Fs else ({}, 0)
-        if moe["shared_gate"]:
-            shared += H  # Qwen2-MoE's shared_expert_gate: one output
-            shared_lin["shared_expert_gate"] = (1, H)
-        moe_block = attn_params + E * expert + router + shared
-        moe_active = attn_params + k * expert + router + shared
-        dense_lin, dense = dense_mlp(F)
-        for is_moe in moe["moe_layers"]:
-            blocks.append(moe_block if is_moe else attn_params + dense)
-            active.append(moe_active if is_moe else attn_params + dense)
-        linears.update({"layers.*.experts.gate_up_proj": H, "layers.*.experts.down_proj": Fm, "layers.*.router": H})
-        linears.update({f"layers.*.{n}": i for n, (_, i) in shared_lin.items()})
-        ffn = k * Fm + Fs
-        largest = max(largest, Fm * H, *(o * i for o, i in shared_lin.values()))  # one expert's matrix
-        if not all(moe["moe_layers"]):
-            first = moe["moe_layers"].index(False)
-            linears.update({f"layers.{first}.{n}": i for n, (_, i) in dense_lin.items()})
-            ffn = max(ffn, F)
-            largest = max(largest, *(o * i for o, i in dense_lin.values()))
-    linears.update({f"layers.*.linear_attn.{n}": v for n, v in _linear_attention(cfg, H).items()})
-    linears.update({f"layers.*.mamba.{n}": v for n, v in _state_space(cfg, H).items()})
+        per_layer = ["moe" if moe and moe["moe_layers"][i] else "dense" for i in range(L)]
+    blocks = [norms + mixers[k][1] + mlps[m].params for k, m in zip(kinds, per_layer)]
+    active = [norms + mixers[k][1] + mlps[m].active for k, m in zip(kinds, per_layer)]
+
+    linears: dict[str, Any] = {f"layers.*.{n}": v for lin, _ in mixers.values() for n, v in lin.items()}
+    used = [m for m in dict.fromkeys(per_layer) if m is not None]
+    for m in used:  # a dense MLP among MoE blocks: under the first dense block's index
+        where = "*" if m == "moe" or "moe" not in used else str(per_layer.index(m))
+        linears.update({f"layers.{where}.{n}": v for n, v in mlps[m].linears.items()})
     linears = {n: (v if isinstance(v, int) else v[1]) for n, v in linears.items()}
+    largest = max([o * i for lin, _ in mixers.values() for o, i in lin.values()] + [mlps[m].largest for m in used])
     outside = _outside_params(cfg, d, norm)
-    return Shape(params=sum(blocks) + outside, layers=L, hidden=H, ffn=ffn, vocab=V, heads=d["heads"], model_type=t,
-                 max_positions=int(d["max_pos"]) if d["max_pos"] else None, block_params=max(blocks),
-                 largest_linear=largest, linears=linears, source=source, head_dim=head_dim,
+    return Shape(params=sum(blocks) + outside, layers=L, hidden=H, ffn=max([mlps[m].ffn for m in used], default=0), vocab=V,
+                 heads=d["heads"], model_type=t, max_positions=int(d["max_pos"]) if d["max_pos"] else None,
+                 block_params=max(blocks), largest_linear=largest, linears=linears, source=source, head_dim=head_dim,
                  active_params=sum(active) + outside, outside=outside,
-                 largest_experts=moe["experts"] * 2 * moe["inter"] * H if moe else 0, experts=moe["experts"] if moe else 0)
+                 largest_experts=mlps["moe"].experts_tensor if moe else 0, experts=moe["experts"] if moe else 0)
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
@@ -424,8 +644,9 @@ _EXPERT = re.compile(r"(\.experts\.)\d+\.")  # per-expert checkpoint keys: exper
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 # saved buffers that load as no parameter: rotary frequencies, old GPT-2 / GPT-NeoX causal masks,
-# DeepSeek-V3's router score correction
-_NOT_PARAMS = ("inv_freq", "masked_bias", "e_score_correction_bias")
+# DeepSeek-V3's router score correction, LFM2-MoE's expert bias
+_NOT_PARAMS = ("inv_freq", "masked_bias", "e_score_correction_bias", "expert_bias")
+_NOT_LINEARS = ("dt_proj.weight",)  # Mamba-1's dt_proj: applied by its weight, a state the patcher keeps 16-bit
 
 
 def _header_entry(name: str, shp: list[int], dtype: str, transposed: bool) -> tuple[int, int | None]:
@@ -435,6 +656,8 @@ def _header_entry(name: str, shp: list[int], dtype: str, transposed: bool) -> tu
         return 0, None
     if name.endswith("_scales") and dtype == "U8":
         return 0, None  # MXFP4 block scales (gpt-oss): dequantized into the weights at load time
+    if name.endswith(_NOT_LINEARS) or (len(shp) == 3 and shp[1] == 1 and "conv" in name):
+        return count, None  # a hybrid's state: dt_proj, a depthwise conv1d kernel [channels, 1, kernel]
     if name.endswith("_blocks") and dtype == "U8" and len(shp) == 4:
         return 2 * count, 2 * shp[-2] * shp[-1]  # MXFP4 [experts, out, blocks, 16 bytes]: two values a byte
     if len(shp) == 2 and name.endswith(".weight") and "embed" not in name:
@@ -465,7 +688,7 @@ def shape_from_checkpoint(folder: str | Path) -> Shape:
     computed = shape_from_config(cfg)
     if not files:
         return computed
-    transposed = computed.model_type == "gpt_oss"
+    transposed = computed.model_type in TRANSPOSED_EXPERTS
     total = nbytes = 0
     blocks: dict[int, int] = {}
     linears: dict[str, int] = {}

@@ -1,5 +1,5 @@
-"""Model registry (the study's families 350M–66B, the per-example paper's models, mixtures of experts
-and the Pythia ladder), download, and loading onto the hardware."""
+"""Model registry (the study's families 350M–66B, the per-example paper's models, mixtures of experts,
+Llama-4 and the hybrids, the Pythia ladder), download, and loading onto the hardware."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from quantlens.errors import ConfigError
 @dataclass(frozen=True)
 class ModelInfo:
     name: str  # registry name, e.g. "opt-1.3b"
-    family: str  # opt | bloom | llama | qwen | mistral | mixtral | deepseek | olmoe | gpt-oss | pythia | other
+    family: str  # opt | bloom | llama | qwen | mistral | mixtral | deepseek | olmoe | gpt-oss | nemotron | granite | pythia | other
     size_b: float  # parameters, billions
     hf_id: str  # Hugging Face id or local path (for a GGUF file: its cache folder, once staged)
     gguf: str | None = None  # a GGUF source: the file's local path, or its name in the hub repo ``hf_id``
@@ -56,6 +56,16 @@ def _entries() -> dict[str, ModelInfo]:
         ("gpt-oss-20b", "gpt-oss", 20.9, "openai/gpt-oss-20b"),
     ]:
         out[name] = ModelInfo(name, family, b, hf_id)
+    # Llama-4 and the hybrids (DeltaNet / Mamba-2 blocks beside attention): size_b of the text model
+    # AutoModelForCausalLM loads, every expert counted
+    for name, family, b, hf_id in [
+        ("llama-4-scout-17b-16e", "llama", 107.8, "meta-llama/Llama-4-Scout-17B-16E-Instruct"),
+        ("llama-4-maverick-17b-128e", "llama", 400.7, "meta-llama/Llama-4-Maverick-17B-128E-Instruct"),
+        ("qwen3.5-35b-a3b", "qwen", 34.7, "Qwen/Qwen3.5-35B-A3B"),
+        ("nemotron-h-8b", "nemotron", 8.1, "nvidia/Nemotron-H-8B-Base-8K"),
+        ("granite-4.0-h-tiny", "granite", 6.9, "ibm-granite/granite-4.0-h-tiny"),
+    ]:
+        out[name] = ModelInfo(name, family, b, hf_id)
     # The Pythia suite: one architecture and one training run at ten sizes (the size-scaling ladder)
     for size, b in [("14m", 0.014), ("31m", 0.030), ("70m", 0.070), ("160m", 0.162), ("410m", 0.405), ("1b", 1.01),
                     ("1.4b", 1.41), ("2.8b", 2.78), ("6.9b", 6.86), ("12b", 11.8)]:
@@ -69,7 +79,9 @@ def registry() -> dict[str, ModelInfo]:
 
 _FAMILY_OF_TYPE = {"opt": "opt", "bloom": "bloom", "llama": "llama", "qwen2": "qwen", "mistral": "mistral",
                    "qwen2_moe": "qwen", "qwen3_moe": "qwen", "mixtral": "mixtral", "deepseek_v2": "deepseek",
-                   "deepseek_v3": "deepseek", "olmoe": "olmoe", "gpt_oss": "gpt-oss", "gpt_neox": "pythia"}
+                   "deepseek_v3": "deepseek", "olmoe": "olmoe", "gpt_oss": "gpt-oss", "gpt_neox": "pythia",
+                   "llama4": "llama", "llama4_text": "llama", "qwen3_next": "qwen", "qwen3_5": "qwen", "qwen3_5_text": "qwen",
+                   "qwen3_5_moe": "qwen", "qwen3_5_moe_text": "qwen", "nemotron_h": "nemotron", "granitemoehybrid": "granite"}
 
 
 def family_from_config(config: dict[str, Any]) -> str:
