@@ -10,11 +10,14 @@ The folder is made in two steps, each done once per file:
 
 - :func:`stage` (cheap, no tensor dequantized): the header is read — architecture, every tensor's
   shape and ggml type, that the data the header promises is in the file — and the config, the
-  tokenizer and ``gguf.json`` (the file, its hash and quant types) are written. Preflight and the
-  plan read the folder from here on.
+  tokenizer, ``gguf.json`` (the file, its hash and quant types) and each weight's llama.cpp type are
+  written. Preflight and the plan read the folder from here on.
 - :func:`convert` (the model download's step): transformers dequantizes every tensor (to float32:
   a Q4_1 weight d·q + m of two fp16 numbers is exact there, not in 16 bits) and the weights are
   written next to the staged files.
+
+Each step parses the file once (:func:`read_once`): transformers' loader would parse its whole
+metadata — the tokenizer's vocabulary — again for the config, the tokenizer and the weights.
 
 A model whose weights come from a GGUF file is already quantized (a Q4_1 file holds at most 16
 distinct values per 32 weights): quantlens measures every setting against that model, as it is.
@@ -26,11 +29,13 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from quantlens.errors import ConfigError
 
@@ -130,12 +135,12 @@ def read_header(path: str | Path, what: str | None = None) -> GGUFHeader:
 
 def _reader(p: Path, what: str) -> Any:
     try:
-        from gguf import GGUFReader
+        import gguf as gguf_py
     except ImportError:
         raise ConfigError(f"{what}: reading GGUF needs the gguf package: pip install 'gguf>=0.10' "
                           "(scripts/install.sh installs it)") from None
     try:
-        return GGUFReader(p)
+        return gguf_py.GGUFReader(p)  # (the file's one reader while read_once() is active)
     except Exception as err:  # the reader's errors for a cut or corrupt file: ValueError, IndexError, struct errors
         msg = " ".join(str(err).split())[:160] or err.__class__.__name__
         raise ConfigError(f"{what}: not a readable GGUF file (truncated or corrupt: {msg})") from None
@@ -167,29 +172,34 @@ def stage(path: str | Path, what: str | None = None) -> tuple[Path, GGUFHeader]:
     header = staged(path)
     if header is not None:
         return folder, header
-    header = read_header(path, what)
-    with _lock(folder):
-        done = staged(path)  # by another process while this one waited
-        if done is not None:
-            return folder, done
-        tmp = _fresh(folder.with_name(folder.name + ".staging"))
-        p = Path(header.path)
-        try:
-            from transformers import AutoConfig, AutoTokenizer
+    with read_once():  # (outermost, always: one order for the process lock and the folder's file lock)
+        header = read_header(path, what)
+        with _lock(folder):
+            done = staged(path)  # by another process while this one waited
+            if done is not None:
+                return folder, done
+            tmp = _fresh(folder.with_name(folder.name + ".staging"))
+            p = Path(header.path)
+            try:
+                from transformers import AutoConfig, AutoTokenizer
 
-            config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
-            config.__dict__.pop("quantization_config", None)  # the folder holds dequantized weights
-            config.save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name).save_pretrained(tmp)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            msg = " ".join(str(err).split())[:200]
-            raise ConfigError(f"{what or f'model {p}'}: transformers cannot load this GGUF file ({msg})") from None
-        (tmp / INFO_FILE).write_text(json.dumps({"header": asdict(header)}, indent=1) + "\n")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+                config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+                config.__dict__.pop("quantization_config", None)  # the folder holds dequantized weights
+                config.save_pretrained(tmp)
+                AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name).save_pretrained(tmp)
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                shutil.rmtree(tmp, ignore_errors=True)
+                msg = " ".join(str(err).split())[:200]
+                raise ConfigError(f"{what or f'model {p}'}: transformers cannot load this GGUF file ({msg})") from None
+            (tmp / INFO_FILE).write_text(json.dumps({"header": asdict(header)}, indent=1) + "\n")
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+            try:  # now, from the reader already parsed (later calls read the folder's copy)
+                tensor_types(folder)
+            except (ValueError, KeyError, RuntimeError):
+                pass  # names transformers cannot map: the model still loads; a checkpoint of it says why when used
     return folder, header
 
 
@@ -208,16 +218,17 @@ def convert(path: str | Path, log: Callable[[str], None] = lambda _: None) -> Pa
     folder, header = stage(path)
     if converted(path):
         return folder
-    with _lock(folder):
+    with read_once(), _lock(folder):
         if converted(path):
             return folder
         import torch
         from safetensors.torch import save_file
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         p = Path(header.path)
         log(f"converting {p.name} ({header.quant_summary()}) to safetensors in {folder}, once")
-        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder)  # the staged config: the file's metadata is not parsed again
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, config=config, dtype=torch.float32)
         tmp = folder / (WEIGHTS_FILE + ".partial")
         save_file(_untied(model.state_dict()), str(tmp), metadata={"format": "pt", "gguf_sha256": header.sha256})
         tmp.rename(folder / WEIGHTS_FILE)
@@ -248,8 +259,10 @@ def tensor_types(folder: str | Path) -> dict[str, tuple[str, str, int]]:
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    names = get_gguf_hf_weights_map(model, TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=config.to_dict()))
-    reader = _reader(Path(header.path), f"GGUF file {header.path}")
+    with read_once():
+        processor = TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=config.to_dict())
+        names = get_gguf_hf_weights_map(model, processor)
+        reader = _reader(Path(header.path), f"GGUF file {header.path}")
     types = {names[t.name]: (t.tensor_type.name, t.name, len(t.shape)) for t in reader.tensors if t.name in names}
     tmp = folder / (TYPES_FILE + ".partial")
     tmp.write_text(json.dumps(types, indent=0) + "\n")
@@ -286,6 +299,40 @@ def run_params(folder: str | Path) -> dict[str, str]:
         return {}
     return {"model_id": header.path, "gguf_file": Path(header.path).name, "gguf_sha256": header.sha256,
             "gguf_architecture": header.architecture, "gguf_quant_types": header.quant_summary()}
+
+
+_READ_ONCE = threading.RLock()
+
+
+@contextmanager
+def read_once() -> Iterator[None]:
+    """While active (in this process, one thread at a time), each GGUF file is parsed once: the
+    ``gguf`` package's reader parses every metadata field — the tokenizer's whole vocabulary, ~5 s for
+    SmolLM2's 49k tokens — each time it is made, and transformers makes one for the config, the
+    tokenizer and the weights of the same file (six per file in all); its tensor-name maps, rebuilt
+    for every module of the model (~8 s), are made once per (architecture, layers) too. Both are
+    read-only: the same objects serve every caller. Outside this context the package is as it was."""
+    with _READ_ONCE:
+        import gguf as gguf_py
+
+        if getattr(gguf_py.GGUFReader, "_quantlens_shared", False):
+            yield  # nested: the outer context shares already
+            return
+        reader_cls, name_map = gguf_py.GGUFReader, gguf_py.get_tensor_name_map
+        readers: dict[tuple[str, str], Any] = {}
+
+        def shared_reader(path: Any, mode: str = "r") -> Any:
+            key = (str(Path(path).resolve()), mode)
+            if key not in readers:
+                readers[key] = reader_cls(path, mode)
+            return readers[key]
+
+        shared_reader._quantlens_shared = True  # type: ignore[attr-defined]
+        gguf_py.GGUFReader, gguf_py.get_tensor_name_map = shared_reader, lru_cache(maxsize=None)(name_map)
+        try:
+            yield
+        finally:
+            gguf_py.GGUFReader, gguf_py.get_tensor_name_map = reader_cls, name_map
 
 
 def _fresh(path: Path) -> Path:
