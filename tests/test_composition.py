@@ -95,6 +95,11 @@ def _configs() -> dict[str, object]:
         "llama4": T.Llama4TextConfig(**two, intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1,
                                      interleave_moe_layer_step=2,  # Maverick's shape: a dense block, then an MoE one
                                      num_key_value_heads=2, head_dim=8),
+        # its norms and attention in one sublayer (norm_attn_norm: r(l) read at norm_2), a fused Wqkv (clip_qkv set: transformers'
+        # forward clamps by it), experts as 2-D tensors, expert by expert along dim 0, gate and up apart (anatomy.KNOWN_EXPERTS)
+        "dbrx": T.DbrxConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=96,
+                             attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                             ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}),
         # a hybrid: gated DeltaNet (linear attention: no KV cache, conv1d / A_log / dt_bias / norm kept 16-bit) and
         # gated full attention alternating, each block then an MoE with a shared expert and its gate
         "qwen3_next": T.Qwen3NextConfig(**dict(moe, num_hidden_layers=4), layer_types=["linear_attention", "full_attention"] * 2,
@@ -146,7 +151,7 @@ ARCHS = list(_configs())
 # families whose mixer another architecture already carries through every feature, run lighter (suite time):
 # Kimi Linear's delta attention (a linear attention, as Qwen3-Next's and OLMo-hybrid's) — its torch fallback is slow
 LIGHT = ("kimi-linear",)
-MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe", "afmoe", "cohere2-moe", "llama4",
+MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe", "afmoe", "cohere2-moe", "llama4", "dbrx",
        "qwen3_next", "jamba", "granite-4", "lfm2-moe", "nemotron-h", "kimi-linear")
 # arch → each block's (main) token mixer (all others: attention); a hybrid keeps its mixers' states 16-bit
 HYBRID = {"qwen3_next": ("linear attention", "attention") * 2, "qwen3.5": ("linear attention", "attention") * 2,
@@ -162,6 +167,7 @@ LAYOUT = {"opt-350m-shape": "post-LN", "gemma2": "sandwich", "gemma3": "sandwich
 # dt_proj.weight @ x, a broadcast matmul whose CPU result depends on where its operands sit in memory
 # (measured: 4 different results over 16 offsets of the same tensors), and a streamed block's tensors sit elsewhere
 ALIGNMENT_SENSITIVE = {"jamba", "mamba"}
+EXPERT_TENSORS = {"dbrx": 3}  # expert tensors per MoE block (others: gate_up_proj or up_proj, down_proj): DBRX's w1, v1, w2
 KV_REFUSED = {"deepseek-v2": "multi-head latent attention", "deepseek-v3": "multi-head latent attention", "kimi-linear": "multi-head latent attention",
               "xglm": "computes K/V in code quantlens cannot reach", "mamba": "has no attention block"}  # (XGLM's attention is not on the shared interface)
 # the only refusals: KV settings, in one line. Falcon computed K/V in its own attention code until
@@ -315,9 +321,9 @@ def test_every_feature_on_every_architecture(arch, folders):
             assert (cov["coverage_block"] < 1.0) == (arch in MOE or arch in HYBRID), cov  # routers, a linear attention's states: 16-bit
             if model is single and arch in MOE:
                 experts = [(e, a) for e in body.experts() for a in e.params]
-                assert len(experts) == 2 * sum(b.is_moe for b in body.parts)
+                assert len(experts) == EXPERT_TENSORS.get(arch, 2) * sum(b.is_moe for b in body.parts)
                 for e, a in experts:
-                    rows = e.matrices(a, getattr(e.module, a).data).reshape(-1, e.in_features(a))
+                    rows = e.matrices(a, e.tensor(a).data).reshape(-1, e.in_features(a))
                     assert max(len(torch.unique(r)) for r in rows) <= 16, f"{e.name}.{a}"
                 with full_precision(model, [e.qualified(a) for e, a in experts], activations=False):
                     w4_experts16 = perplexity(model, windows, batch_size=4)["per_example"]["nll"].to_numpy()
@@ -453,7 +459,7 @@ def test_released_checkpoints_on_every_architecture(arch, folders, tmp_path):
     assert weights.keys() == read["stream"][0].keys() and all(torch.equal(weights[k], read["stream"][0][k]) for k in weights)
     body = anatomy(single)
     experts = {e.qualified(a) for e in body.experts() for a in e.params}
-    fused_on_disk = arch in ("gpt-oss", "llama4", "granite-4")  # (their checkpoints hold the fused 3-D tensors: no per-expert matrix to pack)
+    fused_on_disk = arch in ("gpt-oss", "llama4", "granite-4", "dbrx")  # (their checkpoints hold the fused tensors: no per-expert matrix to pack)
     expected = {n for n, _ in body.block_linears()} | (set() if fused_on_disk else experts)
     assert set(weights) == expected, set(expected) ^ set(weights)  # every linear and every expert tensor, from the checkpoint
     assert params["checkpoint_full_precision_layers"] == (len(experts) if fused_on_disk else 0)
@@ -507,7 +513,7 @@ def test_every_named_weight_is_quantized_and_routers_stay_16_bit_unless_included
                 assert not torch.equal(m.weight.detach(), before[f"{n}.weight"]), f"{arch}: linear {n} not quantized"
             for e in body.experts():
                 for a in e.params:
-                    assert not torch.equal(getattr(e.module, a).detach(), before[e.qualified(a)]), f"{arch}: {e.qualified(a)}"
+                    assert not torch.equal(e.tensor(a).detach(), before[e.qualified(a)]), f"{arch}: {e.qualified(a)}"
             for n, p in body.mixer_states():  # a linear attention's conv1d, A_log, dt_bias, norm: 16-bit, counted in the block
                 assert torch.equal(p.detach(), before[n]), f"{arch}: {n} changed"
             assert bool(body.mixer_states()) == (arch in HYBRID)
@@ -575,8 +581,9 @@ def test_kv_settings_on_a_hybrid_without_attention_blocks_are_refused_in_one_lin
 
 
 def test_blocks_of_other_shapes_are_refused_naming_why():
-    """A block of several sublayers (LongCat-Flash: norms, attentions and MLPs in lists) or one whose
-    norms sit inside a sublayer (DBRX's norm_attn_norm) is refused saying so, in one line."""
+    """A block of several sublayers (LongCat-Flash: norms, attentions and MLPs in lists) is refused
+    saying so, in one line; one whose norms sit inside a sublayer is read by the layout table
+    (DBRX's norm_attn_norm: r(l) at norm_2's input, the attention the sublayer wraps)."""
     import transformers as T
 
     longcat = T.LongcatFlashConfig(vocab_size=96, hidden_size=32, num_attention_heads=4, num_layers=2, num_key_value_heads=2,
@@ -585,9 +592,6 @@ def test_blocks_of_other_shapes_are_refused_naming_why():
     with pytest.raises(ModelNotUnderstood, match=r"^LongcatFlashForCausalLM: block LongcatFlashDecoderLayer holds its norms in "
                                                  r"lists \(input_layernorm: 2, post_attention_layernorm: 2\): blocks of several"):
         check_config(longcat)
-    dbrx = T.DbrxConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=96,
-                        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
-                        ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2})
-    with pytest.raises(ModelNotUnderstood, match=r"^DbrxForCausalLM: block DbrxBlock holds its norms inside a sublayer "
-                                                 r"\(norm_attn_norm.norm_1, norm_attn_norm.norm_2\)"):
-        check_config(dbrx)
+    dbrx = check_config(_configs()["dbrx"]).parts[0]
+    assert (dbrx.layout, dbrx.attention_name, dbrx.residual_site) == ("pre-LN", "transformer.blocks.0.norm_attn_norm.attn",
+                                                                      dbrx.module.norm_attn_norm.norm_2)

@@ -31,6 +31,9 @@ def _model(kind: str, seed: int = 0):
         "gpt-oss": lambda: T.GptOssConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_key_value_heads=2, head_dim=8),
         "llama4": lambda: T.Llama4TextConfig(**COMMON, intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4,
                                              num_key_value_heads=2, head_dim=8),
+        "dbrx": lambda: T.DbrxConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=96,
+                                     attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                                     ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}),
     }[kind]()
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).eval()
@@ -55,7 +58,7 @@ def test_expert_matrices_are_each_experts_gate_up_and_down_and_round_trip(concat
     assert torch.equal(ex.from_matrices("gate_up_proj", mats), stored)
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "deepseek-v3", "gpt-oss"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "deepseek-v3", "gpt-oss", "dbrx"])
 def test_w4_quantizes_every_expert_matrix_as_a_dense_linear_would_be(kind):
     """Each expert's gate, up and down matrix equals the quantizer applied to that matrix alone (g16:
     groups along its input features); restore is bit-exact; the routers stay 16-bit."""
@@ -66,8 +69,8 @@ def test_w4_quantizes_every_expert_matrix_as_a_dense_linear_would_be(kind):
     quantize_(m, "W4A16-g16")
     for e in body.experts():
         for a in e.params:
-            got = e.matrices(a, getattr(e.module, a).data)
-            want = e.matrices(a, before[f"{e.name}.{a}"])
+            got = e.matrices(a, e.tensor(a).data)
+            want = e.matrices(a, before[e.qualified(a)])
             for i in range(got.shape[0]):
                 assert torch.equal(got[i], fake_quantize(want[i], spec)), f"{e.name}.{a}[{i}]"
     for name, _ in body.routers():
@@ -254,3 +257,43 @@ def test_llama4_experts_are_read_from_the_table_and_its_loop_is_the_models_forwa
         assert torch.equal(e.module.gate_up_proj[1][:, : gate_up.shape[-1] // 2].t(), want)
     finally:
         restore_(m)
+
+
+def test_dbrx_experts_are_read_from_the_table_and_its_loop_is_the_models_forward():
+    """DbrxExperts declares no layout: anatomy.KNOWN_EXPERTS gives it (its child mlp holds w1, v1 and
+    w2, each 2-D [experts·ffn, hidden]: gate and up apart, w2 applied as stored, [in, out]). quantlens'
+    loop computes the model's own forward bit for bit; W4's down matrix of expert 1 (rows F…2F of w2,
+    transposed) is the dense quantizer's on that matrix; A8 quantizes the one input gate and up read."""
+    m = _model("dbrx")
+    w = _windows()
+    body = anatomy(m)
+    e = body.experts()[0]
+    assert (e.name, e.params, e.qualified("v1")) == ("transformer.blocks.0.ffn.experts", ("w1", "v1", "w2"),
+                                                      "transformer.blocks.0.ffn.experts.mlp.v1")
+    assert (e.num_experts, e.in_features("w1"), e.in_features("w2"), e.input_of("v1")) == (4, 32, 64, "w1")
+    assert [n for n, _ in body.routers()] == [f"transformer.blocks.{i}.ffn.router.layer" for i in range(2)]
+    assert not moe.uses_kernel(e)
+    with torch.no_grad():
+        own = m(w).logits
+        handles = [moe.run_per_expert(x, lambda n, t: t, set()) for x in body.experts()]
+        try:
+            loop = m(w).logits
+        finally:
+            for h in handles:
+                h.remove()
+    assert torch.equal(loop, own)
+    w2 = e.tensor("w2").detach().clone()
+    f = w2.shape[0] // e.num_experts
+    quantize_(m, "W4A16")
+    try:
+        assert torch.equal(e.tensor("w2")[f:2 * f].t(), fake_quantize(w2[f:2 * f].t(), resolve_setting("W4A16").weights))
+    finally:
+        restore_(m)
+    quantize_(m, "W8A8")
+    try:
+        with torch.no_grad():
+            m(w)
+        sites = {s.layer for s in full_report(m).layers if s.kind == "activation" and s.layer.startswith(e.name)}
+    finally:
+        restore_(m)
+    assert sites == {e.qualified("w1"), e.qualified("w2")}

@@ -9,8 +9,8 @@ definitions: the anatomy is data, everything generic reads it). For any supporte
 - ``blocks``: the decoder blocks, and for each (:class:`Block`) every weight in it, each in one
   role: its **attention** linears (the output projection named), its **MLP** linears (a dense MLP,
   or an MoE block's shared experts), its **experts** (:class:`Experts`: the fused 3-D expert tensors
-  of transformers 5, with the layout the experts module declares), its **routers** (the MoE's gate,
-  Qwen2-MoE's shared-expert gate), and its vectors (norms, biases, attention sinks, router score
+  of transformers 5, with the layout the experts module declares, or DBRX's 2-D stacked ones), its
+  **routers** (the MoE's gate, Qwen2-MoE's shared-expert gate), and its vectors (norms, biases, attention sinks, router score
   biases), plus where its residual stream is read (:attr:`Block.layout`);
 - each block's **mixer** (:attr:`Block.mixer`): attention, or — in a hybrid — a token mixer of
   :data:`TOKEN_MIXERS` (a linear attention: Qwen3-Next's gated DeltaNet; a state-space model:
@@ -35,7 +35,8 @@ Found generically: blocks are the ``nn.ModuleList`` of same-typed modules (or on
 (``nn.Linear`` or GPT-2's transposed ``Conv1D``); an experts module is one holding 3-D
 ``down_proj`` and ``gate_up_proj`` / ``up_proj`` parameters *and* declaring its layout
 (``is_transposed``, ``has_gate``, ``is_concatenated``, ``has_bias``: transformers'
-``use_experts_implementation``) or listed by class in :data:`KNOWN_EXPERTS` (Llama-4's) — a layout
+``use_experts_implementation``) or listed by class in :data:`KNOWN_EXPERTS` (Llama-4's; DBRX's,
+whose row also names its tensors, the child holding them and how each is stored) — a layout
 is never guessed from shapes. The routers are the MoE's children that project the hidden state to
 the routing scores (:func:`_routers`). Every matrix (≥ 2-D
 parameter) of a block must be in one role, or the block is refused naming the tensor.
@@ -47,6 +48,8 @@ MLP's first layer sees (:attr:`Block.h_site`):
 - ``pre-LN`` (LLaMA, BLOOM, OPT ≥ 1.3B, GPT-2, Qwen, Mistral, Phi-3, Nemotron, XGLM, Apertus,
   VaultGemma, the MoEs): r(l) = z(l−1) +
   Attn(·), the un-normalised stream at the input of the MLP's norm; h(l) its output (arXiv 2506.12044);
+  DBRX keeps both norms and its attention in one sublayer (``norm_attn_norm.norm_2`` is the MLP's
+  norm: its row names the norms by their dotted names, and the attention is the one the sublayer wraps);
 - ``post-LN`` (OPT-350m, ``do_layer_norm_before=False``): r(l) is z(l−1) + Attn(z(l−1)) at the
   input of the norm that *follows* the attention's residual addition (the block's first norm); the
   stream the next block sees is normalised, so ‖r(l)‖ and ‖z(l)‖ are on other scales than in pre-LN
@@ -127,6 +130,9 @@ LAYOUTS: tuple[LayoutRow, ...] = (
     _row({"input_layernorm"}, "parallel", "input_layernorm", "Falcon-7B: one norm for both, parallel_attn"),
     _row({"ln_1"}, "parallel", "ln_1", "GPT-J: one norm for both", ("GPTJBlock",)),
     _row({"ln_attn", "ln_mlp"}, "parallel", "ln_mlp", "Falcon-40B's new decoder architecture"),
+    # one sublayer norm_1 → attention → residual addition → norm_2, returning (r(l), h(l)); the MoE reads h(l)
+    _row({"norm_attn_norm.norm_1", "norm_attn_norm.norm_2"}, "pre-LN", "norm_attn_norm.norm_2",
+         "DBRX: its norms inside the attention's sublayer (norm_attn_norm)"),
 )
 PARALLEL_FLAGS = ("use_parallel_residual", "parallel_attn")
 
@@ -285,61 +291,105 @@ def _is_norm(m: nn.Module) -> bool:
 
 
 def _norm_children(model_name: str, kind: str, children: list[tuple[str, nn.Module]]) -> list[str]:
-    """The names of a block's norm children; a block holding its norms in lists (several sublayers
-    per block: LongCat-Flash's two attentions and two MLPs) is refused saying so."""
+    """The names of a block's norm children — or, a block with none of its own, those of the sublayer
+    that holds its norms with its attention (DBRX's norm_attn_norm.norm_1, norm_attn_norm.norm_2:
+    the layout table has rows for such names); a block holding its norms in lists (several
+    sublayers per block: LongCat-Flash's two attentions and two MLPs) is refused saying so."""
     lists = [(n, len(m)) for n, m in children if isinstance(m, nn.ModuleList) and len(m) and all(_is_norm(x) for x in m)]
     if lists:
         raise ModelNotUnderstood(f"{model_name}: block {kind} holds its norms in lists ({', '.join(f'{n}: {k}' for n, k in lists)}): "
                                  "blocks of several attention / MLP sublayers are not supported yet")
     norms = [n for n, m in children if _is_norm(m)]
     nested = [f"{n}.{c}" for n, m in children for c, x in m.named_children() if _is_norm(x) and any(is_linear(y) for y in m.modules())]
-    if not norms and nested:  # (DBRX: norm_attn_norm holds norm_1, the attention and norm_2)
-        raise ModelNotUnderstood(f"{model_name}: block {kind} holds its norms inside a sublayer ({', '.join(nested)}): "
-                                 "not a layout quantlens knows yet, so the residual stream r(l) cannot be located")
-    return norms
+    return norms or nested  # (DBRX: norm_attn_norm holds norm_1, the attention and norm_2)
 
 
 # --- experts ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Experts:
-    """An MoE's routed experts as transformers 5 stores them: fused 3-D tensors, one slice per expert.
+    """An MoE's routed experts as transformers stores them: each tensor holds one matrix per expert.
 
-    Layout, as the experts module declares it: ``[experts, out, in]`` (``is_transposed`` False) or
-    ``[experts, in, out]``; a gated first projection ``gate_up_proj`` holds the gate's and the up
-    projection's rows, concatenated ([gate; up]) or interleaved (gate₀, up₀, gate₁, …; gpt-oss).
-    :meth:`matrices` gives every expert's matrices as ``[experts·parts, out, in]`` (parts = 2 for
-    a gated first projection: gate and up, each the matrix a dense MLP would hold), so that a
-    quantizer's rows and groups run along each matrix's input dimension;
+    Layout, as the experts module declares it (or :data:`KNOWN_EXPERTS` reads it from the module's
+    forward): fused 3-D tensors ``[experts, out, in]`` (``is_transposed`` False) or ``[experts, in,
+    out]``, or — ``stacked`` — 2-D ``[experts·rows, cols]`` with each expert's matrix a block of
+    rows (DBRX's); a gated first projection ``gate_up_proj`` holds the gate's and the up
+    projection's rows, concatenated ([gate; up]) or interleaved (gate₀, up₀, gate₁, …; gpt-oss),
+    or the gate and up matrices are tensors of their own (DBRX's ``w1`` and ``v1``, both reading the
+    expert's input). :meth:`matrices` gives every expert's matrices as ``[experts·parts, out, in]``
+    (parts = 2 for a fused gated first projection: gate and up, each the matrix a dense MLP would
+    hold), so that a quantizer's rows and groups run along each matrix's input dimension;
     :meth:`from_matrices` puts them back in the stored layout, exactly.
     """
 
-    name: str  # qualified name of the experts module
+    name: str  # qualified name of the experts module (the one called with the routed tokens)
     module: nn.Module
     num_experts: int
-    first: str  # "gate_up_proj" (gated) or "up_proj"
+    first: str  # "gate_up_proj" (gated) or "up_proj"; the gate tensor where gate and up are apart (DBRX's w1)
     is_transposed: bool
     has_gate: bool
     is_concatenated: bool
     has_bias: bool
     dense: bool = False  # forward(rows): every expert gets every token's row, scaled by its score (Llama-4); else forward(hidden, top_k_index, top_k_weights)
+    tensors: tuple[str, ...] = ()  # the expert tensors in forward order where not (first, down_proj): DBRX's gate w1, up v1, down w2
+    holder: str = ""  # the child of the experts module that holds the tensors (DBRX's mlp); "": the module itself
+    stacked: bool = False  # 2-D [experts·rows, cols] (DBRX), not 3-D [experts, rows, cols]
+    transposed: tuple[str, ...] = ()  # tensors stored [in, out] per expert where is_transposed does not say it of all (DBRX's w2)
+    act: str = "act_fn"  # the holder's activation module (DBRX's activation_fn)
 
     @property
-    def params(self) -> tuple[str, str]:
-        return (self.first, "down_proj")
+    def params(self) -> tuple[str, ...]:
+        """The expert tensors in forward order: the first projection's, then the down projection's."""
+        return self.tensors or (self.first, "down_proj")
+
+    @property
+    def down(self) -> str:
+        return self.params[-1]
+
+    @property
+    def firsts(self) -> tuple[str, ...]:
+        """The tensors that read the expert's input (one activation site, named by the first of them)."""
+        return self.params[:-1]
+
+    def input_of(self, attr: str) -> str:
+        """The tensor whose name the input of ``attr`` goes by (activations, Hessians): the first
+        tensor for the first projection's (DBRX's v1 reads w1's input), else ``attr`` itself."""
+        return self.first if attr in self.firsts else attr
+
+    @property
+    def owner(self) -> nn.Module:
+        """The module holding the tensors (the experts module, or its :attr:`holder` child)."""
+        return self.module.get_submodule(self.holder) if self.holder else self.module
+
+    def tensor(self, attr: str) -> nn.Parameter:
+        return getattr(self.owner, attr)
 
     def qualified(self, attr: str) -> str:
-        return f"{self.name}.{attr}"
+        return f"{self.name}.{self.holder}.{attr}" if self.holder else f"{self.name}.{attr}"
 
     def parts(self, attr: str) -> int:
         return 2 if attr == "gate_up_proj" and self.has_gate else 1
 
+    def stored_transposed(self, attr: str) -> bool:
+        """Whether each expert's matrix of ``attr`` is stored ``[in, out]`` (applied as x @ W)."""
+        return self.is_transposed or attr in self.transposed
+
+    def per_expert(self, w: torch.Tensor) -> torch.Tensor:
+        """A stored tensor as ``[experts, rows, cols]`` (a stacked 2-D one viewed so)."""
+        return w.reshape(self.num_experts, -1, w.shape[-1]) if self.stacked else w
+
+    def stored(self, attr: str, j: int) -> torch.Tensor:
+        """Expert ``j``'s matrix of ``attr`` as the model applies it ([out, in], or [in, out] where transposed)."""
+        return self.per_expert(self.tensor(attr))[j]
+
     def in_features(self, attr: str) -> int:
-        shape = shape_of(getattr(self.module, attr))
-        return int(shape[1] if self.is_transposed else shape[2])
+        shape = shape_of(self.tensor(attr))
+        rows, cols = (int(shape[0]) // self.num_experts, int(shape[1])) if self.stacked else (int(shape[1]), int(shape[2]))
+        return rows if self.stored_transposed(attr) else cols
 
     def matrices(self, attr: str, w: torch.Tensor) -> torch.Tensor:
         """``w`` (stored layout) → ``[experts·parts, out, in]``."""
-        m = w.transpose(-1, -2) if self.is_transposed else w  # [E, out, in]
+        m = self.per_expert(w)
+        m = m.transpose(-1, -2) if self.stored_transposed(attr) else m  # [E, out, in]
         p = self.parts(attr)
         if p == 1:
             return m
@@ -355,38 +405,58 @@ class Experts:
             ep, half, inp = m.shape
             e = ep // 2
             m = m.reshape(e, 2 * half, inp) if self.is_concatenated else m.reshape(e, 2, half, inp).transpose(1, 2).reshape(e, 2 * half, inp)
-        return (m.transpose(-1, -2) if self.is_transposed else m).contiguous()
+        out = (m.transpose(-1, -2) if self.stored_transposed(attr) else m).contiguous()
+        return out.reshape(-1, out.shape[-1]) if self.stacked else out
 
 
 LAYOUT_FLAGS = ("is_transposed", "has_gate", "is_concatenated", "has_bias")
+ROW_FIELDS = ("dense", "tensors", "holder", "stacked", "transposed", "act")  # what a KNOWN_EXPERTS row may add to the flags
 
-# Experts modules that hold fused tensors without declaring their layout (no
-# use_experts_implementation), by class → their layout flags, read from their forward in transformers:
-# Llama-4's bmm(rows [E, T, H], gate_up_proj [E, H, 2I]).chunk(2) — transposed, gate then up —, then
-# down_proj [E, I, H]; every token's row reaches every expert, scaled by its router score (0 if not routed).
-KNOWN_EXPERTS: dict[str, dict[str, bool]] = {
+# Experts modules that do not declare their layout (no use_experts_implementation), by class → their
+# layout, read from their forward in transformers:
+# - Llama-4's bmm(rows [E, T, H], gate_up_proj [E, H, 2I]).chunk(2) — transposed, gate then up —, then
+#   down_proj [E, I, H]; every token's row reaches every expert, scaled by its router score (0 if not routed);
+# - DBRX's experts(hidden, top_k_index, top_k_weights): its child mlp holds w1 (gate), v1 (up) and w2 (down),
+#   each 2-D [E·F, H], expert j's matrix rows j·F … (j+1)·F; act(x @ w1ⱼᵀ) · (x @ v1ⱼᵀ) @ w2ⱼ — w2 applied as
+#   stored, [in, out]; the number of experts is the module's num_experts (a stacked tensor does not say it).
+KNOWN_EXPERTS: dict[str, dict[str, Any]] = {
     "Llama4TextExperts": dict(is_transposed=True, has_gate=True, is_concatenated=True, has_bias=False, dense=True),
+    "DbrxExperts": dict(is_transposed=False, has_gate=True, is_concatenated=False, has_bias=False, tensors=("w1", "v1", "w2"),
+                        holder="mlp", stacked=True, transposed=("w2",), act="activation_fn"),
 }
 
 
-def _experts_of(model_name: str, name: str, mod: nn.Module) -> Experts | None:
-    """The :class:`Experts` of a module holding fused expert tensors, None for any other module,
-    :class:`ModelNotUnderstood` for fused tensors without a layout (declared, or in :data:`KNOWN_EXPERTS`)."""
+def _fused_tensors(mod: nn.Module) -> tuple[str, str] | None:
+    """transformers 5's fused 3-D expert tensors of a module, (gate_up_proj | up_proj, down_proj), or None."""
     own = dict(mod.named_parameters(recurse=False))
     down = own.get("down_proj")
     first = "gate_up_proj" if "gate_up_proj" in own else "up_proj" if "up_proj" in own else None
     if down is None or first is None or len(shape_of(down)) != 3 or len(shape_of(own[first])) != 3:
         return None
-    layout = KNOWN_EXPERTS.get(type(mod).__name__) or {f: getattr(mod, f) for f in LAYOUT_FLAGS if hasattr(mod, f)}
+    return first, "down_proj"
+
+
+def _experts_of(model_name: str, name: str, mod: nn.Module) -> Experts | None:
+    """The :class:`Experts` of a module holding expert tensors (fused 3-D ones, or a row of
+    :data:`KNOWN_EXPERTS` naming its own), None for any other module, :class:`ModelNotUnderstood`
+    for fused tensors without a layout (declared, or in :data:`KNOWN_EXPERTS`)."""
+    row = KNOWN_EXPERTS.get(type(mod).__name__)
+    tensors = row["tensors"] if row is not None and "tensors" in row else _fused_tensors(mod)
+    if tensors is None:
+        return None
+    layout = row or {f: getattr(mod, f) for f in LAYOUT_FLAGS if hasattr(mod, f)}
     missing = [f for f in LAYOUT_FLAGS if f not in layout]
     if missing:
         raise ModelNotUnderstood(
             f"{model_name}: experts module {name} ({type(mod).__name__}) holds fused 3-D expert tensors but does not declare "
             f"their layout ({', '.join(missing)}; transformers' use_experts_implementation) and is not in anatomy.KNOWN_EXPERTS: "
             "quantlens does not guess it from shapes")
-    if bool(layout["has_gate"]) != (first == "gate_up_proj"):
+    first = tensors[0]
+    if "tensors" not in layout and bool(layout["has_gate"]) != (first == "gate_up_proj"):
         raise ModelNotUnderstood(f"{model_name}: experts module {name} declares has_gate={layout['has_gate']} but holds {first}")
-    return Experts(name, mod, int(shape_of(down)[0]), first, *(bool(layout[f]) for f in LAYOUT_FLAGS), bool(layout.get("dense", False)))
+    extra = {f: layout[f] for f in ROW_FIELDS if f in layout}
+    count = int(mod.num_experts) if extra.get("stacked") else int(shape_of(getattr(mod, tensors[-1]))[0])
+    return Experts(name, mod, count, first, *(bool(layout[f]) for f in LAYOUT_FLAGS), **extra)
 
 
 # --- one block --------------------------------------------------------------------------------------
@@ -469,7 +539,7 @@ class Block:
     def first_mlp_weights(self) -> list[str]:
         """Qualified names of the weights of the MLP's first layer (what ``weights_16bit`` restores)."""
         if self.is_moe:
-            return [e.qualified(e.first) for e in self.experts]
+            return [e.qualified(a) for e in self.experts for a in e.firsts]
         return [self.names[id(self.first_mlp[1])]]
 
     @property
@@ -493,7 +563,9 @@ class Block:
             return "no MLP"
         if self.is_moe:
             e = self.experts[0]
-            lay = f"{'transposed ' if e.is_transposed else ''}{'gated ' + ('concatenated' if e.is_concatenated else 'interleaved') if e.has_gate else 'ungated'}"
+            fused = ('concatenated' if e.is_concatenated else 'interleaved') if len(e.firsts) == 1 else f"gate and up apart: {', '.join(e.params)}"
+            lay = (f"{'stacked ' if e.stacked else ''}{'transposed ' if e.is_transposed else ''}"
+                   f"{'gated ' + fused if e.has_gate else 'ungated'}")
             return (f"MoE: {e.num_experts} experts ({lay}{', biased' if e.has_bias else ''}), routers "
                     f"[{', '.join(n.rsplit('.', 1)[-1] for n, _ in self.routers)}]" + (f", shared experts [{mlp}]" if mlp else ""))
         return f"MLP [{mlp}]"
@@ -592,8 +664,8 @@ def _mixer_children(model_name: str, kind: str, name: str, children: list[tuple[
     """The block's token mixers — its ``*attn*`` / ``*attention*`` children holding linears and its
     children of :data:`TOKEN_MIXERS` — attention first (the one a KV cache reaches): each as (kind,
     child name, module, quantized linears by qualified name, output projection, 16-bit states)."""
-    found = [(n, m) for n, m in children if (type(m).__name__ in TOKEN_MIXERS or type(m).__name__.endswith("Attention")
-                                                 or "attn" in n.lower() or "attention" in n.lower())
+    found = [_unwrapped(n, m) for n, m in children if (type(m).__name__ in TOKEN_MIXERS or type(m).__name__.endswith("Attention")
+                                                      or "attn" in n.lower() or "attention" in n.lower())
              and any(is_linear(x) for x in m.modules())]
     out = [(*_mixer_of(f"{name}.{n}", m), n, m) for n, m in found]
     if sum(1 for k, *_ in out if k == "attention") > 1:
@@ -604,6 +676,16 @@ def _mixer_children(model_name: str, kind: str, name: str, children: list[tuple[
         outs = [x for q, x in linears if q.rsplit(".", 1)[-1] in OUTPUT_PROJ_NAMES]
         parts.append((k, n, m, linears, outs[0] if len(outs) == 1 else linears[-1][1], states))
     return parts
+
+
+def _unwrapped(name: str, child: nn.Module) -> tuple[str, nn.Module]:
+    """A sublayer that holds the attention between its norms (DBRX's norm_attn_norm: norm_1, attn,
+    norm_2) stands for the one child of it holding linears — the attention its KV cache and its
+    output projection belong to (``norm_attn_norm.attn``); any other child stands for itself."""
+    if not any(_is_norm(x) for x in child.children()):
+        return name, child
+    inner = [(c, x) for c, x in child.named_children() if any(is_linear(y) for y in x.modules())]
+    return (f"{name}.{inner[0][0]}", inner[0][1]) if len(inner) == 1 else (name, child)
 
 
 def _mixer_of(qualified: str, mixer: nn.Module) -> tuple[Mixer, tuple[tuple[str, nn.Module], ...], tuple[tuple[str, nn.Parameter], ...]]:
@@ -655,8 +737,8 @@ def _check_accounted(model_name: str, name: str, block: nn.Module, attn_linears,
     """Every matrix of the block is a linear's weight, an expert tensor, a router's weight or a linear
     attention's state parameter (its conv1d)."""
     known = {id(m.weight) for _, m in (*attn_linears, *mlp_linears, *routers)} | {id(p) for _, p in states}
-    known |= {id(getattr(e.module, a)) for e in experts for a in e.params}
-    known |= {id(b) for e in experts if e.has_bias for a in e.params if (b := getattr(e.module, f"{a}_bias", None)) is not None}  # [experts, out]
+    known |= {id(e.tensor(a)) for e in experts for a in e.params}
+    known |= {id(b) for e in experts if e.has_bias for a in e.params if (b := getattr(e.owner, f"{a}_bias", None)) is not None}  # [experts, out]
     for pname, p in block.named_parameters(prefix=name):
         if len(shape_of(p)) >= 2 and id(p) not in known and not is_vector(pname, p):
             raise ModelNotUnderstood(f"{model_name}: block tensor {pname} {tuple(shape_of(p))} is neither a linear's weight, an "
@@ -731,8 +813,8 @@ class Anatomy:
         (gpt-oss' [experts, out]: one bias vector per expert), and every state parameter of a linear
         attention (:attr:`Block.mixer_states`, vectors too: what stays 16-bit there is counted).
         Qualified name → parameter."""
-        biases = {id(getattr(e.module, f"{a}_bias")) for b in self.parts for e in b.experts if e.has_bias for a in e.params
-                  if getattr(e.module, f"{a}_bias", None) is not None}
+        biases = {id(getattr(e.owner, f"{a}_bias")) for b in self.parts for e in b.experts if e.has_bias for a in e.params
+                  if getattr(e.owner, f"{a}_bias", None) is not None}
         return {f"{b.name}.{n}": p for b in self.parts for n, p in b.module.named_parameters()
                 if len(shape_of(p)) >= 2 and id(p) not in biases and not is_vector(n, p)} | {
             n: p for b in self.parts for n, p in b.mixer_states}

@@ -173,14 +173,17 @@ def _read_inputs(windows: _Windows, block: nn.Module, i: int, part: Any, linears
 
 def _quantize_experts(seen: _BlockInputs, method: CalibratedMethod, setting: Setting,
                       originals: dict[str, tuple[Any, torch.Tensor]], out: dict[str, torch.Tensor]) -> None:
-    """Each expert tensor quantized in place (its original kept in ``originals``, its result in ``out``)."""
+    """Each expert tensor quantized in place (its original kept in ``originals``, its result in
+    ``out``), those reading one input together: the first projection's (gate and up apart, DBRX's
+    w1 and v1, as one fused gate_up_proj), then the down projection."""
     for ex in seen.experts.values():
-        for attr in ex.e.params:
-            p = getattr(ex.e.module, attr)
-            originals[ex.e.qualified(attr)] = (p, p.data)
-            q = ex.quantized(attr, setting.weights, method, method.options_of(setting))
-            p.data = q
-            out[ex.e.qualified(attr)] = q.to("cpu")
+        e = ex.e
+        for group in (e.firsts, (e.down,)):
+            for attr, q in zip(group, ex.quantized(group, setting.weights, method, method.options_of(setting))):
+                p = e.tensor(attr)
+                originals[e.qualified(attr)] = (p, p.data)
+                p.data = q
+                out[e.qualified(attr)] = q.to("cpu")
 
 
 def _quantize_linears(linears: list[tuple[str, nn.Module]], seen: _BlockInputs, method: CalibratedMethod, setting: Setting,
@@ -218,28 +221,28 @@ class _ExpertHessians:
 
         return moe.run_per_expert(self.e, lambda n, x: x, set(), self.record)
 
-    def quantized(self, attr: str, spec: Any, method: CalibratedMethod, options: Any) -> torch.Tensor:
-        """The tensor ``attr`` with every expert matrix GPTQ- (or AWQ-) quantized on its own routed tokens
-        (an expert's gate and up matrices read one input: one AWQ scale); an expert no calibration token
-        reached is rounded to nearest (its Hessian is empty)."""
+    def quantized(self, attrs: tuple[str, ...], spec: Any, method: CalibratedMethod, options: Any) -> list[torch.Tensor]:
+        """The tensors ``attrs`` (those reading one input, its statistics recorded under the first's
+        name) with every expert matrix GPTQ- (or AWQ-) quantized on its own routed tokens (an expert's
+        gate and up matrices, one fused tensor or two, read one input: one AWQ scale); an expert no
+        calibration token reached is rounded to nearest (its Hessian is empty)."""
         from quantlens.quantize.quant import quantize
 
         e = self.e
-        mats = e.matrices(attr, getattr(e.module, attr).data)
-        parts = e.parts(attr)
-        out = torch.empty_like(mats)
+        mats = [e.matrices(a, e.tensor(a).data) for a in attrs]
+        outs = [torch.empty_like(m) for m in mats]
         for j in range(e.num_experts):
-            sl = range(j * parts, (j + 1) * parts)
-            acc = self.acc.get((j, attr))
+            sl = [(t, i) for t, a in enumerate(attrs) for i in range(j * e.parts(a), (j + 1) * e.parts(a))]
+            acc = self.acc.get((j, e.input_of(attrs[0])))
             if acc is None or acc.n == 0:
-                for i in sl:
-                    out[i] = quantize(mats[i], spec).xq
+                for t, i in sl:
+                    outs[t][i] = quantize(mats[t][i], spec).xq
                 continue
-            for idx in [list(sl)] if method.shares_input else [[i] for i in sl]:
-                qs = method.calibrate([mats[i] for i in idx], acc, spec, options, [True] * len(idx)).weights
-                for i, q in zip(idx, qs):
-                    out[i] = q
-        return e.from_matrices(attr, out)
+            for idx in [sl] if method.shares_input else [[x] for x in sl]:
+                qs = method.calibrate([mats[t][i] for t, i in idx], acc, spec, options, [True] * len(idx)).weights
+                for (t, i), q in zip(idx, qs):
+                    outs[t][i] = q
+        return [e.from_matrices(a, o) for a, o in zip(attrs, outs)]
 
 
 _QK = ("q_", "k_", "query", "key", "Wqkv")  # AutoAWQ's own test for the layers it does not clip

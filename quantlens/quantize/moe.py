@@ -16,11 +16,13 @@ intermediate activation entering ``down_proj``. Two routes, one meaning:
   loop (:func:`per_expert_forward`, the eager algorithm of transformers over the declared layout),
   which quantizes each expert's rows as one tensor.
 
-Experts modules that compute their gate inline, outside transformers' interface (Llama-4's
-``Llama4TextExperts``, listed in :data:`quantlens.model.anatomy.KNOWN_EXPERTS`: every token's row
-reaches every expert, scaled by its router score, 0 where not routed), always run quantlens' loop
-(:func:`dense_forward`: each expert over its non-zero rows) when their inputs are quantized; with no
-activation spec the model's own forward runs.
+Experts modules that compute their gate inline, outside transformers' interface (those listed in
+:data:`quantlens.model.anatomy.KNOWN_EXPERTS`: Llama-4's ``Llama4TextExperts``, where every token's
+row reaches every expert, scaled by its router score, 0 where not routed; DBRX's ``DbrxExperts``,
+its gate and up matrices tensors of their own), always run quantlens' loop (:func:`dense_forward`:
+each expert over its non-zero rows; :func:`per_expert_forward`) when their inputs are quantized;
+with no activation spec the model's own forward runs. Where gate and up are apart, both read the
+expert's one input site (named by the gate tensor), quantized once, as a fused ``gate_up_proj``'s is.
 
 Both are removed by the handles :func:`attach` returns; the weights are not touched here
 (:mod:`quantlens.quantize.patch` quantizes expert tensors once, slice by slice).
@@ -104,7 +106,7 @@ def run_per_expert(e: Experts, transform: Transform, bypass: set[str],
     """Make the experts module run :func:`per_expert_forward` (:func:`dense_forward` for experts
     that take every token's row) until the handle is removed."""
     mod = e.module
-    names = (e.qualified(e.first), e.qualified("down_proj"))
+    names = (e.qualified(e.first), e.qualified(e.down))
     if e.dense:
         mod.forward = types.MethodType(lambda self, rows: dense_forward(e, rows, transform, names, bypass, record), mod)
     else:
@@ -112,36 +114,44 @@ def run_per_expert(e: Experts, transform: Transform, bypass: set[str],
     return _Handle(lambda: mod.__dict__.pop("forward", None))
 
 
-def _gate(e: Experts, y: torch.Tensor) -> torch.Tensor:
-    """act(gate) · up of a gated first projection's output: the module's own ``_apply_gate`` where it
-    has one, else the concatenated halves [gate; up] (the layouts :data:`KNOWN_EXPERTS` lists)."""
+def _gate(e: Experts, ys: list[torch.Tensor]) -> torch.Tensor:
+    """act(gate) · up from the first projection's outputs (one per tensor of :attr:`Experts.firsts`):
+    gate and up apart (DBRX's w1, v1), or one fused output — the module's own ``_apply_gate`` where it
+    has one, else the concatenated halves [gate; up] (Llama-4's layout in :data:`KNOWN_EXPERTS`)."""
+    if len(ys) == 2:
+        return getattr(e.owner, e.act)(ys[0]) * ys[1]
     if hasattr(e.module, "_apply_gate"):
-        return e.module._apply_gate(y)
-    gate, up = y.chunk(2, dim=-1)
-    return up * e.module.act_fn(gate)
+        return e.module._apply_gate(ys[0])
+    gate, up = ys[0].chunk(2, dim=-1)
+    return up * getattr(e.owner, e.act)(gate)
 
 
 def _expert(e: Experts, j: int, x: torch.Tensor, transform: Transform, names: tuple[str, str], bypass: set[str],
             record: Callable[[int, str, torch.Tensor], None] | None) -> torch.Tensor:
-    """Expert ``j`` on its routed rows ``x``, both inputs through ``transform`` (biases, gate, post-norm as declared)."""
+    """Expert ``j`` on its routed rows ``x``, both inputs through ``transform`` (biases, gate, post-norm as declared);
+    ``record`` sees the first input once, under the first tensor's name (gate and up apart read it both)."""
     m = e.module
     first_in, down_in = names
-    b1 = getattr(m, f"{e.first}_bias", None) if e.has_bias else None
-    b2 = getattr(m, "down_proj_bias", None) if e.has_bias else None
     if first_in not in bypass:
         x = transform(first_in, x)
     if record is not None:
         record(j, e.first, x)
-    y = _project(x, getattr(m, e.first)[j], None if b1 is None else b1[j], e.is_transposed)
-    y = _gate(e, y) if e.has_gate else m.act_fn(y)
+    ys = [_project(x, e.stored(a, j), _bias(e, a, j), e.stored_transposed(a)) for a in e.firsts]
+    y = _gate(e, ys) if e.has_gate else getattr(e.owner, e.act)(ys[0])
     if down_in not in bypass:
         y = transform(down_in, y)
     if record is not None:
-        record(j, "down_proj", y)
-    y = _project(y, m.down_proj[j], None if b2 is None else b2[j], e.is_transposed)
+        record(j, e.down, y)
+    y = _project(y, e.stored(e.down, j), _bias(e, e.down, j), e.stored_transposed(e.down))
     if getattr(m, "has_post_expert_norm", False):
         y = m.post_expert_norm(y)
     return y
+
+
+def _bias(e: Experts, attr: str, j: int) -> torch.Tensor | None:
+    """Expert ``j``'s bias of tensor ``attr`` (``<attr>_bias`` [experts, out]), None where unbiased."""
+    b = getattr(e.owner, f"{attr}_bias", None) if e.has_bias else None
+    return None if b is None else b[j]
 
 
 def dense_forward(e: Experts, rows: torch.Tensor, transform: Transform, names: tuple[str, str], bypass: set[str],
@@ -170,7 +180,10 @@ def per_expert_forward(e: Experts, hidden: torch.Tensor, top_k_index: torch.Tens
     """The experts' forward, one expert at a time over the tokens routed to it, with each expert's
     two inputs passed through ``transform`` as one tensor (transformers' eager algorithm, read from
     the declared layout: gated or not, concatenated or interleaved, transposed, biased). ``record(j,
-    tensor name, input)`` sees each expert's two inputs (GPTQ's per-expert Hessians)."""
+    tensor name, input)`` sees each expert's two inputs (GPTQ's per-expert Hessians). ``hidden`` may
+    keep its batch dimensions (DBRX's experts get [batch, tokens, hidden]): the result has its shape."""
+    shape = hidden.shape
+    hidden = hidden.reshape(-1, shape[-1])
     out = torch.zeros_like(hidden)
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
@@ -186,4 +199,4 @@ def per_expert_forward(e: Experts, hidden: torch.Tensor, top_k_index: torch.Tens
         y = _expert(e, j, hidden[rows], transform, names, bypass, record)
         out.index_add_(0, rows, (y * weights[start:start + n, None]).to(out.dtype))
         start += n
-    return out
+    return out.view(shape)

@@ -112,7 +112,7 @@ def targets(model: nn.Module, setting: Setting) -> list[Target]:
     ``include_routers``, the LM head if ``include_lm_head`` (embeddings: :func:`quantize_`)."""
     body = anatomy(model)
     out = [Target(n, m, "linear") for n, m in body.block_linears()]
-    out += [Target(e.qualified(a), e.module, "experts", e, a) for e in body.experts() for a in e.params]
+    out += [Target(e.qualified(a), e.owner, "experts", e, a) for e in body.experts() for a in e.params]
     if setting.include_routers:
         out += [Target(n, m, "router") for n, m in body.routers()]
     if setting.include_lm_head:
