@@ -212,6 +212,9 @@ def _note_evaluated(mr: _ModelRun, s: Setting, run_id: str, metrics: dict[str, f
     shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith(("_ppl", "_acc", "_router_flips")))
     if "coverage_block" in pert:  # what was quantized: all it targets, and this share of the blocks' weights
         shown += f", weights {pert['coverage_targeted']:.0%} of targeted / {pert['coverage_block']:.1%} of block"
+        kept = [f"{k.removeprefix('coverage_16bit_').replace('_', ' ')} {v:.1%}" for k, v in pert.items()
+                if k.startswith("coverage_16bit_") and v > 0]
+        shown += f" (16-bit: {', '.join(kept)})" if kept else ""
     line = f"{mr.progress.tick(True)} {mr.info.name}/{s.name}: {shown} ({seconds:.1f}s)"
     get_run_logger().info(line)
     say(line)

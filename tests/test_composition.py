@@ -521,6 +521,10 @@ def test_every_named_weight_is_quantized_and_routers_stay_16_bit_unless_included
             assert cov["coverage_targeted"] == 1.0
             assert cov["coverage_block"] == pytest.approx(_measured_coverage(before, model), abs=1e-12)
             assert (cov["coverage_block"] == 1.0) == ((include or arch not in MOE) and arch not in HYBRID), cov
+            kept = {k: v for k, v in cov.items() if k.startswith("coverage_16bit_")}  # what stayed 16-bit, by role
+            want = {"coverage_16bit_routers": arch in MOE and not include, "coverage_16bit_mixer_states": arch in HYBRID}
+            assert set(kept) == {k for k, on in want.items() if on}, cov
+            assert cov["coverage_block"] + sum(kept.values()) == pytest.approx(1.0, abs=1e-12), cov
         finally:
             restore_(model)
 

@@ -79,6 +79,7 @@ def test_w4_quantizes_every_expert_matrix_as_a_dense_linear_would_be(kind):
     assert cov["coverage_targeted"] == 1.0
     routers = sum(r.weight.numel() for _, r in body.routers())
     assert cov["coverage_block"] == pytest.approx(1 - routers / sum(body.block_matrices().values()))
+    assert cov["coverage_16bit_routers"] == pytest.approx(routers / sum(body.block_matrices().values()))  # what the console names
     restore_(m)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
 

@@ -819,6 +819,15 @@ class Anatomy:
                 if len(shape_of(p)) >= 2 and id(p) not in biases and not is_vector(n, p)} | {
             n: p for b in self.parts for n, p in b.mixer_states}
 
+    def block_matrix_roles(self) -> dict[str, str]:
+        """The role of each of :meth:`block_matrix_params` a setting keeps 16-bit by default:
+        ``routers`` (the MoE's routing projections), ``mixer states`` (a linear attention's or SSM's
+        conv kernels, A_log, D, dt biases, gated norms); ``weights`` for every other one."""
+        routers = {id(m.weight) for _, m in self.routers()}
+        states = {id(p) for _, p in self.mixer_states()}
+        return {n: "routers" if id(p) in routers else "mixer states" if id(p) in states else "weights"
+                for n, p in self.block_matrix_params().items()}
+
     def kv_parts(self) -> tuple[Block, ...]:
         """The blocks whose mixer caches K/V (attention): what a KV setting reaches."""
         return tuple(b for b in self.parts if b.has_kv_cache)

@@ -315,13 +315,16 @@ class _Coverage:
     touched: dict[str, int]
     in_blocks: set[str]
     block_total: int
+    left: dict[str, int] = field(default_factory=dict)  # a weight setting's untargeted block matrices: role → elements
 
     @classmethod
     def of(cls, model: nn.Module, setting: Setting, layers: list["Target"], originals: dict, deferred: dict) -> "_Coverage":
         numel = lambda p: streaming.full_numel(model, p)  # noqa: E731 — a streamed placeholder: its checkpoint shape
-        matrices = anatomy(model).block_matrix_params()  # (shapes of a streamed skeleton's placeholders included)
+        body = anatomy(model)
+        matrices = body.block_matrix_params()  # (shapes of a streamed skeleton's placeholders included)
         block_params = {id(p) for p in matrices.values()}
         block_total = sum(numel(p) for p in matrices.values())
+        left: dict[str, int] = {}
         if setting.weights is not None:
             targeted = {n: numel(p) for n, (p, _) in originals.items()} | {t.name: numel(t.param) for t in deferred.values()}
             touched = {n: numel(p) for n, (p, _) in originals.items()}
@@ -332,7 +335,12 @@ class _Coverage:
             ids = {t.name: id(t.param) for t in layers}
         else:
             targeted, touched, ids = {}, {}, {}
-        return cls(targeted, touched, {n for n, i in ids.items() if i in block_params}, block_total)
+        if setting.weights is not None:  # what the setting leaves 16-bit, by role (routers, mixer states, …)
+            aimed, roles = set(ids.values()), body.block_matrix_roles()
+            for n, p in matrices.items():
+                if id(p) not in aimed:
+                    left[roles[n]] = left.get(roles[n], 0) + numel(p)
+        return cls(targeted, touched, {n for n, i in ids.items() if i in block_params}, block_total, left)
 
     def arrived(self, name: str, n: int) -> None:
         self.touched[name] = n
@@ -340,8 +348,9 @@ class _Coverage:
     def metrics(self) -> dict[str, float]:
         if not self.targeted:
             return {}
-        return {"coverage_targeted": sum(self.touched.values()) / max(sum(self.targeted.values()), 1),
-                "coverage_block": sum(v for n, v in self.touched.items() if n in self.in_blocks) / max(self.block_total, 1)}
+        out = {"coverage_targeted": sum(self.touched.values()) / max(sum(self.targeted.values()), 1),
+               "coverage_block": sum(v for n, v in self.touched.items() if n in self.in_blocks) / max(self.block_total, 1)}
+        return out | {f"coverage_16bit_{role.replace(' ', '_')}": n / max(self.block_total, 1) for role, n in sorted(self.left.items())}
 
 
 # --- Entry points -----------------------------------------------------------------------------
