@@ -204,17 +204,28 @@ def _perturbation(mr: _ModelRun, model: Any, run_id: str, overrides: Any) -> tup
     return pert, rows
 
 
+def coverage_note(pert: dict[str, float]) -> str:
+    """What a run quantized, for its console line: all it targets, this share of the blocks'
+    weights, what stayed 16-bit by role; on a hybrid, the blocks whose KV cache a KV setting reaches."""
+    shown = ""
+    if "coverage_block" in pert:
+        shown += f", weights {pert['coverage_targeted']:.0%} of targeted / {pert['coverage_block']:.1%} of block"
+        kept = [f"{k.removeprefix('coverage_16bit_').replace('_', ' ')} {v:.1%}" for k, v in pert.items()
+                if k.startswith("coverage_16bit_") and v > 0]
+        shown += f" (16-bit: {', '.join(kept)})" if kept else ""
+    if pert.get("kv_cache_share", 1.0) < 1.0:
+        n = int(pert["kv_cache_blocks"])
+        shown += f", KV cache in {n} of {round(n / pert['kv_cache_share'])} blocks (the attention ones)"
+    return shown
+
+
 def _note_evaluated(mr: _ModelRun, s: Setting, run_id: str, metrics: dict[str, float], pert: dict[str, float],
                     seconds: float) -> None:
     mr.result.evaluated.append(s.name)
     mr.result.rows.append({"setting": s.name, "state": "evaluated", "run_id": run_id,
                            **{k: round(v, 4) for k, v in metrics.items() if k.endswith(("_ppl", "_acc"))}})
     shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith(("_ppl", "_acc", "_router_flips")))
-    if "coverage_block" in pert:  # what was quantized: all it targets, and this share of the blocks' weights
-        shown += f", weights {pert['coverage_targeted']:.0%} of targeted / {pert['coverage_block']:.1%} of block"
-        kept = [f"{k.removeprefix('coverage_16bit_').replace('_', ' ')} {v:.1%}" for k, v in pert.items()
-                if k.startswith("coverage_16bit_") and v > 0]
-        shown += f" (16-bit: {', '.join(kept)})" if kept else ""
+    shown += coverage_note(pert)
     line = f"{mr.progress.tick(True)} {mr.info.name}/{s.name}: {shown} ({seconds:.1f}s)"
     get_run_logger().info(line)
     say(line)

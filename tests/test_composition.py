@@ -303,13 +303,16 @@ def test_every_feature_on_every_architecture(arch, folders):
     if not kv_refused:
         _same(results["W16A16"], results["W16A16KV16"], f"{arch}: KV16 is W16A16")
         # the KV cache of every attention block is quantized, and nothing else (a hybrid's linear attention caches no K/V)
-        quantize_(single, "W16A16KV4")
+        kv_report = quantize_(single, "W16A16KV4")
         try:
             perplexity(single, windows[:2], batch_size=2)
             kv_layers = {s.layer for s in full_report(single).layers if s.kind in ("key", "value")}
         finally:
             restore_(single)
-        assert kv_layers == {f"{b.attention_name}.{w}" for b in body.parts if b.mixer == "attention" for w in ("key", "value")}
+        attending = [b for b in body.parts if b.mixer == "attention"]
+        assert kv_layers == {f"{b.attention_name}.{w}" for b in attending for w in ("key", "value")}
+        # how many blocks have a KV cache: what the console says of a hybrid ("KV cache in 2 of 4 blocks")
+        assert kv_report.coverage == {"kv_cache_blocks": len(attending), "kv_cache_share": len(attending) / len(body.parts)}
 
     # every weight the setting targets is quantized: on an MoE, every row of every expert slice takes ≤ 2^4 values
     for model in (single, stream):

@@ -532,6 +532,7 @@ def test_a_mixture_of_experts_end_to_end(env, tmp_path):
     for s in ("W8A8", "W3A16"):
         assert by.loc[s, "metrics.coverage_targeted"] == 1.0
         assert 0.98 < by.loc[s, "metrics.coverage_block"] < 1.0  # 8 × 64 router weights per layer stay 16-bit
+        assert by.loc[s, "metrics.coverage_16bit_routers"] == pytest.approx(1 - by.loc[s, "metrics.coverage_block"])
     flips = by["metrics.wikitext2_router_flips"]
     assert pd.isna(flips["W16A16"]) and 0 < flips["W8A8"] < flips["W3A16"]
     out = env / "results" / summary["sweep_id"]
@@ -701,3 +702,17 @@ def test_a_sharded_model_evaluates_the_reference_once_and_equals_the_unsharded_s
     again = again[~again["run_id"].isin(fin["run_id"])].set_index("params.setting")
     for m in ("metrics.wikitext2_ppl", "metrics.wikitext2_kl"):
         assert again[m].drop(index="W16A16", errors="ignore").to_dict() == fin[m].drop(index="W16A16").to_dict(), m
+
+
+def test_the_console_line_names_what_stayed_16_bit_and_a_hybrids_kv_blocks():
+    from quantlens.flows.sweep import coverage_note
+
+    assert coverage_note({}) == ""
+    assert coverage_note({"coverage_targeted": 1.0, "coverage_block": 1.0}) == ", weights 100% of targeted / 100.0% of block"
+    moe = {"coverage_targeted": 1.0, "coverage_block": 0.9875, "coverage_16bit_routers": 0.0125}
+    assert coverage_note(moe) == ", weights 100% of targeted / 98.8% of block (16-bit: routers 1.2%)"
+    hybrid = {"coverage_targeted": 1.0, "coverage_block": 0.97, "coverage_16bit_mixer_states": 0.02, "coverage_16bit_routers": 0.01,
+              "kv_cache_blocks": 2.0, "kv_cache_share": 0.25}
+    assert coverage_note(hybrid) == (", weights 100% of targeted / 97.0% of block (16-bit: mixer states 2.0%, routers 1.0%), "
+                                     "KV cache in 2 of 8 blocks (the attention ones)")
+    assert coverage_note({"kv_cache_blocks": 12.0, "kv_cache_share": 1.0}) == ""  # every block attends: nothing to say

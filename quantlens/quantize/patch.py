@@ -316,9 +316,11 @@ class _Coverage:
     in_blocks: set[str]
     block_total: int
     left: dict[str, int] = field(default_factory=dict)  # a weight setting's untargeted block matrices: role → elements
+    kv_blocks: tuple[int, int] | None = None  # a KV setting's (blocks whose cache it quantizes, blocks): a hybrid's attention ones
 
     @classmethod
-    def of(cls, model: nn.Module, setting: Setting, layers: list["Target"], originals: dict, deferred: dict) -> "_Coverage":
+    def of(cls, model: nn.Module, setting: Setting, layers: list["Target"], originals: dict, deferred: dict,
+           kv_states: list[Any]) -> "_Coverage":
         numel = lambda p: streaming.full_numel(model, p)  # noqa: E731 — a streamed placeholder: its checkpoint shape
         body = anatomy(model)
         matrices = body.block_matrix_params()  # (shapes of a streamed skeleton's placeholders included)
@@ -340,16 +342,20 @@ class _Coverage:
             for n, p in matrices.items():
                 if id(p) not in aimed:
                     left[roles[n]] = left.get(roles[n], 0) + numel(p)
-        return cls(targeted, touched, {n for n, i in ids.items() if i in block_params}, block_total, left)
+        kv_blocks = (len(kv_states), len(body.parts)) if setting.kv is not None else None
+        return cls(targeted, touched, {n for n, i in ids.items() if i in block_params}, block_total, left, kv_blocks)
 
     def arrived(self, name: str, n: int) -> None:
         self.touched[name] = n
 
     def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.kv_blocks is not None:  # a hybrid's KV setting reaches its attention blocks only: how many
+            out |= {"kv_cache_blocks": float(self.kv_blocks[0]), "kv_cache_share": self.kv_blocks[0] / max(self.kv_blocks[1], 1)}
         if not self.targeted:
-            return {}
-        out = {"coverage_targeted": sum(self.touched.values()) / max(sum(self.targeted.values()), 1),
-               "coverage_block": sum(v for n, v in self.touched.items() if n in self.in_blocks) / max(self.block_total, 1)}
+            return out
+        out |= {"coverage_targeted": sum(self.touched.values()) / max(sum(self.targeted.values()), 1),
+                "coverage_block": sum(v for n, v in self.touched.items() if n in self.in_blocks) / max(self.block_total, 1)}
         return out | {f"coverage_16bit_{role.replace(' ', '_')}": n / max(self.block_total, 1) for role, n in sorted(self.left.items())}
 
 
@@ -488,7 +494,7 @@ def quantize_(
         kv_states = kv.attach(model, setting.kv, setting.perturbation if setting.perturbs_kv() else None, activation_stats_forwards)
     state = _PatchState(setting, originals, handles, act_state, report, kv_states, deferred, calibrated=calibrated,
                         overridden=overridden)
-    state.coverage = _Coverage.of(model, setting, layers, originals, deferred)
+    state.coverage = _Coverage.of(model, setting, layers, originals, deferred, kv_states)
     report.coverage = state.coverage.metrics()
     setattr(model, _STATE_ATTR, state)
     return report
