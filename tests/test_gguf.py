@@ -182,3 +182,31 @@ def test_stream_reads_the_converted_folder_as_single_does(converted):
         quantize_(model, "W4A16-g32")
         got[placement] = evaluate_dataset(model, tok, "wikitext2", seqlen=128, max_windows=2, batch_size=2, path=str(WIKI))["ppl"]
     assert got["stream"] == got["single"]
+
+
+def test_each_step_parses_the_file_once_and_leaves_the_gguf_package_as_it_was(tmp_path, monkeypatch):
+    """transformers' loader makes a reader (parsing the whole vocabulary) for the config, the tokenizer
+    and the weights: inside a step quantlens shares one, so staging parses the file once (the header,
+    the config, the tokenizer and the weights' llama.cpp types) and converting once more."""
+    import gguf as gg
+
+    from quantlens.model import gguf
+
+    made = []
+
+    class Counted(gg.GGUFReader):
+        def __init__(self, path, mode="r"):
+            made.append(str(path))
+            super().__init__(path, mode)
+
+    monkeypatch.setattr(gg, "GGUFReader", Counted)
+    monkeypatch.setenv("QUANTLENS_GGUF_CACHE", str(tmp_path / "gguf"))
+    folder, _ = gguf.stage(SMOL)
+    assert len(made) == 1 and (folder / gguf.TYPES_FILE).is_file()
+    assert gguf.tensor_types(folder)["model.layers.0.self_attn.q_proj.weight"][0] == "Q4_1"
+    gguf.convert(SMOL)
+    assert len(made) == 2 and gguf.has_weights(folder)
+    assert gg.GGUFReader is Counted and not hasattr(gg.get_tensor_name_map, "cache_info")  # restored after each step
+    with pytest.raises(RuntimeError), gguf.read_once():
+        raise RuntimeError("a step that fails")
+    assert gg.GGUFReader is Counted  # restored on failure too

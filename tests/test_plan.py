@@ -643,3 +643,21 @@ def test_moe_and_pythia_sweeps_dry_run_offline(config, tmp_path, store):
     assert [line.split(":")[0] for line in sized] == models
     if config == "moe.yaml":
         assert all("B active)" in line for line in sized)
+
+
+def test_dbrx_counts_from_its_nested_config_equal_the_transformers_model():
+    """DBRX names its dimensions its own way (d_model, n_layers, ffn_config.moe_num_experts …): read
+    under the common names, the counts are exact (placement auto reads them before loading)."""
+    import torch
+    from transformers import AutoModelForCausalLM, DbrxConfig
+
+    cfg = DbrxConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=300, max_seq_len=128,
+                     attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
+                     ffn_config={"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    s = P.shape_from_config(cfg.to_dict())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert s.params == sum(p.numel() for p in model.parameters()) and s.experts == 4
+    assert s.active_params == s.params - experts // 2  # top-2 of 4 experts
+    assert s.layers == 2 and s.max_positions == 128

@@ -35,6 +35,7 @@ import torch
 
 from quantlens.model import gguf
 from quantlens.model.checkpoint import Checkpoint
+from quantlens.model.footprint import text_config
 from quantlens.checkpoints import layouts as L
 from quantlens.errors import ConfigError
 
@@ -186,13 +187,9 @@ class QuantizedCheckpoint(Checkpoint):
 
 
 # --- the checkpoint against its model --------------------------------------------------------------
-def _text_config(config: dict) -> dict:
-    return config.get("text_config") or config
-
-
 def config_mismatch(released: Released, model_config: dict) -> str | None:
     """Why the checkpoint's config is not the model's (architecture or a dimension), or None."""
-    a, b = _text_config(released.config), _text_config(model_config)
+    a, b = text_config(released.config), text_config(model_config)
     for k in _COMPARED:
         if k in a and k in b and a[k] != b[k]:
             return f"its {k} is {a[k]!r}, the model's {b[k]!r}"

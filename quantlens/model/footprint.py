@@ -245,9 +245,29 @@ def _get(cfg: dict[str, Any], *names: str, default: Any = None) -> Any:
     return default
 
 
+# DBRX's config: its own names, the MoE and attention fields nested (ffn_config, attn_config)
+_DBRX_NAMES = {"d_model": "hidden_size", "n_heads": "num_attention_heads", "n_layers": "num_hidden_layers",
+               "max_seq_len": "max_position_embeddings"}
+_DBRX_NESTED = {"ffn_config": {"ffn_hidden_size": "moe_intermediate_size", "moe_num_experts": "num_local_experts",
+                               "moe_top_k": "num_experts_per_tok"},
+                "attn_config": {"kv_n_heads": "num_key_value_heads"}}
+
+
+def _flat_dbrx(cfg: dict[str, Any]) -> dict[str, Any]:
+    """DBRX's config under the names every other config uses (its LayerNorms have no bias, its Wqkv
+    is q, k, v in one matrix: counted as the LLaMA-likes' are)."""
+    out = {**cfg, **{new: cfg[old] for old, new in _DBRX_NAMES.items() if old in cfg}}
+    for part, names in _DBRX_NESTED.items():
+        out |= {new: (cfg.get(part) or {})[old] for old, new in names.items() if old in (cfg.get(part) or {})}
+    return out
+
+
 def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """A multimodal config's language model (Llama-4's and Qwen3.5's ``text_config``, of model type
-    ``<model_type>_text``), else the config itself: the plan counts the text model."""
+    ``<model_type>_text``), else the config itself (DBRX's under the common names): the plan counts
+    the text model."""
+    if cfg.get("model_type") == "dbrx":
+        return _flat_dbrx(cfg)
     text = cfg.get("text_config")
     if not isinstance(text, dict) or "hidden_size" in cfg:
         return cfg
@@ -306,7 +326,7 @@ LAYER_NORM_TYPES = ("opt", "bloom", "gpt2", "gpt_neox", "falcon")  # LayerNorm (
 GATED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2",
                "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
                "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "granitemoehybrid", "jamba", "bamba",
-               "falcon_h1", "lfm2", "lfm2_moe")
+               "falcon_h1", "lfm2", "lfm2_moe", "dbrx")
 UNGATED_EXPERT_TYPES = ("nemotron_h",)  # relu² experts (and MLPs): up and down only; every other MoE's gated
 # Qwen3-Next, Qwen3.5: gated DeltaNet blocks beside gated attention (q_proj also yields the output gate: 2× rows)
 QWEN_HYBRID_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")

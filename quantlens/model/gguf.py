@@ -192,14 +192,14 @@ def stage(path: str | Path, what: str | None = None) -> tuple[Path, GGUFHeader]:
                 msg = " ".join(str(err).split())[:200]
                 raise ConfigError(f"{what or f'model {p}'}: transformers cannot load this GGUF file ({msg})") from None
             (tmp / INFO_FILE).write_text(json.dumps({"header": asdict(header)}, indent=1) + "\n")
+            try:  # each weight's llama.cpp type, now, from the reader already parsed: the folder appears whole
+                tensor_types(tmp)
+            except (ValueError, KeyError, RuntimeError):
+                pass  # names transformers cannot map: the model still loads; a checkpoint of it says why when used
             folder.parent.mkdir(parents=True, exist_ok=True)
             if folder.exists():
                 shutil.rmtree(folder)
             tmp.rename(folder)
-            try:  # now, from the reader already parsed (later calls read the folder's copy)
-                tensor_types(folder)
-            except (ValueError, KeyError, RuntimeError):
-                pass  # names transformers cannot map: the model still loads; a checkpoint of it says why when used
     return folder, header
 
 
@@ -264,9 +264,9 @@ def tensor_types(folder: str | Path) -> dict[str, tuple[str, str, int]]:
         names = get_gguf_hf_weights_map(model, processor)
         reader = _reader(Path(header.path), f"GGUF file {header.path}")
     types = {names[t.name]: (t.tensor_type.name, t.name, len(t.shape)) for t in reader.tensors if t.name in names}
-    tmp = folder / (TYPES_FILE + ".partial")
+    tmp = folder / f"{TYPES_FILE}.{os.getpid()}.{threading.get_ident()}.partial"  # (two processes may both compute it)
     tmp.write_text(json.dumps(types, indent=0) + "\n")
-    tmp.rename(cached)
+    os.replace(tmp, cached)
     return types
 
 
@@ -311,17 +311,24 @@ def read_once() -> Iterator[None]:
     SmolLM2's 49k tokens — each time it is made, and transformers makes one for the config, the
     tokenizer and the weights of the same file (six per file in all); its tensor-name maps, rebuilt
     for every module of the model (~8 s), are made once per (architecture, layers) too. Both are
-    read-only: the same objects serve every caller. Outside this context the package is as it was."""
+    read-only: the same objects serve every caller in the thread that holds the context; other
+    threads get the package's own (they wait for the context only to enter one of their own)."""
     with _READ_ONCE:
-        import gguf as gguf_py
-
+        try:
+            import gguf as gguf_py
+        except ImportError:
+            yield  # (the read itself says what to install)
+            return
         if getattr(gguf_py.GGUFReader, "_quantlens_shared", False):
             yield  # nested: the outer context shares already
             return
         reader_cls, name_map = gguf_py.GGUFReader, gguf_py.get_tensor_name_map
         readers: dict[tuple[str, str], Any] = {}
+        owner = threading.get_ident()
 
         def shared_reader(path: Any, mode: str = "r") -> Any:
+            if threading.get_ident() != owner:
+                return reader_cls(path, mode)
             key = (str(Path(path).resolve()), mode)
             if key not in readers:
                 readers[key] = reader_cls(path, mode)
