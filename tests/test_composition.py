@@ -100,6 +100,11 @@ def _configs() -> dict[str, object]:
         "dbrx": T.DbrxConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=96,
                              attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
                              ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}),
+        # a mixture of attention heads (experts for the query and output projections, its own router, one shared kv_proj
+        # whose K/V reach the interface tiled top_k times) and an MoE MLP, both applying experts to rows grouped by
+        # expert (anatomy.KNOWN_EXPERTS; heads = top_k × kv heads)
+        "jetmoe": T.JetMoeConfig(**two, num_key_value_heads=2, kv_channels=16, intermediate_size=32, num_local_experts=4,
+                                 num_experts_per_tok=2),
         # a hybrid: gated DeltaNet (linear attention: no KV cache, conv1d / A_log / dt_bias / norm kept 16-bit) and
         # gated full attention alternating, each block then an MoE with a shared expert and its gate
         "qwen3_next": T.Qwen3NextConfig(**dict(moe, num_hidden_layers=4), layer_types=["linear_attention", "full_attention"] * 2,
@@ -144,15 +149,24 @@ def _configs() -> dict[str, object]:
         "lfm2-moe": T.Lfm2MoeConfig(**dict(common, num_hidden_layers=3), intermediate_size=64, moe_intermediate_size=32, num_experts=4,
                                     num_experts_per_tok=2, num_dense_layers=1, num_key_value_heads=2,
                                     layer_types=["conv", "full_attention", "conv"], conv_L_cache=3),
+        # two passes a block (MLA → dense MLP, twice; the shortcut layout), an MoE reading the first pass's MLP input with
+        # identity ("zero-computation") experts its router scores beside the real ones (anatomy.IDENTITY_EXPERTS)
+        "longcat-flash": T.LongcatFlashConfig(**common, num_layers=2, num_key_value_heads=4, ffn_hidden_size=64, expert_ffn_hidden_size=32,
+                                              n_routed_experts=4, zero_expert_num=2, moe_topk=2, q_lora_rank=16, kv_lora_rank=16,
+                                              qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8),  # (head_dim: the rope's)
     }
 
 
 ARCHS = list(_configs())
 # families whose mixer another architecture already carries through every feature, run lighter (suite time):
-# Kimi Linear's delta attention (a linear attention, as Qwen3-Next's and OLMo-hybrid's) — its torch fallback is slow
-LIGHT = ("kimi-linear",)
+# Kimi Linear's delta attention (a linear attention, as Qwen3-Next's and OLMo-hybrid's) — its torch fallback is slow;
+# JetMoe's (its experts' weights and inputs and its tiled K/V: tests/test_moe.py; every feature passed once, 37 s)
+# LongCat-Flash's MLA (DeepSeek's, every feature) and fused experts (Mixtral's …): its own anatomy (two passes, identity
+# experts) in test_longcat_flash_is_read_as_two_passes_with_identity_experts
+LIGHT = ("kimi-linear", "jetmoe", "longcat-flash")
 MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe", "afmoe", "cohere2-moe", "llama4", "dbrx",
-       "qwen3_next", "jamba", "granite-4", "lfm2-moe", "nemotron-h", "kimi-linear")
+       "jetmoe",
+       "qwen3_next", "jamba", "granite-4", "lfm2-moe", "nemotron-h", "kimi-linear", "longcat-flash")
 # arch → each block's (main) token mixer (all others: attention); a hybrid keeps its mixers' states 16-bit
 HYBRID = {"qwen3_next": ("linear attention", "attention") * 2, "qwen3.5": ("linear attention", "attention") * 2,
           "jamba": ("ssm", "attention") * 2, "granite-4": ("ssm", "attention"), "falcon-h1": ("attention",) * 2,  # (its Mamba-2: a side mixer)
@@ -167,8 +181,10 @@ LAYOUT = {"opt-350m-shape": "post-LN", "gemma2": "sandwich", "gemma3": "sandwich
 # dt_proj.weight @ x, a broadcast matmul whose CPU result depends on where its operands sit in memory
 # (measured: 4 different results over 16 offsets of the same tensors), and a streamed block's tensors sit elsewhere
 ALIGNMENT_SENSITIVE = {"jamba", "mamba"}
-EXPERT_TENSORS = {"dbrx": 3}  # expert tensors per MoE block (others: gate_up_proj or up_proj, down_proj): DBRX's w1, v1, w2
+EXPERT_TENSORS = {"dbrx": 3, "jetmoe": 4}  # expert tensors per MoE block (others: gate_up_proj or up_proj, down_proj): DBRX's w1, v1, w2;
+# JetMoe's input_linear and output_linear of its MoE and of its mixture of attention heads
 KV_REFUSED = {"deepseek-v2": "multi-head latent attention", "deepseek-v3": "multi-head latent attention", "kimi-linear": "multi-head latent attention",
+              "longcat-flash": "multi-head latent attention",
               "xglm": "computes K/V in code quantlens cannot reach", "mamba": "has no attention block"}  # (XGLM's attention is not on the shared interface)
 # the only refusals: KV settings, in one line. Falcon computed K/V in its own attention code until
 # transformers 5.25, which routes it through the shared attention interface the KV cache reaches.
@@ -462,7 +478,7 @@ def test_released_checkpoints_on_every_architecture(arch, folders, tmp_path):
     assert weights.keys() == read["stream"][0].keys() and all(torch.equal(weights[k], read["stream"][0][k]) for k in weights)
     body = anatomy(single)
     experts = {e.qualified(a) for e in body.experts() for a in e.params}
-    fused_on_disk = arch in ("gpt-oss", "llama4", "granite-4", "dbrx")  # (their checkpoints hold the fused tensors: no per-expert matrix to pack)
+    fused_on_disk = arch in ("gpt-oss", "llama4", "granite-4", "dbrx", "jetmoe")  # (their checkpoints hold the fused tensors: no per-expert matrix to pack)
     expected = {n for n, _ in body.block_linears()} | (set() if fused_on_disk else experts)
     assert set(weights) == expected, set(expected) ^ set(weights)  # every linear and every expert tensor, from the checkpoint
     assert params["checkpoint_full_precision_layers"] == (len(experts) if fused_on_disk else 0)
@@ -588,17 +604,72 @@ def test_kv_settings_on_a_hybrid_without_attention_blocks_are_refused_in_one_lin
 
 
 def test_blocks_of_other_shapes_are_refused_naming_why():
-    """A block of several sublayers (LongCat-Flash: norms, attentions and MLPs in lists) is refused
-    saying so, in one line; one whose norms sit inside a sublayer is read by the layout table
-    (DBRX's norm_attn_norm: r(l) at norm_2's input, the attention the sublayer wraps)."""
-    import transformers as T
+    """A block with two attention children that are not one list of passes (LongCat's self_attn.0 and
+    .1 are) is refused saying so, in one line; one whose norms sit inside a sublayer is read by the
+    layout table (DBRX's norm_attn_norm: r(l) at norm_2's input, the attention the sublayer wraps)."""
+    import copy
 
-    longcat = T.LongcatFlashConfig(vocab_size=96, hidden_size=32, num_attention_heads=4, num_layers=2, num_key_value_heads=2,
-                                   ffn_hidden_size=64, expert_ffn_hidden_size=32, n_routed_experts=4, kv_lora_rank=16,
-                                   q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
-    with pytest.raises(ModelNotUnderstood, match=r"^LongcatFlashForCausalLM: block LongcatFlashDecoderLayer holds its norms in "
-                                                 r"lists \(input_layernorm: 2, post_attention_layernorm: 2\): blocks of several"):
-        check_config(longcat)
+    from transformers import AutoModelForCausalLM
+
+    llama = AutoModelForCausalLM.from_config(_configs()["llama"])
+    llama.model.layers[0].cross_attn = copy.deepcopy(llama.model.layers[0].self_attn)
+    with pytest.raises(ModelNotUnderstood, match=r"^LlamaForCausalLM: block LlamaDecoderLayer has 2 attention children "
+                                                 r"\(self_attn, cross_attn\); expected one$"):
+        anatomy(llama)
     dbrx = check_config(_configs()["dbrx"]).parts[0]
     assert (dbrx.layout, dbrx.attention_name, dbrx.residual_site) == ("pre-LN", "transformer.blocks.0.norm_attn_norm.attn",
                                                                       dbrx.module.norm_attn_norm.norm_2)
+
+
+def test_longcat_flash_is_read_as_two_passes_with_identity_experts():
+    """LongCat-Flash (the shortcut layout): r(l) where the MoE's norm reads the first pass's stream, the
+    second attention a side mixer, both dense MLPs beside the MoE. Its router scores 4 experts and 2
+    identity experts and applies its classifier by weight: with include_routers its input is quantized
+    where LongcatFlashTopkRouter reads it. The per-expert loop is the model's MoE exactly, running only
+    the slots sent to real experts (identity slots reach the experts module as expert indices of weight
+    0); routing counts the identity experts as experts 4 and 5; KV settings are refused (MLA); patching
+    every sublayer's output is the full-precision model."""
+    from transformers import AutoModelForCausalLM
+
+    from quantlens.evaluation.routing import RoutingRecorder
+    from quantlens.quantize import moe
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_configs()["longcat-flash"]).eval().requires_grad_(False)
+    b, layer = anatomy(model).parts[0], model.model.layers[0]
+    norm = layer.post_attention_layernorm[0]
+    assert (b.layout, b.residual_site, b.h_site, b.attention, b.mlp_module) == ("shortcut", norm, (norm, "output"), layer.self_attn[0], layer.mlp)
+    assert [s.module for s in b.side_mixers] == [layer.self_attn[1]] and b.mlp_side == tuple(layer.mlps)
+    assert b.routers == (("model.layers.0.mlp.router.classifier", layer.mlp.router.classifier),) and b.identity_experts == 2
+    with pytest.raises(ModelNotUnderstood, match=r"^KV-cache settings cannot be applied: LongcatFlashMLA is multi-head latent attention"):
+        quantize_(model, "W4A8KV4")
+    ids = torch.randint(1, 96, (4, 16), generator=torch.Generator().manual_seed(1))
+    slots, rows = [], []
+    ref = model(input_ids=ids).logits
+    hooks = [layer.mlp.router.register_forward_hook(lambda m, args, out: slots.append(out[2])),
+             moe.run_per_expert(b.experts[0], lambda n, x: x, set(), lambda j, attr, x: rows.append(len(x)) if attr == "down_proj" else None)]
+    assert torch.equal(model(input_ids=ids).logits, ref)
+    for h in hooks:
+        h.remove()
+    assert sum(rows) == int((slots[0] < 4).sum()) < slots[0].numel()  # identity slots skipped
+    with RoutingRecorder(model, 4, 16) as rec:
+        rec.begin_batch(torch.arange(4))
+        model(input_ids=ids)
+    load = rec.table().query("layer == 0")["load"].to_numpy()
+    assert load.tolist() == (torch.bincount(slots[0].reshape(-1), minlength=6).double() / slots[0].numel()).tolist()
+    a8 = {"bits": 8, "granularity": "token"}
+    quantize_(model, resolve_setting({"name": "r", "weights": {"bits": 4}, "activations": a8, "include_routers": True}))
+    try:
+        model(input_ids=ids)
+        inputs = {s.layer for s in full_report(model).layers if s.kind != "weight"}
+        assert {"model.layers.0.mlp.router.classifier", "model.layers.1.mlp.router.classifier"} <= inputs
+    finally:
+        restore_(model)
+    quantize_(model, "W4A8", keep_originals_on="same")
+    try:
+        ex = explain(model, {"large": ids[:2].tolist(), "ctrl": ids[2:].tolist()}, layers="all", batch_size=2)
+    finally:
+        restore_(model)
+    patching = ex.patching.set_index("patched")["nll"]
+    assert patching["all"] == pytest.approx(ex.per_example.query("set == 'large'")["nll_full"].mean(), rel=1e-6)
+    assert {"attention", "mlp", "mlp.mlps.0.gate_proj", "mlp.mlps.1.down_proj", "experts.input"} <= set(patching.index)

@@ -34,6 +34,7 @@ def _model(kind: str, seed: int = 0):
         "dbrx": lambda: T.DbrxConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=96,
                                      attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
                                      ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}),
+        "jetmoe": lambda: T.JetMoeConfig(**COMMON, num_key_value_heads=2, kv_channels=8, intermediate_size=32, num_local_experts=4),
     }[kind]()
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).eval()
@@ -298,3 +299,95 @@ def test_dbrx_experts_are_read_from_the_table_and_its_loop_is_the_models_forward
     finally:
         restore_(m)
     assert sites == {e.qualified("w1"), e.qualified("w2")}
+
+
+def test_jetmoe_attention_and_mlp_experts_are_each_experts_own():
+    """JetMoe: a mixture of attention heads (query and output projections as experts, routed by the
+    attention's own router; one shared kv_proj) and an MoE MLP, both JetMoeParallelExperts [E, out, in]
+    applied to rows grouped by expert (anatomy.KNOWN_EXPERTS). The anatomy names both experts and both
+    routers (the attention's router is no attention linear); the hooks splitting each child's rows
+    expert by expert compute the model's own forward bit for bit; W4 per tensor quantizes each expert's
+    gate and up matrices on their own; both routers stay 16-bit."""
+    m = _model("jetmoe")
+    w = _windows()
+    body = anatomy(m)
+    b = body.parts[0]
+    att, mlp = b.attention_experts[0], b.experts[0]
+    assert (att.name, mlp.name, mlp.params) == ("model.layers.0.self_attention.experts", "model.layers.0.mlp",
+                                                ("input_linear.weight", "output_linear.weight"))
+    assert [n for n, _ in b.attention_linears] == ["model.layers.0.self_attention.kv_proj"] and b.attention_out is b.attention
+    assert [n for n, _ in body.routers()] == [f"model.layers.{i}.{s}.router.layer" for i in range(2) for s in ("self_attention.experts", "mlp")]
+    assert (mlp.parts(mlp.first), att.parts(att.first), mlp.in_features(mlp.down), att.in_features(att.down)) == (2, 1, 32, 16)
+    with torch.no_grad():
+        own = m(w).logits
+        handles = [moe.run_per_expert(x, lambda n, t: t, set()) for x in body.experts()]
+        try:
+            loop = m(w).logits
+        finally:
+            for h in handles:
+                h.remove()
+    assert torch.equal(loop, own)
+    first = mlp.tensor(mlp.first).detach().clone()
+    routers = {n: r.weight.detach().clone() for n, r in body.routers()}
+    spec = resolve_setting({"name": "w4t", "weights": {"bits": 4, "granularity": "tensor"}}).weights
+    quantize_(m, {"name": "w4t", "weights": {"bits": 4, "granularity": "tensor"}})
+    try:  # expert 1's gate matrix: the first half of its input_linear rows, one scale of its own
+        half = first.shape[1] // 2
+        assert torch.equal(mlp.tensor(mlp.first)[1][:half], fake_quantize(first[1][:half], spec))
+        assert not torch.equal(mlp.tensor(mlp.first)[1], fake_quantize(first[1], spec))
+        assert all(torch.equal(r.weight, routers[n]) for n, r in body.routers())
+    finally:
+        restore_(m)
+
+
+@pytest.mark.parametrize("experts", ["attention", "mlp"])
+def test_jetmoe_a_per_tensor_activation_scale_is_one_experts_rows(experts):
+    """W16A8 per tensor on JetMoe: the rows entering each expert's output projection — the attention's
+    output at the mixture of attention heads', the gated state at the MoE's — get the scale of that
+    expert's rows; one scale over all rows is another computation."""
+    m = _model("jetmoe")
+    body = anatomy(m)
+    e = (body.parts[0].attention_experts if experts == "attention" else body.parts[0].experts)[0]
+    child = e.owner.output_linear
+    s = {"name": "W16A8-tensor", "activations": {"bits": 8, "granularity": "tensor"}}
+    spec = resolve_setting(s).activations
+    seen: dict = {}
+    raw = child.register_forward_pre_hook(lambda mod, args: seen.update(raw=args))  # first: the rows as the model gives them
+    quantize_(m, s)
+    try:
+        got = child.register_forward_hook(lambda mod, args, out: seen.update(got=args[0]))  # what the experts read
+        with torch.no_grad():
+            m(_windows(2, 8))
+        got.remove()
+    finally:
+        restore_(m)
+        raw.remove()
+    rows, counts = seen["raw"]
+    want = torch.cat([fake_quantize(x, spec) for x in rows.split(list(counts), 0) if len(x)])
+    assert torch.equal(seen["got"], want) and not torch.equal(want, fake_quantize(rows, spec))
+
+
+def test_jetmoe_kv_is_quantized_as_the_cache_holds_it():
+    """JetMoe hands the attention interface its K/V heads tiled top_k times (anatomy.KV_TILED; the cache
+    holds one copy): one copy is quantized or perturbed, then tiled, so every copy is the cache's; the
+    statistics count that copy."""
+    from quantlens.model.anatomy import kv_copies
+    from quantlens.quantize.kv import KVState, quantize_kv
+
+    m = _model("jetmoe")
+    assert kv_copies(anatomy(m).parts[0].attention) == 2
+    spec = resolve_setting("W16A16KV4").kv
+    noise = resolve_setting({"name": "n", "base": "W16A16KV4", "perturbation": {"target": "kv", "seed": 1}}).perturbation
+    x = torch.randn(2, 2, 5, 8, generator=torch.Generator().manual_seed(0))
+    tiled = x.repeat(1, 2, 1, 1)
+    assert torch.equal(KVState("a", spec, None, 4, copies=2).apply(tiled, tiled)[0], quantize_kv(x, spec).repeat(1, 2, 1, 1))
+    k, _ = KVState("a", spec, noise, 4, copies=2).apply(tiled, tiled)
+    assert torch.equal(k[:, :2], k[:, 2:]) and not torch.equal(k[:, :2], x)
+    quantize_(m, "W16A16KV4")
+    try:
+        with torch.no_grad():
+            m(_windows(2, 8))
+        keys = [s for s in full_report(m).layers if s.kind == "key"]
+    finally:
+        restore_(m)
+    assert len(keys) == 2 and all(s.numel == 2 * 2 * 8 * 8 for s in keys)  # batch × kv heads × tokens × head_dim: one copy

@@ -91,11 +91,12 @@ def write_quantized(model: nn.Module, folder: str | Path, method: str = "gptq", 
     saved = lambda names: {k[: -len(".weight")] for k in _as_saved(model, {f"{n}.weight": state[f"{n}.weight"] for n in names})}  # noqa: E731
     linears = saved(n for n, _ in body.block_linears())  # (under the checkpoint's names: Nemotron-H's backbone.layers…)
     conv1d = saved(n for n, m in body.block_linears() if type(m).__name__ == "Conv1D")
+    routers = saved(n for n, _ in body.routers())  # (JetMoe's attention router sits under .experts.: still a router)
     packed: dict[str, dict[str, torch.Tensor]] = {}
     for key in sorted(ckpt_state):
         name = key[: -len(".weight")] if key.endswith(".weight") else None
         w = ckpt_state[key]
-        if name is None or w.ndim != 2 or not (name in linears or ".experts." in key):
+        if name is None or w.ndim != 2 or name in routers or not (name in linears or ".experts." in key):
             continue
         if name in conv1d:
             w = w.t()  # GPT-2's Conv1D stores [in, out]: packed as the [out, in] matrix it is (as AutoGPTQ does)

@@ -10,7 +10,10 @@ has. Per MoE layer, over the same tokens as the reference run:
 
 The top-k indices are read where every transformers MoE hands them over: the second argument of its
 experts module (``experts(hidden, top_k_index, top_k_weights)``), so any router (softmax top-k,
-DeepSeek's grouped, gpt-oss') is seen the same way. A token's set is kept as one 64-bit key (the
+DeepSeek's grouped, gpt-oss') is seen the same way — but where the MoE also routes to identity
+experts (LongCat-Flash's zero experts, which its experts module gets renumbered as real experts with
+weight 0): there the router's own output is read, the identity experts counted as experts after the
+real ones (:func:`quantlens.model.anatomy.chosen_slots`). A token's set is kept as one 64-bit key (the
 sum of fixed random 63-bit keys of its experts, wrapping): ``[examples, tokens, layers]`` int64 for
 the reference, compared exactly in the other runs (a collision has probability ≈ 2⁻⁶³ per pair).
 """
@@ -23,7 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from quantlens.model.anatomy import anatomy
+from quantlens.model.anatomy import anatomy, chosen_slots
 
 _KEY_SEED = 20250612
 
@@ -48,10 +51,12 @@ class RoutingRecorder:
         body = anatomy(model)
         self.layers = [b.index for b in body.parts if b.is_moe]
         self.modules = [b.experts[0].module for b in body.parts if b.is_moe]
-        # an experts module that gets every token's row (Llama-4: dense) is not told the top-k: its router says
-        self.routers = [b.routers[0][1] if b.experts[0].dense and b.routers else None for b in body.parts if b.is_moe]
+        # an experts module not told the top-k (Llama-4's gets every token's row; JetMoe's routes itself): its router says
+        self.routers = [b.routers[0][1] if not b.experts[0].takes_top_k and b.routers else None for b in body.parts if b.is_moe]
         self.top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", 1) or 1
-        self.num_experts = [b.experts[0].num_experts for b in body.parts if b.is_moe]
+        # identity experts (LongCat's zero experts) are routed to like any: numbered after the experts, read from the router
+        self.num_experts = [b.experts[0].num_experts + b.identity_experts for b in body.parts if b.is_moe]
+        self.chosen = [chosen_slots(b.mlp_module) for b in body.parts if b.is_moe]
         self.n, self.t = n_examples, n_tokens
         if reference is not None and tuple(reference.shape) != (n_examples, n_tokens, len(self.layers)):
             raise ValueError(f"routing reference: keys of shape {tuple(reference.shape)}, not of these "
@@ -73,8 +78,11 @@ class RoutingRecorder:
     def __enter__(self) -> "RoutingRecorder":
         for j, mod in enumerate(self.modules):
             keys = expert_keys(self.num_experts[j])
-            router = self.routers[j]
-            if router is None:  # forward(hidden, top_k_index, top_k_weights)
+            router, chosen = self.routers[j], self.chosen[j]
+            if chosen is not None:  # the slots as the router returns them (its experts module gets identity slots renumbered)
+                self._handles.append(chosen[0].register_forward_hook(
+                    lambda module, args, out, j=j, keys=keys, at=chosen[1]: self._record(j, out[at], keys)))
+            elif router is None:  # forward(hidden, top_k_index, top_k_weights)
                 self._handles.append(mod.register_forward_pre_hook(
                     lambda module, args, j=j, keys=keys: self._record(j, args[1], keys)))
             else:  # the router's logits ([tokens, experts], its second output where it returns scores too)

@@ -10,7 +10,8 @@ definitions: the anatomy is data, everything generic reads it). For any supporte
   role: its **attention** linears (the output projection named), its **MLP** linears (a dense MLP,
   or an MoE block's shared experts), its **experts** (:class:`Experts`: the fused 3-D expert tensors
   of transformers 5, with the layout the experts module declares, or DBRX's 2-D stacked ones), its
-  **routers** (the MoE's gate, Qwen2-MoE's shared-expert gate), and its vectors (norms, biases, attention sinks, router score
+  **routers** (the MoE's gate, Qwen2-MoE's shared-expert gate), a mixture of attention heads' experts
+  and routers (JetMoe's: :attr:`Block.attention_experts`), and its vectors (norms, biases, attention sinks, router score
   biases), plus where its residual stream is read (:attr:`Block.layout`);
 - each block's **mixer** (:attr:`Block.mixer`): attention, or — in a hybrid — a token mixer of
   :data:`TOKEN_MIXERS` (a linear attention: Qwen3-Next's gated DeltaNet; a state-space model:
@@ -36,9 +37,11 @@ Found generically: blocks are the ``nn.ModuleList`` of same-typed modules (or on
 ``down_proj`` and ``gate_up_proj`` / ``up_proj`` parameters *and* declaring its layout
 (``is_transposed``, ``has_gate``, ``is_concatenated``, ``has_bias``: transformers'
 ``use_experts_implementation``) or listed by class in :data:`KNOWN_EXPERTS` (Llama-4's; DBRX's,
-whose row also names its tensors, the child holding them and how each is stored) — a layout
+whose row also names its tensors, the child holding them and how each is stored; JetMoe's, which
+route themselves and apply each tensor to rows grouped by expert) — a layout
 is never guessed from shapes. The routers are the MoE's children that project the hidden state to
-the routing scores (:func:`_routers`). Every matrix (≥ 2-D
+the routing scores (:func:`_routers`), a score per identity expert too where the MoE has them
+(:data:`IDENTITY_EXPERTS`: LongCat-Flash's zero experts, no weight of their own). Every matrix (≥ 2-D
 parameter) of a block must be in one role, or the block is refused naming the tensor.
 
 **Where the residual stream is** (:data:`LAYOUTS`, by the block's norm children). r(l) is the
@@ -62,7 +65,15 @@ MLP's first layer sees (:attr:`Block.h_site`):
 - ``parallel`` (GPT-NeoX / Pythia with ``use_parallel_residual``, Falcon with ``parallel_attn``;
   GPT-J, Phi, Cohere, Cohere2 with one norm and no flag: their rows name the block classes):
   attention and MLP both read the block input, z(l) = z(l−1) + Attn(n₁(z)) + MLP(n₂(z)): r(l) *is*
-  z(l−1), read at the input of the MLP's norm (a single shared norm, NeoX's second).
+  z(l−1), read at the input of the MLP's norm (a single shared norm, NeoX's second);
+- ``shortcut`` (LongCat-Flash: each block two pre-LN passes, attention → dense MLP twice, its
+  sublayers and norms in lists, unrolled to ``self_attn.0``, ``mlps.1``, ``input_layernorm.0`` …):
+  a₁ = z(l−1) + Attn₀(n₁₀(z)); h(l) = n₂₀(a₁) feeds both the MoE and the first dense MLP;
+  a₂ = a₁ + MLP₀(h(l)) + Attn₁(n₁₁(·)); z(l) = a₂ + MLP₁(n₂₁(a₂)) + MoE(h(l)), the MoE's output
+  carried past the second pass (the shortcut). r(l) = a₁, read at the input of the MoE's norm
+  (``post_attention_layernorm.0``); the second attention is a side mixer, the dense MLPs MLPs beside
+  the MoE (:attr:`Block.side_mixers`, :attr:`Block.mlp_side`): their outputs are the block's
+  contributions to the stream, as every other block's.
 
 This module imports nothing else of quantlens: it is the bottom of the model side.
 """
@@ -79,7 +90,7 @@ from torch import nn
 from quantlens.model.shape import ModelShape
 
 KVRoute = Literal["interface", "bloom"]
-Layout = Literal["pre-LN", "post-LN", "sandwich", "post-sublayer", "parallel"]
+Layout = Literal["pre-LN", "post-LN", "sandwich", "post-sublayer", "parallel", "shortcut"]
 Mixer = Literal["attention", "linear attention", "ssm", "short conv", "none"]
 
 # (XGLM: layer_norm; LFM2: embedding_norm, which its forward applies after the blocks despite the name)
@@ -133,6 +144,9 @@ LAYOUTS: tuple[LayoutRow, ...] = (
     # one sublayer norm_1 → attention → residual addition → norm_2, returning (r(l), h(l)); the MoE reads h(l)
     _row({"norm_attn_norm.norm_1", "norm_attn_norm.norm_2"}, "pre-LN", "norm_attn_norm.norm_2",
          "DBRX: its norms inside the attention's sublayer (norm_attn_norm)"),
+    # two pre-LN passes, the MoE reading the first MLP's input and added at the block's end (module doc)
+    _row({"input_layernorm.0", "post_attention_layernorm.0", "input_layernorm.1", "post_attention_layernorm.1"}, "shortcut",
+         "post_attention_layernorm.0", "LongCat-Flash: its norms in lists, one per pass", ("LongcatFlashDecoderLayer",)),
 )
 PARALLEL_FLAGS = ("use_parallel_residual", "parallel_attn")
 
@@ -284,21 +298,31 @@ def shape_of(p: torch.Tensor) -> torch.Size:
     return getattr(p, SHAPE_ATTR, p.shape)
 
 
+def _attribute(module: nn.Module, dotted: str) -> Any:
+    """``module``'s attribute by a dotted path (``input_linear.weight``: a child's tensor)."""
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
 def _is_norm(m: nn.Module) -> bool:
     """A norm: its class name ends in Norm, or it is a LayerNorm (Nemotron's LayerNorm1P); never a
     module holding linears (DBRX's NormAttentionNorm wraps its attention)."""
     return (type(m).__name__.endswith("Norm") or isinstance(m, nn.LayerNorm)) and not any(is_linear(x) for x in m.modules())
 
 
-def _norm_children(model_name: str, kind: str, children: list[tuple[str, nn.Module]]) -> list[str]:
-    """The names of a block's norm children — or, a block with none of its own, those of the sublayer
-    that holds its norms with its attention (DBRX's norm_attn_norm.norm_1, norm_attn_norm.norm_2:
-    the layout table has rows for such names); a block holding its norms in lists (several
-    sublayers per block: LongCat-Flash's two attentions and two MLPs) is refused saying so."""
-    lists = [(n, len(m)) for n, m in children if isinstance(m, nn.ModuleList) and len(m) and all(_is_norm(x) for x in m)]
-    if lists:
-        raise ModelNotUnderstood(f"{model_name}: block {kind} holds its norms in lists ({', '.join(f'{n}: {k}' for n, k in lists)}): "
-                                 "blocks of several attention / MLP sublayers are not supported yet")
+def _sublayers(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The block's children, a list of sublayers unrolled into its entries (LongCat-Flash's
+    ``self_attn.0``, ``self_attn.1``, ``mlps.0``, ``input_layernorm.1`` …: one sublayer each, what
+    the layout table and the mixers are read from)."""
+    return [(f"{n}.{i}" if isinstance(m, nn.ModuleList) else n, x) for n, m in block.named_children()
+            for i, x in (enumerate(m) if isinstance(m, nn.ModuleList) else [(0, m)])]
+
+
+def _norm_children(children: list[tuple[str, nn.Module]]) -> list[str]:
+    """The names of a block's norm children (:func:`_sublayers`: LongCat's ``input_layernorm.0`` …) —
+    or, a block with none of its own, those of the sublayer that holds its norms with its attention
+    (DBRX's norm_attn_norm.norm_1, norm_attn_norm.norm_2: the layout table has rows for such names)."""
     norms = [n for n, m in children if _is_norm(m)]
     nested = [f"{n}.{c}" for n, m in children for c, x in m.named_children() if _is_norm(x) and any(is_linear(y) for y in m.modules())]
     return norms or nested  # (DBRX: norm_attn_norm holds norm_1, the attention and norm_2)
@@ -335,6 +359,8 @@ class Experts:
     stacked: bool = False  # 2-D [experts·rows, cols] (DBRX), not 3-D [experts, rows, cols]
     transposed: tuple[str, ...] = ()  # tensors stored [in, out] per expert where is_transposed does not say it of all (DBRX's w2)
     act: str = "act_fn"  # the holder's activation module (DBRX's activation_fn)
+    grouped: bool = False  # each tensor applied by its own child, called with the routed rows grouped by expert and their counts (JetMoe's ParallelExperts)
+    owns_router: bool = False  # the module is the whole MoE: it routes its tokens itself, its router a child of it (JetMoe's MoE and MoA)
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -361,13 +387,22 @@ class Experts:
         return self.module.get_submodule(self.holder) if self.holder else self.module
 
     def tensor(self, attr: str) -> nn.Parameter:
-        return getattr(self.owner, attr)
+        """The stored tensor ``attr`` (a dotted name where each tensor sits in a child: JetMoe's ``input_linear.weight``)."""
+        return _attribute(self.owner, attr)
 
     def qualified(self, attr: str) -> str:
         return f"{self.name}.{self.holder}.{attr}" if self.holder else f"{self.name}.{attr}"
 
     def parts(self, attr: str) -> int:
-        return 2 if attr == "gate_up_proj" and self.has_gate else 1
+        """2 for a gated first projection fused in one tensor (gate and up rows: gate_up_proj, JetMoe's
+        input_linear), else 1."""
+        return 2 if attr == self.first and self.has_gate and len(self.firsts) == 1 else 1
+
+    @property
+    def takes_top_k(self) -> bool:
+        """Called as ``forward(hidden, top_k_index, top_k_weights)``: its caller routes (every
+        transformers 5 MoE but Llama-4's rows to every expert and the experts that route themselves)."""
+        return not (self.dense or self.owns_router)
 
     def stored_transposed(self, attr: str) -> bool:
         """Whether each expert's matrix of ``attr`` is stored ``[in, out]`` (applied as x @ W)."""
@@ -410,7 +445,7 @@ class Experts:
 
 
 LAYOUT_FLAGS = ("is_transposed", "has_gate", "is_concatenated", "has_bias")
-ROW_FIELDS = ("dense", "tensors", "holder", "stacked", "transposed", "act")  # what a KNOWN_EXPERTS row may add to the flags
+ROW_FIELDS = ("dense", "tensors", "holder", "stacked", "transposed", "act", "grouped", "owns_router")  # what a KNOWN_EXPERTS row may add to the flags
 
 # Experts modules that do not declare their layout (no use_experts_implementation), by class → their
 # layout, read from their forward in transformers:
@@ -418,12 +453,52 @@ ROW_FIELDS = ("dense", "tensors", "holder", "stacked", "transposed", "act")  # w
 #   down_proj [E, I, H]; every token's row reaches every expert, scaled by its router score (0 if not routed);
 # - DBRX's experts(hidden, top_k_index, top_k_weights): its child mlp holds w1 (gate), v1 (up) and w2 (down),
 #   each 2-D [E·F, H], expert j's matrix rows j·F … (j+1)·F; act(x @ w1ⱼᵀ) · (x @ v1ⱼᵀ) @ w2ⱼ — w2 applied as
-#   stored, [in, out]; the number of experts is the module's num_experts (a stacked tensor does not say it).
+#   stored, [in, out]; the number of experts is the module's num_experts (a stacked tensor does not say it);
+# - JetMoe's MoE and MoA (mixture of attention heads) route their tokens themselves (router: a child), sort them by
+#   expert and call input_linear, then output_linear (JetMoeParallelExperts: weight [E, out, in], forward(rows, counts)
+#   applies F.linear(rowsⱼ, weight[j]) to each expert's block of rows); the MoE's input_linear holds [gate; up]
+#   (chunk(2): act(gate) · up), the MoA's computes each expert's queries, its output_linear reads the attention's output.
+_JETMOE = dict(is_transposed=False, is_concatenated=True, has_bias=False, tensors=("input_linear.weight", "output_linear.weight"),
+               grouped=True, owns_router=True)
 KNOWN_EXPERTS: dict[str, dict[str, Any]] = {
     "Llama4TextExperts": dict(is_transposed=True, has_gate=True, is_concatenated=True, has_bias=False, dense=True),
     "DbrxExperts": dict(is_transposed=False, has_gate=True, is_concatenated=False, has_bias=False, tensors=("w1", "v1", "w2"),
                         holder="mlp", stacked=True, transposed=("w2",), act="activation_fn"),
+    "JetMoeMoE": dict(_JETMOE, has_gate=True, act="activation"),
+    "JetMoeMoA": dict(_JETMOE, has_gate=False),
 }
+
+
+@dataclass(frozen=True)
+class IdentityRow:
+    """An MoE whose router also picks "zero-computation" experts: a token sent to one gets its own
+    input back, times its routing weight, no weight matrix involved (LongCat-Flash's zero experts,
+    read from LongcatFlashMoE.forward). The MoE hands such a slot to its experts module as a real
+    expert's index with weight 0, so the slots chosen are read where the router returns them."""
+
+    count: str  # the MoE's attribute giving how many (the router scores experts, then these)
+    router: str  # the MoE's child whose forward returns the chosen slots [tokens, k] ...
+    chosen: int  # ... as this element of its output tuple
+
+
+IDENTITY_EXPERTS: dict[str, IdentityRow] = {"LongcatFlashMoE": IdentityRow("zero_expert_num", "router", 2)}
+# Routers whose forward applies a child's weight by hand, never calling the child (LongCat's
+# F.linear(x.float(), classifier.weight.float())), by class → that child: its input is the router's.
+ROUTERS_BY_WEIGHT: dict[str, str] = {"LongcatFlashTopkRouter": "classifier"}
+
+
+def identity_experts(moe: nn.Module | None) -> int:
+    """How many identity experts the MoE module ``moe`` routes to beside its experts (:data:`IDENTITY_EXPERTS`; 0: none)."""
+    row = IDENTITY_EXPERTS.get(type(moe).__name__)
+    return int(getattr(moe, row.count) or 0) if row else 0
+
+
+def chosen_slots(moe: nn.Module | None) -> tuple[nn.Module, int] | None:
+    """Where an MoE with identity experts says which slots each token chose — (module, position of the
+    [tokens, k] indices among its outputs), the identity experts numbered after the experts — else None
+    (its experts module is told them: ``forward(hidden, top_k_index, top_k_weights)``)."""
+    row = IDENTITY_EXPERTS.get(type(moe).__name__)
+    return (moe.get_submodule(row.router), row.chosen) if row and identity_experts(moe) else None
 
 
 def _fused_tensors(mod: nn.Module) -> tuple[str, str] | None:
@@ -455,7 +530,7 @@ def _experts_of(model_name: str, name: str, mod: nn.Module) -> Experts | None:
     if "tensors" not in layout and bool(layout["has_gate"]) != (first == "gate_up_proj"):
         raise ModelNotUnderstood(f"{model_name}: experts module {name} declares has_gate={layout['has_gate']} but holds {first}")
     extra = {f: layout[f] for f in ROW_FIELDS if f in layout}
-    count = int(mod.num_experts) if extra.get("stacked") else int(shape_of(getattr(mod, tensors[-1]))[0])
+    count = int(mod.num_experts) if extra.get("stacked") else int(shape_of(_attribute(mod, tensors[-1]))[0])
     return Experts(name, mod, count, first, *(bool(layout[f]) for f in LAYOUT_FLAGS), **extra)
 
 
@@ -463,7 +538,8 @@ def _experts_of(model_name: str, name: str, mod: nn.Module) -> Experts | None:
 @dataclass(frozen=True)
 class SideMixer:
     """A token mixer running beside the block's main one on the same normalised input (Falcon-H1's
-    Mamba-2 beside its attention: the block adds both outputs to the stream)."""
+    Mamba-2 beside its attention: the block adds both outputs to the stream), or after it in a block
+    of two passes (LongCat-Flash's second attention, ``self_attn.1``: the ``shortcut`` layout)."""
 
     kind: Mixer
     name: str
@@ -497,10 +573,33 @@ class Block:
     mixer_states: tuple[tuple[str, nn.Parameter], ...] = ()  # the mixers' parameters outside their quantized linears: 16-bit
     side_mixers: tuple["SideMixer", ...] = ()  # token mixers beside the main one (Falcon-H1's Mamba-2 beside its attention)
     mlp_side: tuple[nn.Module, ...] = ()  # MLPs beside the MoE block, their outputs added to its (Granite-4's shared_mlp)
+    attention_experts: tuple[Experts, ...] = ()  # experts inside the token mixer (JetMoe's mixture of attention heads)
+    attention_routers: tuple[tuple[str, nn.Module], ...] = ()  # ... and their routers (qualified name, module)
 
     @property
     def is_moe(self) -> bool:
+        """Whether its MLP is a mixture of experts (:attr:`experts`: the MLP's; a mixture of attention
+        heads is :attr:`attention_experts`)."""
         return bool(self.experts)
+
+    @property
+    def all_experts(self) -> tuple[Experts, ...]:
+        """Every experts module of the block: the attention's (JetMoe's), then the MLP's."""
+        return (*self.attention_experts, *self.experts)
+
+    @property
+    def all_routers(self) -> tuple[tuple[str, nn.Module], ...]:
+        return (*self.attention_routers, *self.routers)
+
+    @property
+    def identity_experts(self) -> int:
+        """The MoE's identity experts beside its experts (:data:`IDENTITY_EXPERTS`: LongCat's zero experts)."""
+        return identity_experts(self.mlp_module) if self.is_moe else 0
+
+    def router_input(self, module: nn.Module) -> nn.Module:
+        """The module called with router ``module``'s input: the router itself, or the module applying
+        its weight by hand (:data:`ROUTERS_BY_WEIGHT`: LongCat's LongcatFlashTopkRouter for its classifier)."""
+        return next((m for m in self.module.modules() if getattr(m, ROUTERS_BY_WEIGHT.get(type(m).__name__, ""), None) is module), module)
 
     @property
     def has_kv_cache(self) -> bool:
@@ -555,7 +654,7 @@ class Block:
 
     def weight_names(self) -> list[str]:
         """Every quantizable weight's name: linears, expert tensors, routers."""
-        return [n for n, _ in self.linears()] + [e.qualified(a) for e in self.experts for a in e.params] + [n for n, _ in self.routers]
+        return [n for n, _ in self.linears()] + [e.qualified(a) for e in self.all_experts for a in e.params] + [n for n, _ in self.all_routers]
 
     def describe(self) -> str:
         mlp = ", ".join(k for k, _ in self.mlp_linears)
@@ -566,8 +665,10 @@ class Block:
             fused = ('concatenated' if e.is_concatenated else 'interleaved') if len(e.firsts) == 1 else f"gate and up apart: {', '.join(e.params)}"
             lay = (f"{'stacked ' if e.stacked else ''}{'transposed ' if e.is_transposed else ''}"
                    f"{'gated ' + fused if e.has_gate else 'ungated'}")
-            return (f"MoE: {e.num_experts} experts ({lay}{', biased' if e.has_bias else ''}), routers "
-                    f"[{', '.join(n.rsplit('.', 1)[-1] for n, _ in self.routers)}]" + (f", shared experts [{mlp}]" if mlp else ""))
+            ident = f" + {self.identity_experts} identity" if self.identity_experts else ""
+            return (f"MoE: {e.num_experts}{ident} experts ({lay}{', biased' if e.has_bias else ''}), routers "
+                    f"[{', '.join(n.rsplit('.', 1)[-1] for n, _ in self.routers)}]"
+                    + (f", {'MLPs beside it' if self.mlp_side else 'shared experts'} [{mlp}]" if mlp else ""))
         return f"MLP [{mlp}]"
 
 
@@ -600,35 +701,27 @@ def _layout(model_name: str, kind: str, norm_names: list[str], config: Any) -> t
 
 def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any) -> Block:
     kind = type(block).__name__
-    children = list(block.named_children())
-    norm_names = _norm_children(model_name, kind, children)
+    children = _sublayers(block)
+    norm_names = _norm_children(children)
     layout, site_name = _layout(model_name, kind, norm_names, config)
-    mixers = _mixer_children(model_name, kind, name, children)
+    found = [e for n, m in block.named_modules(prefix=name) if (e := _experts_of(model_name, n, m)) is not None]
+    mixers, attn_experts, attn_routers = _mixer_experts(name, block, _mixer_children(model_name, kind, name, children), found)
     (mixer, attn_name, attn_mod, attn_linears, attn_out, states), side = (mixers[0] if mixers else NO_MIXER), mixers[1:]
     states = (*states, *(x for *_, st in side for x in st))
     sides = tuple(SideMixer(k, f"{name}.{n}", m, lin, out) for k, n, m, lin, out, _ in side)
 
-    experts: list[Experts] = []
-    for n, m in block.named_modules(prefix=name):
-        e = _experts_of(model_name, n, m)
-        if e is not None:
-            experts.append(e)
+    experts = [e for e in found if all(e is not x for x in attn_experts)]
     attn_ids = {id(x) for _, _, mod, *_ in mixers for x in mod.modules() if is_linear(x)}  # (state linears too: not the MLP's)
-    routers: list[tuple[str, nn.Module]] = []
-    moe_name = moe = None
-    if experts:
-        moe_name = experts[0].name.rsplit(".", 1)[0]
-        moe = block.get_submodule(moe_name[len(name) + 1:])
-        if any(e.name.rsplit(".", 1)[0] != moe_name for e in experts) or len(experts) > 1:
-            raise ModelNotUnderstood(f"{model_name}: block {kind} has {len(experts)} experts modules; expected one")
-        routers = _routers(moe_name, moe, experts[0])
+    if len(experts) > 1:
+        raise ModelNotUnderstood(f"{model_name}: block {kind} has {len(experts)} experts modules; expected one")
+    moe_name, moe, routers = _moe_of(name, block, experts[0]) if experts else (None, None, [])
     router_ids = {id(m) for _, m in routers}
     mlp_linears = [(f"{name}.{n}", m) for n, m in block.named_modules()
                    if is_linear(m) and id(m) not in attn_ids and id(m) not in router_ids]
     if not mlp_linears and not experts and not mixers:
         raise ModelNotUnderstood(f"{model_name}: block {kind} has neither a token mixer (an attention child holding linear layers, "
                                  f"a mixer of anatomy.TOKEN_MIXERS) nor an MLP (children: {', '.join(n for n, _ in children)})")
-    mlp = tuple((q.rsplit(".", 1)[-1], m) for q, m in mlp_linears)
+    mlp = _mlp_keys(name, mlp_linears)
     names = {id(m): q for q, m in (*attn_linears, *(nl for s in sides for nl in s.linears), *mlp_linears)}
 
     mlp_side: tuple[nn.Module, ...] = ()
@@ -651,9 +744,46 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
         residual_site = block.get_submodule(site_name)
         h_site = (residual_site, "output")
 
-    _check_accounted(model_name, name, block, (*attn_linears, *(nl for s in sides for nl in s.linears)), mlp_linears, experts, routers, states)
+    _check_accounted(model_name, name, block, (*attn_linears, *(nl for s in sides for nl in s.linears)), mlp_linears,
+                     (*attn_experts, *experts), (*attn_routers, *routers), states)
     return Block(index, name, block, layout, residual_site, h_site, f"{name}.{attn_name}" if attn_name else "", attn_mod, attn_linears, attn_out,
-                 mlp, mlp_module, mlp_input, tuple(experts), tuple(routers), moe_name, names, mixer, states, sides, mlp_side)
+                 mlp, mlp_module, mlp_input, tuple(experts), tuple(routers), moe_name, names, mixer, states, sides, mlp_side,
+                 tuple(attn_experts), tuple(attn_routers))
+
+
+def _mlp_keys(name: str, mlp_linears: list[tuple[str, nn.Module]]) -> tuple[tuple[str, nn.Module], ...]:
+    """The MLP linears by leaf name (``gate_proj``: what the patching variants ``mlp.<key>`` say), or —
+    where two MLPs share leaf names (LongCat's mlps.0 and mlps.1) — by name inside the block."""
+    leaves = [q.rsplit(".", 1)[-1] for q, _ in mlp_linears]
+    unique = len(set(leaves)) == len(leaves)
+    return tuple((leaf if unique else q[len(name) + 1:], m) for leaf, (q, m) in zip(leaves, mlp_linears))
+
+
+def _moe_of(name: str, block: nn.Module, e: Experts) -> tuple[str, nn.Module, list[tuple[str, nn.Module]]]:
+    """The MoE of experts ``e`` in block ``name``: its qualified name, its module — the one holding
+    the router: the experts module's parent, or the experts module itself where it routes its own
+    tokens (JetMoe's) — and its routers."""
+    moe_name = e.name if e.owns_router else e.name.rsplit(".", 1)[0]
+    moe = block.get_submodule(moe_name[len(name) + 1:])
+    return moe_name, moe, _routers(moe_name, moe, e)
+
+
+def _mixer_experts(name: str, block: nn.Module, mixers: list["_MixerParts"], found: list[Experts]
+                   ) -> tuple[list["_MixerParts"], list[Experts], list[tuple[str, nn.Module]]]:
+    """The experts inside a token mixer (JetMoe's mixture of attention heads: its query and output
+    projections are experts, picked per token by the attention's own router) and their routers. Such a
+    mixer's routers are no linears of it, and — its output projection an experts tensor, summed over
+    the routed experts and biased inside it — the mixer module itself stands for its output
+    (:attr:`Block.attention_out`: what it adds to the stream, its forward's first output)."""
+    out, experts, routers = [], [], []
+    for k, n, m, linears, o, states in mixers:
+        own = [e for e in found if any(e.module is x for x in m.modules())]
+        rs = [r for e in own for r in _moe_of(name, block, e)[2]]
+        ids = {id(r) for _, r in rs}
+        out.append((k, n, m, tuple(x for x in linears if id(x[1]) not in ids), m if own else o, states))
+        experts += own
+        routers += rs
+    return out, experts, routers
 
 
 _MixerParts = tuple[Mixer, str, Any, tuple[tuple[str, nn.Module], ...], Any, tuple[tuple[str, nn.Parameter], ...]]
@@ -663,12 +793,14 @@ NO_MIXER: _MixerParts = ("none", "", None, (), None, ())  # a block of one MLP (
 def _mixer_children(model_name: str, kind: str, name: str, children: list[tuple[str, nn.Module]]) -> list[_MixerParts]:
     """The block's token mixers — its ``*attn*`` / ``*attention*`` children holding linears and its
     children of :data:`TOKEN_MIXERS` — attention first (the one a KV cache reaches): each as (kind,
-    child name, module, quantized linears by qualified name, output projection, 16-bit states)."""
+    child name, module, quantized linears by qualified name, output projection, 16-bit states).
+    Several attentions only as the entries of one list, one per pass of the block (LongCat's
+    self_attn.0, self_attn.1: the first is the block's attention, the second a side mixer)."""
     found = [_unwrapped(n, m) for n, m in children if (type(m).__name__ in TOKEN_MIXERS or type(m).__name__.endswith("Attention")
                                                       or "attn" in n.lower() or "attention" in n.lower())
              and any(is_linear(x) for x in m.modules())]
     out = [(*_mixer_of(f"{name}.{n}", m), n, m) for n, m in found]
-    if sum(1 for k, *_ in out if k == "attention") > 1:
+    if len({n.split(".")[0] for k, _, _, n, _ in out if k == "attention"}) > 1:
         raise ModelNotUnderstood(f"{model_name}: block {kind} has {len(found)} attention children ({', '.join(n for n, _ in found)}); expected one")
     out.sort(key=lambda o: o[0] != "attention")
     parts = []
@@ -712,8 +844,10 @@ def _routers(moe_name: str, moe: nn.Module, experts: Experts) -> list[tuple[str,
     router: Mixtral's ``gate``, gpt-oss' ``router``, Llama-4's ``router``, HunYuan's ``gate.wg`` — a
     linear inside a gate module with no weight of its own) or to one score (Qwen2-MoE's
     ``shared_expert_gate``, which weighs the shared expert). A child with several matrices is a
-    shared expert (an MLP), never a router."""
+    shared expert (an MLP), never a router. An MoE with identity experts (:data:`IDENTITY_EXPERTS`)
+    scores them too: its router has a row for each expert and each identity expert (LongCat's)."""
     out = []
+    scored = experts.num_experts + identity_experts(moe)
     for cn, child in moe.named_children():
         if child is experts.module:
             continue
@@ -722,7 +856,7 @@ def _routers(moe_name: str, moe: nn.Module, experts: Experts) -> list[tuple[str,
             continue
         n, m = scorers[0]
         rows = int(shape_of(_own_matrix(m))[1 if is_conv1d(m) else 0])
-        if rows in (experts.num_experts, 1):
+        if rows in (scored, 1):
             out.append((f"{moe_name}.{cn}" + (f".{n}" if n else ""), m))
     return out
 
@@ -803,17 +937,19 @@ class Anatomy:
         return [nl for b in self.parts for nl in b.linears()]
 
     def experts(self) -> list[Experts]:
-        return [e for b in self.parts for e in b.experts]
+        """Every experts module, a mixture of attention heads' too (:attr:`Block.all_experts`)."""
+        return [e for b in self.parts for e in b.all_experts]
 
     def routers(self) -> list[tuple[str, nn.Module]]:
-        return [r for b in self.parts for r in b.routers]
+        """Every router, a mixture of attention heads' too (:attr:`Block.all_routers`)."""
+        return [r for b in self.parts for r in b.all_routers]
 
     def block_matrix_params(self) -> dict[str, nn.Parameter]:
         """Every weight matrix of the decoder blocks: each ≥ 2-D parameter but the experts' biases
         (gpt-oss' [experts, out]: one bias vector per expert), and every state parameter of a linear
         attention (:attr:`Block.mixer_states`, vectors too: what stays 16-bit there is counted).
         Qualified name → parameter."""
-        biases = {id(getattr(e.owner, f"{a}_bias")) for b in self.parts for e in b.experts if e.has_bias for a in e.params
+        biases = {id(getattr(e.owner, f"{a}_bias")) for e in self.experts() if e.has_bias for a in e.params
                   if getattr(e.owner, f"{a}_bias", None) is not None}
         return {f"{b.name}.{n}": p for b in self.parts for n, p in b.module.named_parameters()
                 if len(shape_of(p)) >= 2 and id(p) not in biases and not is_vector(n, p)} | {
@@ -860,12 +996,16 @@ class Anatomy:
         mlps = list(dict.fromkeys(p.describe() for p in self.parts))
         r = {"pre-LN": "r(l) = the stream at the MLP's norm", "post-LN": "r(l) = z(l−1) + Attn before the norm that follows it",
              "sandwich": "r(l) = the stream at the MLP's norm, after the attention's post-norm", "post-sublayer": "r(l) = the MLP's input (no norm before it)",
-             "parallel": "r(l) = z(l−1): attention and MLP read the block input"}[b.layout]
+             "parallel": "r(l) = z(l−1): attention and MLP read the block input",
+             "shortcut": "two attention → MLP passes, r(l) = the stream at the first MLP's norm, whose output the MoE reads"}[b.layout]
         dense = sum(1 for p in self.parts if not p.is_moe)
         mix = f" ({dense} dense, {len(self.parts) - dense} MoE)" if self.is_moe and dense else ""
         return (f"{self.model_type}: {len(self.parts)} blocks{mix} at {self.blocks_name} ({b.layout}; {r}), "
-                + (f"attention {b.attention_name.rsplit('.', 1)[-1]} [{', '.join(n.rsplit('.', 1)[-1] for n, _ in b.attention_linears)}] "
-                   f"via {self.kv_route or 'an attention the KV cache cannot reach'}, " if b.mixer == "attention" else "no attention, ")
+                + (f"attention {b.attention_name[len(b.name) + 1:]} [{', '.join(n.rsplit('.', 1)[-1] for n, _ in b.attention_linears)}] "
+                   + "".join(f"then {s.name[len(b.name) + 1:]} " for s in b.side_mixers if s.kind == "attention")  # (LongCat's second pass)
+                   + "".join(f"with {e.num_experts} experts [{', '.join(e.params)}] routed by [{', '.join(n.rsplit('.', 1)[-1] for n, _ in b.attention_routers)}] "
+                             for e in b.attention_experts)
+                   + f"via {self.kv_route or 'an attention the KV cache cannot reach'}, " if b.mixer == "attention" else "no attention, ")
                 + f"{self._other_mixers()}{'; '.join(mlps)}, final norm {norm}"
                 + (", project_in/out" if self.project_in is not None or self.project_out is not None else "")
                 + (f", logits soft-capped at {self.logit_softcap}" if self.logit_softcap else ""))
@@ -881,6 +1021,18 @@ def kv_route(attention: nn.Module) -> KVRoute | None:
     if type(attention).__name__ == "BloomAttention" and hasattr(attention, "_reshape"):
         return "bloom"
     return None
+
+
+# Attentions that hand the attention interface K/V tiled along the heads (``x.repeat(1, n, 1, 1)``, before
+# the interface; GQA's repeat happens inside it), by class → the attribute giving n. The cache holds one copy
+# (JetMoe's: each token's top_k attention experts share its one K/V projection, kv_proj).
+KV_TILED: dict[str, str] = {"JetMoeAttention": "top_k"}
+
+
+def kv_copies(attention: nn.Module) -> int:
+    """How many tiled copies of the cached K/V heads the attention interface gets (:data:`KV_TILED`; 1: none)."""
+    attr = KV_TILED.get(type(attention).__name__)
+    return int(getattr(attention, attr)) if attr else 1
 
 
 def _kv_refusal(attention: nn.Module, config: Any) -> str | None:
@@ -903,6 +1055,9 @@ def _kv(model_name: str, parts: tuple[Block, ...], config: Any) -> tuple[KVRoute
     refusal = _kv_refusal(kv[0].attention, config) if route is not None else (
         f"{type(kv[0].attention).__name__} ({kv[0].attention_name}) computes K/V in code quantlens cannot reach "
         "(neither transformers' attention interface nor BLOOM's)")
+    seconds = [s.name for b in kv for s in b.side_mixers if s.kind == "attention"]
+    if refusal is None and seconds:  # (LongCat's are MLA: refused above)
+        refusal = f"{seconds[0]} is a block's second attention: the KV cache reaches each block's first one only"
     return (None, refusal) if refusal is not None else (route, None)
 
 

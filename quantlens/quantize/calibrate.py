@@ -154,7 +154,7 @@ def _read_inputs(windows: _Windows, block: nn.Module, i: int, part: Any, linears
                  device: torch.device) -> _BlockInputs:
     """Every calibration batch through block ``i`` with hooks that record what each linear and expert reads."""
     seen = _BlockInputs({n: HessianAccumulator(in_features(m), device) for n, m in linears}, {},
-                        {e.name: _ExpertHessians(e, device) for e in part.experts})  # per expert: its routed tokens
+                        {e.name: _ExpertHessians(e, device) for e in part.all_experts})  # per expert: its routed tokens (a mixture of attention heads too)
 
     def record(n: str, x: torch.Tensor) -> None:
         seen.reads.setdefault(n, x)  # (kept alive: who shares an input)

@@ -2,7 +2,8 @@
 
 What is quantized is the attention's K and V in the ``[batch, heads, tokens, head_dim]`` layout in
 which the cache stores them: keys *after* the rotary embedding where the model applies one
-(LLaMA, Qwen2, Mistral), values as stored, before any grouped-query repetition. Two routes:
+(LLaMA, Qwen2, Mistral), values as stored, before any grouped-query repetition (JetMoe tiles its K/V
+heads top_k times before the interface: one copy is quantized, then tiled, :data:`quantlens.model.anatomy.KV_TILED`). Two routes:
 
 - models whose attention calls transformers' pluggable attention interface
   (``ALL_ATTENTION_FUNCTIONS``: OPT, LLaMA and most current models) — the registered functions
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from quantlens.model.anatomy import Anatomy, ModelNotUnderstood, anatomy
+from quantlens.model.anatomy import Anatomy, ModelNotUnderstood, anatomy, kv_copies
 from quantlens.quantize.perturb import make_generator, shaped_noise_rows
 from quantlens.quantize.quant import fake_quantize
 from quantlens.quantize.spec import KVSpec, PerturbSpec
@@ -63,12 +64,19 @@ class KVState:
     seen: int = 0
     acc: dict[str, list[float]] = field(default_factory=dict)  # "key"/"value" → [Σ Δ², Σ x², numel, n_rows, Σ α]
     generators: dict[str, torch.Generator] = field(default_factory=dict)
+    copies: int = 1  # K/V reach the interface tiled this many times along the heads (anatomy.KV_TILED: JetMoe's)
 
     def apply(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as the cache would hold them: a tiled attention's one copy quantized (and
+        perturbed) once, then tiled again, so every copy carries the same error, as a cache's would."""
         if not self.enabled:
             return key, value
         record = self.seen < self.stats_forwards
         self.seen += 1
+        if self.copies > 1:
+            heads = key.shape[1] // self.copies
+            return (self._one("key", key[:, :heads], record).repeat(1, self.copies, 1, 1),
+                    self._one("value", value[:, :heads], record).repeat(1, self.copies, 1, 1))
         return self._one("key", key, record), self._one("value", value, record)
 
     def _one(self, which: str, x: torch.Tensor, record: bool) -> torch.Tensor:
@@ -161,7 +169,7 @@ def attach(model: nn.Module, spec: KVSpec, perturbation: PerturbSpec | None = No
     states = []
     for b in body.kv_parts():
         name, m = b.attention_name, b.attention
-        st = KVState(name, spec, perturbation, stats_forwards)
+        st = KVState(name, spec, perturbation, stats_forwards, copies=kv_copies(m))
         setattr(m, _STATE, st)
         if bloom and "_reshape" not in m.__dict__:
             _wrap_bloom(m)

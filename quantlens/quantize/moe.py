@@ -23,6 +23,13 @@ its gate and up matrices tensors of their own), always run quantlens' loop (:fun
 each expert over its non-zero rows; :func:`per_expert_forward`) when their inputs are quantized;
 with no activation spec the model's own forward runs. Where gate and up are apart, both read the
 expert's one input site (named by the gate tensor), quantized once, as a fused ``gate_up_proj``'s is.
+Experts that apply each tensor by a child called with the routed rows already sorted by expert
+(``grouped`` rows: JetMoe's MoE and its mixture of attention heads, whose output projection reads the
+attention's output, not an MLP's) keep their own forward: a pre-hook on each child splits its rows
+expert by expert (:func:`grouped_inputs`). An MoE's identity experts (LongCat-Flash's zero experts:
+:data:`quantlens.model.anatomy.IDENTITY_EXPERTS`) hold no weight and add their input back: nothing
+to quantize; the slots routed to them reach the experts module as a real expert's index with weight
+0, which the kernels compute and discard and the per-expert loop skips.
 
 Both are removed by the handles :func:`attach` returns; the weights are not touched here
 (:mod:`quantlens.quantize.patch` quantizes expert tensors once, slice by slice).
@@ -68,6 +75,8 @@ def attach(target: Any, transform: Transform, bypass: set[str], per_expert: bool
     e: Experts = target.experts
     mod = e.module
     name = target.name
+    if e.grouped:
+        return [grouped_inputs(e, (target.attr,), transform, bypass, per_expert)]
     if per_expert or not uses_kernel(e):
         if target.attr != e.first:
             return []  # the loop quantizes both inputs: installed once, with the first tensor
@@ -104,7 +113,10 @@ def uses_kernel(e: Experts) -> bool:
 def run_per_expert(e: Experts, transform: Transform, bypass: set[str],
                    record: Callable[[int, str, torch.Tensor], None] | None = None) -> _Handle:
     """Make the experts module run :func:`per_expert_forward` (:func:`dense_forward` for experts
-    that take every token's row) until the handle is removed."""
+    that take every token's row) until the handle is removed; grouped experts (JetMoe's) already
+    apply each expert to its own rows: their inputs are split expert by expert (:func:`grouped_inputs`)."""
+    if e.grouped:
+        return grouped_inputs(e, e.params, transform, bypass, True, record)
     mod = e.module
     names = (e.qualified(e.first), e.qualified(e.down))
     if e.dense:
@@ -112,6 +124,40 @@ def run_per_expert(e: Experts, transform: Transform, bypass: set[str],
     else:
         mod.forward = types.MethodType(lambda self, h, idx, w: per_expert_forward(e, h, idx, w, transform, names, bypass, record), mod)
     return _Handle(lambda: mod.__dict__.pop("forward", None))
+
+
+def grouped_inputs(e: Experts, attrs: tuple[str, ...], transform: Transform, bypass: set[str], per_expert: bool,
+                   record: Callable[[int, str, torch.Tensor], None] | None = None) -> _Handle:
+    """Quantize the inputs of the grouped experts' tensors ``attrs`` where the model applies them:
+    each tensor's child (JetMoe's ParallelExperts) is called with the routed rows sorted by expert and
+    the count of each, so a pre-hook on it has each expert's rows — the routed tokens at the first
+    projection (the MoA's queries too), the gated state at the MoE's output_linear, the attention's
+    output at the MoA's. Expert by expert where a statistic is one expert's (``per_expert``) or
+    ``record`` sees each expert's input (GPTQ's Hessians); else all rows at once (a row-wise spec
+    quantizes each row alike either way)."""
+    handles = [e.owner.get_submodule(a.rsplit(".", 1)[0]).register_forward_pre_hook(
+        _grouped_hook(e.qualified(a), e.input_of(a), transform, bypass, per_expert, record)) for a in attrs]
+    return _Handle(lambda: [h.remove() for h in handles])
+
+
+def _grouped_hook(name: str, attr: str, transform: Transform, bypass: set[str], per_expert: bool,
+                  record: Callable[[int, str, torch.Tensor], None] | None) -> Callable:
+    """The pre-hook of one grouped tensor's child, ``forward(rows, counts)``: ``rows`` through ``transform``
+    under ``name`` (each expert's block of them on its own where asked), ``record(j, attr, rowsⱼ)``."""
+    def pre(module: nn.Module, args: tuple) -> tuple | None:
+        rows, counts = args[0], args[1]
+        if record is None and (name in bypass or not per_expert):
+            return None if name in bypass else (transform(name, rows), *args[1:])
+        out = []
+        for j, x in enumerate(rows.split(list(counts), 0)):
+            if len(x) and name not in bypass:
+                x = transform(name, x)
+            if len(x) and record is not None:
+                record(j, attr, x)
+            out.append(x)
+        return (torch.cat(out, 0), *args[1:])
+
+    return pre
 
 
 def _gate(e: Experts, ys: list[torch.Tensor]) -> torch.Tensor:
@@ -181,12 +227,14 @@ def per_expert_forward(e: Experts, hidden: torch.Tensor, top_k_index: torch.Tens
     two inputs passed through ``transform`` as one tensor (transformers' eager algorithm, read from
     the declared layout: gated or not, concatenated or interleaved, transposed, biased). ``record(j,
     tensor name, input)`` sees each expert's two inputs (GPTQ's per-expert Hessians). ``hidden`` may
-    keep its batch dimensions (DBRX's experts get [batch, tokens, hidden]): the result has its shape."""
+    keep its batch dimensions (DBRX's experts get [batch, tokens, hidden]): the result has its shape.
+    A slot of weight 0 adds nothing and routes no token (LongCat's identity experts reach the experts
+    module so, as a real expert's index): no expert runs it, nor do its statistics see it."""
     shape = hidden.shape
     hidden = hidden.reshape(-1, shape[-1])
     out = torch.zeros_like(hidden)
     k = top_k_index.shape[-1]
-    flat = top_k_index.reshape(-1)
+    flat = torch.where(top_k_weights.reshape(-1) != 0, top_k_index.reshape(-1), e.num_experts)  # (sorted past the last expert)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=e.num_experts).tolist()
     tokens = order // k

@@ -96,10 +96,11 @@ class Target:
     experts: Experts | None = None
     attr: str = "weight"
     spec: QuantSpec | None = None  # its own weights spec (a llama.cpp mixture's type for it); None: the setting's
+    site: nn.Module | None = None  # the module called with its input where the module itself never is (LongCat's router, Block.router_input)
 
     @property
     def param(self) -> nn.Parameter:
-        return getattr(self.module, self.attr)
+        return self.experts.tensor(self.attr) if self.experts is not None else getattr(self.module, self.attr)
 
     @property
     def in_features(self) -> int:
@@ -114,7 +115,7 @@ def targets(model: nn.Module, setting: Setting) -> list[Target]:
     out = [Target(n, m, "linear") for n, m in body.block_linears()]
     out += [Target(e.qualified(a), e.owner, "experts", e, a) for e in body.experts() for a in e.params]
     if setting.include_routers:
-        out += [Target(n, m, "router") for n, m in body.routers()]
+        out += [Target(n, m, "router", site=b.router_input(m)) for b in body.parts for n, m in b.all_routers]
     if setting.include_lm_head:
         out.append(Target(_qualified_name(model, body.lm_head), body.lm_head, "linear"))
     if not out:
@@ -604,7 +605,7 @@ def _attach_activations(setting: Setting, layers: list[Target], streamed: torch.
                 handles.extend(moe.attach(t, lambda name, x, g=gen, st=act_state: st.transform(name, x, g), act_state.bypass,
                                           moe.needs_per_expert(setting)))
             else:
-                handles.append(t.module.register_forward_pre_hook(_make_hook(act_state, t.name, gen)))
+                handles.append((t.site or t.module).register_forward_pre_hook(_make_hook(act_state, t.name, gen)))
     return handles, act_state
 
 
