@@ -661,3 +661,23 @@ def test_dbrx_counts_from_its_nested_config_equal_the_transformers_model():
     assert s.params == sum(p.numel() for p in model.parameters()) and s.experts == 4
     assert s.active_params == s.params - experts // 2  # top-2 of 4 experts
     assert s.layers == 2 and s.max_positions == 128
+
+
+def test_longcat_flash_counts_its_two_passes_and_its_identity_experts():
+    """LongCat-Flash: two attention (MLA) + dense MLP passes and their norms beside one MoE a block,
+    its router scoring the identity experts too; a token's expected experts are the top-k's real
+    share (top-2 of 4 experts + 2 identity ones: 4/3 experts' weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LongcatFlashConfig
+
+    cfg = LongcatFlashConfig(vocab_size=300, hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
+                             expert_ffn_hidden_size=32, n_routed_experts=4, zero_expert_num=2, moe_topk=2, kv_lora_rank=16,
+                             q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    s = P.shape_from_config(cfg.to_dict())
+    params = dict(model.named_parameters())
+    experts = sum(p.numel() for n, p in params.items() if ".experts." in n)
+    assert s.params == sum(p.numel() for p in params.values()) and s.experts == 4
+    assert s.active_params == s.params - experts + experts // 3
+    assert s.block_params == sum(p.numel() for n, p in params.items() if n.startswith("model.layers.0."))

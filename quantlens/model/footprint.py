@@ -245,20 +245,29 @@ def _get(cfg: dict[str, Any], *names: str, default: Any = None) -> Any:
     return default
 
 
-# DBRX's config: its own names, the MoE and attention fields nested (ffn_config, attn_config)
-_DBRX_NAMES = {"d_model": "hidden_size", "n_heads": "num_attention_heads", "n_layers": "num_hidden_layers",
-               "max_seq_len": "max_position_embeddings"}
-_DBRX_NESTED = {"ffn_config": {"ffn_hidden_size": "moe_intermediate_size", "moe_num_experts": "num_local_experts",
-                               "moe_top_k": "num_experts_per_tok"},
-                "attn_config": {"kv_n_heads": "num_key_value_heads"}}
+# configs that name their dimensions their own way: DBRX (the MoE and attention fields nested in
+# ffn_config, attn_config), LongCat-Flash (dense and expert widths, top-k)
+_RENAMED = {
+    "dbrx": {"d_model": "hidden_size", "n_heads": "num_attention_heads", "n_layers": "num_hidden_layers",
+             "max_seq_len": "max_position_embeddings", "ffn_config.ffn_hidden_size": "moe_intermediate_size",
+             "ffn_config.moe_num_experts": "num_local_experts", "ffn_config.moe_top_k": "num_experts_per_tok",
+             "attn_config.kv_n_heads": "num_key_value_heads"},
+    "longcat_flash": {"ffn_hidden_size": "intermediate_size", "expert_ffn_hidden_size": "moe_intermediate_size",
+                      "moe_topk": "num_experts_per_tok"},
+}
+# blocks that hold each sublayer more than once: LongCat-Flash's two attention + dense MLP passes
+# (and their norms) beside one MoE
+SUBLAYER_PASSES = {"longcat_flash": 2}
 
 
-def _flat_dbrx(cfg: dict[str, Any]) -> dict[str, Any]:
-    """DBRX's config under the names every other config uses (its LayerNorms have no bias, its Wqkv
-    is q, k, v in one matrix: counted as the LLaMA-likes' are)."""
-    out = {**cfg, **{new: cfg[old] for old, new in _DBRX_NAMES.items() if old in cfg}}
-    for part, names in _DBRX_NESTED.items():
-        out |= {new: (cfg.get(part) or {})[old] for old, new in names.items() if old in (cfg.get(part) or {})}
+def _renamed(cfg: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """The config with its own names copied under the common ones (``part.field``: a nested config's)."""
+    out = dict(cfg)
+    for old, new in names.items():
+        part, _, field_ = old.rpartition(".")
+        src = (cfg.get(part) or {}) if part else cfg
+        if field_ in src:
+            out[new] = src[field_]
     return out
 
 
@@ -266,8 +275,8 @@ def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """A multimodal config's language model (Llama-4's and Qwen3.5's ``text_config``, of model type
     ``<model_type>_text``), else the config itself (DBRX's under the common names): the plan counts
     the text model."""
-    if cfg.get("model_type") == "dbrx":
-        return _flat_dbrx(cfg)
+    if cfg.get("model_type") in _RENAMED:
+        return _renamed(cfg, _RENAMED[cfg["model_type"]])
     text = cfg.get("text_config")
     if not isinstance(text, dict) or "hidden_size" in cfg:
         return cfg
@@ -326,7 +335,7 @@ LAYER_NORM_TYPES = ("opt", "bloom", "gpt2", "gpt_neox", "falcon")  # LayerNorm (
 GATED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2",
                "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
                "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "granitemoehybrid", "jamba", "bamba",
-               "falcon_h1", "lfm2", "lfm2_moe", "dbrx")
+               "falcon_h1", "lfm2", "lfm2_moe", "dbrx", "longcat_flash")
 UNGATED_EXPERT_TYPES = ("nemotron_h",)  # relu² experts (and MLPs): up and down only; every other MoE's gated
 # Qwen3-Next, Qwen3.5: gated DeltaNet blocks beside gated attention (q_proj also yields the output gate: 2× rows)
 QWEN_HYBRID_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
@@ -416,7 +425,9 @@ def moe_dims(cfg: dict[str, Any]) -> dict[str, Any] | None:
         return None  # Nemotron-H without moe blocks: its config names experts all the same
     inter = int(_get(cfg, "moe_intermediate_size", "intermediate_size", default=d["ffn"]))
     latent = cfg.get("moe_latent_size") if t in LATENT_MOE_TYPES else None
+    zero = int(cfg.get("zero_expert_num") or 0)  # LongCat-Flash's identity experts: routed to, no weights
     return {"experts": experts, "top_k": int(_get(cfg, "num_experts_per_tok", "experts_per_token", default=experts)),
+            "router_rows": experts + zero, "real_share": experts / (experts + zero),
             "inter": inter, "shared": _shared_width(cfg, t, inter), "shared_gate": bool(cfg.get("shared_expert_intermediate_size")),
             "biased": t == "gpt_oss", "gated": t not in UNGATED_EXPERT_TYPES, "expert_in": int(latent or d["hidden"]),
             "latent": int(latent or 0), "moe_layers": moe_layers}
@@ -586,7 +597,8 @@ def _moe_mlp(H: int, moe: dict[str, Any], dense_mlp: Any, biased: bool) -> _Mlp:
     E, k, Fm, Fs, Hin = moe["experts"], moe["top_k"], moe["inter"], moe["shared"], moe["expert_in"]
     up = 2 * Fm if moe["gated"] else Fm
     expert = (up + Fm) * Hin + ((up + Hin) if moe["biased"] else 0)  # gpt-oss: with biases
-    router = E * H + (E if moe["biased"] else 0)
+    router = moe["router_rows"] * H + (E if moe["biased"] else 0)
+    routed = round(k * moe["real_share"] * expert)  # a token's expected share (LongCat: some slots are identity experts)
     shared_lin, shared = dense_mlp(Fs, "shared_experts.") if Fs else ({}, 0)
     if moe["shared_gate"]:
         shared += H  # Qwen's shared_expert_gate: one output
@@ -598,7 +610,7 @@ def _moe_mlp(H: int, moe: dict[str, Any], dense_mlp: Any, biased: bool) -> _Mlp:
         shared += 2 * lat * H + ((lat + H) if biased else 0)
     names = ("gate_up_proj", "down_proj") if moe["gated"] else ("up_proj", "down_proj")
     linears = {f"experts.{names[0]}": Hin, f"experts.{names[1]}": Fm, "router": H} | {n: i for n, (_, i) in shared_lin.items()}
-    return _Mlp(linears, E * expert + router + shared, k * expert + router + shared, k * Fm + Fs,
+    return _Mlp(linears, E * expert + router + shared, routed + router + shared, k * Fm + Fs,
                 max([Fm * Hin] + [o * i for o, i in shared_lin.values()]), E * up * Hin)
 
 
@@ -609,7 +621,8 @@ def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
     dense first blocks, gpt-oss, Llama-4's routed and shared experts between dense blocks) and the
     hybrids (Qwen3-Next's and Qwen3.5's DeltaNet, the Mamba-2 of Granite-4, Bamba, Falcon-H1 and
     Nemotron-H's one-sublayer blocks, Jamba's Mamba-1, LFM2's short convolutions), each block
-    counted as its kind. An MoE's experts all count in ``params`` (memory), its top-k in
+    counted as its kind; DBRX and LongCat-Flash (two attention + MLP passes beside one MoE whose
+    router also scores identity experts) under their own config names. An MoE's experts all count in ``params`` (memory), its top-k in
     ``active_params`` (time); ``block_params`` is the largest block."""
     cfg = text_config(cfg)
     d = dims(cfg)
@@ -632,13 +645,15 @@ def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
         per_layer = [{"mlp": "dense", "moe": "moe"}.get(k) for k in kinds]
     else:
         per_layer = ["moe" if moe and moe["moe_layers"][i] else "dense" for i in range(L)]
-    blocks = [norms + mixers[k][1] + mlps[m].params for k, m in zip(kinds, per_layer)]
-    active = [norms + mixers[k][1] + mlps[m].active for k, m in zip(kinds, per_layer)]
+    passes = SUBLAYER_PASSES.get(t, 1)  # (LongCat: each pass its norms, attention and dense MLP, beside the MoE)
+    beside = dense if passes > 1 else 0
+    blocks = [passes * (norms + mixers[k][1]) + mlps[m].params + passes * beside for k, m in zip(kinds, per_layer)]
+    active = [passes * (norms + mixers[k][1]) + mlps[m].active + passes * beside for k, m in zip(kinds, per_layer)]
 
     linears: dict[str, Any] = {f"layers.*.{n}": v for lin, _ in mixers.values() for n, v in lin.items()}
-    used = [m for m in dict.fromkeys(per_layer) if m is not None]
+    used = [m for m in dict.fromkeys(per_layer) if m is not None] + (["dense"] if beside and "dense" not in per_layer else [])
     for m in used:  # a dense MLP among MoE blocks: under the first dense block's index
-        where = "*" if m == "moe" or "moe" not in used else str(per_layer.index(m))
+        where = "*" if m == "moe" or "moe" not in used or m not in per_layer else str(per_layer.index(m))
         linears.update({f"layers.{where}.{n}": v for n, v in mlps[m].linears.items()})
     linears = {n: (v if isinstance(v, int) else v[1]) for n, v in linears.items()}
     largest = max([o * i for lin, _ in mixers.values() for o, i in lin.values()] + [mlps[m].largest for m in used])
