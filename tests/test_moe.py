@@ -234,6 +234,17 @@ def test_preflight_lists_every_refused_model_at_once(tmp_path):
     preflight(load_config({**cfg, "models": [folders[2]]}))  # the MoE itself is understood
 
 
+def _loop_logits(m, w) -> torch.Tensor:
+    """The model's logits with every experts module running quantlens' per-expert loop (no transform)."""
+    handles = [moe.run_per_expert(x, lambda n, t: t, set()) for x in anatomy(m).experts()]
+    try:
+        with torch.no_grad():
+            return m(w).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_llama4_experts_are_read_from_the_table_and_its_loop_is_the_models_forward():
     """Llama4TextExperts declares no layout: anatomy.KNOWN_EXPERTS gives it (transposed, gate then up,
     every token's row to every expert). quantlens' loop over the rows routed to each expert computes
@@ -244,13 +255,7 @@ def test_llama4_experts_are_read_from_the_table_and_its_loop_is_the_models_forwa
     assert (e.is_transposed, e.has_gate, e.is_concatenated, e.has_bias, e.dense) == (True, True, True, False, True)
     assert not moe.uses_kernel(e)
     own = m(w).logits
-    handles = [moe.run_per_expert(x, lambda n, t: t, set()) for x in anatomy(m).experts()]
-    try:
-        loop = m(w).logits
-    finally:
-        for h in handles:
-            h.remove()
-    torch.testing.assert_close(loop, own, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_loop_logits(m, w), own, rtol=1e-5, atol=1e-5)
     gate_up = e.module.gate_up_proj.detach().clone()
     quantize_(m, "W4A16")
     try:  # expert 1's gate matrix is gate_up_proj[1][:, :I]ᵀ, quantized on its own
@@ -277,13 +282,7 @@ def test_dbrx_experts_are_read_from_the_table_and_its_loop_is_the_models_forward
     assert not moe.uses_kernel(e)
     with torch.no_grad():
         own = m(w).logits
-        handles = [moe.run_per_expert(x, lambda n, t: t, set()) for x in body.experts()]
-        try:
-            loop = m(w).logits
-        finally:
-            for h in handles:
-                h.remove()
-    assert torch.equal(loop, own)
+    assert torch.equal(_loop_logits(m, w), own)
     w2 = e.tensor("w2").detach().clone()
     f = w2.shape[0] // e.num_experts
     quantize_(m, "W4A16")
@@ -320,13 +319,7 @@ def test_jetmoe_attention_and_mlp_experts_are_each_experts_own():
     assert (mlp.parts(mlp.first), att.parts(att.first), mlp.in_features(mlp.down), att.in_features(att.down)) == (2, 1, 32, 16)
     with torch.no_grad():
         own = m(w).logits
-        handles = [moe.run_per_expert(x, lambda n, t: t, set()) for x in body.experts()]
-        try:
-            loop = m(w).logits
-        finally:
-            for h in handles:
-                h.remove()
-    assert torch.equal(loop, own)
+    assert torch.equal(_loop_logits(m, w), own)
     first = mlp.tensor(mlp.first).detach().clone()
     routers = {n: r.weight.detach().clone() for n, r in body.routers()}
     spec = resolve_setting({"name": "w4t", "weights": {"bits": 4, "granularity": "tensor"}}).weights

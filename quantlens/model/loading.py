@@ -54,11 +54,8 @@ def _entries() -> dict[str, ModelInfo]:
         ("deepseek-v2-lite", "deepseek", 15.7, "deepseek-ai/DeepSeek-V2-Lite"),
         ("olmoe-1b-7b", "olmoe", 6.9, "allenai/OLMoE-1B-7B-0924"),
         ("gpt-oss-20b", "gpt-oss", 20.9, "openai/gpt-oss-20b"),
-    ]:
-        out[name] = ModelInfo(name, family, b, hf_id)
-    # Llama-4 and the hybrids (DeltaNet / Mamba-2 blocks beside attention): size_b of the text model
-    # AutoModelForCausalLM loads, every expert counted
-    for name, family, b, hf_id in [
+        # Llama-4 and the hybrids (DeltaNet / Mamba-2 blocks beside attention): size_b of the text
+        # model AutoModelForCausalLM loads
         ("llama-4-scout-17b-16e", "llama", 107.8, "meta-llama/Llama-4-Scout-17B-16E-Instruct"),
         ("llama-4-maverick-17b-128e", "llama", 400.7, "meta-llama/Llama-4-Maverick-17B-128E-Instruct"),
         ("qwen3.5-35b-a3b", "qwen", 34.7, "Qwen/Qwen3.5-35B-A3B"),
