@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -28,7 +29,7 @@ from quantlens.evaluation.evaluate import lambada, perplexity
 from quantlens.model.anatomy import ModelNotUnderstood, anatomy, check_config
 from quantlens.model.loading import load_model
 from quantlens.quantize.patch import current_setting, full_precision, full_report, quantize_, restore_
-from quantlens.quantize.settings import resolve_setting
+from quantlens.quantize.settings import ConfigError, resolve_setting
 
 
 def _configs() -> dict[str, object]:
@@ -519,8 +520,11 @@ def test_every_named_weight_is_quantized_and_routers_stay_16_bit_unless_included
     assert bool(routers) == (arch in MOE)
     assert all(n.startswith(b.moe_name) for b in body.parts if b.is_moe for n, _ in b.routers)
     before = {n: p.detach().clone() for n, p in body.block_matrix_params().items()}
-    for include in (False, True):
-        s = resolve_setting({"name": "w4", "weights": {"bits": 4}, "include_routers": include})
+    states = {id(p) for _, p in body.state_matrices()}
+    vectors = [n for n, p in body.mixer_states() if id(p) not in states]  # (D, dt_bias, norms: 16-bit under every setting)
+    assert bool(states) == (arch in HYBRID), body.mixer_states()  # (every hybrid has a conv kernel or an A_log matrix)
+    for include, with_states in ((False, False), (True, False)) + (((False, True),) if arch in HYBRID else ()):
+        s = resolve_setting({"name": "w4", "weights": {"bits": 4}, "include_routers": include, "include_mixer_states": with_states})
         report = quantize_(model, s)
         try:
             for n, m in routers:
@@ -533,19 +537,55 @@ def test_every_named_weight_is_quantized_and_routers_stay_16_bit_unless_included
             for e in body.experts():
                 for a in e.params:
                     assert not torch.equal(e.tensor(a).detach(), before[e.qualified(a)]), f"{arch}: {e.qualified(a)}"
-            for n, p in body.mixer_states():  # a linear attention's conv1d, A_log, dt_bias, norm: 16-bit, counted in the block
-                assert torch.equal(p.detach(), before[n]), f"{arch}: {n} changed"
-            assert bool(body.mixer_states()) == (arch in HYBRID)
+            for n, p in body.mixer_states():  # conv kernels, A_log, dt_bias, norms: 16-bit, counted in the block; the
+                w = p.detach()                 # matrices among them 4-bit (≤ 16 values a row of taps) with include_mixer_states
+                assert torch.equal(w, before[n]) != (with_states and id(p) in states), f"{arch}: {n}"
+                if with_states and id(p) in states:
+                    assert max(len(torch.unique(r)) for r in w.reshape(-1, w.shape[-1])) <= 16, n
             cov = report.coverage
             assert cov["coverage_targeted"] == 1.0
             assert cov["coverage_block"] == pytest.approx(_measured_coverage(before, model), abs=1e-12)
             assert (cov["coverage_block"] == 1.0) == ((include or arch not in MOE) and arch not in HYBRID), cov
             kept = {k: v for k, v in cov.items() if k.startswith("coverage_16bit_")}  # what stayed 16-bit, by role
-            want = {"coverage_16bit_routers": arch in MOE and not include, "coverage_16bit_mixer_states": arch in HYBRID}
+            want = {"coverage_16bit_routers": arch in MOE and not include,
+                    "coverage_16bit_mixer_states": arch in HYBRID and (not with_states or bool(vectors))}
             assert set(kept) == {k for k, on in want.items() if on}, cov
             assert cov["coverage_block"] + sum(kept.values()) == pytest.approx(1.0, abs=1e-12), cov
         finally:
             restore_(model)
+
+
+@pytest.mark.parametrize("arch", ["jamba", "falcon-h1", "lfm2-moe"])  # (Mamba-1, a side Mamba-2, a short conv)
+def test_mixer_states_are_quantized_when_a_setting_asks(arch, folders):
+    """include_mixer_states: the hybrid's state matrices (Mamba-1's conv kernel, A_log and dt_proj;
+    a DeltaNet's or a short convolution's conv kernel; Falcon-H1's side Mamba-2's) quantized as rows
+    of taps — with RTN, with a weight perturbation, and beside GPTQ (which calibrates the linears and
+    rounds the states), the streamed model equal to the single one; llama.cpp's block types refused."""
+    from quantlens.quantize.calibrate import calibrate_model
+
+    single, _ = load_model(folders[arch], device="cpu", dtype="float32", placement="single")
+    stream, _ = load_model(folders[arch], device="cpu", dtype="float32", placement="stream")
+    windows, reqs = _inputs(single.config.vocab_size)
+    states = [n for n, _ in anatomy(single).state_matrices()]
+    base = _evaluate(single, "W4A8", windows, reqs)
+    for setting in ({"name": "W4A8+states", "base": "W4A8", "include_mixer_states": True},
+                    {"name": "W4A8+states+noise", "base": "W4A8", "include_mixer_states": True, "perturbation": {"target": "weights", "seed": 4}}):
+        s = {**resolve_setting(setting["base"]).model_dump(exclude={"name", "base"}), **setting}
+        r = _evaluate(single, s, windows, reqs)
+        _same(r, _evaluate(stream, s, windows, reqs), f"{arch}/{setting['name']} stream vs single", exact=arch not in ALIGNMENT_SENSITIVE)
+        assert not np.array_equal(r["nll"], base["nll"]), f"{arch}: the states changed nothing"
+        report = quantize_(single, s)
+        restore_(single)
+        rows = {x.layer for x in report.layers}
+        assert {n.removesuffix(".weight") for n in states} <= rows, rows
+    s = resolve_setting({**resolve_setting("W4A8-g16-gptq").model_dump(exclude={"name"}), "name": "gptq+states", "include_mixer_states": True})
+    calib = torch.randint(1, single.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(9))
+    got = {p: calibrate_model(m, s, calib, batch_size=2) for p, m in (("single", single), ("stream", stream))}
+    assert {n.removesuffix(".weight") for n in states} <= got["single"].keys() == got["stream"].keys()
+    assert all(torch.equal(got["single"][k], got["stream"][k]) for k in got["single"])
+    _stream_equals_single(single, stream, s, got, windows, f"{arch}/gptq+states")
+    with pytest.raises(ConfigError, match=r"include_mixer_states: llama.cpp's types are blocks"):
+        resolve_setting({**resolve_setting("W4A16-q4_0").model_dump(exclude={"name"}), "name": "q4_0", "include_mixer_states": True})
 
 
 def _hybrids() -> dict[str, tuple[object, str]]:

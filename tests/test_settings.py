@@ -46,6 +46,8 @@ def test_dict_with_base_and_perturbation():
         ({"name": "x", "weightz": {}}, "weightz: Extra inputs are not permitted"),
         ({"name": "x", "base": "W4A16", "perturbation": {"target": "activations"}}, "needs an activations spec"),
         ({"name": "x", "base": "W8A8", "perturbation": {"distribution": "cauchy"}}, "perturbation.distribution"),
+        ({"name": "x", "base": "W4A16-q4_k_m", "include_mixer_states": True}, "include_mixer_states: llama.cpp's types are blocks"),
+        ({"name": "x", "checkpoint": "some/folder", "include_mixer_states": True}, "include_mixer_states do not apply"),
     ],
 )
 def test_invalid_settings_name_the_field(spec, message):
@@ -78,6 +80,10 @@ def test_the_settings_algebra_one_computation_one_identity():
     d = resolve_setting({"name": "d", "base": "W4A8", "perturbation": {"target": "activations"}})
     assert not c.same_computation(d)  # match matters where activations are perturbed
     assert resolve_setting({"name": "e", "include_lm_head": True}).same_computation(w16)
+    assert resolve_setting({"name": "e2", "base": "W16A8", "include_mixer_states": True}).same_computation(resolve_setting("W16A8"))
+    states = resolve_setting({"name": "g", "base": "W4A16", "include_mixer_states": True})
+    assert not states.same_computation(resolve_setting("W4A16")) and states.identity()["include_mixer_states"] is True
+    assert "include_mixer_states" not in resolve_setting("W4A16").identity()  # (run keys of earlier runs unchanged)
     assert not resolve_setting({"name": "f", "base": "W4A16", "include_lm_head": True}).same_computation(resolve_setting("W4A16"))
     assert w16.flat_params()["reference"] is True and resolve_setting("W16A16KV4").flat_params()["reference"] is False
 

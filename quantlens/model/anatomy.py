@@ -577,6 +577,11 @@ class Block:
     attention_routers: tuple[tuple[str, nn.Module], ...] = ()  # ... and their routers (qualified name, module)
 
     @property
+    def state_matrices(self) -> tuple[tuple[str, nn.Parameter], ...]:
+        """Its mixer states that are matrices (:meth:`Anatomy.state_matrices`)."""
+        return tuple((n, p) for n, p in self.mixer_states if sum(1 for d in shape_of(p) if d > 1) >= 2)  # (Kimi's A_log [1, 1, heads, 1]: a vector)
+
+    @property
     def is_moe(self) -> bool:
         """Whether its MLP is a mixture of experts (:attr:`experts`: the MLP's; a mixture of attention
         heads is :attr:`attention_experts`)."""
@@ -861,6 +866,12 @@ def _routers(moe_name: str, moe: nn.Module, experts: Experts) -> list[tuple[str,
     return out
 
 
+def state_key(param_name: str) -> str:
+    """A state matrix's name in reports and calibrated weights: its module's for a ``weight`` (a
+    conv kernel, named as a linear is), else the parameter's (``…mixer.A_log``)."""
+    return param_name.removesuffix(".weight")
+
+
 def is_vector(name: str, p: torch.Tensor) -> bool:
     """A bias stored with unit dimensions is a vector, not a matrix to quantize (Ernie-4.5-MoE's
     per-expert ``e_score_correction_bias`` [1, experts]): at most one dimension longer than 1."""
@@ -971,6 +982,12 @@ class Anatomy:
     def mixer_states(self) -> list[tuple[str, nn.Parameter]]:
         """Every linear attention's state parameters (qualified name, parameter): kept 16-bit."""
         return [s for b in self.parts for s in b.mixer_states]
+
+    def state_matrices(self) -> list[tuple[str, nn.Parameter]]:
+        """The mixer states that are matrices (conv kernels [channels, 1, taps], Mamba-1's A_log
+        [channels, state] and dt_proj): what ``include_mixer_states`` quantizes; the vectors (D,
+        dt_bias, Mamba-2's A_log, norms, biases) stay 16-bit as every bias and norm does."""
+        return [s for b in self.parts for s in b.state_matrices]
 
     def block_matrices(self) -> dict[str, int]:
         """:meth:`block_matrix_params` as qualified name → elements (a streamed skeleton's too)."""

@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from quantlens.model import streaming
-from quantlens.model.anatomy import anatomy, in_features, is_conv1d
+from quantlens.model.anatomy import anatomy, in_features, is_conv1d, state_key
 from quantlens.model.layerwise import hidden_of, with_hidden, capture_by_kind, layer_kinds
 from quantlens.quantize.gptq import HessianAccumulator
 from quantlens.quantize.methods import registry
 from quantlens.quantize.methods.base import CalibratedMethod
+from quantlens.quantize.quant import quantize_state
 from quantlens.quantize.settings import ConfigError, Setting, resolve_setting
 
 Progress = Callable[[int, int], None]
@@ -144,6 +145,8 @@ def _calibrate_block(windows: _Windows, block: nn.Module, i: int, part: Any, met
     originals: dict[str, tuple[Any, torch.Tensor]] = {}
     _quantize_experts(seen, method, setting, originals, out)
     _quantize_linears(linears, seen, method, setting, originals, out)
+    if setting.include_mixer_states:
+        _quantize_states(part, setting, originals, out)
     windows.states = windows.through(block, i)  # the next block sees what the quantized block gives
     for p, w in originals.values():
         p.data = w
@@ -201,6 +204,16 @@ def _quantize_linears(linears: list[tuple[str, nn.Module]], seen: _BlockInputs, 
             originals[n] = (m.weight, m.weight.data)
             m.weight.data = q
             out[n] = q.to("cpu")
+
+
+def _quantize_states(part: Any, setting: Setting, originals: dict[str, tuple[Any, torch.Tensor]], out: dict[str, torch.Tensor]) -> None:
+    """The block's mixer state matrices (``include_mixer_states``) rounded to nearest, in place: no
+    linear's input Hessian reaches a conv kernel or an A_log, so the method calibrates the linears
+    only (the next blocks still see the states quantized)."""
+    for name, p in part.state_matrices:
+        originals[state_key(name)] = (p, p.data)
+        p.data = quantize_state(p.data, setting.weights).xq
+        out[state_key(name)] = p.data.to("cpu")
 
 
 class _ExpertHessians:

@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from quantlens.model import streaming
-from quantlens.model.anatomy import Experts, ModelNotUnderstood, anatomy, in_features, is_conv1d
+from quantlens.model.anatomy import Experts, ModelNotUnderstood, anatomy, in_features, is_conv1d, shape_of, state_key
 from quantlens.model.checkpoint import model_checkpoint
 from quantlens.quantize import moe
 from quantlens.quantize import kv, lens
 from quantlens.quantize.mixtures import MIXTURES, block_roles
 from quantlens.quantize.perturb import make_generator, perturb, shaped_noise, shaped_noise_rows
-from quantlens.quantize.quant import fake_quantize, quantize
+from quantlens.quantize.quant import fake_quantize, quantize, state_spec
 from quantlens.quantize.settings import ConfigError, Setting, resolve_setting
 from quantlens.quantize.spec import QuantSpec
 
@@ -92,7 +92,7 @@ class Target:
 
     name: str  # qualified name: a module's, or ``<experts>.<tensor>`` for an expert tensor
     module: nn.Module
-    kind: str  # "linear" | "router" | "experts" | "embedding"
+    kind: str  # "linear" | "router" | "experts" | "embedding" | "state" (a token mixer's state matrix: include_mixer_states)
     experts: Experts | None = None
     attr: str = "weight"
     spec: QuantSpec | None = None  # its own weights spec (a llama.cpp mixture's type for it); None: the setting's
@@ -104,7 +104,15 @@ class Target:
 
     @property
     def in_features(self) -> int:
+        """Its rows' length: a linear's input features (a state matrix's last dimension: a conv kernel's taps)."""
+        if self.kind == "state":
+            return int(shape_of(self.param)[-1])
         return self.experts.in_features(self.attr) if self.experts is not None else in_features(self.module)
+
+    @property
+    def param_name(self) -> str:
+        """Its parameter's qualified name (in the model and its checkpoint)."""
+        return self.name if self.kind == "experts" or self.attr != "weight" else f"{self.name}.weight"
 
 
 def targets(model: nn.Module, setting: Setting) -> list[Target]:
@@ -116,6 +124,8 @@ def targets(model: nn.Module, setting: Setting) -> list[Target]:
     out += [Target(e.qualified(a), e.owner, "experts", e, a) for e in body.experts() for a in e.params]
     if setting.include_routers:
         out += [Target(n, m, "router", site=b.router_input(m)) for b in body.parts for n, m in b.all_routers]
+    if setting.include_mixer_states and setting.weights is not None:
+        out += [_state_target(model, n, setting.weights) for n, _ in body.state_matrices()]
     if setting.include_lm_head:
         out.append(Target(_qualified_name(model, body.lm_head), body.lm_head, "linear"))
     if not out:
@@ -123,6 +133,16 @@ def targets(model: nn.Module, setting: Setting) -> list[Target]:
     if setting.weights is not None and setting.weights.mixture is not None:
         return _mixed(model, body, setting.weights, out)
     return out
+
+
+def _state_target(model: nn.Module, name: str, spec: QuantSpec) -> Target:
+    """A token mixer's state matrix (``…conv1d.weight`` [channels, 1, taps], Mamba-1's ``A_log``) as
+    a target: its rows along its last dimension, a group longer than a row that row (a conv kernel's
+    4 taps under one scale; llama.cpp's fixed blocks are refused by the group check instead)."""
+    owner, attr = name.rsplit(".", 1)
+    module = model.get_submodule(owner)
+    own = state_spec(spec, int(shape_of(getattr(module, attr))[-1]))
+    return Target(state_key(name), module, "state", attr=attr, spec=own if own is not spec else None)
 
 
 def _mixed(model: nn.Module, body: Any, spec: QuantSpec, out: list[Target]) -> list[Target]:
@@ -141,8 +161,8 @@ def _mixed(model: nn.Module, body: Any, spec: QuantSpec, out: list[Target]) -> l
 
 
 def target_linears(model: nn.Module, setting: Setting) -> list[tuple[str, nn.Module]]:
-    """The linear-like targets (qualified name, module): every target but the expert tensors."""
-    return [(t.name, t.module) for t in targets(model, setting) if t.kind != "experts"]
+    """The linear-like targets (qualified name, module): every target but the expert tensors and state matrices."""
+    return [(t.name, t.module) for t in targets(model, setting) if t.kind not in ("experts", "state")]
 
 
 def _qualified_name(model: nn.Module, module: nn.Module) -> str:
@@ -154,14 +174,14 @@ def _check_compatible(layers: list[Target], setting: Setting) -> None:
     for kind, spec in (("weights", setting.weights), ("activations", setting.activations)):
         if spec is None or spec.granularity != "group" or (kind == "weights" and setting.checkpoint is not None):
             continue  # (a checkpoint's weights spec describes it: its own blocks were checked against the model when read)
-        from quantlens.model.shape import group_misfit
-
-        misfit = group_misfit(lambda n: spec.for_row(n).group_size, ((t.name, t.in_features) for t in layers))
+        reached = [t for t in layers if kind == "weights" or t.kind != "state"]  # (no activation reaches a state)
+        row_spec = lambda t: (t.spec if t.kind == "state" and t.spec is not None else spec).for_row(t.in_features)  # noqa: E731
+        misfit = next((t for t in reached if t.in_features % row_spec(t).group_size), None)
         if misfit is not None:
-            name, n_in = misfit
+            hint = " (a token mixer's state matrix, include_mixer_states: llama.cpp keeps these in F32)" if misfit.kind == "state" else ""
             raise ConfigError(
-                f"invalid setting {setting.name!r}: {kind}.group_size: {spec.for_row(n_in).group_size} does not divide "
-                f"in_features={n_in} of layer {name!r}"
+                f"invalid setting {setting.name!r}: {kind}.group_size: {row_spec(misfit).group_size} does not divide "
+                f"in_features={misfit.in_features} of layer {misfit.name!r}{hint}"
             )
 
 
@@ -429,6 +449,9 @@ def _new_tensor(t: Target, w: torch.Tensor, setting: Setting, calibrated: dict[s
     if is_conv1d(t.module):
         wq, st = _new_matrix(t.name, w.t().contiguous(), setting, t.spec)
         return wq.t().contiguous(), [st]
+    if t.kind == "state":  # [channels, 1, taps] → rows of taps
+        wq, st = _new_matrix(t.name, w.reshape(-1, w.shape[-1]), setting, t.spec)
+        return wq.reshape(w.shape), [st]
     wq, st = _new_matrix(t.name, w, setting, t.spec)
     return wq, [st]
 
@@ -568,7 +591,7 @@ def _kept_original(model: nn.Module, t: Target, w: torch.Tensor, ckpt: Any, keep
     """Where target ``t``'s original weight ``w`` is kept for :func:`restore_` (``keep_originals_on``)."""
     if ckpt is not None:
         kinds = (type(model).__name__, str(getattr(model.config, "model_type", "")))
-        source = ckpt.source(f"{t.name}.weight" if t.kind != "experts" else t.name, kinds, tuple(w.shape)) or \
+        source = ckpt.source(t.param_name, kinds, tuple(w.shape)) or \
             ckpt.source(_param_name(model, t.param), kinds, tuple(w.shape))  # (a tied head: its embedding)
         if source is None:
             raise ConfigError(f"originals: checkpoint: {t.name} is not in {ckpt.folder}")
@@ -601,6 +624,8 @@ def _attach_activations(setting: Setting, layers: list[Target], streamed: torch.
             if setting.perturbs_activations():
                 dev = (streamed or _device_of(t.module)) if p.rng == "device" else "cpu"
                 gen = make_generator(p.seed, t.name + ":act", dev)
+            if t.kind == "state":
+                continue  # (a state is applied inside its mixer: no input of its own to quantize)
             if t.kind == "experts":
                 handles.extend(moe.attach(t, lambda name, x, g=gen, st=act_state: st.transform(name, x, g), act_state.bypass,
                                           moe.needs_per_expert(setting)))

@@ -19,7 +19,7 @@ are data in :mod:`quantlens.quantize.formats`; :func:`quantize` and :func:`fake_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -153,6 +153,22 @@ def _grid_quantize(xf: torch.Tensor, xg: torch.Tensor, spec: QuantSpec) -> tuple
         n_clipped = (xg.abs() > alpha).sum()
     scale, inv = formats.block_scale(alpha, grid, spec.scale, _outer_amax(xf, xg, spec))
     return grid.round(xg * inv).mul_(scale), scale, alpha, n_clipped
+
+
+def state_spec(spec: QuantSpec, n: int) -> QuantSpec:
+    """The spec a token mixer's state matrix gets, its rows ``n`` long (a conv kernel's taps,
+    ``include_mixer_states``): ``spec``, or — a group longer than the row — one group a row, the
+    row's own scale (llama.cpp's blocks are types: a Setting refuses them on states)."""
+    if spec.granularity == "group" and spec.group_size > n:
+        return spec.model_copy(update={"group_size": n})
+    return spec
+
+
+def quantize_state(w: torch.Tensor, spec: QuantSpec) -> QuantResult:
+    """A state matrix (``[channels, 1, taps]``, ``[channels, state]``) quantized row by row along
+    its last dimension under :func:`state_spec`; ``xq`` in ``w``'s shape."""
+    res = quantize(w.reshape(-1, w.shape[-1]), state_spec(spec, w.shape[-1]))
+    return replace(res, xq=res.xq.reshape(w.shape))
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, alpha_ratio: float = 1.0) -> QuantResult:

@@ -41,6 +41,10 @@ class SettingFields(Strict):
     include_embeddings: bool = False
     include_routers: bool = Field(False, description="MoE routers (and Qwen2-MoE's shared-expert gate) quantized too; "
                                   "by default they stay 16-bit, as deployed MoE quantization leaves them")
+    include_mixer_states: bool = Field(False, description="the state matrices of a hybrid's token mixers (conv kernels, "
+                                       "Mamba-1's A_log and dt_proj) quantized too, each row along its last dimension "
+                                       "(a group longer than the row is the row); by default they stay 16-bit, as "
+                                       "llama.cpp keeps them. Vectors (D, dt_bias, norms, biases) stay 16-bit always")
     calibration: CalibrationSpec | None = Field(None, description="this setting's calibration data (else the sweep's)")
     checkpoint: CheckpointSpec | None = Field(None, description="the weights of a released quantized checkpoint "
                                               "(hub id or folder), dequantized into the loaded model")
@@ -62,10 +66,13 @@ class SettingFields(Strict):
                 raise ValueError(f"checkpoint: the weights are the checkpoint's; {_method_list()} and calibration do not apply")
             if self.weights is not None and self.checkpoint.layout is None:
                 raise ValueError("checkpoint: the weights spec is read from the checkpoint; leave weights out")
-            if self.include_lm_head or self.include_embeddings or self.include_routers:
+            if self.include_lm_head or self.include_embeddings or self.include_routers or self.include_mixer_states:
                 raise ValueError("checkpoint: what is quantized is the checkpoint's; include_lm_head / include_embeddings / "
-                                 "include_routers do not apply")
+                                 "include_routers / include_mixer_states do not apply")
             return self
+        if self.include_mixer_states and self.weights is not None and (self.weights.format in ("ggml", "iq4nl") or self.weights.mixture):
+            raise ValueError("include_mixer_states: llama.cpp's types are blocks of 32 or 256, longer than a state matrix's rows "
+                             "(a conv kernel's taps; llama.cpp keeps these F32); use a format whose group can be the row")
         if not methods:
             if self.calibration is not None:
                 raise ValueError(f"calibration: only a calibrated method ({_method_list()}) uses calibration data")
@@ -153,6 +160,7 @@ class SettingFields(Strict):
             "include_lm_head": self.include_lm_head and quantizes_weights,
             "include_embeddings": self.include_embeddings and quantizes_weights,
             "include_routers": self.include_routers and (quantizes_weights or self.activations is not None),
+            "include_mixer_states": self.include_mixer_states and quantizes_weights,  # (no activation reaches a state)
         })
 
     def identity(self) -> dict[str, Any]:
@@ -163,7 +171,7 @@ class SettingFields(Strict):
             ident.pop("weights", None)
             ident["checkpoint"] = {"source": self.checkpoint.source, "revision": self.checkpoint.revision,
                                    **({"models": self.checkpoint.models} if self.checkpoint.models else {})}
-        for k in ("include_routers", "calibration", "checkpoint"):  # (fields newer than most runs: absent at their defaults)
+        for k in ("include_routers", "include_mixer_states", "calibration", "checkpoint"):  # (fields newer than most runs: absent at their defaults)
             if not ident.get(k):
                 ident.pop(k, None)
         for k in registry.options(self):  # a method's options: absent unless used (options of none are still the method)
