@@ -11,6 +11,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Prefect's ephemeral API server gets 20 s to start by default: on 2 busy cores (the suite's subprocess
+# sweeps, servers and workers) that has timed out once; a failure here would be the machine's, not ours
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 REPO = Path(__file__).resolve().parents[1]
 # GGUF files converted to safetensors (quantlens.model.gguf): one cache for the whole suite, every worker

@@ -147,6 +147,11 @@ def _configs() -> dict[str, object]:
                                           qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, pad_token_id=0, eos_token_id=1,
                                           bos_token_id=1, linear_attn_config={"kda_layers": [1, 3], "full_attn_layers": [2, 4],
                                                                               "num_heads": 8, "head_dim": 32, "short_conv_kernel_size": 4}),
+        # a transformer block shared by the hybrid layers (one module a layer, its parameters tied; per-layer LoRA adapters)
+        # reading [z; embeddings], its output projected into the Mamba-2 layer's input (the `shared` layout)
+        "zamba2": T.Zamba2Config(**dict(common, num_hidden_layers=4), intermediate_size=64, num_key_value_heads=4, mamba_headdim=8,
+                                 n_mamba_heads=8, mamba_d_state=8, layers_block_type=["mamba", "hybrid"] * 2, num_mem_blocks=1,
+                                 use_shared_attention_adapter=True, adapter_rank=32, chunk_size=16),
         "lfm2-moe": T.Lfm2MoeConfig(**dict(common, num_hidden_layers=3), intermediate_size=64, moe_intermediate_size=32, num_experts=4,
                                     num_experts_per_tok=2, num_dense_layers=1, num_key_value_heads=2,
                                     layer_types=["conv", "full_attention", "conv"], conv_L_cache=3),
@@ -171,13 +176,13 @@ MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe
 # arch → each block's (main) token mixer (all others: attention); a hybrid keeps its mixers' states 16-bit
 HYBRID = {"qwen3_next": ("linear attention", "attention") * 2, "qwen3.5": ("linear attention", "attention") * 2,
           "jamba": ("ssm", "attention") * 2, "granite-4": ("ssm", "attention"), "falcon-h1": ("attention",) * 2,  # (its Mamba-2: a side mixer)
-          "lfm2-moe": ("short conv", "attention", "short conv"), "mamba": ("ssm", "ssm"),
+          "lfm2-moe": ("short conv", "attention", "short conv"), "mamba": ("ssm", "ssm"), "zamba2": ("ssm", "attention") * 2,
           "nemotron-h": ("ssm", "attention", "none", "none"), "olmo-hybrid": ("linear attention",) * 3 + ("attention",),
           "kimi-linear": ("linear attention", "attention") * 2}  # (its MLP and MoE blocks mix no tokens)
 LAYOUT = {"opt-350m-shape": "post-LN", "gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post-sublayer",
           "gpt-neox": "parallel", "falcon": "parallel", "gpt-j": "parallel", "phi": "parallel", "cohere": "parallel",
           "cohere2": "parallel", "glm4": "sandwich", "afmoe": "sandwich", "cohere2-moe": "parallel",
-          "olmo-hybrid": "pre-LN+post-sublayer"}  # (+: blocks of each layout)
+          "olmo-hybrid": "pre-LN+post-sublayer", "zamba2": "pre-LN+shared"}  # (+: blocks of each layout)
 # Models whose stream and single runs agree to float32 rounding, not bit for bit: Jamba's Mamba-1 computes
 # dt_proj.weight @ x, a broadcast matmul whose CPU result depends on where its operands sit in memory
 # (measured: 4 different results over 16 offsets of the same tensors), and a streamed block's tensors sit elsewhere
@@ -520,6 +525,7 @@ def test_every_named_weight_is_quantized_and_routers_stay_16_bit_unless_included
     assert bool(routers) == (arch in MOE)
     assert all(n.startswith(b.moe_name) for b in body.parts if b.is_moe for n, _ in b.routers)
     before = {n: p.detach().clone() for n, p in body.block_matrix_params().items()}
+    was = {id(p): before[n] for n, p in body.block_matrix_params().items()}  # (a weight shared by several blocks: Zamba2's, one matrix)
     states = {id(p) for _, p in body.state_matrices()}
     vectors = [n for n, p in body.mixer_states() if id(p) not in states]  # (D, dt_bias, norms: 16-bit under every setting)
     assert bool(states) == (arch in HYBRID), body.mixer_states()  # (every hybrid has a conv kernel or an A_log matrix)
@@ -529,11 +535,11 @@ def test_every_named_weight_is_quantized_and_routers_stay_16_bit_unless_included
         try:
             for n, m in routers:
                 w = m.weight.detach()
-                assert torch.equal(w, before[f"{n}.weight"]) != include, f"{arch}: router {n}"
+                assert torch.equal(w, was[id(m.weight)]) != include, f"{arch}: router {n}"
                 if include:
                     assert max(len(torch.unique(r)) for r in w.reshape(w.shape[0], -1)) <= 16, n
             for n, m in body.block_linears():
-                assert not torch.equal(m.weight.detach(), before[f"{n}.weight"]), f"{arch}: linear {n} not quantized"
+                assert not torch.equal(m.weight.detach(), was[id(m.weight)]), f"{arch}: linear {n} not quantized"
             for e in body.experts():
                 for a in e.params:
                     assert not torch.equal(e.tensor(a).detach(), before[e.qualified(a)]), f"{arch}: {e.qualified(a)}"
@@ -588,16 +594,6 @@ def test_mixer_states_are_quantized_when_a_setting_asks(arch, folders):
         resolve_setting({**resolve_setting("W4A16-q4_0").model_dump(exclude={"name"}), "name": "q4_0", "include_mixer_states": True})
 
 
-def _hybrids() -> dict[str, tuple[object, str]]:
-    import transformers as T
-
-    c = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=4, num_key_value_heads=2)
-    return {
-        "zamba2": (T.Zamba2Config(**c, layer_types=["mamba", "hybrid", "mamba", "hybrid"], mamba_headdim=8, n_mamba_heads=8),
-                   r"Zamba2ForCausalLM: hybrid blocks \(ssm, ssm\+attention\) are not supported yet: layers 0,2 are ssm; "
-                   r"layers 1,3 are ssm\+attention \(Zamba2MambaDecoderLayer, Zamba2MambaMixer: not in anatomy.TOKEN_MIXERS\)$"),
-        # (the other hybrids are understood: the composition matrix; Bamba and LFM2 below)
-    }
 
 
 def test_more_hybrids_are_understood():
@@ -615,14 +611,17 @@ def test_more_hybrids_are_understood():
     assert [n.split("conv.", 1)[-1] for n, _ in lfm2.parts[0].mixer_states] == ["conv.weight"]
 
 
-@pytest.mark.parametrize("arch", list(_hybrids()))
-def test_hybrid_models_are_refused_naming_their_layer_types(arch):
-    """A block list mixing tokens otherwise than by attention (mamba, linear attention, short
-    convolutions) is refused in preflight in one line naming the layers, not a norm or block-list
-    symptom (Zamba2's adapter list taken for its blocks; Jamba's "no decoder block list")."""
-    cfg, message = _hybrids()[arch]
-    with pytest.raises(ModelNotUnderstood, match=f"^{message}" if not message.startswith("hybrid") else message) as err:
-        check_config(cfg)
+def test_hybrid_models_are_refused_naming_their_layer_types(monkeypatch):
+    """A block list mixing tokens otherwise than by attention with a mixer quantlens has no row for is
+    refused in preflight in one line naming the layers and the mixer, not a norm or block-list symptom
+    (Zamba2's adapter list taken for its blocks; Jamba's "no decoder block list"): Zamba2 without its row."""
+    import quantlens.model.anatomy as A
+
+    monkeypatch.delitem(A.TOKEN_MIXERS, "Zamba2MambaMixer")
+    with pytest.raises(ModelNotUnderstood, match=r"^Zamba2ForCausalLM: hybrid blocks \(ssm, ssm\+attention\) are not supported yet: "
+                                                 r"layers 0,2 are ssm; layers 1,3 are ssm\+attention \(Zamba2MambaMixer: not in "
+                                                 r"anatomy.TOKEN_MIXERS\)$") as err:
+        check_config(_configs()["zamba2"])
     assert "\n" not in str(err.value)
 
 
@@ -713,3 +712,39 @@ def test_longcat_flash_is_read_as_two_passes_with_identity_experts():
     patching = ex.patching.set_index("patched")["nll"]
     assert patching["all"] == pytest.approx(ex.per_example.query("set == 'large'")["nll_full"].mean(), rel=1e-6)
     assert {"attention", "mlp", "mlp.mlps.0.gate_proj", "mlp.mlps.1.down_proj", "experts.input"} <= set(patching.index)
+
+
+def test_zamba2s_shared_block_is_one_set_of_weights_read_where_each_layer_uses_it(folders):
+    """Zamba2 (the shared layout): the hybrid layers' transformer modules hold one set of tied
+    parameters — counted once among the block matrices, quantized once (its statistics one row a
+    weight) and read once per block when streamed; r(l) at the Mamba's norm, h(l) at the shared MLP's
+    norm, its contribution `linear`'s output. GPTQ calibrates each shared weight once, in the first
+    block that reads it: a layer's adapter where that layer uses it (no dead-input zeros), one result
+    under every name."""
+    from quantlens.quantize.calibrate import calibrate_model
+
+    single, _ = load_model(folders["zamba2"], device="cpu", dtype="float32", placement="single")
+    stream, _ = load_model(folders["zamba2"], device="cpu", dtype="float32", placement="stream")
+    body, layers = anatomy(single), single.model.layers
+    b = body.parts[1]
+    assert (b.layout, b.residual_site, b.h_site, b.mlp_module, b.mlp_input) == (
+        "shared", layers[1].mamba_decoder.input_layernorm, (layers[1].shared_transformer.pre_ff_layernorm, "output"), layers[1].linear,
+        layers[1].shared_transformer.feed_forward.gate_up_proj)
+    assert b.attention is layers[1].shared_transformer.self_attn and [s.module for s in b.side_mixers] == [layers[1].mamba_decoder.mamba]
+    assert len(body.kv_parts()) == 2 and layers[1].shared_transformer.self_attn.q_proj.weight is layers[3].shared_transformer.self_attn.q_proj.weight
+    every = {id(p): p for p in single.model.layers.parameters() if p.ndim >= 2}  # (PyTorch's own dedup of the tied parameters)
+    mats = [p for p in body.block_matrix_params().values() if p.ndim >= 2]  # (its vectors: the Mamba's A_log, D, …)
+    assert len(mats) == len(every) and {id(p) for p in mats} == set(every)
+    report = quantize_(single, "W4A16")
+    restore_(single)
+    assert not any(r.layer.startswith("model.layers.3.shared_transformer") for r in report.layers if r.kind == "weight")
+    s = resolve_setting("W4A8-g16-gptq")
+    calib = torch.randint(1, single.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(9))
+    got = calibrate_model(single, s, calib, batch_size=2)
+    for n, m in body.block_linears():
+        assert torch.equal(got[n], got[next(x for x, y in body.block_linears() if y.weight is m.weight)]), n  # one result a weight
+    slot = "shared_transformer.self_attn.linear_q_adapter_list.1.0"  # layer 3's adapter, held by layer 1's module too
+    assert torch.equal(got[f"model.layers.1.{slot}"], got[f"model.layers.3.{slot}"])
+    assert (got[f"model.layers.1.{slot}"] != 0).any(dim=0).all(), "calibrated where no input reached it: dead columns zeroed"
+    streamed = calibrate_model(stream, s, calib, batch_size=2)
+    assert got.keys() == streamed.keys() and all(torch.equal(got[k], streamed[k]) for k in got)

@@ -74,6 +74,14 @@ MLP's first layer sees (:attr:`Block.h_site`):
   (``post_attention_layernorm.0``); the second attention is a side mixer, the dense MLPs MLPs beside
   the MoE (:attr:`Block.side_mixers`, :attr:`Block.mlp_side`): their outputs are the block's
   contributions to the stream, as every other block's.
+- ``shared`` (Zamba2's hybrid layers, :data:`COMPOSITE_BLOCKS`: a transformer block shared by
+  several layers — one module a layer, its parameters tied — then a Mamba layer): t = Linear(MLP(n(
+  Attn(n([z(l−1); e]))))) with e the embeddings, no residual inside the transformer; z(l) = z(l−1)
+  + Mamba(n(z(l−1) + t)). r(l) = z(l−1) + t, read at the input of the Mamba's norm; h(l) the MLP's
+  input (the output of ``pre_ff_layernorm``); the MLP's contribution is ``linear``'s output. The
+  attention is the block's (its KV cache), the Mamba-2 a side mixer. A weight shared by several
+  blocks is one matrix: counted once in the block matrices, quantized once, read once per block
+  that holds it when streamed.
 
 This module imports nothing else of quantlens: it is the bottom of the model side.
 """
@@ -90,7 +98,7 @@ from torch import nn
 from quantlens.model.shape import ModelShape
 
 KVRoute = Literal["interface", "bloom"]
-Layout = Literal["pre-LN", "post-LN", "sandwich", "post-sublayer", "parallel", "shortcut"]
+Layout = Literal["pre-LN", "post-LN", "sandwich", "post-sublayer", "parallel", "shortcut", "shared"]
 Mixer = Literal["attention", "linear attention", "ssm", "short conv", "none"]
 
 # (XGLM: layer_norm; LFM2: embedding_norm, which its forward applies after the blocks despite the name)
@@ -111,10 +119,11 @@ class LayoutRow:
     site: str | None
     families: str
     blocks: frozenset[str] = frozenset()  # empty: any block with these norms
+    h: str | None = None  # the norm whose output is h(l), the MLP's input, where it is not ``site`` (Zamba2's)
 
 
-def _row(norms: set[str], layout: Layout, site: str | None, families: str, blocks: tuple[str, ...] = ()) -> LayoutRow:
-    return LayoutRow(frozenset(norms), layout, site, families, frozenset(blocks))
+def _row(norms: set[str], layout: Layout, site: str | None, families: str, blocks: tuple[str, ...] = (), h: str | None = None) -> LayoutRow:
+    return LayoutRow(frozenset(norms), layout, site, families, frozenset(blocks), h)
 
 
 # A pre-LN row becomes post-LN (OPT's do_layer_norm_before=False) or parallel (the config's
@@ -139,6 +148,12 @@ LAYOUTS: tuple[LayoutRow, ...] = (
     _row({"input_layernorm"}, "parallel", "input_layernorm", "Phi (phi-2), Cohere, Cohere2, Cohere2-MoE: one norm, no config flag",
          ("PhiDecoderLayer", "CohereDecoderLayer", "Cohere2DecoderLayer", "Cohere2MoeDecoderLayer")),
     _row({"input_layernorm"}, "parallel", "input_layernorm", "Falcon-7B: one norm for both, parallel_attn"),
+    _row({"input_layernorm"}, "pre-LN", "input_layernorm", "Zamba2's Mamba layers: one sublayer, r(l) the stream it reads",
+         ("Zamba2MambaDecoderLayer",)),
+    # the shared transformer reads [z; embeddings], its output projected (linear) and added to the Mamba's input only
+    _row({"mamba_decoder.input_layernorm", "shared_transformer.input_layernorm", "shared_transformer.pre_ff_layernorm"}, "shared",
+         "mamba_decoder.input_layernorm", "Zamba2's hybrid layers: a shared transformer block, then a Mamba layer",
+         ("Zamba2HybridLayer",), h="shared_transformer.pre_ff_layernorm"),
     _row({"ln_1"}, "parallel", "ln_1", "GPT-J: one norm for both", ("GPTJBlock",)),
     _row({"ln_attn", "ln_mlp"}, "parallel", "ln_mlp", "Falcon-40B's new decoder architecture"),
     # one sublayer norm_1 → attention → residual addition → norm_2, returning (r(l), h(l)); the MoE reads h(l)
@@ -206,15 +221,17 @@ MIXERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def _mixer_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
     """(kind, module) of every token mixer inside ``block`` (not the block itself: OLMo-hybrid's
-    LinearAttentionDecoderLayer, Jamba's JambaMambaDecoderLayer), by class name; a module holding no
-    linear is no mixer (MambaRMSNorm)."""
-    out = []
+    LinearAttentionDecoderLayer, Jamba's JambaMambaDecoderLayer), by class name, the innermost where
+    one holds another (Zamba2's Zamba2MambaDecoderLayer inside its hybrid layer holds its
+    Zamba2MambaMixer); a module holding no linear is no mixer (MambaRMSNorm)."""
+    found = []
     for m in list(block.modules())[1:]:
         name = type(m).__name__
         kind = next((k for k, marks in MIXERS if any(x in name for x in marks)), None)
         if kind is not None and any(is_linear(x) for x in m.modules()):
-            out.append((kind, m))
-    return out
+            found.append((kind, m))
+    ids = {id(m) for _, m in found}
+    return [(k, m) for k, m in found if not any(id(x) in ids for x in list(m.modules())[1:])]
 
 
 def _mixers(block: nn.Module) -> str:
@@ -259,10 +276,31 @@ TOKEN_MIXERS: dict[str, MixerRow] = {
     "MambaMixer": MixerRow("ssm", f"Mamba: {_MAMBA1}", ("dt_proj",)),
     "FalconMambaMixer": MixerRow("ssm", f"Falcon-Mamba: {_MAMBA1}, B/C/dt RMS-normalised", ("dt_proj",)),
     "Mamba2Mixer": MixerRow("ssm", f"Mamba-2: {_MAMBA2}"),
+    "Zamba2MambaMixer": MixerRow("ssm", f"Zamba2's Mamba-2: {_MAMBA2}"),
     "NemotronHMamba2Mixer": MixerRow("ssm", f"Nemotron-H's Mamba-2: {_MAMBA2}"),
     # in_proj → B·x gated → short causal conv (conv) → C· gated → out_proj
     "Lfm2ShortConv": MixerRow("short conv", "LFM2's gated short convolution: in_proj → conv → out_proj"),
     "Lfm2MoeShortConv": MixerRow("short conv", "LFM2-MoE's gated short convolution: in_proj → conv → out_proj"),
+}
+
+
+@dataclass(frozen=True)
+class CompositeRow:
+    """A block made of blocks (read from its forward in transformers): the children that are blocks
+    of their own, whose sublayers are the block's (unrolled to ``shared_transformer.self_attn`` …),
+    and the module whose output is its MLP's contribution where that is not the last MLP linear."""
+
+    subblocks: tuple[str, ...]
+    mlp_out: str
+    what: str
+
+
+COMPOSITE_BLOCKS: dict[str, CompositeRow] = {
+    "Zamba2HybridLayer": CompositeRow(
+        ("shared_transformer", "mamba_decoder"), "linear",
+        "Zamba2: a transformer block shared by several layers (its parameters tied: one module a layer, one weight) reads "
+        "[z; embeddings] — attention, then its MLP on the normed attention output, no residual of its own; `linear` "
+        "projects its output into the Mamba layer's input; the Mamba layer adds its output to the stream"),
 }
 
 
@@ -314,8 +352,12 @@ def _is_norm(m: nn.Module) -> bool:
 def _sublayers(block: nn.Module) -> list[tuple[str, nn.Module]]:
     """The block's children, a list of sublayers unrolled into its entries (LongCat-Flash's
     ``self_attn.0``, ``self_attn.1``, ``mlps.0``, ``input_layernorm.1`` …: one sublayer each, what
-    the layout table and the mixers are read from)."""
-    return [(f"{n}.{i}" if isinstance(m, nn.ModuleList) else n, x) for n, m in block.named_children()
+    the layout table and the mixers are read from), a block of :data:`COMPOSITE_BLOCKS` into its
+    blocks' children (Zamba2's ``shared_transformer.self_attn``, ``mamba_decoder.mamba`` …)."""
+    subblocks = COMPOSITE_BLOCKS[type(block).__name__].subblocks if type(block).__name__ in COMPOSITE_BLOCKS else ()
+    children = [(f"{n}.{c}", x) if n in subblocks else (n, m) for n, m in block.named_children()
+                for c, x in (m.named_children() if n in subblocks else [("", m)])]
+    return [(f"{n}.{i}" if isinstance(m, nn.ModuleList) else n, x) for n, m in children
             for i, x in (enumerate(m) if isinstance(m, nn.ModuleList) else [(0, m)])]
 
 
@@ -662,7 +704,7 @@ class Block:
         return [n for n, _ in self.linears()] + [e.qualified(a) for e in self.all_experts for a in e.params] + [n for n, _ in self.all_routers]
 
     def describe(self) -> str:
-        mlp = ", ".join(k for k, _ in self.mlp_linears)
+        mlp = _compact(self.names[id(m)][len(self.name) + 1:] for _, m in self.mlp_linears)
         if not self.has_mlp:
             return "no MLP"
         if self.is_moe:
@@ -677,6 +719,18 @@ class Block:
         return f"MLP [{mlp}]"
 
 
+def _compact(names: Any) -> str:
+    """Linears by leaf name, for descriptions; those in a list by the list, counted (Zamba2's
+    ``linear_q_adapter_list ×4``: one LoRA adapter, two linears, per layer sharing the block)."""
+    counts: dict[str, int] = {}
+    for n in names:
+        parts = n.split(".")
+        at = next((i for i, x in enumerate(parts) if x.isdigit() and i > 0 and not parts[i - 1].isdigit()), None)
+        key = parts[-1] if at is None or not parts[-1].isdigit() else parts[at - 1]
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(k if c == 1 else f"{k} ×{c}" for k, c in counts.items())
+
+
 def layout_row(kind: str, norm_names: list[str]) -> LayoutRow | None:
     """The row of :data:`LAYOUTS` for a block class with these norm children: one naming the class
     first, else one for any class."""
@@ -689,7 +743,7 @@ def _layout(model_name: str, kind: str, norm_names: list[str], config: Any) -> t
     if row is None:
         raise ModelNotUnderstood(
             f"{model_name}: block {kind} has norms [{', '.join(norm_names) or 'none'}]: not a layout quantlens knows "
-            f"(pre-LN, post-LN, sandwich, post-sublayer, parallel), so the residual stream r(l) cannot be located")
+            f"(pre-LN, post-LN, sandwich, post-sublayer, parallel, shortcut, shared), so the residual stream r(l) cannot be located")
     layout, site = row.layout, row.site
     if row.blocks:
         return layout, site
@@ -709,6 +763,7 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
     children = _sublayers(block)
     norm_names = _norm_children(children)
     layout, site_name = _layout(model_name, kind, norm_names, config)
+    h_norm = layout_row(kind, norm_names).h  # (Zamba2's hybrid layers: h(l) at the shared transformer's MLP norm)
     found = [e for n, m in block.named_modules(prefix=name) if (e := _experts_of(model_name, n, m)) is not None]
     mixers, attn_experts, attn_routers = _mixer_experts(name, block, _mixer_children(model_name, kind, name, children), found)
     (mixer, attn_name, attn_mod, attn_linears, attn_out, states), side = (mixers[0] if mixers else NO_MIXER), mixers[1:]
@@ -737,7 +792,8 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
                          and any(id(x) in names for x in m.modules() if is_linear(x) and id(x) not in attn_ids))
     elif mlp:  # the last MLP linear's output is the MLP's output (BLOOM's MLP module adds the residual itself)
         gate = [m for k, m in mlp if "gate" in k]
-        mlp_input, mlp_module = (gate[0] if gate else mlp[0][1]), mlp[-1][1]
+        composite = COMPOSITE_BLOCKS.get(kind)  # (Zamba2's: the MLP's output goes on through its projection `linear`)
+        mlp_input, mlp_module = (gate[0] if gate else mlp[0][1]), block.get_submodule(composite.mlp_out) if composite else mlp[-1][1]
     else:  # a block of one token mixer (Mamba; Nemotron-H's mixer blocks)
         mlp_input = mlp_module = None
     if site_name is None and mlp_input is None:
@@ -747,7 +803,7 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
         h_site: tuple[nn.Module, Literal["input", "output"]] = (mlp_input, "input")
     else:
         residual_site = block.get_submodule(site_name)
-        h_site = (residual_site, "output")
+        h_site = (block.get_submodule(h_norm) if h_norm else residual_site, "output")
 
     _check_accounted(model_name, name, block, (*attn_linears, *(nl for s in sides for nl in s.linears)), mlp_linears,
                      (*attn_experts, *experts), (*attn_routers, *routers), states)
@@ -959,12 +1015,19 @@ class Anatomy:
         """Every weight matrix of the decoder blocks: each ≥ 2-D parameter but the experts' biases
         (gpt-oss' [experts, out]: one bias vector per expert), and every state parameter of a linear
         attention (:attr:`Block.mixer_states`, vectors too: what stays 16-bit there is counted).
-        Qualified name → parameter."""
+        Qualified name → parameter; a matrix shared by several blocks (Zamba2's shared transformer)
+        once, by its first name."""
         biases = {id(getattr(e.owner, f"{a}_bias")) for e in self.experts() if e.has_bias for a in e.params
                   if getattr(e.owner, f"{a}_bias", None) is not None}
-        return {f"{b.name}.{n}": p for b in self.parts for n, p in b.module.named_parameters()
-                if len(shape_of(p)) >= 2 and id(p) not in biases and not is_vector(n, p)} | {
-            n: p for b in self.parts for n, p in b.mixer_states}
+        every = [(f"{b.name}.{n}", p) for b in self.parts for n, p in b.module.named_parameters()
+                 if len(shape_of(p)) >= 2 and id(p) not in biases and not is_vector(n, p)] + self.mixer_states()
+        out: dict[str, nn.Parameter] = {}
+        seen: set[int] = set()
+        for n, p in every:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[n] = p
+        return out
 
     def block_matrix_roles(self) -> dict[str, str]:
         """The role of each of :meth:`block_matrix_params` a setting keeps 16-bit by default:
@@ -1014,11 +1077,12 @@ class Anatomy:
         r = {"pre-LN": "r(l) = the stream at the MLP's norm", "post-LN": "r(l) = z(l−1) + Attn before the norm that follows it",
              "sandwich": "r(l) = the stream at the MLP's norm, after the attention's post-norm", "post-sublayer": "r(l) = the MLP's input (no norm before it)",
              "parallel": "r(l) = z(l−1): attention and MLP read the block input",
-             "shortcut": "two attention → MLP passes, r(l) = the stream at the first MLP's norm, whose output the MoE reads"}[b.layout]
+             "shortcut": "two attention → MLP passes, r(l) = the stream at the first MLP's norm, whose output the MoE reads",
+             "shared": "a shared transformer block's output projected into the Mamba's input, r(l) = the stream at the Mamba's norm"}[b.layout]
         dense = sum(1 for p in self.parts if not p.is_moe)
         mix = f" ({dense} dense, {len(self.parts) - dense} MoE)" if self.is_moe and dense else ""
         return (f"{self.model_type}: {len(self.parts)} blocks{mix} at {self.blocks_name} ({b.layout}; {r}), "
-                + (f"attention {b.attention_name[len(b.name) + 1:]} [{', '.join(n.rsplit('.', 1)[-1] for n, _ in b.attention_linears)}] "
+                + (f"attention {b.attention_name[len(b.name) + 1:]} [{_compact(n[len(b.attention_name) + 1:] for n, _ in b.attention_linears)}] "
                    + "".join(f"then {s.name[len(b.name) + 1:]} " for s in b.side_mixers if s.kind == "attention")  # (LongCat's second pass)
                    + "".join(f"with {e.num_experts} experts [{', '.join(e.params)}] routed by [{', '.join(n.rsplit('.', 1)[-1] for n, _ in b.attention_routers)}] "
                              for e in b.attention_experts)

@@ -21,6 +21,8 @@ recorder's example index) before every block call.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,10 +74,24 @@ def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (h, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": h}
+def with_hidden(args: tuple, kwargs: dict, h: torch.Tensor, block: nn.Module | None = None, i: int = 0) -> tuple[tuple, dict]:
+    """The captured arguments of block 0 as block ``i`` takes them: hidden state ``h`` — and ``i``
+    where the model passes each block its index (Zamba2: ``layer_idx``, by which its shared
+    transformer picks the layer's adapters)."""
+    args, kwargs = ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+    if block is None:
+        return args, kwargs
+    if "layer_idx" in kwargs:
+        return args, {**kwargs, "layer_idx": i}
+    slot = _index_slot(type(block))
+    return ((*args[:slot], i, *args[slot + 1:]) if slot is not None and slot < len(args) else args), kwargs
+
+
+@functools.cache
+def _index_slot(kind: type) -> int | None:
+    """The position of ``layer_idx`` among a block class's forward arguments, or None."""
+    names = [n for n in inspect.signature(kind.forward).parameters][1:]  # (self)
+    return names.index("layer_idx") if "layer_idx" in names else None
 
 
 def layer_kinds(model: nn.Module, blocks: nn.ModuleList) -> list[str | None]:
@@ -192,7 +208,7 @@ def run(
                 b.enter()
                 h = states[j]
                 on_host = h.device != device
-                args, kwargs = with_hidden(*contexts[j][kinds[i]], h.to(device, non_blocking=True) if on_host else h)
+                args, kwargs = with_hidden(*contexts[j][kinds[i]], h.to(device, non_blocking=True) if on_host else h, block, i)
                 out = block(*args, **kwargs)
                 out = out[0] if isinstance(out, tuple) else out
                 states[j] = _to_host(out) if on_host else out

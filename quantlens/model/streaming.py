@@ -150,11 +150,17 @@ def _empty_blocks(path: str, ckpt: Any, state: _Stream, blocks: nn.ModuleList, p
     because the model computes them (non-persistent: Falcon-H1's ``mup_vector``), as (module name,
     module, attribute), left for :func:`_compute_block_buffers`."""
     computed = []
+    tied: dict[int, tuple[nn.Parameter, nn.Parameter, Any]] = {}  # id(parameter) → (it, its placeholder, its source)
     for i, block in enumerate(blocks):
         keys = []
         for mname, mod in block.named_modules():
             for attr, p in list(mod._parameters.items()):
                 if p is None:
+                    continue
+                if id(p) in tied:  # tied across blocks (Zamba2's shared transformer): one placeholder, read under its first name
+                    _, holder, key = tied[id(p)]
+                    mod._parameters[attr] = holder
+                    keys.append((mod, attr, key, True))
                     continue
                 qual = f"{prefix}.{i}.{mname + '.' if mname else ''}{attr}"
                 key = ckpt.source(qual, kinds, tuple(p.shape))
@@ -164,6 +170,7 @@ def _empty_blocks(path: str, ckpt: Any, state: _Stream, blocks: nn.ModuleList, p
                 mod._parameters[attr] = holder
                 state.empty[id(holder)] = holder.data
                 setattr(holder, SHAPE_ATTR, p.shape)
+                tied[id(p)] = (p, holder, key)
                 keys.append((mod, attr, key, True))
             for attr, b in list(mod._buffers.items()):
                 if b is None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -92,7 +92,7 @@ class _Windows:
         """Every calibration batch through block ``i``: its outputs, in order."""
         ys = []
         for j, h in enumerate(self.states):
-            a, kw = with_hidden(*self.contexts[j][self.kinds[i]], h)
+            a, kw = with_hidden(*self.contexts[j][self.kinds[i]], h, block, i)
             y = block(*a, **kw)
             ys.append(y[0] if isinstance(y, tuple) else y)
         return ys
@@ -127,24 +127,54 @@ def calibrate_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *
     contexts = [capture_by_kind(model, blocks[0], {"input_ids": b.to(device)}, kinds) for b in batches]
     windows = _Windows(contexts, kinds, [hidden_of(*c[kinds[0]]) for c in contexts])
     out: dict[str, torch.Tensor] = {}
+    held = [id(m.weight) for b in body.parts for _, m in b.linears()]
+    shared = _Shared({w for w in held if held.count(w) > 1})
     for i, part in enumerate(body.parts):
         with streaming.resident(model, i) if streamed else contextlib.nullcontext(blocks[i]) as block:
-            out.update(_calibrate_block(windows, block, i, part, method, setting, device))
+            out.update(_calibrate_block(windows, block, i, part, method, setting, device, shared))
         if progress:
             progress(i + 1, len(body.parts))
+    for name, w in shared.later.items():
+        if w not in shared.done:
+            raise ConfigError(f"{setting.name}: {name} is a weight several blocks share, and no calibration window reached it")
+        out[name] = shared.done[w]
     return out
 
 
+@dataclass
+class _Shared:
+    """The linear weights several blocks hold (Zamba2's shared transformer: one parameter, a module in
+    each block; its adapters, each read by one of them): each calibrated once, in the first block
+    whose forward reads it, and that result everywhere it is held."""
+
+    ids: set[int]
+    done: dict[int, torch.Tensor] = field(default_factory=dict)  # id(weight) → its calibrated weight
+    later: dict[str, int] = field(default_factory=dict)  # names met where no window read them → id(weight)
+
+
 def _calibrate_block(windows: _Windows, block: nn.Module, i: int, part: Any, method: CalibratedMethod, setting: Setting,
-                     device: torch.device) -> dict[str, torch.Tensor]:
+                     device: torch.device, shared: _Shared) -> dict[str, torch.Tensor]:
     """Block ``i`` calibrated: its inputs read, its experts then linears quantized (in place while the
-    windows run through it again, so that ``windows`` hold what the next block sees), then restored."""
+    windows run through it again, so that ``windows`` hold what the next block sees), then restored;
+    a weight shared with earlier blocks takes the result it got there (:class:`_Shared`)."""
     linears = part.linears()
     seen = _read_inputs(windows, block, i, part, linears, device)
     out: dict[str, torch.Tensor] = {}
     originals: dict[str, tuple[Any, torch.Tensor]] = {}
     _quantize_experts(seen, method, setting, originals, out)
-    _quantize_linears(linears, seen, method, setting, originals, out)
+    fresh = []
+    for n, m in linears:
+        w = id(m.weight)
+        if w in shared.done:
+            originals[n] = (m.weight, m.weight.data)
+            m.weight.data = shared.done[w].to(m.weight.device, m.weight.dtype)
+            out[n] = shared.done[w]
+        elif w in shared.ids and n not in seen.reads:
+            shared.later[n] = w  # (an adapter of another layer: calibrated where its layer reads it)
+        else:
+            fresh.append((n, m))
+    _quantize_linears(fresh, seen, method, setting, originals, out)
+    shared.done |= {id(m.weight): out[n] for n, m in fresh if id(m.weight) in shared.ids}
     if setting.include_mixer_states:
         _quantize_states(part, setting, originals, out)
     windows.states = windows.through(block, i)  # the next block sees what the quantized block gives

@@ -353,9 +353,10 @@ class _Coverage:
             touched = {n: numel(p) for n, (p, _) in originals.items()}
             ids = {n: id(p) for n, (p, _) in originals.items()} | {t.name: id(t.param) for t in deferred.values()}
         elif setting.activations is not None:
-            targeted = {t.name: numel(t.param) for t in layers}
+            once = {id(t.param): t for t in reversed(layers)}.values()  # a weight shared by several blocks (Zamba2's): once, by its first name
+            targeted = {t.name: numel(t.param) for t in once}
             touched = dict(targeted)
-            ids = {t.name: id(t.param) for t in layers}
+            ids = {t.name: id(t.param) for t in once}
         else:
             targeted, touched, ids = {}, {}, {}
         if setting.weights is not None:  # what the setting leaves 16-bit, by role (routers, mixer states, …)
@@ -576,7 +577,7 @@ def _rewrite_weights(model: nn.Module, setting: Setting, weight_targets: list[Ta
         if any(param is p for p, _ in originals.values()):
             continue  # tied weight already done
         if streamed is not None and param.numel() == 0:
-            deferred[id(param)] = t  # read from the checkpoint when its block runs: patched then
+            deferred.setdefault(id(param), t)  # read from the checkpoint when its block runs: patched then (a shared one: by its first name)
             continue
         w = param.data
         wq, stats = _new_tensor(t, w, setting, calibrated)
