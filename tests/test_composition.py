@@ -567,7 +567,7 @@ def test_mixer_states_are_quantized_when_a_setting_asks(arch, folders):
     a DeltaNet's or a short convolution's conv kernel; Falcon-H1's side Mamba-2's) quantized as rows
     of taps — with RTN, with a weight perturbation, and beside GPTQ (which calibrates the linears and
     rounds the states), the streamed model equal to the single one; llama.cpp's block types refused."""
-    from quantlens.quantize.calibrate import calibrate_model
+    from quantlens.quantize.calibrate import cache_key, calibrate_model
 
     single, _ = load_model(folders[arch], device="cpu", dtype="float32", placement="single")
     stream, _ = load_model(folders[arch], device="cpu", dtype="float32", placement="stream")
@@ -588,6 +588,7 @@ def test_mixer_states_are_quantized_when_a_setting_asks(arch, folders):
     calib = torch.randint(1, single.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(9))
     got = {p: calibrate_model(m, s, calib, batch_size=2) for p, m in (("single", single), ("stream", stream))}
     assert {n.removesuffix(".weight") for n in states} <= got["single"].keys() == got["stream"].keys()
+    assert cache_key(single, s, calib) != cache_key(single, resolve_setting("W4A8-g16-gptq"), calib)  # (not the states-free weights)
     assert all(torch.equal(got["single"][k], got["stream"][k]) for k in got["single"])
     _stream_equals_single(single, stream, s, got, windows, f"{arch}/gptq+states")
     with pytest.raises(ConfigError, match=r"include_mixer_states: llama.cpp's types are blocks"):
@@ -735,9 +736,16 @@ def test_zamba2s_shared_block_is_one_set_of_weights_read_where_each_layer_uses_i
     every = {id(p): p for p in single.model.layers.parameters() if p.ndim >= 2}  # (PyTorch's own dedup of the tied parameters)
     mats = [p for p in body.block_matrix_params().values() if p.ndim >= 2]  # (its vectors: the Mamba's A_log, D, …)
     assert len(mats) == len(every) and {id(p) for p in mats} == set(every)
+    q = layers[3].shared_transformer.self_attn.q_proj.weight
+    w = q.detach().clone()
     report = quantize_(single, "W4A16")
-    restore_(single)
-    assert not any(r.layer.startswith("model.layers.3.shared_transformer") for r in report.layers if r.kind == "weight")
+    try:
+        assert not any(r.layer.startswith("model.layers.3.shared_transformer") for r in report.layers if r.kind == "weight")
+        with full_precision(single, ["model.layers.3.shared_transformer.self_attn.q_proj"]):  # by a later block's name: the one weight
+            assert torch.equal(q, w) and torch.equal(layers[1].shared_transformer.self_attn.q_proj.weight, w)
+        assert not torch.equal(q, w)
+    finally:
+        restore_(single)
     s = resolve_setting("W4A8-g16-gptq")
     calib = torch.randint(1, single.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(9))
     got = calibrate_model(single, s, calib, batch_size=2)

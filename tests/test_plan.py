@@ -463,6 +463,10 @@ SMALL = {  # small configs of each family, every feature the count reads switche
     "lfm2": dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], conv_bias=True, block_multiple_of=16),
     "lfm2_moe": dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], num_experts=4, num_experts_per_tok=2,
                      moe_intermediate_size=48, num_dense_layers=1),
+    # Zamba2: a transformer block shared by the hybrid layers (counted once, in its first block), LoRA adapters a layer
+    "zamba2": dict(num_hidden_layers=5, layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid"], num_key_value_heads=4,
+                   n_mamba_heads=8, mamba_headdim=16, mamba_d_state=16, mamba_ngroups=2, num_mem_blocks=2,
+                   use_shared_attention_adapter=True, adapter_rank=16, add_bias_linear=True),
 }
 
 
@@ -518,7 +522,7 @@ def test_counts_from_a_config_equal_the_transformers_model(case):
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "deepseek_v2", "gpt_oss", "gpt_neox", "llama4_text-maverick", "qwen3_next",
-                                  "granitemoehybrid", "nemotron_h", "jamba"])
+                                  "granitemoehybrid", "nemotron_h", "jamba", "zamba2"])
 def test_checkpoint_headers_of_an_moe_give_its_counts_and_input_features(case, tmp_path):
     """A small model saved by transformers (per-expert keys for Mixtral's w1/w2/w3 and DeepSeek's
     experts.<j>.gate_proj, fused [E, in, out] for gpt-oss and Llama-4; the hybrids' conv1d kernels and
@@ -535,6 +539,30 @@ def test_checkpoint_headers_of_an_moe_give_its_counts_and_input_features(case, t
     assert header.largest_linear == computed.largest_linear and header.largest_experts == computed.largest_experts
     assert set(header.linears.values()) == set(computed.linears.values())
     assert not [n for n in header.linears if re.search(r"experts\.\d", n)]  # one entry per expert linear, not per expert
+
+
+def test_a_multimodal_checkpoints_other_towers_are_downloaded_not_loaded(tmp_path):
+    """Llama-4's, Gemma-3's checkpoints hold a vision tower beside the language model: its bytes
+    are downloaded (checkpoint_bytes), its tensors — numbered layers too — never load into the
+    causal LM: not among the parameters, the blocks or the linears preflight checks."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _hf_config("llama", num_hidden_layers=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path)
+    text = P.shape_from_checkpoint(tmp_path)
+    entries = {f"{tower}.layers.{i}.mlp.fc1.weight": [4 * 7, 7] for tower in ("vision_model.model", "model.vision_tower.encoder")
+               for i in range(40)} | {"multi_modal_projector.linear_1.weight": [64, 7]}
+    header, offset = {}, 0
+    for name, shape in entries.items():
+        n = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    (tmp_path / "model-vision.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob)  # headers only
+    s = P.shape_from_checkpoint(tmp_path)
+    assert (s.params, s.block_params, s.outside_params, s.linears) == (text.params, text.block_params, text.outside_params, text.linears)
+    assert s.checkpoint_bytes == text.checkpoint_bytes + offset
 
 
 def test_gpt_oss_mxfp4_blocks_count_as_the_weights_they_hold(tmp_path):
@@ -596,17 +624,17 @@ def test_moe_sweep_is_planned_with_every_expert_in_memory_and_the_top_k_in_time(
 
 
 def test_llama4_and_hybrid_registry_models_are_planned_offline(tmp_path, monkeypatch):
-    """Llama-4, Qwen3.5, Nemotron-H and Granite-4 planned from the registry alone: the group check
+    """Llama-4, Qwen3.5, Nemotron-H, Granite-4 and Zamba2 planned from the registry alone: the group check
     passes their DeltaNet / Mamba linears, memory holds every expert (stream the largest blocks),
     time counts the experts a token uses."""
-    models = ["llama-4-scout-17b-16e", "llama-4-maverick-17b-128e", "qwen3.5-35b-a3b", "nemotron-h-8b", "granite-4.0-h-tiny"]
+    models = ["llama-4-scout-17b-16e", "llama-4-maverick-17b-128e", "qwen3.5-35b-a3b", "nemotron-h-8b", "granite-4.0-h-tiny", "zamba2-2.7b"]
     f = tmp_path / "hybrids.yaml"
     f.write_text(yaml.safe_dump({"name": "hybrids", "experiment": "hybrids", "models": models, "settings": ["W16A16", "W4A16-g128"],
                                  "datasets": [{"name": "wikitext2", "seqlen": 2048}]}))
     plan, cfg = _dry_plan(f, P.planned_target("H200", gpus=8), monkeypatch)
     assert {m: e.placement for m, e in plan.items()} == {  # Scout: 216 GB over 8 GPUs; Maverick's 801 GB do not fit them
         "llama-4-scout-17b-16e": "device_map", "llama-4-maverick-17b-128e": "stream", "qwen3.5-35b-a3b": "single",
-        "nemotron-h-8b": "single", "granite-4.0-h-tiny": "single"}
+        "nemotron-h-8b": "single", "granite-4.0-h-tiny": "single", "zamba2-2.7b": "single"}
     from quantlens.model.loading import registry
 
     for name, e in plan.items():

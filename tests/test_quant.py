@@ -153,3 +153,23 @@ def test_alpha_sweep_on_trained_model_has_interior_minimum(trained):
     # at 3 bits a little clipping lowers ‖Δ‖₂; clipping too much raises it again
     assert min(d, key=d.get) in (0.5, 0.7) and d[0.3] > min(d.values()) and d[1.0] > min(d.values())
     assert [r["clipped_fraction"] for r in rows][-1] == 0.0
+
+
+def test_a_state_matrix_is_quantized_in_rows_its_group_tiles():
+    """include_mixer_states: a conv kernel [channels, 1, 4] under g128 is 4-tap rows, one scale each
+    (its absmax exact, ≤ 2^4 values a row); Mamba-1's dt_proj rows of dt_rank 48 under g32 (32 does
+    not tile 48): one group a row; a group that tiles the row stays the spec's."""
+    from quantlens.quantize.quant import quantize_state, state_spec
+
+    g = QuantSpec(bits=4, granularity="group", group_size=128)
+    assert state_spec(g, 4).group_size == 4 and state_spec(g, 256).group_size == 128
+    assert state_spec(QuantSpec(bits=4, granularity="group", group_size=32), 48).group_size == 48
+    assert state_spec(QuantSpec(bits=4, granularity="group", group_size=16), 48).group_size == 16
+    assert state_spec(QuantSpec(bits=4), 4) == QuantSpec(bits=4)  # (per channel: already one scale a row)
+    w = torch.randn(64, 1, 4, generator=torch.Generator().manual_seed(0))
+    q = quantize_state(w, g).xq
+    assert q.shape == w.shape and not torch.equal(q, w)
+    rows, qrows = w.reshape(64, 4), q.reshape(64, 4)
+    big = rows.abs().argmax(dim=1)
+    assert torch.allclose(qrows.gather(1, big[:, None]), rows.gather(1, big[:, None]))  # each row's absmax on its grid
+    assert torch.equal(qrows, quantize(rows, state_spec(g, 4)).xq)

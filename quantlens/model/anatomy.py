@@ -700,8 +700,9 @@ class Block:
         return sorted(both, key=lambda nm: order[id(nm[1])])
 
     def weight_names(self) -> list[str]:
-        """Every quantizable weight's name: linears, expert tensors, routers."""
-        return [n for n, _ in self.linears()] + [e.qualified(a) for e in self.all_experts for a in e.params] + [n for n, _ in self.all_routers]
+        """Every quantizable weight's name: linears, expert tensors, routers, state matrices (include_mixer_states)."""
+        return ([n for n, _ in self.linears()] + [e.qualified(a) for e in self.all_experts for a in e.params]
+                + [n for n, _ in self.all_routers] + [state_key(n) for n, _ in self.state_matrices])
 
     def describe(self) -> str:
         mlp = _compact(self.names[id(m)][len(self.name) + 1:] for _, m in self.mlp_linears)
@@ -720,8 +721,9 @@ class Block:
 
 
 def _compact(names: Any) -> str:
-    """Linears by leaf name, for descriptions; those in a list by the list, counted (Zamba2's
-    ``linear_q_adapter_list ×4``: one LoRA adapter, two linears, per layer sharing the block)."""
+    """Linears by leaf name, for descriptions, a name met again counted (LongCat's two MLPs: ``gate_proj
+    ×2``); a linear whose leaf is an index by the list holding it (Zamba2's ``linear_q_adapter_list ×4``:
+    one LoRA adapter, two linears, per layer sharing the block)."""
     counts: dict[str, int] = {}
     for n in names:
         parts = n.split(".")
@@ -738,7 +740,8 @@ def layout_row(kind: str, norm_names: list[str]) -> LayoutRow | None:
     return min(rows, key=lambda r: not r.blocks, default=None)
 
 
-def _layout(model_name: str, kind: str, norm_names: list[str], config: Any) -> tuple[Layout, str | None]:
+def _layout(model_name: str, kind: str, norm_names: list[str], config: Any) -> tuple[Layout, str | None, str | None]:
+    """(layout, the norm whose input is r(l), the norm whose output is h(l) where not that one)."""
     row = layout_row(kind, norm_names)
     if row is None:
         raise ModelNotUnderstood(
@@ -746,24 +749,23 @@ def _layout(model_name: str, kind: str, norm_names: list[str], config: Any) -> t
             f"(pre-LN, post-LN, sandwich, post-sublayer, parallel, shortcut, shared), so the residual stream r(l) cannot be located")
     layout, site = row.layout, row.site
     if row.blocks:
-        return layout, site
+        return layout, site, row.h
     if layout == "pre-LN":
         if getattr(config, "do_layer_norm_before", True) is False:
-            return "post-LN", norm_names[0]  # the norm after the attention's residual addition (OPT-350m)
+            return "post-LN", norm_names[0], None  # the norm after the attention's residual addition (OPT-350m)
         if any(getattr(config, f, False) for f in PARALLEL_FLAGS):
-            return "parallel", site
+            return "parallel", site, None
     elif layout == "parallel" and not any(getattr(config, f, layout == "parallel") for f in PARALLEL_FLAGS if hasattr(config, f)):
         raise ModelNotUnderstood(f"{model_name}: block {kind} has norms [{', '.join(norm_names)}], a parallel block's, but its config "
                                  f"does not say its residual is parallel ({' / '.join(PARALLEL_FLAGS)}): r(l) cannot be located")
-    return layout, site
+    return layout, site, row.h
 
 
 def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any) -> Block:
     kind = type(block).__name__
     children = _sublayers(block)
     norm_names = _norm_children(children)
-    layout, site_name = _layout(model_name, kind, norm_names, config)
-    h_norm = layout_row(kind, norm_names).h  # (Zamba2's hybrid layers: h(l) at the shared transformer's MLP norm)
+    layout, site_name, h_norm = _layout(model_name, kind, norm_names, config)  # (h_norm: Zamba2's, at the shared MLP's norm)
     found = [e for n, m in block.named_modules(prefix=name) if (e := _experts_of(model_name, n, m)) is not None]
     mixers, attn_experts, attn_routers = _mixer_experts(name, block, _mixer_children(model_name, kind, name, children), found)
     (mixer, attn_name, attn_mod, attn_linears, attn_out, states), side = (mixers[0] if mixers else NO_MIXER), mixers[1:]
@@ -922,6 +924,13 @@ def _routers(moe_name: str, moe: nn.Module, experts: Experts) -> list[tuple[str,
     return out
 
 
+def first_names(named: Any) -> dict[str, str]:
+    """Each name of (name, tensor) pairs → the first name holding the same tensor: a weight tied
+    across blocks (Zamba2's shared transformer) is one matrix, named by its first block."""
+    seen: dict[int, str] = {}
+    return {n: seen.setdefault(id(p), n) for n, p in named}
+
+
 def state_key(param_name: str) -> str:
     """A state matrix's name in reports and calibrated weights: its module's for a ``weight`` (a
     conv kernel, named as a linear is), else the parameter's (``…mixer.A_log``)."""
@@ -1021,13 +1030,8 @@ class Anatomy:
                   if getattr(e.owner, f"{a}_bias", None) is not None}
         every = [(f"{b.name}.{n}", p) for b in self.parts for n, p in b.module.named_parameters()
                  if len(shape_of(p)) >= 2 and id(p) not in biases and not is_vector(n, p)] + self.mixer_states()
-        out: dict[str, nn.Parameter] = {}
-        seen: set[int] = set()
-        for n, p in every:
-            if id(p) not in seen:
-                seen.add(id(p))
-                out[n] = p
-        return out
+        first = first_names(every)
+        return {n: p for n, p in every if first[n] == n}
 
     def block_matrix_roles(self) -> dict[str, str]:
         """The role of each of :meth:`block_matrix_params` a setting keeps 16-bit by default:

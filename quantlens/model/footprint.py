@@ -180,6 +180,13 @@ REGISTRY_CONFIGS: dict[str, dict[str, Any]] = {
                            "intermediate_size": 512, "shared_intermediate_size": 1024, "mamba_n_heads": 48, "mamba_d_head": 64,
                            "mamba_d_state": 128, "mamba_n_groups": 1, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_conv_bias": True,
                            "mamba_proj_bias": False, "layer_types": _mamba_and_attention(40, (5, 15, 25, 35))},
+    # Zamba2: Mamba-2 layers, and two transformer blocks shared in turn by the 9 hybrid ones (counted once each)
+    "zamba2-2.7b": {"model_type": "zamba2", "num_hidden_layers": 54, "hidden_size": 2560, "intermediate_size": 10240,
+                    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+                    "layers_block_type": ["hybrid" if i in (6, 12, 18, 24, 30, 36, 42, 47, 51) else "mamba" for i in range(54)],
+                    "n_mamba_heads": 80, "mamba_headdim": 64, "mamba_d_state": 64, "mamba_ngroups": 1, "mamba_expand": 2,
+                    "mamba_d_conv": 4, "num_mem_blocks": 2, "adapter_rank": 128, "use_shared_attention_adapter": False,
+                    "add_bias_linear": False, "tie_word_embeddings": True},
     # The Pythia ladder (GPT-NeoX: fused query_key_value, biased linears and LayerNorms, untied
     # embed_out, rotary on a quarter of each head). Vocabularies padded: 50304, 50432 for 6.9b,
     # 50688 for 12b (these eight match the Pythia paper's parameter counts exactly); the 14m and 31m
@@ -627,6 +634,8 @@ def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
     cfg = text_config(cfg)
     d = dims(cfg)
     H, F, V, L, t = d["hidden"], d["ffn"], d["vocab"], d["layers"], d["type"]
+    if t == "zamba2":
+        return _zamba2_shape(cfg, d, source)
     layer_norm = t in LAYER_NORM_TYPES
     biased = bool(layer_norm and cfg.get("enable_bias", True) or cfg.get("mlp_bias"))
     norm = 2 * H if layer_norm else H  # LayerNorm: weight + bias
@@ -665,6 +674,46 @@ def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
                  largest_experts=mlps["moe"].experts_tensor if moe else 0, experts=moe["experts"] if moe else 0)
 
 
+def _zamba2_shape(cfg: dict[str, Any], d: dict[str, Any], source: str) -> Shape:
+    """Zamba2 (anatomy's ``shared`` layout): a Mamba-2 layer in every block (its inner width
+    ``mamba_expand`` × hidden, conv bias always, in/out bias ``add_bias_linear``, a gated norm); each
+    hybrid block also a projection ``linear`` and one of ``num_mem_blocks`` transformer blocks, shared
+    (its parameters counted once, in the first block holding it): attention on [z; embeddings]
+    (``attention_hidden_size``, 2 × hidden), q/k/v LoRA adapters (``use_shared_attention_adapter``),
+    a gated MLP with its gate_up adapters, one adapter of each per hybrid layer using the block."""
+    H, F, V, t = d["hidden"], d["ffn"], d["vocab"], d["type"]
+    kinds = [_KIND_NAMES.get(k, k) for k in cfg["layers_block_type"]]
+    heads, kvh, r, mem = d["heads"], d["kv_heads"], int(cfg.get("adapter_rank") or 128), int(cfg.get("num_mem_blocks") or 1)
+    A = int(cfg.get("attention_hidden_size") or 2 * H)
+    hd = int(cfg.get("attention_head_dim") or A // heads)
+    bias = bool(cfg.get("add_bias_linear"))
+    nh, hp, N, g = int(cfg["n_mamba_heads"]), int(cfg["mamba_headdim"]), int(cfg["mamba_d_state"]), int(cfg.get("mamba_ngroups") or 1)
+    inner = int(cfg.get("mamba_expand") or 2) * H
+    conv = inner + 2 * g * N
+    mamba_lin = {"mamba.in_proj": (inner + conv + nh, H), "mamba.out_proj": (H, inner)}
+    mamba = sum(o * i for o, i in mamba_lin.values()) + (inner + conv + nh + H if bias else 0) + conv * int(cfg.get("mamba_d_conv") or 4) + conv
+    mamba += 3 * nh + inner + H  # dt_bias, A_log, D; the gated norm; the layer's input norm
+    attn = {"q_proj": (heads * hd, A), "k_proj": (kvh * hd, A), "v_proj": (kvh * hd, A), "o_proj": (H, heads * hd)}
+    mlp = {"gate_up_proj": (2 * F, H), "down_proj": (H, F)}
+    adapters = {"linear_q_adapter.0": (r, A), "linear_q_adapter.1": (A, r)} if cfg.get("use_shared_attention_adapter") else {}
+    mlp_adapter = {"gate_up_proj_adapter.0": (r, H), "gate_up_proj_adapter.1": (2 * F, r)}
+    hybrids = [i for i, k in enumerate(kinds) if k == "hybrid"]
+    uses = [sum(1 for j in range(len(hybrids)) if j % mem == b) for b in range(mem)]  # adapter slots each shared block holds
+    per_adapter = 3 * sum(o * i for o, i in adapters.values()) + sum(o * i for o, i in mlp_adapter.values())
+    shared = [sum(o * i for o, i in (attn | mlp).values()) + (2 * F + H if bias else 0) + A + H + uses[b] * per_adapter for b in range(mem)]
+    blocks = []
+    for i, k in enumerate(kinds):
+        j = hybrids.index(i) if k == "hybrid" else None
+        blocks.append(mamba + (H * H + (shared[j] if j < mem else 0) if j is not None else 0))
+    linears = {f"layers.*.{n}": v for n, v in {**mamba_lin, **(({"linear": (H, H)} | attn | mlp | adapters | mlp_adapter) if hybrids else {})}.items()}
+    outside = _outside_params(cfg, d, H)
+    params = sum(blocks) + outside
+    return Shape(params=params, layers=len(kinds), hidden=H, ffn=F, vocab=V, heads=heads, model_type=t,
+                 max_positions=int(d["max_pos"]) if d["max_pos"] else None, block_params=max(blocks),
+                 largest_linear=max(o * i for o, i in linears.values()), linears={n: i for n, (_, i) in linears.items()},
+                 source=source, head_dim=hd, active_params=params, outside=outside)
+
+
 def safetensors_header(path: Path) -> dict[str, Any]:
     """A safetensors file's header (names, dtypes, shapes): its first 8 + n bytes, no tensor read."""
     with open(path, "rb") as fh:
@@ -681,7 +730,11 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 # saved buffers that load as no parameter: rotary frequencies, old GPT-2 / GPT-NeoX causal masks,
 # DeepSeek-V3's router score correction, LFM2-MoE's expert bias
 _NOT_PARAMS = ("inv_freq", "masked_bias", "e_score_correction_bias", "expert_bias")
-_NOT_LINEARS = ("dt_proj.weight",)  # Mamba-1's dt_proj: applied by its weight, a state the patcher keeps 16-bit
+_NOT_LINEARS = ("dt_proj.weight",)
+# a multimodal checkpoint's other towers: downloaded, never loaded by the causal LM (Llama-4's vision_model and
+# multi_modal_projector, Gemma-3's vision_tower, Qwen-VL's visual, Gemma-3n's audio_tower and embed_vision)
+_OTHER_TOWERS = re.compile(r"(?:^|\.)(?:vision_tower|vision_model|visual|audio_tower|audio_model|multi_modal_projector|mm_projector|"
+                           r"embed_vision|embed_audio)\.")  # Mamba-1's dt_proj: applied by its weight, a state the patcher keeps 16-bit
 
 
 def _header_entry(name: str, shp: list[int], dtype: str, transposed: bool) -> tuple[int, int | None]:
@@ -716,7 +769,8 @@ def shape_from_checkpoint(folder: str | Path) -> Shape:
     (``mlp.experts.0.gate_proj.weight``, Mixtral's ``block_sparse_moe.experts.0.w1.weight``) and
     fused ones (``mlp.experts.gate_up_proj``, gpt-oss' ``[E, in, out]`` and its MXFP4 ``_blocks``)
     give their input features; the block is the largest one; tensors of blocks beyond the config's
-    layers (DeepSeek-V3's multi-token-prediction layer) are downloaded but not loaded."""
+    layers (DeepSeek-V3's multi-token-prediction layer) and a multimodal checkpoint's vision and audio
+    towers are downloaded but not loaded."""
     folder = Path(folder)
     cfg = json.loads((folder / "config.json").read_text())
     files = sorted(folder.glob("*.safetensors"))
@@ -734,6 +788,8 @@ def shape_from_checkpoint(folder: str | Path) -> Shape:
                 continue
             shp, dtype = meta["shape"], meta.get("dtype", "F16")
             nbytes += math.prod(shp) * _DTYPE_BYTES.get(dtype, 2)
+            if _OTHER_TOWERS.search(name):
+                continue  # (its bytes downloaded: counted above)
             count, n_in = _header_entry(name, shp, dtype, transposed)
             m = _BLOCK.search(name)
             if m is not None and int(m.group(1)) >= computed.layers:

@@ -74,13 +74,11 @@ def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def with_hidden(args: tuple, kwargs: dict, h: torch.Tensor, block: nn.Module | None = None, i: int = 0) -> tuple[tuple, dict]:
+def with_hidden(args: tuple, kwargs: dict, h: torch.Tensor, block: nn.Module, i: int) -> tuple[tuple, dict]:
     """The captured arguments of block 0 as block ``i`` takes them: hidden state ``h`` — and ``i``
     where the model passes each block its index (Zamba2: ``layer_idx``, by which its shared
     transformer picks the layer's adapters)."""
     args, kwargs = ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
-    if block is None:
-        return args, kwargs
     if "layer_idx" in kwargs:
         return args, {**kwargs, "layer_idx": i}
     slot = _index_slot(type(block))

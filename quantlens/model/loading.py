@@ -61,6 +61,7 @@ def _entries() -> dict[str, ModelInfo]:
         ("qwen3.5-35b-a3b", "qwen", 34.7, "Qwen/Qwen3.5-35B-A3B"),
         ("nemotron-h-8b", "nemotron", 8.1, "nvidia/Nemotron-H-8B-Base-8K"),
         ("granite-4.0-h-tiny", "granite", 6.9, "ibm-granite/granite-4.0-h-tiny"),
+        ("zamba2-2.7b", "zamba", 2.66, "Zyphra/Zamba2-2.7B-Instruct-v2"),  # (one transformer block shared by 9 of its 54 layers)
     ]:
         out[name] = ModelInfo(name, family, b, hf_id)
     # The Pythia suite: one architecture and one training run at ten sizes (the size-scaling ladder)

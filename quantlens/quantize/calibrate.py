@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections import Counter
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,8 @@ def cache_key(model: nn.Module, setting: Setting, samples: torch.Tensor) -> str:
             files.append((f.name, st.st_size, int(st.st_mtime)))
     ident = setting.identity()
     what = {k: ident.get(k) for k in ("weights", "gptq", "awq")}  # (noise matched to it: the same calibration)
+    if setting.include_mixer_states:  # (the states rounded in the pass: what the next blocks are calibrated on; absent: earlier keys)
+        what["include_mixer_states"] = True
     for m in registry.chosen(setting):  # a method registered since: its options too
         what.setdefault(m.option, ident.get(m.option))
     ident = {"source": str(source), "files": files, "type": type(model).__name__, "setting": what,
@@ -127,8 +130,8 @@ def calibrate_model(model: nn.Module, setting: Setting, samples: torch.Tensor, *
     contexts = [capture_by_kind(model, blocks[0], {"input_ids": b.to(device)}, kinds) for b in batches]
     windows = _Windows(contexts, kinds, [hidden_of(*c[kinds[0]]) for c in contexts])
     out: dict[str, torch.Tensor] = {}
-    held = [id(m.weight) for b in body.parts for _, m in b.linears()]
-    shared = _Shared({w for w in held if held.count(w) > 1})
+    held = Counter(id(m.weight) for b in body.parts for _, m in b.linears())
+    shared = _Shared({w for w, n in held.items() if n > 1})
     for i, part in enumerate(body.parts):
         with streaming.resident(model, i) if streamed else contextlib.nullcontext(blocks[i]) as block:
             out.update(_calibrate_block(windows, block, i, part, method, setting, device, shared))
@@ -239,7 +242,8 @@ def _quantize_linears(linears: list[tuple[str, nn.Module]], seen: _BlockInputs, 
 def _quantize_states(part: Any, setting: Setting, originals: dict[str, tuple[Any, torch.Tensor]], out: dict[str, torch.Tensor]) -> None:
     """The block's mixer state matrices (``include_mixer_states``) rounded to nearest, in place: no
     linear's input Hessian reaches a conv kernel or an A_log, so the method calibrates the linears
-    only (the next blocks still see the states quantized)."""
+    only — on the inputs the block gave with its states in 16 bits, as GPTQ calibrates a block's
+    linears on its float inputs — and the next blocks see the states quantized."""
     for name, p in part.state_matrices:
         originals[state_key(name)] = (p, p.data)
         p.data = quantize_state(p.data, setting.weights).xq

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from quantlens.model import streaming
-from quantlens.model.anatomy import Experts, ModelNotUnderstood, anatomy, in_features, is_conv1d, shape_of, state_key
+from quantlens.model.anatomy import Experts, ModelNotUnderstood, anatomy, first_names, in_features, is_conv1d, shape_of, state_key
 from quantlens.model.checkpoint import model_checkpoint
 from quantlens.quantize import moe
 from quantlens.quantize import kv, lens
@@ -88,14 +88,15 @@ class PatchReport:
 @dataclass(frozen=True)
 class Target:
     """One weight a setting rewrites: a linear-like layer's (``nn.Linear``, GPT-2's transposed
-    ``Conv1D``, a router), one fused expert tensor (every expert's slice of it), or an embedding."""
+    ``Conv1D``, a router), one fused expert tensor (every expert's slice of it), an embedding, or a
+    token mixer's state matrix (``include_mixer_states``: ``attr`` names it on its module)."""
 
     name: str  # qualified name: a module's, or ``<experts>.<tensor>`` for an expert tensor
     module: nn.Module
     kind: str  # "linear" | "router" | "experts" | "embedding" | "state" (a token mixer's state matrix: include_mixer_states)
     experts: Experts | None = None
     attr: str = "weight"
-    spec: QuantSpec | None = None  # its own weights spec (a llama.cpp mixture's type for it); None: the setting's
+    spec: QuantSpec | None = None  # its own weights spec (a llama.cpp mixture's type for it; a state's row-long group); None: the setting's
     site: nn.Module | None = None  # the module called with its input where the module itself never is (LongCat's router, Block.router_input)
 
     @property
@@ -118,7 +119,9 @@ class Target:
 def targets(model: nn.Module, setting: Setting) -> list[Target]:
     """What ``setting`` acts on, from the model's anatomy: every attention and MLP linear of the
     decoder blocks (shared experts included), every expert tensor, the routers if
-    ``include_routers``, the LM head if ``include_lm_head`` (embeddings: :func:`quantize_`)."""
+    ``include_routers``, the mixers' state matrices if ``include_mixer_states``, the LM head if
+    ``include_lm_head`` (embeddings: :func:`quantize_`). A weight several blocks hold (Zamba2's
+    shared transformer) is a target under each block's name, rewritten once."""
     body = anatomy(model)
     out = [Target(n, m, "linear") for n, m in body.block_linears()]
     out += [Target(e.qualified(a), e.owner, "experts", e, a) for e in body.experts() for a in e.params]
@@ -174,14 +177,15 @@ def _check_compatible(layers: list[Target], setting: Setting) -> None:
     for kind, spec in (("weights", setting.weights), ("activations", setting.activations)):
         if spec is None or spec.granularity != "group" or (kind == "weights" and setting.checkpoint is not None):
             continue  # (a checkpoint's weights spec describes it: its own blocks were checked against the model when read)
-        reached = [t for t in layers if kind == "weights" or t.kind != "state"]  # (no activation reaches a state)
-        row_spec = lambda t: (t.spec if t.kind == "state" and t.spec is not None else spec).for_row(t.in_features)  # noqa: E731
-        misfit = next((t for t in reached if t.in_features % row_spec(t).group_size), None)
+        from quantlens.model.shape import group_misfit
+
+        rows = ((t.name, t.in_features) for t in layers if t.kind != "state")  # (a state's group always tiles its row: state_spec)
+        misfit = group_misfit(lambda n: spec.for_row(n).group_size, rows)
         if misfit is not None:
-            hint = " (a token mixer's state matrix, include_mixer_states: llama.cpp keeps these in F32)" if misfit.kind == "state" else ""
+            name, n_in = misfit
             raise ConfigError(
-                f"invalid setting {setting.name!r}: {kind}.group_size: {row_spec(misfit).group_size} does not divide "
-                f"in_features={misfit.in_features} of layer {misfit.name!r}{hint}"
+                f"invalid setting {setting.name!r}: {kind}.group_size: {spec.for_row(n_in).group_size} does not divide "
+                f"in_features={n_in} of layer {name!r}"
             )
 
 
@@ -320,6 +324,7 @@ class _PatchState:
     coverage: "_Coverage | None" = None
     calibrated: dict[str, torch.Tensor] | None = None  # a calibrated setting's weights (GPTQ, AWQ, a checkpoint's), by name
     overridden: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)  # other parameters set, and their own data
+    first: dict[str, str] = field(default_factory=dict)  # each target's name → the first name of its weight (Zamba2's shared ones)
 
 
 @dataclass
@@ -353,7 +358,8 @@ class _Coverage:
             touched = {n: numel(p) for n, (p, _) in originals.items()}
             ids = {n: id(p) for n, (p, _) in originals.items()} | {t.name: id(t.param) for t in deferred.values()}
         elif setting.activations is not None:
-            once = {id(t.param): t for t in reversed(layers)}.values()  # a weight shared by several blocks (Zamba2's): once, by its first name
+            first = first_names((t.name, t.param) for t in layers)  # a weight shared by several blocks (Zamba2's): once
+            once = [t for t in layers if first[t.name] == t.name]
             targeted = {t.name: numel(t.param) for t in once}
             touched = dict(targeted)
             ids = {t.name: id(t.param) for t in once}
@@ -518,7 +524,7 @@ def quantize_(
     if setting.kv is not None:
         kv_states = kv.attach(model, setting.kv, setting.perturbation if setting.perturbs_kv() else None, activation_stats_forwards)
     state = _PatchState(setting, originals, handles, act_state, report, kv_states, deferred, calibrated=calibrated,
-                        overridden=overridden)
+                        overridden=overridden, first=first_names((t.name, t.param) for t in layers))
     state.coverage = _Coverage.of(model, setting, layers, originals, deferred, kv_states)
     report.coverage = state.coverage.metrics()
     setattr(model, _STATE_ATTR, state)
@@ -739,7 +745,9 @@ def patched_layers(model: nn.Module) -> set[str]:
     state: _PatchState | None = getattr(model, _STATE_ATTR, None)
     if state is None:
         return set()
-    return set(state.originals) | {t.name for t in state.deferred.values()} | ({t.name for t in targets(model, state.setting)} if state.activations else set())
+    weights = set(state.originals) | {t.name for t in state.deferred.values()}
+    shared = {n for n, f in state.first.items() if f in weights}  # a weight several blocks hold: under each block's name
+    return weights | shared | ({t.name for t in targets(model, state.setting)} if state.activations else set())
 
 
 @contextmanager
@@ -747,7 +755,8 @@ def full_precision(model: nn.Module, layers: Iterable[str] | None = None, *, act
     """Run a patched model with its 16-bit originals, then switch back: the two weight versions of
     one model, swapped by pointer (no re-quantization, bit-exact both ways).
 
-    ``layers``: qualified names of the patched linears to switch (default: all of them);
+    ``layers``: qualified names of the patched linears to switch (default: all of them) — a weight
+    several blocks hold (Zamba2's shared transformer) is switched in every block that holds it;
     ``activations``: also bypass their activation quantization (False: weights only). No-op on an
     unpatched model. Originals kept on the CPU (a model on a GPU, ``keep_originals_on="auto"``)
     are copied to the device at each switch: patch with ``keep_originals_on="same"`` to switch often.
@@ -766,12 +775,13 @@ def full_precision(model: nn.Module, layers: Iterable[str] | None = None, *, act
                           "them (AWQ's folded scales), so some layers at full precision beside the others is no model at all: "
                           "mechanism analyses need a checkpoint that keeps the model's other tensors")
     swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
-    streamed_fp = chosen & {t.name for t in state.deferred.values()} - state.full_precision  # read as they are while inside
+    weights = {state.first.get(n, n) for n in chosen}  # (a shared weight by its first name)
+    streamed_fp = weights & {t.name for t in state.deferred.values()} - state.full_precision  # read as they are while inside
     bypassed = set()
     kv_off: list[Any] = []
     try:
         with torch.no_grad():
-            for name in chosen & set(state.originals):
+            for name in weights & set(state.originals):
                 param, orig = state.originals[name]
                 swapped.append((param, param.data))
                 param.data = _original(orig, param.data)

@@ -156,10 +156,11 @@ def _grid_quantize(xf: torch.Tensor, xg: torch.Tensor, spec: QuantSpec) -> tuple
 
 
 def state_spec(spec: QuantSpec, n: int) -> QuantSpec:
-    """The spec a token mixer's state matrix gets, its rows ``n`` long (a conv kernel's taps,
-    ``include_mixer_states``): ``spec``, or — a group longer than the row — one group a row, the
-    row's own scale (llama.cpp's blocks are types: a Setting refuses them on states)."""
-    if spec.granularity == "group" and spec.group_size > n:
+    """The spec a token mixer's state matrix gets, its rows ``n`` long (``include_mixer_states``: a
+    conv kernel's 4 taps, Mamba-1's dt_proj's dt_rank): ``spec``, or — a group that does not tile
+    the row (longer than it, or not dividing it: dt_rank 48 under g32) — one group a row, the row's
+    own scale (llama.cpp's blocks are types: a Setting refuses them on states)."""
+    if spec.granularity == "group" and (spec.group_size > n or n % spec.group_size):
         return spec.model_copy(update={"group_size": n})
     return spec
 

@@ -43,8 +43,9 @@ class SettingFields(Strict):
                                   "by default they stay 16-bit, as deployed MoE quantization leaves them")
     include_mixer_states: bool = Field(False, description="the state matrices of a hybrid's token mixers (conv kernels, "
                                        "Mamba-1's A_log and dt_proj) quantized too, each row along its last dimension "
-                                       "(a group longer than the row is the row); by default they stay 16-bit, as "
-                                       "llama.cpp keeps them. Vectors (D, dt_bias, norms, biases) stay 16-bit always")
+                                       "(a group that does not tile the row is the row); by default they stay 16-bit "
+                                       "(llama.cpp keeps conv kernels and A in F32, though it quantizes Mamba-1's dt_proj). "
+                                       "Vectors (D, dt_bias, norms, biases) stay 16-bit always")
     calibration: CalibrationSpec | None = Field(None, description="this setting's calibration data (else the sweep's)")
     checkpoint: CheckpointSpec | None = Field(None, description="the weights of a released quantized checkpoint "
                                               "(hub id or folder), dequantized into the loaded model")
@@ -71,8 +72,8 @@ class SettingFields(Strict):
                                  "include_routers / include_mixer_states do not apply")
             return self
         if self.include_mixer_states and self.weights is not None and (self.weights.format in ("ggml", "iq4nl") or self.weights.mixture):
-            raise ValueError("include_mixer_states: llama.cpp's types are blocks of 32 or 256, longer than a state matrix's rows "
-                             "(a conv kernel's taps; llama.cpp keeps these F32); use a format whose group can be the row")
+            raise ValueError("include_mixer_states: llama.cpp's types are blocks of 32 or 256, longer than a conv kernel's rows "
+                             "of 4 taps (llama.cpp keeps those F32); use a format whose group can be the row")
         if not methods:
             if self.calibration is not None:
                 raise ValueError(f"calibration: only a calibrated method ({_method_list()}) uses calibration data")
