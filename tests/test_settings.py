@@ -84,6 +84,9 @@ def test_the_settings_algebra_one_computation_one_identity():
     states = resolve_setting({"name": "g", "base": "W4A16", "include_mixer_states": True})
     assert not states.same_computation(resolve_setting("W4A16")) and states.identity()["include_mixer_states"] is True
     assert "include_mixer_states" not in resolve_setting("W4A16").identity()  # (run keys of earlier runs unchanged)
+    assert states.flat_params()["include"] == "mixer_states" and "include" not in resolve_setting("W4A16").flat_params()
+    both = resolve_setting({"name": "h", "base": "W4A16", "include_mixer_states": True, "include_routers": True})
+    assert both.flat_params()["include"] == "routers+mixer_states"  # (filterable in MLflow: params.include)
     assert not resolve_setting({"name": "f", "base": "W4A16", "include_lm_head": True}).same_computation(resolve_setting("W4A16"))
     assert w16.flat_params()["reference"] is True and resolve_setting("W16A16KV4").flat_params()["reference"] is False
 

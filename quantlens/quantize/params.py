@@ -20,6 +20,8 @@ class Described(Protocol):
     kv: KVSpec | None
     perturbation: PerturbSpec | None
     checkpoint: CheckpointSpec | None
+    include_routers: bool
+    include_mixer_states: bool
 
     @property
     def is_reference(self) -> bool: ...
@@ -52,7 +54,8 @@ def flat_params(s: Described) -> dict[str, Any]:
     part is untouched), ``reference`` (:attr:`is_reference`), an explicit ``quantizer`` (none | uniform | non-uniform | mixed |
     noise) and ``nonuniform`` flag, and the summary keys the reports group by
     (``transform_p``, ``clip_k``, ``symmetric``, ``transform``: those of the first quantized
-    part, weights → activations → KV)."""
+    part, weights → activations → KV); ``include`` (``routers``, ``mixer_states``, ``routers+mixer_states``)
+    where the setting quantizes a role kept 16-bit by default."""
     w, a, p, kv = s.weights, s.activations, s.perturbation, s.kv
     parts = [x for x in (w, a, kv) if x is not None]
     spec = parts[0] if parts else None
@@ -74,6 +77,10 @@ def flat_params(s: Described) -> dict[str, Any]:
         "perturbation_match": p.match if p else "none",
         "seed": p.seed if p else 0,
     })
+    opted = [k for k, on in (("routers", s.include_routers and (w is not None or a is not None)),
+                             ("mixer_states", s.include_mixer_states and w is not None)) if on]  # (where they change something)
+    if opted:  # the roles kept 16-bit by default that this setting quantizes too (absent otherwise: earlier runs' params unchanged)
+        out["include"] = "+".join(opted)
     if s.checkpoint is not None:
         out.update(checkpoint=s.checkpoint.source or "per model", checkpoint_revision=s.checkpoint.revision or "default",
                    method=s.method, format=s.method)
