@@ -187,14 +187,20 @@ class Tracker:
             ),
             "create parent",
         )
-        # Two attempts of one sweep started at once both create a parent: the earliest wins.
-        found = self._search(f"tags.sweep_id = '{sweep_id}' and tags.`{KIND_TAG}` = 'sweep'")
-        owner = min(found, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+        # Two attempts of one sweep started at once both create a parent: the earliest wins. A run
+        # created first may land second, after the other looked and saw only itself: so the one that
+        # won looks again once its params are logged, and yields if an earlier one has appeared.
+        owner = self._earliest_parent(sweep_id)
+        if owner == run.info.run_id:
+            self.log(run.info.run_id, params=params)
+            owner = self._earliest_parent(sweep_id)
         if owner != run.info.run_id:
             self.discard(run.info.run_id)
-            return owner
-        self.log(run.info.run_id, params=params)
-        return run.info.run_id
+        return owner
+
+    def _earliest_parent(self, sweep_id: str) -> str:
+        found = self._search(f"tags.sweep_id = '{sweep_id}' and tags.`{KIND_TAG}` = 'sweep'")
+        return min(found, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
 
     def _runs_with_keys(self, keys: list[str], status: str, narrow: str | None) -> list[Any]:
         """Eval runs of a status whose run_key is in ``keys`` (MLflow filters have no IN for tags:
