@@ -152,6 +152,12 @@ def _configs() -> dict[str, object]:
         "zamba2": T.Zamba2Config(**dict(common, num_hidden_layers=4), intermediate_size=64, num_key_value_heads=4, mamba_headdim=8,
                                  n_mamba_heads=8, mamba_d_state=8, layers_block_type=["mamba", "hybrid"] * 2, num_mem_blocks=1,
                                  use_shared_attention_adapter=True, adapter_rank=32, chunk_size=16),
+        # four residual streams between blocks (AltUp: its router and coefficient maps a routers role), LAuReL beside the
+        # attention, per-layer inputs (a per-block slice of one tensor), the last two layers reusing earlier layers' K/V
+        "gemma3n": T.Gemma3nTextConfig(**dict(common, num_hidden_layers=4), intermediate_size=64, num_key_value_heads=2, head_dim=8,
+                                       sliding_window=8, hidden_size_per_layer_input=32, vocab_size_per_layer_input=96, laurel_rank=32,
+                                       num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
+                                       activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0]),
         "lfm2-moe": T.Lfm2MoeConfig(**dict(common, num_hidden_layers=3), intermediate_size=64, moe_intermediate_size=32, num_experts=4,
                                     num_experts_per_tok=2, num_dense_layers=1, num_key_value_heads=2,
                                     layer_types=["conv", "full_attention", "conv"], conv_L_cache=3),
@@ -173,6 +179,8 @@ LIGHT = ("kimi-linear", "jetmoe", "longcat-flash")
 MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe", "afmoe", "cohere2-moe", "llama4", "dbrx",
        "jetmoe",
        "qwen3_next", "jamba", "granite-4", "lfm2-moe", "nemotron-h", "kimi-linear", "longcat-flash")
+# archs with routers kept 16-bit by default: the MoEs, and Gemma-3n (AltUp's router and coefficient maps)
+ROUTED = (*MOE, "gemma3n")
 # arch → each block's (main) token mixer (all others: attention); a hybrid keeps its mixers' states 16-bit
 HYBRID = {"qwen3_next": ("linear attention", "attention") * 2, "qwen3.5": ("linear attention", "attention") * 2,
           "jamba": ("ssm", "attention") * 2, "granite-4": ("ssm", "attention"), "falcon-h1": ("attention",) * 2,  # (its Mamba-2: a side mixer)
@@ -182,7 +190,7 @@ HYBRID = {"qwen3_next": ("linear attention", "attention") * 2, "qwen3.5": ("line
 LAYOUT = {"opt-350m-shape": "post-LN", "gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post-sublayer",
           "gpt-neox": "parallel", "falcon": "parallel", "gpt-j": "parallel", "phi": "parallel", "cohere": "parallel",
           "cohere2": "parallel", "glm4": "sandwich", "afmoe": "sandwich", "cohere2-moe": "parallel",
-          "olmo-hybrid": "pre-LN+post-sublayer", "zamba2": "pre-LN+shared"}  # (+: blocks of each layout)
+          "olmo-hybrid": "pre-LN+post-sublayer", "zamba2": "pre-LN+shared", "gemma3n": "altup"}  # (+: blocks of each layout)
 # Models whose stream and single runs agree to float32 rounding, not bit for bit: Jamba's Mamba-1 computes
 # dt_proj.weight @ x, a broadcast matmul whose CPU result depends on where its operands sit in memory
 # (measured: 4 different results over 16 offsets of the same tensors), and a streamed block's tensors sit elsewhere
@@ -343,7 +351,7 @@ def test_every_feature_on_every_architecture(arch, folders):
             w4 = perplexity(model, windows, batch_size=4)["per_example"]["nll"].to_numpy()
             cov = full_report(model).summary()
             assert cov["coverage_targeted"] == 1.0, cov
-            assert (cov["coverage_block"] < 1.0) == (arch in MOE or arch in HYBRID), cov  # routers, a linear attention's states: 16-bit
+            assert (cov["coverage_block"] < 1.0) == (arch in ROUTED or arch in HYBRID), cov  # routers, a linear attention's states: 16-bit
             if model is single and arch in MOE:
                 experts = [(e, a) for e in body.experts() for a in e.params]
                 assert len(experts) == EXPERT_TENSORS.get(arch, 2) * sum(b.is_moe for b in body.parts)
@@ -522,7 +530,7 @@ def test_every_named_weight_is_quantized_and_routers_stay_16_bit_unless_included
     with torch.no_grad():  # (AfMoE initialises its router to zeros: nothing to see a 4-bit grid on)
         for p in body.block_matrix_params().values():
             p.normal_(0, 0.1)
-    assert bool(routers) == (arch in MOE)
+    assert bool(routers) == (arch in ROUTED)
     assert all(n.startswith(b.moe_name) for b in body.parts if b.is_moe for n, _ in b.routers)
     before = {n: p.detach().clone() for n, p in body.block_matrix_params().items()}
     was = {id(p): before[n] for n, p in body.block_matrix_params().items()}  # (a weight shared by several blocks: Zamba2's, one matrix)
@@ -551,9 +559,9 @@ def test_every_named_weight_is_quantized_and_routers_stay_16_bit_unless_included
             cov = report.coverage
             assert cov["coverage_targeted"] == 1.0
             assert cov["coverage_block"] == pytest.approx(_measured_coverage(before, model), abs=1e-12)
-            assert (cov["coverage_block"] == 1.0) == ((include or arch not in MOE) and arch not in HYBRID), cov
+            assert (cov["coverage_block"] == 1.0) == ((include or arch not in ROUTED) and arch not in HYBRID), cov
             kept = {k: v for k, v in cov.items() if k.startswith("coverage_16bit_")}  # what stayed 16-bit, by role
-            want = {"coverage_16bit_routers": arch in MOE and not include,
+            want = {"coverage_16bit_routers": arch in ROUTED and not include,
                     "coverage_16bit_mixer_states": arch in HYBRID and (not with_states or bool(vectors))}
             assert set(kept) == {k for k, on in want.items() if on}, cov
             assert cov["coverage_block"] + sum(kept.values()) == pytest.approx(1.0, abs=1e-12), cov

@@ -464,6 +464,10 @@ SMALL = {  # small configs of each family, every feature the count reads switche
     "lfm2_moe": dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], num_experts=4, num_experts_per_tok=2,
                      moe_intermediate_size=48, num_dense_layers=1),
     # Zamba2: a transformer block shared by the hybrid layers (counted once, in its first block), LoRA adapters a layer
+    # Gemma-3n: per-layer MLP widths, the last blocks without k/v (they reuse earlier K/V), AltUp, LAuReL, per-layer inputs
+    "gemma3n_text": dict(num_hidden_layers=4, intermediate_size=[96, 128, 96, 96], head_dim=16, num_kv_shared_layers=2,
+                         layer_types=["sliding_attention", "full_attention"] * 2, laurel_rank=16, hidden_size_per_layer_input=32,
+                         vocab_size_per_layer_input=150, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0]),
     "zamba2": dict(num_hidden_layers=5, layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid"], num_key_value_heads=4,
                    n_mamba_heads=8, mamba_headdim=16, mamba_d_state=16, mamba_ngroups=2, num_mem_blocks=2,
                    use_shared_attention_adapter=True, adapter_rank=16, add_bias_linear=True),
@@ -502,7 +506,7 @@ def test_counts_from_a_config_equal_the_transformers_model(case):
         if _block_of(name + ".") is None:
             continue
         if isinstance(mod, torch.nn.Linear):
-            if name.endswith("dt_proj"):
+            if name.endswith("dt_proj") or ".altup." in name:  # (Gemma-3n's AltUp maps: routers, not checked against groups)
                 continue  # Mamba-1's, applied by its weight: a state the patcher keeps, not a linear it quantizes
             ins.add(mod.in_features)
             matrices.append(mod.weight.numel())
@@ -522,7 +526,7 @@ def test_counts_from_a_config_equal_the_transformers_model(case):
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "deepseek_v2", "gpt_oss", "gpt_neox", "llama4_text-maverick", "qwen3_next",
-                                  "granitemoehybrid", "nemotron_h", "jamba", "zamba2"])
+                                  "granitemoehybrid", "nemotron_h", "jamba", "zamba2", "gemma3n_text"])
 def test_checkpoint_headers_of_an_moe_give_its_counts_and_input_features(case, tmp_path):
     """A small model saved by transformers (per-expert keys for Mixtral's w1/w2/w3 and DeepSeek's
     experts.<j>.gate_proj, fused [E, in, out] for gpt-oss and Llama-4; the hybrids' conv1d kernels and

@@ -8,7 +8,7 @@ For every decoder block l (the second paper's notation, arXiv 2506.12044):
   addition in a post-LN one (OPT-350m), ``pre_feedforward_layernorm`` in Gemma's sandwich, the MLP's
   input in OLMo-2, the block input z(l−1) in a parallel block (GPT-NeoX, Falcon): the anatomy's
   module doc says what r(l) means in each layout;
-- z(l): the block output.
+- z(l): the block output (its active stream, in a model that carries several: Gemma-3n's AltUp).
 
 Per example and layer we keep the token-mean L2 norm S(l) = (1/T) Σ_t ‖r_t(l)‖₂, the same for
 z(l), and the kurtosis of r(l) over the hidden dimension (Pearson's m4/m2², 3 for a Gaussian; axis
@@ -40,7 +40,9 @@ class ResidualRecorder:
     """
 
     def __init__(self, model: nn.Module, n_examples: int):
-        parts = anatomy(model).parts
+        body = anatomy(model)
+        parts = body.parts
+        self._stream = body.stream  # z(l): a block's output, its active stream where it carries several (Gemma-3n)
         self.n_layers = len(parts)
         self._residual_site = [b.residual_site for b in parts]  # r(l) is its input
         self._blocks = [b.module for b in parts]
@@ -93,7 +95,7 @@ class ResidualRecorder:
 
             def post(module: nn.Module, args: tuple, output: Any, layer: int = layer) -> None:
                 z = output[0] if isinstance(output, (tuple, list)) else output
-                z = self._batched(z)
+                z = self._batched(self._stream(z))
                 mask = None if self._mask is None else self._mask.to(z.device)
                 self._store("z_norm", layer, self.norm_only(z, mask))
 

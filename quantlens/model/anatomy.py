@@ -98,7 +98,7 @@ from torch import nn
 from quantlens.model.shape import ModelShape
 
 KVRoute = Literal["interface", "bloom"]
-Layout = Literal["pre-LN", "post-LN", "sandwich", "post-sublayer", "parallel", "shortcut", "shared"]
+Layout = Literal["pre-LN", "post-LN", "sandwich", "post-sublayer", "parallel", "shortcut", "shared", "altup"]
 Mixer = Literal["attention", "linear attention", "ssm", "short conv", "none"]
 
 # (XGLM: layer_norm; LFM2: embedding_norm, which its forward applies after the blocks despite the name)
@@ -154,6 +154,10 @@ LAYOUTS: tuple[LayoutRow, ...] = (
     _row({"mamba_decoder.input_layernorm", "shared_transformer.input_layernorm", "shared_transformer.pre_ff_layernorm"}, "shared",
          "mamba_decoder.input_layernorm", "Zamba2's hybrid layers: a shared transformer block, then a Mamba layer",
          ("Zamba2HybridLayer",), h="shared_transformer.pre_ff_layernorm"),
+    # four streams between blocks (AltUp); the active one predicted, then attention and LAuReL on its normed value
+    _row({"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+          "post_per_layer_input_norm"}, "altup", "pre_feedforward_layernorm",
+         "Gemma-3n: AltUp's streams, LAuReL beside the attention, the per-layer input after the MLP", ("Gemma3nTextDecoderLayer",)),
     _row({"ln_1"}, "parallel", "ln_1", "GPT-J: one norm for both", ("GPTJBlock",)),
     _row({"ln_attn", "ln_mlp"}, "parallel", "ln_mlp", "Falcon-40B's new decoder architecture"),
     # one sublayer norm_1 → attention → residual addition → norm_2, returning (r(l), h(l)); the MoE reads h(l)
@@ -301,6 +305,32 @@ COMPOSITE_BLOCKS: dict[str, CompositeRow] = {
         "Zamba2: a transformer block shared by several layers (its parameters tied: one module a layer, one weight) reads "
         "[z; embeddings] — attention, then its MLP on the normed attention output, no residual of its own; `linear` "
         "projects its output into the Mamba layer's input; the Mamba layer adds its output to the stream"),
+}
+
+
+@dataclass(frozen=True)
+class AugmentedRow:
+    """A block with sublayers beside its attention and MLP (read from its forward in transformers):
+    ``beside_mixer`` children read the attention's normalised input and add their last linear's output
+    beside the attention's (side mixers that mix no tokens: their linears quantized as the attention's);
+    ``beside_mlp`` linears (child names, in order) add the last one's output beside the MLP's (an MLP
+    beside the MLP); ``routers`` children hold linears that compute mixing coefficients — the routers
+    role, 16-bit unless a setting includes routers."""
+
+    beside_mixer: tuple[str, ...]
+    beside_mlp: tuple[str, ...]
+    routers: tuple[str, ...]
+    what: str
+
+
+_NO_AUGMENT = AugmentedRow((), (), (), "")
+AUGMENTED_BLOCKS: dict[str, AugmentedRow] = {
+    "Gemma3nTextDecoderLayer": AugmentedRow(
+        ("laurel",), ("per_layer_input_gate", "per_layer_projection"), ("altup",),
+        "Gemma-3n: AltUp predicts four streams from the block input (its router and 4-input coefficient maps: routers), "
+        "attention and LAuReL (a low-rank branch: linear_left, linear_right) read the active stream normed, the MLP "
+        "follows; AltUp corrects the four streams by the result, and the per-layer input (per_layer_input_gate × the "
+        "token's per-layer embedding → per_layer_projection) is added to the other three"),
 }
 
 
@@ -717,7 +747,12 @@ class Block:
             return (f"MoE: {e.num_experts}{ident} experts ({lay}{', biased' if e.has_bias else ''}), routers "
                     f"[{', '.join(n.rsplit('.', 1)[-1] for n, _ in self.routers)}]"
                     + (f", {'MLPs beside it' if self.mlp_side else 'shared experts'} [{mlp}]" if mlp else ""))
-        return f"MLP [{mlp}]"
+        side = [(n, m) for n, m in self.mlp_linears if n in AUGMENTED_BLOCKS.get(type(self.module).__name__, _NO_AUGMENT).beside_mlp]
+        own = _compact(self.names[id(m)][len(self.name) + 1:] for _, m in self.mlp_linears if all(m is not x for _, x in side))
+        routers = f", routers [{_compact(n[len(self.name) + 1:] for n, _ in self.routers)}]" if self.routers else ""
+        if side:  # (Gemma-3n's per-layer input gate and projection)
+            return f"MLP [{own}], beside it [{_compact(self.names[id(m)][len(self.name) + 1:] for _, m in side)}]{routers}"
+        return f"MLP [{mlp}]{routers}"
 
 
 def _compact(names: Any) -> str:
@@ -746,7 +781,7 @@ def _layout(model_name: str, kind: str, norm_names: list[str], config: Any) -> t
     if row is None:
         raise ModelNotUnderstood(
             f"{model_name}: block {kind} has norms [{', '.join(norm_names) or 'none'}]: not a layout quantlens knows "
-            f"(pre-LN, post-LN, sandwich, post-sublayer, parallel, shortcut, shared), so the residual stream r(l) cannot be located")
+            f"(pre-LN, post-LN, sandwich, post-sublayer, parallel, shortcut, shared, altup), so the residual stream r(l) cannot be located")
     layout, site = row.layout, row.site
     if row.blocks:
         return layout, site, row.h
@@ -772,11 +807,17 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
     states = (*states, *(x for *_, st in side for x in st))
     sides = tuple(SideMixer(k, f"{name}.{n}", m, lin, out) for k, n, m, lin, out, _ in side)
 
+    augmented = AUGMENTED_BLOCKS.get(kind, _NO_AUGMENT)  # (Gemma-3n's LAuReL beside its attention)
+    sides = (*sides, *(SideMixer("none", f"{name}.{c}", m, lin, lin[-1][1]) for c in augmented.beside_mixer
+                       for m in [block.get_submodule(c)] for lin in [_linears_of(f"{name}.{c}", m)]))
+
     experts = [e for e in found if all(e is not x for x in attn_experts)]
     attn_ids = {id(x) for _, _, mod, *_ in mixers for x in mod.modules() if is_linear(x)}  # (state linears too: not the MLP's)
+    attn_ids |= {id(x) for s in sides for _, x in s.linears}
     if len(experts) > 1:
         raise ModelNotUnderstood(f"{model_name}: block {kind} has {len(experts)} experts modules; expected one")
     moe_name, moe, routers = _moe_of(name, block, experts[0]) if experts else (None, None, [])
+    routers = [*routers, *(nl for c in augmented.routers for nl in _linears_of(f"{name}.{c}", block.get_submodule(c)))]  # (AltUp's)
     router_ids = {id(m) for _, m in routers}
     mlp_linears = [(f"{name}.{n}", m) for n, m in block.named_modules()
                    if is_linear(m) and id(m) not in attn_ids and id(m) not in router_ids]
@@ -786,32 +827,44 @@ def _block(model_name: str, index: int, name: str, block: nn.Module, config: Any
     mlp = _mlp_keys(name, mlp_linears)
     names = {id(m): q for q, m in (*attn_linears, *(nl for s in sides for nl in s.linears), *mlp_linears)}
 
-    mlp_side: tuple[nn.Module, ...] = ()
-    if moe is not None:
-        mlp_module = mlp_input = moe
-        inside = {id(x) for x in moe.modules()}
-        mlp_side = tuple(m for _, m in children if id(m) not in inside and moe not in set(m.modules())
-                         and any(id(x) in names for x in m.modules() if is_linear(x) and id(x) not in attn_ids))
-    elif mlp:  # the last MLP linear's output is the MLP's output (BLOOM's MLP module adds the residual itself)
-        gate = [m for k, m in mlp if "gate" in k]
-        composite = COMPOSITE_BLOCKS.get(kind)  # (Zamba2's: the MLP's output goes on through its projection `linear`)
-        mlp_input, mlp_module = (gate[0] if gate else mlp[0][1]), block.get_submodule(composite.mlp_out) if composite else mlp[-1][1]
-    else:  # a block of one token mixer (Mamba; Nemotron-H's mixer blocks)
-        mlp_input = mlp_module = None
-    if site_name is None and mlp_input is None:
-        raise ModelNotUnderstood(f"{model_name}: block {kind} has no MLP and norms after its sublayers only: r(l) cannot be located")
-    if site_name is None:  # post-sublayer: r(l) is the MLP's (the MoE block's) input
-        residual_site = mlp_input
-        h_site: tuple[nn.Module, Literal["input", "output"]] = (mlp_input, "input")
-    else:
-        residual_site = block.get_submodule(site_name)
-        h_site = (block.get_submodule(h_norm) if h_norm else residual_site, "output")
+    mlp_input, mlp_module, mlp_side = _mlp_parts(kind, block, mlp, moe, children, names, attn_ids)
+    residual_site, h_site = _sites(model_name, kind, block, site_name, h_norm, mlp_input)
 
     _check_accounted(model_name, name, block, (*attn_linears, *(nl for s in sides for nl in s.linears)), mlp_linears,
                      (*attn_experts, *experts), (*attn_routers, *routers), states)
     return Block(index, name, block, layout, residual_site, h_site, f"{name}.{attn_name}" if attn_name else "", attn_mod, attn_linears, attn_out,
                  mlp, mlp_module, mlp_input, tuple(experts), tuple(routers), moe_name, names, mixer, states, sides, mlp_side,
                  tuple(attn_experts), tuple(attn_routers))
+
+
+def _mlp_parts(kind: str, block: nn.Module, mlp: tuple[tuple[str, nn.Module], ...], moe: nn.Module | None,
+               children: list[tuple[str, nn.Module]], names: dict[int, str], attn_ids: set[int]
+               ) -> tuple[nn.Module | None, nn.Module | None, tuple[nn.Module, ...]]:
+    """(the module whose input is h(l), the one whose output is the MLP's, the MLPs beside it)."""
+    if moe is not None:
+        inside = {id(x) for x in moe.modules()}
+        return moe, moe, tuple(m for _, m in children if id(m) not in inside and moe not in set(m.modules())
+                               and any(id(x) in names for x in m.modules() if is_linear(x) and id(x) not in attn_ids))
+    if not mlp:  # a block of one token mixer (Mamba; Nemotron-H's mixer blocks)
+        return None, None, ()
+    # the last MLP linear's output is the MLP's output (BLOOM's MLP module adds the residual itself)
+    beside = AUGMENTED_BLOCKS.get(kind, _NO_AUGMENT).beside_mlp  # (Gemma-3n's per-layer input: an MLP beside the MLP)
+    own = [(k, m) for k, m in mlp if k not in beside]
+    gate = [m for k, m in own if "gate" in k]
+    composite = COMPOSITE_BLOCKS.get(kind)  # (Zamba2's: the MLP's output goes on through its projection `linear`)
+    out = block.get_submodule(composite.mlp_out) if composite else own[-1][1]
+    return (gate[0] if gate else own[0][1]), out, ((block.get_submodule(beside[-1]),) if beside else ())
+
+
+def _sites(model_name: str, kind: str, block: nn.Module, site_name: str | None, h_norm: str | None, mlp_input: nn.Module | None
+           ) -> tuple[nn.Module, tuple[nn.Module, Literal["input", "output"]]]:
+    """(the module whose input is r(l), where h(l) is read) for the block's layout row."""
+    if site_name is not None:
+        residual_site = block.get_submodule(site_name)
+        return residual_site, (block.get_submodule(h_norm) if h_norm else residual_site, "output")
+    if mlp_input is None:
+        raise ModelNotUnderstood(f"{model_name}: block {kind} has no MLP and norms after its sublayers only: r(l) cannot be located")
+    return mlp_input, (mlp_input, "input")  # post-sublayer: r(l) is the MLP's (the MoE block's) input
 
 
 def _mlp_keys(name: str, mlp_linears: list[tuple[str, nn.Module]]) -> tuple[tuple[str, nn.Module], ...]:
@@ -881,6 +934,11 @@ def _unwrapped(name: str, child: nn.Module) -> tuple[str, nn.Module]:
         return name, child
     inner = [(c, x) for c, x in child.named_children() if any(is_linear(y) for y in x.modules())]
     return (f"{name}.{inner[0][0]}", inner[0][1]) if len(inner) == 1 else (name, child)
+
+
+def _linears_of(qualified: str, module: nn.Module) -> tuple[tuple[str, nn.Module], ...]:
+    """A module's linears by qualified name, in registration order."""
+    return tuple((f"{qualified}.{n}" if n else qualified, m) for n, m in module.named_modules() if is_linear(m))
 
 
 def _mixer_of(qualified: str, mixer: nn.Module) -> tuple[Mixer, tuple[tuple[str, nn.Module], ...], tuple[tuple[str, nn.Parameter], ...]]:
@@ -957,6 +1015,40 @@ def _check_accounted(model_name: str, name: str, block: nn.Module, attn_linears,
 
 # --- the model --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class StreamsRow:
+    """A model carrying several residual streams between its blocks (``[streams, batch, tokens,
+    hidden]``), by the class holding its blocks: the config field naming the active stream — the one
+    each block's attention and MLP read, r(l) and z(l) —, the module list projecting every other stream
+    back before the head, and the config field saying how many streams."""
+
+    active: str
+    unembed: str
+    count: str
+
+
+STREAMS: dict[str, StreamsRow] = {"Gemma3nTextModel": StreamsRow("altup_active_idx", "altup_unembed_projections", "altup_num_inputs")}
+
+
+@dataclass(frozen=True)
+class Streams:
+    """The streams of a :data:`STREAMS` model: the active one's index and the projections of the others."""
+
+    active: int
+    unembed: nn.ModuleList
+
+    def merge(self, h: torch.Tensor) -> torch.Tensor:
+        """``[streams, batch, tokens, hidden]`` → ``[batch, tokens, hidden]`` as Gemma-3n's forward does
+        after its last block: each other stream projected and rescaled to the first one's RMS, then all averaged."""
+        target = torch.mean(h[0] ** 2, dim=-1, keepdim=True) ** 0.5
+        out = [h[0]]
+        for i in range(1, h.shape[0]):
+            x = self.unembed[i - 1](h[i]).to(dtype=h.dtype, device=target.device)
+            new = torch.sqrt(torch.mean(x**2, dim=-1, keepdim=True).clamp(min=1e-5))
+            out.append(x * target / new)
+        return torch.mean(torch.stack(out), dim=0)
+
+
+@dataclass(frozen=True)
 class Anatomy:
     model_type: str
     blocks_name: str
@@ -972,6 +1064,7 @@ class Anatomy:
     logit_softcap: float | None = None  # Gemma-2's final_logit_softcapping
     logit_scale: float | None = None  # the head's logits are multiplied by it: Cohere's logit_scale, Falcon-H1's lm_head_multiplier
     logit_divisor: float | None = None  # ... divided by it: Granite's logits_scaling
+    streams: Streams | None = None  # several residual streams between the blocks (Gemma-3n's AltUp), else None
 
     @property
     def post_ln(self) -> bool:
@@ -993,7 +1086,11 @@ class Anatomy:
 
     def decode(self, h: torch.Tensor) -> torch.Tensor:
         """hidden state → logits as the model does it: final norm (if any), project_out (if any),
-        the head, its logit scaling (Cohere, Falcon-H1, Granite) and Gemma's soft-capping (if configured)."""
+        the head, its logit scaling (Cohere, Falcon-H1, Granite) and Gemma's soft-capping (if configured).
+        A model of several streams (:attr:`streams`) merges a block output's streams first; one stream
+        (r(l), an early exit) is decoded as it is."""
+        if self.streams is not None and h.dim() == 4:
+            h = self.streams.merge(h)
         if self.final_norm is not None:
             h = self.final_norm(h)
         if self.project_out is not None:
@@ -1006,6 +1103,10 @@ class Anatomy:
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
+
+    def stream(self, z: torch.Tensor) -> torch.Tensor:
+        """A block's output as the residual stream z(l): the active stream where the model carries several."""
+        return z[self.streams.active] if self.streams is not None and z.dim() == 4 else z
 
     def block_linears(self) -> list[tuple[str, nn.Module]]:
         """Every linear-like layer of the decoder blocks' attention and MLPs (routers excluded), in
@@ -1082,12 +1183,16 @@ class Anatomy:
              "sandwich": "r(l) = the stream at the MLP's norm, after the attention's post-norm", "post-sublayer": "r(l) = the MLP's input (no norm before it)",
              "parallel": "r(l) = z(l−1): attention and MLP read the block input",
              "shortcut": "two attention → MLP passes, r(l) = the stream at the first MLP's norm, whose output the MoE reads",
-             "shared": "a shared transformer block's output projected into the Mamba's input, r(l) = the stream at the Mamba's norm"}[b.layout]
+             "shared": "a shared transformer block's output projected into the Mamba's input, r(l) = the stream at the Mamba's norm",
+             "altup": f"{self.streams.unembed.__len__() + 1 if self.streams else '?'} streams between blocks (AltUp), r(l) = the active "
+                      "one at the MLP's norm, after attention and LAuReL"}[b.layout]
         dense = sum(1 for p in self.parts if not p.is_moe)
         mix = f" ({dense} dense, {len(self.parts) - dense} MoE)" if self.is_moe and dense else ""
         return (f"{self.model_type}: {len(self.parts)} blocks{mix} at {self.blocks_name} ({b.layout}; {r}), "
                 + (f"attention {b.attention_name[len(b.name) + 1:]} [{_compact(n[len(b.attention_name) + 1:] for n, _ in b.attention_linears)}] "
                    + "".join(f"then {s.name[len(b.name) + 1:]} " for s in b.side_mixers if s.kind == "attention")  # (LongCat's second pass)
+                   + "".join(f"beside it {s.name[len(b.name) + 1:]} [{_compact(n[len(s.name) + 1:] for n, _ in s.linears)}] "
+                             for s in b.side_mixers if s.kind == "none")  # (Gemma-3n's LAuReL)
                    + "".join(f"with {e.num_experts} experts [{', '.join(e.params)}] routed by [{', '.join(n.rsplit('.', 1)[-1] for n, _ in b.attention_routers)}] "
                              for e in b.attention_experts)
                    + f"via {self.kv_route or 'an attention the KV cache cannot reach'}, " if b.mixer == "attention" else "no attention, ")
@@ -1168,7 +1273,18 @@ def anatomy(model: nn.Module) -> Anatomy:
     route, refusal = _kv(what, parts, config)
     return Anatomy(model_type, blocks_name, blocks, parts, model.get_input_embeddings(), getattr(parent, "project_in", None),
                    final_norm, getattr(parent, "project_out", None), head, route, refusal,
-                   getattr(config, "final_logit_softcapping", None), *_logit_scaling(model, config))
+                   getattr(config, "final_logit_softcapping", None), *_logit_scaling(model, config), _streams(parent, config))
+
+
+def _streams(parent: nn.Module, config: Any) -> Streams | None:
+    """The streams of a :data:`STREAMS` model (by the class holding its blocks), else None."""
+    row = STREAMS.get(type(parent).__name__)
+    if row is None:
+        return None
+    unembed = getattr(parent, row.unembed)
+    if len(unembed) != int(getattr(config, row.count)) - 1:
+        raise ModelNotUnderstood(f"{type(parent).__name__}: {len(unembed)} {row.unembed} for {getattr(config, row.count)} streams")
+    return Streams(int(getattr(config, row.active)), unembed)
 
 
 def _logit_scaling(model: nn.Module, config: Any) -> tuple[float | None, float | None]:

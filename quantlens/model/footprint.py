@@ -301,6 +301,8 @@ def _dense_width(cfg: dict[str, Any], t: str, hidden: int) -> int:
     rounded up to block_multiple_of)."""
     if t in _DENSE_WIDTH:
         return int(_get(cfg, _DENSE_WIDTH[t], "intermediate_size"))
+    if isinstance(cfg.get("intermediate_size"), list):  # one width per layer (Gemma-3n): the widest
+        return max(int(w) for w in cfg["intermediate_size"])
     F = int(_get(cfg, "ffn_dim", "intermediate_size", "n_inner", "block_ff_dim", default=4 * hidden))
     if t == "lfm2" and cfg.get("block_auto_adjust_ff_dim", True):
         F = int(2 * F / 3)
@@ -636,6 +638,8 @@ def shape_from_config(cfg: dict[str, Any], source: str = "config") -> Shape:
     H, F, V, L, t = d["hidden"], d["ffn"], d["vocab"], d["layers"], d["type"]
     if t == "zamba2":
         return _zamba2_shape(cfg, d, source)
+    if t == "gemma3n_text":
+        return _gemma3n_shape(cfg, d, source)
     layer_norm = t in LAYER_NORM_TYPES
     biased = bool(layer_norm and cfg.get("enable_bias", True) or cfg.get("mlp_bias"))
     norm = 2 * H if layer_norm else H  # LayerNorm: weight + bias
@@ -714,6 +718,41 @@ def _zamba2_shape(cfg: dict[str, Any], d: dict[str, Any], source: str) -> Shape:
                  source=source, head_dim=hd, active_params=params, outside=outside)
 
 
+def _gemma3n_shape(cfg: dict[str, Any], d: dict[str, Any], source: str) -> Shape:
+    """Gemma-3n's text model (anatomy's ``altup`` layout): per block an attention whose last
+    ``num_kv_shared_layers`` blocks have no k/v projections (they reuse earlier K/V), a gated MLP of
+    the block's own width, five norms, AltUp (its router, coefficient maps, router norm and output
+    scale), LAuReL (rank ``laurel_rank``) and the per-layer input's gate and projection; outside, the
+    per-layer embeddings and their projection, AltUp's stream projections in and out. AltUp's
+    4-input coefficient maps are routers (16-bit unless included): not among the linears preflight
+    checks against a group size."""
+    H, V, L, t = d["hidden"], d["vocab"], d["layers"], d["type"]
+    n, kvh, hd = d["heads"], d["kv_heads"], d["head_dim"]
+    widths = cfg.get("intermediate_size") or [d["ffn"]] * L
+    widths = [int(w) for w in widths] if isinstance(widths, list) else [int(widths)] * L
+    A, R, P = int(cfg.get("altup_num_inputs", 4)), int(cfg.get("laurel_rank", 64)), int(cfg.get("hidden_size_per_layer_input", 256))
+    first_shared = L - int(cfg.get("num_kv_shared_layers") or 0)
+    altup = A * A + A * A * A + A * H + 2 * H  # correction, prediction, router; router norm, output scale
+    beside = 2 * R * H + H + 2 * P * H + 5 * H  # LAuReL and its norm; the per-layer gate and projection; five norms
+    blocks = []
+    for i, F in enumerate(widths):
+        kv = 0 if i >= first_shared else 2 * kvh * hd * H + hd  # k/v projections, k_norm (v_norm has no weight)
+        blocks.append(2 * n * hd * H + hd + kv + 3 * F * H + altup + beside)
+    lin = {"*.q": (n * hd, H), "*.k": (kvh * hd, H), "*.v": (kvh * hd, H), "*.o": (H, n * hd), "*.gate": (max(widths), H),
+           "*.up": (max(widths), H), "*.laurel.linear_left": (R, H), "*.laurel.linear_right": (H, R),
+           "*.per_layer_input_gate": (P, H), "*.per_layer_projection": (H, P)}
+    lin |= {f"{'*' if len(set(widths)) == 1 else widths.index(F)}.down": (H, F) for F in dict.fromkeys(widths)}  # (a width a layer)
+    Vp = int(cfg.get("vocab_size_per_layer_input") or V)
+    outside = V * H + H + Vp * L * P + L * P * H + P + 2 * (A - 1) * H * H  # + per-layer embeddings, projection and norm; AltUp in/out
+    if not cfg.get("tie_word_embeddings", True):
+        outside += V * H
+    params = sum(blocks) + outside
+    return Shape(params=params, layers=L, hidden=H, ffn=max(widths), vocab=V, heads=n, model_type=t,
+                 max_positions=int(d["max_pos"]) if d["max_pos"] else None, block_params=max(blocks),
+                 largest_linear=max(o * i for o, i in lin.values()), linears={f"layers.{k}": i for k, (_, i) in lin.items()},
+                 source=source, head_dim=hd, active_params=params, outside=outside)
+
+
 def safetensors_header(path: Path) -> dict[str, Any]:
     """A safetensors file's header (names, dtypes, shapes): its first 8 + n bytes, no tensor read."""
     with open(path, "rb") as fh:
@@ -724,6 +763,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 
 
 _BLOCK = re.compile(r"(?:^|\.)(\d+)\.")
+_OUTSIDE_LISTS = re.compile(r"(?:^|\.)altup_(?:unembed_)?projections\.\d+\.")  # numbered, not blocks: Gemma-3n's stream projections
 _EXPERT = re.compile(r"(\.experts\.)\d+\.")  # per-expert checkpoint keys: experts.<j>.gate_proj / w1 / …
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
@@ -746,6 +786,8 @@ def _header_entry(name: str, shp: list[int], dtype: str, transposed: bool) -> tu
         return 0, None  # MXFP4 block scales (gpt-oss): dequantized into the weights at load time
     if name.endswith(_NOT_LINEARS) or (len(shp) == 3 and shp[1] == 1 and "conv" in name):
         return count, None  # a hybrid's state: dt_proj, a depthwise conv1d kernel [channels, 1, kernel]
+    if ".altup." in name:
+        return count, None  # Gemma-3n's AltUp router and 4-input coefficient maps: routers, no group check
     if name.endswith("_blocks") and dtype == "U8" and len(shp) == 4:
         return 2 * count, 2 * shp[-2] * shp[-1]  # MXFP4 [experts, out, blocks, 16 bytes]: two values a byte
     if len(shp) == 2 and name.endswith(".weight") and "embed" not in name:
@@ -791,7 +833,7 @@ def shape_from_checkpoint(folder: str | Path) -> Shape:
             if _OTHER_TOWERS.search(name):
                 continue  # (its bytes downloaded: counted above)
             count, n_in = _header_entry(name, shp, dtype, transposed)
-            m = _BLOCK.search(name)
+            m = None if _OUTSIDE_LISTS.search(name) else _BLOCK.search(name)
             if m is not None and int(m.group(1)) >= computed.layers:
                 continue
             total += count

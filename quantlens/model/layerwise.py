@@ -51,45 +51,100 @@ class Batch:
 
 
 def capture_block_inputs(model: nn.Module, block: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
-    """(args, kwargs) the model passes ``block`` for these inputs; nothing after it runs."""
+    """(args, kwargs) the model passes ``block`` for these inputs; nothing after it runs. An argument
+    the model slices per block (:data:`PER_BLOCK_SLICES`) is kept whole, for :func:`with_hidden`."""
     seen: dict[str, Any] = {}
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
         seen["args"], seen["kwargs"] = args, kwargs
         raise _Captured
 
+    row = PER_BLOCK_SLICES.get(type(block).__name__)
     handle = block.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
-    try:
-        model(**inputs, use_cache=False)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
+    with _recording(model, row) as made:
+        try:
+            model(**inputs, use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
     if "args" not in seen:
         raise RuntimeError(f"{type(model).__name__}: the forward never reached its first decoder block")
-    return seen["args"], seen["kwargs"]
+    if row is None:
+        return seen["args"], seen["kwargs"]
+    if len(made) != 1:
+        raise RuntimeError(f"{type(model).__name__}: {row.method} ran {len(made)} times before the first block, not once")
+    return _set_argument(seen["args"], seen["kwargs"], type(block), row.argument, lambda _: _Sliced(made[0], row.dim))
 
 
 def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+@dataclass(frozen=True)
+class PerBlockSlice:
+    """A block argument the model slices per block from one tensor: the argument, the model method
+    that makes the whole tensor, and the dimension of the blocks in it."""
+
+    argument: str
+    method: str
+    dim: int
+
+
+# by block class: Gemma-3n's per-layer input, ``project_per_layer_inputs(…)[:, :, i, :]`` for block i
+PER_BLOCK_SLICES: dict[str, PerBlockSlice] = {"Gemma3nTextDecoderLayer": PerBlockSlice("per_layer_input", "project_per_layer_inputs", 2)}
+
+
+@dataclass(frozen=True)
+class _Sliced:
+    """Stands for a :data:`PER_BLOCK_SLICES` argument among captured arguments: the whole tensor."""
+
+    whole: torch.Tensor
+    dim: int
+
+
 def with_hidden(args: tuple, kwargs: dict, h: torch.Tensor, block: nn.Module, i: int) -> tuple[tuple, dict]:
-    """The captured arguments of block 0 as block ``i`` takes them: hidden state ``h`` — and ``i``
-    where the model passes each block its index (Zamba2: ``layer_idx``, by which its shared
-    transformer picks the layer's adapters)."""
+    """The captured arguments of block 0 as block ``i`` takes them: hidden state ``h`` — ``i`` where
+    the model passes each block its index (Zamba2: ``layer_idx``, by which its shared transformer
+    picks the layer's adapters), and block ``i``'s slice where it passes each block its slice of one
+    tensor (:data:`PER_BLOCK_SLICES`)."""
     args, kwargs = ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
-    if "layer_idx" in kwargs:
-        return args, {**kwargs, "layer_idx": i}
-    slot = _index_slot(type(block))
-    return ((*args[:slot], i, *args[slot + 1:]) if slot is not None and slot < len(args) else args), kwargs
+    args, kwargs = _set_argument(args, kwargs, type(block), "layer_idx", lambda _: i)
+    return (tuple(a.whole.select(a.dim, i) if isinstance(a, _Sliced) else a for a in args),
+            {k: v.whole.select(v.dim, i) if isinstance(v, _Sliced) else v for k, v in kwargs.items()})
+
+
+def _set_argument(args: tuple, kwargs: dict, kind: type, name: str, value: Callable[[Any], Any]) -> tuple[tuple, dict]:
+    """``args``/``kwargs`` with argument ``name`` of ``kind.forward`` set to ``value(its captured value)``, where passed."""
+    if name in kwargs:
+        return args, {**kwargs, name: value(kwargs[name])}
+    slot = _slot(kind, name)
+    if slot is None or slot >= len(args):
+        return args, kwargs
+    return (*args[:slot], value(args[slot]), *args[slot + 1:]), kwargs
+
+
+@contextmanager
+def _recording(model: nn.Module, row: PerBlockSlice | None) -> Iterator[list[torch.Tensor]]:
+    """What the model's ``row.method`` returns while the context lasts (nothing without a row)."""
+    made: list[torch.Tensor] = []
+    owner = next((m for m in model.modules() if hasattr(m, row.method)), None) if row is not None else None
+    if owner is None:
+        yield made
+        return
+    method = getattr(owner, row.method)
+    setattr(owner, row.method, lambda *a, **kw: made.append(method(*a, **kw)) or made[-1])
+    try:
+        yield made
+    finally:
+        delattr(owner, row.method)  # (the class's method again)
 
 
 @functools.cache
-def _index_slot(kind: type) -> int | None:
-    """The position of ``layer_idx`` among a block class's forward arguments, or None."""
+def _slot(kind: type, name: str) -> int | None:
+    """The position of argument ``name`` among a block class's forward arguments, or None."""
     names = [n for n in inspect.signature(kind.forward).parameters][1:]  # (self)
-    return names.index("layer_idx") if "layer_idx" in names else None
+    return names.index(name) if name in names else None
 
 
 def layer_kinds(model: nn.Module, blocks: nn.ModuleList) -> list[str | None]:

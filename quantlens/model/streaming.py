@@ -201,7 +201,7 @@ def _compute_block_buffers(model: nn.Module, computed: list[tuple[str, nn.Module
     owners = {".".join(name.split(".")[:k]) for name, _, _ in computed for k in range(name.count(".") + 1, 0, -1)}
     with _parameters_left_alone(model.parameters()):
         for name in sorted(owners, key=lambda n: -n.count(".")):  # the buffer's own module first, the model last
-            model._init_weights(model.get_submodule(name))
+            _init_weights(model, name)
     left = [f"{name}.{attr}" for name, mod, attr in computed if mod._buffers[attr].is_floating_point() and mod._buffers[attr].isnan().any()]
     if left:
         raise NotImplementedError(f"placement: stream: the model's init does not compute block buffers {left[:3]} (not in the checkpoint)")
@@ -243,6 +243,8 @@ def load_streaming(path: str, device: torch.device | str, dtype: torch.dtype) ->
             continue
         if any(b is not None and b.is_meta for b in mod._buffers.values()):
             try:
+                if next(mod.parameters(), None) is not None:
+                    raise TypeError  # (Gemma-3n's text model: its scales, beside its loaded weights)
                 with torch.device(device):
                     _set(model, mname, type(mod)(config))  # rotary embeddings: inv_freq computed from the config
             except TypeError:
@@ -266,13 +268,24 @@ def _materialize_buffers(model: nn.Module, name: str, mod: nn.Module, device: to
             mod._buffers[attr] = torch.full_like(b, float("nan"), device=device)  # what init leaves untouched shows
     try:
         with _parameters_left_alone(mod.parameters(recurse=False)):
-            model._init_weights(mod)
+            _init_weights(model, name)
     except Exception as err:  # noqa: BLE001 — any failure: one line naming the module
         raise NotImplementedError(f"placement: stream: cannot compute the buffers of {name} ({type(mod).__name__}) "
                                   f"off the meta device: {err}") from None
     left = [a for a, b in mod._buffers.items() if b is not None and b.is_floating_point() and b.isnan().any()]
     if left:
         raise NotImplementedError(f"placement: stream: the model's init does not compute buffers {left} of {name}")
+
+
+def _init_weights(model: nn.Module, name: str) -> None:
+    """Module ``name`` initialised as ``from_pretrained`` does it: by the ``_init_weights`` of the nearest
+    pretrained model holding it (Gemma-3n's text model initialises its own buffers from its own fields)."""
+    parts = name.split(".") if name else []
+    for k in range(len(parts), -1, -1):
+        owner = model.get_submodule(".".join(parts[:k]))
+        if hasattr(owner, "_init_weights"):
+            owner._init_weights(model.get_submodule(name))
+            return
 
 
 @contextmanager
