@@ -764,3 +764,46 @@ def test_zamba2s_shared_block_is_one_set_of_weights_read_where_each_layer_uses_i
     assert (got[f"model.layers.1.{slot}"] != 0).any(dim=0).all(), "calibrated where no input reached it: dead columns zeroed"
     streamed = calibrate_model(stream, s, calib, batch_size=2)
     assert got.keys() == streamed.keys() and all(torch.equal(got[k], streamed[k]) for k in got)
+
+
+def test_gemma3ns_four_streams_are_read_and_merged_as_the_model_does(folders):
+    """Gemma-3n (the altup layout): r(l) is the active stream at the MLP's norm, z(l) the block
+    output's active stream; LAuReL is a side branch beside the attention, the per-layer gate and
+    projection an MLP beside the MLP, AltUp's three linears routers; decoding a block output merges the
+    four streams exactly as the model's forward does (the last block's output decodes to the model's
+    logits, bit for bit); layer-wise runs pass block i the slice the model passes it."""
+    from quantlens.evaluation.residual import ResidualRecorder
+    from quantlens.model.layerwise import capture_block_inputs, with_hidden
+
+    model, _ = load_model(folders["gemma3n"], device="cpu", dtype="float32", placement="single")
+    body, layers = anatomy(model), model.model.layers
+    b = body.parts[0]
+    assert (b.layout, b.residual_site, b.h_site, b.mlp_module, b.mlp_side) == (
+        "altup", layers[0].pre_feedforward_layernorm, (layers[0].pre_feedforward_layernorm, "output"), layers[0].mlp.down_proj,
+        (layers[0].per_layer_projection,))
+    assert [(s.kind, s.module, s.out) for s in b.side_mixers] == [("none", layers[0].laurel, layers[0].laurel.linear_right)]
+    assert [m for _, m in b.routers] == [layers[0].altup.correction_coefs, layers[0].altup.prediction_coefs, layers[0].altup.modality_router]
+    assert body.streams is not None and body.streams.active == 0 and body.streams.unembed is model.model.altup_unembed_projections
+    assert [len(p.attention_linears) for p in body.parts] == [4, 4, 2, 2]  # (the last two reuse earlier layers' K/V: no k/v_proj)
+
+    ids = torch.randint(1, model.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(4))
+    seen: dict[int, tuple] = {}
+    hooks = [blk.register_forward_pre_hook(lambda m, a, kw, i=i: seen.__setitem__(i, (a, kw)), with_kwargs=True) for i, blk in enumerate(layers)]
+    hooks.append(layers[-1].register_forward_hook(lambda m, a, out: seen.__setitem__("out", out)))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    for h in hooks:
+        h.remove()
+    assert seen["out"].shape == (4, 3, 20, 32)
+    with torch.no_grad():
+        assert torch.equal(body.decode(seen["out"]), logits)
+        args, kwargs = capture_block_inputs(model, layers[0], {"input_ids": ids})
+        for i, blk in enumerate(layers):
+            a, _ = with_hidden(args, kwargs, seen[i][0][0], blk, i)
+            assert torch.equal(a[2], seen[i][0][2]), f"block {i}'s per-layer input"
+        rec = ResidualRecorder(model, 3)
+        rec.begin_batch(torch.arange(3))
+        with rec:
+            model(input_ids=ids)
+    z = seen["out"][0].float()
+    assert torch.tensor(rec.rows(["a", "b", "c"])["z_norm"][3::4]).tolist() == pytest.approx(z.norm(dim=-1).mean(-1).tolist(), rel=1e-6)

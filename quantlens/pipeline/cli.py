@@ -188,7 +188,7 @@ def cmd_list_settings(args: argparse.Namespace) -> int:
             from quantlens.quantize.mixtures import MIXTURES
 
             return f"{q.label}: {MIXTURES[q.mixture].describe()}"
-        if q.format in ("ggml", "iq4nl"):  # llama.cpp's types: the scale rule and the stored bits per value
+        if q.is_llama_cpp:  # llama.cpp's types: the scale rule and the stored bits per value
             return f"{q.label} blocks of {q.group_size}, {q.ggml().scale_rule}, {q.ggml().bits_per_weight:g} bpw"
         t = f", p={q.transform_p:.3g}" if q.transform_p != 1.0 else ""
         where = f"blocks of {q.group_size}" if q.group_size else f"per-{q.granularity}"

@@ -142,7 +142,7 @@ def _grid_quantize(xf: torch.Tensor, xg: torch.Tensor, spec: QuantSpec) -> tuple
         xq = formats.round_to_rows(rows, c).reshape(xg.shape)
         alpha = xg.abs().amax(dim=-1, keepdim=True)
         return xq, alpha, alpha, zero
-    if spec.format in ("ggml", "iq4nl"):  # llama.cpp's own quantizers, bit for bit: ggml.py, kquants.py
+    if spec.is_llama_cpp:  # llama.cpp's own quantizers, bit for bit: ggml.py, kquants.py
         xq, _, d = spec.ggml().quantize(xg.reshape(xg.shape[0], -1))
         return xq.reshape(xg.shape), d, xg.abs().amax(dim=-1, keepdim=True), zero
     grid = formats.grid_for(spec.format, spec.bits, spec.element)

@@ -71,7 +71,7 @@ class SettingFields(Strict):
                 raise ValueError("checkpoint: what is quantized is the checkpoint's; include_lm_head / include_embeddings / "
                                  "include_routers / include_mixer_states do not apply")
             return self
-        if self.include_mixer_states and self.weights is not None and (self.weights.format in ("ggml", "iq4nl") or self.weights.mixture):
+        if self.include_mixer_states and self.weights is not None and (self.weights.is_llama_cpp or self.weights.mixture):
             raise ValueError("include_mixer_states: llama.cpp's types are blocks of 32 or 256, longer than a conv kernel's rows "
                              "of 4 taps (llama.cpp keeps those F32); use a format whose group can be the row")
         if not methods:

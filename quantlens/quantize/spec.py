@@ -27,6 +27,7 @@ class Strict(BaseModel):
 
 
 Format = Literal["int", "fp", "nf", "km", "ggml", "iq4nl"]
+LLAMA_CPP_FORMATS = ("ggml", "iq4nl")  # llama.cpp's types, quantized by its own rules (ggml.py, kquants.py)
 Element = Literal["e4m3", "e5m2", "e2m3", "e3m2", "e2m1"]
 ScaleType = Literal["fp32", "fp16", "e8m0", "e4m3"]
 _ELEMENT_BITS = {"e4m3": 8, "e5m2": 8, "e2m3": 6, "e3m2": 6, "e2m1": 4}
@@ -82,7 +83,7 @@ class _Grid(Strict):
             raise ValueError(f"format {f!r}: at most 8 bits (a codebook of 2^bits entries), got {self.bits}")
         if f != "int" and self.transform_p != 1.0:
             raise ValueError(f"transform_p (the power transform) is only valid with format 'int' (format is {f!r})")
-        if f in ("ggml", "iq4nl"):
+        if f in LLAMA_CPP_FORMATS:
             self._ggml_is_consistent()
         elif not self.symmetric and (f != "int" or self.scale != "fp32"):
             raise ValueError("symmetric: false is only valid with format 'int' and scale 'fp32' (or format 'ggml')")
@@ -111,6 +112,11 @@ class _Grid(Strict):
         from quantlens.quantize.ggml import ggml_type
 
         return ggml_type(self.bits, self.symmetric, self.format, getattr(self, "group_size", None) or GGML_BLOCK)
+
+    @property
+    def is_llama_cpp(self) -> bool:
+        """One of llama.cpp's types (its own quantizers, blocks of its fixed sizes): ggml's, IQ4_NL."""
+        return self.format in LLAMA_CPP_FORMATS
 
     @property
     def nonuniform(self) -> bool:
@@ -157,7 +163,7 @@ class QuantSpec(_Grid):
             raise ValueError(f"group_size is only valid with granularity 'group' (granularity is {self.granularity!r})")
         if self.global_scale is not None and self.granularity != "group":
             raise ValueError("global_scale needs granularity 'group' (blocks under one tensor/token scale)")
-        if self.format in ("ggml", "iq4nl"):
+        if self.is_llama_cpp:
             if self.granularity != "group":
                 raise ValueError(f"format {self.format!r}: llama.cpp's types are blocks (granularity 'group', group_size "
                                  f"{GGML_BLOCK}, or {QK_K} for a k-quant)")
@@ -195,7 +201,7 @@ class QuantSpec(_Grid):
         over its ``group_size``; llama.cpp's types as ggml declares them (Q4_0 4.5, Q4_1 5.0, Q5_0 5.5,
         Q5_1 6.0, Q8_0 8.5, Q4_K 4.5, Q6_K 6.5625). Per-channel, per-tensor scales and NVFP4's one fp32
         tensor scale count as free (they amortise over a row or more)."""
-        if self.format in ("ggml", "iq4nl"):
+        if self.is_llama_cpp:
             return self.ggml().bits_per_weight
         if self.granularity != "group" or self.format == "km":
             return float(self.bits)
