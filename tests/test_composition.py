@@ -72,6 +72,12 @@ def _configs() -> dict[str, object]:
         "apertus": T.ApertusConfig(**two, intermediate_size=64, num_key_value_heads=2),
         "vaultgemma": T.VaultGemmaConfig(**two, intermediate_size=64, num_key_value_heads=2, head_dim=8, sliding_window=8),
         "biogpt": T.BioGptConfig(**two, intermediate_size=64),  # OPT's norm names, its final norm is layer_norm
+        # lighter: GPT-J's layout (CodeGen), pre-LN under other names with ALiBi and its own attention (MPT), Gemma-2's
+        # sandwich under other names with muP multipliers on the residual and the logits (HyperCLOVAX)
+        "codegen": T.CodeGenConfig(vocab_size=96, n_embd=32, n_head=4, n_layer=2, n_positions=64, rotary_dim=4),
+        "mpt": T.MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=96, max_seq_len=64),
+        "hyperclovax": T.HyperCLOVAXConfig(**two, intermediate_size=64, num_key_value_heads=2, use_post_norm=True, logits_scaling=0.5,
+                                           residual_multiplier=0.8, embedding_multiplier=2.0),
         # mixtures of experts (transformers 5: fused 3-D expert tensors)
         "mixtral": T.MixtralConfig(**moe, intermediate_size=32, num_key_value_heads=2, num_local_experts=4),
         "qwen2-moe": T.Qwen2MoeConfig(**moe, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64,
@@ -174,8 +180,9 @@ ARCHS = list(_configs())
 # Kimi Linear's delta attention (a linear attention, as Qwen3-Next's and OLMo-hybrid's) — its torch fallback is slow;
 # JetMoe's (its experts' weights and inputs and its tiled K/V: tests/test_moe.py; every feature passed once, 37 s)
 # LongCat-Flash's MLA (DeepSeek's, every feature) and fused experts (Mixtral's …): its own anatomy (two passes, identity
-# experts) in test_longcat_flash_is_read_as_two_passes_with_identity_experts
-LIGHT = ("kimi-linear", "jetmoe", "longcat-flash")
+# experts) in test_longcat_flash_is_read_as_two_passes_with_identity_experts; CodeGen, MPT and HyperCLOVAX: layout rows
+# whose layouts GPT-J, OPT/BLOOM (a residual added inside the MLP) and Gemma-2 carry through every feature
+LIGHT = ("kimi-linear", "jetmoe", "longcat-flash", "codegen", "mpt", "hyperclovax")
 MOE = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3", "olmoe", "gpt-oss", "hunyuan-moe", "ernie-4.5-moe", "afmoe", "cohere2-moe", "llama4", "dbrx",
        "jetmoe",
        "qwen3_next", "jamba", "granite-4", "lfm2-moe", "nemotron-h", "kimi-linear", "longcat-flash")
@@ -188,9 +195,9 @@ HYBRID = {"qwen3_next": ("linear attention", "attention") * 2, "qwen3.5": ("line
           "nemotron-h": ("ssm", "attention", "none", "none"), "olmo-hybrid": ("linear attention",) * 3 + ("attention",),
           "kimi-linear": ("linear attention", "attention") * 2}  # (its MLP and MoE blocks mix no tokens)
 LAYOUT = {"opt-350m-shape": "post-LN", "gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post-sublayer",
-          "gpt-neox": "parallel", "falcon": "parallel", "gpt-j": "parallel", "phi": "parallel", "cohere": "parallel",
+          "gpt-neox": "parallel", "falcon": "parallel", "gpt-j": "parallel", "codegen": "parallel", "hyperclovax": "sandwich", "phi": "parallel", "cohere": "parallel",
           "cohere2": "parallel", "glm4": "sandwich", "afmoe": "sandwich", "cohere2-moe": "parallel",
-          "olmo-hybrid": "pre-LN+post-sublayer", "zamba2": "pre-LN+shared", "gemma3n": "altup"}  # (+: blocks of each layout)
+          "olmo-hybrid": "pre-LN+post-sublayer", "zamba2": "pre-LN+shared", "gemma3n": "altup", "longcat-flash": "shortcut"}  # (+: blocks of each layout)
 # Models whose stream and single runs agree to float32 rounding, not bit for bit: Jamba's Mamba-1 computes
 # dt_proj.weight @ x, a broadcast matmul whose CPU result depends on where its operands sit in memory
 # (measured: 4 different results over 16 offsets of the same tensors), and a streamed block's tensors sit elsewhere
@@ -285,6 +292,7 @@ def test_a_lighter_family_runs_stream_equal_to_single(arch, folders):
     """W16A16 is Hugging Face's loss; W16A16 and W4A8 (perplexity and Lambada-style requests) stream == single."""
     single, _ = load_model(folders[arch], device="cpu", dtype="float32", placement="single")
     stream, _ = load_model(folders[arch], device="cpu", dtype="float32", placement="stream")
+    assert {b.layout for b in anatomy(single).parts} == set(LAYOUT.get(arch, "pre-LN").split("+"))
     windows, reqs = _inputs(single.config.vocab_size)
     with torch.no_grad():
         hf = float(single(input_ids=windows, labels=windows).loss)
@@ -406,10 +414,11 @@ def test_every_feature_on_every_architecture(arch, folders):
 
 
 def test_a_model_outside_the_anatomy_fails_in_one_line():
-    from transformers import LlamaConfig, MptConfig
+    from transformers import CTRLConfig, LlamaConfig
 
-    with pytest.raises(ModelNotUnderstood, match=r"^MptForCausalLM: block MptBlock has norms \[norm_1, norm_2\]: not a layout quantlens knows"):
-        check_config(MptConfig(n_layers=2, d_model=32, n_heads=4))
+    with pytest.raises(ModelNotUnderstood, match=r"^CTRLLMHeadModel: block EncoderLayer has norms \[layernorm1, layernorm2\]: not a layout "
+                                                 r"quantlens knows \(pre-LN, post-LN, sandwich, post-sublayer, parallel, shortcut, shared, altup\)"):
+        check_config(CTRLConfig(n_layer=2, n_embd=32, n_head=4, dff=64, vocab_size=96))
     assert check_config(_configs()["opt-350m-shape"]).post_ln
     # a matrix the anatomy cannot account for is refused by name, never skipped
     from transformers import AutoModelForCausalLM
@@ -807,3 +816,17 @@ def test_gemma3ns_four_streams_are_read_and_merged_as_the_model_does(folders):
             model(input_ids=ids)
     z = seen["out"][0].float()
     assert torch.tensor(rec.rows(["a", "b", "c"])["z_norm"][3::4]).tolist() == pytest.approx(z.norm(dim=-1).mean(-1).tolist(), rel=1e-6)
+
+
+def test_a_model_transformers_cannot_build_here_is_refused_in_one_line(monkeypatch):
+    """Gemma-3n's published checkpoints are of its multimodal class, whose vision tower needs timm:
+    without it transformers raises ImportError while building; preflight gets a one-line refusal."""
+    from transformers import AutoModelForCausalLM
+
+    def needs_timm(*args, **kwargs):
+        raise ImportError("\nTimmWrapperModel requires the timm library but it was not found in your environment.\n  pip install timm")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", needs_timm)
+    with pytest.raises(ModelNotUnderstood, match=r"^gemma3n_text: transformers cannot build it here: TimmWrapperModel requires "
+                                                 r"the timm library but it was not found in your environment\. pip install timm$"):
+        check_config(_configs()["gemma3n"])

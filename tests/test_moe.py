@@ -206,15 +206,15 @@ def test_preflight_lists_every_refused_model_at_once(tmp_path):
     before anything loads; a KV setting on an MLA model is refused in one line naming why."""
     import shutil
 
-    from transformers import AutoModelForCausalLM, MptConfig
+    from transformers import AutoModelForCausalLM, CTRLConfig
 
     from conftest import MODELS, WIKI_TEST
     from quantlens.pipeline.preflight import PreflightError, preflight
     from quantlens.pipeline.sweep import load_config
 
     folders = []
-    for name, model in (("mpt-a", AutoModelForCausalLM.from_config(MptConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=4096))),
-                        ("mpt-b", AutoModelForCausalLM.from_config(MptConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=4096))),
+    ctrl = CTRLConfig(n_layer=2, n_embd=32, n_head=4, dff=64, vocab_size=4096)  # (CTRL's layernorm1/2: no row of the layout table)
+    for name, model in (("ctrl-a", AutoModelForCausalLM.from_config(ctrl)), ("ctrl-b", AutoModelForCausalLM.from_config(ctrl)),
                         ("dsv3", _model("deepseek-v3"))):
         model.save_pretrained(tmp_path / name)
         for f in (MODELS / "tiny-llama").iterdir():
@@ -228,7 +228,7 @@ def test_preflight_lists_every_refused_model_at_once(tmp_path):
         preflight(load_config(cfg))
     lines = str(err.value).splitlines()
     assert len(lines) == 2 and all("not a layout quantlens knows" in ln for ln in lines), lines
-    assert "mpt-a" in lines[0] and "mpt-b" in lines[1]
+    assert "ctrl-a" in lines[0] and "ctrl-b" in lines[1]
     with pytest.raises(PreflightError, match=r"^model .*dsv3: the sweep has KV-cache settings, which it cannot take: .*multi-head latent attention"):
         preflight(load_config({**cfg, "models": [folders[2]], "settings": ["W16A16KV8"]}))
     preflight(load_config({**cfg, "models": [folders[2]]}))  # the MoE itself is understood

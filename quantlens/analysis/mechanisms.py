@@ -182,7 +182,7 @@ def _full_precision_pass(model: nn.Module, body: Anatomy, rng: range, ids: torch
             hk.input(p.residual_site, lambda x, l=layer: (record("r_kurtosis", l, _kurtosis(shape(x))), None)[1])
             if layer in rng:
                 hk.input(p.residual_site, lambda x, l=layer: (record("exit_full_r", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
-                hk.output(blocks[layer], lambda x, l=layer: (record("exit_full_z", l, _nll_per_example(decode(_streams(body, shape, x)), ids)), None)[1])
+                hk.output(blocks[layer], lambda x, l=layer: (record("exit_full_z", l, _nll_per_example(decode(_decodable(body, shape, x)), ids)), None)[1])
         return _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
 
 
@@ -197,11 +197,11 @@ def _quantized_pass(model: nn.Module, body: Anatomy, rng: range, ids: torch.Tens
             _summed_error(hk, p.mixer_outs, "attention", "mse_attention", layer, cache, record, shape)
             _summed_error(hk, p.mlp_outs, "mlp_out", "mse_mlp", layer, cache, record, shape)
             hk.input(p.residual_site, lambda x, l=layer: (record("exit_quant_r", l, _nll_per_example(decode(shape(x)), ids)), None)[1])
-            hk.output(blocks[layer], lambda x, l=layer: (record("exit_quant_z", l, _nll_per_example(decode(_streams(body, shape, x)), ids)), None)[1])
+            hk.output(blocks[layer], lambda x, l=layer: (record("exit_quant_z", l, _nll_per_example(decode(_decodable(body, shape, x)), ids)), None)[1])
         return _nll_per_example(model(input_ids=ids, use_cache=False).logits, ids)
 
 
-def _streams(body: Anatomy, shape: Callable, z: torch.Tensor) -> torch.Tensor:
+def _decodable(body: Anatomy, shape: Callable, z: torch.Tensor) -> torch.Tensor:
     """A block's output as :meth:`Anatomy.decode` takes it: every stream of a model that carries
     several (Gemma-3n's, merged as its forward merges them), else ``[b, T, H]``."""
     return z if body.streams is not None else shape(z)

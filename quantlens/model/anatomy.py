@@ -82,6 +82,14 @@ MLP's first layer sees (:attr:`Block.h_site`):
   attention is the block's (its KV cache), the Mamba-2 a side mixer. A weight shared by several
   blocks is one matrix: counted once in the block matrices, quantized once, read once per block
   that holds it when streamed.
+- ``altup`` (Gemma-3n, :data:`AUGMENTED_BLOCKS`, :data:`STREAMS`: four residual streams between
+  blocks, ``[4, batch, tokens, hidden]``): AltUp predicts the streams from the block input; attention
+  and LAuReL (a low-rank branch, a side mixer of kind ``none``) read the active stream normed; r(l) =
+  (a + norm(Attn(n(a))) + LAuReL(n(a)))/√2 at the MLP's norm (``pre_feedforward_layernorm``), h(l)
+  its output; AltUp corrects the four streams by the block's result and the per-layer input (gate
+  and projection: an MLP beside the MLP) is added to the other three. z(l) is the active stream of
+  the block output (:meth:`Anatomy.stream`); :meth:`Anatomy.decode` merges the four as the model
+  does before its final norm. AltUp's router and 4-input coefficient maps are routers.
 
 This module imports nothing else of quantlens: it is the bottom of the model side.
 """
@@ -158,7 +166,10 @@ LAYOUTS: tuple[LayoutRow, ...] = (
     _row({"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
           "post_per_layer_input_norm"}, "altup", "pre_feedforward_layernorm",
          "Gemma-3n: AltUp's streams, LAuReL beside the attention, the per-layer input after the MLP", ("Gemma3nTextDecoderLayer",)),
-    _row({"ln_1"}, "parallel", "ln_1", "GPT-J: one norm for both", ("GPTJBlock",)),
+    _row({"ln_1"}, "parallel", "ln_1", "GPT-J, CodeGen: one norm for both", ("GPTJBlock", "CodeGenBlock")),
+    _row({"norm_1", "norm_2"}, "pre-LN", "norm_2", "MPT"),
+    _row({"input_layernorm", "post_attention_layernorm", "post_norm1", "post_norm2"}, "sandwich", "post_attention_layernorm",
+         "HyperCLOVAX (post_attention_layernorm is the MLP's pre-norm; post_norm1/2 after each sublayer)"),
     _row({"ln_attn", "ln_mlp"}, "parallel", "ln_mlp", "Falcon-40B's new decoder architecture"),
     # one sublayer norm_1 → attention → residual addition → norm_2, returning (r(l), h(l)); the MoE reads h(l)
     _row({"norm_attn_norm.norm_1", "norm_attn_norm.norm_2"}, "pre-LN", "norm_attn_norm.norm_2",
@@ -611,7 +622,9 @@ def _experts_of(model_name: str, name: str, mod: nn.Module) -> Experts | None:
 class SideMixer:
     """A token mixer running beside the block's main one on the same normalised input (Falcon-H1's
     Mamba-2 beside its attention: the block adds both outputs to the stream), or after it in a block
-    of two passes (LongCat-Flash's second attention, ``self_attn.1``: the ``shortcut`` layout)."""
+    of two passes (LongCat-Flash's second attention, ``self_attn.1``: the ``shortcut`` layout); kind
+    ``none``: a per-token branch beside the attention that mixes no tokens (Gemma-3n's LAuReL,
+    :data:`AUGMENTED_BLOCKS`)."""
 
     kind: Mixer
     name: str
@@ -709,8 +722,7 @@ class Block:
         first MLP linear; an MoE block's experts (``experts``, the MoE block: its input is h(l))."""
         if self.is_moe:
             return "experts", self.mlp_input
-        gate = [(k, m) for k, m in self.mlp_linears if "gate" in k]
-        return gate[0] if gate else self.mlp_linears[0]
+        return next((k, m) for k, m in self.mlp_linears if m is self.mlp_input)  # (the gate, else the first: _mlp_parts)
 
     def first_mlp_weights(self) -> list[str]:
         """Qualified names of the weights of the MLP's first layer (what ``weights_16bit`` restores)."""
@@ -1287,12 +1299,18 @@ def _streams(parent: nn.Module, config: Any) -> Streams | None:
     return Streams(int(getattr(config, row.active)), unembed)
 
 
+# model type → the config field its forward multiplies the head's logits by (Cohere's is the model's logit_scale)
+LOGIT_MULTIPLIERS = {"falcon_h1": "lm_head_multiplier", "hyperclovax": "logits_scaling"}
+
+
 def _logit_scaling(model: nn.Module, config: Any) -> tuple[float | None, float | None]:
     """What the model's forward does to its head's logits, as it does it: multiplied by Cohere's
-    ``logit_scale`` or Falcon-H1's ``lm_head_multiplier``; divided by Granite's ``logits_scaling``."""
+    ``logit_scale`` or a :data:`LOGIT_MULTIPLIERS` field (Falcon-H1's ``lm_head_multiplier``,
+    HyperCLOVAX's muP ``logits_scaling``); divided by Granite's ``logits_scaling``."""
     scale = getattr(model, "logit_scale", None)
-    if scale is None and getattr(config, "model_type", "") == "falcon_h1":
-        scale = config.lm_head_multiplier
+    field = LOGIT_MULTIPLIERS.get(str(getattr(config, "model_type", "")))
+    if scale is None and field is not None:
+        scale = getattr(config, field)
     divisor = getattr(config, "logits_scaling", None) if "granite" in str(getattr(config, "model_type", "")) else None
     return scale, divisor
 
@@ -1307,4 +1325,7 @@ def check_config(config: Any) -> Anatomy:
             model = AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError) as err:
         raise ModelNotUnderstood(f"{getattr(config, 'model_type', '?')}: not a causal LM transformers can build ({err})") from None
+    except ImportError as err:  # (Gemma-3n's multimodal class: its vision tower needs timm)
+        need = " ".join(str(err).split())[:200]
+        raise ModelNotUnderstood(f"{getattr(config, 'model_type', '?')}: transformers cannot build it here: {need}") from None
     return anatomy(model)

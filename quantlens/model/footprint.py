@@ -727,22 +727,23 @@ def _gemma3n_shape(cfg: dict[str, Any], d: dict[str, Any], source: str) -> Shape
     4-input coefficient maps are routers (16-bit unless included): not among the linears preflight
     checks against a group size."""
     H, V, L, t = d["hidden"], d["vocab"], d["layers"], d["type"]
-    n, kvh, hd = d["heads"], d["kv_heads"], d["head_dim"]
-    widths = cfg.get("intermediate_size") or [d["ffn"]] * L
+    n, kvh, hd = d["heads"], d["kv_heads"], int(cfg.get("head_dim", 256))  # (defaults: Gemma3nTextConfig's)
+    widths = cfg.get("intermediate_size", 16384)
     widths = [int(w) for w in widths] if isinstance(widths, list) else [int(widths)] * L
     A, R, P = int(cfg.get("altup_num_inputs", 4)), int(cfg.get("laurel_rank", 64)), int(cfg.get("hidden_size_per_layer_input", 256))
-    first_shared = L - int(cfg.get("num_kv_shared_layers") or 0)
+    first_shared = L - int(cfg.get("num_kv_shared_layers", 15))
+    bias = bool(cfg.get("attention_bias"))  # q, k, v, o biased
     altup = A * A + A * A * A + A * H + 2 * H  # correction, prediction, router; router norm, output scale
     beside = 2 * R * H + H + 2 * P * H + 5 * H  # LAuReL and its norm; the per-layer gate and projection; five norms
     blocks = []
     for i, F in enumerate(widths):
-        kv = 0 if i >= first_shared else 2 * kvh * hd * H + hd  # k/v projections, k_norm (v_norm has no weight)
-        blocks.append(2 * n * hd * H + hd + kv + 3 * F * H + altup + beside)
+        kv = 0 if i >= first_shared else 2 * kvh * hd * (H + bias) + hd  # k/v projections, k_norm (v_norm has no weight)
+        blocks.append(2 * n * hd * H + hd + (n * hd + H) * bias + kv + 3 * F * H + altup + beside)
     lin = {"*.q": (n * hd, H), "*.k": (kvh * hd, H), "*.v": (kvh * hd, H), "*.o": (H, n * hd), "*.gate": (max(widths), H),
            "*.up": (max(widths), H), "*.laurel.linear_left": (R, H), "*.laurel.linear_right": (H, R),
            "*.per_layer_input_gate": (P, H), "*.per_layer_projection": (H, P)}
     lin |= {f"{'*' if len(set(widths)) == 1 else widths.index(F)}.down": (H, F) for F in dict.fromkeys(widths)}  # (a width a layer)
-    Vp = int(cfg.get("vocab_size_per_layer_input") or V)
+    Vp = int(cfg.get("vocab_size_per_layer_input", 262144))
     outside = V * H + H + Vp * L * P + L * P * H + P + 2 * (A - 1) * H * H  # + per-layer embeddings, projection and norm; AltUp in/out
     if not cfg.get("tie_word_embeddings", True):
         outside += V * H

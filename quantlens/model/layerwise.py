@@ -10,8 +10,8 @@ order is turned around:
 2. for each block: copy its tensors to the device once, run every batch through it, drop it
    (the next block is read from the checkpoint meanwhile; hidden states beyond a quarter of the
    free GPU memory wait in pinned host memory between blocks);
-3. decode each batch's last hidden states as the model does (its anatomy: final norm if any,
-   project_out if any, LM head), and score them.
+3. decode each batch's last hidden states as the model does (its anatomy: Gemma-3n's streams merged,
+   final norm if any, project_out if any, LM head, logit scaling and soft-capping), and score them.
 
 Each module still sees the batches in the same order as a normal forward, so seeded activation
 noise, activation statistics and residual-stream hooks give the same numbers as ``single``.
@@ -110,8 +110,8 @@ def with_hidden(args: tuple, kwargs: dict, h: torch.Tensor, block: nn.Module, i:
     tensor (:data:`PER_BLOCK_SLICES`)."""
     args, kwargs = ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
     args, kwargs = _set_argument(args, kwargs, type(block), "layer_idx", lambda _: i)
-    return (tuple(a.whole.select(a.dim, i) if isinstance(a, _Sliced) else a for a in args),
-            {k: v.whole.select(v.dim, i) if isinstance(v, _Sliced) else v for k, v in kwargs.items()})
+    at = lambda x: x.whole.select(x.dim, i).to(h.device, non_blocking=True) if isinstance(x, _Sliced) else x  # noqa: E731 — (spilled: from host)
+    return tuple(at(a) for a in args), {k: at(v) for k, v in kwargs.items()}
 
 
 def _set_argument(args: tuple, kwargs: dict, kind: type, name: str, value: Callable[[Any], Any]) -> tuple[tuple, dict]:
@@ -173,7 +173,24 @@ def capture_by_kind(model: nn.Module, block: nn.Module, inputs: dict[str, torch.
     for kind in dict.fromkeys(kinds):
         with _first_layer_type(model.config, kind), _block_type(block, kind):
             out[kind] = capture_block_inputs(model, block, inputs)
-    return out
+    return _shared_slices(out)
+
+
+def _shared_slices(by_kind: dict) -> dict:
+    """One whole tensor of each per-block argument for every kind (each kind's capture made its own
+    copy of the same values, Gemma-3n's per-layer inputs: kept once)."""
+    whole = _whole(by_kind)
+    return by_kind if whole is None else _with_whole(by_kind, whole)
+
+
+def _whole(by_kind: dict) -> "_Sliced | None":
+    """The per-block argument of the captured contexts (one per block class: :data:`PER_BLOCK_SLICES`), or None."""
+    return next((a for args, kw in by_kind.values() for a in (*args, *kw.values()) if isinstance(a, _Sliced)), None)
+
+
+def _with_whole(by_kind: dict, whole: "_Sliced") -> dict:
+    swap = lambda x: whole if isinstance(x, _Sliced) else x  # noqa: E731
+    return {k: (tuple(swap(a) for a in args), {n: swap(v) for n, v in kw.items()}) for k, (args, kw) in by_kind.items()}
 
 
 @contextmanager
@@ -250,10 +267,11 @@ def run(
         b.enter()
         by_kind = capture_by_kind(model, blocks[0], b.inputs, kinds)
         h = hidden_of(*by_kind[kinds[0]])
-        held += h.numel() * h.element_size()
-        spill = spill or held > budget  # from here on, hidden states wait in (pinned) host memory
+        whole = _whole(by_kind)  # (Gemma-3n's per-layer inputs: each block's slice of one tensor)
+        held += h.numel() * h.element_size() + (whole.whole.numel() * whole.whole.element_size() if whole else 0)
+        spill = spill or held > budget  # from here on, hidden states (and per-block inputs) wait in (pinned) host memory
         states.append(_to_host(h) if spill else h)
-        contexts.append(by_kind)
+        contexts.append(_with_whole(by_kind, _Sliced(_to_host(whole.whole), whole.dim)) if spill and whole else by_kind)
     n = batches[-1].end if batches else 0
     for i in range(len(blocks)):
         with resident(model, i) as block:  # read (or copied) to the device once, for every batch

@@ -242,9 +242,10 @@ def load_streaming(path: str, device: torch.device | str, dtype: torch.dtype) ->
         if mname.startswith(prefix + ".") or mname == prefix:
             continue
         if any(b is not None and b.is_meta for b in mod._buffers.values()):
+            if next(mod.parameters(), None) is not None:  # (Gemma-3n's text model: its scales, beside its loaded weights)
+                _materialize_buffers(model, mname, mod, device)
+                continue
             try:
-                if next(mod.parameters(), None) is not None:
-                    raise TypeError  # (Gemma-3n's text model: its scales, beside its loaded weights)
                 with torch.device(device):
                     _set(model, mname, type(mod)(config))  # rotary embeddings: inv_freq computed from the config
             except TypeError:
@@ -267,7 +268,7 @@ def _materialize_buffers(model: nn.Module, name: str, mod: nn.Module, device: to
         if b is not None and b.is_meta:
             mod._buffers[attr] = torch.full_like(b, float("nan"), device=device)  # what init leaves untouched shows
     try:
-        with _parameters_left_alone(mod.parameters(recurse=False)):
+        with _parameters_left_alone(mod.parameters()):  # (its children's loaded weights too)
             _init_weights(model, name)
     except Exception as err:  # noqa: BLE001 — any failure: one line naming the module
         raise NotImplementedError(f"placement: stream: cannot compute the buffers of {name} ({type(mod).__name__}) "
@@ -280,10 +281,12 @@ def _materialize_buffers(model: nn.Module, name: str, mod: nn.Module, device: to
 def _init_weights(model: nn.Module, name: str) -> None:
     """Module ``name`` initialised as ``from_pretrained`` does it: by the ``_init_weights`` of the nearest
     pretrained model holding it (Gemma-3n's text model initialises its own buffers from its own fields)."""
+    from transformers import PreTrainedModel
+
     parts = name.split(".") if name else []
     for k in range(len(parts), -1, -1):
         owner = model.get_submodule(".".join(parts[:k]))
-        if hasattr(owner, "_init_weights"):
+        if isinstance(owner, PreTrainedModel):
             owner._init_weights(model.get_submodule(name))
             return
 
