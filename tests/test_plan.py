@@ -713,3 +713,21 @@ def test_longcat_flash_counts_its_two_passes_and_its_identity_experts():
     assert s.params == sum(p.numel() for p in params.values()) and s.experts == 4
     assert s.active_params == s.params - experts + experts // 3
     assert s.block_params == sum(p.numel() for n, p in params.items() if n.startswith("model.layers.0."))
+
+
+def test_routers_a_setting_includes_are_checked_against_its_group_size(tmp_path):
+    """Gemma-3n's AltUp maps (4 inputs) are routers: kept 16-bit, so no group size is checked against
+    them — unless a setting includes routers, when preflight refuses a group that does not divide 4."""
+    from transformers import AutoModelForCausalLM
+
+    from quantlens.pipeline.preflight import PreflightError, check_group_sizes
+    from quantlens.quantize.settings import resolve_setting
+
+    AutoModelForCausalLM.from_config(_hf_config("gemma3n_text", **SMALL["gemma3n_text"])).save_pretrained(tmp_path)
+    shape = P.shape_from_checkpoint(tmp_path)
+    assert set(shape.routers.values()) == {4, 64} == set(P.shape_from_config(json.loads((tmp_path / "config.json").read_text())).routers.values())
+    g16 = {"bits": 4, "granularity": "group", "group_size": 16}
+    check_group_sizes("g3n", shape, [resolve_setting({"name": "w4g16", "weights": g16})])
+    with pytest.raises(PreflightError, match=r"^setting w4g16-routers: weights group size 16 does not divide the 4 input features of "
+                                             r"model\.layers\.\*\.altup\.correction_coefs\.weight"):
+        check_group_sizes("g3n", shape, [resolve_setting({"name": "w4g16-routers", "weights": g16, "include_routers": True})])

@@ -221,6 +221,8 @@ class Shape:
     outside: int | None = None  # parameters outside the blocks (None: params − layers·block_params, equal blocks)
     largest_experts: int = 0  # elements of a block's largest fused experts tensor (transformers 5: gate_up_proj)
     experts: int = 0  # routed experts of an MoE block (0: a dense model)
+    routers: dict[str, int] = field(default_factory=dict)  # router weights outside ``linears`` → input features (Gemma-3n's AltUp
+    # maps, 4 wide: a group size is checked against them only where a setting includes routers)
 
     @property
     def model_shape(self) -> ModelShape:
@@ -751,7 +753,8 @@ def _gemma3n_shape(cfg: dict[str, Any], d: dict[str, Any], source: str) -> Shape
     return Shape(params=params, layers=L, hidden=H, ffn=max(widths), vocab=V, heads=n, model_type=t,
                  max_positions=int(d["max_pos"]) if d["max_pos"] else None, block_params=max(blocks),
                  largest_linear=max(o * i for o, i in lin.values()), linears={f"layers.{k}": i for k, (_, i) in lin.items()},
-                 source=source, head_dim=hd, active_params=params, outside=outside)
+                 source=source, head_dim=hd, active_params=params, outside=outside,
+                 routers={"layers.*.altup.correction_coefs": A, "layers.*.altup.prediction_coefs": A, "layers.*.altup.modality_router": H})
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
@@ -764,6 +767,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 
 
 _BLOCK = re.compile(r"(?:^|\.)(\d+)\.")
+_ROUTERS_APART = re.compile(r"\.altup\.[a-z_]+\.weight$")  # Gemma-3n's AltUp linears: routers (Shape.routers)
 _OUTSIDE_LISTS = re.compile(r"(?:^|\.)altup_(?:unembed_)?projections\.\d+\.")  # numbered, not blocks: Gemma-3n's stream projections
 _EXPERT = re.compile(r"(\.experts\.)\d+\.")  # per-expert checkpoint keys: experts.<j>.gate_proj / w1 / …
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -787,8 +791,8 @@ def _header_entry(name: str, shp: list[int], dtype: str, transposed: bool) -> tu
         return 0, None  # MXFP4 block scales (gpt-oss): dequantized into the weights at load time
     if name.endswith(_NOT_LINEARS) or (len(shp) == 3 and shp[1] == 1 and "conv" in name):
         return count, None  # a hybrid's state: dt_proj, a depthwise conv1d kernel [channels, 1, kernel]
-    if ".altup." in name:
-        return count, None  # Gemma-3n's AltUp router and 4-input coefficient maps: routers, no group check
+    if _ROUTERS_APART.search(name):
+        return count, None  # Gemma-3n's AltUp router and 4-input coefficient maps: Shape.routers
     if name.endswith("_blocks") and dtype == "U8" and len(shp) == 4:
         return 2 * count, 2 * shp[-2] * shp[-1]  # MXFP4 [experts, out, blocks, 16 bytes]: two values a byte
     if len(shp) == 2 and name.endswith(".weight") and "embed" not in name:
@@ -824,6 +828,7 @@ def shape_from_checkpoint(folder: str | Path) -> Shape:
     total = nbytes = 0
     blocks: dict[int, int] = {}
     linears: dict[str, int] = {}
+    routers: dict[str, int] = {}
     largest = 0
     for f in files:
         for name, meta in safetensors_header(f).items():
@@ -834,6 +839,8 @@ def shape_from_checkpoint(folder: str | Path) -> Shape:
             if _OTHER_TOWERS.search(name):
                 continue  # (its bytes downloaded: counted above)
             count, n_in = _header_entry(name, shp, dtype, transposed)
+            if _ROUTERS_APART.search(name) and len(shp) == 2:
+                routers[_BLOCK.sub(".*.", name, count=1)] = int(shp[1])
             m = None if _OUTSIDE_LISTS.search(name) else _BLOCK.search(name)
             if m is not None and int(m.group(1)) >= computed.layers:
                 continue
@@ -853,7 +860,8 @@ def shape_from_checkpoint(folder: str | Path) -> Shape:
                  block_params=block, largest_linear=largest or computed.largest_linear,
                  linears=linears or computed.linears, source="checkpoint", checkpoint_bytes=nbytes, head_dim=computed.head_dim,
                  active_params=max(1, total - (computed.params - computed.active_params)), outside=outside,
-                 largest_experts=computed.largest_experts, experts=computed.experts)  # transformers 5 fuses per-expert keys: the config's size
+                 largest_experts=computed.largest_experts, experts=computed.experts,  # transformers 5 fuses per-expert keys: the config's size
+                 routers=routers or computed.routers)
 
 
 # --- Targets --------------------------------------------------------------------------------------

@@ -328,7 +328,8 @@ def check_tokenizer(ref: str, folder: str, cfg: SweepConfig) -> None:
 
 
 def check_group_sizes(ref: str, shape: P.Shape, settings: list) -> None:
-    """Every weight and activation group size divides the input features of every block linear."""
+    """Every weight and activation group size divides the input features of every block linear (and
+    of the routers a setting includes)."""
     gcd = math.gcd(*shape.linears.values()) if shape.linears else 0
     fitting = [g for g in (16, 32, 64, 128, 256) if gcd and gcd % g == 0]
     hint = f"group sizes that divide every linear: {', '.join(map(str, fitting))}" if fitting else f"use a divisor of {gcd}"
@@ -337,7 +338,8 @@ def check_group_sizes(ref: str, shape: P.Shape, settings: list) -> None:
             g = getattr(spec, "group_size", None) if spec is not None else None
             if not g:
                 continue
-            misfit = group_misfit(lambda n, spec=spec: spec.for_row(n).group_size, shape.linears.items())
+            rows = {**shape.linears, **(shape.routers if s.include_routers else {})}  # (Gemma-3n's 4-wide AltUp maps: when included)
+            misfit = group_misfit(lambda n, spec=spec: spec.for_row(n).group_size, rows.items())
             if misfit is not None:
                 name, n_in = misfit
                 raise PreflightError(f"setting {s.name}: {part} group size {spec.for_row(n_in).group_size} does not divide the {n_in} input "
