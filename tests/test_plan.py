@@ -731,3 +731,17 @@ def test_routers_a_setting_includes_are_checked_against_its_group_size(tmp_path)
     with pytest.raises(PreflightError, match=r"^setting w4g16-routers: weights group size 16 does not divide the 4 input features of "
                                              r"model\.layers\.\*\.altup\.correction_coefs\.weight"):
         check_group_sizes("g3n", shape, [resolve_setting({"name": "w4g16-routers", "weights": g16, "include_routers": True})])
+
+
+def test_a_layer_wise_run_of_gemma3n_keeps_its_four_streams_and_per_layer_inputs():
+    """Between blocks a layer-wise run keeps, per token, Gemma-3n's four streams and every block's
+    per-layer input (4·H + L·P values), not one hidden state: the plan counts them."""
+    from dataclasses import replace
+
+    s = P.shape_from_config(_hf_config("gemma3n_text", **SMALL["gemma3n_text"]).to_dict())
+    assert s.kept == 4 * 64 + 4 * 32
+    work = F.Workload(seqlen=128, tokens=1e6, examples=1000, settings=1, batch_size=1, placement="stream")
+    target = F.planned_target(gpu_memory=80)
+    four, one = F.estimate("g3n", s, target, work), F.estimate("g3n", replace(s, kept=0), target, work)
+    b = 2 if four.dtype in ("bfloat16", "float16") else 4
+    assert (four.peak_gib["stream"] - one.peak_gib["stream"]) * 2**30 == pytest.approx(1000 * 128 * (s.kept - 64) * b)

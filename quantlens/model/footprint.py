@@ -25,7 +25,8 @@ tokens per batch) — what the evaluation code actually allocates:
 - ``single``: ``W`` + the larger of (quantizing, a batch's forward);
 - ``device_map`` over ``G`` GPUs: ``1.1·W/G`` (accelerate's balance) + a batch's forward;
 - ``stream``: embeddings + head, two blocks (the current one and the next, arriving), quantizing
-  one linear, the hidden states of every example kept between blocks (on the GPU up to a quarter of
+  one linear, the hidden states of every example kept between blocks (``Shape.kept`` values a token:
+  Gemma-3n's four streams and per-layer inputs; on the GPU up to a quarter of
   its memory, the rest in pinned host memory), one batch's forward.
 
 The batch is the one the evaluation picks (:func:`auto_batch`, the same function) unless
@@ -223,6 +224,7 @@ class Shape:
     experts: int = 0  # routed experts of an MoE block (0: a dense model)
     routers: dict[str, int] = field(default_factory=dict)  # router weights outside ``linears`` → input features (Gemma-3n's AltUp
     # maps, 4 wide: a group size is checked against them only where a setting includes routers)
+    kept: int = 0  # values a token keeps between blocks in a layer-wise run (0: hidden; Gemma-3n: its four streams and per-layer inputs)
 
     @property
     def model_shape(self) -> ModelShape:
@@ -754,7 +756,8 @@ def _gemma3n_shape(cfg: dict[str, Any], d: dict[str, Any], source: str) -> Shape
                  max_positions=int(d["max_pos"]) if d["max_pos"] else None, block_params=max(blocks),
                  largest_linear=max(o * i for o, i in lin.values()), linears={f"layers.{k}": i for k, (_, i) in lin.items()},
                  source=source, head_dim=hd, active_params=params, outside=outside,
-                 routers={"layers.*.altup.correction_coefs": A, "layers.*.altup.prediction_coefs": A, "layers.*.altup.modality_router": H})
+                 routers={"layers.*.altup.correction_coefs": A, "layers.*.altup.prediction_coefs": A, "layers.*.altup.modality_router": H},
+                 kept=A * H + L * P)  # (layer-wise: the streams, and the per-layer inputs of every block)
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
@@ -861,7 +864,7 @@ def shape_from_checkpoint(folder: str | Path) -> Shape:
                  linears=linears or computed.linears, source="checkpoint", checkpoint_bytes=nbytes, head_dim=computed.head_dim,
                  active_params=max(1, total - (computed.params - computed.active_params)), outside=outside,
                  largest_experts=computed.largest_experts, experts=computed.experts,  # transformers 5 fuses per-expert keys: the config's size
-                 routers=routers or computed.routers)
+                 routers=routers or computed.routers, kept=computed.kept)
 
 
 # --- Targets --------------------------------------------------------------------------------------
@@ -1073,7 +1076,7 @@ def estimate(model: str, shape: Shape, target: Target, work: Workload, cached: b
     outside = shape.outside_params * b
     fwd1 = _forward_bytes(shape, T, b, work.act_quant)
     block_fwd1 = _forward_bytes(shape, T, b, work.act_quant)  # one block's forward, or decoding a batch
-    kept_all = work.examples * T * shape.hidden * b
+    kept_all = work.examples * T * (shape.kept or shape.hidden) * b
     G = max(1, target.count)
     resident = {"single": W, "device_map": 1.1 * W / G, "stream": outside + 2 * block}
     kept = {"single": 0.0, "device_map": 0.0, "stream": min(kept_all, mem / 4) if target.kind == "cuda" else kept_all}
