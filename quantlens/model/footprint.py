@@ -728,8 +728,8 @@ def _gemma3n_shape(cfg: dict[str, Any], d: dict[str, Any], source: str) -> Shape
     the block's own width, five norms, AltUp (its router, coefficient maps, router norm and output
     scale), LAuReL (rank ``laurel_rank``) and the per-layer input's gate and projection; outside, the
     per-layer embeddings and their projection, AltUp's stream projections in and out. AltUp's
-    4-input coefficient maps are routers (16-bit unless included): not among the linears preflight
-    checks against a group size."""
+    router and 4-input coefficient maps are routers (16-bit unless included): in ``Shape.routers``,
+    which preflight checks against a group size only for a setting that includes routers."""
     H, V, L, t = d["hidden"], d["vocab"], d["layers"], d["type"]
     n, kvh, hd = d["heads"], d["kv_heads"], int(cfg.get("head_dim", 256))  # (defaults: Gemma3nTextConfig's)
     widths = cfg.get("intermediate_size", 16384)
